@@ -1,0 +1,87 @@
+"""Owns the model, the paged KV pool and the jitted step; executes one step plan at a time.
+
+One jitted function serves prefill, decode and mixed steps: which of the three a call is follows from the static
+sizes in `StepBatch` (decode rows, prefill tokens), so each bucket combination compiles once. The KV pool is
+donated, so XLA updates it in place instead of copying gigabytes per step.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from runner.config import ModelConfig
+from runner.model import Transformer
+from runner.sampling import SamplingTensors, sample
+from runner.step_batch import SeqChunk, StepBatch, build_step_batch
+
+log = logging.getLogger(__name__)
+
+
+# Module-level jits keyed by the (hashable) graph definition: runners of the same model share executables.
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def _run_model(graphdef, state, kv_pool, batch: StepBatch):
+    return nnx.merge(graphdef, state)(kv_pool, batch)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(2,))
+def _run_step(graphdef, state, kv_pool, batch: StepBatch, sampling: SamplingTensors, num_logprobs: int):
+    logits, kv_pool = nnx.merge(graphdef, state)(kv_pool, batch)
+    return sample(logits, sampling, num_logprobs=num_logprobs), kv_pool
+
+
+class ModelRunner:
+    def __init__(self, config: ModelConfig, params: dict[str, Any], *, num_blocks: int, block_size: int = 16,
+                 kernel_impl: str | None = None):
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks} and {block_size}")
+        self.config = config
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        model = Transformer(config, params, kernel_impl)
+        self.dtype = model.dtype
+        self.kernel_impl = model.kernel_impl
+        self.graphdef, self.state = nnx.split(model)
+        self.kv_pool = jnp.zeros(
+            (config.num_layers, 2, num_blocks, config.num_kv_heads, block_size, config.head_dim), self.dtype)
+
+    @staticmethod
+    def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: Any) -> int:
+        return 2 * config.num_layers * config.num_kv_heads * block_size * config.head_dim * jnp.dtype(dtype).itemsize
+
+    def step(self, decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk], sampling_rows: Sequence[dict],
+             num_logprobs: int = 0):
+        """Runs one step and returns the sampler's output for each chunk, decodes first, then prefills.
+
+        `sampling_rows[i]` holds the sampling parameters of chunk i (decodes then prefills); see SamplingTensors.
+        """
+        if len(sampling_rows) != len(decodes) + len(prefills):
+            raise ValueError(f"{len(sampling_rows)} sampling rows for {len(decodes) + len(prefills)} chunks")
+        batch = build_step_batch(list(decodes), list(prefills), self.block_size)
+        rows = self._rows(batch, len(decodes), len(prefills))
+        padded = [{"temperature": 0.0} for _ in range(batch.logits_indices.shape[0])]
+        for r, params in zip(rows, sampling_rows):
+            padded[r] = params
+        st = SamplingTensors.from_params(padded, pad_to=len(padded))
+        out, self.kv_pool = _run_step(self.graphdef, self.state, self.kv_pool, batch, st, num_logprobs)
+        out = jax.device_get(out)
+        if num_logprobs:
+            return jax.tree.map(lambda a: a[rows], out)
+        return out[rows]
+
+    def logits(self, decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk]) -> np.ndarray:
+        """fp32 logits of each chunk's last token (decodes then prefills), writing the chunks' K/V."""
+        batch = build_step_batch(list(decodes), list(prefills), self.block_size)
+        logits, self.kv_pool = _run_model(self.graphdef, self.state, self.kv_pool, batch)
+        return np.asarray(logits)[self._rows(batch, len(decodes), len(prefills))]
+
+    @staticmethod
+    def _rows(batch: StepBatch, num_decodes: int, num_prefills: int) -> np.ndarray:
+        # Logits rows of the real chunks: decode rows first, prefill rows after the padded decode bucket.
+        return np.asarray(list(range(num_decodes)) + [batch.num_decode + s for s in range(num_prefills)])
