@@ -1,0 +1,217 @@
+"""On-device token sampling: greedy, temperature, top-k, top-p and min-p, one jitted call per step.
+
+Filters run in vLLM's order (temperature, top-k, top-p, min-p) and each reduces to a per-row threshold on the
+temperature-scaled logits z: a token is kept iff z >= threshold (ties with the boundary value are kept). The
+token is then one Gumbel-max over the whole vocabulary, with noise indexed by token id and derived only from the
+row's (seed, step). A row therefore draws the same token whatever its batch position, its neighbours, or the code
+path the batch took (no filter, candidate filter, full sort).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax import lax
+
+# As in vLLM, temperatures this small sample greedily; it also keeps z = logits / T finite.
+GREEDY_TEMPERATURE = 1e-5
+
+# Top-p needs the sorted distribution. XLA's GPU TopK kernel only handles k <= 16 (a larger k is decomposed into
+# a full sort), so lax.top_k(z, 1024) would cost as much as sorting [B, V]. Instead take the top 16 of each of 64
+# vocabulary groups (1024 candidates, one pass over the logits) and sort only those. Every candidate above
+# `bound` (the largest 16th-of-its-group) is in its true global rank, so a row whose top-k / nucleus boundary lies
+# above the bound is exact; if any row's does not, the batch falls back to a full sort.
+GROUPS = 64
+PER_GROUP = 16
+# Below this vocabulary size a full sort is about as cheap as the candidates and needs no fallback.
+DIRECT_SORT_MAX_VOCAB = 2 * GROUPS * PER_GROUP
+
+
+@struct.dataclass
+class SamplingTensors:
+    """Per-row sampling parameters of one batch, all shaped [B]."""
+
+    temperature: jax.Array  # f32; < GREEDY_TEMPERATURE (0) = greedy
+    top_k: jax.Array  # i32; <= 0 = off
+    top_p: jax.Array  # f32; 1 = off
+    min_p: jax.Array  # f32; 0 = off
+    seed: jax.Array  # u32; per request
+    step: jax.Array  # i32; tokens the request has generated so far
+
+    @classmethod
+    def from_params(cls, rows: Sequence[Mapping[str, Any] | Any], pad_to: int) -> SamplingTensors:
+        """Build from per-request dicts or objects with fields temperature, top_k, top_p, min_p, seed, step.
+
+        Missing or None fields take vLLM's defaults (temperature 1, filters off, step 0), except that a sampled
+        row must carry a seed: the engine assigns one per request, since equal seeds give equal draws.
+        Rows after `len(rows)` up to `pad_to` are greedy padding.
+        """
+        if pad_to < len(rows):
+            raise ValueError(f"pad_to ({pad_to}) is smaller than the number of rows ({len(rows)})")
+        greedy_row = (0.0, 0, 1.0, 0.0, 0, 0)
+        values = [_validated_row(row, i) for i, row in enumerate(rows)] + [greedy_row] * (pad_to - len(rows))
+        dtypes = (np.float32, np.int32, np.float32, np.float32, np.uint32, np.int32)
+        columns = (np.array([row[field] for row in values], dtype) for field, dtype in enumerate(dtypes))
+        return cls(*(jnp.asarray(column) for column in columns))
+
+
+class SampleResult(NamedTuple):
+    tokens: jax.Array  # [B] i32
+    token_logprobs: jax.Array  # [B] f32, log-prob of the sampled token under the raw distribution
+    top_ids: jax.Array  # [B, n] i32, most likely tokens of the raw distribution, best first
+    top_logprobs: jax.Array  # [B, n] f32
+
+
+def sample(logits: jax.Array, st: SamplingTensors, *, num_logprobs: int = 0) -> jax.Array | SampleResult:
+    """Sample one token per row of `logits` [B, V] (any float dtype, computed in f32).
+
+    Returns the tokens [B] i32, or with num_logprobs > 0 (static) a SampleResult whose log-probs are
+    log_softmax of the raw logits, before temperature and filters, as vLLM reports them.
+    """
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be [batch, vocab], got shape {logits.shape}")
+    batch, vocab = logits.shape
+    if st.temperature.shape != (batch,):
+        raise ValueError(f"sampling tensors are for batch {st.temperature.shape}, logits for {batch}")
+    if not 0 <= num_logprobs <= vocab:
+        raise ValueError(f"num_logprobs must be in [0, {vocab}], got {num_logprobs}")
+    x = logits.astype(jnp.float32)
+    greedy_tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    # An all-greedy batch skips the noise and the filters entirely.
+    tokens = lax.cond(jnp.any(st.temperature >= GREEDY_TEMPERATURE),
+                      _sample_rows, lambda x, st, greedy: greedy, x, st, greedy_tokens)
+    if num_logprobs == 0:
+        return tokens
+    logprobs = jax.nn.log_softmax(x, axis=-1)
+    top_logprobs, top_ids = lax.top_k(logprobs, num_logprobs)
+    token_logprobs = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    return SampleResult(tokens, token_logprobs, top_ids.astype(jnp.int32), top_logprobs)
+
+
+def _sample_rows(x: jax.Array, st: SamplingTensors, greedy_tokens: jax.Array) -> jax.Array:
+    vocab = x.shape[1]
+    sampled = st.temperature >= GREEDY_TEMPERATURE
+    z = x / jnp.where(sampled, st.temperature, 1.0)[:, None]
+    # Greedy rows must not force the sort, whatever filters they carry.
+    top_k = jnp.where(sampled & (st.top_k > 0) & (st.top_k < vocab), st.top_k, vocab)
+    top_p = jnp.where(sampled, st.top_p, 1.0)
+    threshold = lax.cond(jnp.any((top_k < vocab) | (top_p < 1.0)), _filter_threshold,
+                         lambda z, k, p: jnp.full(z.shape[:1], -jnp.inf), z, top_k, top_p)
+    # min-p keeps p >= min_p * p_max, a ratio that top-k / top-p renormalization leaves unchanged: no sort needed.
+    threshold = jnp.maximum(threshold, jnp.max(z, axis=-1) + jnp.log(st.min_p))
+    noise = jax.vmap(partial(_gumbel, vocab=vocab))(st.seed, st.step)
+    scores = jnp.where(z >= threshold[:, None], z + noise, -jnp.inf)
+    return jnp.where(sampled, jnp.argmax(scores, axis=-1).astype(jnp.int32), greedy_tokens)
+
+
+def _gumbel(seed: jax.Array, step: jax.Array, *, vocab: int) -> jax.Array:
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    return jax.random.gumbel(key, (vocab,), jnp.float32)
+
+
+def _filter_threshold(z: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Per-row threshold of top-k then top-p on z (top_k == vocab and top_p == 1 mean off)."""
+    if z.shape[1] <= DIRECT_SORT_MAX_VOCAB:
+        return _sorted_threshold(z, _sort_descending(z), top_k, top_p, None)[0]
+    candidates, bound = _candidates(z)
+    threshold, exact = _sorted_threshold(z, candidates, top_k, top_p, bound)
+
+    def full_sort() -> jax.Array:
+        # Rows the candidates settled keep that answer, so no row's draw depends on its neighbours.
+        return jnp.where(exact, threshold, _sorted_threshold(z, _sort_descending(z), top_k, top_p, None)[0])
+
+    return lax.cond(jnp.all(exact), lambda: threshold, full_sort)
+
+
+def _candidates(z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The top PER_GROUP values of each of GROUPS vocabulary groups, sorted descending, and their bound."""
+    batch, vocab = z.shape
+    size = -(-vocab // GROUPS)
+    padded = jnp.pad(z, ((0, 0), (0, size * GROUPS - vocab)), constant_values=-jnp.inf)
+    group_top, _ = lax.top_k(padded.reshape(batch * GROUPS, size), PER_GROUP)
+    group_top = group_top.reshape(batch, GROUPS, PER_GROUP)
+    bound = jnp.max(group_top[:, :, -1], axis=-1)
+    return _sort_descending(group_top.reshape(batch, GROUPS * PER_GROUP)), bound
+
+
+def _sorted_threshold(z: jax.Array, s: jax.Array, top_k: jax.Array, top_p: jax.Array,
+                      bound: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Top-k then top-p threshold from s, the s.shape[1] largest values of z per row in descending order.
+
+    Values of s above `bound` are known to hold their global rank (None: s is the full sort). Returns the
+    threshold [B] and whether it is provably the one a full sort gives [B].
+    """
+    vocab, width = z.shape[1], s.shape[1]
+    bound = jnp.full(z.shape[:1], -jnp.inf) if bound is None else bound
+    top_k_on, top_p_on = top_k < vocab, top_p < 1.0
+    kth = _at(s, top_k - 1)
+    top_k_threshold = jnp.where(top_k_on, kth, -jnp.inf)
+    top_k_exact = ~top_k_on | ((top_k <= width) & (kth > bound))
+    # Top-p renormalizes over what top-k kept (values tied with the k-th included).
+    in_top_k = s >= top_k_threshold[:, None]
+    log_norm = jax.nn.logsumexp(jnp.where(z >= top_k_threshold[:, None], z, -jnp.inf), axis=-1)
+    probs = jnp.where(in_top_k, jnp.exp(s - log_norm[:, None]), 0.0)
+    mass = jnp.cumsum(probs, axis=-1)
+    mass_before = jnp.concatenate([jnp.zeros_like(mass[:, :1]), mass[:, :-1]], axis=-1)
+    # The smallest prefix with mass >= top_p: every token whose predecessors hold less than top_p.
+    last = jnp.sum((mass_before < top_p[:, None]) & in_top_k, axis=-1) - 1
+    top_p_threshold = jnp.where(top_p_on, _at(s, last), -jnp.inf)
+    # With top-k on and exact, every kept value lies in s. Otherwise the nucleus must end on an exact value; it
+    # then also closed inside s, since the smallest value of s is never above the bound.
+    top_p_exact = ~top_p_on | top_k_on | (_at(s, last) > bound)
+    return jnp.maximum(top_k_threshold, top_p_threshold), top_k_exact & top_p_exact
+
+
+def _at(a: jax.Array, index: jax.Array) -> jax.Array:
+    index = jnp.clip(index, 0, a.shape[1] - 1)
+    return jnp.take_along_axis(a, index[:, None], axis=-1)[:, 0]
+
+
+def _sort_descending(a: jax.Array) -> jax.Array:
+    return -jnp.sort(-a, axis=-1)
+
+
+def _validated_row(row: Mapping[str, Any] | Any, index: int) -> tuple[float, int, float, float, int, int]:
+    def get(name: str, default: Any) -> Any:
+        value = row.get(name) if isinstance(row, Mapping) else getattr(row, name, None)
+        return default if value is None else value
+
+    where = f"sampling row {index}"
+    temperature = _real(get("temperature", 1.0), "temperature", where)
+    if not (math.isfinite(temperature) and temperature >= 0.0):
+        raise ValueError(f"{where}: temperature must be finite and >= 0, got {temperature}")
+    top_p = _real(get("top_p", 1.0), "top_p", where)
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"{where}: top_p must be in (0, 1], got {top_p}")
+    min_p = _real(get("min_p", 0.0), "min_p", where)
+    if not 0.0 <= min_p <= 1.0:
+        raise ValueError(f"{where}: min_p must be in [0, 1], got {min_p}")
+    top_k = _integer(get("top_k", 0), "top_k", where)
+    step = _integer(get("step", 0), "step", where)
+    if not 0 <= step < 2**31:
+        raise ValueError(f"{where}: step must be in [0, 2**31), got {step}")
+    seed = get("seed", None)
+    if seed is None and temperature >= GREEDY_TEMPERATURE:
+        raise ValueError(f"{where}: seed is required for a sampled row (temperature {temperature} > 0)")
+    seed = 0 if seed is None else _integer(seed, "seed", where) % 2**32
+    return temperature, (top_k if 0 < top_k < 2**31 else 0), top_p, min_p, seed, step
+
+
+def _real(value: Any, name: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{where}: {name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _integer(value: Any, name: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{where}: {name} must be an integer, got {value!r}")
+    return int(value)

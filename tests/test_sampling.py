@@ -1,0 +1,272 @@
+"""Tests for runner/sampling.py: filters against a float64 reference, statistics, reproducibility, jit."""
+
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from runner import sampling
+from runner.sampling import SamplingTensors, sample
+
+jit_sample = jax.jit(sample, static_argnames="num_logprobs")
+# 99.9% quantiles of chi-square with 1..7 degrees of freedom.
+CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}
+DRAWS = 8192
+
+
+def draw(logits_row, n=DRAWS, **params):
+    """n draws of one request from one distribution: the same row at steps 0..n-1.
+
+    Rows are padded with -inf logits (impossible tokens) to a vocabulary of 8, so that the calls share one compile.
+    """
+    rows = [dict(params, seed=params.get("seed", 7), step=step) for step in range(n)]
+    padded = np.pad(np.asarray(logits_row, np.float32), (0, 8 - len(logits_row)), constant_values=-np.inf)
+    logits = jnp.broadcast_to(jnp.asarray(padded), (n, 8))
+    return np.asarray(jit_sample(logits, SamplingTensors.from_params(rows, n)))
+
+
+def reference_keep(logits_row, temperature, top_k=0, top_p=1.0, min_p=0.0):
+    """Float64 keep mask of vLLM's filters: temperature, top-k, top-p (after top-k), min-p (after both)."""
+    z = np.asarray(logits_row, np.float64) / temperature
+    keep = np.ones(z.shape, bool)
+    if 0 < top_k < len(z):
+        keep &= z >= np.sort(z)[::-1][top_k - 1]
+    if top_p < 1.0:
+        probs = np.where(keep, np.exp(z - z.max()), 0.0)
+        probs /= probs.sum()
+        order = np.argsort(-z, kind="stable")
+        before = np.cumsum(probs[order]) - probs[order]
+        keep &= z >= z[order[(before < top_p) & keep[order]]].min()
+    if min_p > 0.0:
+        keep &= z >= z.max() + np.log(min_p)
+    return keep
+
+
+def chi_square(tokens, probs):
+    counts = np.bincount(tokens, minlength=len(probs))
+    assert len(counts) == len(probs), "drew a token outside the distribution"
+    support = probs > 0
+    assert counts[~support].sum() == 0, "drew a token of zero probability"
+    expected = probs[support] * len(tokens)
+    return float(np.sum((counts[support] - expected) ** 2 / expected)), int(support.sum()) - 1
+
+
+def softmax(z):
+    e = np.exp(z - np.max(z))
+    return e / e.sum()
+
+
+def test_greedy_equals_argmax_with_ties():
+    rng = np.random.default_rng(0)
+    logits = rng.integers(0, 4, size=(64, 300)).astype(np.float32)  # many ties; argmax takes the lowest index
+    rows = [{"temperature": 0.0, "top_k": 3, "top_p": 0.5, "min_p": 0.2} for _ in range(8)]
+    st = SamplingTensors.from_params(rows, pad_to=64)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        tokens = jit_sample(jnp.asarray(logits, dtype), st)
+        assert tokens.dtype == jnp.int32
+        np.testing.assert_array_equal(tokens, np.argmax(logits, axis=-1))
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.5])
+def test_temperature_matches_softmax(temperature):
+    logits = np.array([2.0, 1.0, 0.5, 0.0, -0.5, -1.0, 1.5, -2.0], np.float32)
+    stat, df = chi_square(draw(logits, temperature=temperature), softmax(logits / temperature))
+    assert stat < CHI2_999[df]
+    # The test has power: the untempered distribution is rejected by far.
+    wrong, _ = chi_square(draw(logits, temperature=temperature), softmax(logits))
+    assert wrong > 10 * CHI2_999[df]
+
+
+def test_top_k_draws_only_from_k_largest():
+    logits = np.array([0.3, 2.0, -1.0, 1.2, 0.9, -0.2, 1.5, 0.0], np.float32)
+    keep = reference_keep(logits, 1.0, top_k=3)
+    assert sorted(np.flatnonzero(keep)) == [1, 3, 6]
+    probs = np.where(keep, softmax(logits), 0.0)
+    stat, df = chi_square(draw(logits, temperature=1.0, top_k=3), probs / probs.sum())
+    assert stat < CHI2_999[df]
+
+
+@pytest.mark.parametrize("top_p, nucleus", [(0.6, [0, 1]), (0.7, [0, 1, 2]), (0.95, [0, 1, 2, 3, 4])])
+def test_top_p_draws_the_smallest_nucleus_and_covers_it(top_p, nucleus):
+    probs = np.array([0.38, 0.27, 0.2, 0.1, 0.05], np.float32)
+    tokens = draw(np.log(probs), temperature=1.0, top_p=top_p)
+    assert sorted(set(tokens.tolist())) == nucleus
+    renormalized = np.where(np.isin(np.arange(5), nucleus), probs, 0.0)
+    stat, df = chi_square(tokens, renormalized / renormalized.sum())
+    assert stat < CHI2_999[df]
+
+
+def test_min_p_threshold():
+    probs = np.array([0.5, 0.3, 0.1, 0.06, 0.04], np.float32)
+    tokens = draw(np.log(probs), temperature=1.0, min_p=0.15)  # keeps p >= 0.075
+    assert sorted(set(tokens.tolist())) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("params, allowed", [
+    # top-p after top-k renormalization: 0.4 / 0.7 >= 0.5, so only the best token stays.
+    ({"top_k": 2, "top_p": 0.5}, [0]),
+    ({"top_p": 0.5}, [0, 1]),
+    # min-p after top-p: of {0.4, 0.3, 0.2}, min_p 0.6 drops 0.2 < 0.24.
+    ({"top_p": 0.8, "min_p": 0.6}, [0, 1]),
+    ({"top_k": 3, "min_p": 0.6}, [0, 1]),
+])
+def test_filter_combinations(params, allowed):
+    tokens = draw(np.log(np.array([0.4, 0.3, 0.2, 0.1], np.float32)), temperature=1.0, **params)
+    assert sorted(set(tokens.tolist())) == allowed
+
+
+@pytest.mark.parametrize("vocab", [512, 4096])  # direct sort and grouped candidates
+def test_random_filters_match_reference(vocab):
+    rng = np.random.default_rng(vocab)
+    cases = []
+    for _ in range(16):
+        scale = rng.choice([0.3, 2.0, 5.0])  # flat rows force the candidate path's full-sort fallback
+        cases.append((rng.normal(size=vocab).astype(np.float32) * scale,
+                      {"temperature": float(rng.choice([0.5, 1.0, 1.3])), "top_k": int(rng.choice([0, 1, 5, 40, 3000])),
+                       "top_p": float(rng.choice([1.0, 0.3, 0.9])), "min_p": float(rng.choice([0.0, 0.05, 0.5]))}))
+    per_case = 64
+    logits = np.repeat(np.stack([row for row, _ in cases]), per_case, axis=0)
+    rows = [dict(params, seed=i, step=step) for i, (_, params) in enumerate(cases) for step in range(per_case)]
+    tokens = np.asarray(jit_sample(jnp.asarray(logits), SamplingTensors.from_params(rows, len(rows))))
+    for i, (row, params) in enumerate(cases):
+        keep = reference_keep(row, **params)
+        drawn = set(tokens[i * per_case:(i + 1) * per_case].tolist())
+        assert drawn <= set(np.flatnonzero(keep).tolist()), params
+        if keep.sum() <= 3:
+            assert drawn == set(np.flatnonzero(keep).tolist()), params
+
+
+def test_candidate_thresholds_are_exact_or_flagged():
+    rng = np.random.default_rng(1)
+    vocab = 8192
+    scale = np.array([[6.0], [6.0], [6.0], [0.2], [6.0], [6.0]], np.float32)
+    z = jnp.asarray(rng.normal(size=(6, vocab)).astype(np.float32) * scale)
+    top_k = jnp.array([vocab, 20, vocab, vocab, 1000, 5], jnp.int32)
+    top_p = jnp.array([0.9, 0.8, 1.0, 0.95, 1.0, 1.0], jnp.float32)
+
+    @jax.jit
+    def thresholds(z, top_k, top_p):
+        candidates, bound = sampling._candidates(z)
+        head, exact = sampling._sorted_threshold(z, candidates, top_k, top_p, bound)
+        full, _ = sampling._sorted_threshold(z, sampling._sort_descending(z), top_k, top_p, None)
+        return head, exact, full, sampling._filter_threshold(z, top_k, top_p)
+
+    head, exact, full, chosen = map(np.asarray, thresholds(z, top_k, top_p))
+    np.testing.assert_array_equal(exact, [True, True, True, False, False, True])
+    np.testing.assert_array_equal(head[exact], full[exact])
+    np.testing.assert_array_equal(chosen, full)
+    for r in range(6):
+        keep = reference_keep(np.asarray(z[r]), 1.0, int(top_k[r]) % vocab, float(top_p[r]))
+        np.testing.assert_array_equal(np.asarray(z[r]) >= full[r], keep)
+
+
+def test_reproducible_across_positions_and_neighbours():
+    rng = np.random.default_rng(2)
+    vocab, n = 4096, 16
+    probe_logits = rng.normal(size=vocab).astype(np.float32) * 4.0
+    probes = [{"temperature": 0.8, "top_p": 0.9, "seed": 100 + i, "step": 3 * i} for i in range(n // 2)]
+    probes += [{"temperature": 1.0, "seed": 200 + i, "step": i} for i in range(n // 2)]
+    alone = jit_sample(jnp.broadcast_to(jnp.asarray(probe_logits), (2 * n, vocab)),
+                       SamplingTensors.from_params(probes, 2 * n))[:n]
+    # Interleave with different requests; the flat top-p neighbour forces the full-sort fallback.
+    neighbours = [{"temperature": 1.0, "top_p": 0.95, "seed": 5, "step": 0}] + [{"temperature": 0.0}] * (n - 1)
+    order = rng.permutation(2 * n)
+    mixed_rows = [(probes + neighbours)[j] for j in order]
+    mixed_logits = np.concatenate([np.tile(probe_logits, (n, 1)), rng.normal(size=(n, vocab)) * 0.1])[order]
+    mixed = jit_sample(jnp.asarray(mixed_logits, jnp.float32), SamplingTensors.from_params(mixed_rows, 2 * n))
+    position = np.argsort(order)[:n]
+    np.testing.assert_array_equal(np.asarray(mixed)[position], np.asarray(alone))
+
+
+@pytest.mark.parametrize("vocab", [512, 4096])
+def test_no_filter_path_equals_sort_path(vocab):
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(32, vocab)).astype(np.float32)
+    rows = [{"temperature": 1.0, "seed": 9, "step": i} for i in range(31)]
+    plain = jit_sample(jnp.asarray(logits), SamplingTensors.from_params(rows + [{"temperature": 1.0, "seed": 1}], 32))
+    with_filter = rows + [{"temperature": 1.0, "seed": 1, "top_p": 0.99, "top_k": 3000}]  # takes the full sort
+    sorted_path = jit_sample(jnp.asarray(logits), SamplingTensors.from_params(with_filter, 32))
+    np.testing.assert_array_equal(np.asarray(plain)[:31], np.asarray(sorted_path)[:31])
+
+
+def test_steps_and_seeds_change_draws():
+    rows = [{"temperature": 1.0, "seed": 11, "step": step} for step in range(64)]
+    tokens = jit_sample(jnp.zeros((64, 300)), SamplingTensors.from_params(rows, 64))
+    assert len(set(np.asarray(tokens).tolist())) > 45
+    rows = [{"temperature": 1.0, "seed": seed, "step": 0} for seed in range(64)]
+    tokens = jit_sample(jnp.zeros((64, 300)), SamplingTensors.from_params(rows, 64))
+    assert len(set(np.asarray(tokens).tolist())) > 45
+
+
+def test_mixed_batch():
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(64, 300)).astype(np.float32)
+    rows = [{"temperature": 0.0} if i % 2 else {"temperature": 2.0, "seed": i, "top_k": 50} for i in range(60)]
+    tokens = np.asarray(jit_sample(jnp.asarray(logits), SamplingTensors.from_params(rows, 64)))
+    argmax = np.argmax(logits, axis=-1)
+    greedy = np.array([i % 2 == 1 or i >= 60 for i in range(64)])
+    np.testing.assert_array_equal(tokens[greedy], argmax[greedy])
+    assert np.mean(tokens[~greedy] != argmax[~greedy]) > 0.5
+
+
+def test_logprobs_are_raw_log_softmax():
+    rng = np.random.default_rng(5)
+    logits = jnp.asarray(rng.normal(size=(64, 300)) * 3, jnp.bfloat16)
+    rows = [{"temperature": 0.5, "top_k": 10, "seed": i} for i in range(32)]
+    result = jit_sample(logits, SamplingTensors.from_params(rows, 64), num_logprobs=5)
+    expected = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
+    np.testing.assert_allclose(result.token_logprobs, expected[np.arange(64), np.asarray(result.tokens)], rtol=1e-6)
+    order = np.argsort(-expected, axis=-1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(result.top_ids, order)
+    np.testing.assert_allclose(result.top_logprobs, np.take_along_axis(expected, order, axis=-1), rtol=1e-6)
+    assert np.all(np.diff(np.asarray(result.top_logprobs), axis=-1) <= 0)
+    np.testing.assert_array_equal(result.tokens, jit_sample(logits, SamplingTensors.from_params(rows, 64)))
+
+
+@pytest.mark.parametrize("row, field", [
+    ({"temperature": -0.1, "seed": 0}, "temperature"),
+    ({"temperature": float("nan"), "seed": 0}, "temperature"),
+    ({"top_p": 0.0, "seed": 0}, "top_p"),
+    ({"top_p": 1.5, "seed": 0}, "top_p"),
+    ({"min_p": -0.1, "seed": 0}, "min_p"),
+    ({"min_p": 1.1, "seed": 0}, "min_p"),
+    ({"top_k": 5.0, "seed": 0}, "top_k"),
+    ({"top_k": "5", "seed": 0}, "top_k"),
+    ({"temperature": 1.0}, "seed"),
+    ({"seed": 0, "step": -1}, "step"),
+])
+def test_validation_errors(row, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingTensors.from_params([row], pad_to=2)
+
+
+def test_from_params_pads_with_greedy_rows():
+    rows = [SimpleNamespace(temperature=0.9, top_k=-1, top_p=0.8, min_p=0.1, seed=-1, step=4), {"temperature": 0.0}]
+    st = SamplingTensors.from_params(rows, pad_to=4)
+    np.testing.assert_allclose(st.temperature, [0.9, 0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(st.top_k, [0, 0, 0, 0])
+    np.testing.assert_allclose(st.top_p, [0.8, 1.0, 1.0, 1.0])
+    np.testing.assert_array_equal(st.seed, [2**32 - 1, 0, 0, 0])
+    np.testing.assert_array_equal(st.step, [4, 0, 0, 0])
+    assert (st.seed.dtype, st.top_k.dtype, st.temperature.dtype) == (jnp.uint32, jnp.int32, jnp.float32)
+    with pytest.raises(ValueError, match="pad_to"):
+        SamplingTensors.from_params(rows, pad_to=1)
+
+
+def test_jit_does_not_retrace_on_value_changes():
+    traces = []
+
+    def step(logits, st):
+        traces.append(1)
+        return sample(logits, st, num_logprobs=2)
+
+    jitted = jax.jit(step)
+    logits = jnp.asarray(np.random.default_rng(6).normal(size=(8, 100)), jnp.float32)
+    first = jitted(logits, SamplingTensors.from_params([], 8))
+    rows = [{"temperature": 1.0, "top_k": 5, "top_p": 0.5, "min_p": 0.1, "seed": 3, "step": 2}] * 8
+    second = jitted(logits * 2, SamplingTensors.from_params(rows, 8))
+    assert len(traces) == 1
+    np.testing.assert_array_equal(first.tokens, np.argmax(np.asarray(logits), axis=-1))
+    assert second.tokens.shape == (8,)
