@@ -1,0 +1,58 @@
+"""Turns a user's `model` argument into a config, parameters and (when there is one) a tokenizer.
+
+`model` is a Hugging Face checkpoint directory, a preset name from `configs/` (random weights, for benchmarks),
+or None for the embedded default model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+
+from nexus_jax.tokenizer import Tokenizer
+from runner.checkpoint import load_params, random_params
+from runner.config import CONFIGS_DIR, ModelConfig
+from runner.default_model import default_model_dir
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    name: str
+    config: ModelConfig
+    params: dict[str, Any]
+    tokenizer: Tokenizer | None
+
+
+def parse_dtype(dtype: str) -> Any:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def load_model(model: str | None = None, dtype: str = "bfloat16", cache_dir: str | None = None,
+               seed: int = 0) -> LoadedModel:
+    jdtype = parse_dtype(dtype)
+    if model is None:
+        path = default_model_dir()
+    else:
+        path = Path(model).expanduser()
+        if not path.is_dir():
+            if (CONFIGS_DIR / f"{model}.json").is_file():
+                config = ModelConfig.preset(model)
+                log.warning("preset %s: random weights and no tokenizer (benchmarks only)", model)
+                return LoadedModel(model, config, random_params(config, jdtype, seed=seed), None)
+            known = sorted(p.stem for p in CONFIGS_DIR.glob("*.json"))
+            raise FileNotFoundError(
+                f"model {model!r} is neither a checkpoint directory nor a preset ({', '.join(known)})")
+    config = ModelConfig.from_json(path)
+    params = load_params(path, config, jdtype, cache_dir=cache_dir)
+    tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
+    return LoadedModel(str(path), config, params, tokenizer)
