@@ -57,7 +57,7 @@ class Transformer(nnx.Module):
 
     def __init__(self, config: ModelConfig, params: dict[str, Any], kernel_impl: str | None = None):
         self.config = config
-        self.kernel_impl = pk.resolve_impl(kernel_impl)
+        self.kernel_impl = pk.resolve_impl(kernel_impl, head_dim=config.head_dim)
         self.embed = nnx.Param(params["embed"])
         self.layers = DecoderLayers(params["layers"])
         self.final_norm = nnx.Param(params["final_norm"])

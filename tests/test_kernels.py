@@ -1,0 +1,237 @@
+"""Paged KV write and paged attention: jnp reference vs a naive per-token numpy oracle, and the Pallas kernels
+(interpret mode) vs the reference. CPU only; shapes are small because interpret mode is slow."""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+from pallas_kernels import backend
+from pallas_kernels.decode_attention import decode_pallas
+
+
+def make_pool(rng, *, layers=3, blocks=24, kv_heads=2, block_size=16, head_dim=64, dtype=jnp.float32):
+    pool = rng.standard_normal((layers, 2, blocks, kv_heads, block_size, head_dim), dtype=np.float32)
+    return jnp.asarray(pool, dtype)
+
+
+def make_tables(rng, num_seqs, max_blocks, num_blocks):
+    """Distinct blocks per sequence, in shuffled order (a real allocator hands out blocks in any order)."""
+    return jnp.asarray(rng.permutation(num_blocks)[:num_seqs * max_blocks].reshape(num_seqs, max_blocks), jnp.int32)
+
+
+def tolerance(dtype):
+    return {"rtol": 1e-5, "atol": 1e-5} if dtype == jnp.float32 else {"rtol": 2e-2, "atol": 2e-2}
+
+
+def naive_attention(q_row, pool, layer, table, num_kv, scale, group):
+    """Attention of one query token [Hq, D] over the first num_kv tokens of a page table, per token in f64."""
+    pool = np.asarray(pool, np.float64)
+    block_size = pool.shape[4]
+    out = np.zeros(q_row.shape)
+    for h in range(q_row.shape[0]):
+        keys = np.stack([pool[layer, 0, table[p // block_size], h // group, p % block_size] for p in range(num_kv)])
+        vals = np.stack([pool[layer, 1, table[p // block_size], h // group, p % block_size] for p in range(num_kv)])
+        scores = keys @ np.asarray(q_row[h], np.float64) * scale
+        probs = np.exp(scores - scores.max())
+        out[h] = probs @ vals / probs.sum()
+    return out
+
+
+def naive_decode(q, pool, layer, tables, context_lens, scale):
+    q, tables, context_lens = np.asarray(q, np.float64), np.asarray(tables), np.asarray(context_lens)
+    group = q.shape[1] // pool.shape[3]
+    out = np.zeros(q.shape)
+    for b in range(q.shape[0]):
+        if context_lens[b]:
+            out[b] = naive_attention(q[b], pool, layer, tables[b], context_lens[b], scale, group)
+    return out
+
+
+def naive_prefill(q, pool, layer, tables, q_start, q_lens, kv_lens, scale):
+    q, tables = np.asarray(q, np.float64), np.asarray(tables)
+    group = q.shape[1] // pool.shape[3]
+    out = np.zeros(q.shape)
+    for s in range(tables.shape[0]):
+        prefix = int(kv_lens[s]) - int(q_lens[s])
+        for i in range(int(q_lens[s])):
+            row = int(q_start[s]) + i
+            out[row] = naive_attention(q[row], pool, layer, tables[s], prefix + i + 1, scale, group)
+    return out
+
+
+def decode_case(rng, *, batch, group, kv_heads, head_dim, block_size, max_blocks, dtype):
+    pool = make_pool(rng, kv_heads=kv_heads, block_size=block_size, head_dim=head_dim, dtype=dtype,
+                     blocks=batch * max_blocks + 3)
+    tables = make_tables(rng, batch, max_blocks, pool.shape[2])
+    # Ragged: a full table, a partial last page, a single token, and a padding row (0) when batch allows.
+    lens = [max_blocks * block_size, max_blocks * block_size - block_size // 2 - 1, 1, 0]
+    lens += list(rng.integers(1, max_blocks * block_size + 1, size=max(0, batch - 4)))
+    context_lens = jnp.asarray(lens[:batch], jnp.int32)
+    q = jnp.asarray(rng.standard_normal((batch, group * kv_heads, head_dim)), dtype)
+    return q, pool, tables, context_lens
+
+
+def prefill_case(rng, *, group, kv_heads, head_dim, block_size, dtype, q_lens, prefixes, tail):
+    """Packed sequences back to back, then `tail` rows owned by none; the last entry of q_lens may be 0."""
+    max_blocks = -(-max(q + p for q, p in zip(q_lens, prefixes)) // block_size)
+    pool = make_pool(rng, kv_heads=kv_heads, block_size=block_size, head_dim=head_dim, dtype=dtype,
+                     blocks=len(q_lens) * max_blocks + 2)
+    tables = make_tables(rng, len(q_lens), max_blocks, pool.shape[2])
+    q_start = np.concatenate([[0], np.cumsum(q_lens)[:-1]])
+    kv_lens = np.asarray(q_lens) + np.asarray(prefixes)
+    q = jnp.asarray(rng.standard_normal((sum(q_lens) + tail, group * kv_heads, head_dim)), dtype)
+    i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
+    return q, pool, tables, i32(q_start), i32(q_lens), i32(kv_lens)
+
+
+# ---- reference vs naive oracle (fp32) -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("group,head_dim,block_size", [(1, 64, 16), (4, 128, 8), (8, 64, 16)])
+def test_decode_reference_matches_naive(group, head_dim, block_size):
+    rng = np.random.default_rng(group * 1000 + head_dim + block_size)
+    q, pool, tables, lens = decode_case(rng, batch=6, group=group, kv_heads=2, head_dim=head_dim,
+                                        block_size=block_size, max_blocks=5, dtype=jnp.float32)
+    out = pk.paged_decode_attention(q, pool, 2, tables, lens, scale=0.125, impl="xla")
+    assert out.shape == q.shape and out.dtype == q.dtype
+    np.testing.assert_allclose(out, naive_decode(q, pool, 2, tables, lens, 0.125), rtol=1e-5, atol=1e-5)
+    assert not np.any(np.asarray(out[3])), "context_len 0 must give zeros"
+
+
+@pytest.mark.parametrize("group,head_dim,block_size", [(1, 64, 16), (4, 128, 8), (8, 64, 16)])
+def test_prefill_reference_matches_naive(group, head_dim, block_size):
+    rng = np.random.default_rng(group * 100 + head_dim + block_size)
+    case = prefill_case(rng, group=group, kv_heads=2, head_dim=head_dim, block_size=block_size,
+                        dtype=jnp.float32, q_lens=[7, 20, 1, 0], prefixes=[0, 13, 30, 0], tail=3)
+    q, pool, tables, q_start, q_lens, kv_lens = case
+    out = pk.paged_prefill_attention(q, pool, 1, tables, q_start, q_lens, kv_lens, scale=0.1, max_q_len=20,
+                                     impl="xla")
+    want = naive_prefill(q, pool, 1, tables, q_start, q_lens, kv_lens, 0.1)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    assert not np.any(np.asarray(out[28:])), "rows owned by no sequence must be zeros"
+
+
+def test_write_kv_reference_scatters_and_skips_padding():
+    rng = np.random.default_rng(7)
+    pool = make_pool(rng, blocks=6, block_size=4, head_dim=16)
+    k = jnp.asarray(rng.standard_normal((5, 2, 16)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((5, 2, 16)), jnp.float32)
+    slots = jnp.asarray([13, -1, 0, 23, -5], jnp.int32)
+    out = np.asarray(pk.write_kv(pool, 2, k, v, slots, impl="xla"))
+    want = np.array(pool)
+    for t, slot in enumerate(np.asarray(slots)):
+        if slot >= 0:
+            want[2, 0, slot // 4, :, slot % 4] = k[t]
+            want[2, 1, slot // 4, :, slot % 4] = v[t]
+    np.testing.assert_array_equal(out, want)
+
+
+def test_xla_path_accepts_traced_layer():
+    rng = np.random.default_rng(3)
+    q, pool, tables, lens = decode_case(rng, batch=4, group=2, kv_heads=2, head_dim=64, block_size=16,
+                                        max_blocks=2, dtype=jnp.float32)
+    run = jax.jit(lambda layer: pk.paged_decode_attention(q, pool, layer, tables, lens, scale=0.2, impl="xla"))
+    np.testing.assert_allclose(run(jnp.int32(1)), naive_decode(q, pool, 1, tables, lens, 0.2), rtol=1e-5, atol=1e-5)
+
+
+# ---- Pallas kernels (interpret mode) vs reference --------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,block_size,head_dim", [(jnp.float32, 16, 64), (jnp.bfloat16, 8, 128)])
+def test_write_kv_pallas_matches_reference(dtype, block_size, head_dim):
+    rng = np.random.default_rng(11)
+    pool = make_pool(rng, blocks=10, block_size=block_size, head_dim=head_dim, dtype=dtype)
+    tokens = 70  # more than one 64-token program, with a ragged last one
+    slots = rng.permutation(10 * block_size)[:tokens]
+    slots[rng.random(tokens) < 0.2] = -1
+    slots = jnp.asarray(slots, jnp.int32)
+    k = jnp.asarray(rng.standard_normal((tokens, 2, head_dim)), jnp.float32)  # cast to the pool dtype inside
+    v = jnp.asarray(rng.standard_normal((tokens, 2, head_dim)), jnp.float32)
+    got = np.asarray(pk.write_kv(pool, 1, k, v, slots, impl="interpret").astype(jnp.float32))
+    want = np.asarray(pk.write_kv(pool, 1, k, v, slots, impl="xla").astype(jnp.float32))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got[[0, 2]], np.asarray(pool.astype(jnp.float32))[[0, 2]])
+
+
+@pytest.mark.parametrize("dtype,group,head_dim,block_size", [
+    (jnp.float32, 4, 64, 16), (jnp.bfloat16, 8, 128, 8), (jnp.float32, 1, 64, 32)])
+def test_decode_pallas_matches_reference(dtype, group, head_dim, block_size):
+    rng = np.random.default_rng(group + head_dim)
+    q, pool, tables, lens = decode_case(rng, batch=5, group=group, kv_heads=2, head_dim=head_dim,
+                                        block_size=block_size, max_blocks=4, dtype=dtype)
+    got = pk.paged_decode_attention(q, pool, 2, tables, lens, scale=0.1, impl="interpret")
+    want = pk.paged_decode_attention(q, pool, 2, tables, lens, scale=0.1, impl="xla")
+    assert got.dtype == q.dtype
+    np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), **tolerance(dtype))
+    assert not np.any(np.asarray(got[3].astype(jnp.float32)))
+
+
+def test_decode_pallas_split_k_merges_partials():
+    rng = np.random.default_rng(5)
+    q, pool, tables, lens = decode_case(rng, batch=4, group=4, kv_heads=2, head_dim=64, block_size=16,
+                                        max_blocks=6, dtype=jnp.float32)
+    # 3 splits of 32 tokens: the shorter sequences leave whole splits empty, which must weigh nothing.
+    got = decode_pallas(q, pool, jnp.asarray([1], jnp.int32), tables, lens, scale=0.1, interpret=True,
+                        num_splits=3, block_tokens=16)
+    want = pk.paged_decode_attention(q, pool, 1, tables, lens, scale=0.1, impl="xla")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,group,head_dim,block_size,q_lens,prefixes", [
+    (jnp.float32, 4, 64, 16, [150, 9, 0], [0, 40, 0]),
+    (jnp.bfloat16, 8, 128, 8, [20, 33, 1], [70, 0, 5]),
+    (jnp.float32, 1, 64, 16, [5, 0, 3], [3, 0, 0]),
+])
+def test_prefill_pallas_matches_reference(dtype, group, head_dim, block_size, q_lens, prefixes):
+    rng = np.random.default_rng(sum(q_lens) + group)
+    case = prefill_case(rng, group=group, kv_heads=2, head_dim=head_dim, block_size=block_size, dtype=dtype,
+                        q_lens=q_lens, prefixes=prefixes, tail=4)
+    q, pool, tables, q_start, q_lens_a, kv_lens = case
+    kwargs = dict(scale=0.1, max_q_len=max(q_lens))
+    got = pk.paged_prefill_attention(q, pool, 2, tables, q_start, q_lens_a, kv_lens, impl="interpret", **kwargs)
+    want = pk.paged_prefill_attention(q, pool, 2, tables, q_start, q_lens_a, kv_lens, impl="xla", **kwargs)
+    assert got.dtype == q.dtype
+    np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), **tolerance(dtype))
+    assert not np.any(np.asarray(got[sum(q_lens):].astype(jnp.float32)))
+
+
+# ---- backend choice and argument checks ------------------------------------------------------------------------
+
+def test_auto_impl_on_cpu_is_xla_and_warns_once(caplog):
+    backend._auto_impl.cache_clear()
+    backend._fallback.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="pallas_kernels.backend"):
+        assert pk.resolve_impl(None) == "xla"
+        assert pk.resolve_impl(None) == "xla"
+    assert len([r for r in caplog.records if "XLA" in r.getMessage()]) == 1
+    assert pk.resolve_impl("interpret") == "interpret"
+    with pytest.raises(ValueError, match="unknown kernel impl"):
+        pk.resolve_impl("cuda")
+
+
+def test_auto_impl_falls_back_for_head_dims_pallas_cannot_run(monkeypatch, caplog):
+    monkeypatch.setattr(backend, "_auto_impl", lambda: "pallas")  # as on a capable GPU
+    backend._fallback.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="pallas_kernels.backend"):
+        assert pk.resolve_impl(None, 128) == "pallas"
+        assert pk.resolve_impl(None, 80) == "xla"
+    assert any("head_dim 80" in r.getMessage() for r in caplog.records)
+    assert pk.resolve_impl("pallas", 80) == "pallas"  # an explicit choice is kept (and the kernel raises)
+
+
+def test_bad_shapes_raise():
+    rng = np.random.default_rng(0)
+    pool = make_pool(rng, blocks=4, head_dim=64)
+    q = jnp.zeros((2, 3, 64))
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        pk.paged_decode_attention(q, pool, 0, jnp.zeros((2, 2), jnp.int32), jnp.ones(2, jnp.int32), scale=1.0)
+    with pytest.raises(ValueError, match="kv_pool must be"):
+        pk.write_kv(pool[0], 0, jnp.zeros((1, 2, 64)), jnp.zeros((1, 2, 64)), jnp.zeros(1, jnp.int32))
+    with pytest.raises(ValueError, match="max_q_len"):
+        pk.paged_prefill_attention(jnp.zeros((4, 2, 64)), pool, 0, jnp.zeros((1, 2), jnp.int32),
+                                   jnp.zeros(1, jnp.int32), jnp.ones(1, jnp.int32), jnp.ones(1, jnp.int32),
+                                   scale=1.0, max_q_len=0)
