@@ -36,20 +36,44 @@ def _run_step(graphdef, state, kv_pool, batch: StepBatch, sampling: SamplingTens
     return sample(logits, sampling, num_logprobs=num_logprobs), kv_pool
 
 
+def fit_num_blocks(config: ModelConfig, block_size: int, dtype: Any, memory_utilization: float,
+                   cpu_tokens: int) -> int:
+    """KV blocks that fit in `memory_utilization` of the device's memory once the weights are resident.
+
+    A device that reports no memory limit (CPU) gets `cpu_tokens` worth of blocks.
+    """
+    per_block = ModelRunner.kv_bytes_per_block(config, block_size, dtype)
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return max(1, cpu_tokens // block_size)
+    # Keep headroom for the step's activations and logits: a tenth of what is left, at least 1 GiB.
+    free = stats["bytes_limit"] * memory_utilization - stats.get("bytes_in_use", 0)
+    free -= max(free * 0.1, 1 << 30)
+    blocks = int(free // per_block)
+    if blocks < 1:
+        raise ValueError(f"no device memory left for the KV cache ({stats}); raise gpu_memory_utilization")
+    return blocks
+
+
 class ModelRunner:
-    def __init__(self, config: ModelConfig, params: dict[str, Any], *, num_blocks: int, block_size: int = 16,
-                 kernel_impl: str | None = None):
-        if num_blocks <= 0 or block_size <= 0:
+    def __init__(self, config: ModelConfig, params: dict[str, Any], *, num_blocks: int | None = None,
+                 block_size: int = 16, kernel_impl: str | None = None, release_params: bool = False,
+                 memory_utilization: float = 0.9, cpu_kv_tokens: int = 65536):
+        """num_blocks=None sizes the KV pool to the device memory left once the model is resident (see
+        fit_num_blocks). release_params=True lets the model free the stacked weight arrays of `params` as it
+        splits them per layer (the caller must not use `params` afterwards)."""
+        if (num_blocks is not None and num_blocks <= 0) or block_size <= 0:
             raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks} and {block_size}")
         self.config = config
         self.block_size = block_size
-        self.num_blocks = num_blocks
-        model = Transformer(config, params, kernel_impl)
+        model = Transformer(config, params, kernel_impl, release_stacked=release_params)
+        self.num_blocks = num_blocks or fit_num_blocks(config, block_size, model.embed[...].dtype,
+                                                       memory_utilization, cpu_kv_tokens)
         self.dtype = model.dtype
         self.kernel_impl = model.kernel_impl
         self.graphdef, self.state = nnx.split(model)
         self.kv_pool = jnp.zeros(
-            (config.num_layers, 2, num_blocks, config.num_kv_heads, block_size, config.head_dim), self.dtype)
+            (config.num_layers, 2, self.num_blocks, config.num_kv_heads, block_size, config.head_dim), self.dtype)
 
     @staticmethod
     def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: Any) -> int:

@@ -78,7 +78,12 @@ class SafetensorsFile:
         return np.frombuffer(self._mmap, dtype, count, info.start).reshape(info.shape)
 
     def close(self) -> None:
-        self._mmap.close()
+        try:
+            self._mmap.close()
+        except BufferError:
+            # On CPU, jax may still hold a zero-copy view of a tensor (e.g. inside a cached conversion); the
+            # mapping is then released by the garbage collector when that view goes.
+            pass
 
 
 class CheckpointReader:

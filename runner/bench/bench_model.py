@@ -56,6 +56,9 @@ def decode_step(runner: ModelRunner, batch: int, ctx: int, rng) -> tuple[float, 
     tables = [perm[i * nblk:(i + 1) * nblk].tolist() for i in range(batch)]
     chunks = [SeqChunk([int(rng.integers(100, 1000))], ctx - 1, tables[i]) for i in range(batch)]
     rows = [{"temperature": 0.0, "step": 0}] * batch
+    t = time.perf_counter()
+    runner.step(chunks, [], rows)
+    print(f"first decode step (compile + run): {time.perf_counter() - t:.1f} s", flush=True)
     full = timed(lambda: runner.step(chunks, [], rows), 20)
     device = timed_device(runner, chunks, [], rows, 20)
     return full, device
@@ -83,6 +86,23 @@ def prefill(runner: ModelRunner, seqs: int, tokens: int, rng) -> float:
     return timed_device(runner, [], chunks, [{"temperature": 0.0}] * seqs, 5)
 
 
+def check_pallas_against_xla(cfg: ModelConfig, params, rng) -> float:
+    """Max relative error of the model's logits with the Pallas kernels against the XLA path (small batch)."""
+    prompts = [rng.integers(100, 1000, n).tolist() for n in (37, 200, 129)]
+    worst = 0.0
+    outs = {}
+    for impl in ("pallas", "xla"):
+        runner = ModelRunner(cfg, params, num_blocks=256, block_size=16, kernel_impl=impl)
+        tables = [list(range(i * 20, i * 20 + 20)) for i in range(len(prompts))]
+        first = runner.logits([], [SeqChunk(p, 0, t) for p, t in zip(prompts, tables)])
+        nxt = runner.logits([SeqChunk([7], len(p), t) for p, t in zip(prompts, tables)], [])
+        outs[impl] = np.concatenate([first, nxt])
+        del runner
+    for a, b in zip(outs["pallas"], outs["xla"]):
+        worst = max(worst, float(np.linalg.norm(a - b) / np.linalg.norm(b)))
+    return worst
+
+
 def prefill_flops(cfg: ModelConfig, seqs: int, tokens: int) -> float:
     dense = 2 * (cfg.num_params() - cfg.vocab_size * cfg.hidden_size) * seqs * tokens  # embedding lookup is free
     attn = 2 * 2 * seqs * tokens * tokens / 2 * cfg.q_size * cfg.num_layers  # causal QK^T and PV
@@ -95,18 +115,27 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--prefill-tokens", type=int, default=8192)
+    ap.add_argument("--check-preset", default=None, help="preset for the pallas-vs-xla logits check")
+    ap.add_argument("--check-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     cfg = ModelConfig.preset(args.preset)
     rng = np.random.default_rng(0)
     dev = jax.devices()[0]
     tbps = hbm_copy_tbps()
+    rows = []
+    check = ModelConfig.preset(args.check_preset) if args.check_preset else cfg
+    check_dtype = jnp.float32 if args.check_dtype == "float32" else jnp.bfloat16
+    err = check_pallas_against_xla(check, random_params(check, check_dtype, seed=1), rng)
+    print(f"model logits, pallas vs xla kernels: max relative error {err:.2e}", flush=True)
+    rows.append(("logits pallas vs xla", f"{args.check_preset or args.preset} {args.check_dtype}, 3 seqs",
+                 f"rel err {err:.1e}", "", ""))
     params = random_params(cfg, jnp.bfloat16, seed=0)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     num_blocks = max(args.batch * -(-args.ctx // 16), -(-args.prefill_tokens // 16)) + 64
     runner = ModelRunner(cfg, params, num_blocks=num_blocks, block_size=16)
+    del params  # the model holds per-layer copies; drop the stacked originals
     print(f"kernels: {runner.kernel_impl}", flush=True)
-    rows = []
     full, device = decode_step(runner, args.batch, args.ctx, rng)
     kv_bytes = ModelRunner.kv_bytes_per_block(cfg, 16, jnp.bfloat16) * args.batch * args.ctx / 16
     floor = (weight_bytes + kv_bytes) / (tbps * 1e12)
