@@ -1,0 +1,129 @@
+"""`AsyncLLM`: many concurrent streaming requests over one engine, for servers and async applications.
+
+The engine runs on its own thread (a device step blocks for milliseconds, which must not stall the event loop).
+Requests are validated on the caller's thread, so bad input raises right at `generate`, then handed to the engine
+thread through an inbox; outputs travel back through each request's asyncio queue. A consumer that stops
+iterating (break, cancellation, a dropped client) aborts its request, which frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import itertools
+import threading
+from typing import Any, AsyncIterator
+
+from nexus_jax.config import EngineConfig
+from nexus_jax.engine import LLMEngine
+from nexus_jax.outputs import RequestOutput
+from nexus_jax.sampling_params import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped; no request can make progress."""
+
+
+class AsyncLLM:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._inbox: collections.deque = collections.deque()  # ("add", group) or ("abort", request_id)
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()   # guards _streams
+        self._wake = threading.Event()
+        self._stopped = False
+        self._ids = itertools.count()
+        self.dead_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="nexus-jax-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "AsyncLLM":
+        return cls(LLMEngine.from_config(config))
+
+    async def generate(self, prompt: str | dict[str, Any], sampling_params: SamplingParams | None = None,
+                       request_id: str | None = None, *, priority: int = 0,
+                       delta: bool = True) -> AsyncIterator[RequestOutput]:
+        """Streams the request's progress. With delta=True each output carries only the new text and token ids
+        of each completion since the previous one (the last one has finished=True and the finish reason)."""
+        if self.dead_error is not None:
+            raise EngineDeadError(f"engine stopped: {self.dead_error!r}")
+        request_id = request_id if request_id is not None else f"async-{next(self._ids)}"
+        group = self.engine.prepare_request(request_id, prompt, sampling_params, priority=priority)
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        self._send(("add", group))
+        sent: dict[int, tuple[int, int]] = {}  # completion index -> (text chars, token ids) already yielded
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                yield _delta(out, sent) if delta else out
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Aborts a request; its stream (if still read) ends with finish_reason "abort"."""
+        self._send(("abort", request_id))
+
+    def shutdown(self) -> None:
+        """Stops the engine thread; unfinished streams end with EngineDeadError."""
+        self._stopped = True
+        self._wake.set()
+        self._thread.join()
+
+    def _send(self, item: tuple) -> None:
+        self._inbox.append(item)
+        self._wake.set()
+
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while not self._stopped:
+                while self._inbox:
+                    kind, arg = self._inbox.popleft()
+                    if kind == "add":
+                        try:
+                            engine.add_prepared(arg)
+                        except ValueError as e:
+                            self._deliver(arg.request_id, e, True)
+                    else:
+                        engine.abort_request(arg)
+                if not engine.has_unfinished_requests():
+                    self._wake.wait()
+                    self._wake.clear()
+                    continue
+                for out in engine.step():
+                    self._deliver(out.request_id, out, out.finished)
+            self.dead_error = EngineDeadError("engine shut down")
+        except BaseException as e:  # the loop must never die silently: every open stream learns why
+            self.dead_error = e
+        with self._lock:
+            streams, self._streams = self._streams, {}
+        for loop, queue in streams.values():
+            loop.call_soon_threadsafe(queue.put_nowait, EngineDeadError(f"engine stopped: {self.dead_error!r}"))
+
+    def _deliver(self, request_id: str, item: Any, last: bool) -> None:
+        with self._lock:
+            stream = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
+        if stream is not None:
+            loop, queue = stream
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+
+def _delta(out: RequestOutput, sent: dict[int, tuple[int, int]]) -> RequestOutput:
+    outputs = []
+    for c in out.outputs:
+        chars, toks = sent.get(c.index, (0, 0))
+        sent[c.index] = (len(c.text), len(c.token_ids))
+        outputs.append(dataclasses.replace(c, text=c.text[chars:], token_ids=c.token_ids[toks:],
+                                           logprobs=None if c.logprobs is None else c.logprobs[toks:]))
+    return dataclasses.replace(out, outputs=outputs)

@@ -1,0 +1,255 @@
+"""The engine loop: admit requests, plan a step, run it on the executor, fold the results back.
+
+Every accepted request ends with output (finish_reason "stop"/"length"), an abort, or an error: an executor
+failure finishes the requests of the failed step with finish_reason "error" and the engine keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from nexus_jax.block_manager import BlockManager
+from nexus_jax.config import EngineConfig
+from nexus_jax.executor import Executor
+from nexus_jax.outputs import Logprob, RequestMetrics, RequestOutput
+from nexus_jax.request import Request, RequestStatus
+from nexus_jax.sampling_params import SamplingParams
+from nexus_jax.scheduler import Scheduler, SchedulerOutput
+from nexus_jax.stop import StopChecker
+from nexus_jax.tokenizer import IncrementalDetokenizer, Tokenizer
+from runner.step_batch import SeqChunk
+
+log = logging.getLogger(__name__)
+
+
+class RequestGroup:
+    """A user request: its prompt and its n sequences."""
+
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], seqs: list[Request]):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.seqs = seqs
+        self.error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
+                             [s.completion() for s in self.seqs], self.finished, self.seqs[0].metrics, self.error)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, executor: Executor, tokenizer: Tokenizer | None, *,
+                 max_model_len: int, vocab_size: int, eos_token_ids: Sequence[int] = ()):
+        self.config = config
+        self.executor = executor
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.block_manager = BlockManager(executor.num_blocks, executor.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens,
+                                   policy=config.scheduling_policy)
+        self.groups: dict[str, RequestGroup] = {}
+        self._rng = random.Random(config.seed)
+        self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "LLMEngine":
+        from runner.loader import load_model
+        from runner.model_runner import ModelRunner
+
+        loaded = load_model(config.model, config.dtype, seed=config.seed)
+        mc = loaded.config
+        if config.max_model_len is not None and config.max_model_len > mc.max_position_embeddings:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context "
+                             f"({mc.max_position_embeddings})")
+        params, loaded.params = loaded.params, None
+        runner = ModelRunner(mc, params, num_blocks=config.num_kv_blocks, block_size=config.block_size,
+                             kernel_impl=config.kernel_impl, release_params=True,
+                             memory_utilization=config.gpu_memory_utilization,
+                             cpu_kv_tokens=config.cpu_kv_cache_tokens)
+        del params
+        max_len = min(config.max_model_len or mc.max_position_embeddings, runner.num_blocks * config.block_size)
+        eos = loaded.tokenizer.eos_token_ids if loaded.tokenizer is not None else mc.eos_token_ids
+        return cls(config, runner, loaded.tokenizer, max_model_len=max_len, vocab_size=mc.vocab_size,
+                   eos_token_ids=eos)
+
+    # ---- requests in
+
+    def add_request(self, request_id: str, prompt: str | dict[str, Any], params: SamplingParams | None = None, *,
+                    priority: int = 0, arrival_time: float | None = None) -> None:
+        """Validates and queues a request; raises ValueError (or TypeError) without side effects on bad input."""
+        self.add_prepared(self.prepare_request(request_id, prompt, params, priority=priority,
+                                               arrival_time=arrival_time))
+
+    def add_prepared(self, group: "RequestGroup") -> None:
+        """Queues a request made by prepare_request (split so that callers on other threads can validate
+        without holding the engine)."""
+        if group.request_id in self.groups:
+            raise ValueError(f"request_id {group.request_id!r} is already in use")
+        self.groups[group.request_id] = group
+        for seq in group.seqs:
+            self.scheduler.add(seq)
+
+    def prepare_request(self, request_id: str, prompt: str | dict[str, Any], params: SamplingParams | None = None,
+                        *, priority: int = 0, arrival_time: float | None = None) -> "RequestGroup":
+        """Validates a request and builds its sequences; touches no engine state but the seed generator."""
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        text, ids = self._prompt_ids(prompt)
+        room = self.max_model_len - len(ids)
+        if room < 1:
+            raise ValueError(f"prompt of {len(ids)} tokens leaves no room in the model's context of "
+                             f"{self.max_model_len} tokens")
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise ValueError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} exceeds the model's "
+                             f"context of {self.max_model_len} tokens")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this model has none")
+        metrics = RequestMetrics(time.monotonic() if arrival_time is None else arrival_time)
+        drawn = self._rng.getrandbits(31)
+        seqs: list[Request] = []
+        for i in range(params.n):
+            child = params.clone_for_child(i, drawn)
+            detok = (IncrementalDetokenizer(self.tokenizer, skip_special_tokens=child.skip_special_tokens)
+                     if self.tokenizer is not None else None)
+            seq = Request(request_id if params.n == 1 else f"{request_id}#{i}", ids, child,
+                          StopChecker(child, detok, self.eos_token_ids, max_new_tokens=room),
+                          metrics if i == 0 else RequestMetrics(metrics.arrival_time), priority,
+                          group_id=request_id, index=i,
+                          logprobs=[] if child.logprobs is not None else None,
+                          cumulative_logprob=0.0 if child.logprobs is not None else None,
+                          waits_for=seqs[0] if i else None)
+            seqs.append(seq)
+        return RequestGroup(request_id, text, ids, seqs)
+
+    def _prompt_ids(self, prompt: str | dict[str, Any]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            unknown = set(prompt) - {"prompt", "prompt_token_ids"}
+            if unknown:
+                raise ValueError(f"unknown prompt fields: {', '.join(sorted(unknown))}")
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, (list, tuple)) or not all(
+                        isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids):
+                    raise ValueError("prompt_token_ids must be a list of integers")
+                bad = [int(t) for t in ids if not 0 <= t < self.vocab_size]
+                if bad:
+                    raise ValueError(f"prompt_token_ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+                if not ids:
+                    raise ValueError("prompt is empty")
+                return prompt.get("prompt"), [int(t) for t in ids]
+            prompt = prompt.get("prompt")
+        if not isinstance(prompt, str):
+            raise ValueError(f"a prompt is a string or a dict with prompt_token_ids, got {type(prompt).__name__}")
+        if self.tokenizer is None:
+            raise ValueError("text prompts need a tokenizer, and this model has none: give prompt_token_ids")
+        ids = self.tokenizer.encode(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        return prompt, ids
+
+    def abort_request(self, request_id: str) -> bool:
+        """Aborts a request that has not finished; its final output (finish_reason "abort") comes from the next
+        step(). Returns False for an unknown or already finished request."""
+        group = self.groups.get(request_id)
+        if group is None or group.finished:
+            return False
+        now = time.monotonic()
+        for seq in group.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq)
+                seq.finish("abort", None, now)
+        self._pending.append(self._retire(group))
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work() or bool(self._pending)
+
+    # ---- the loop
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one step; returns an output for every request that made progress or ended."""
+        outputs, self._pending = self._pending, []
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return outputs
+        touched: dict[str, RequestGroup] = {}
+        try:
+            result = self._execute(plan)
+        except Exception as e:  # a failed step must not lose its requests: they end with an error
+            log.exception("step failed; failing its %d requests", len(plan.chunks))
+            return outputs + self._fail(plan, f"{type(e).__name__}: {e}")
+        self.scheduler.update(plan)
+        now = time.monotonic()
+        tokens = result if not hasattr(result, "tokens") else result.tokens
+        for i, chunk in enumerate(plan.chunks):
+            seq = chunk.request
+            if not chunk.samples or seq.is_finished:
+                continue
+            self._append(seq, int(tokens[i]), result, i, now)
+            touched[seq.group_id] = self.groups[seq.group_id]
+        for group in touched.values():
+            outputs.append(self._retire(group) if group.finished else group.output())
+        return outputs
+
+    def _execute(self, plan: SchedulerOutput):
+        chunks = plan.chunks
+        seq_chunks = [SeqChunk(c.request.all_token_ids[c.start:c.start + c.num_tokens], c.start,
+                               self.block_manager.block_table(c.request.request_id)) for c in chunks]
+        rows = [c.request.params.to_sampling_row(c.request.params.seed, len(c.request.output_token_ids))
+                for c in chunks]
+        num_logprobs = max((c.request.params.logprobs or 0) for c in chunks)
+        return self.executor.step(seq_chunks[:len(plan.decodes)], seq_chunks[len(plan.decodes):], rows,
+                                  num_logprobs)
+
+    def _append(self, seq: Request, token: int, result: Any, row: int, now: float) -> None:
+        seq.output_token_ids.append(token)
+        seq.metrics.record_token(now)
+        if seq.logprobs is not None:
+            n = seq.params.logprobs
+            entry = {int(t): Logprob(float(lp), rank=r + 1)
+                     for r, (t, lp) in enumerate(zip(result.top_ids[row][:n], result.top_logprobs[row][:n]))}
+            entry.setdefault(token, Logprob(float(result.token_logprobs[row])))
+            seq.logprobs.append(entry)
+            seq.cumulative_logprob += float(result.token_logprobs[row])
+        res = seq.stop.step(token)
+        seq.text += res.text
+        if res.finished:
+            self.scheduler.finish(seq)
+            seq.finish(res.finish_reason, res.stop_reason, now)
+
+    def _fail(self, plan: SchedulerOutput, message: str) -> list[RequestOutput]:
+        now = time.monotonic()
+        groups = {c.request.group_id: self.groups[c.request.group_id] for c in plan.chunks}
+        for group in groups.values():
+            group.error = message
+            for seq in group.seqs:
+                if not seq.is_finished:
+                    self.scheduler.finish(seq)
+                    seq.finish("error", None, now)
+        return [self._retire(g) for g in groups.values()]
+
+    def _retire(self, group: RequestGroup) -> RequestOutput:
+        del self.groups[group.request_id]
+        return group.output()
+
+    def stats(self) -> dict[str, Any]:
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_usage": self.block_manager.usage, "num_preemptions": self.scheduler.num_preemptions,
+                **self.block_manager.stats()}

@@ -1,0 +1,73 @@
+"""What the engine needs from a model: run one planned step and return a sample per chunk.
+
+`runner.model_runner.ModelRunner` is the real executor. `MockExecutor` is a hand-computable stand-in (JetStream's
+idea) so the scheduler, the APIs and the servers are tested end to end on CPU in milliseconds: it keeps a fake KV
+pool of (token id, position) per slot and checks on every step that the cached prefix of each chunk is really in
+the slots its block table names, so a wrong block table, prefix-cache hit or preemption raises instead of passing
+silently. `context(chunk)` reads back the token ids a chunk's prefix holds, for tests to compare.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from runner.step_batch import SeqChunk
+
+
+class Executor(Protocol):
+    block_size: int
+    num_blocks: int
+
+    def step(self, decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk], sampling_rows: Sequence[dict],
+             num_logprobs: int = 0):
+        """Returns the sampled token per chunk (decodes, then prefills); with num_logprobs > 0, a
+        `runner.sampling.SampleResult` whose rows follow the same order."""
+        ...
+
+
+class MockExecutor:
+    """The next token is (last token + 1) % vocab_size, the one rule a test can compute by hand."""
+
+    def __init__(self, vocab_size: int = 1000, num_blocks: int = 256, block_size: int = 16):
+        self.vocab_size = vocab_size
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.kv = np.full(num_blocks * block_size, -1, np.int64)   # the token id whose K/V each slot holds
+        self.pos = np.full(num_blocks * block_size, -1, np.int64)  # and that token's position
+        self.num_steps = 0
+
+    def step(self, decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk], sampling_rows: Sequence[dict],
+             num_logprobs: int = 0):
+        chunks = list(decodes) + list(prefills)
+        if len(sampling_rows) != len(chunks):
+            raise ValueError(f"{len(sampling_rows)} sampling rows for {len(chunks)} chunks")
+        tokens = []
+        for c in chunks:
+            table = np.asarray(c.block_table)
+            pos = np.arange(c.start_pos + len(c.token_ids))
+            slots = table[pos // self.block_size] * self.block_size + pos % self.block_size
+            held = self.pos[slots[:c.start_pos]]
+            if (held != pos[:c.start_pos]).any():
+                bad = int(np.argmax(held != pos[:c.start_pos]))
+                raise AssertionError(f"block table {c.block_table}: slot of position {bad} holds position {held[bad]}")
+            self.kv[slots[c.start_pos:]] = c.token_ids
+            self.pos[slots[c.start_pos:]] = pos[c.start_pos:]
+            tokens.append((c.token_ids[-1] + 1) % self.vocab_size)
+        self.num_steps += 1
+        tokens = np.asarray(tokens, np.int32)
+        if not num_logprobs:
+            return tokens
+        from runner.sampling import SampleResult
+        # A fixed distribution: the sampled token has log-prob log(1/2); the top list is tokens t, t+1, ...
+        top = (tokens[:, None] + np.arange(num_logprobs)[None, :]) % self.vocab_size
+        top_lp = np.log(0.5) * (1 + np.arange(num_logprobs))[None, :].repeat(len(tokens), 0)
+        return SampleResult(tokens, np.full(len(tokens), np.log(0.5), np.float32), top.astype(np.int32),
+                            top_lp.astype(np.float32))
+
+    def context(self, chunk: SeqChunk) -> list[int]:
+        """The token ids the fake pool holds for the chunk's cached prefix, in order."""
+        table = np.asarray(chunk.block_table)
+        pos = np.arange(chunk.start_pos)
+        return self.kv[table[pos // self.block_size] * self.block_size + pos % self.block_size].tolist()

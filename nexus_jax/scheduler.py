@@ -1,0 +1,159 @@
+"""The aggregated-mode scheduler: continuous batching with chunked prefill (vLLM style).
+
+Each step has a token budget. Running sequences come first in policy order (those decoding, then those part-way
+through a prompt), then waiting sequences are admitted while budget, sequence slots and KV blocks last. When a
+running sequence needs a block and none is free, the lowest-priority running sequence not yet in this step's plan
+is preempted by recompute: its blocks are freed and it waits again with nothing computed (its full blocks usually
+survive in the prefix cache, so the recompute is often short).
+
+The scheduler works on host state only and returns a plan; `update` folds the executed plan back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+from nexus_jax.block_manager import BlockManager
+from nexus_jax.request import Request, RequestStatus
+
+# A policy maps a request to a sort key; smaller runs first. Program-aware policies plug in here.
+Policy = Callable[[Request], tuple]
+
+POLICIES: dict[str, Policy] = {
+    "fcfs": lambda r: (r.arrival_time,),
+    "priority": lambda r: (r.priority, r.arrival_time),
+}
+
+
+@dataclasses.dataclass
+class ScheduledChunk:
+    request: Request
+    start: int        # tokens of the request already in the KV pool
+    num_tokens: int   # tokens this step computes
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the request's last known token, so its sample becomes the next token."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    decodes: list[ScheduledChunk]     # one token each
+    prefills: list[ScheduledChunk]    # several tokens each
+    preempted: list[Request]
+
+    @property
+    def chunks(self) -> list[ScheduledChunk]:
+        return self.decodes + self.prefills
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 policy: str = "fcfs"):
+        if policy not in POLICIES:
+            raise ValueError(f"scheduling policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.policy = POLICIES[policy]
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, request: Request) -> None:
+        """Removes a finished (or aborted) request from the queues and releases its blocks."""
+        if request in self.running:
+            self.running.remove(request)
+            self.block_manager.free(request.request_id)
+        elif request in self.waiting:
+            self.waiting.remove(request)  # holds no blocks: never admitted, or preempted
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        out = SchedulerOutput([], [], [])
+        order = sorted(self.running, key=self.policy)
+        planned: set[int] = set()
+        # Decodes before prompt chunks, so a long prompt never delays a token that is due.
+        for req in [r for r in order if not r.in_prefill] + [r for r in order if r.in_prefill]:
+            if budget == 0:
+                break
+            if req.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(req, n, order, planned, out):
+                continue
+            planned.add(id(req))
+            self._plan(out, req, n)
+            budget -= n
+        if not out.preempted:
+            budget = self._admit(budget, out)
+        return out
+
+    def _allocate_or_preempt(self, req: Request, n: int, order: list[Request], planned: set[int],
+                             out: SchedulerOutput) -> bool:
+        while self.block_manager.allocate(req.request_id, req.num_computed_tokens + n) is None:
+            victims = [r for r in order if id(r) not in planned and r is not req
+                       and r.status is RequestStatus.RUNNING]
+            victim = victims[-1] if victims else req
+            self._preempt(victim, out)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        self.block_manager.free(req.request_id)
+        self.running.remove(req)
+        req.status = RequestStatus.WAITING
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.append(req)
+        out.preempted.append(req)
+
+    def _admit(self, budget: int, out: SchedulerOutput) -> int:
+        bm = self.block_manager
+        for req in sorted(self.waiting, key=self.policy):
+            if budget == 0 or len(self.running) >= self.max_num_seqs:
+                break
+            if req.waits_for is not None:
+                if not req.waits_for.is_finished and req.waits_for.num_computed_tokens < req.num_prompt_tokens:
+                    continue
+                req.waits_for = None
+            prefix = bm.match_prefix(req.all_token_ids)
+            cached = len(prefix) * bm.block_size
+            n = min(req.num_tokens - cached, budget)
+            if bm.allocate(req.request_id, cached + n, prefix) is None:
+                break  # no room: later requests wait too, so the queue order is kept
+            req.num_computed_tokens = cached
+            req.status = RequestStatus.RUNNING
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = time.monotonic()
+            self.waiting.remove(req)
+            self.running.append(req)
+            self._plan(out, req, n)
+            budget -= n
+        return budget
+
+    def _plan(self, out: SchedulerOutput, req: Request, n: int) -> None:
+        chunk = ScheduledChunk(req, req.num_computed_tokens, n)
+        (out.decodes if n == 1 else out.prefills).append(chunk)
+
+    def update(self, out: SchedulerOutput) -> None:
+        """Records that the plan ran: the chunks' K/V is now in the pool (the engine appends sampled tokens)."""
+        for c in out.chunks:
+            req = c.request
+            req.num_computed_tokens = c.start + c.num_tokens
+            self.block_manager.commit(req.request_id, req.all_token_ids, req.num_computed_tokens)

@@ -1,0 +1,110 @@
+"""AsyncLLM streaming over the mock executor, and the library API on the real embedded default model."""
+
+import asyncio
+
+import pytest
+
+from nexus_jax import LLM, AsyncLLM, SamplingParams
+from runner.generate import generate
+from runner.loader import load_model
+from runner.model_runner import ModelRunner
+from test_engine import expected, greedy, make_engine
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def collect(llm, rid, prompt, params):
+    tokens, finals = [], []
+    async for out in llm.generate(prompt, params, request_id=rid):
+        tokens += out.outputs[0].token_ids
+        finals.append(out.finished)
+    return tokens, finals, out.outputs[0].finish_reason
+
+
+def test_many_concurrent_streams_deliver_every_token_once():
+    llm = AsyncLLM(make_engine(num_blocks=512))
+    try:
+        async def main():
+            jobs = [collect(llm, f"r{i}", {"prompt_token_ids": [i, i + 1]}, greedy(10 + i % 7)) for i in range(60)]
+            return await asyncio.gather(*jobs)
+        results = run(main())
+        for i, (tokens, finals, reason) in enumerate(results):
+            assert tokens == expected([i, i + 1], 10 + i % 7)
+            assert finals[-1] and not any(finals[:-1])
+            assert reason == "length"
+    finally:
+        llm.shutdown()
+
+
+def test_leaving_a_stream_aborts_its_request_and_frees_blocks():
+    engine = make_engine()
+    llm = AsyncLLM(engine)
+    try:
+        async def main():
+            got = 0
+            async for _ in llm.generate({"prompt_token_ids": [1] * 30}, greedy(400), request_id="gone"):
+                got += 1
+                if got == 3:
+                    break
+            for _ in range(200):  # the abort is processed on the engine thread
+                if not engine.has_unfinished_requests():
+                    return got
+                await asyncio.sleep(0.01)
+            return got
+        assert run(main()) == 3
+        assert engine.block_manager.usage == 0.0
+        assert not engine.groups
+    finally:
+        llm.shutdown()
+
+
+def test_bad_input_raises_at_generate_and_serving_goes_on():
+    llm = AsyncLLM(make_engine())
+    try:
+        async def main():
+            with pytest.raises(ValueError, match="empty"):
+                async for _ in llm.generate({"prompt_token_ids": []}, greedy(3)):
+                    pass
+            return await collect(llm, "ok", {"prompt_token_ids": [7]}, greedy(2))
+        assert run(main())[0] == [8, 9]
+    finally:
+        llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def default_llm():
+    return LLM(dtype="float32", max_num_batched_tokens=64)
+
+
+def test_default_model_generates_like_the_reference_loop(default_llm):
+    tok = default_llm.get_tokenizer()
+    prompts = ["Hello, world", "The quick brown fox jumps over"]
+    outs = default_llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                                use_tqdm=False)
+    engine = default_llm.llm_engine
+    runner: ModelRunner = engine.executor
+    ids = [tok.encode(p) for p in prompts]
+    params = load_model(None, dtype="float32").params
+    ref = generate(ModelRunner(runner.config, params, num_blocks=64, block_size=runner.block_size), ids, 12)
+    for out, p, r in zip(outs, prompts, ref):
+        assert out.prompt == p and out.prompt_token_ids == tok.encode(p)
+        assert out.outputs[0].token_ids == r
+        assert out.outputs[0].text == tok.decode(r)
+        assert out.outputs[0].finish_reason == "length"
+
+
+def test_default_model_rejects_an_overlong_prompt_and_keeps_serving(default_llm):
+    too_long = {"prompt_token_ids": [5] * (default_llm.llm_engine.max_model_len + 1)}
+    with pytest.raises(ValueError, match="context"):
+        default_llm.generate([too_long], use_tqdm=False)
+    out = default_llm.generate("again", SamplingParams(max_tokens=4, seed=3), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) <= 4 and out.finished
+
+
+def test_sampling_is_reproducible_with_a_seed(default_llm):
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=10, ignore_eos=True)
+    a = default_llm.generate("seeded", params, use_tqdm=False)[0].outputs[0].token_ids
+    b = default_llm.generate(["other prompt first", "seeded"], params, use_tqdm=False)[1].outputs[0].token_ids
+    assert a == b

@@ -1,0 +1,244 @@
+"""Engine, scheduler and library API end to end over the hand-computable mock executor (milliseconds on CPU).
+
+The mock's rule: next token = (last token + 1) % vocab. It also checks every block table it is given against
+the positions it stored, so scheduling, prefix-cache or preemption bugs raise instead of passing.
+"""
+
+import math
+
+import pytest
+
+from nexus_jax import LLM, EngineConfig, LLMEngine, SamplingParams
+from nexus_jax.executor import MockExecutor
+from nexus_jax.tokenizer import Tokenizer
+from runner.default_model import default_model_dir
+
+VOCAB = 512
+BYTE0 = 7  # the default tokenizer's byte tokens: id = 7 + byte value
+
+
+def make_engine(num_blocks=256, block_size=4, tokenizer=None, eos=(), max_model_len=512, **cfg):
+    config = EngineConfig(block_size=block_size, **cfg)
+    return LLMEngine(config, MockExecutor(VOCAB, num_blocks, block_size), tokenizer, max_model_len=max_model_len,
+                     vocab_size=VOCAB, eos_token_ids=eos)
+
+
+def run_all(engine):
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done
+
+
+def expected(prompt, n):
+    return [(prompt[-1] + 1 + i) % VOCAB for i in range(n)]
+
+
+def greedy(n, **kw):
+    return SamplingParams(temperature=0.0, max_tokens=n, **kw)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.from_dir(default_model_dir())
+
+
+def test_outputs_follow_the_rule_and_finish_by_length():
+    engine = make_engine()
+    prompts = {"a": [5, 6, 7], "b": [100], "c": list(range(40, 90))}
+    for rid, p in prompts.items():
+        engine.add_request(rid, {"prompt_token_ids": p}, greedy(6))
+    done = run_all(engine)
+    for rid, p in prompts.items():
+        assert done[rid].outputs[0].token_ids == expected(p, 6)
+        assert done[rid].outputs[0].finish_reason == "length"
+    assert engine.block_manager.usage == 0.0
+
+
+def test_chunked_prefill_respects_the_token_budget():
+    engine = make_engine(max_num_batched_tokens=8)
+    steps = []
+    original = engine.scheduler.schedule
+
+    def spy():
+        plan = original()
+        steps.append(plan.num_tokens)
+        return plan
+    engine.scheduler.schedule = spy
+    for i in range(4):
+        engine.add_request(f"r{i}", {"prompt_token_ids": list(range(i, i + 30))}, greedy(5))
+    done = run_all(engine)
+    assert max(steps) <= 8
+    for i in range(4):
+        assert done[f"r{i}"].outputs[0].token_ids == expected(list(range(i, i + 30)), 5)
+
+
+def test_preemption_by_recompute_keeps_outputs_exact():
+    engine = make_engine(num_blocks=12, block_size=4, max_num_batched_tokens=64)
+    prompts = [[10 * i + j for j in range(6)] for i in range(5)]
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", {"prompt_token_ids": p}, greedy(20))
+    done = run_all(engine)
+    assert engine.scheduler.num_preemptions > 0
+    for i, p in enumerate(prompts):
+        assert done[f"r{i}"].outputs[0].token_ids == expected(p, 20)
+    assert engine.block_manager.usage == 0.0
+
+
+def test_prefix_cache_hit_skips_the_shared_blocks():
+    engine = make_engine(block_size=4)
+    shared = list(range(200, 216))
+    engine.add_request("first", {"prompt_token_ids": shared + [1, 2]}, greedy(3))
+    run_all(engine)
+    computed = []
+    original = engine.scheduler.update
+
+    def spy(plan):
+        computed.extend(c.num_tokens for c in plan.chunks if c.request.request_id == "second")
+        original(plan)
+    engine.scheduler.update = spy
+    engine.add_request("second", {"prompt_token_ids": shared + [3, 4, 5]}, greedy(3))
+    done = run_all(engine)
+    assert done["second"].outputs[0].token_ids == expected([5], 3)
+    assert computed[0] == 3  # 16 shared tokens came from the cache
+    assert engine.block_manager.stats()["prefix_hits"] >= 1
+
+
+def test_eos_stop_ids_ignore_eos_and_min_tokens():
+    engine = make_engine(eos=(15,))
+    engine.add_request("eos", {"prompt_token_ids": [10]}, greedy(20))
+    engine.add_request("ignore", {"prompt_token_ids": [10]}, greedy(8, ignore_eos=True))
+    engine.add_request("stopid", {"prompt_token_ids": [20]}, greedy(20, stop_token_ids=[23]))
+    engine.add_request("min", {"prompt_token_ids": [10]}, greedy(20, min_tokens=10, stop_token_ids=[21]))
+    done = run_all(engine)
+    assert done["eos"].outputs[0].token_ids == [11, 12, 13, 14, 15]
+    assert (done["eos"].outputs[0].finish_reason, done["eos"].outputs[0].stop_reason) == ("stop", None)
+    assert done["ignore"].outputs[0].token_ids == expected([10], 8)
+    assert done["ignore"].outputs[0].finish_reason == "length"
+    assert done["stopid"].outputs[0].token_ids == [21, 22, 23]
+    assert done["stopid"].outputs[0].stop_reason == 23
+    # min_tokens=10 suppresses EOS (15) and the stop id (21, token 11) until token 11 has been generated
+    assert done["min"].outputs[0].token_ids == expected([10], 11)
+
+
+def test_stop_string_spanning_tokens(tokenizer):
+    engine = make_engine(tokenizer=tokenizer, eos=tokenizer.eos_token_ids)
+    start = BYTE0 + ord("a")
+    engine.add_request("s", {"prompt_token_ids": [start]}, greedy(20, stop=["efg"]))
+    engine.add_request("inc", {"prompt_token_ids": [start]}, greedy(20, stop=["efg"], include_stop_str_in_output=True))
+    done = run_all(engine)
+    assert done["s"].outputs[0].text == "bcd"
+    assert done["s"].outputs[0].stop_reason == "efg"
+    assert done["inc"].outputs[0].text == "bcdefg"
+
+
+def test_n_completions_share_the_prompt_blocks():
+    engine = make_engine(block_size=4)
+    prompt = list(range(300, 321))
+    engine.add_request("n", {"prompt_token_ids": prompt}, SamplingParams(n=3, temperature=0.8, seed=1, max_tokens=4))
+    done = run_all(engine)
+    outs = done["n"].outputs
+    assert [o.index for o in outs] == [0, 1, 2]
+    assert all(o.token_ids == expected(prompt, 4) for o in outs)
+    assert engine.block_manager.stats()["prefix_hits"] >= 2
+
+
+def test_logprobs():
+    engine = make_engine()
+    engine.add_request("lp", {"prompt_token_ids": [1, 2]}, greedy(4, logprobs=2))
+    out = run_all(engine)["lp"].outputs[0]
+    assert len(out.logprobs) == 4
+    for tok, pos in zip(out.token_ids, out.logprobs):
+        assert pos[tok].logprob == pytest.approx(math.log(0.5))
+        assert sorted(r.rank for r in pos.values()) == [1, 2]
+    assert out.cumulative_logprob == pytest.approx(4 * math.log(0.5))
+
+
+def test_abort_frees_blocks_and_reports():
+    engine = make_engine()
+    engine.add_request("x", {"prompt_token_ids": list(range(30))}, greedy(100))
+    engine.step()
+    assert engine.abort_request("x")
+    assert not engine.abort_request("x")
+    outs = engine.step()
+    assert [o.outputs[0].finish_reason for o in outs] == ["abort"]
+    assert engine.block_manager.usage == 0.0
+    assert not engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ({"prompt_token_ids": []}, "empty"),
+    ({"prompt_token_ids": [1, VOCAB]}, "vocabulary"),
+    ({"prompt_token_ids": [1, -1]}, "vocabulary"),
+    ({"prompt_token_ids": list(range(1, 100)) * 6}, "context"),
+    ({"prompt_token_ids": [1.5]}, "integers"),
+    ("text without a tokenizer", "tokenizer"),
+    (42, "prompt"),
+])
+def test_bad_prompts_raise_and_the_engine_keeps_serving(prompt, message):
+    engine = make_engine()
+    with pytest.raises(ValueError, match=message):
+        engine.add_request("bad", prompt, greedy(4))
+    engine.add_request("good", {"prompt_token_ids": [3]}, greedy(2))
+    assert run_all(engine)["good"].outputs[0].token_ids == [4, 5]
+
+
+def test_bad_request_arguments():
+    engine = make_engine()
+    engine.add_request("dup", {"prompt_token_ids": [3]}, greedy(2))
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("dup", {"prompt_token_ids": [3]}, greedy(2))
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.add_request("long", {"prompt_token_ids": [3] * 500}, greedy(100))
+    with pytest.raises(TypeError):
+        engine.add_request("t", {"prompt_token_ids": [3]}, {"max_tokens": 3})
+
+
+def test_executor_failure_ends_requests_with_an_error_and_serving_goes_on():
+    engine = make_engine()
+    real = engine.executor.step
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("device lost")
+        return real(*a, **k)
+    engine.executor.step = flaky
+    engine.add_request("a", {"prompt_token_ids": [1]}, greedy(5))
+    done = run_all(engine)
+    assert done["a"].outputs[0].finish_reason == "error"
+    assert "device lost" in done["a"].error
+    assert engine.block_manager.usage == 0.0
+    engine.add_request("b", {"prompt_token_ids": [1]}, greedy(3))
+    assert run_all(engine)["b"].outputs[0].token_ids == [2, 3, 4]
+
+
+def test_priority_policy_admits_the_most_urgent_first():
+    engine = make_engine(max_num_seqs=1, scheduling_policy="priority")
+    engine.add_request("low", {"prompt_token_ids": [1]}, greedy(2), priority=5)
+    engine.add_request("high", {"prompt_token_ids": [50]}, greedy(2), priority=-1)
+    order = []
+    while engine.has_unfinished_requests():
+        order += [o.request_id for o in engine.step() if o.finished]
+    assert order == ["high", "low"]
+
+
+def test_llm_generate_keeps_input_order_and_reports_metrics():
+    llm = LLM.from_engine(make_engine())
+    prompts = [{"prompt_token_ids": [i * 10 + 1] * (20 - i)} for i in range(5)]
+    params = [greedy(3 + i) for i in range(5)]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for i, out in enumerate(outs):
+        assert out.prompt_token_ids == prompts[i]["prompt_token_ids"]
+        assert out.outputs[0].token_ids == expected(prompts[i]["prompt_token_ids"], 3 + i)
+        assert out.metrics.ttft is not None and out.metrics.ttft >= 0
+        assert len(out.metrics.token_times) == 3 + i
+    with pytest.raises(ValueError, match="2 sampling params for 5 prompts"):
+        llm.generate(prompts, params[:2], use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt 1: .*empty"):
+        llm.generate([prompts[0], {"prompt_token_ids": []}], use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()  # the good prompt of the failed call was withdrawn
+    assert llm.generate(prompts[:1], greedy(2), use_tqdm=False)[0].outputs[0].token_ids == [2, 3]
