@@ -8,28 +8,23 @@ import time
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from runner.generate import generate
-    from runner.loader import load_model
-    from runner.model_runner import ModelRunner
+    from nexus_jax import LLM, SamplingParams
 
-    loaded = load_model(args.model, dtype=args.dtype)
-    if loaded.tokenizer is None:
-        raise SystemExit(f"model {loaded.name} has no tokenizer.json; give a checkpoint directory with one")
-    tok = loaded.tokenizer
+    llm = LLM(args.model, dtype=args.dtype, block_size=args.block_size)
+    if llm.get_tokenizer() is None:
+        raise SystemExit(f"model {args.model} has no tokenizer.json; give a checkpoint directory with one")
     prompts = args.prompt or ["The capital of France is"]
-    ids = [tok.encode(p) for p in prompts]
-    longest = max(len(i) for i in ids) + args.max_tokens
-    blocks = len(ids) * -(-longest // args.block_size)
-    runner = ModelRunner(loaded.config, loaded.params, num_blocks=blocks, block_size=args.block_size)
-    sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)
     start = time.perf_counter()
-    outs = generate(runner, ids, args.max_tokens, sampling=sampling, eos_token_ids=tok.eos_token_ids)
+    outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
-    for prompt, out in zip(prompts, outs):
-        print(f"{prompt!r} -> {tok.decode(out)!r}")
-    n = sum(len(o) for o in outs)
-    print(f"{len(prompts)} prompts, {n} tokens in {elapsed:.2f} s ({n / elapsed:.1f} tok/s) on "
-          f"{loaded.name} [{runner.kernel_impl} kernels]", file=sys.stderr)
+    for out in outs:
+        print(f"{out.prompt!r} -> {out.outputs[0].text!r} [{out.outputs[0].finish_reason}]")
+    n = sum(len(o.outputs[0].token_ids) for o in outs)
+    runner = llm.llm_engine.executor
+    print(f"{len(prompts)} prompts, {n} tokens in {elapsed:.2f} s ({n / elapsed:.1f} tok/s) with "
+          f"{runner.kernel_impl} kernels, dtype {runner.dtype}", file=sys.stderr)
     return 0
 
 
@@ -45,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
+                   help="auto: bfloat16 on a GPU, float32 on CPU")
     g.add_argument("--block-size", type=int, default=16)
     g.set_defaults(func=_generate)
     args = ap.parse_args(argv)

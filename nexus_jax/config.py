@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from nexus_jax.scheduler import POLICIES
-from runner.loader import DTYPES
+from runner.config import DTYPE_NAMES
 
 KERNEL_IMPLS = (None, "pallas", "interpret", "xla")
 
@@ -13,7 +13,7 @@ KERNEL_IMPLS = (None, "pallas", "interpret", "xla")
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None               # checkpoint directory, preset name, or None for the embedded model
-    dtype: str = "bfloat16"
+    dtype: str = "auto"                    # bfloat16 on a GPU, float32 on CPU
     max_model_len: int | None = None       # default: the model's max_position_embeddings, capped by the KV pool
     block_size: int = 16
     num_kv_blocks: int | None = None       # default: what gpu_memory_utilization leaves after the weights
@@ -27,8 +27,8 @@ class EngineConfig:
     kernel_impl: str | None = None         # attention kernels: None = auto
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "cpu_kv_cache_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

@@ -11,17 +11,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
-
 from nexus_jax.tokenizer import Tokenizer
 from runner.checkpoint import load_params, random_params
-from runner.config import CONFIGS_DIR, ModelConfig
+from runner.config import CONFIGS_DIR, ModelConfig, parse_dtype
 from runner.default_model import default_model_dir
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
-
 
 @dataclasses.dataclass
 class LoadedModel:
@@ -31,13 +26,7 @@ class LoadedModel:
     tokenizer: Tokenizer | None
 
 
-def parse_dtype(dtype: str) -> Any:
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
-
-
-def load_model(model: str | None = None, dtype: str = "bfloat16", cache_dir: str | None = None,
+def load_model(model: str | None = None, dtype: str = "auto", cache_dir: str | None = None,
                seed: int = 0) -> LoadedModel:
     jdtype = parse_dtype(dtype)
     if model is None:
