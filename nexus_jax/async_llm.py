@@ -50,7 +50,7 @@ class AsyncLLM:
         if self.dead_error is not None:
             raise EngineDeadError(f"engine stopped: {self.dead_error!r}")
         request_id = request_id if request_id is not None else f"async-{next(self._ids)}"
-        group = self.engine.prepare_request(request_id, prompt, sampling_params, priority=priority)
+        group = self.engine.prepare_request(request_id, prompt, sampling_params, priority=priority, stream=True)
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
             if request_id in self._streams:

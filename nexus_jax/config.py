@@ -21,6 +21,7 @@ class EngineConfig:
     cpu_kv_cache_tokens: int = 65536       # KV pool size where the device reports no memory limit (CPU)
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048     # per-step token budget of chunked prefill
+    num_scheduler_steps: int = 1           # > 1: decode-only batches run this many steps per host round trip
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"
     seed: int = 0                          # draws the seeds of requests that bring none
@@ -29,7 +30,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "cpu_kv_cache_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "cpu_kv_cache_tokens",
+                     "num_scheduler_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -22,6 +22,7 @@ from nexus_jax.sampling_params import SamplingParams
 from nexus_jax.scheduler import Scheduler, SchedulerOutput
 from nexus_jax.stop import StopChecker
 from nexus_jax.tokenizer import IncrementalDetokenizer, Tokenizer
+from runner.sampling import validate_row
 from runner.step_batch import SeqChunk
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,10 @@ log = logging.getLogger(__name__)
 class RequestGroup:
     """A user request: its prompt and its n sequences."""
 
-    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], seqs: list[Request]):
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], seqs: list[Request],
+                 stream: bool):
         self.request_id = request_id
+        self.stream = stream  # report progress every step, not only the final output
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.seqs = seqs
@@ -58,7 +61,8 @@ class LLMEngine:
         self.block_manager = BlockManager(executor.num_blocks, executor.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
-                                   policy=config.scheduling_policy)
+                                   policy=config.scheduling_policy,
+                                   num_scheduler_steps=config.num_scheduler_steps)
         self.groups: dict[str, RequestGroup] = {}
         self._rng = random.Random(config.seed)
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
@@ -87,10 +91,11 @@ class LLMEngine:
     # ---- requests in
 
     def add_request(self, request_id: str, prompt: str | dict[str, Any], params: SamplingParams | None = None, *,
-                    priority: int = 0, arrival_time: float | None = None) -> None:
-        """Validates and queues a request; raises ValueError (or TypeError) without side effects on bad input."""
+                    priority: int = 0, arrival_time: float | None = None, stream: bool = False) -> None:
+        """Validates and queues a request; raises ValueError (or TypeError) without side effects on bad input.
+        With stream=True, step() reports the request's progress every step; otherwise only its final output."""
         self.add_prepared(self.prepare_request(request_id, prompt, params, priority=priority,
-                                               arrival_time=arrival_time))
+                                               arrival_time=arrival_time, stream=stream))
 
     def add_prepared(self, group: "RequestGroup") -> None:
         """Queues a request made by prepare_request (split so that callers on other threads can validate
@@ -102,7 +107,8 @@ class LLMEngine:
             self.scheduler.add(seq)
 
     def prepare_request(self, request_id: str, prompt: str | dict[str, Any], params: SamplingParams | None = None,
-                        *, priority: int = 0, arrival_time: float | None = None) -> "RequestGroup":
+                        *, priority: int = 0, arrival_time: float | None = None,
+                        stream: bool = False) -> "RequestGroup":
         """Validates a request and builds its sequences; touches no engine state but the seed generator."""
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
@@ -129,6 +135,7 @@ class LLMEngine:
             detok = (IncrementalDetokenizer(self.tokenizer, skip_special_tokens=child.skip_special_tokens)
                      if self.tokenizer is not None else None)
             seq = Request(request_id if params.n == 1 else f"{request_id}#{i}", ids, child,
+                          validate_row(child.to_sampling_row(child.seed, 0)),
                           StopChecker(child, detok, self.eos_token_ids, max_new_tokens=room),
                           metrics if i == 0 else RequestMetrics(metrics.arrival_time), priority,
                           group_id=request_id, index=i,
@@ -136,7 +143,7 @@ class LLMEngine:
                           cumulative_logprob=0.0 if child.logprobs is not None else None,
                           waits_for=seqs[0] if i else None)
             seqs.append(seq)
-        return RequestGroup(request_id, text, ids, seqs)
+        return RequestGroup(request_id, text, ids, seqs, stream)
 
     def _prompt_ids(self, prompt: str | dict[str, Any]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -184,7 +191,8 @@ class LLMEngine:
     # ---- the loop
 
     def step(self) -> list[RequestOutput]:
-        """Runs one step; returns an output for every request that made progress or ended."""
+        """Runs one step; returns the final output of every request that ended, and a progress output of every
+        streamed request that made progress."""
         outputs, self._pending = self._pending, []
         plan = self.scheduler.schedule()
         if not plan.chunks:
@@ -197,23 +205,30 @@ class LLMEngine:
             return outputs + self._fail(plan, f"{type(e).__name__}: {e}")
         self.scheduler.update(plan)
         now = time.monotonic()
-        tokens = result if not hasattr(result, "tokens") else result.tokens
-        for i, chunk in enumerate(plan.chunks):
-            seq = chunk.request
-            if not chunk.samples or seq.is_finished:
-                continue
-            self._append(seq, int(tokens[i]), result, i, now)
-            touched[seq.group_id] = self.groups[seq.group_id]
+        token_rows = result if plan.num_steps > 1 else [getattr(result, "tokens", result)]
+        for k, tokens in enumerate(token_rows):
+            for i, chunk in enumerate(plan.chunks):
+                seq = chunk.request
+                if not chunk.samples or seq.is_finished:
+                    continue
+                if k:  # the token appended at step k - 1 was this step's input, so its K/V now exists
+                    self.scheduler.advance(seq)
+                self._append(seq, int(tokens[i]), result, i, now)
+                touched[seq.group_id] = self.groups[seq.group_id]
         for group in touched.values():
-            outputs.append(self._retire(group) if group.finished else group.output())
+            if group.finished:
+                outputs.append(self._retire(group))
+            elif group.stream:
+                outputs.append(group.output())
         return outputs
 
     def _execute(self, plan: SchedulerOutput):
         chunks = plan.chunks
         seq_chunks = [SeqChunk(c.request.all_token_ids[c.start:c.start + c.num_tokens], c.start,
                                self.block_manager.block_table(c.request.request_id)) for c in chunks]
-        rows = [c.request.params.to_sampling_row(c.request.params.seed, len(c.request.output_token_ids))
-                for c in chunks]
+        rows = [c.request.sampling_row[:5] + (len(c.request.output_token_ids),) for c in chunks]
+        if plan.num_steps > 1:
+            return self.executor.decode_steps(seq_chunks, rows, plan.num_steps)
         num_logprobs = max((c.request.params.logprobs or 0) for c in chunks)
         return self.executor.step(seq_chunks[:len(plan.decodes)], seq_chunks[len(plan.decodes):], rows,
                                   num_logprobs)

@@ -26,6 +26,11 @@ class Executor(Protocol):
         `runner.sampling.SampleResult` whose rows follow the same order."""
         ...
 
+    def decode_steps(self, decodes: Sequence[SeqChunk], sampling_rows: Sequence[tuple], num_steps: int):
+        """Runs num_steps decode steps back to back, each step's samples feeding the next; returns the tokens
+        [num_steps, len(decodes)]. Block tables already cover the extra positions."""
+        ...
+
 
 class MockExecutor:
     """The next token is (last token + 1) % vocab_size, the one rule a test can compute by hand."""
@@ -65,6 +70,14 @@ class MockExecutor:
         top_lp = np.log(0.5) * (1 + np.arange(num_logprobs))[None, :].repeat(len(tokens), 0)
         return SampleResult(tokens, np.full(len(tokens), np.log(0.5), np.float32), top.astype(np.int32),
                             top_lp.astype(np.float32))
+
+    def decode_steps(self, decodes: Sequence[SeqChunk], sampling_rows: Sequence[tuple], num_steps: int):
+        out, chunks = [], list(decodes)
+        for _ in range(num_steps):
+            tokens = self.step(chunks, [], sampling_rows)
+            out.append(tokens)
+            chunks = [SeqChunk([int(t)], c.start_pos + 1, c.block_table) for c, t in zip(chunks, tokens)]
+        return np.stack(out)
 
     def context(self, chunk: SeqChunk) -> list[int]:
         """The token ids the fake pool holds for the chunk's cached prefix, in order."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from nexus_jax.outputs import CompletionOutput, PositionLogprobs, RequestMetrics
 from nexus_jax.sampling_params import SamplingParams
 from nexus_jax.stop import StopChecker
+from runner.sampling import SamplingRow
 
 
 class RequestStatus(enum.Enum):
@@ -27,6 +28,7 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams          # this sequence's own (n == 1, seed set)
+    sampling_row: SamplingRow       # params as the device sampler's row, validated once (step is filled per step)
     stop: StopChecker
     metrics: RequestMetrics
     priority: int = 0               # lower runs first under the priority policy (vLLM's convention)
@@ -63,6 +65,11 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
+
+    @property
+    def remaining_tokens(self) -> int:
+        """Tokens this sequence may still generate (max_tokens, or what the context leaves)."""
+        return self.stop.max_tokens - len(self.output_token_ids)
 
     @property
     def in_prefill(self) -> bool:

@@ -44,6 +44,7 @@ class SchedulerOutput:
     decodes: list[ScheduledChunk]     # one token each
     prefills: list[ScheduledChunk]    # several tokens each
     preempted: list[Request]
+    num_steps: int = 1                # > 1: the decodes run this many steps back to back on the device
 
     @property
     def chunks(self) -> list[ScheduledChunk]:
@@ -56,12 +57,13 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 policy: str = "fcfs"):
+                 policy: str = "fcfs", num_scheduler_steps: int = 1):
         if policy not in POLICIES:
             raise ValueError(f"scheduling policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.num_scheduler_steps = num_scheduler_steps
         self.policy = POLICIES[policy]
         self.waiting: list[Request] = []
         self.running: list[Request] = []
@@ -100,7 +102,30 @@ class Scheduler:
             budget -= n
         if not out.preempted:
             budget = self._admit(budget, out)
+        out.num_steps = self._decode_steps(out)
         return out
+
+    def _decode_steps(self, out: SchedulerOutput) -> int:
+        """How many decode steps the plan may run back to back: more than one only for a decode-only batch
+        that nothing waiting could join (so no one's first token is delayed), no request wanting logprobs, and
+        no request able to finish by length before the last step; it needs the blocks for all of them."""
+        k = self.num_scheduler_steps
+        if k == 1 or out.prefills or out.preempted or not out.decodes:
+            return 1
+        if self.waiting and len(self.running) < self.max_num_seqs:
+            return 1
+        if any(c.request.params.logprobs is not None for c in out.decodes):
+            return 1
+        k = min(k, *(c.request.remaining_tokens for c in out.decodes))
+        for c in out.decodes:
+            if k > 1 and self.block_manager.allocate(c.request.request_id, c.start + k) is None:
+                return 1
+        return max(k, 1)
+
+    def advance(self, req: Request) -> None:
+        """Records that one more token of `req` had its K/V computed inside a multi-step decode."""
+        req.num_computed_tokens += 1
+        self.block_manager.commit(req.request_id, req.all_token_ids, req.num_computed_tokens)
 
     def _allocate_or_preempt(self, req: Request, n: int, order: list[Request], planned: set[int],
                              out: SchedulerOutput) -> bool:

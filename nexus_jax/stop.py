@@ -73,7 +73,7 @@ class StopChecker:
         self._detokenizer = detokenizer
         self._eos_ids = frozenset(() if params.ignore_eos else eos_token_ids)
         self._stop_ids = frozenset(params.stop_token_ids or ())
-        self._max_tokens = min(limits)
+        self.max_tokens = min(limits)
         self._strings = StopStringScanner(params.stop or [], params.include_stop_str_in_output)
         self.num_generated = 0
         self.finish_reason: FinishReason | None = None
@@ -89,7 +89,7 @@ class StopChecker:
             result = StopResult("", "stop")
         elif can_stop and token_id in self._stop_ids:
             result = StopResult("", "stop", token_id)
-        elif self.num_generated >= self._max_tokens:
+        elif self.num_generated >= self.max_tokens:
             result = StopResult("", "length")
         if self._detokenizer is not None:
             result = self._with_text(token_id, result, can_stop)

@@ -9,6 +9,7 @@ import dataclasses
 from typing import Sequence
 
 from runner.model_runner import ModelRunner
+from runner.sampling import SamplingRow, validate_row
 from runner.step_batch import SeqChunk
 
 
@@ -17,7 +18,7 @@ class _Seq:
     prompt_len: int
     tokens: list[int]
     max_new_tokens: int
-    sampling: dict
+    sampling: SamplingRow
     blocks: list[int] = dataclasses.field(default_factory=list)
     cached: int = 0
     done: bool = False
@@ -42,7 +43,7 @@ def generate(runner: ModelRunner, prompts: Sequence[Sequence[int]], max_new_toke
             raise ValueError(f"prompt {i} is empty")
         if len(p) + max_new_tokens > limit:
             raise ValueError(f"prompt {i}: {len(p)} tokens + {max_new_tokens} new exceed the context of {limit}")
-        seqs.append(_Seq(len(p), list(p), max_new_tokens, dict(sampling or {"temperature": 0.0})))
+        seqs.append(_Seq(len(p), list(p), max_new_tokens, validate_row(sampling or {"temperature": 0.0}, i)))
     free = list(range(runner.num_blocks - 1, -1, -1))
     eos = set(eos_token_ids)
 
@@ -61,7 +62,7 @@ def generate(runner: ModelRunner, prompts: Sequence[Sequence[int]], max_new_toke
         prefilling = [s for s in live if s.cached < s.prompt_len]
         decodes = [chunk_of(s, 1) for s in decoding]
         prefills = [chunk_of(s, min(prefill_chunk or s.prompt_len, s.prompt_len - s.cached)) for s in prefilling]
-        rows = [dict(s.sampling, step=len(s.generated)) for s in decoding + prefilling]
+        rows = [s.sampling[:5] + (len(s.generated),) for s in decoding + prefilling]
         out = runner.step(decodes, prefills, rows)
         for s, c, tok in zip(decoding + prefilling, decodes + prefills, out):
             s.cached += len(c.token_ids)

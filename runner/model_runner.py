@@ -18,7 +18,7 @@ from flax import nnx
 
 from runner.config import ModelConfig
 from runner.model import Transformer
-from runner.sampling import SamplingTensors, sample
+from runner.sampling import SamplingRow, SamplingTensors, sample
 from runner.step_batch import SeqChunk, StepBatch, build_step_batch
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,32 @@ def fit_num_blocks(config: ModelConfig, block_size: int, dtype: Any, memory_util
     return blocks
 
 
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(2,))
+def _run_decode_steps(graphdef, state, kv_pool, batch: StepBatch, sampling: SamplingTensors, num_steps: int):
+    """num_steps decode steps in one device program: each step's samples are the next step's input tokens.
+
+    The host pays its per-step costs (planning, batch building, dispatch, transfer) once per num_steps tokens.
+    The loop is a fori_loop, so the weights are loop invariants (read in place) and the pool is an in-place carry.
+    """
+    model = nnx.merge(graphdef, state)
+    rows = jnp.arange(batch.num_decode)
+    block_size = kv_pool.shape[4]
+    live = batch.decode_context_lens > 0
+
+    def body(k, carry):
+        kv, tokens, positions, out = carry
+        slots = batch.decode_block_tables[rows, positions // block_size] * block_size + positions % block_size
+        b = batch.replace(tokens=tokens, positions=positions, slot_mapping=jnp.where(live, slots, -1),
+                          decode_context_lens=jnp.where(live, positions + 1, 0))
+        logits, kv = model(kv, b)
+        new = sample(logits, sampling.replace(step=sampling.step + k))
+        return kv, new, positions + 1, out.at[k].set(new)
+
+    out = jnp.zeros((num_steps, batch.num_decode), jnp.int32)
+    kv_pool, _, _, out = jax.lax.fori_loop(0, num_steps, body, (kv_pool, batch.tokens, batch.positions, out))
+    return out, kv_pool
+
+
 class ModelRunner:
     def __init__(self, config: ModelConfig, params: dict[str, Any], *, num_blocks: int | None = None,
                  block_size: int = 16, kernel_impl: str | None = None, release_params: bool = False,
@@ -79,25 +105,41 @@ class ModelRunner:
     def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: Any) -> int:
         return 2 * config.num_layers * config.num_kv_heads * block_size * config.head_dim * jnp.dtype(dtype).itemsize
 
-    def step(self, decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk], sampling_rows: Sequence[dict],
+    def step(self, decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk], sampling_rows: Sequence[SamplingRow],
              num_logprobs: int = 0):
         """Runs one step and returns the sampler's output for each chunk, decodes first, then prefills.
 
-        `sampling_rows[i]` holds the sampling parameters of chunk i (decodes then prefills); see SamplingTensors.
+        `sampling_rows[i]` holds the sampling parameters of chunk i (decodes then prefills), as checked by
+        `runner.sampling.validate_row`.
         """
         if len(sampling_rows) != len(decodes) + len(prefills):
             raise ValueError(f"{len(sampling_rows)} sampling rows for {len(decodes) + len(prefills)} chunks")
         batch = build_step_batch(list(decodes), list(prefills), self.block_size)
         rows = self._rows(batch, len(decodes), len(prefills))
-        padded = [{"temperature": 0.0} for _ in range(batch.logits_indices.shape[0])]
-        for r, params in zip(rows, sampling_rows):
-            padded[r] = params
-        st = SamplingTensors.from_params(padded, pad_to=len(padded))
+        padded: list[SamplingRow | None] = [None] * batch.logits_indices.shape[0]
+        for r, row in zip(rows, sampling_rows):
+            padded[r] = row
+        st = SamplingTensors.from_rows(padded)
         out, self.kv_pool = _run_step(self.graphdef, self.state, self.kv_pool, batch, st, num_logprobs)
         out = jax.device_get(out)
         if num_logprobs:
             return jax.tree.map(lambda a: a[rows], out)
         return out[rows]
+
+    def decode_steps(self, decodes: Sequence[SeqChunk], sampling_rows: Sequence[SamplingRow],
+                     num_steps: int) -> np.ndarray:
+        """Runs num_steps decode steps without returning to the host; returns the sampled tokens
+        [num_steps, len(decodes)]. Each block table must already cover start_pos + num_steps tokens."""
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        for c in decodes:
+            if len(c.block_table) * self.block_size < c.start_pos + num_steps:
+                raise ValueError(f"block table of {len(c.block_table)} blocks cannot hold {num_steps} steps "
+                                 f"from position {c.start_pos}")
+        batch = build_step_batch(list(decodes), [], self.block_size)
+        st = SamplingTensors.from_rows(list(sampling_rows) + [None] * (batch.num_decode - len(decodes)))
+        out, self.kv_pool = _run_decode_steps(self.graphdef, self.state, self.kv_pool, batch, st, num_steps)
+        return jax.device_get(out)[:, :len(decodes)]
 
     def logits(self, decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk]) -> np.ndarray:
         """fp32 logits of each chunk's last token (decodes then prefills), writing the chunks' K/V."""

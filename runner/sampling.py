@@ -56,11 +56,18 @@ class SamplingTensors:
         """
         if pad_to < len(rows):
             raise ValueError(f"pad_to ({pad_to}) is smaller than the number of rows ({len(rows)})")
-        greedy_row = (0.0, 0, 1.0, 0.0, 0, 0)
-        values = [_validated_row(row, i) for i, row in enumerate(rows)] + [greedy_row] * (pad_to - len(rows))
-        dtypes = (np.float32, np.int32, np.float32, np.float32, np.uint32, np.int32)
-        columns = (np.array([row[field] for row in values], dtype) for field, dtype in enumerate(dtypes))
-        return cls(*(jnp.asarray(column) for column in columns))
+        st = cls.from_rows([validate_row(row, i) for i, row in enumerate(rows)] + [None] * (pad_to - len(rows)))
+        return jax.tree.map(jnp.asarray, st)
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[SamplingRow | None]) -> SamplingTensors:
+        """Build host (numpy) columns from rows already checked by `validate_row`; None is a greedy padding row.
+
+        The engine validates a request's row once and only advances its step, so a step of 256 rows costs
+        microseconds here instead of the milliseconds that validating every row every step took.
+        """
+        values = [_GREEDY_ROW if row is None else row for row in rows]
+        return cls(*(np.array([row[field] for row in values], dtype) for field, dtype in enumerate(_ROW_DTYPES)))
 
 
 class SampleResult(NamedTuple):
@@ -179,7 +186,14 @@ def _sort_descending(a: jax.Array) -> jax.Array:
     return -jnp.sort(-a, axis=-1)
 
 
-def _validated_row(row: Mapping[str, Any] | Any, index: int) -> tuple[float, int, float, float, int, int]:
+# (temperature, top_k, top_p, min_p, seed, step), validated: what one row of SamplingTensors holds.
+SamplingRow = tuple[float, int, float, float, int, int]
+_GREEDY_ROW: SamplingRow = (0.0, 0, 1.0, 0.0, 0, 0)
+_ROW_DTYPES = (np.float32, np.int32, np.float32, np.float32, np.uint32, np.int32)
+
+
+def validate_row(row: Mapping[str, Any] | Any, index: int = 0) -> SamplingRow:
+    """Checks a dict (or object) with fields temperature, top_k, top_p, min_p, seed, step; see from_params."""
     def get(name: str, default: Any) -> Any:
         value = row.get(name) if isinstance(row, Mapping) else getattr(row, name, None)
         return default if value is None else value

@@ -108,3 +108,12 @@ def test_sampling_is_reproducible_with_a_seed(default_llm):
     a = default_llm.generate("seeded", params, use_tqdm=False)[0].outputs[0].token_ids
     b = default_llm.generate(["other prompt first", "seeded"], params, use_tqdm=False)[1].outputs[0].token_ids
     assert a == b
+
+
+def test_multi_step_decode_on_the_model_matches_single_steps(default_llm):
+    prompts = ["one two three", "a much longer prompt than the first one"]
+    params = [SamplingParams(temperature=0, max_tokens=11, ignore_eos=True),
+              SamplingParams(temperature=0.7, seed=5, max_tokens=9, ignore_eos=True)]
+    single = default_llm.generate(prompts, params, use_tqdm=False)
+    multi = LLM(dtype="float32", num_scheduler_steps=4).generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in multi] == [o.outputs[0].token_ids for o in single]

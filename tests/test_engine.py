@@ -242,3 +242,42 @@ def test_llm_generate_keeps_input_order_and_reports_metrics():
         llm.generate([prompts[0], {"prompt_token_ids": []}], use_tqdm=False)
     assert not llm.llm_engine.has_unfinished_requests()  # the good prompt of the failed call was withdrawn
     assert llm.generate(prompts[:1], greedy(2), use_tqdm=False)[0].outputs[0].token_ids == [2, 3]
+
+
+def test_multi_step_decode_matches_single_steps_and_stops_exactly():
+    engine = make_engine(num_scheduler_steps=4, eos=(40,))
+    calls = {"multi": 0}
+    real = engine.executor.decode_steps
+
+    def counting(*a, **k):
+        calls["multi"] += 1
+        return real(*a, **k)
+    engine.executor.decode_steps = counting
+    engine.add_request("len", {"prompt_token_ids": list(range(50, 60))}, greedy(21))
+    engine.add_request("eos", {"prompt_token_ids": [30]}, greedy(30))
+    engine.add_request("stopid", {"prompt_token_ids": [100]}, greedy(30, stop_token_ids=[106]))
+    done = run_all(engine)
+    assert done["len"].outputs[0].token_ids == expected([59], 21)
+    assert done["eos"].outputs[0].token_ids == list(range(31, 41))
+    assert done["stopid"].outputs[0].token_ids == list(range(101, 107))
+    assert calls["multi"] > 0
+    assert engine.block_manager.usage == 0.0
+
+
+def test_multi_step_waits_while_requests_could_be_admitted():
+    engine = make_engine(num_scheduler_steps=8, max_num_seqs=4)
+    steps = []
+    original = engine.scheduler.schedule
+
+    def spy():
+        plan = original()
+        steps.append((plan.num_steps, len(engine.scheduler.waiting), len(engine.scheduler.running)))
+        return plan
+    engine.scheduler.schedule = spy
+    for i in range(6):
+        engine.add_request(f"r{i}", {"prompt_token_ids": [i * 50]}, greedy(12 + i))
+    done = run_all(engine)
+    for i in range(6):
+        assert done[f"r{i}"].outputs[0].token_ids == expected([i * 50], 12 + i)
+    assert any(k > 1 for k, _, _ in steps)
+    assert all(k == 1 for k, waiting, running in steps if waiting and running < 4)

@@ -10,6 +10,7 @@ from runner.checkpoint import load_hf_params
 from runner.config import ModelConfig
 from runner.generate import generate
 from runner.model_runner import ModelRunner
+from runner.sampling import validate_row
 from runner.step_batch import SeqChunk
 
 BLOCK = 16
@@ -112,13 +113,13 @@ def test_greedy_after_prefix_cache_hit(model_pair):
     table = [0, 1, 3, 4, 5]  # blocks 0 and 1 hold the shared prefix's K/V
     tokens = list(second)
     cached = 2 * BLOCK
-    greedy = {"temperature": 0.0}
-    tok = runner.step([], [SeqChunk(tokens[cached:], cached, table)], [dict(greedy, step=0)])[0]
+    greedy = validate_row({"temperature": 0.0})
+    tok = runner.step([], [SeqChunk(tokens[cached:], cached, table)], [greedy])[0]
     out = [int(tok)]
     cached = len(tokens)
     while len(out) < 24:
         tokens.append(out[-1])
-        tok = runner.step([SeqChunk([out[-1]], cached, table)], [], [dict(greedy, step=len(out))])[0]
+        tok = runner.step([SeqChunk([out[-1]], cached, table)], [], [greedy])[0]
         cached += 1
         out.append(int(tok))
     assert out == _hf_greedy(hf, second, 24)

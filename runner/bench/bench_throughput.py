@@ -48,17 +48,30 @@ def hf_baseline(preset: str, batch: int, input_len: int, output_len: int) -> dic
 
 
 class StepTimer:
-    """Wraps the executor's step to record (decodes, prefill tokens, summed context, seconds) per step."""
+    """Wraps the executor to record (decodes, prefill tokens, summed context, seconds) per device step; a
+    multi-step decode call counts as its steps, each with the mean time."""
 
     def __init__(self, executor):
-        self.executor, self.inner, self.steps = executor, executor.step, []
-        executor.step = self
+        self.executor, self.steps = executor, []
+        self.step_fn, self.multi_fn = executor.step, executor.decode_steps
+        executor.step, executor.decode_steps = self.step, self.decode_steps
 
-    def __call__(self, decodes, prefills, rows, num_logprobs=0):
+    def restore(self) -> None:
+        del self.executor.step, self.executor.decode_steps
+
+    def step(self, decodes, prefills, rows, num_logprobs=0):
         t = time.perf_counter()
-        out = self.inner(decodes, prefills, rows, num_logprobs)  # returns host values, so the step is done
+        out = self.step_fn(decodes, prefills, rows, num_logprobs)  # returns host values: the step is done
         ctx = sum(c.start_pos + 1 for c in decodes)
         self.steps.append((len(decodes), sum(len(c.token_ids) for c in prefills), ctx, time.perf_counter() - t))
+        return out
+
+    def decode_steps(self, decodes, rows, num_steps):
+        t = time.perf_counter()
+        out = self.multi_fn(decodes, rows, num_steps)
+        per_step = (time.perf_counter() - t) / num_steps
+        for k in range(num_steps):
+            self.steps.append((len(decodes), 0, sum(c.start_pos + 1 + k for c in decodes), per_step))
         return out
 
 
@@ -71,7 +84,7 @@ def run_nexus(args) -> dict:
 
     tbps = hbm_copy_tbps()
     llm = LLM(args.preset, max_model_len=args.input_len + args.output_len, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens)
+              max_num_batched_tokens=args.max_num_batched_tokens, num_scheduler_steps=args.num_scheduler_steps)
     engine = llm.llm_engine
     runner: ModelRunner = engine.executor
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(runner.state))
@@ -86,7 +99,7 @@ def run_nexus(args) -> dict:
         t = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - t
-        runner.step = timer.inner
+        timer.restore()
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         decode = [s for s in timer.steps if s[1] == 0]
         floors = [(weight_bytes + ctx * kv_per_token) / (tbps * 1e12) for _, _, ctx, _ in decode]
@@ -97,8 +110,9 @@ def run_nexus(args) -> dict:
                        "decode_time_over_floor": ratio,
                        "decode_batch_median": float(np.median(batch_sizes)) if batch_sizes else 0,
                        "decode_step_ms_median": float(np.median([s[3] for s in decode]) * 1e3) if decode else 0,
-                       "mean_ttft_s": float(np.mean([o.metrics.ttft for o in outs]))})
-        print(json.dumps(passes[-1]), flush=True)
+                       "mean_ttft_s": float(np.mean([o.metrics.ttft for o in outs])),
+                       "steps_detail": [(d, p, round(s * 1e3, 2)) for d, p, _, s in timer.steps if p]})
+        print(json.dumps({k: v for k, v in passes[-1].items() if k != "steps_detail"}), flush=True)
     return {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "hbm_tbps": tbps,
             "weights_gb": weight_bytes / 1e9, "kv_blocks": runner.num_blocks, "passes": passes}
 
@@ -111,6 +125,7 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--num-scheduler-steps", type=int, default=8)
     ap.add_argument("--hf-batch", type=int, default=128)
     ap.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--skip-hf", action="store_true")
