@@ -206,10 +206,11 @@ class LLMEngine:
         self.scheduler.update(plan)
         now = time.monotonic()
         token_rows = result if plan.num_steps > 1 else [getattr(result, "tokens", result)]
+        samples = [chunk.samples for chunk in plan.chunks]  # before appending changes the requests' lengths
         for k, tokens in enumerate(token_rows):
             for i, chunk in enumerate(plan.chunks):
                 seq = chunk.request
-                if not chunk.samples or seq.is_finished:
+                if not samples[i] or seq.is_finished:
                     continue
                 if k:  # the token appended at step k - 1 was this step's input, so its K/V now exists
                     self.scheduler.advance(seq)
@@ -234,7 +235,7 @@ class LLMEngine:
                                   num_logprobs)
 
     def _append(self, seq: Request, token: int, result: Any, row: int, now: float) -> None:
-        seq.output_token_ids.append(token)
+        seq.append_token(token)
         seq.metrics.record_token(now)
         if seq.logprobs is not None:
             n = seq.params.logprobs

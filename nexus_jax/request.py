@@ -45,6 +45,15 @@ class Request:
     num_preemptions: int = 0
     # Set while another sequence computes the shared prompt; this one then starts from the prefix cache.
     waits_for: "Request | None" = None
+    # Prompt then output, kept as one list because the scheduler and block manager read it every step.
+    all_token_ids: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.all_token_ids = self.prompt_token_ids + self.output_token_ids
+
+    def append_token(self, token: int) -> None:
+        self.output_token_ids.append(token)
+        self.all_token_ids.append(token)
 
     @property
     def arrival_time(self) -> float:
@@ -56,11 +65,7 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+        return len(self.all_token_ids)
 
     @property
     def is_finished(self) -> bool:
