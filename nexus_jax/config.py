@@ -26,6 +26,7 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     seed: int = 0                          # draws the seeds of requests that bring none
     kernel_impl: str | None = None         # attention kernels: None = auto
+    params_cache_dir: str | None = None    # orbax cache of converted weights: later starts skip safetensors
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_NAMES:

@@ -72,7 +72,7 @@ class LLMEngine:
         from runner.loader import load_model
         from runner.model_runner import ModelRunner
 
-        loaded = load_model(config.model, config.dtype, seed=config.seed)
+        loaded = load_model(config.model, config.dtype, cache_dir=config.params_cache_dir, seed=config.seed)
         mc = loaded.config
         if config.max_model_len is not None and config.max_model_len > mc.max_position_embeddings:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context "

@@ -117,3 +117,11 @@ def test_multi_step_decode_on_the_model_matches_single_steps(default_llm):
     single = default_llm.generate(prompts, params, use_tqdm=False)
     multi = LLM(dtype="float32", num_scheduler_steps=4).generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in multi] == [o.outputs[0].token_ids for o in single]
+
+
+def test_converted_weights_cache_gives_the_same_outputs(tmp_path):
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    first = LLM(dtype="float32", params_cache_dir=str(tmp_path)).generate("cache me", params, use_tqdm=False)
+    assert any(tmp_path.iterdir())  # the orbax cache was written
+    again = LLM(dtype="float32", params_cache_dir=str(tmp_path)).generate("cache me", params, use_tqdm=False)
+    assert again[0].outputs[0].token_ids == first[0].outputs[0].token_ids
