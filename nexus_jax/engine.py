@@ -231,8 +231,16 @@ class LLMEngine:
         if plan.num_steps > 1:
             return self.executor.decode_steps(seq_chunks, rows, plan.num_steps)
         num_logprobs = max((c.request.params.logprobs or 0) for c in chunks)
+        banned = [self._banned(c.request) for c in chunks]
         return self.executor.step(seq_chunks[:len(plan.decodes)], seq_chunks[len(plan.decodes):], rows,
-                                  num_logprobs)
+                                  num_logprobs, banned if any(banned) else None)
+
+    def _banned(self, seq: Request) -> list[int]:
+        """Until min_tokens are out, EOS and the stop ids are not sampled at all (vLLM's behaviour)."""
+        if len(seq.output_token_ids) >= seq.params.min_tokens:
+            return []
+        eos = () if seq.params.ignore_eos else self.eos_token_ids
+        return [*eos, *seq.params.stop_token_ids]
 
     def _append(self, seq: Request, token: int, result: Any, row: int, now: float) -> None:
         seq.append_token(token)

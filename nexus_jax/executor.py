@@ -20,10 +20,10 @@ class Executor(Protocol):
     block_size: int
     num_blocks: int
 
-    def step(self, decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk], sampling_rows: Sequence[dict],
-             num_logprobs: int = 0):
-        """Returns the sampled token per chunk (decodes, then prefills); with num_logprobs > 0, a
-        `runner.sampling.SampleResult` whose rows follow the same order."""
+    def step(self, decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk], sampling_rows: Sequence[tuple],
+             num_logprobs: int = 0, banned: Sequence[Sequence[int]] | None = None):
+        """Returns the sampled token per chunk (decodes, then prefills), never one of banned[i] for chunk i; with
+        num_logprobs > 0, a `runner.sampling.SampleResult` whose rows follow the same order."""
         ...
 
     def decode_steps(self, decodes: Sequence[SeqChunk], sampling_rows: Sequence[tuple], num_steps: int):
@@ -33,7 +33,7 @@ class Executor(Protocol):
 
 
 class MockExecutor:
-    """The next token is (last token + 1) % vocab_size, the one rule a test can compute by hand."""
+    """The next token is (last token + 1) % vocab_size, skipping banned ids: a rule a test computes by hand."""
 
     def __init__(self, vocab_size: int = 1000, num_blocks: int = 256, block_size: int = 16):
         self.vocab_size = vocab_size
@@ -43,13 +43,13 @@ class MockExecutor:
         self.pos = np.full(num_blocks * block_size, -1, np.int64)  # and that token's position
         self.num_steps = 0
 
-    def step(self, decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk], sampling_rows: Sequence[dict],
-             num_logprobs: int = 0):
+    def step(self, decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk], sampling_rows: Sequence[tuple],
+             num_logprobs: int = 0, banned: Sequence[Sequence[int]] | None = None):
         chunks = list(decodes) + list(prefills)
         if len(sampling_rows) != len(chunks):
             raise ValueError(f"{len(sampling_rows)} sampling rows for {len(chunks)} chunks")
         tokens = []
-        for c in chunks:
+        for i, c in enumerate(chunks):
             table = np.asarray(c.block_table)
             pos = np.arange(c.start_pos + len(c.token_ids))
             slots = table[pos // self.block_size] * self.block_size + pos % self.block_size
@@ -59,7 +59,10 @@ class MockExecutor:
                 raise AssertionError(f"block table {c.block_table}: slot of position {bad} holds position {held[bad]}")
             self.kv[slots[c.start_pos:]] = c.token_ids
             self.pos[slots[c.start_pos:]] = pos[c.start_pos:]
-            tokens.append((c.token_ids[-1] + 1) % self.vocab_size)
+            token = (c.token_ids[-1] + 1) % self.vocab_size
+            while banned and token in banned[i]:
+                token = (token + 1) % self.vocab_size
+            tokens.append(token)
         self.num_steps += 1
         tokens = np.asarray(tokens, np.int32)
         if not num_logprobs:

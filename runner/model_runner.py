@@ -106,20 +106,22 @@ class ModelRunner:
         return 2 * config.num_layers * config.num_kv_heads * block_size * config.head_dim * jnp.dtype(dtype).itemsize
 
     def step(self, decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk], sampling_rows: Sequence[SamplingRow],
-             num_logprobs: int = 0):
+             num_logprobs: int = 0, banned: Sequence[Sequence[int]] | None = None):
         """Runs one step and returns the sampler's output for each chunk, decodes first, then prefills.
 
         `sampling_rows[i]` holds the sampling parameters of chunk i (decodes then prefills), as checked by
-        `runner.sampling.validate_row`.
+        `runner.sampling.validate_row`; `banned[i]`, token ids chunk i may not sample.
         """
         if len(sampling_rows) != len(decodes) + len(prefills):
             raise ValueError(f"{len(sampling_rows)} sampling rows for {len(decodes) + len(prefills)} chunks")
         batch = build_step_batch(list(decodes), list(prefills), self.block_size)
         rows = self._rows(batch, len(decodes), len(prefills))
         padded: list[SamplingRow | None] = [None] * batch.logits_indices.shape[0]
-        for r, row in zip(rows, sampling_rows):
+        padded_banned: list[Sequence[int] | None] = [None] * len(padded)
+        for i, (r, row) in enumerate(zip(rows, sampling_rows)):
             padded[r] = row
-        st = SamplingTensors.from_rows(padded)
+            padded_banned[r] = banned[i] if banned else None
+        st = SamplingTensors.from_rows(padded, padded_banned)
         out, self.kv_pool = _run_step(self.graphdef, self.state, self.kv_pool, batch, st, num_logprobs)
         out = jax.device_get(out)
         if num_logprobs:

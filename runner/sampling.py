@@ -45,7 +45,9 @@ class SamplingTensors:
     min_p: jax.Array  # f32; 0 = off
     seed: jax.Array  # u32; per request
     step: jax.Array  # i32; tokens the request has generated so far
-
+    # [B, M] i32 token ids this row may not sample (-1 = unused); M is 0 when no row bans anything. The engine
+    # bans EOS and stop ids until min_tokens is reached, as vLLM does.
+    banned: jax.Array
     @classmethod
     def from_params(cls, rows: Sequence[Mapping[str, Any] | Any], pad_to: int) -> SamplingTensors:
         """Build from per-request dicts or objects with fields temperature, top_k, top_p, min_p, seed, step.
@@ -60,14 +62,23 @@ class SamplingTensors:
         return jax.tree.map(jnp.asarray, st)
 
     @classmethod
-    def from_rows(cls, rows: Sequence[SamplingRow | None]) -> SamplingTensors:
+    def from_rows(cls, rows: Sequence[SamplingRow | None],
+                  banned: Sequence[Sequence[int] | None] | None = None) -> SamplingTensors:
         """Build host (numpy) columns from rows already checked by `validate_row`; None is a greedy padding row.
+        banned[i] lists token ids row i may not sample (None or empty: none).
 
         The engine validates a request's row once and only advances its step, so a step of 256 rows costs
         microseconds here instead of the milliseconds that validating every row every step took.
         """
         values = [_GREEDY_ROW if row is None else row for row in rows]
-        return cls(*(np.array([row[field] for row in values], dtype) for field, dtype in enumerate(_ROW_DTYPES)))
+        columns = [np.array([row[field] for row in values], dtype) for field, dtype in enumerate(_ROW_DTYPES)]
+        widest = max((len(b) for b in banned or () if b), default=0)
+        # Widths in powers of two so that a changing number of banned ids rarely means a new compilation.
+        table = np.full((len(values), 0 if widest == 0 else 1 << (widest - 1).bit_length()), -1, np.int32)
+        for i, ids in enumerate(banned or ()):
+            if ids:
+                table[i, :len(ids)] = ids
+        return cls(*columns, table)
 
 
 class SampleResult(NamedTuple):
@@ -90,14 +101,18 @@ def sample(logits: jax.Array, st: SamplingTensors, *, num_logprobs: int = 0) -> 
         raise ValueError(f"sampling tensors are for batch {st.temperature.shape}, logits for {batch}")
     if not 0 <= num_logprobs <= vocab:
         raise ValueError(f"num_logprobs must be in [0, {vocab}], got {num_logprobs}")
-    x = logits.astype(jnp.float32)
+    raw = logits.astype(jnp.float32)
+    x = raw
+    if st.banned.shape[1]:
+        ids = jnp.where(st.banned >= 0, st.banned, vocab)  # out of range: dropped
+        x = x.at[jnp.arange(batch)[:, None], ids].set(-jnp.inf, mode="drop")
     greedy_tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
     # An all-greedy batch skips the noise and the filters entirely.
     tokens = lax.cond(jnp.any(st.temperature >= GREEDY_TEMPERATURE),
                       _sample_rows, lambda x, st, greedy: greedy, x, st, greedy_tokens)
     if num_logprobs == 0:
         return tokens
-    logprobs = jax.nn.log_softmax(x, axis=-1)
+    logprobs = jax.nn.log_softmax(raw, axis=-1)
     top_logprobs, top_ids = lax.top_k(logprobs, num_logprobs)
     token_logprobs = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     return SampleResult(tokens, token_logprobs, top_ids.astype(jnp.int32), top_logprobs)

@@ -119,8 +119,10 @@ def test_eos_stop_ids_ignore_eos_and_min_tokens():
     assert done["ignore"].outputs[0].finish_reason == "length"
     assert done["stopid"].outputs[0].token_ids == [21, 22, 23]
     assert done["stopid"].outputs[0].stop_reason == 23
-    # min_tokens=10 suppresses EOS (15) and the stop id (21, token 11) until token 11 has been generated
-    assert done["min"].outputs[0].token_ids == expected([10], 11)
+    # min_tokens=10: EOS (15) and the stop id (21) are never sampled during the first 10 tokens, so the mock skips
+    # them; afterwards neither comes round again before max_tokens
+    assert done["min"].outputs[0].token_ids == [11, 12, 13, 14, 16, 17, 18, 19, 20, 22] + list(range(23, 33))
+    assert done["min"].outputs[0].finish_reason == "length"
 
 
 def test_stop_string_spanning_tokens(tokenizer):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from runner import sampling
-from runner.sampling import SamplingTensors, sample
+from runner.sampling import SamplingTensors, sample, validate_row
 
 jit_sample = jax.jit(sample, static_argnames="num_logprobs")
 # 99.9% quantiles of chi-square with 1..7 degrees of freedom.
@@ -270,3 +270,20 @@ def test_jit_does_not_retrace_on_value_changes():
     assert len(traces) == 1
     np.testing.assert_array_equal(first.tokens, np.argmax(np.asarray(logits), axis=-1))
     assert second.tokens.shape == (8,)
+
+
+def test_banned_tokens_are_never_sampled_but_keep_their_logprobs():
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 64)) * 3, jnp.float32)
+    best = np.asarray(jnp.argmax(logits, axis=-1))
+    rows = [validate_row({"temperature": 0.0}), validate_row({"temperature": 1.0, "seed": 1}),
+            validate_row({"temperature": 0.5, "top_k": 2, "seed": 2}), validate_row({"temperature": 0.0})]
+    banned = [[int(best[0])], list(range(0, 64, 2)), [int(best[2])], None]
+    st = jax.tree.map(jnp.asarray, SamplingTensors.from_rows(rows, banned))
+    run = jax.jit(lambda st: sample(logits, st, num_logprobs=2))
+    for step in range(20):
+        out = run(st.replace(step=st.step + step))
+        tokens = np.asarray(out.tokens)
+        assert tokens[0] != best[0] and tokens[1] % 2 == 1 and tokens[2] != best[2]
+        assert tokens[3] == best[3]
+    raw = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    np.testing.assert_allclose(np.asarray(out.top_logprobs)[0, 0], raw[0].max(), rtol=1e-6)
