@@ -88,5 +88,7 @@ class Request:
         self.metrics.finished_time = now
 
     def completion(self) -> CompletionOutput:
+        # Copies: outputs cross to other threads (AsyncLLM) while the engine keeps appending.
         return CompletionOutput(self.index, self.text, list(self.output_token_ids), self.cumulative_logprob,
-                                self.logprobs, self.finish_reason, self.stop_reason)
+                                None if self.logprobs is None else list(self.logprobs), self.finish_reason,
+                                self.stop_reason)
