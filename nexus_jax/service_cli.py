@@ -1,0 +1,145 @@
+"""The `serve`, `client` and `batch` subcommands of `nexus-jax` (cli.py calls `register(subparsers)`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+TOKEN_ENV = "NEXUS_AUTH_TOKEN"
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="checkpoint directory or preset (default: the embedded tiny random model)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-model-len", type=int, default=None)
+
+
+def _engine(args: argparse.Namespace):
+    from nexus_jax.config import EngineConfig
+    from nexus_jax.engine import LLMEngine
+
+    return LLMEngine.from_config(EngineConfig(model=args.model, dtype=args.dtype, block_size=args.block_size,
+                                              max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from nexus_jax.async_llm import AsyncLLM
+    from nexus_jax.server import NexusServer, ServerOptions
+
+    options = ServerOptions(host=args.host, port=args.port, max_in_flight=args.max_in_flight,
+                            max_message_bytes=args.max_message_mb * 1024 * 1024,
+                            auth_token=args.auth_token or os.environ.get(TOKEN_ENV) or None,
+                            tls_cert=args.tls_cert, tls_key=args.tls_key, grace_s=args.grace,
+                            model_name=args.model or "embedded-default")
+    server = NexusServer(AsyncLLM(_engine(args)), options)
+
+    async def main() -> None:
+        port = await server.start()
+        print(f"nexus-jax serving {options.model_name} on {options.host}:{port}", flush=True)
+        if args.metrics_port is not None:
+            mport = server.metrics.serve_http(args.metrics_port, args.host)
+            print(f"metrics on http://{args.host}:{mport}/metrics", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        print("draining open streams...", file=sys.stderr, flush=True)
+        await server.stop()
+
+    asyncio.run(main())
+    return 0
+
+
+def _client(args: argparse.Namespace) -> int:
+    from nexus_jax.client import Client
+
+    prompt: Any = json.loads(args.token_ids) if args.token_ids else args.prompt
+    if prompt is None:
+        raise SystemExit("give --prompt or --token-ids")
+
+    async def main() -> int:
+        tls = args.tls_ca if args.tls_ca else bool(args.tls)
+        async with Client(args.target, token=args.auth_token or os.environ.get(TOKEN_ENV), tls=tls) as client:
+            async for r in client.generate(prompt, timeout=args.timeout, max_tokens=args.max_tokens,
+                                           temperature=args.temperature, top_p=args.top_p, seed=args.seed):
+                kind = r.WhichOneof("response")
+                if kind == "chunk":
+                    print(r.chunk.text, end="", flush=True)
+                elif kind == "complete":
+                    c = r.complete
+                    print(f"\n[{c.finish_reason}] {c.prompt_tokens} prompt + {c.completion_tokens} tokens, "
+                          f"ttft {c.ttft_s * 1e3:.1f} ms, e2e {c.e2e_s * 1e3:.1f} ms", file=sys.stderr)
+                else:
+                    print(f"\nerror: {r.error.message}", file=sys.stderr)
+                    return 1
+        return 0
+
+    import grpc
+
+    try:
+        return asyncio.run(main())
+    except grpc.aio.AioRpcError as e:
+        print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from nexus_jax.batch import run_batch
+
+    defaults = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    summary = run_batch(_engine(args), args.input, args.output, args.errors, defaults=defaults,
+                        max_in_flight=args.max_in_flight, progress=not args.no_progress)
+    rate = summary.generated_tokens / max(summary.elapsed_s, 1e-9)
+    print(f"batch done: {summary.completed} completed, {summary.skipped} skipped (already in {args.output}), "
+          f"{summary.errors} errors, {summary.generated_tokens} tokens in {summary.elapsed_s:.2f} s "
+          f"({rate:.1f} tok/s)", file=sys.stderr)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    s = subparsers.add_parser("serve", help="serve the model over gRPC")
+    _engine_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    s.add_argument("--port", type=int, default=50051, help="0 picks a free port (printed)")
+    s.add_argument("--max-in-flight", type=int, default=1024)
+    s.add_argument("--max-message-mb", type=int, default=64)
+    s.add_argument("--auth-token", default=None, help=f"require this bearer token (or set {TOKEN_ENV})")
+    s.add_argument("--tls-cert", default=None)
+    s.add_argument("--tls-key", default=None)
+    s.add_argument("--grace", type=float, default=10.0, help="seconds open streams may finish at shutdown")
+    s.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    s.set_defaults(func=_serve)
+
+    c = subparsers.add_parser("client", help="send one prompt to a server and stream the text")
+    c.add_argument("--target", default="127.0.0.1:50051")
+    c.add_argument("--prompt", default=None)
+    c.add_argument("--token-ids", default=None, help="JSON list of prompt token ids instead of --prompt")
+    c.add_argument("--max-tokens", type=int, default=32)
+    c.add_argument("--temperature", type=float, default=0.0)
+    c.add_argument("--top-p", type=float, default=1.0)
+    c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    c.add_argument("--auth-token", default=None, help=f"bearer token (or set {TOKEN_ENV})")
+    c.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
+    c.add_argument("--tls-ca", default=None, help="TLS with this PEM root certificate")
+    c.set_defaults(func=_client)
+
+    b = subparsers.add_parser("batch", help="run a JSONL file of prompts offline")
+    _engine_args(b)
+    b.add_argument("--input", required=True)
+    b.add_argument("--output", required=True, help="results are appended; ids already there are skipped")
+    b.add_argument("--errors", default=None, help="error records (default: <output>.errors.jsonl)")
+    b.add_argument("--max-tokens", type=int, default=16, help="default for lines that give none")
+    b.add_argument("--temperature", type=float, default=1.0, help="default for lines that give none")
+    b.add_argument("--max-in-flight", type=int, default=256, help="requests in the engine at once")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=_batch)

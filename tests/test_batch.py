@@ -1,0 +1,115 @@
+"""The batch command: good and bad lines, bounded in-flight requests, resume; the CLI once on the default model."""
+
+import argparse
+import json
+import random
+
+import pytest
+
+from nexus_jax import EngineConfig, LLMEngine
+from nexus_jax.batch import run_batch
+from nexus_jax.executor import MockExecutor
+from nexus_jax.service_cli import register
+from nexus_jax.tokenizer import Tokenizer
+from runner.default_model import default_model_dir
+from test_engine import VOCAB, expected
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.from_dir(default_model_dir())
+
+
+def mock_engine(tokenizer):
+    return LLMEngine(EngineConfig(block_size=4), MockExecutor(VOCAB, 512, 4), tokenizer, max_model_len=256,
+                     vocab_size=VOCAB, eos_token_ids=())
+
+
+def write_lines(path, lines, mode="w"):
+    with open(path, mode) as f:
+        for line in lines:
+            f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+GOOD_IDS = [[random.randrange(VOCAB) for _ in range(random.randint(1, 9))] for _ in range(6)]
+GOOD = [{"id": f"g{i}", "prompt_token_ids": ids, "max_tokens": 3 + i} for i, ids in enumerate(GOOD_IDS)]
+BAD = [("{not json", None, "malformed JSON"),
+       ({"prompt": "no id"}, None, "id must be"),
+       ({"id": "b1", "prompt_token_ids": [1], "top_p": 5}, "b1", "top_p"),
+       ({"id": "b2", "prompt_token_ids": [1], "bogus": 1}, "b2", "bogus"),
+       ({"id": "b3", "prompt": "x", "prompt_token_ids": [1]}, "b3", "exactly one"),
+       ({"id": "b4", "prompt_token_ids": [VOCAB + 1]}, "b4", "vocabulary"),
+       ({"id": "g0", "prompt_token_ids": [1]}, "g0", "duplicate"),
+       ([1, 2], None, "JSON object")]
+
+
+def test_good_and_bad_lines_then_resume(tmp_path, tokenizer):
+    inp, out, err = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "err.jsonl"
+    text_line = {"id": 42, "prompt": "hello batch", "max_tokens": 4, "temperature": 0.0}
+    lines = GOOD[:3] + [b[0] for b in BAD] + ["", text_line] + GOOD[3:]
+    write_lines(inp, lines)
+    engine = mock_engine(tokenizer)
+    peak = []
+    original = engine.add_prepared
+
+    def spy(group):  # the window of requests in the engine stays bounded
+        original(group)
+        peak.append(len(engine.groups))
+    engine.add_prepared = spy
+    summary = run_batch(engine, str(inp), str(out), str(err), defaults={"temperature": 0.0}, max_in_flight=2,
+                        progress=False)
+    assert max(peak) <= 2
+    assert (summary.completed, summary.errors, summary.skipped, summary.lines) == (7, len(BAD), 0, 15)
+    results = {r["id"]: r for r in read_jsonl(out)}
+    for i, ids in enumerate(GOOD_IDS):
+        r = results[f"g{i}"]
+        assert r["token_ids"] == expected(ids, 3 + i) and r["finish_reason"] == "length"
+        assert r["prompt_tokens"] == len(ids) and 0 < r["ttft_s"] <= r["e2e_s"]
+    prompt = tokenizer.encode("hello batch")
+    assert results[42]["token_ids"] == expected(prompt, 4)
+    assert results[42]["text"] == tokenizer.decode(expected(prompt, 4))
+    errors = read_jsonl(err)
+    assert len(errors) == len(BAD)
+    for k, (record, (_, rid, reason)) in enumerate(zip(errors, BAD)):
+        assert record["id"] == rid and reason in record["error"], record
+        assert record["line"] == 4 + k  # after the three good lines
+    assert engine.block_manager.usage == 0.0 and not engine.groups
+
+    # Resume: a torn last line from an interrupted run is dropped, done ids are skipped, new lines run.
+    with open(out, "a") as f:
+        f.write('{"id": "g9", "text": "tor')
+    write_lines(inp, [{"id": "new", "prompt_token_ids": [3], "max_tokens": 2}], mode="a")
+    again = run_batch(mock_engine(tokenizer), str(inp), str(out), str(err), max_in_flight=4, progress=False)
+    assert (again.completed, again.skipped, again.errors) == (1, 8, len(BAD) - 1)  # the duplicate g0 is skipped now
+    ids = [r["id"] for r in read_jsonl(out)]
+    assert sorted(map(str, ids)) == sorted(map(str, list(results) + ["new"]))
+    assert read_jsonl(out)[-1]["token_ids"] == [4, 5]
+
+
+def test_missing_input_raises(tmp_path, tokenizer):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        run_batch(mock_engine(tokenizer), str(tmp_path / "nope.jsonl"), str(tmp_path / "o.jsonl"))
+
+
+def test_cli_on_the_default_model(tmp_path, capsys):
+    inp, out = tmp_path / "p.jsonl", tmp_path / "r.jsonl"
+    write_lines(inp, [{"id": "a", "prompt": "The capital of France is", "temperature": 0.0},
+                      {"id": "b", "prompt_token_ids": [5, 6, 7], "max_tokens": 3, "ignore_eos": True},
+                      {"id": "c", "prompt": "x", "max_tokens": -1}])
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["batch", "--input", str(inp), "--output", str(out), "--dtype", "float32",
+                              "--max-tokens", "5"])
+    assert args.func(args) == 0
+    results = {r["id"]: r for r in read_jsonl(out)}
+    assert set(results) == {"a", "b"}
+    assert 1 <= len(results["a"]["token_ids"]) <= 5 and len(results["b"]["token_ids"]) == 3
+    errors = read_jsonl(tmp_path / "r.errors.jsonl")
+    assert [(e["id"], e["line"]) for e in errors] == [("c", 3)] and "max_tokens" in errors[0]["error"]
+    err = capsys.readouterr().err
+    assert "2 completed" in err and "1 errors" in err and "3/3 requests" in err and "tok/s" in err
