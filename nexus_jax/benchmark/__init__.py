@@ -1,0 +1,1 @@
+"""Serving benchmark: workloads (datasets), the request driver (serve), metrics and results (report), CLI."""

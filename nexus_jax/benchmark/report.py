@@ -1,0 +1,181 @@
+"""Serving metrics from request records, and the results they make: JSON, a Markdown table, PNG plots.
+
+Definitions (vLLM's): TTFT = first token - sent; TPOT = (last token - first token) / (tokens - 1) per request
+with two tokens or more; ITL = every gap between consecutive tokens of every request, pooled; E2E = finished -
+sent. Throughputs count completed requests over the run's duration (first send to last finish). Goodput counts
+only the completed requests that meet every per-request SLO (ttft, tpot, itl = the request's largest gap, e2e).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from nexus_jax.benchmark.serve import RequestRecord, RunResult
+
+METRICS = ("ttft", "tpot", "itl", "e2e")
+STATS = ("mean", "median", "p90", "p99")
+ALIASES = {"tbt": "itl", "e2el": "e2e"}  # time between tokens = ITL; vLLM's name for end-to-end latency
+
+
+def distribution(values: Iterable[float]) -> dict[str, float | None]:
+    v = np.asarray(list(values), np.float64)
+    if v.size == 0:
+        return {s: None for s in STATS}
+    return {"mean": float(v.mean()), "median": float(np.median(v)), "p90": float(np.percentile(v, 90)),
+            "p99": float(np.percentile(v, 99))}
+
+
+def request_latencies(r: RequestRecord) -> dict[str, float | None]:
+    """One request's TTFT, TPOT, largest ITL and E2E (None where it has too few tokens)."""
+    t = r.token_times
+    gaps = np.diff(t)
+    return {"ttft": t[0] - r.start if t else None,
+            "tpot": (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None,
+            "itl": float(gaps.max()) if gaps.size else None, "e2e": r.end - r.start}
+
+
+def meets_slos(r: RequestRecord, slos: dict[str, float]) -> bool:
+    """A completed request meets an SLO it has no value for (TPOT of a one-token request)."""
+    if not r.success:
+        return False
+    lat = request_latencies(r)
+    return all(lat[k] is None or lat[k] <= limit for k, limit in slos.items())
+
+
+def summarize(run: RunResult, slos: dict[str, float] | None = None) -> dict[str, Any]:
+    done = [r for r in run.records if r.success]
+    duration = max(run.duration, 1e-9)
+    lat = [request_latencies(r) for r in done]
+    summary: dict[str, Any] = {
+        "completed": len(done), "failed": len(run.records) - len(done), "duration_s": run.duration,
+        "total_input_tokens": sum(r.prompt_len for r in done),
+        "total_output_tokens": sum(len(r.token_times) for r in done)}
+    summary["request_throughput"] = len(done) / duration
+    summary["input_throughput"] = summary["total_input_tokens"] / duration
+    summary["output_throughput"] = summary["total_output_tokens"] / duration
+    summary["total_token_throughput"] = summary["input_throughput"] + summary["output_throughput"]
+    for name in ("ttft", "tpot", "e2e"):
+        summary[name] = distribution(x[name] for x in lat if x[name] is not None)
+    summary["itl"] = distribution(g for r in done for g in np.diff(r.token_times))
+    if slos:
+        good = sum(meets_slos(r, slos) for r in done)
+        summary["good_requests"] = good
+        summary["goodput"] = good / duration
+    return summary
+
+
+def parse_limits(items: Iterable[str], with_stat: bool) -> dict[str, float]:
+    """"ttft=2.0" (with_stat False: per-request SLOs) or "p90_ttft=2.0" (with_stat True: percentile targets),
+    seconds; names may use tbt for itl."""
+    limits = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            limit = float(value)
+        except ValueError:
+            limit = math.nan
+        if not sep or not limit > 0:
+            raise ValueError(f"{item!r}: expected NAME=SECONDS with a positive number")
+        stat, _, metric = key.rpartition("_") if with_stat else ("", "", key)
+        metric = ALIASES.get(metric, metric)
+        if metric not in METRICS or (with_stat and stat not in STATS):
+            form = f"STAT_METRIC with STAT in {STATS}" if with_stat else "METRIC"
+            raise ValueError(f"{item!r}: name must be {form}, METRIC in {METRICS} (or tbt)")
+        limits[f"{stat}_{metric}" if with_stat else metric] = limit
+    return limits
+
+
+def meets_targets(summary: dict[str, Any], targets: dict[str, float]) -> bool:
+    """Every percentile target met, and no request failed."""
+    if summary["failed"] or not summary["completed"]:
+        return False
+    for key, limit in targets.items():
+        stat, metric = key.split("_", 1)
+        value = summary[metric][stat]
+        if value is not None and value > limit:
+            return False
+    return True
+
+
+def run_to_json(run: RunResult, summary: dict[str, Any]) -> dict[str, Any]:
+    return {"request_rate": _rate_out(run.request_rate), "burstiness": run.burstiness,
+            "max_concurrency": run.max_concurrency, "summary": summary,
+            "records": [dataclasses.asdict(r) for r in run.records]}
+
+
+def write_json(path: str | Path, doc: dict[str, Any]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(doc, indent=1, allow_nan=False))
+
+
+def load_json(path: str | Path) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"results file {path} does not exist")
+    doc = json.loads(file.read_text())
+    if not isinstance(doc, dict) or "runs" not in doc:
+        raise ValueError(f"{path} is not a bench serve results file (no 'runs')")
+    return doc
+
+
+def _rate_out(rate: float) -> float | str:
+    return "inf" if math.isinf(rate) else rate
+
+
+def _ms(d: dict[str, float | None]) -> str:
+    return " / ".join("-" if d[s] is None else f"{d[s] * 1e3:.1f}" for s in STATS)
+
+
+def markdown_table(docs: list[dict[str, Any]]) -> str:
+    """One row per run of every results document; latencies as mean / median / P90 / P99 in milliseconds."""
+    lines = ["| label | rate (req/s) | max conc. | done / failed | req/s | input tok/s | output tok/s | goodput "
+             "(req/s) | TTFT ms | TPOT ms | ITL ms | E2E ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for doc in docs:
+        for run in doc["runs"]:
+            s = run["summary"]
+            goodput = f"{s['goodput']:.2f}" if "goodput" in s else "-"
+            lines.append(f"| {doc.get('label', '')} | {run['request_rate']} | {run['max_concurrency'] or '-'} | "
+                         f"{s['completed']} / {s['failed']} | {s['request_throughput']:.2f} | "
+                         f"{s['input_throughput']:.0f} | {s['output_throughput']:.0f} | {goodput} | "
+                         f"{_ms(s['ttft'])} | {_ms(s['tpot'])} | {_ms(s['itl'])} | {_ms(s['e2e'])} |")
+    lines.append("\nlatency columns: mean / median / P90 / P99")
+    return "\n".join(lines)
+
+
+def plot_runs(docs: list[dict[str, Any]], out: str | Path) -> None:
+    """Latency against offered request rate, one line per label (median solid, P99 dashed); a run at an
+    infinite rate is placed at the request throughput it achieved."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for ax, metric in zip(axes.flat, METRICS):
+        for k, doc in enumerate(docs):
+            label = doc.get("label") or f"run {k}"
+            points = sorted((_x(run), run["summary"][metric]) for run in doc["runs"])
+            xs = [x for x, _ in points]
+            for stat, style in (("median", "-"), ("p99", "--")):
+                ys = [np.nan if d[stat] is None else d[stat] * 1e3 for _, d in points]
+                ax.plot(xs, ys, style, marker="o", color=f"C{k}", label=f"{label} {stat}")
+        ax.set_title(f"{metric.upper()} (median solid, P99 dashed)")
+        ax.set_xlabel("request rate (req/s)")
+        ax.set_ylabel("ms")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def _x(run: dict[str, Any]) -> float:
+    rate = run["request_rate"]
+    return run["summary"]["request_throughput"] if rate == "inf" else float(rate)
