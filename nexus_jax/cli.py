@@ -6,6 +6,9 @@ import argparse
 import sys
 import time
 
+from nexus_jax.benchmark.cli import register as register_bench
+from nexus_jax.service_cli import register as register_service_commands
+
 
 def _generate(args: argparse.Namespace) -> int:
     from nexus_jax import LLM, SamplingParams
@@ -44,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="auto: bfloat16 on a GPU, float32 on CPU")
     g.add_argument("--block-size", type=int, default=16)
     g.set_defaults(func=_generate)
+    register_service_commands(sub)
+    register_bench(sub)
     args = ap.parse_args(argv)
     return args.func(args)
 
