@@ -43,14 +43,15 @@ class AsyncLLM:
         return cls(LLMEngine.from_config(config))
 
     async def generate(self, prompt: str | dict[str, Any], sampling_params: SamplingParams | None = None,
-                       request_id: str | None = None, *, priority: int = 0,
-                       delta: bool = True) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, *, priority: int = 0, delta: bool = True,
+                       program_id: str | None = None, thread_id: str = "") -> AsyncIterator[RequestOutput]:
         """Streams the request's progress. With delta=True each output carries only the new text and token ids
         of each completion since the previous one (the last one has finished=True and the finish reason)."""
         if self.dead_error is not None:
             raise EngineDeadError(f"engine stopped: {self.dead_error!r}")
         request_id = request_id if request_id is not None else f"async-{next(self._ids)}"
-        group = self.engine.prepare_request(request_id, prompt, sampling_params, priority=priority, stream=True)
+        group = self.engine.prepare_request(request_id, prompt, sampling_params, priority=priority, stream=True,
+                                            program_id=program_id, thread_id=thread_id)
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
             if request_id in self._streams:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from nexus_jax.scheduler import POLICIES
+from nexus_jax.scheduler import SCHEDULING_POLICIES
 from runner.config import DTYPE_NAMES
 
 KERNEL_IMPLS = (None, "pallas", "interpret", "xla")
@@ -23,7 +23,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048     # per-step token budget of chunked prefill
     num_scheduler_steps: int = 1           # > 1: decode-only batches run this many steps per host round trip
     enable_prefix_caching: bool = True
-    scheduling_policy: str = "fcfs"
+    scheduling_policy: str = "fcfs"        # fcfs, priority, or program-aware: mlfq, plas, atlas
+    program_beta: float = 8.0              # anti-starvation threshold of the program-aware policies
+    program_idle_timeout: float = 600.0    # seconds after which an idle program's record is dropped
     seed: int = 0                          # draws the seeds of requests that bring none
     kernel_impl: str | None = None         # attention kernels: None = auto
     params_cache_dir: str | None = None    # orbax cache of converted weights: later starts skip safetensors
@@ -42,9 +44,9 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.scheduling_policy not in POLICIES:
-            raise ValueError(
-                f"scheduling_policy must be one of {', '.join(POLICIES)}, got {self.scheduling_policy!r}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, "
+                             f"got {self.scheduling_policy!r}")
         if self.kernel_impl not in KERNEL_IMPLS:
             raise ValueError(f"kernel_impl must be one of {KERNEL_IMPLS}, got {self.kernel_impl!r}")
         if not isinstance(self.seed, int):

@@ -17,6 +17,7 @@ from nexus_jax.block_manager import BlockManager
 from nexus_jax.config import EngineConfig
 from nexus_jax.executor import Executor
 from nexus_jax.outputs import Logprob, RequestMetrics, RequestOutput
+from nexus_jax.programs import ProgramConfig
 from nexus_jax.request import Request, RequestStatus
 from nexus_jax.sampling_params import SamplingParams
 from nexus_jax.scheduler import Scheduler, SchedulerOutput
@@ -62,7 +63,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    policy=config.scheduling_policy,
-                                   num_scheduler_steps=config.num_scheduler_steps)
+                                   num_scheduler_steps=config.num_scheduler_steps,
+                                   program_config=ProgramConfig(beta=config.program_beta,
+                                                                idle_timeout=config.program_idle_timeout))
         self.groups: dict[str, RequestGroup] = {}
         self._rng = random.Random(config.seed)
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
@@ -91,11 +94,13 @@ class LLMEngine:
     # ---- requests in
 
     def add_request(self, request_id: str, prompt: str | dict[str, Any], params: SamplingParams | None = None, *,
-                    priority: int = 0, arrival_time: float | None = None, stream: bool = False) -> None:
+                    priority: int = 0, arrival_time: float | None = None, stream: bool = False,
+                    program_id: str | None = None, thread_id: str = "") -> None:
         """Validates and queues a request; raises ValueError (or TypeError) without side effects on bad input.
         With stream=True, step() reports the request's progress every step; otherwise only its final output."""
         self.add_prepared(self.prepare_request(request_id, prompt, params, priority=priority,
-                                               arrival_time=arrival_time, stream=stream))
+                                               arrival_time=arrival_time, stream=stream, program_id=program_id,
+                                               thread_id=thread_id))
 
     def add_prepared(self, group: "RequestGroup") -> None:
         """Queues a request made by prepare_request (split so that callers on other threads can validate
@@ -107,8 +112,8 @@ class LLMEngine:
             self.scheduler.add(seq)
 
     def prepare_request(self, request_id: str, prompt: str | dict[str, Any], params: SamplingParams | None = None,
-                        *, priority: int = 0, arrival_time: float | None = None,
-                        stream: bool = False) -> "RequestGroup":
+                        *, priority: int = 0, arrival_time: float | None = None, stream: bool = False,
+                        program_id: str | None = None, thread_id: str = "") -> "RequestGroup":
         """Validates a request and builds its sequences; touches no engine state but the seed generator."""
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
@@ -117,6 +122,10 @@ class LLMEngine:
             raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ValueError(f"priority must be an integer, got {priority!r}")
+        if program_id is not None and (not isinstance(program_id, str) or not program_id):
+            raise ValueError(f"program_id must be a non-empty string or None, got {program_id!r}")
+        if not isinstance(thread_id, str):
+            raise ValueError(f"thread_id must be a string, got {thread_id!r}")
         text, ids = self._prompt_ids(prompt)
         room = self.max_model_len - len(ids)
         if room < 1:
@@ -138,7 +147,8 @@ class LLMEngine:
                           validate_row(child.to_sampling_row(child.seed, 0)),
                           StopChecker(child, detok, self.eos_token_ids, max_new_tokens=room),
                           metrics if i == 0 else RequestMetrics(metrics.arrival_time), priority,
-                          group_id=request_id, index=i,
+                          group_id=request_id, index=i, program_id=program_id,
+                          thread_id=thread_id if params.n == 1 else f"{thread_id}#{i}",
                           logprobs=[] if child.logprobs is not None else None,
                           cumulative_logprob=0.0 if child.logprobs is not None else None,
                           waits_for=seqs[0] if i else None)
@@ -198,6 +208,7 @@ class LLMEngine:
         if not plan.chunks:
             return outputs
         touched: dict[str, RequestGroup] = {}
+        started = time.monotonic()
         try:
             result = self._execute(plan)
         except Exception as e:  # a failed step must not lose its requests: they end with an error
@@ -205,6 +216,7 @@ class LLMEngine:
             return outputs + self._fail(plan, f"{type(e).__name__}: {e}")
         self.scheduler.update(plan)
         now = time.monotonic()
+        self.scheduler.record_service(plan, now - started)  # before _append can finish requests
         token_rows = result if plan.num_steps > 1 else [getattr(result, "tokens", result)]
         samples = [chunk.samples for chunk in plan.chunks]  # before appending changes the requests' lengths
         for k, tokens in enumerate(token_rows):
@@ -272,6 +284,11 @@ class LLMEngine:
     def _retire(self, group: RequestGroup) -> RequestOutput:
         del self.groups[group.request_id]
         return group.output()
+
+    def session(self, program_id: str):
+        """A context manager around an agentic program's calls: its process-table record lives until it ends.
+        Not thread-safe: AsyncLLM users go through the engine thread."""
+        return self.scheduler.programs.session(program_id)
 
     def stats(self) -> dict[str, Any]:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),

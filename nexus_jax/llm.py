@@ -38,9 +38,15 @@ class LLM:
     def get_tokenizer(self) -> Tokenizer | None:
         return self.llm_engine.tokenizer
 
+    def session(self, program_id: str):
+        """`with llm.session("agent-1"):` keeps the program's record (attained service) across its calls, which
+        the program-aware policies (scheduling_policy "plas", "atlas", "mlfq") rank by."""
+        return self.llm_engine.session(program_id)
+
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None,
+                 program_id: str | None = None) -> list[RequestOutput]:
         """Generates for every prompt and returns the outputs in input order.
 
         Bad input (an empty or over-long prompt, a token id outside the vocabulary, a mismatched list of
@@ -63,7 +69,8 @@ class LLM:
         try:
             for i, (rid, prompt, p) in enumerate(zip(ids, prompts, params)):
                 try:
-                    engine.add_request(rid, prompt, p, priority=0 if priority is None else priority[i])
+                    engine.add_request(rid, prompt, p, priority=0 if priority is None else priority[i],
+                                       program_id=program_id, thread_id=str(i))
                 except ValueError as e:
                     raise ValueError(f"prompt {i}: {e}") from None
                 added.append(rid)

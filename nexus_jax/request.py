@@ -34,6 +34,8 @@ class Request:
     priority: int = 0               # lower runs first under the priority policy (vLLM's convention)
     group_id: str = ""              # the user's request id (request_id differs when n > 1)
     index: int = 0                  # which of the parent request's n completions this is
+    program_id: str | None = None   # the agentic program of this call; None: a one-call program
+    thread_id: str = ""             # tells parallel calls of one program apart
     output_token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[PositionLogprobs] | None = None

@@ -16,6 +16,7 @@ import time
 from typing import Callable
 
 from nexus_jax.block_manager import BlockManager
+from nexus_jax.programs import Call, ProgramConfig, make_policy
 from nexus_jax.request import Request, RequestStatus
 
 # A policy maps a request to a sort key; smaller runs first. Program-aware policies plug in here.
@@ -25,6 +26,8 @@ POLICIES: dict[str, Policy] = {
     "fcfs": lambda r: (r.arrival_time,),
     "priority": lambda r: (r.priority, r.arrival_time),
 }
+PROGRAM_POLICY_NAMES = ("mlfq", "plas", "atlas")  # ranked by nexus_jax.programs from attained service
+SCHEDULING_POLICIES = (*POLICIES, *PROGRAM_POLICY_NAMES)
 
 
 @dataclasses.dataclass
@@ -57,19 +60,23 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 policy: str = "fcfs", num_scheduler_steps: int = 1):
-        if policy not in POLICIES:
-            raise ValueError(f"scheduling policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+                 policy: str = "fcfs", num_scheduler_steps: int = 1, program_config: ProgramConfig | None = None):
+        if policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {policy!r}")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.num_scheduler_steps = num_scheduler_steps
-        self.policy = POLICIES[policy]
+        # The process table runs under every policy, so sessions work whatever the order.
+        self.programs = make_policy(policy if policy in PROGRAM_POLICY_NAMES else "fcfs", program_config)
+        self.policy = POLICIES.get(policy) or (lambda r: self.programs.priority(r.request_id))
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
 
     def add(self, request: Request) -> None:
+        self.programs.on_arrival(Call(request.request_id, request.program_id, request.arrival_time,
+                                      request.num_prompt_tokens, request.thread_id))
         self.waiting.append(request)
 
     def has_work(self) -> bool:
@@ -82,6 +89,12 @@ class Scheduler:
             self.block_manager.free(request.request_id)
         elif request in self.waiting:
             self.waiting.remove(request)  # holds no blocks: never admitted, or preempted
+        self.programs.on_finish(request.request_id)
+
+    def record_service(self, out: SchedulerOutput, seconds: float) -> None:
+        """Charges a step's wall time to every request in it (program-aware policies rank by attained service)."""
+        for c in out.chunks:
+            self.programs.on_scheduled(c.request.request_id, seconds, out.num_steps if c.samples else 0)
 
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens

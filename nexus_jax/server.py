@@ -92,7 +92,8 @@ class NexusServicer(pb_grpc.NexusServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is already in use")
         try:
             stream = self.llm.generate(prompt_of(request), sampling_params(request.sampling_params), rid,
-                                       priority=request.priority)
+                                       priority=request.priority, program_id=request.program_id or None,
+                                       thread_id=request.thread_id)
         except (ValueError, TypeError) as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         self.streams.add(rid)

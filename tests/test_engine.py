@@ -285,3 +285,34 @@ def test_multi_step_waits_while_requests_could_be_admitted():
         assert done[f"r{i}"].outputs[0].token_ids == expected([i * 50], 12 + i)
     assert any(k > 1 for k, _, _ in steps)
     assert all(k == 1 for k, waiting, running in steps if waiting and running < 4)
+
+
+def test_plas_runs_a_fresh_program_before_one_with_attained_service():
+    from nexus_jax.programs import ProgramConfig, make_policy
+    engine = make_engine(max_num_seqs=1, scheduling_policy="plas")
+    # Bins far below the mock's step times, so one finished call is enough to demote its program.
+    engine.scheduler.programs = make_policy("plas", ProgramConfig(bins=(1e-9, 1.0)))
+    with engine.session("old"), engine.session("new"):
+        engine.add_request("old-1", {"prompt_token_ids": [1]}, greedy(3), program_id="old")
+        run_all(engine)
+        engine.add_request("old-2", {"prompt_token_ids": [1]}, greedy(3), program_id="old")
+        engine.add_request("new-1", {"prompt_token_ids": [9]}, greedy(3), program_id="new")
+        order = []
+        while engine.has_unfinished_requests():
+            order += [o.request_id for o in engine.step() if o.finished]
+    assert order == ["new-1", "old-2"]
+
+
+def test_fcfs_keeps_arrival_order_for_programs():
+    engine = make_engine(max_num_seqs=1)
+    with engine.session("old"):
+        engine.add_request("old-1", {"prompt_token_ids": [1]}, greedy(3), program_id="old")
+        run_all(engine)
+        engine.add_request("old-2", {"prompt_token_ids": [1]}, greedy(3), program_id="old")
+        engine.add_request("new-1", {"prompt_token_ids": [9]}, greedy(3), program_id="new")
+        order = []
+        while engine.has_unfinished_requests():
+            order += [o.request_id for o in engine.step() if o.finished]
+    assert order == ["old-2", "new-1"]
+    with pytest.raises(ValueError, match="program_id"):
+        engine.add_request("bad", {"prompt_token_ids": [1]}, greedy(3), program_id="")
