@@ -80,6 +80,7 @@ class AsyncLLM:
         self._stopped = True
         self._wake.set()
         self._thread.join()
+        self.engine.close()
 
     def _send(self, item: tuple) -> None:
         self._inbox.append(item)

@@ -8,6 +8,7 @@ from nexus_jax.scheduler import SCHEDULING_POLICIES
 from runner.config import DTYPE_NAMES
 
 KERNEL_IMPLS = (None, "pallas", "interpret", "xla")
+DISAGGREGATION_MODES = ("off", "auto", "on")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,12 +30,24 @@ class EngineConfig:
     seed: int = 0                          # draws the seeds of requests that bring none
     kernel_impl: str | None = None         # attention kernels: None = auto
     params_cache_dir: str | None = None    # orbax cache of converted weights: later starts skip safetensors
+    max_prefill_seqs: int = 16             # prefill chunks per step (a fixed slot count of the step shapes)
+    warmup: bool = False                   # compile every step shape at start instead of on first use
+    compilation_cache_dir: str | None = None  # JAX's persistent compilation cache (shared by worker processes)
+    # Intra-GPU prefill/decode disaggregation. "off": one process, chunked prefill. "auto": prefill and decode
+    # workers on SM partitions under a private CUDA MPS daemon, or (one warning) "off" where MPS cannot start.
+    # "on": the worker processes even without MPS (CPU, tests): the same path, SM shares not enforced.
+    disaggregation: str = "off"
+    sm_ladder: tuple[int, ...] = (30, 50)  # decode SM shares (%) of the warm workers; prefill gets the rest
+    slo_ttft: float = 2.0                  # seconds: time to first token the partition controller aims for
+    slo_tbt: float = 0.05                  # seconds: time between tokens
+    prefill_aging: float = 15.0            # prefill order: remaining prompt tokens - this * seconds waited
+    cost_model_path: str | None = None     # profiled latency table (nexus-jax profile); default: found by GPU
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "cpu_kv_cache_tokens",
-                     "num_scheduler_steps"):
+                     "num_scheduler_steps", "max_prefill_seqs"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -49,5 +62,17 @@ class EngineConfig:
                              f"got {self.scheduling_policy!r}")
         if self.kernel_impl not in KERNEL_IMPLS:
             raise ValueError(f"kernel_impl must be one of {KERNEL_IMPLS}, got {self.kernel_impl!r}")
+        if self.disaggregation not in DISAGGREGATION_MODES:
+            raise ValueError(f"disaggregation must be one of {', '.join(DISAGGREGATION_MODES)}, "
+                             f"got {self.disaggregation!r}")
+        ladder = tuple(self.sm_ladder)
+        if not ladder or any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= 99 for s in ladder):
+            raise ValueError(f"sm_ladder must be decode SM percentages in 1..99, got {self.sm_ladder!r}")
+        object.__setattr__(self, "sm_ladder", tuple(sorted(set(ladder))))
+        for name in ("slo_ttft", "slo_tbt"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive seconds, got {getattr(self, name)!r}")
+        if not self.prefill_aging >= 0:
+            raise ValueError(f"prefill_aging must be >= 0, got {self.prefill_aging!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")

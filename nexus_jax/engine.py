@@ -64,6 +64,7 @@ class LLMEngine:
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    policy=config.scheduling_policy,
                                    num_scheduler_steps=config.num_scheduler_steps,
+                                   max_prefill_seqs=config.max_prefill_seqs,
                                    program_config=ProgramConfig(beta=config.program_beta,
                                                                 idle_timeout=config.program_idle_timeout))
         self.groups: dict[str, RequestGroup] = {}
@@ -72,8 +73,20 @@ class LLMEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "LLMEngine":
+        """The aggregated engine, or with config.disaggregation the prefill/decode worker processes (see
+        nexus_jax.disagg_setup), falling back to aggregated where "auto" finds no MPS."""
+        if config.disaggregation != "off":
+            from nexus_jax.disagg_setup import build_engine
+            engine = build_engine(config)
+            if engine is not None:
+                return engine
+        return cls._aggregated(config)
+
+    @classmethod
+    def _aggregated(cls, config: EngineConfig) -> "LLMEngine":
         from runner.loader import load_model
         from runner.model_runner import ModelRunner
+        from runner.step_batch import StepShapes
 
         loaded = load_model(config.model, config.dtype, cache_dir=config.params_cache_dir, seed=config.seed)
         mc = loaded.config
@@ -84,10 +97,15 @@ class LLMEngine:
         runner = ModelRunner(mc, params, num_blocks=config.num_kv_blocks, block_size=config.block_size,
                              kernel_impl=config.kernel_impl, release_params=True,
                              memory_utilization=config.gpu_memory_utilization,
-                             cpu_kv_tokens=config.cpu_kv_cache_tokens)
+                             cpu_kv_tokens=config.cpu_kv_cache_tokens,
+                             shapes=StepShapes(prefill_seqs=config.max_prefill_seqs))
         del params
         max_len = min(config.max_model_len or mc.max_position_embeddings, runner.num_blocks * config.block_size)
         eos = loaded.tokenizer.eos_token_ids if loaded.tokenizer is not None else mc.eos_token_ids
+        if config.warmup:
+            n = runner.warmup(config.max_num_seqs, config.max_num_batched_tokens,
+                              -(-max_len // config.block_size), num_scheduler_steps=config.num_scheduler_steps)
+            log.info("compiled %d step programs ahead of time", n)
         return cls(config, runner, loaded.tokenizer, max_model_len=max_len, vocab_size=mc.vocab_size,
                    eos_token_ids=eos)
 
@@ -207,13 +225,19 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if not plan.chunks:
             return outputs
-        touched: dict[str, RequestGroup] = {}
         started = time.monotonic()
         try:
-            result = self._execute(plan)
+            op, args = self._step_call(plan)
+            result = getattr(self.executor, op)(*args)
         except Exception as e:  # a failed step must not lose its requests: they end with an error
             log.exception("step failed; failing its %d requests", len(plan.chunks))
             return outputs + self._fail(plan, f"{type(e).__name__}: {e}")
+        return outputs + self._fold(plan, result, started)
+
+    def _fold(self, plan: SchedulerOutput, result: Any, started: float) -> list[RequestOutput]:
+        """Folds an executed plan back: K/V now computed, sampled tokens appended, finished requests retired."""
+        outputs: list[RequestOutput] = []
+        touched: dict[str, RequestGroup] = {}
         self.scheduler.update(plan)
         now = time.monotonic()
         self.scheduler.record_service(plan, now - started)  # before _append can finish requests
@@ -235,17 +259,18 @@ class LLMEngine:
                 outputs.append(group.output())
         return outputs
 
-    def _execute(self, plan: SchedulerOutput):
+    def _step_call(self, plan: SchedulerOutput) -> tuple[str, tuple]:
+        """The executor method and arguments that run `plan` (an executor or a worker process takes them)."""
         chunks = plan.chunks
         seq_chunks = [SeqChunk(c.request.all_token_ids[c.start:c.start + c.num_tokens], c.start,
                                self.block_manager.block_table(c.request.request_id)) for c in chunks]
         rows = [c.request.sampling_row[:5] + (len(c.request.output_token_ids),) for c in chunks]
         if plan.num_steps > 1:
-            return self.executor.decode_steps(seq_chunks, rows, plan.num_steps)
+            return "decode_steps", (seq_chunks, rows, plan.num_steps)
         num_logprobs = max((c.request.params.logprobs or 0) for c in chunks)
         banned = [self._banned(c.request) for c in chunks]
-        return self.executor.step(seq_chunks[:len(plan.decodes)], seq_chunks[len(plan.decodes):], rows,
-                                  num_logprobs, banned if any(banned) else None)
+        return "step", (seq_chunks[:len(plan.decodes)], seq_chunks[len(plan.decodes):], rows, num_logprobs,
+                        banned if any(banned) else None)
 
     def _banned(self, seq: Request) -> list[int]:
         """Until min_tokens are out, EOS and the stop ids are not sampled at all (vLLM's behaviour)."""
@@ -289,6 +314,9 @@ class LLMEngine:
         """A context manager around an agentic program's calls: its process-table record lives until it ends.
         Not thread-safe: AsyncLLM users go through the engine thread."""
         return self.scheduler.programs.session(program_id)
+
+    def close(self) -> None:
+        """Releases what the engine started (worker processes, MPS); nothing for the in-process engine."""
 
     def stats(self) -> dict[str, Any]:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),

@@ -35,6 +35,16 @@ class LLM:
         llm._ids = itertools.count()
         return llm
 
+    def shutdown(self) -> None:
+        """Stops what the engine started (the disaggregated mode's worker processes and MPS daemon)."""
+        self.llm_engine.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
     def get_tokenizer(self) -> Tokenizer | None:
         return self.llm_engine.tokenizer
 

@@ -60,19 +60,27 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 policy: str = "fcfs", num_scheduler_steps: int = 1, program_config: ProgramConfig | None = None):
+                 policy: str = "fcfs", num_scheduler_steps: int = 1, program_config: ProgramConfig | None = None,
+                 max_prefill_seqs: int = 16):
         if policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {policy!r}")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.num_scheduler_steps = num_scheduler_steps
+        self.max_prefill_seqs = max_prefill_seqs  # prefill chunks per step: the step shapes' fixed slot count
         # The process table runs under every policy, so sessions work whatever the order.
         self.programs = make_policy(policy if policy in PROGRAM_POLICY_NAMES else "fcfs", program_config)
         self.policy = POLICIES.get(policy) or (lambda r: self.programs.priority(r.request_id))
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
+        # Requests in a step that is still executing (disaggregated mode): they are neither planned again nor
+        # preempted, and if they finish meanwhile their blocks are freed only once the step is done, since the
+        # step may still write them.
+        self.busy: set[str] = set()
+        self.waiting_joins_decodes = True  # aggregated steps admit waiting prompts beside the decodes
+        self._deferred_free: set[str] = set()
 
     def add(self, request: Request) -> None:
         self.programs.on_arrival(Call(request.request_id, request.program_id, request.arrival_time,
@@ -86,10 +94,23 @@ class Scheduler:
         """Removes a finished (or aborted) request from the queues and releases its blocks."""
         if request in self.running:
             self.running.remove(request)
-            self.block_manager.free(request.request_id)
+            if request.request_id in self.busy:
+                self._deferred_free.add(request.request_id)
+            else:
+                self.block_manager.free(request.request_id)
         elif request in self.waiting:
             self.waiting.remove(request)  # holds no blocks: never admitted, or preempted
         self.programs.on_finish(request.request_id)
+
+    def release(self, out: "SchedulerOutput") -> None:
+        """Marks a dispatched plan's requests as no longer in flight; frees the blocks of those that finished
+        while it ran."""
+        for c in out.chunks:
+            rid = c.request.request_id
+            self.busy.discard(rid)
+            if rid in self._deferred_free:
+                self._deferred_free.discard(rid)
+                self.block_manager.free(rid)
 
     def record_service(self, out: SchedulerOutput, seconds: float) -> None:
         """Charges a step's wall time to every request in it (program-aware policies rank by attained service)."""
@@ -107,6 +128,8 @@ class Scheduler:
                 break
             if req.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
+            if req.in_prefill and len(out.prefills) >= self.max_prefill_seqs:
+                continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self._allocate_or_preempt(req, n, order, planned, out):
                 continue
@@ -126,7 +149,7 @@ class Scheduler:
         k = self.num_scheduler_steps
         if k == 1 or out.prefills or out.preempted or not out.decodes:
             return 1
-        if self.waiting and len(self.running) < self.max_num_seqs:
+        if self.waiting_joins_decodes and self.waiting and len(self.running) < self.max_num_seqs:
             return 1
         if any(c.request.params.logprobs is not None
                or len(c.request.output_token_ids) < c.request.params.min_tokens for c in out.decodes):
@@ -165,8 +188,8 @@ class Scheduler:
 
     def _admit(self, budget: int, out: SchedulerOutput) -> int:
         bm = self.block_manager
-        for req in sorted(self.waiting, key=self.policy):
-            if budget == 0 or len(self.running) >= self.max_num_seqs:
+        for req in sorted(self.waiting, key=self.admission_key):
+            if budget == 0 or len(self.running) >= self.max_num_seqs or len(out.prefills) >= self.max_prefill_seqs:
                 break
             if req.waits_for is not None:
                 if not req.waits_for.is_finished and req.waits_for.num_computed_tokens < req.num_prompt_tokens:
@@ -186,6 +209,10 @@ class Scheduler:
             self._plan(out, req, n)
             budget -= n
         return budget
+
+    def admission_key(self, req: Request) -> tuple:
+        """Order of the waiting queue (the phase scheduler ages shortest prompts first instead)."""
+        return self.policy(req)
 
     def _plan(self, out: SchedulerOutput, req: Request, n: int) -> None:
         chunk = ScheduledChunk(req, req.num_computed_tokens, n)

@@ -27,8 +27,10 @@ class LoadedModel:
 
 
 def load_model(model: str | None = None, dtype: str = "auto", cache_dir: str | None = None,
-               seed: int = 0) -> LoadedModel:
-    jdtype = parse_dtype(dtype)
+               seed: int = 0, with_params: bool = True) -> LoadedModel:
+    """with_params=False: config and tokenizer only (params None), for a process that leaves the weights to its
+    workers (it never touches the device)."""
+    jdtype = parse_dtype(dtype) if with_params else None
     if model is None:
         path = default_model_dir()
     else:
@@ -37,11 +39,12 @@ def load_model(model: str | None = None, dtype: str = "auto", cache_dir: str | N
             if (CONFIGS_DIR / f"{model}.json").is_file():
                 config = ModelConfig.preset(model)
                 log.warning("preset %s: random weights and no tokenizer (benchmarks only)", model)
-                return LoadedModel(model, config, random_params(config, jdtype, seed=seed), None)
+                params = random_params(config, jdtype, seed=seed) if with_params else None
+                return LoadedModel(model, config, params, None)
             known = sorted(p.stem for p in CONFIGS_DIR.glob("*.json"))
             raise FileNotFoundError(
                 f"model {model!r} is neither a checkpoint directory nor a preset ({', '.join(known)})")
     config = ModelConfig.from_json(path)
-    params = load_params(path, config, jdtype, cache_dir=cache_dir)
+    params = load_params(path, config, jdtype, cache_dir=cache_dir) if with_params else None
     tokenizer = Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else None
     return LoadedModel(str(path), config, params, tokenizer)

@@ -19,7 +19,7 @@ from flax import nnx
 from runner.config import ModelConfig
 from runner.model import Transformer
 from runner.sampling import SamplingRow, SamplingTensors, sample
-from runner.step_batch import SeqChunk, StepBatch, build_step_batch
+from runner.step_batch import DEFAULT_SHAPES, SeqChunk, StepBatch, StepShapes, build_step_batch, padding_batch
 
 log = logging.getLogger(__name__)
 
@@ -82,24 +82,40 @@ def _run_decode_steps(graphdef, state, kv_pool, batch: StepBatch, sampling: Samp
 
 
 class ModelRunner:
-    def __init__(self, config: ModelConfig, params: dict[str, Any], *, num_blocks: int | None = None,
+    def __init__(self, config: ModelConfig, params: dict[str, Any] | None, *, num_blocks: int | None = None,
                  block_size: int = 16, kernel_impl: str | None = None, release_params: bool = False,
-                 memory_utilization: float = 0.9, cpu_kv_tokens: int = 65536):
+                 memory_utilization: float = 0.9, cpu_kv_tokens: int = 65536,
+                 shapes: StepShapes = DEFAULT_SHAPES, model: tuple[Any, Any] | None = None,
+                 kv_pool: jax.Array | None = None):
         """num_blocks=None sizes the KV pool to the device memory left once the model is resident (see
         fit_num_blocks). release_params=True lets the model free the stacked weight arrays of `params` as it
-        splits them per layer (the caller must not use `params` afterwards)."""
+        splits them per layer (the caller must not use `params` afterwards).
+
+        Worker processes that share weights and pool with another process pass `model=(graphdef, state)` (see
+        `abstract_model`) and `kv_pool` instead of `params`."""
         if (num_blocks is not None and num_blocks <= 0) or block_size <= 0:
             raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks} and {block_size}")
+        if (params is None) == (model is None):
+            raise ValueError("give either params or model=(graphdef, state)")
         self.config = config
         self.block_size = block_size
-        model = Transformer(config, params, kernel_impl, release_stacked=release_params)
-        self.num_blocks = num_blocks or fit_num_blocks(config, block_size, model.embed[...].dtype,
-                                                       memory_utilization, cpu_kv_tokens)
-        self.dtype = model.dtype
-        self.kernel_impl = model.kernel_impl
-        self.graphdef, self.state = nnx.split(model)
-        self.kv_pool = jnp.zeros(
-            (config.num_layers, 2, self.num_blocks, config.num_kv_heads, block_size, config.head_dim), self.dtype)
+        self.shapes = shapes
+        if model is None:
+            model = nnx.split(Transformer(config, params, kernel_impl, release_stacked=release_params))
+        self.graphdef, self.state = model
+        self.dtype = jnp.dtype(jax.tree.leaves(self.state["embed"])[0].dtype)
+        self.kernel_impl = nnx.merge(self.graphdef, self.state).kernel_impl
+        if kv_pool is not None:
+            self.num_blocks = kv_pool.shape[2]
+            self.kv_pool = kv_pool
+        else:
+            self.num_blocks = num_blocks or fit_num_blocks(config, block_size, self.dtype, memory_utilization,
+                                                           cpu_kv_tokens)
+            self.kv_pool = jnp.zeros(self.kv_pool_shape(config, self.num_blocks, block_size), self.dtype)
+
+    @staticmethod
+    def kv_pool_shape(config: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        return (config.num_layers, 2, num_blocks, config.num_kv_heads, block_size, config.head_dim)
 
     @staticmethod
     def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: Any) -> int:
@@ -114,7 +130,7 @@ class ModelRunner:
         """
         if len(sampling_rows) != len(decodes) + len(prefills):
             raise ValueError(f"{len(sampling_rows)} sampling rows for {len(decodes) + len(prefills)} chunks")
-        batch = build_step_batch(list(decodes), list(prefills), self.block_size)
+        batch = build_step_batch(list(decodes), list(prefills), self.block_size, self.shapes)
         rows = self._rows(batch, len(decodes), len(prefills))
         padded: list[SamplingRow | None] = [None] * batch.logits_indices.shape[0]
         padded_banned: list[Sequence[int] | None] = [None] * len(padded)
@@ -138,16 +154,41 @@ class ModelRunner:
             if len(c.block_table) * self.block_size < c.start_pos + num_steps:
                 raise ValueError(f"block table of {len(c.block_table)} blocks cannot hold {num_steps} steps "
                                  f"from position {c.start_pos}")
-        batch = build_step_batch(list(decodes), [], self.block_size)
+        batch = build_step_batch(list(decodes), [], self.block_size, self.shapes)
         st = SamplingTensors.from_rows(list(sampling_rows) + [None] * (batch.num_decode - len(decodes)))
         out, self.kv_pool = _run_decode_steps(self.graphdef, self.state, self.kv_pool, batch, st, num_steps)
         return jax.device_get(out)[:, :len(decodes)]
 
     def logits(self, decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk]) -> np.ndarray:
         """fp32 logits of each chunk's last token (decodes then prefills), writing the chunks' K/V."""
-        batch = build_step_batch(list(decodes), list(prefills), self.block_size)
+        batch = build_step_batch(list(decodes), list(prefills), self.block_size, self.shapes)
         logits, self.kv_pool = _run_model(self.graphdef, self.state, self.kv_pool, batch)
         return np.asarray(logits)[self._rows(batch, len(decodes), len(prefills))]
+
+    def warmup(self, max_decode_rows: int, max_prefill_tokens: int, max_blocks: int, *, mixed: bool = True,
+               num_scheduler_steps: int = 1) -> int:
+        """Compiles the step programs of every padded size up to the limits, so that serving never stalls on a
+        compilation; returns how many programs ran. Each runs once on an all-padding batch (writes nothing)."""
+        shapes = self.shapes
+        decode = shapes.decode_sizes(max_decode_rows)
+        prefill = shapes.prefill_sizes(max_prefill_tokens)
+        pairs = [(d, 0) for d in decode] + [(0, p) for p in prefill]
+        if mixed:
+            pairs += [(d, p) for d in decode for p in prefill]
+        count = 0
+        for width in shapes.table_widths(max_blocks):
+            for nd, tp in pairs:
+                batch = padding_batch(nd, tp, width, shapes)
+                st = SamplingTensors.from_rows([None] * batch.logits_indices.shape[0])
+                out, self.kv_pool = _run_step(self.graphdef, self.state, self.kv_pool, batch, st, 0)
+                count += 1
+                if nd and not tp and num_scheduler_steps > 1:
+                    st = SamplingTensors.from_rows([None] * nd)
+                    out, self.kv_pool = _run_decode_steps(self.graphdef, self.state, self.kv_pool, batch, st,
+                                                          num_scheduler_steps)
+                    count += 1
+        jax.block_until_ready(self.kv_pool)
+        return count
 
     @staticmethod
     def _rows(batch: StepBatch, num_decodes: int, num_prefills: int) -> np.ndarray:

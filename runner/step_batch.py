@@ -1,7 +1,10 @@
 """The device-side description of one model step, and its host-side builder with shape bucketing.
 
 A step packs decode tokens first (one per sequence) and then the prefill chunks of other sequences back to back.
-Every dimension is padded up to a power-of-two bucket so that few shapes, hence few compilations, occur.
+Every dimension is padded to a small fixed set of sizes (`StepShapes`) so that a server compiles a handful of
+programs, ahead of time, instead of stalling on a new compilation whenever a new combination of sizes shows up:
+decode rows and prefill tokens in powers of two with a floor, a fixed number of prefill sequence slots, the
+longest chunk tied to the prefill token bucket, and block-table widths in powers of two from a floor.
 """
 
 from __future__ import annotations
@@ -44,9 +47,72 @@ def bucket(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def build_step_batch(decodes: list[SeqChunk], prefills: list[SeqChunk], block_size: int) -> StepBatch:
+@dataclasses.dataclass(frozen=True)
+class StepShapes:
+    """The padded sizes a step may take. The scheduler plans at most `prefill_seqs` prefill chunks per step.
+
+    Floors trade a little padding for far fewer programs: a decode row or a block-table column past the real
+    ones costs the kernels nothing but an early exit (they stop at each row's context length).
+    """
+    prefill_seqs: int = 16      # prefill sequence slots of every step that has prefills
+    min_decode_rows: int = 8
+    min_prefill_tokens: int = 16
+    min_table_blocks: int = 64  # 1024 tokens at block size 16
+
+    def __post_init__(self) -> None:
+        for name in ("prefill_seqs", "min_decode_rows", "min_prefill_tokens", "min_table_blocks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def decode_rows(self, n: int) -> int:
+        return bucket(n, self.min_decode_rows) if n else 0
+
+    def prefill_tokens(self, n: int) -> int:
+        return bucket(n, self.min_prefill_tokens) if n else 0
+
+    def table_width(self, blocks: int) -> int:
+        return bucket(blocks, self.min_table_blocks)
+
+    def decode_sizes(self, max_rows: int) -> list[int]:
+        """Every decode-row bucket up to max_rows (for compiling ahead of time)."""
+        return _pow2_range(self.decode_rows(1), self.decode_rows(max_rows))
+
+    def prefill_sizes(self, max_tokens: int) -> list[int]:
+        return _pow2_range(self.prefill_tokens(1), self.prefill_tokens(max_tokens))
+
+    def table_widths(self, max_blocks: int) -> list[int]:
+        return _pow2_range(self.table_width(1), self.table_width(max_blocks))
+
+
+def _pow2_range(lo: int, hi: int) -> list[int]:
+    return [1 << k for k in range(lo.bit_length() - 1, hi.bit_length())]
+
+
+DEFAULT_SHAPES = StepShapes()
+
+
+def padding_batch(num_decode: int, num_prefill_tokens: int, table_width: int,
+                  shapes: StepShapes = DEFAULT_SHAPES) -> StepBatch:
+    """A step of the given padded sizes whose every row is padding: running it compiles that shape and writes
+    nothing to the KV pool (all slots are -1, all lengths 0)."""
+    sp = shapes.prefill_seqs if num_prefill_tokens else 0
+    total = num_decode + num_prefill_tokens
+    z = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
+    return StepBatch(
+        tokens=z(total), positions=z(total), slot_mapping=np.full(total, -1, np.int32),
+        decode_block_tables=z(num_decode, table_width), decode_context_lens=z(num_decode),
+        prefill_block_tables=z(sp, table_width), prefill_q_start=z(sp), prefill_q_lens=z(sp),
+        prefill_kv_lens=z(sp), logits_indices=z(num_decode + sp),
+        num_decode=num_decode, num_prefill_tokens=num_prefill_tokens, max_q_len=num_prefill_tokens)
+
+
+def build_step_batch(decodes: list[SeqChunk], prefills: list[SeqChunk], block_size: int,
+                     shapes: StepShapes = DEFAULT_SHAPES) -> StepBatch:
     """Packs the chunks into padded numpy arrays. Logits row i belongs to decodes[i] for i < len(decodes) and to
-    prefills[i - bucket(len(decodes))] after the decode bucket (the last token of that chunk)."""
+    prefills[i - num_decode] after the padded decode rows (the last token of that chunk)."""
+    if len(prefills) > shapes.prefill_seqs:
+        raise ValueError(f"{len(prefills)} prefill chunks in one step; the step shapes allow "
+                         f"{shapes.prefill_seqs}")
     for c in decodes:
         if len(c.token_ids) != 1:
             raise ValueError(f"a decode chunk carries exactly one token, got {len(c.token_ids)}")
@@ -57,11 +123,10 @@ def build_step_batch(decodes: list[SeqChunk], prefills: list[SeqChunk], block_si
         if len(c.block_table) * block_size < c.start_pos + len(c.token_ids):
             raise ValueError(f"block table of {len(c.block_table)} blocks cannot hold "
                              f"{c.start_pos + len(c.token_ids)} tokens")
-    nd = bucket(len(decodes)) if decodes else 0
-    np_tokens = sum(len(c.token_ids) for c in prefills)
-    tp = bucket(np_tokens, 16) if prefills else 0
-    sp = bucket(len(prefills)) if prefills else 0
-    max_blocks = bucket(max((len(c.block_table) for c in chunks), default=1))
+    nd = shapes.decode_rows(len(decodes))
+    tp = shapes.prefill_tokens(sum(len(c.token_ids) for c in prefills))
+    sp = shapes.prefill_seqs if prefills else 0
+    max_blocks = shapes.table_width(max((len(c.block_table) for c in chunks), default=1))
     total = nd + tp
 
     tokens = np.zeros(total, np.int32)
@@ -97,10 +162,10 @@ def build_step_batch(decodes: list[SeqChunk], prefills: list[SeqChunk], block_si
         logits_idx[nd + s] = row + n - 1
         row += n
 
-    max_q = max((len(c.token_ids) for c in prefills), default=0)
+    # The longest chunk is bounded by the token bucket: one shape per bucket instead of one per chunk length.
     return StepBatch(
         tokens=tokens, positions=positions, slot_mapping=slots,
         decode_block_tables=tables[:nd], decode_context_lens=d_ctx,
         prefill_block_tables=tables[nd:], prefill_q_start=q_start, prefill_q_lens=q_lens,
         prefill_kv_lens=kv_lens, logits_indices=logits_idx,
-        num_decode=nd, num_prefill_tokens=tp, max_q_len=min(bucket(max_q, 16), tp) if prefills else 0)
+        num_decode=nd, num_prefill_tokens=tp, max_q_len=tp)
