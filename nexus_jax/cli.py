@@ -8,6 +8,7 @@ import time
 
 from nexus_jax.benchmark.cli import register as register_bench
 from nexus_jax.service_cli import register as register_service_commands
+from runner.profile import register as register_profile
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     g.set_defaults(func=_generate)
     register_service_commands(sub)
     register_bench(sub)
+    register_profile(sub)
     args = ap.parse_args(argv)
     return args.func(args)
 

@@ -115,6 +115,8 @@ class Scheduler:
     def record_service(self, out: SchedulerOutput, seconds: float) -> None:
         """Charges a step's wall time to every request in it (program-aware policies rank by attained service)."""
         for c in out.chunks:
+            if c.request.is_finished:
+                continue  # aborted while its step executed: its call record is gone
             self.programs.on_scheduled(c.request.request_id, seconds, out.num_steps if c.samples else 0)
 
     def schedule(self) -> SchedulerOutput:

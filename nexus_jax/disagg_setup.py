@@ -1,0 +1,105 @@
+"""Builds the disaggregated engine: MPS, the ladder of warm workers, the cost model and the controller.
+
+`build_engine` returns None when the configuration asks for "auto" and MPS cannot be used, after one warning:
+the caller then builds the aggregated engine. The engine process itself never initialises the GPU (a JAX client
+there would grab device memory and could not be an MPS client of the right share); workers do all device work.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from nexus_jax.config import EngineConfig
+from nexus_jax.cost_model import CostModel, profile_path
+from nexus_jax.disagg_engine import AGGREGATE, DisaggEngine, decode_worker, prefill_worker
+from nexus_jax.partition import PartitionController, Slo
+from runner.step_batch import StepShapes
+from runner.worker import WorkerSpec
+from runner.worker_pool import WorkerError, WorkerPool
+
+log = logging.getLogger(__name__)
+
+# Used to rank splits when no profile of this GPU and model exists (H100 SXM datasheet bf16 and HBM3 figures).
+_DEFAULT_PEAK_FLOPS = 989e12
+_DEFAULT_HBM_BW = 3.35e12
+
+
+def worker_specs(config: EngineConfig) -> list[tuple[WorkerSpec, int]]:
+    """The holder (all SMs, also the one that runs aggregated steps), then a decode and a prefill worker per
+    rung of the ladder."""
+    shapes = StepShapes(prefill_seqs=config.max_prefill_seqs)
+    warmup = None
+    if config.warmup:
+        warmup = {"max_decode_rows": config.max_num_seqs, "max_prefill_tokens": config.max_num_batched_tokens,
+                  "max_blocks": -(-(config.max_model_len or 8192) // config.block_size),
+                  "num_scheduler_steps": config.num_scheduler_steps}
+    base = dict(model=config.model, dtype=config.dtype, seed=config.seed, params_cache_dir=config.params_cache_dir,
+                block_size=config.block_size, num_blocks=config.num_kv_blocks,
+                memory_utilization=config.gpu_memory_utilization, cpu_kv_tokens=config.cpu_kv_cache_tokens,
+                kernel_impl=config.kernel_impl, shapes=shapes)
+    specs = [(WorkerSpec(AGGREGATE, warmup=warmup, **base), 100)]
+    for share in config.sm_ladder:
+        # Each worker compiles only its phase's shapes; the mixed shapes belong to the holder.
+        dw = None if warmup is None else {**warmup, "max_prefill_tokens": 0, "mixed": False}
+        pw = None if warmup is None else {**warmup, "max_decode_rows": 0, "mixed": False}
+        specs.append((WorkerSpec(decode_worker(share), warmup=dw, **base), share))
+        specs.append((WorkerSpec(prefill_worker(share), warmup=pw, **base), 100 - share))
+    return specs
+
+
+def build_engine(config: EngineConfig) -> DisaggEngine | None:
+    from runner.loader import load_model
+    from runner.mps import try_start_mps
+
+    mps = try_start_mps()
+    if mps is None and config.disaggregation == "auto":
+        return None  # try_start_mps warned once
+    if mps is None:
+        log.warning("disaggregation='on' without MPS: prefill and decode run in separate processes, but their SM "
+                    "shares are not enforced (a test and debugging form)")
+    cache_dir = config.compilation_cache_dir or str(Path.home() / ".cache" / "nexus_jax" / "xla")
+    try:
+        pool = WorkerPool(worker_specs(config), mps_env=mps.client_env if mps else None,
+                          compilation_cache_dir=cache_dir)
+    except WorkerError as e:
+        if mps is not None:
+            mps.stop()
+        if config.disaggregation == "auto":
+            log.warning("disaggregated workers failed to start (%s); running aggregated", str(e).splitlines()[0])
+            return None
+        raise
+    try:
+        loaded = load_model(config.model, config.dtype, cache_dir=config.params_cache_dir, with_params=False)
+        mc = loaded.config
+        device = pool.workers[AGGREGATE].call("info")["device_kind"]
+        controller = PartitionController(_cost_model(config, mc, device, loaded.name), config.sm_ladder,
+                                         Slo(ttft=config.slo_ttft, tbt=config.slo_tbt))
+        num_blocks = pool.shared.kv_shape[2]
+        if config.max_model_len is not None and config.max_model_len > mc.max_position_embeddings:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context "
+                             f"({mc.max_position_embeddings})")
+        max_len = min(config.max_model_len or mc.max_position_embeddings, num_blocks * config.block_size)
+        engine = DisaggEngine(config, pool, controller, loaded.tokenizer, max_model_len=max_len,
+                              vocab_size=mc.vocab_size, eos_token_ids=pool.shared.eos_token_ids,
+                              sm_enforced=mps is not None)
+    except BaseException:
+        pool.close()
+        if mps is not None:
+            mps.stop()
+        raise
+    engine.mps = mps
+    return engine
+
+
+def _cost_model(config: EngineConfig, model_config, device: str, model_name: str) -> CostModel:
+    path = config.cost_model_path or profile_path(device, model_name)
+    if os.path.isfile(path):
+        log.info("partition cost model: %s", path)
+        return CostModel.load(path)
+    if config.cost_model_path:
+        raise FileNotFoundError(f"cost_model_path {config.cost_model_path} does not exist")
+    log.warning("no latency profile at %s (run `nexus-jax profile`); the partition controller uses an unprofiled "
+                "roofline estimate", path)
+    return CostModel.analytic(model_config, _DEFAULT_PEAK_FLOPS, _DEFAULT_HBM_BW)

@@ -1,0 +1,187 @@
+"""The disaggregated engine's logic over in-process mock workers (fast): phases planned apart, requests handed
+from prefill to decode by block table, split/aggregate decisions, aborts while a step executes.
+
+The mock workers share one MockExecutor, which checks on every step that each chunk's cached prefix is really in
+the slots its block table names; so a block handed over too early, or freed and reused while a step still
+held it, raises instead of passing. Results are folded back in a random order to interleave the phases.
+"""
+
+import random
+
+import pytest
+
+from nexus_jax import EngineConfig, SamplingParams
+from nexus_jax.cost_model import CostModel
+from nexus_jax.disagg_engine import AGGREGATE, DisaggEngine, decode_worker, prefill_worker
+from nexus_jax.executor import MockExecutor
+from nexus_jax.partition import PartitionController, Slo
+from nexus_jax.phase_scheduler import PhaseScheduler
+from nexus_jax.block_manager import BlockManager
+from runner.config import ModelConfig
+
+VOCAB = 512
+
+
+class MockHandle:
+    def __init__(self, name, mock):
+        self.name, self.mock, self.busy, self.result_value, self.calls = name, mock, False, None, 0
+
+    def submit(self, op, *args):
+        assert not self.busy, f"{self.name} got a second request while busy"
+        self.busy, self.calls = True, self.calls + 1
+        self.result_value = getattr(self.mock, op)(*args)
+
+    def result(self):
+        self.busy = False
+        return self.result_value
+
+
+class MockPool:
+    def __init__(self, ladder, num_blocks=256, block_size=4, seed=0):
+        self.mock = MockExecutor(VOCAB, num_blocks, block_size)
+        names = [AGGREGATE] + [n for s in ladder for n in (decode_worker(s), prefill_worker(s))]
+        self.workers = {n: MockHandle(n, self.mock) for n in names}
+        self.shared = type("Shared", (), {"kv_shape": (1, 2, num_blocks), "kernel_impl": "mock", "dtype": "f32"})
+        self.startup_seconds = {}
+        self.rng = random.Random(seed)
+
+    def wait(self, handles, timeout=None):
+        busy = [h for h in handles if h.busy]
+        return self.rng.sample(busy, self.rng.randint(1, len(busy))) if busy else []
+
+    def close(self):
+        pass
+
+
+def make_engine(ladder=(30, 50), tbt=0.05, seed=0, num_blocks=256, **cfg):
+    config = EngineConfig(block_size=4, sm_ladder=ladder, max_num_batched_tokens=64, **cfg)
+    model = ModelConfig.preset("llama-3.1-8b")
+    controller = PartitionController(CostModel.analytic(model, 989e12, 3.35e12), ladder, Slo(tbt=tbt))
+    return DisaggEngine(config, MockPool(ladder, num_blocks, 4, seed), controller, None, max_model_len=512,
+                        vocab_size=VOCAB)
+
+
+def expected(prompt, n):
+    return [(prompt[-1] + 1 + i) % VOCAB for i in range(n)]
+
+
+def run(engine, arrivals):
+    """arrivals: {step index: [(request id, prompt, max_tokens)]}; returns the final outputs by request id."""
+    done, k = {}, 0
+    while engine.has_unfinished_requests() or any(i >= k for i in arrivals):
+        for rid, prompt, n in arrivals.get(k, []):
+            engine.add_request(rid, {"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=n))
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        k += 1
+    return done
+
+
+def staggered(seed, count=12):
+    rng = random.Random(seed)
+    arrivals = {}
+    for i in range(count):
+        prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 90))]
+        arrivals.setdefault(rng.randrange(0, 30), []).append((f"r{i}", prompt, rng.randint(1, 20)))
+    return arrivals
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("tbt", [1e-9, 10.0])
+def test_outputs_follow_the_rule_under_split_and_aggregate(seed, tbt):
+    engine = make_engine(tbt=tbt, seed=seed, num_scheduler_steps=4)
+    arrivals = staggered(seed)
+    done = run(engine, arrivals)
+    for reqs in arrivals.values():
+        for rid, prompt, n in reqs:
+            assert done[rid].outputs[0].token_ids == expected(prompt, n), rid
+    modes = engine.controller.stats()["modes"]
+    if tbt < 1:  # nothing meets a 1 ns TBT: every step with both phases splits
+        assert modes.get("split", 0) > 0 and engine.phase_steps["mixed"] == 0
+    else:        # everything meets 10 s: both phases together run as one mixed step
+        assert modes.get("aggregate", 0) > 0 and engine.phase_steps["mixed"] > 0
+    assert engine.block_manager.usage == 0.0
+    assert not engine.scheduler.busy
+
+
+def test_split_runs_decode_and_prefill_on_their_ladder_workers():
+    engine = make_engine(ladder=(30,), tbt=1e-9)
+    run(engine, staggered(7))
+    pool = engine.pool
+    assert pool.workers[decode_worker(30)].calls > 0
+    assert pool.workers[prefill_worker(30)].calls > 0
+
+
+def test_abort_while_a_step_executes_defers_freeing_its_blocks():
+    engine = make_engine(tbt=1e-9)
+    engine.add_request("long", {"prompt_token_ids": list(range(1, 60))}, SamplingParams(max_tokens=50))
+    engine.step()  # the prefill is dispatched (and may be folded)
+    engine.step()
+    engine.add_request("other", {"prompt_token_ids": [3, 4, 5]}, SamplingParams(max_tokens=5))
+    engine._dispatch()  # both phases in flight now
+    held = set(engine.scheduler.busy)
+    assert "long" in held
+    table = engine.block_manager.block_table("long")
+    assert engine.abort_request("long")
+    # Still held by the executing step: not free, not reusable.
+    assert engine.block_manager.block_table("long") == table
+    done = run(engine, {})
+    assert done["long"].outputs[0].finish_reason == "abort"
+    assert done["other"].outputs[0].token_ids == expected([3, 4, 5], 5)
+    assert engine.block_manager.usage == 0.0
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_goes_on():
+    engine = make_engine(tbt=1e-9)
+    handle = engine.pool.workers[AGGREGATE]
+    original = handle.result
+
+    def broken():
+        handle.result = original
+        handle.busy = False
+        raise RuntimeError("worker died")
+    handle.result = broken
+    engine.add_request("a", {"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=4))
+    done = run(engine, {})
+    assert done["a"].outputs[0].finish_reason == "error" and "worker died" in done["a"].error
+    done = run(engine, {0: [("b", [7, 8], 3)]})
+    assert done["b"].outputs[0].token_ids == expected([7, 8], 3)
+    assert engine.block_manager.usage == 0.0
+
+
+def test_prefill_order_is_shortest_first_with_aging():
+    bm = BlockManager(64, 4)
+    sched = PhaseScheduler(bm, max_num_seqs=8, max_num_batched_tokens=8, prefill_aging=15.0)
+    from nexus_jax.request import Request
+    from nexus_jax.stop import StopChecker
+
+    def req(rid, n, arrival):
+        params = SamplingParams(max_tokens=2)
+        from nexus_jax.outputs import RequestMetrics
+        return Request(rid, list(range(1, n + 1)), params, params.to_sampling_row(0, 0),
+                       StopChecker(params, None, ()), RequestMetrics(arrival))
+    import time
+    now = time.monotonic()
+    old_long, short = req("old-long", 100, now - 10.0), req("short", 5, now)
+    sched.add(old_long)
+    sched.add(short)
+    # Remaining 100 - 15 * 10 s = -50 beats 5 - 0: the long prompt has waited long enough to go first.
+    plan = sched.schedule_prefill()
+    assert [c.request.request_id for c in plan.prefills][0] == "old-long"
+    young_long = req("young-long", 100, now)
+    sched2 = PhaseScheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=8)
+    sched2.add(young_long)
+    sched2.add(req("short2", 5, now))
+    assert sched2.schedule_prefill().prefills[0].request.request_id == "short2"
+
+
+def test_a_plan_never_takes_a_request_that_is_executing():
+    engine = make_engine(tbt=1e-9)
+    engine.add_request("a", {"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=8))
+    plan = engine.scheduler.schedule_prefill()
+    assert [c.request.request_id for c in plan.chunks] == ["a"]
+    assert engine.scheduler.schedule_prefill().chunks == []
+    assert engine.scheduler.schedule_decode().chunks == []
+    with pytest.raises(RuntimeError, match="executing"):
+        engine.scheduler.schedule()
