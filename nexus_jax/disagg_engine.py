@@ -28,7 +28,8 @@ from runner.worker_pool import WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
 
-AGGREGATE = "aggregate"
+HOLDER = "holder"        # owns the shared weights and KV pool; runs no steps
+AGGREGATE = "aggregate"  # all SMs: mixed steps, or one phase alone
 
 
 def decode_worker(share: int) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from nexus_jax.config import EngineConfig
 from nexus_jax.cost_model import CostModel, profile_path
-from nexus_jax.disagg_engine import AGGREGATE, DisaggEngine, decode_worker, prefill_worker
+from nexus_jax.disagg_engine import AGGREGATE, HOLDER, DisaggEngine, decode_worker, prefill_worker
 from nexus_jax.partition import PartitionController, Slo
 from runner.step_batch import StepShapes
 from runner.worker import WorkerSpec
@@ -26,9 +26,14 @@ _DEFAULT_PEAK_FLOPS = 989e12
 _DEFAULT_HBM_BW = 3.35e12
 
 
+# Device memory each step-running worker needs besides the shared weights and pool: its CUDA/MPS context, XLA's
+# workspace and the activations of the largest step. A first estimate; bench_disagg.py measures it.
+WORKER_RESERVE_BYTES = 3 << 30
+
+
 def worker_specs(config: EngineConfig) -> list[tuple[WorkerSpec, int]]:
-    """The holder (all SMs, also the one that runs aggregated steps), then a decode and a prefill worker per
-    rung of the ladder."""
+    """The holder (loads and owns the shared memory), the aggregate worker (all SMs: mixed steps, and a phase
+    alone), then a decode and a prefill worker per rung of the ladder."""
     shapes = StepShapes(prefill_seqs=config.max_prefill_seqs)
     warmup = None
     if config.warmup:
@@ -39,7 +44,10 @@ def worker_specs(config: EngineConfig) -> list[tuple[WorkerSpec, int]]:
                 block_size=config.block_size, num_blocks=config.num_kv_blocks,
                 memory_utilization=config.gpu_memory_utilization, cpu_kv_tokens=config.cpu_kv_cache_tokens,
                 kernel_impl=config.kernel_impl, shapes=shapes)
-    specs = [(WorkerSpec(AGGREGATE, warmup=warmup, **base), 100)]
+    num_workers = 1 + 2 * len(config.sm_ladder)
+    specs = [(WorkerSpec(HOLDER, env=(("XLA_PYTHON_CLIENT_ALLOCATOR", "platform"),),
+                         reserve_bytes=num_workers * WORKER_RESERVE_BYTES, **base), 100),
+             (WorkerSpec(AGGREGATE, warmup=warmup, **base), 100)]
     for share in config.sm_ladder:
         # Each worker compiles only its phase's shapes; the mixed shapes belong to the holder.
         dw = None if warmup is None else {**warmup, "max_prefill_tokens": 0, "mixed": False}

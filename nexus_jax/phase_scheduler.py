@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 from nexus_jax.request import Request, RequestStatus
-from nexus_jax.scheduler import PROGRAM_POLICY_NAMES, Scheduler, SchedulerOutput
+from nexus_jax.scheduler import PROGRAM_POLICY_NAMES, ScheduledChunk, Scheduler, SchedulerOutput
 
 
 class PhaseScheduler(Scheduler):
@@ -22,6 +22,7 @@ class PhaseScheduler(Scheduler):
             raise ValueError(f"prefill_aging must be >= 0, got {prefill_aging}")
         self.prefill_aging = prefill_aging
         self.waiting_joins_decodes = False
+        self._planning_prefill = False
         self._program_first = kwargs.get("policy", "fcfs") in PROGRAM_POLICY_NAMES + ("priority",)
 
     def admission_key(self, req: Request) -> tuple:
@@ -64,12 +65,14 @@ class PhaseScheduler(Scheduler):
             if not self._allocate_or_preempt(req, n, victims, planned, out):
                 continue
             planned.add(id(req))
-            self._plan(out, req, n)
+            out.prefills.append(ScheduledChunk(req, req.num_computed_tokens, n))
             budget -= n
         if not out.preempted:
-            self._admit(budget, out)
-        # A one-token prompt remainder is still prefill work on this partition.
-        out.prefills, out.decodes = out.decodes + out.prefills, []
+            self._planning_prefill = True
+            try:
+                self._admit(budget, out)
+            finally:
+                self._planning_prefill = False
         self._hold(out)
         return out
 
@@ -80,6 +83,12 @@ class PhaseScheduler(Scheduler):
         out = super().schedule()
         self._hold(out)
         return out
+
+    def _plan(self, out: SchedulerOutput, req: Request, n: int) -> None:
+        if self._planning_prefill or n > 1:  # a one-token prompt remainder is still prefill work
+            out.prefills.append(ScheduledChunk(req, req.num_computed_tokens, n))
+        else:
+            out.decodes.append(ScheduledChunk(req, req.num_computed_tokens, n))
 
     def _hold(self, out: SchedulerOutput) -> None:
         self.busy.update(c.request.request_id for c in out.chunks)

@@ -1,6 +1,6 @@
 """A model worker process: runs the step functions on weights and a KV pool it shares with other workers.
 
-The first worker (the holder) loads the model, moves the weights and a zeroed KV pool into shared arenas
+The first process (the holder) loads the model, moves the weights and a zeroed KV pool into shared arenas
 (`runner.shared_arena`: CUDA IPC on a GPU, POSIX shared memory on CPU) and publishes their handles; every other
 worker maps the same memory, so N workers cost one copy of the weights and one KV pool. Workers differ only in
 their SM share (the MPS environment they were started with), which is what the disaggregated engine picks.
@@ -9,6 +9,9 @@ On a GPU the jitted step donates the pool and XLA writes the new K/V in place, s
 the worker checks after every step that the pool did not move. On CPU XLA does not write a donated external
 buffer in place, so the CPU form copies the slots a step wrote back into shared memory before it replies (the
 honest difference; the planning, the handover and the outputs are the same).
+
+The holder itself runs no steps (it loads, publishes, and keeps the memory alive); the workers that run steps all
+map the same arenas.
 
 A worker replies to each request only after the step completed on the device, which is what makes a block table
 safe to hand from the prefill worker to a decode worker.
@@ -40,6 +43,8 @@ class WorkerSpec:
     kernel_impl: str | None = None
     shapes: StepShapes = DEFAULT_SHAPES
     warmup: dict[str, Any] | None = None  # ModelRunner.warmup arguments, or None to compile lazily
+    env: tuple[tuple[str, str], ...] = ()  # extra environment of the process
+    reserve_bytes: int = 0                # holder: device memory left to the workers when sizing the KV pool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,46 +84,25 @@ def worker_main(conn: Any, spec: WorkerSpec, shared: SharedModel | None) -> None
 
 
 class _Worker:
-    OPS = ("step", "decode_steps", "warmup", "info")
-
     def __init__(self, spec: WorkerSpec, shared: SharedModel | None):
         import jax
 
         from runner.model_runner import ModelRunner
-        from runner.shared_arena import SharedArena, export_arrays, import_arrays
+        from runner.shared_arena import SharedArena, import_arrays
 
         self.spec = spec
-        self.arenas: list[Any] = []
-        on_gpu = jax.devices()[0].platform == "gpu"
+        self.runner = None
+        self.in_place = jax.devices()[0].platform == "gpu"
         if shared is None:
-            from runner.loader import load_model
-            loaded = load_model(spec.model, spec.dtype, cache_dir=spec.params_cache_dir, seed=spec.seed)
-            runner = ModelRunner(loaded.config, loaded.params, num_blocks=spec.num_blocks,
-                                 block_size=spec.block_size, kernel_impl=spec.kernel_impl, release_params=True,
-                                 memory_utilization=spec.memory_utilization, cpu_kv_tokens=spec.cpu_kv_tokens,
-                                 shapes=spec.shapes)
-            loaded.params = None
-            leaves, _ = jax.tree.flatten(runner.state)
-            kind = "cuda" if on_gpu else "shm"
-            weights, specs = export_arrays(leaves, kind)
-            del leaves
-            kv_shape = tuple(runner.kv_pool.shape)
-            kv = SharedArena.create(runner.kv_pool.nbytes, kind)
-            eos = loaded.tokenizer.eos_token_ids if loaded.tokenizer is not None else loaded.config.eos_token_ids
-            shared = SharedModel(loaded.config, weights.handle, specs, kv.handle, kv_shape, str(runner.dtype),
-                                 runner.kernel_impl, tuple(eos))
-            graphdef = runner.graphdef
-            del runner  # drop this process's own copies: it uses the shared ones like everyone else
-            self.arenas += [weights, kv]
-        else:
-            weights, kv = SharedArena.open(shared.weights), SharedArena.open(shared.kv)
-            graphdef = abstract_model(shared.config, shared.dtype, shared.kernel_impl)[0]
-            self.arenas += [weights, kv]
+            # The holder only loads and keeps the arenas alive; it runs no steps, so the memory it used to load
+            # (freed at once: it runs on the platform allocator) is not parked in an allocator pool.
+            self.shared, self.arenas = _load_into_arenas(spec, "cuda" if self.in_place else "shm")
+            return
         self.shared = shared
-        treedef = jax.tree.structure(abstract_model(shared.config, shared.dtype, shared.kernel_impl)[1])
-        state = jax.tree.unflatten(treedef, import_arrays(weights, shared.weight_specs))
-        self.kv_arena = kv
-        self.in_place = on_gpu
+        weights, self.kv_arena = SharedArena.open(shared.weights), SharedArena.open(shared.kv)
+        self.arenas = [weights, self.kv_arena]
+        graphdef, abstract_state = abstract_model(shared.config, shared.dtype, shared.kernel_impl)
+        state = jax.tree.unflatten(jax.tree.structure(abstract_state), import_arrays(weights, shared.weight_specs))
         self.runner = ModelRunner(shared.config, None, block_size=spec.block_size, shapes=spec.shapes,
                                   model=(graphdef, state), kv_pool=self._pool_view())
         self.pool_pointer = self.runner.kv_pool.unsafe_buffer_pointer()
@@ -152,7 +136,7 @@ class _Worker:
         return {"name": self.spec.name, "pid": os.getpid(), "device": str(jax.devices()[0]),
                 "device_kind": jax.devices()[0].device_kind,
                 "sm_percent": os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"),
-                "num_blocks": self.runner.num_blocks, "in_place": self.in_place}
+                "num_blocks": self.shared.kv_shape[2], "in_place": self.in_place, "holder": self.runner is None}
 
     def _publish(self, chunks: Sequence[SeqChunk], extra: int) -> None:
         """Makes the step's K/V visible to the other workers (device_get of the samples already waited for the
@@ -180,6 +164,42 @@ class _Worker:
         self.runner = None
         for arena in self.arenas:
             arena.close()
+
+
+def _load_into_arenas(spec: WorkerSpec, kind: str) -> tuple[SharedModel, list[Any]]:
+    """Loads the model, copies its state into a weight arena, frees the loaded copy, and sizes a zeroed KV
+    pool arena from the device memory then free (or from spec.num_blocks / cpu_kv_tokens)."""
+    import jax
+
+    from runner.loader import load_model
+    from runner.model_runner import ModelRunner
+    from runner.shared_arena import SharedArena, export_arrays
+
+    loaded = load_model(spec.model, spec.dtype, cache_dir=spec.params_cache_dir, seed=spec.seed)
+    runner = ModelRunner(loaded.config, loaded.params, num_blocks=1, block_size=spec.block_size,
+                         kernel_impl=spec.kernel_impl, release_params=True, shapes=spec.shapes)
+    loaded.params = None
+    leaves = jax.tree.leaves(runner.state)
+    weights, specs = export_arrays(leaves, kind)
+    dtype, kernel_impl, config = str(runner.dtype), runner.kernel_impl, loaded.config
+    del leaves, runner
+    per_block = ModelRunner.kv_bytes_per_block(config, spec.block_size, dtype)
+    num_blocks = spec.num_blocks
+    if num_blocks is None and kind == "cuda":
+        import cupy as cp
+        free, total = cp.cuda.runtime.memGetInfo()
+        budget = total * spec.memory_utilization - (total - free) - spec.reserve_bytes
+        num_blocks = int(budget // per_block)
+        if num_blocks < 1:
+            raise ValueError(f"no device memory left for the KV pool: {free / 2**30:.1f} GiB free of "
+                             f"{total / 2**30:.1f}, {spec.reserve_bytes / 2**30:.1f} GiB reserved for workers")
+    elif num_blocks is None:
+        num_blocks = max(1, spec.cpu_kv_tokens // spec.block_size)
+    kv_shape = ModelRunner.kv_pool_shape(config, num_blocks, spec.block_size)
+    kv = SharedArena.create(num_blocks * per_block, kind)
+    eos = loaded.tokenizer.eos_token_ids if loaded.tokenizer is not None else config.eos_token_ids
+    shared = SharedModel(config, weights.handle, specs, kv.handle, kv_shape, dtype, kernel_impl, tuple(eos))
+    return shared, [weights, kv]
 
 
 def abstract_model(config: Any, dtype: str, kernel_impl: str):

@@ -86,7 +86,7 @@ class WorkerHandle:
 
 
 class WorkerPool:
-    """A holder worker that owns the shared weights and pool, then the others, all ready when this returns."""
+    """A holder process that owns the shared weights and pool, then the workers, all ready when this returns."""
 
     def __init__(self, specs: Sequence[tuple[WorkerSpec, int | None]], *, mps_env: Any = None,
                  compilation_cache_dir: str | None = None, start_timeout: float = 1800.0):
@@ -121,6 +121,7 @@ class WorkerPool:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CUDA_MPS_")}
         env.update({"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "TF_CPP_MIN_LOG_LEVEL": "2",
                     "PYTHONPATH": os.pathsep.join(filter(None, [_ROOT, env.get("PYTHONPATH")]))})
+        env.update(dict(spec.env))
         if self._mps_env is not None:
             env.update(self._mps_env(percent))
         if self._cache_dir:

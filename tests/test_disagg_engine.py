@@ -185,3 +185,14 @@ def test_a_plan_never_takes_a_request_that_is_executing():
     assert engine.scheduler.schedule_decode().chunks == []
     with pytest.raises(RuntimeError, match="executing"):
         engine.scheduler.schedule()
+
+
+def test_prefill_plans_respect_the_prefill_slot_count_even_for_one_token_remainders():
+    engine = make_engine(tbt=10.0, max_prefill_seqs=4)
+    for i in range(10):  # one-token prompts: each is a one-token prefill chunk
+        engine.add_request(f"one{i}", {"prompt_token_ids": [i + 1]}, SamplingParams(max_tokens=2))
+    plan = engine.scheduler.schedule_prefill()
+    assert len(plan.prefills) == 4 and not plan.decodes
+    engine.scheduler.release(plan)
+    done = run(engine, {})
+    assert all(done[f"one{i}"].outputs[0].token_ids == expected([i + 1], 2) for i in range(10))

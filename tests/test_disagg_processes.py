@@ -67,8 +67,9 @@ def test_greedy_outputs_equal_the_aggregated_engine(llm, reference, tbt):
 def test_workers_share_one_pool_and_report_their_roles(llm):
     engine = llm.llm_engine
     infos = {name: h.call("info") for name, h in engine.pool.workers.items()}
-    assert set(infos) == {"aggregate", "decode-50", "prefill-50"}
-    assert len({i["pid"] for i in infos.values()}) == 3
+    assert set(infos) == {"holder", "aggregate", "decode-50", "prefill-50"}
+    assert len({i["pid"] for i in infos.values()}) == 4
+    assert [n for n, i in infos.items() if i["holder"]] == ["holder"]
     assert {i["num_blocks"] for i in infos.values()} == {engine.block_manager.num_blocks}
     assert not any(i["in_place"] for i in infos.values())  # the CPU form copies written slots back
     assert engine.stats()["sm_isolation"] is False
