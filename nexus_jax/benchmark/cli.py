@@ -2,7 +2,12 @@
 
   nexus-jax bench serve --model llama-3.1-8b --dataset sharegpt --num-prompts 500 --request-rate 2 4 8 inf \\
       --slo ttft=2 --slo tpot=0.05 --target p90_ttft=2 --target p99_tbt=0.05 --label base --out-dir results/
+  nexus-jax bench serve --backend grpc --server 127.0.0.1:50051 --dataset programs-mix --num-prompts 100 \\
+      --request-rate 0.5 1 --label programs --out-dir results/
   nexus-jax bench plot results/base.json results/other.json --out compare.png
+
+Every measured run sends prompts of its own (same lengths, token ids salted by the run's index), so a later run
+of a sweep does not find the previous run's prompts in the prefix cache.
 """
 
 from __future__ import annotations
@@ -11,14 +16,18 @@ import argparse
 import asyncio
 import dataclasses
 import datetime
+import inspect
+import os
 import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 from nexus_jax.benchmark import report
-from nexus_jax.benchmark.datasets import DATASETS, BenchRequest, make_requests
-from nexus_jax.benchmark.serve import Backend, find_max_rate, run_benchmark
+from nexus_jax.benchmark.datasets import DATASETS, BenchRequest, make_requests, salted
+from nexus_jax.benchmark.programs_driver import PROGRAM_DATASETS, make_programs, run_programs, warmup_calls
+from nexus_jax.benchmark.serve import Backend, RunResult, find_max_rate, run_requests
+from nexus_jax.workloads import ProgramSpec
 
 
 @dataclasses.dataclass
@@ -32,23 +41,26 @@ class SuiteSettings:
     search_start: float = 1.0
     search_max: float = 1024.0
     search_iterations: int = 4
+    program_delay_scale: float = 1.0  # program workloads: think/tool delays are multiplied by this
 
 
-async def run_suite(backend: Backend, requests: list[BenchRequest], settings: SuiteSettings,
+async def run_suite(backend: Backend, workload: list[BenchRequest] | list[ProgramSpec], settings: SuiteSettings,
                     warmup: list[BenchRequest] | None = None) -> dict[str, Any]:
     """Every rate of the sweep, then (with targets) the rate search; returns the results document's runs and
-    search outcome. Warm-up runs once, before the first measured run."""
+    search outcome. The workload is requests, or programs (rates are then programs/s). Warm-up requests run
+    once, all at once, before the first measured run."""
     runs: list[dict[str, Any]] = []
+    if warmup:
+        await run_requests(backend, warmup, max_concurrency=settings.max_concurrency, seed=settings.seed)
 
     async def measure(rate: float, phase: str) -> dict[str, Any]:
-        nonlocal warmup
-        result = await run_benchmark(backend, requests, request_rate=rate, burstiness=settings.burstiness,
-                                     max_concurrency=settings.max_concurrency, seed=settings.seed, warmup=warmup)
-        warmup = None
+        result = await _run_once(backend, workload, settings, rate, salt=len(runs))
         summary = report.summarize(result, settings.slos)
         runs.append({"phase": phase, **report.run_to_json(result, summary)})
+        programs = summary.get("programs")
+        extra = f", {programs['program_throughput']:.3f} programs/s" if programs else ""
         print(f"[bench serve] {phase} rate {rate}: {summary['completed']} done, {summary['failed']} failed, "
-              f"{summary['request_throughput']:.2f} req/s, {summary['output_throughput']:.0f} output tok/s",
+              f"{summary['request_throughput']:.2f} req/s, {summary['output_throughput']:.0f} output tok/s{extra}",
               file=sys.stderr, flush=True)
         return summary
 
@@ -65,6 +77,15 @@ async def run_suite(backend: Backend, requests: list[BenchRequest], settings: Su
     return {"runs": runs, "search": search}
 
 
+async def _run_once(backend: Backend, workload: list[BenchRequest] | list[ProgramSpec], settings: SuiteSettings,
+                    rate: float, salt: int) -> RunResult:
+    common = dict(burstiness=settings.burstiness, max_concurrency=settings.max_concurrency, seed=settings.seed)
+    if workload and isinstance(workload[0], ProgramSpec):
+        return await run_programs(backend, workload, program_rate=rate, delay_scale=settings.program_delay_scale,
+                                  salt=salt, **common)
+    return await run_requests(backend, salted(workload, salt, backend.vocab_size), request_rate=rate, **common)
+
+
 def _rate(text: str) -> float:
     try:
         rate = float(text)
@@ -76,38 +97,21 @@ def _rate(text: str) -> float:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from nexus_jax.benchmark.serve import InProcessBackend
-    from nexus_jax.config import EngineConfig
-
     slos = report.parse_limits(args.slo or [], with_stat=False)
     targets = report.parse_limits(args.target or [], with_stat=True)
-    config = EngineConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-                          block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_num_batched_tokens,
-                          num_scheduler_steps=args.num_scheduler_steps, seed=args.seed)
-    backend = InProcessBackend.from_config(config)
-    try:
-        common = dict(vocab_size=backend.vocab_size, max_model_len=backend.max_model_len,
-                      input_len=args.input_len, output_len=args.output_len, path=args.dataset_path)
-        requests = make_requests(args.dataset, args.num_prompts, seed=args.seed, **common)
-        warmup = make_requests(args.dataset, args.warmup, seed=args.seed + 1, **common) if args.warmup else None
-        settings = SuiteSettings(args.request_rate or [], args.burstiness, args.max_concurrency, args.seed, slos,
-                                 targets, args.search_start, args.search_max, args.search_iterations)
-        if not settings.rates and not targets:
-            raise SystemExit("nothing to run: give --request-rate and/or --target")
-        outcome = asyncio.run(run_suite(backend, requests, settings, warmup))
-        doc = {"label": args.label, "command": shlex.join(["nexus-jax", *sys.argv[1:]]),
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "backend": backend.describe(), "model": args.model or "embedded tiny model",
-               "dataset": {"name": args.dataset, "num_prompts": args.num_prompts, "warmup": args.warmup,
-                           "path": args.dataset_path, "input_len": args.input_len, "output_len": args.output_len},
-               "slos": slos, **outcome}
-    finally:
-        backend.close()
+    settings = SuiteSettings(args.request_rate or [], args.burstiness, args.max_concurrency, args.seed, slos,
+                             targets, args.search_start, args.search_max, args.search_iterations,
+                             args.program_delay_scale)
+    if not settings.rates and not targets:
+        raise SystemExit("nothing to run: give --request-rate and/or --target")
+    if args.backend == "grpc" and (args.server is None or args.model is not None):
+        raise SystemExit("--backend grpc needs --server HOST:PORT and takes no --model (the server has one)")
+    doc = asyncio.run(_serve_async(args, settings))
     table = report.markdown_table([doc])
     print(table)
     if doc["search"]:
-        print(f"\nhighest rate meeting {targets}: {doc['search']['best_rate']} req/s")
+        unit = "programs/s" if args.dataset in PROGRAM_DATASETS else "req/s"
+        print(f"\nhighest rate meeting {targets}: {doc['search']['best_rate']} {unit}")
     if args.out_dir:
         stem = Path(args.out_dir) / (args.label or "bench_serve")
         report.write_json(stem.with_suffix(".json"), doc)
@@ -116,6 +120,56 @@ def _serve(args: argparse.Namespace) -> int:
         report.plot_runs([doc], stem.with_suffix(".png"))
         print(f"wrote {stem}.json, .md, .png", file=sys.stderr)
     return 0
+
+
+async def _open_backend(args: argparse.Namespace) -> Backend:
+    if args.backend == "grpc":
+        from nexus_jax.benchmark.grpc_backend import GrpcBackend
+        from nexus_jax.service_cli import TOKEN_ENV
+
+        tls = args.tls_ca or args.tls
+        return await GrpcBackend.connect(args.server, args.auth_token or os.environ.get(TOKEN_ENV), tls,
+                                         args.request_timeout)
+    from nexus_jax.benchmark.serve import InProcessBackend
+    from nexus_jax.config import EngineConfig
+
+    config = EngineConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+                          block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=args.max_num_batched_tokens,
+                          num_scheduler_steps=args.num_scheduler_steps, scheduling_policy=args.scheduling_policy,
+                          seed=args.seed)
+    return InProcessBackend.from_config(config)
+
+
+async def _serve_async(args: argparse.Namespace, settings: SuiteSettings) -> dict[str, Any]:
+    """Opens the backend inside the event loop (a gRPC channel belongs to its loop), runs the suite, closes."""
+    backend = await _open_backend(args)
+    try:
+        limits = dict(vocab_size=backend.vocab_size, max_model_len=backend.max_model_len)
+        workload: list[BenchRequest] | list[ProgramSpec]
+        if args.dataset in PROGRAM_DATASETS:
+            workload = make_programs(args.dataset, args.num_prompts, seed=args.seed)
+            warmup = warmup_calls(make_programs(args.dataset, args.warmup, seed=args.seed + 1), args.warmup,
+                                  seed=args.seed + 1, **limits) if args.warmup else None
+        else:
+            common = dict(input_len=args.input_len, output_len=args.output_len, path=args.dataset_path, **limits)
+            workload = make_requests(args.dataset, args.num_prompts, seed=args.seed, **common)
+            warmup = make_requests(args.dataset, args.warmup, seed=args.seed + 1, **common) if args.warmup else None
+        outcome = await run_suite(backend, workload, settings, warmup)
+        described = backend.describe()
+    finally:
+        closing = backend.close()
+        if inspect.isawaitable(closing):
+            await closing
+    dataset = {"name": args.dataset, "num_prompts": args.num_prompts, "warmup": args.warmup}
+    if args.dataset in PROGRAM_DATASETS:
+        dataset.update(kind="programs", program_delay_scale=args.program_delay_scale)
+    else:
+        dataset.update(kind="requests", path=args.dataset_path, input_len=args.input_len, output_len=args.output_len)
+    return {"label": args.label, "command": shlex.join(["nexus-jax", *sys.argv[1:]]),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "backend": described, "model": described.get("model") or args.model or "embedded tiny model",
+            "dataset": dataset, "slos": settings.slos, **outcome}
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -132,6 +186,14 @@ def register(subparsers: Any) -> None:
     """Adds `bench serve` and `bench plot` to a `nexus-jax` argparse subparsers object."""
     bench = subparsers.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     s = bench.add_parser("serve", help="online serving benchmark: request-rate sweep, SLO goodput, rate search")
+    s.add_argument("--backend", default="in-process", choices=["in-process", "grpc"],
+                   help="an engine in this process, or a running `nexus-jax serve` at --server")
+    s.add_argument("--server", default=None, metavar="HOST:PORT",
+                   help="the gRPC server of --backend grpc (--target is the rate search's)")
+    s.add_argument("--auth-token", default=None, help="gRPC: bearer token (or set NEXUS_AUTH_TOKEN)")
+    s.add_argument("--tls", action="store_true", help="gRPC: TLS with the system's root certificates")
+    s.add_argument("--tls-ca", default=None, help="gRPC: TLS with this PEM root certificate")
+    s.add_argument("--request-timeout", type=float, default=None, help="gRPC: deadline of each request (s)")
     s.add_argument("--model", default=None, help="checkpoint directory or preset (default: embedded tiny model)")
     s.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
     s.add_argument("--max-model-len", type=int, default=None)
@@ -139,13 +201,18 @@ def register(subparsers: Any) -> None:
     s.add_argument("--max-num-seqs", type=int, default=256)
     s.add_argument("--max-num-batched-tokens", type=int, default=2048)
     s.add_argument("--num-scheduler-steps", type=int, default=1)
-    s.add_argument("--dataset", default="random", choices=DATASETS)
+    s.add_argument("--scheduling-policy", default="fcfs", help="in-process engine: fcfs, priority, mlfq, plas, atlas")
+    s.add_argument("--dataset", default="random", choices=[*DATASETS, *PROGRAM_DATASETS],
+                   help="requests, or agentic programs: chatbot, react, tree, programs-mix (docs/programs.md)")
     s.add_argument("--dataset-path", default=None, help="JSONL file for --dataset jsonl")
     s.add_argument("--input-len", type=int, default=512, help="random dataset: prompt tokens")
     s.add_argument("--output-len", type=int, default=128, help="random dataset, and jsonl lines without one")
-    s.add_argument("--num-prompts", type=int, default=100)
+    s.add_argument("--num-prompts", type=int, default=100, help="requests, or programs for a program dataset")
+    s.add_argument("--program-delay-scale", type=float, default=1.0,
+                   help="program datasets: multiplies the think/tool delays between calls")
     s.add_argument("--warmup", type=int, default=0, help="warm-up requests sent before measuring (not recorded)")
-    s.add_argument("--request-rate", type=_rate, nargs="+", default=None, help="req/s, several for a sweep; inf")
+    s.add_argument("--request-rate", type=_rate, nargs="+", default=None,
+                   help="req/s (programs/s for program datasets), several for a sweep; inf")
     s.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrivals; 1 = Poisson")
     s.add_argument("--max-concurrency", type=int, default=None)
     s.add_argument("--seed", type=int, default=0)

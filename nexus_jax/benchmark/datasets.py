@@ -61,12 +61,14 @@ DATASETS = ("random", *WORKLOADS, *MIXES, "jsonl")
 @dataclasses.dataclass
 class BenchRequest:
     """One request: prompt is {"prompt": text} or {"prompt_token_ids": [...]}; prompt_len is None for text
-    until the backend tokenizes it."""
+    until the backend tokenizes it. Calls of an agentic program carry its id and their thread id."""
 
     prompt: dict[str, Any]
     prompt_len: int | None
     output_len: int
     source: str = ""
+    program_id: str | None = None
+    thread_id: str = ""
 
 
 def sample_lengths(dataset: str, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -120,6 +122,21 @@ def make_requests(dataset: str, num_requests: int, *, vocab_size: int, max_model
         ids = rng.integers(0, vocab_size, i).tolist()
         requests.append(BenchRequest({"prompt_token_ids": ids}, i, o, name))
     return requests
+
+
+def salted(requests: list[BenchRequest], salt: int, vocab_size: int) -> list[BenchRequest]:
+    """Copies whose token-id prompts start with a token shifted by `salt`: every block key chains from the first
+    block, so a salted prompt shares no prefix-cache entry with the unsalted one (a sweep re-sending the same
+    prompts would otherwise find them cached by the previous run). Text prompts are left as they are."""
+    if salt == 0:
+        return requests
+    out = []
+    for r in requests:
+        ids = r.prompt.get("prompt_token_ids")
+        if ids:
+            r = dataclasses.replace(r, prompt={"prompt_token_ids": [(ids[0] + salt) % vocab_size, *ids[1:]]})
+        out.append(r)
+    return out
 
 
 def load_jsonl(path: str, num_requests: int, *, vocab_size: int, default_output_len: int) -> list[BenchRequest]:

@@ -4,6 +4,9 @@ Definitions (vLLM's): TTFT = first token - sent; TPOT = (last token - first toke
 with two tokens or more; ITL = every gap between consecutive tokens of every request, pooled; E2E = finished -
 sent. Throughputs count completed requests over the run's duration (first send to last finish). Goodput counts
 only the completed requests that meet every per-request SLO (ttft, tpot, itl = the request's largest gap, e2e).
+Program workloads add, over the programs whose every call completed: program latency = last call finished -
+program arrived (think and tool delays included) and Autellix's program-level token latency = program latency /
+tokens the program generated, and program throughput = completed programs / duration.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from nexus_jax.benchmark.programs_driver import ProgramRunResult
 from nexus_jax.benchmark.serve import RequestRecord, RunResult
 
 METRICS = ("ttft", "tpot", "itl", "e2e")
@@ -67,7 +71,20 @@ def summarize(run: RunResult, slos: dict[str, float] | None = None) -> dict[str,
         good = sum(meets_slos(r, slos) for r in done)
         summary["good_requests"] = good
         summary["goodput"] = good / duration
+    if isinstance(run, ProgramRunResult):
+        summary["programs"] = summarize_programs(run)
     return summary
+
+
+def summarize_programs(run: ProgramRunResult) -> dict[str, Any]:
+    done = [p for p in run.programs if p.success]
+    duration = max(run.duration, 1e-9)
+    return {"completed": len(done), "failed": len(run.programs) - len(done),
+            "program_throughput": len(done) / duration,
+            "calls_per_program": float(np.mean([p.num_calls for p in done])) if done else None,
+            "output_tokens_per_program": float(np.mean([p.output_tokens for p in done])) if done else None,
+            "program_latency": distribution(p.end - p.start for p in done),
+            "token_latency": distribution((p.end - p.start) / p.output_tokens for p in done if p.output_tokens)}
 
 
 def parse_limits(items: Iterable[str], with_stat: bool) -> dict[str, float]:
@@ -104,9 +121,12 @@ def meets_targets(summary: dict[str, Any], targets: dict[str, float]) -> bool:
 
 
 def run_to_json(run: RunResult, summary: dict[str, Any]) -> dict[str, Any]:
-    return {"request_rate": _rate_out(run.request_rate), "burstiness": run.burstiness,
-            "max_concurrency": run.max_concurrency, "summary": summary,
-            "records": [dataclasses.asdict(r) for r in run.records]}
+    doc = {"request_rate": _rate_out(run.request_rate), "burstiness": run.burstiness,
+           "max_concurrency": run.max_concurrency, "summary": summary,
+           "records": [dataclasses.asdict(r) for r in run.records]}
+    if isinstance(run, ProgramRunResult):
+        doc["programs"] = [dataclasses.asdict(p) for p in run.programs]
+    return doc
 
 
 def write_json(path: str | Path, doc: dict[str, Any]) -> None:
@@ -128,12 +148,13 @@ def _rate_out(rate: float) -> float | str:
     return "inf" if math.isinf(rate) else rate
 
 
-def _ms(d: dict[str, float | None]) -> str:
-    return " / ".join("-" if d[s] is None else f"{d[s] * 1e3:.1f}" for s in STATS)
+def _ms(d: dict[str, float | None], scale: float = 1e3, digits: int = 1) -> str:
+    return " / ".join("-" if d[s] is None else f"{d[s] * scale:.{digits}f}" for s in STATS)
 
 
 def markdown_table(docs: list[dict[str, Any]]) -> str:
-    """One row per run of every results document; latencies as mean / median / P90 / P99 in milliseconds."""
+    """One row per run of every results document; latencies as mean / median / P90 / P99 in milliseconds.
+    Runs of program workloads get a second table of program metrics (their rate is programs/s)."""
     lines = ["| label | rate (req/s) | max conc. | done / failed | req/s | input tok/s | output tok/s | goodput "
              "(req/s) | TTFT ms | TPOT ms | ITL ms | E2E ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -146,7 +167,29 @@ def markdown_table(docs: list[dict[str, Any]]) -> str:
                          f"{s['input_throughput']:.0f} | {s['output_throughput']:.0f} | {goodput} | "
                          f"{_ms(s['ttft'])} | {_ms(s['tpot'])} | {_ms(s['itl'])} | {_ms(s['e2e'])} |")
     lines.append("\nlatency columns: mean / median / P90 / P99")
-    return "\n".join(lines)
+    programs = program_table(docs)
+    return "\n".join(lines) + (f"\n\n{programs}" if programs else "")
+
+
+def program_table(docs: list[dict[str, Any]]) -> str:
+    """The program metrics of every program run ("" when there is none)."""
+    rows = []
+    for doc in docs:
+        for run in doc["runs"]:
+            p = run["summary"].get("programs")
+            if p is None:
+                continue
+            per_program = "-" if p["calls_per_program"] is None else (
+                f"{p['calls_per_program']:.1f} / {p['output_tokens_per_program']:.0f}")
+            rows.append(f"| {doc.get('label', '')} | {run['request_rate']} | {run['max_concurrency'] or '-'} | "
+                        f"{p['completed']} / {p['failed']} | {p['program_throughput']:.3f} | {per_program} | "
+                        f"{_ms(p['token_latency'])} | {_ms(p['program_latency'], 1.0, 2)} |")
+    if not rows:
+        return ""
+    return "\n".join(["| label | rate (programs/s) | max conc. | programs done / failed | programs/s | calls / "
+                      "output tokens per program | token latency ms/token | program latency s |",
+                      "|---|---|---|---|---|---|---|---|", *rows,
+                      "\nprogram columns: mean / median / P90 / P99; token latency = program latency / its tokens"])
 
 
 def plot_runs(docs: list[dict[str, Any]], out: str | Path) -> None:

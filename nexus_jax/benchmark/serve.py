@@ -3,7 +3,7 @@
 Arrivals follow a gamma process (shape = burstiness, mean gap = 1 / rate): burstiness 1 is Poisson, below 1
 burstier, above 1 more regular; an infinite rate sends everything at once. A semaphore caps the requests in
 flight (max_concurrency), as a client pool would. The driver talks to a `Backend`, so the same benchmark runs
-in process or, later, over the network.
+in process (`InProcessBackend`) or over gRPC (`grpc_backend.GrpcBackend`).
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ class Backend(Protocol):
         """Device, model and settings, for the results file."""
         ...
 
-    def close(self) -> None:
+    def close(self) -> Awaitable[None] | None:
+        """Releases the engine or the connection; callers await an awaitable result (a network backend closes
+        its channel on the event loop)."""
         ...
 
 
@@ -77,7 +79,8 @@ class InProcessBackend:
         params = SamplingParams(temperature=0.0, max_tokens=request.output_len, ignore_eos=True)
         start, out = time.monotonic(), None
         try:
-            async for out in self.llm.generate(request.prompt, params):
+            async for out in self.llm.generate(request.prompt, params, program_id=request.program_id,
+                                               thread_id=request.thread_id):
                 pass
         except Exception as e:  # a rejected or failed request is data, not a crash of the benchmark
             return RequestRecord(request.prompt_len or 0, request.output_len, start, [], time.monotonic(), False,

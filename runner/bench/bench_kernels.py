@@ -1,7 +1,7 @@
 """GPU benchmark of the paged-attention kernels: correctness vs the jnp reference, timing, tuning sweeps, and
 jax's own shipped kernels for comparison. Prints a Markdown table and writes it (and a log) under --out.
 
-    PYTHONPATH=. PYTHONUNBUFFERED=1 python3 runner/bench/bench_kernels.py --out $OUT
+    PYTHONPATH=. PYTHONUNBUFFERED=1 python3 runner/bench/bench_kernels.py --out $OUT [--json PATH]
 
 Every case is isolated: a failure prints its error and the run goes on. A deadline keeps the whole run inside
 the device tool's limit; cases past it are skipped and say so.
@@ -285,6 +285,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench_out")
     parser.add_argument("--budget", type=float, default=430.0, help="seconds before remaining cases are skipped")
     parser.add_argument("--sweep", action="store_true", help="tuning sweeps of block sizes / warps / stages")
+    parser.add_argument("--json", default=None, help="also write the rows, device, date and the HBM copy "
+                        "bandwidth measured in this run (the memory roofline) here, for run_all.py")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -324,6 +326,13 @@ def main() -> None:
     (out / "kernels_table.md").write_text("\n".join(table) + "\n")
     (out / "kernels_rows.json").write_text(json.dumps(ROWS, indent=1))
     (out / "bench_log.txt").write_text("\n".join(LOG) + "\n")
+    if args.json:
+        from runner.bench.bench_model import hbm_copy_tbps
+        doc = {"device": dev.device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "hbm_copy_tbps": hbm_copy_tbps(), "peak_bf16_tflops": 989.0, "rows": ROWS,
+               "table": "\n".join(table)}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(doc, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Full-model step benchmark on a GPU: decode step at batch x context, and a long prefill, on random weights.
 
-  PYTHONPATH=. python3 runner/bench/bench_model.py --preset llama-3.1-8b --out $OUT
+  PYTHONPATH=. python3 runner/bench/bench_model.py --preset llama-3.1-8b --out $OUT [--json PATH]
 
 Prints a Markdown table with each figure against its roofline: bytes (weights + KV read) over the measured HBM
 bandwidth for decode, FLOPs over the bf16 peak for prefill.
@@ -28,6 +28,7 @@ PEAK_BF16_TFLOPS = 989.0  # H100 SXM dense datasheet; MFU is quoted against it
 
 
 def hbm_copy_tbps(n_bytes: int = 4 << 30) -> float:
+    """Copy bandwidth (read + write) of an elementwise op over n_bytes: the memory roofline."""
     x = jnp.ones(n_bytes // 2, jnp.bfloat16)
     f = jax.jit(lambda a: a + 1)
     f(x).block_until_ready()
@@ -119,12 +120,16 @@ def main() -> None:
     ap.add_argument("--check-dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--decode-only", action="store_true", help="skip the logits check and the prefill")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--json", default=None, help="also write the figures as numbers here, for run_all.py")
+    ap.add_argument("--copy-mb", type=int, default=4096, help="size of the HBM copy that measures bandwidth")
     args = ap.parse_args()
     cfg = ModelConfig.preset(args.preset)
     rng = np.random.default_rng(0)
     dev = jax.devices()[0]
-    tbps = hbm_copy_tbps()
+    tbps = hbm_copy_tbps(args.copy_mb << 20)
     rows = []
+    figures = {"device": dev.device_kind, "jax": jax.__version__, "date": str(datetime.date.today()),
+               "preset": args.preset, "hbm_copy_tbps": tbps, "peak_bf16_tflops": PEAK_BF16_TFLOPS}
     if not args.decode_only:
         check = ModelConfig.preset(args.check_preset) if args.check_preset else cfg
         check_dtype = jnp.float32 if args.check_dtype == "float32" else jnp.bfloat16
@@ -132,6 +137,8 @@ def main() -> None:
         print(f"model logits, pallas vs xla kernels: max relative error {err:.2e}", flush=True)
         rows.append(("logits pallas vs xla", f"{args.check_preset or args.preset} {args.check_dtype}, 3 seqs",
                      f"rel err {err:.1e}", "", ""))
+        figures["logits_check"] = {"preset": args.check_preset or args.preset, "dtype": args.check_dtype,
+                                   "rel_err": err}
     params = random_params(cfg, jnp.bfloat16, seed=0)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     num_blocks = max(args.batch * -(-args.ctx // 16), -(-args.prefill_tokens // 16)) + 64
@@ -143,11 +150,15 @@ def main() -> None:
     floor = (weight_bytes + kv_bytes) / (tbps * 1e12)
     rows.append(("decode step", f"B={args.batch} ctx={args.ctx}", f"{device * 1e3:.2f} ms (device), "
                  f"{full * 1e3:.2f} ms (with host)", f"floor {floor * 1e3:.2f} ms", f"{floor / device:.0%}"))
+    figures["decode"] = {"batch": args.batch, "ctx": args.ctx, "device_ms": device * 1e3, "host_ms": full * 1e3,
+                         "floor_ms": floor * 1e3, "weights_gb": weight_bytes / 1e9, "kv_read_gb": kv_bytes / 1e9}
     if not args.decode_only:
         t = prefill(runner, 1, args.prefill_tokens, rng)
         flops = prefill_flops(cfg, 1, args.prefill_tokens)
         rows.append(("prefill", f"1 x {args.prefill_tokens} tokens", f"{t * 1e3:.1f} ms",
                      f"{flops / t / 1e12:.0f} TF/s", f"MFU {flops / t / 1e12 / PEAK_BF16_TFLOPS:.0%}"))
+        figures["prefill"] = {"tokens": args.prefill_tokens, "ms": t * 1e3, "tflops": flops / t / 1e12,
+                              "mfu": flops / t / 1e12 / PEAK_BF16_TFLOPS}
     head = (f"device: {dev.device_kind}; date {datetime.date.today()}; jax {jax.__version__}; "
             f"HBM copy {tbps:.2f} TB/s; weights {weight_bytes / 1e9:.2f} GB; KV read {kv_bytes / 1e9:.2f} GB")
     table = [head, "", "| what | shape | time | roofline | ratio |", "|---|---|---|---|---|"]
@@ -159,6 +170,10 @@ def main() -> None:
             f.write("\n".join(table) + "\n")
         with open(os.path.join(args.out, "bench_model.json"), "w") as f:
             json.dump({"rows": rows, "head": head}, f)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({**figures, "table": "\n".join(table)}, f, indent=1)
 
 
 if __name__ == "__main__":

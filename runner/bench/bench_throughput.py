@@ -1,6 +1,6 @@
 """Offline throughput: `LLM.generate` on random weights against Hugging Face transformers `generate`, same GPU.
 
-  PYTHONPATH=. python3 runner/bench/bench_throughput.py --out $OUT
+  PYTHONPATH=. python3 runner/bench/bench_throughput.py --out $OUT [--json PATH]
 
 transformers runs first in a subprocess (so its CUDA memory is gone before JAX starts). nexus-jax then runs the
 workload twice: the first pass includes XLA compilation of every shape bucket it meets, the second is steady
@@ -59,9 +59,9 @@ class StepTimer:
     def restore(self) -> None:
         del self.executor.step, self.executor.decode_steps
 
-    def step(self, decodes, prefills, rows, num_logprobs=0):
+    def step(self, decodes, prefills, rows, *args, **kwargs):  # passes on what else the engine gives (banned ids)
         t = time.perf_counter()
-        out = self.step_fn(decodes, prefills, rows, num_logprobs)  # returns host values: the step is done
+        out = self.step_fn(decodes, prefills, rows, *args, **kwargs)  # returns host values: the step is done
         ctx = sum(c.start_pos + 1 for c in decodes)
         self.steps.append((len(decodes), sum(len(c.token_ids) for c in prefills), ctx, time.perf_counter() - t))
         return out
@@ -82,7 +82,7 @@ def run_nexus(args) -> dict:
     from runner.bench.bench_model import hbm_copy_tbps
     from runner.model_runner import ModelRunner
 
-    tbps = hbm_copy_tbps()
+    tbps = hbm_copy_tbps(args.copy_mb << 20)
     llm = LLM(args.preset, max_model_len=args.input_len + args.output_len, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, num_scheduler_steps=args.num_scheduler_steps)
     engine = llm.llm_engine
@@ -130,6 +130,8 @@ def main() -> None:
     ap.add_argument("--hf-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--json", default=None, help="also write the results (with date and command) here")
+    ap.add_argument("--copy-mb", type=int, default=4096, help="size of the HBM copy that measures bandwidth")
     args = ap.parse_args()
     if args.hf_only:
         print(json.dumps(hf_baseline(args.preset, args.hf_batch, args.input_len, args.output_len)))
@@ -165,6 +167,12 @@ def main() -> None:
             f.write("\n".join(lines) + "\n")
         with open(os.path.join(args.out, "bench_throughput.json"), "w") as f:
             json.dump({"hf": hf, "nexus": nexus}, f, indent=1)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"date": str(datetime.date.today()), "command": cmd, "preset": args.preset,
+                       "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
+                       "hf": hf, "nexus": nexus, "table": "\n".join(lines)}, f, indent=1)
 
 
 if __name__ == "__main__":
