@@ -38,6 +38,7 @@ class EngineConfig:
     # "on": the worker processes even without MPS (CPU, tests): the same path, SM shares not enforced.
     disaggregation: str = "off"
     sm_ladder: tuple[int, ...] = (30, 50)  # decode SM shares (%) of the warm workers; prefill gets the rest
+    aggregate_when_safe: bool = True       # DuetServe: one mixed step on all SMs while it meets the TBT SLO
     slo_ttft: float = 2.0                  # seconds: time to first token the partition controller aims for
     slo_tbt: float = 0.05                  # seconds: time between tokens
     prefill_aging: float = 15.0            # prefill order: remaining prompt tokens - this * seconds waited

@@ -61,6 +61,8 @@ def build_engine(config: EngineConfig) -> DisaggEngine | None:
     from runner.loader import load_model
     from runner.mps import try_start_mps
 
+    # If anything in this process starts a JAX GPU client later, it must not take 75% of the memory up front.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     mps = try_start_mps()
     if mps is None and config.disaggregation == "auto":
         return None  # try_start_mps warned once
@@ -83,7 +85,8 @@ def build_engine(config: EngineConfig) -> DisaggEngine | None:
         mc = loaded.config
         device = pool.workers[AGGREGATE].call("info")["device_kind"]
         controller = PartitionController(_cost_model(config, mc, device, loaded.name), config.sm_ladder,
-                                         Slo(ttft=config.slo_ttft, tbt=config.slo_tbt))
+                                         Slo(ttft=config.slo_ttft, tbt=config.slo_tbt),
+                                         allow_aggregate=config.aggregate_when_safe)
         num_blocks = pool.shared.kv_shape[2]
         if config.max_model_len is not None and config.max_model_len > mc.max_position_embeddings:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context "
@@ -98,6 +101,7 @@ def build_engine(config: EngineConfig) -> DisaggEngine | None:
             mps.stop()
         raise
     engine.mps = mps
+    engine.device_kind = device
     return engine
 
 

@@ -86,6 +86,30 @@ async def _run_once(backend: Backend, workload: list[BenchRequest] | list[Progra
     return await run_requests(backend, salted(workload, salt, backend.vocab_size), request_rate=rate, **common)
 
 
+def engine_overrides(items: list[str] | None) -> dict[str, Any]:
+    """--engine-arg KEY=VALUE pairs as EngineConfig fields, each value parsed by the field's default's type
+    (comma-separated for tuples, e.g. sm_ladder=20,40)."""
+    from nexus_jax.config import EngineConfig
+
+    fields = {f.name: f for f in dataclasses.fields(EngineConfig)}
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--engine-arg wants KEY=VALUE with KEY an EngineConfig field, got {item!r}")
+        default = fields[key].default
+        if isinstance(default, bool):
+            value: Any = text.lower() in ("1", "true", "yes", "on")
+        elif isinstance(default, tuple):
+            value = tuple(int(v) for v in text.split(",") if v)
+        elif isinstance(default, (int, float)) and not text.lower() == "none":
+            value = type(default)(text)
+        else:
+            value = None if text.lower() == "none" else text
+        out[key] = value
+    return out
+
+
 def _rate(text: str) -> float:
     try:
         rate = float(text)
@@ -137,7 +161,7 @@ async def _open_backend(args: argparse.Namespace) -> Backend:
                           block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens,
                           num_scheduler_steps=args.num_scheduler_steps, scheduling_policy=args.scheduling_policy,
-                          seed=args.seed)
+                          seed=args.seed, **engine_overrides(args.engine_arg))
     return InProcessBackend.from_config(config)
 
 
@@ -202,6 +226,9 @@ def register(subparsers: Any) -> None:
     s.add_argument("--max-num-batched-tokens", type=int, default=2048)
     s.add_argument("--num-scheduler-steps", type=int, default=1)
     s.add_argument("--scheduling-policy", default="fcfs", help="in-process engine: fcfs, priority, mlfq, plas, atlas")
+    s.add_argument("--engine-arg", action="append", metavar="KEY=VALUE",
+                   help="in-process engine: any EngineConfig field, e.g. disaggregation=auto, sm_ladder=30,50, "
+                        "slo_tbt=0.05, warmup=true")
     s.add_argument("--dataset", default="random", choices=[*DATASETS, *PROGRAM_DATASETS],
                    help="requests, or agentic programs: chatbot, react, tree, programs-mix (docs/programs.md)")
     s.add_argument("--dataset-path", default=None, help="JSONL file for --dataset jsonl")

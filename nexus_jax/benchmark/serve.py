@@ -71,9 +71,16 @@ class InProcessBackend:
 
         from nexus_jax.async_llm import AsyncLLM
         llm = AsyncLLM.from_config(config)
-        device = jax.devices()[0]
-        return cls(llm, {"backend": "in-process", "device": f"{device.platform}: {device.device_kind}",
-                         "jax": jax.__version__, "engine_config": dataclasses.asdict(config)})
+        # A disaggregated engine knows its workers' device; asking JAX here would start a device client in
+        # this process, which must leave the GPU to the workers.
+        device = getattr(llm.engine, "device_kind", None)
+        if device is None:
+            d = jax.devices()[0]
+            device = f"{d.platform}: {d.device_kind}"
+        stats = llm.engine.stats()
+        return cls(llm, {"backend": "in-process", "device": device, "jax": jax.__version__,
+                         "engine_mode": stats.get("mode", "aggregated"), "sm_isolation": stats.get("sm_isolation"),
+                         "engine_config": dataclasses.asdict(config)})
 
     async def send(self, request: BenchRequest) -> RequestRecord:
         params = SamplingParams(temperature=0.0, max_tokens=request.output_len, ignore_eos=True)
