@@ -32,6 +32,7 @@ class EngineConfig:
     params_cache_dir: str | None = None    # orbax cache of converted weights: later starts skip safetensors
     max_prefill_seqs: int = 16             # prefill chunks per step (a fixed slot count of the step shapes)
     warmup: bool = False                   # compile every step shape at start instead of on first use
+    min_table_blocks: int = 64             # narrowest block-table width compiled (fewer widths, fewer programs)
     compilation_cache_dir: str | None = None  # JAX's persistent compilation cache (shared by worker processes)
     # Intra-GPU prefill/decode disaggregation. "off": one process, chunked prefill. "auto": prefill and decode
     # workers on SM partitions under a private CUDA MPS daemon, or (one warning) "off" where MPS cannot start.
@@ -48,7 +49,7 @@ class EngineConfig:
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "cpu_kv_cache_tokens",
-                     "num_scheduler_steps", "max_prefill_seqs"):
+                     "num_scheduler_steps", "max_prefill_seqs", "min_table_blocks"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -120,13 +120,17 @@ class DisaggEngine(LLMEngine):
             outputs += self._submit(AGGREGATE, mixed, "mixed")
             return outputs
         split = decision.mode == "split"
+        # A phase alone runs on all SMs; without aggregation it stays on the ladder's widest worker of its phase.
+        alone = self.controller.allow_aggregate
         if has_decode:
-            name = decode_worker(decision.decode_share) if split else AGGREGATE
+            name = (decode_worker(decision.decode_share) if split else
+                    AGGREGATE if alone else decode_worker(self.controller.ladder[-1]))
             outputs += self._submit(self._free_worker(name, "decode"), decode, "decode")
         elif decode is not None:
             self._unhold(decode)
         if has_prefill:
-            name = prefill_worker(decision.decode_share) if split else AGGREGATE
+            name = (prefill_worker(decision.decode_share) if split else
+                    AGGREGATE if alone else prefill_worker(self.controller.ladder[0]))
             outputs += self._submit(self._free_worker(name, "prefill"), prefill, "prefill")
         elif prefill is not None:
             self._unhold(prefill)

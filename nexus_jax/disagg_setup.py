@@ -34,7 +34,7 @@ WORKER_RESERVE_BYTES = 3 << 30
 def worker_specs(config: EngineConfig) -> list[tuple[WorkerSpec, int]]:
     """The holder (loads and owns the shared memory), the aggregate worker (all SMs: mixed steps, and a phase
     alone), then a decode and a prefill worker per rung of the ladder."""
-    shapes = StepShapes(prefill_seqs=config.max_prefill_seqs)
+    shapes = StepShapes(prefill_seqs=config.max_prefill_seqs, min_table_blocks=config.min_table_blocks)
     warmup = None
     if config.warmup:
         warmup = {"max_decode_rows": config.max_num_seqs, "max_prefill_tokens": config.max_num_batched_tokens,
@@ -47,7 +47,9 @@ def worker_specs(config: EngineConfig) -> list[tuple[WorkerSpec, int]]:
     num_workers = 1 + 2 * len(config.sm_ladder)
     specs = [(WorkerSpec(HOLDER, env=(("XLA_PYTHON_CLIENT_ALLOCATOR", "platform"),),
                          reserve_bytes=num_workers * WORKER_RESERVE_BYTES, **base), 100),
-             (WorkerSpec(AGGREGATE, warmup=warmup, **base), 100)]
+             # Mixed shapes are rows x tokens x widths: too many to compile up front; they compile on first use.
+             (WorkerSpec(AGGREGATE, warmup=None if warmup is None or not config.aggregate_when_safe
+                         else {**warmup, "mixed": False}, **base), 100)]
     for share in config.sm_ladder:
         # Each worker compiles only its phase's shapes; the mixed shapes belong to the holder.
         dw = None if warmup is None else {**warmup, "max_prefill_tokens": 0, "mixed": False}

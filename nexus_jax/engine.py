@@ -98,7 +98,8 @@ class LLMEngine:
                              kernel_impl=config.kernel_impl, release_params=True,
                              memory_utilization=config.gpu_memory_utilization,
                              cpu_kv_tokens=config.cpu_kv_cache_tokens,
-                             shapes=StepShapes(prefill_seqs=config.max_prefill_seqs))
+                             shapes=StepShapes(prefill_seqs=config.max_prefill_seqs,
+                                               min_table_blocks=config.min_table_blocks))
         del params
         max_len = min(config.max_model_len or mc.max_position_embeddings, runner.num_blocks * config.block_size)
         eos = loaded.tokenizer.eos_token_ids if loaded.tokenizer is not None else mc.eos_token_ids
