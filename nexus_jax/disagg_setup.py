@@ -51,7 +51,7 @@ def worker_specs(config: EngineConfig) -> list[tuple[WorkerSpec, int]]:
              (WorkerSpec(AGGREGATE, warmup=None if warmup is None or not config.aggregate_when_safe
                          else {**warmup, "mixed": False}, **base), 100)]
     for share in config.sm_ladder:
-        # Each worker compiles only its phase's shapes; the mixed shapes belong to the holder.
+        # Each phase worker compiles only its phase's shapes.
         dw = None if warmup is None else {**warmup, "max_prefill_tokens": 0, "mixed": False}
         pw = None if warmup is None else {**warmup, "max_decode_rows": 0, "mixed": False}
         specs.append((WorkerSpec(decode_worker(share), warmup=dw, **base), share))
