@@ -44,12 +44,17 @@ class _EngineCollector(Collector):
         c = CounterMetricFamily("nexus:num_preemptions", "Preemptions by the scheduler")
         c.add_metric([], float(stats["num_preemptions"]))
         yield c
-        # Placeholders until intra-GPU prefill/decode disaggregation lands: one aggregated partition, no switches.
+        # The disaggregated engine reports its partition controller; the aggregated one is one partition.
+        controller = stats.get("controller") or {}
         g = GaugeMetricFamily("nexus:sm_split", "Current SM split between prefill and decode", labels=["split"])
-        g.add_metric([self.sm_split], 1.0)
+        g.add_metric([str(controller.get("current") or self.sm_split)], 1.0)
         yield g
         c = CounterMetricFamily("nexus:partition_switches", "Changes of the SM split")
-        c.add_metric([], 0.0)
+        c.add_metric([], float(controller.get("switches", 0)))
+        yield c
+        c = CounterMetricFamily("nexus:partition_decisions", "Partition decisions by mode", labels=["mode"])
+        for mode, n in sorted((controller.get("modes") or {}).items()):
+            c.add_metric([mode], float(n))
         yield c
 
 

@@ -196,3 +196,15 @@ def test_prefill_plans_respect_the_prefill_slot_count_even_for_one_token_remaind
     engine.scheduler.release(plan)
     done = run(engine, {})
     assert all(done[f"one{i}"].outputs[0].token_ids == expected([i + 1], 2) for i in range(10))
+
+
+def test_partition_decisions_are_exported_as_metrics():
+    from nexus_jax.metrics import EngineMetrics
+    engine = make_engine(tbt=1e-9)
+    run(engine, staggered(2))
+    from prometheus_client import generate_latest
+    text = generate_latest(EngineMetrics(engine).registry).decode()
+    switches = engine.controller.stats()["switches"]
+    assert f"nexus:partition_switches_total {float(switches)}" in text
+    assert 'nexus:partition_decisions_total{mode="split"}' in text
+    assert f'nexus:sm_split{{split="{engine.controller.stats()["current"]}"}} 1.0' in text
