@@ -298,7 +298,9 @@ class LLMEngine:
 
     def _fail(self, plan: SchedulerOutput, message: str) -> list[RequestOutput]:
         now = time.monotonic()
-        groups = {c.request.group_id: self.groups[c.request.group_id] for c in plan.chunks}
+        # A group aborted while its step executed (disaggregated mode) has already ended and been reported.
+        groups = {c.request.group_id: self.groups[c.request.group_id] for c in plan.chunks
+                  if c.request.group_id in self.groups}
         for group in groups.values():
             group.error = message
             for seq in group.seqs:

@@ -208,3 +208,25 @@ def test_partition_decisions_are_exported_as_metrics():
     assert f"nexus:partition_switches_total {float(switches)}" in text
     assert 'nexus:partition_decisions_total{mode="split"}' in text
     assert f'nexus:sm_split{{split="{engine.controller.stats()["current"]}"}} 1.0' in text
+
+
+def test_a_step_that_fails_after_one_of_its_requests_was_aborted_fails_only_the_others():
+    engine = make_engine(tbt=1e-9)
+    engine.add_request("gone", {"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=4))
+    engine.add_request("kept", {"prompt_token_ids": [4, 5, 6]}, SamplingParams(max_tokens=4))
+    engine._dispatch()
+    (name, flight), = engine.flights.items()
+    assert {c.request.request_id for c in flight.plan.chunks} == {"gone", "kept"}
+    handle = engine.pool.workers[name]
+    original = handle.result
+
+    def broken():
+        handle.result = original
+        handle.busy = False
+        raise RuntimeError("worker died")
+    handle.result = broken
+    assert engine.abort_request("gone")
+    done = run(engine, {})
+    assert done["gone"].outputs[0].finish_reason == "abort"
+    assert done["kept"].outputs[0].finish_reason == "error"
+    assert engine.block_manager.usage == 0.0
