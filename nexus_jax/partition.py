@@ -162,15 +162,17 @@ class PartitionController:
         note = ""
         # Back from decode-priority only once KV use is clearly below the threshold, so it does not flap there.
         was_decode_priority = cur is not None and self.current.objective == "decode-priority"
+        # Prefill-priority's rung: the fastest prefill whose decode time stays within slack of decode's best (its
+        # largest rung) and within TBT.
+        best = t_dec(lad[-1])
+        decode_bound = min(self.decode_slack * best, tbt)
+        if best > tbt:
+            pp_choice, pp_note = lad[-1], "no ladder share meets TBT; fastest decode"
+        else:
+            pp_choice, pp_note = _boundary(lad, start, lambda d: t_dec(d) <= decode_bound, lowest=True), ""
         if state.kv_usage <= self.kv_threshold * (1 - self.hysteresis if was_decode_priority else 1):
-            # Minimise prefill time; decode within slack of its best (its largest rung) and within TBT.
-            objective, cost, con = "prefill-priority", t_pre, t_dec
-            best = t_dec(lad[-1])
-            bound = min(self.decode_slack * best, tbt)
-            if best > tbt:
-                choice, note = lad[-1], "no ladder share meets TBT; fastest decode"
-            else:
-                choice = _boundary(lad, start, lambda d: t_dec(d) <= bound, lowest=True)
+            objective, cost, con, bound = "prefill-priority", t_pre, t_dec, decode_bound
+            choice, note = pp_choice, pp_note
         else:
             # Minimise decode time; prefill within slack of its best (the smallest decode rung). TBT comes first:
             # if the choice misses it, take the smallest larger rung that meets it.
@@ -182,6 +184,10 @@ class PartitionController:
                 choice = meets if meets is not None else lad[-1]
                 note = ("TBT overrides prefill slack" if meets is not None
                         else "no ladder share meets TBT; fastest decode")
+            if choice < pp_choice:
+                # Decode time is nearly flat in the share while prefill time is linear, so the prefill slack can
+                # stop below the rung prefill-priority would give decode; under KV pressure decode gets no less.
+                choice, note = pp_choice, f"raised to prefill-priority's d{pp_choice}"
         if cur is not None and cur != choice and self.current.objective == objective:
             # Keep the current rung while it still (nearly) satisfies the constraint, never trading away TBT,
             # unless the optimum is better by more than the hysteresis.
