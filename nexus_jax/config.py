@@ -9,6 +9,7 @@ from runner.config import DTYPE_NAMES
 
 KERNEL_IMPLS = (None, "pallas", "interpret", "xla")
 DISAGGREGATION_MODES = ("off", "auto", "on")
+PREEMPTION_MODES = ("recompute", "swap")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +45,10 @@ class EngineConfig:
     slo_tbt: float = 0.05                  # seconds: time between tokens
     prefill_aging: float = 15.0            # prefill order: remaining prompt tokens - this * seconds waited
     cost_model_path: str | None = None     # profiled latency table (nexus-jax profile); default: found by GPU
+    # How a running request gives up its KV blocks: "recompute" frees them; "swap" copies them to host memory
+    # (aggregated mode only) and recomputes only when swap_space_gib is full.
+    preemption_mode: str = "recompute"
+    swap_space_gib: float = 4.0            # host memory for swapped-out KV blocks
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_NAMES:
@@ -78,3 +83,12 @@ class EngineConfig:
             raise ValueError(f"prefill_aging must be >= 0, got {self.prefill_aging!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, "
+                             f"got {self.preemption_mode!r}")
+        gib = self.swap_space_gib
+        if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not 0 < gib < float("inf"):
+            raise ValueError(f"swap_space_gib must be a positive number of GiB, got {gib!r}")
+        if self.preemption_mode == "swap" and self.disaggregation != "off":
+            raise ValueError("swap preemption is for the aggregated mode: use preemption_mode='recompute' with "
+                             f"disaggregation={self.disaggregation!r}")

@@ -22,6 +22,7 @@ from nexus_jax.request import Request, RequestStatus
 from nexus_jax.sampling_params import SamplingParams
 from nexus_jax.scheduler import Scheduler, SchedulerOutput
 from nexus_jax.stop import StopChecker
+from nexus_jax.swap_space import SwapSpace
 from nexus_jax.tokenizer import IncrementalDetokenizer, Tokenizer
 from runner.sampling import validate_row
 from runner.step_batch import SeqChunk
@@ -60,16 +61,27 @@ class LLMEngine:
         self.vocab_size = vocab_size
         self.eos_token_ids = tuple(eos_token_ids)
         self.block_manager = BlockManager(executor.num_blocks, executor.block_size, config.enable_prefix_caching)
+        swap_space = self._swap_space(config, executor) if config.preemption_mode == "swap" else None
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=config.max_num_batched_tokens,
                                    policy=config.scheduling_policy,
                                    num_scheduler_steps=config.num_scheduler_steps,
-                                   max_prefill_seqs=config.max_prefill_seqs,
+                                   max_prefill_seqs=config.max_prefill_seqs, swap_space=swap_space,
                                    program_config=ProgramConfig(beta=config.program_beta,
                                                                 idle_timeout=config.program_idle_timeout))
         self.groups: dict[str, RequestGroup] = {}
         self._rng = random.Random(config.seed)
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
+
+    @staticmethod
+    def _swap_space(config: EngineConfig, executor: Executor) -> SwapSpace:
+        """Books swap_space_gib of host memory in the executor and the matching host blocks for the scheduler."""
+        num_blocks = int(config.swap_space_gib * 2**30) // executor.block_bytes
+        if num_blocks < 1:
+            raise ValueError(f"swap_space_gib {config.swap_space_gib} holds no KV block "
+                             f"({executor.block_bytes} bytes each)")
+        executor.allocate_swap_space(num_blocks)
+        return SwapSpace(num_blocks)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "LLMEngine":
@@ -104,11 +116,17 @@ class LLMEngine:
         max_len = min(config.max_model_len or mc.max_position_embeddings, runner.num_blocks * config.block_size)
         eos = loaded.tokenizer.eos_token_ids if loaded.tokenizer is not None else mc.eos_token_ids
         if config.warmup:
+            start = time.monotonic()
             n = runner.warmup(config.max_num_seqs, config.max_num_batched_tokens,
                               -(-max_len // config.block_size), num_scheduler_steps=config.num_scheduler_steps)
-            log.info("compiled %d step programs ahead of time", n)
-        return cls(config, runner, loaded.tokenizer, max_model_len=max_len, vocab_size=mc.vocab_size,
-                   eos_token_ids=eos)
+            log.info("compiled %d step programs ahead of time in %.1f s", n, time.monotonic() - start)
+        engine = cls(config, runner, loaded.tokenizer, max_model_len=max_len, vocab_size=mc.vocab_size,
+                     eos_token_ids=eos)
+        swap = engine.scheduler.swap_space
+        if config.warmup and swap is not None:  # one step moves at most what the pool or the swap space holds
+            log.info("compiled %d swap programs ahead of time",
+                     runner.warmup_swap(min(runner.num_blocks, swap.num_blocks)))
+        return engine
 
     # ---- requests in
 
@@ -155,6 +173,13 @@ class LLMEngine:
                              f"context of {self.max_model_len} tokens")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this model has none")
+        # Each of the n sequences is built right here: an unbounded n would stall the caller and fill memory.
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n {params.n} exceeds max_num_seqs {self.config.max_num_seqs}, the most sequences "
+                             f"the engine runs at once")
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:  # such ids can never be sampled, and the sampler's banned-id table holds only vocabulary ids
+            raise ValueError(f"stop_token_ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
         metrics = RequestMetrics(time.monotonic() if arrival_time is None else arrival_time)
         drawn = self._rng.getrandbits(31)
         seqs: list[Request] = []
@@ -189,7 +214,10 @@ class LLMEngine:
                     raise ValueError(f"prompt_token_ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
                 if not ids:
                     raise ValueError("prompt is empty")
-                return prompt.get("prompt"), [int(t) for t in ids]
+                text = prompt.get("prompt")
+                if text is not None and not isinstance(text, str):
+                    raise ValueError(f"the prompt beside prompt_token_ids must be a string, got {type(text).__name__}")
+                return text, [int(t) for t in ids]
             prompt = prompt.get("prompt")
         if not isinstance(prompt, str):
             raise ValueError(f"a prompt is a string or a dict with prompt_token_ids, got {type(prompt).__name__}")
@@ -224,7 +252,14 @@ class LLMEngine:
         streamed request that made progress."""
         outputs, self._pending = self._pending, []
         plan = self.scheduler.schedule()
-        if not plan.chunks:
+        if plan.swap_out or plan.swap_in:
+            try:
+                self.executor.swap_blocks(plan.swap_out, plan.swap_in)
+            except Exception as e:  # the swapped-out requests lost their K/V, the step's requests their room
+                log.exception("swap failed; failing its requests and the step's")
+                swapped = [r for r in plan.preempted if self.scheduler.swap_space.holds(r.request_id)]
+                return outputs + self._fail(plan, f"{type(e).__name__}: {e}", swapped)
+        if not plan.chunks:  # nothing to run, though a request that preempted itself may have swapped out
             return outputs
         started = time.monotonic()
         try:
@@ -268,7 +303,9 @@ class LLMEngine:
         rows = [c.request.sampling_row[:5] + (len(c.request.output_token_ids),) for c in chunks]
         if plan.num_steps > 1:
             return "decode_steps", (seq_chunks, rows, plan.num_steps)
-        num_logprobs = max((c.request.params.logprobs or 0) for c in chunks)
+        wanted = [c.request.params.logprobs for c in chunks if c.request.params.logprobs is not None]
+        # logprobs=0 still wants the sampled token's log-prob, which the executor returns only when asked for 1+
+        num_logprobs = max(max(wanted), 1) if wanted else 0
         banned = [self._banned(c.request) for c in chunks]
         return "step", (seq_chunks[:len(plan.decodes)], seq_chunks[len(plan.decodes):], rows, num_logprobs,
                         banned if any(banned) else None)
@@ -296,11 +333,12 @@ class LLMEngine:
             self.scheduler.finish(seq)
             seq.finish(res.finish_reason, res.stop_reason, now)
 
-    def _fail(self, plan: SchedulerOutput, message: str) -> list[RequestOutput]:
+    def _fail(self, plan: SchedulerOutput, message: str, also: Sequence[Request] = ()) -> list[RequestOutput]:
+        """Ends with an error the groups of the plan's chunks and of the requests `also` names."""
         now = time.monotonic()
         # A group aborted while its step executed (disaggregated mode) has already ended and been reported.
-        groups = {c.request.group_id: self.groups[c.request.group_id] for c in plan.chunks
-                  if c.request.group_id in self.groups}
+        requests = [c.request for c in plan.chunks] + list(also)
+        groups = {r.group_id: self.groups[r.group_id] for r in requests if r.group_id in self.groups}
         for group in groups.values():
             group.error = message
             for seq in group.seqs:
@@ -324,4 +362,5 @@ class LLMEngine:
     def stats(self) -> dict[str, Any]:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "kv_usage": self.block_manager.usage, "num_preemptions": self.scheduler.num_preemptions,
-                **self.block_manager.stats()}
+                **self.block_manager.stats(),
+                **(self.scheduler.swap_space.stats() if self.scheduler.swap_space is not None else {})}

@@ -4,7 +4,8 @@
 idea) so the scheduler, the APIs and the servers are tested end to end on CPU in milliseconds: it keeps a fake KV
 pool of (token id, position) per slot and checks on every step that the cached prefix of each chunk is really in
 the slots its block table names, so a wrong block table, prefix-cache hit or preemption raises instead of passing
-silently. `context(chunk)` reads back the token ids a chunk's prefix holds, for tests to compare.
+silently. `context(chunk)` reads back the token ids a chunk's prefix holds, for tests to compare. Swapped blocks
+move through a host copy of the same (token id, position) form, so `context` reads what a swap restored.
 """
 
 from __future__ import annotations
@@ -31,6 +32,19 @@ class Executor(Protocol):
         [num_steps, len(decodes)]. Block tables already cover the extra positions."""
         ...
 
+    # Swap preemption only (EngineConfig.preemption_mode "swap"):
+    block_bytes: int  # host bytes one KV block takes
+
+    def allocate_swap_space(self, num_blocks: int) -> None:
+        """Sets aside host memory for num_blocks KV blocks."""
+        ...
+
+    def swap_blocks(self, swap_out: Sequence[tuple[int, int]], swap_in: Sequence[tuple[int, int]]) -> None:
+        """Copies (device, host) block pairs to host memory and (host, device) pairs back, before the next step.
+        The swap-in data is read before the swap-out data is written, and the swap-out blocks are read before the
+        swap-in blocks are written, so a block released by one may be reused by the other in the same call."""
+        ...
+
 
 class MockExecutor:
     """The next token is (last token + 1) % vocab_size, skipping banned ids: a rule a test computes by hand."""
@@ -42,6 +56,8 @@ class MockExecutor:
         self.kv = np.full(num_blocks * block_size, -1, np.int64)   # the token id whose K/V each slot holds
         self.pos = np.full(num_blocks * block_size, -1, np.int64)  # and that token's position
         self.num_steps = 0
+        self.block_bytes = 16 * block_size  # an int64 token id and position per slot
+        self.host_kv = self.host_pos = np.zeros((0, block_size), np.int64)
 
     def step(self, decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk], sampling_rows: Sequence[tuple],
              num_logprobs: int = 0, banned: Sequence[Sequence[int]] | None = None):
@@ -81,6 +97,18 @@ class MockExecutor:
             out.append(tokens)
             chunks = [SeqChunk([int(t)], c.start_pos + 1, c.block_table) for c, t in zip(chunks, tokens)]
         return np.stack(out)
+
+    def allocate_swap_space(self, num_blocks: int) -> None:
+        self.host_kv = np.full((num_blocks, self.block_size), -1, np.int64)
+        self.host_pos = np.full((num_blocks, self.block_size), -1, np.int64)
+
+    def swap_blocks(self, swap_out: Sequence[tuple[int, int]], swap_in: Sequence[tuple[int, int]]) -> None:
+        kv, pos = self.kv.reshape(self.num_blocks, -1), self.pos.reshape(self.num_blocks, -1)  # views
+        src, dst = np.asarray(swap_in, np.int64).reshape(-1, 2).T
+        incoming = self.host_kv[src], self.host_pos[src]  # copies, taken before swap-out writes the host
+        dev, host = np.asarray(swap_out, np.int64).reshape(-1, 2).T
+        self.host_kv[host], self.host_pos[host] = kv[dev], pos[dev]
+        kv[dst], pos[dst] = incoming
 
     def context(self, chunk: SeqChunk) -> list[int]:
         """The token ids the fake pool holds for the chunk's cached prefix, in order."""

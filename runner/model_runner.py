@@ -7,8 +7,10 @@ donated, so XLA updates it in place instead of copying gigabytes per step.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
+import os
 from typing import Any, Sequence
 
 import jax
@@ -19,7 +21,8 @@ from flax import nnx
 from runner.config import ModelConfig
 from runner.model import Transformer
 from runner.sampling import SamplingRow, SamplingTensors, sample
-from runner.step_batch import DEFAULT_SHAPES, SeqChunk, StepBatch, StepShapes, build_step_batch, padding_batch
+from runner.step_batch import (DEFAULT_SHAPES, SeqChunk, StepBatch, StepShapes, bucket, build_step_batch,
+                               padding_batch)
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +84,25 @@ def _run_decode_steps(graphdef, state, kv_pool, batch: StepBatch, sampling: Samp
     return out, kv_pool
 
 
+# Swap transfers move block counts padded to powers of two from this floor: a few programs serve every swap.
+MIN_SWAP_BLOCKS = 8
+
+
+@jax.jit
+def _gather_blocks(kv_pool, blocks):
+    """K and V of the given blocks in every layer: [L, 2, len(blocks), Hkv, block_size, D]."""
+    return kv_pool[:, :, blocks]
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _scatter_blocks(kv_pool, blocks, values):
+    # Padding entries name block num_blocks, past the pool's end, so mode="drop" skips them.
+    return kv_pool.at[:, :, blocks].set(values, mode="drop")
+
+
 class ModelRunner:
+    host_kv: np.ndarray | None = None  # the swap space, once allocate_swap_space made it
+
     def __init__(self, config: ModelConfig, params: dict[str, Any] | None, *, num_blocks: int | None = None,
                  block_size: int = 16, kernel_impl: str | None = None, release_params: bool = False,
                  memory_utilization: float = 0.9, cpu_kv_tokens: int = 65536,
@@ -165,32 +186,82 @@ class ModelRunner:
         logits, self.kv_pool = _run_model(self.graphdef, self.state, self.kv_pool, batch)
         return np.asarray(logits)[self._rows(batch, len(decodes), len(prefills))]
 
+    @property
+    def block_bytes(self) -> int:
+        return self.kv_bytes_per_block(self.config, self.block_size, self.dtype)
+
+    def allocate_swap_space(self, num_blocks: int) -> None:
+        """Host memory for num_blocks swapped-out KV blocks, laid out like the pool (block axis 2). The OS commits
+        its pages as swaps first touch them."""
+        self.host_kv = np.empty(self.kv_pool_shape(self.config, num_blocks, self.block_size), self.dtype)
+
+    def swap_blocks(self, swap_out: Sequence[tuple[int, int]], swap_in: Sequence[tuple[int, int]]) -> None:
+        """Copies (device, host) block pairs to the swap space and (host, device) pairs back into the pool: one
+        gather and one scatter per call, dispatched before the caller's next step. The scatter donates the pool,
+        which stays in place; the gather was dispatched first, so it reads the blocks before the scatter writes."""
+        if self.host_kv is None:
+            raise RuntimeError("no swap space: call allocate_swap_space first")
+        src, dst = np.asarray(swap_in, np.int32).reshape(-1, 2).T
+        dev, host = np.asarray(swap_out, np.int32).reshape(-1, 2).T
+        values = self.host_kv[:, :, _pad(src, 0)] if len(src) else None  # a copy, read before swap-out writes
+        gathered = _gather_blocks(self.kv_pool, _pad(dev, 0)) if len(dev) else None
+        if values is not None:
+            self.kv_pool = _scatter_blocks(self.kv_pool, _pad(dst, self.num_blocks), values)
+        if gathered is not None:
+            self.host_kv[:, :, host] = jax.device_get(gathered)[:, :, :len(dev)]
+
+    def warmup_swap(self, max_blocks: int) -> int:
+        """Compiles the swap transfers of every block-count bucket up to max_blocks (without running them);
+        returns how many programs that is."""
+        count, n = 0, MIN_SWAP_BLOCKS
+        while n <= bucket(max_blocks, MIN_SWAP_BLOCKS):
+            blocks = np.zeros(n, np.int32)
+            values = jax.ShapeDtypeStruct(self.kv_pool_shape(self.config, n, self.block_size), self.dtype)
+            _gather_blocks.lower(self.kv_pool, blocks).compile()
+            _scatter_blocks.lower(self.kv_pool, blocks, values).compile()
+            count, n = count + 2, n * 2
+        return count
+
     def warmup(self, max_decode_rows: int, max_prefill_tokens: int, max_blocks: int, *, mixed: bool = True,
-               num_scheduler_steps: int = 1) -> int:
+               num_scheduler_steps: int = 1, threads: int | None = None) -> int:
         """Compiles the step programs of every padded size up to the limits, so that serving never stalls on a
-        compilation; returns how many programs ran. Each runs once on an all-padding batch (writes nothing)."""
+        compilation; returns how many programs there are.
+
+        XLA compiles on `threads` host threads at once (default: up to 8; it releases the GIL), which is what
+        makes compiling an aggregated engine's mixed shapes ahead of time affordable: on the 8B shape each program
+        takes seconds. Each program then runs once on an all-padding batch (writes nothing), which also checks it.
+        """
         shapes = self.shapes
         decode = shapes.decode_sizes(max_decode_rows)
         prefill = shapes.prefill_sizes(max_prefill_tokens)
         pairs = [(d, 0) for d in decode] + [(0, p) for p in prefill]
         if mixed:
             pairs += [(d, p) for d in decode for p in prefill]
-        count = 0
+        jobs = []  # (jitted function, its arguments): what serving will call, one per program
         for width in shapes.table_widths(max_blocks):
             for nd, tp in pairs:
                 batch = padding_batch(nd, tp, width, shapes)
                 st = SamplingTensors.from_rows([None] * batch.logits_indices.shape[0])
-                out, self.kv_pool = _run_step(self.graphdef, self.state, self.kv_pool, batch, st, 0)
-                count += 1
+                jobs.append((_run_step, (self.graphdef, self.state, self.kv_pool, batch, st, 0)))
                 if nd and not tp and num_scheduler_steps > 1:
                     st = SamplingTensors.from_rows([None] * nd)
-                    out, self.kv_pool = _run_decode_steps(self.graphdef, self.state, self.kv_pool, batch, st,
-                                                          num_scheduler_steps)
-                    count += 1
+                    jobs.append((_run_decode_steps, (self.graphdef, self.state, self.kv_pool, batch, st,
+                                                     num_scheduler_steps)))
+        workers = threads or min(8, os.cpu_count() or 1)
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            # A jitted call after lower().compile() of the same arguments reuses the compiled executable.
+            list(pool.map(lambda job: job[0].lower(*job[1]).compile(), jobs))
+        for fn, args in jobs:
+            _, self.kv_pool = fn(*args[:2], self.kv_pool, *args[3:])
         jax.block_until_ready(self.kv_pool)
-        return count
+        return len(jobs)
 
     @staticmethod
     def _rows(batch: StepBatch, num_decodes: int, num_prefills: int) -> np.ndarray:
         # Logits rows of the real chunks: decode rows first, prefill rows after the padded decode bucket.
         return np.asarray(list(range(num_decodes)) + [batch.num_decode + s for s in range(num_prefills)])
+
+
+def _pad(blocks: np.ndarray, fill: int) -> np.ndarray:
+    """Block ids padded with `fill` to the next power-of-two bucket."""
+    return np.pad(blocks, (0, bucket(len(blocks), MIN_SWAP_BLOCKS) - len(blocks)), constant_values=fill)
