@@ -9,6 +9,11 @@ Each call of `step()` dispatches work to the idle phases and then folds back wha
   dispatched as soon as the last returns, so decode never waits for a prefill;
 - a request moves from prefill to decode by its block table only: the prefill worker replied after its step
   completed, so the K/V it wrote is in the shared pool before any decode worker reads it.
+
+A worker that dies mid-step costs no request: the step's requests go back to waiting and are recomputed (their
+generated tokens kept), and a new process replaces the worker. If the holder died (the shared memory with it) or
+the replacement does not start (the MPS daemon died, for one), the whole pool restarts through `restart_pool`
+and every running request is recomputed.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 from nexus_jax.config import EngineConfig
 from nexus_jax.engine import LLMEngine
@@ -24,7 +29,7 @@ from nexus_jax.outputs import RequestOutput
 from nexus_jax.partition import Decision, LoadState, PartitionController
 from nexus_jax.phase_scheduler import PhaseScheduler
 from nexus_jax.scheduler import SchedulerOutput
-from runner.worker_pool import WorkerHandle, WorkerPool
+from runner.worker_pool import WorkerError, WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +82,8 @@ class DisaggEngine(LLMEngine):
         self.last_decision: Decision | None = None
         self.phase_steps = {"decode": 0, "prefill": 0, "mixed": 0}
         self.poll_interval = 0.005
+        self.restart_pool: Callable[[], WorkerPool] | None = None  # build_engine sets it (restarts MPS too)
+        self.faults = {"worker_replacements": 0, "pool_restarts": 0, "requeued_requests": 0}
 
     def has_unfinished_requests(self) -> bool:
         return super().has_unfinished_requests() or bool(self.flights)
@@ -90,7 +97,8 @@ class DisaggEngine(LLMEngine):
         # while a long step runs.
         ready = self.pool.wait([self.pool.workers[name] for name in self.flights], timeout=self.poll_interval)
         for handle in ready:
-            outputs += self._collect(handle)
+            if self.pool.workers.get(handle.name) is handle and handle.name in self.flights:  # not restarted since
+                outputs += self._collect(handle)
         return outputs
 
     # ---- dispatch
@@ -122,13 +130,16 @@ class DisaggEngine(LLMEngine):
         split = decision.mode == "split"
         # A phase alone runs on all SMs; without aggregation it stays on the ladder's widest worker of its phase.
         alone = self.controller.allow_aggregate
+        restarts = self.faults["pool_restarts"]
         if has_decode:
             name = (decode_worker(decision.decode_share) if split else
                     AGGREGATE if alone else decode_worker(self.controller.ladder[-1]))
             outputs += self._submit(self._free_worker(name, "decode"), decode, "decode")
         elif decode is not None:
             self._unhold(decode)
-        if has_prefill:
+        if self.faults["pool_restarts"] != restarts:  # the restart requeued the prefill plan's requests too
+            self._unhold(prefill)
+        elif has_prefill:
             name = (prefill_worker(decision.decode_share) if split else
                     AGGREGATE if alone else prefill_worker(self.controller.ladder[0]))
             outputs += self._submit(self._free_worker(name, "prefill"), prefill, "prefill")
@@ -152,6 +163,8 @@ class DisaggEngine(LLMEngine):
             op, args = self._step_call(plan)
             handle.submit(op, *args)
         except Exception as e:  # noqa: BLE001 - the plan's requests end with an error, the engine goes on
+            if not handle.alive() or self._mps_lost():
+                return self._recover(name, plan, e)
             log.exception("dispatch to %s failed", name)
             return self._end_flight(plan, lambda: self._fail(plan, f"{type(e).__name__}: {e}"))
         self.flights[name] = _Flight(plan, phase, time.monotonic())
@@ -169,6 +182,8 @@ class DisaggEngine(LLMEngine):
         try:
             result = handle.result()
         except Exception as e:  # noqa: BLE001
+            if not handle.alive() or self._mps_lost():
+                return self._recover(handle.name, flight.plan, e)
             log.error("%s step on %s failed: %s", flight.phase, handle.name, e)
             return self._end_flight(flight.plan, lambda: self._fail(flight.plan, f"{type(e).__name__}: {e}"))
         self.phase_steps[flight.phase] += 1
@@ -181,13 +196,62 @@ class DisaggEngine(LLMEngine):
         finally:
             self.scheduler.release(plan)
 
+    # ---- faults
+
+    def _recover(self, name: str, plan: SchedulerOutput, error: Exception) -> list[RequestOutput]:
+        """Worker `name` died running `plan`: requeue the plan's requests, then replace the worker, or restart the
+        pool when the holder is gone too or the replacement fails."""
+        log.error("worker %s died (%s); its requests will be recomputed", name, error)
+        self.scheduler.release(plan)
+        self._requeue(c.request for c in plan.chunks)
+        if self.pool.workers[self.pool.holder_name].alive() and not self._mps_lost():
+            try:
+                start = time.monotonic()
+                self.pool.replace(name)
+                self.faults["worker_replacements"] += 1
+                log.warning("worker %s replaced in %.1f s", name, time.monotonic() - start)
+                return []
+            except WorkerError as e:
+                log.error("worker %s could not be replaced (%s)", name, e)
+        self._restart()
+        return []
+
+    def _mps_lost(self) -> bool:
+        # Without its daemon every MPS client's CUDA context is broken, though the processes may live on.
+        mps = getattr(self, "mps", None)
+        return mps is not None and not mps.alive()
+
+    def _restart(self) -> None:
+        """A new pool (new shared weights and KV pool): every running request is recomputed. Raises when the
+        pool cannot restart; the caller (LLM, AsyncLLM) then ends every request with that error."""
+        if self.restart_pool is None:
+            raise WorkerError("the worker pool is lost and this engine cannot restart it")
+        for flight in self.flights.values():
+            self.scheduler.release(flight.plan)
+        self.flights.clear()
+        self._requeue(list(self.scheduler.running))
+        self.block_manager.reset_prefix_cache()  # the cached blocks' K/V went with the old pool
+        self.pool.close()
+        start = time.monotonic()
+        self.pool = self.restart_pool()
+        self.executor.pool = self.pool
+        self.faults["pool_restarts"] += 1
+        log.warning("worker pool restarted in %.1f s", time.monotonic() - start)
+
+    def _requeue(self, requests) -> None:
+        for req in dict.fromkeys(requests):  # a plan may list a request twice (decode steps of one sequence)
+            if not req.is_finished and req in self.scheduler.running:
+                self.scheduler.requeue(req)
+                self.faults["requeued_requests"] += 1
+
     def stats(self) -> dict[str, Any]:
         d = self.last_decision
         return {**super().stats(), "mode": "disaggregated", "sm_isolation": self.sm_enforced,
                 "phase_steps": dict(self.phase_steps), "in_flight": sorted(self.flights),
                 "partition": None if d is None else {"mode": d.mode, "decode_share": d.decode_share,
                                                      "prefill_share": d.prefill_share, "objective": d.objective},
-                "controller": self.controller.stats(), "worker_startup_s": dict(self.pool.startup_seconds)}
+                "controller": self.controller.stats(), "worker_startup_s": dict(self.pool.startup_seconds),
+                "faults": dict(self.faults)}
 
     def close(self) -> None:
         self.pool.close()

@@ -47,9 +47,9 @@ def worker_specs(config: EngineConfig) -> list[tuple[WorkerSpec, int]]:
     num_workers = 1 + 2 * len(config.sm_ladder)
     specs = [(WorkerSpec(HOLDER, env=(("XLA_PYTHON_CLIENT_ALLOCATOR", "platform"),),
                          reserve_bytes=num_workers * WORKER_RESERVE_BYTES, **base), 100),
-             # Mixed shapes are rows x tokens x widths: too many to compile up front; they compile on first use.
+             # The aggregate worker runs mixed steps (rows x tokens x widths programs, compiled on parallel threads).
              (WorkerSpec(AGGREGATE, warmup=None if warmup is None or not config.aggregate_when_safe
-                         else {**warmup, "mixed": False}, **base), 100)]
+                         else warmup, **base), 100)]
     for share in config.sm_ladder:
         # Each phase worker compiles only its phase's shapes.
         dw = None if warmup is None else {**warmup, "max_prefill_tokens": 0, "mixed": False}
@@ -104,7 +104,22 @@ def build_engine(config: EngineConfig) -> DisaggEngine | None:
         raise
     engine.mps = mps
     engine.device_kind = device
+    engine.restart_pool = lambda: _restart_pool(engine, config, cache_dir)
     return engine
+
+
+def _restart_pool(engine: DisaggEngine, config: EngineConfig, cache_dir: str) -> WorkerPool:
+    """The pool again from scratch, after a fault took the holder or the MPS daemon; a dead daemon that this
+    engine started is started again (its clients all died with it)."""
+    from runner.mps import try_start_mps
+
+    mps = engine.mps
+    if mps is not None and not mps.alive():
+        mps.stop()
+        engine.mps = mps = try_start_mps()
+        if mps is None:
+            raise WorkerError("the MPS daemon died and does not start again (see the warning above)")
+    return WorkerPool(worker_specs(config), mps_env=mps.client_env if mps else None, compilation_cache_dir=cache_dir)
 
 
 def _cost_model(config: EngineConfig, model_config, device: str, model_name: str) -> CostModel:

@@ -3,8 +3,10 @@
 Each step has a token budget. Running sequences come first in policy order (those decoding, then those part-way
 through a prompt), then waiting sequences are admitted while budget, sequence slots and KV blocks last. When a
 running sequence needs a block and none is free, the lowest-priority running sequence not yet in this step's plan
-is preempted by recompute: its blocks are freed and it waits again with nothing computed (its full blocks usually
-survive in the prefix cache, so the recompute is often short).
+is preempted. By recompute, its blocks are freed and it waits again with nothing computed (its full blocks usually
+survive in the prefix cache, so the recompute is often short). By swap (with a swap space, while it has room), its
+computed blocks are copied to host memory first and it keeps its progress: when it is admitted again (in policy
+order, like any waiting request) its blocks are copied back, those still in the prefix cache excepted.
 
 The scheduler works on host state only and returns a plan; `update` folds the executed plan back.
 """
@@ -18,6 +20,7 @@ from typing import Callable
 from nexus_jax.block_manager import BlockManager
 from nexus_jax.programs import Call, ProgramConfig, make_policy
 from nexus_jax.request import Request, RequestStatus
+from nexus_jax.swap_space import SwapSpace
 
 # A policy maps a request to a sort key; smaller runs first. Program-aware policies plug in here.
 Policy = Callable[[Request], tuple]
@@ -48,6 +51,9 @@ class SchedulerOutput:
     prefills: list[ScheduledChunk]    # several tokens each
     preempted: list[Request]
     num_steps: int = 1                # > 1: the decodes run this many steps back to back on the device
+    # Block copies the executor makes before the step: (device, host) to host memory, (host, device) back.
+    swap_out: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    swap_in: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
     @property
     def chunks(self) -> list[ScheduledChunk]:
@@ -61,7 +67,7 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
                  policy: str = "fcfs", num_scheduler_steps: int = 1, program_config: ProgramConfig | None = None,
-                 max_prefill_seqs: int = 16):
+                 max_prefill_seqs: int = 16, swap_space: SwapSpace | None = None):
         if policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {policy!r}")
         self.block_manager = block_manager
@@ -69,6 +75,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.num_scheduler_steps = num_scheduler_steps
         self.max_prefill_seqs = max_prefill_seqs  # prefill chunks per step: the step shapes' fixed slot count
+        self.swap_space = swap_space  # None: preemption by recompute only
         # The process table runs under every policy, so sessions work whatever the order.
         self.programs = make_policy(policy if policy in PROGRAM_POLICY_NAMES else "fcfs", program_config)
         self.policy = POLICIES.get(policy) or (lambda r: self.programs.priority(r.request_id))
@@ -99,7 +106,9 @@ class Scheduler:
             else:
                 self.block_manager.free(request.request_id)
         elif request in self.waiting:
-            self.waiting.remove(request)  # holds no blocks: never admitted, or preempted
+            self.waiting.remove(request)  # holds no device blocks: never admitted, or preempted
+            if self.swap_space is not None:
+                self.swap_space.release(request.request_id)
         self.programs.on_finish(request.request_id)
 
     def release(self, out: "SchedulerOutput") -> None:
@@ -179,14 +188,32 @@ class Scheduler:
         return True
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        copies = None
+        computed = -(-req.num_computed_tokens // self.block_manager.block_size)
+        if self.swap_space is not None and computed:
+            blocks = self.block_manager.block_table(req.request_id)[:computed]
+            copies = self.swap_space.swap_out(req.request_id, blocks)
+        self._to_waiting(req, keep_computed=copies is not None)
+        if copies is not None:
+            out.swap_out.extend(copies)
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        out.preempted.append(req)
+
+    def requeue(self, req: Request) -> None:
+        """A running request back to waiting with its K/V dropped, to be recomputed: the step that ran it died
+        with its worker, or the pool holding its K/V was restarted. Its generated tokens are kept."""
+        self.busy.discard(req.request_id)
+        self._to_waiting(req, keep_computed=False)
+
+    def _to_waiting(self, req: Request, keep_computed: bool) -> None:
+        # Freeing drops this sequence's references only: blocks that others share stay in place for them.
         self.block_manager.free(req.request_id)
         self.running.remove(req)
         req.status = RequestStatus.WAITING
-        req.num_computed_tokens = 0
-        req.num_preemptions += 1
-        self.num_preemptions += 1
+        if not keep_computed:
+            req.num_computed_tokens = 0
         self.waiting.append(req)
-        out.preempted.append(req)
 
     def _admit(self, budget: int, out: SchedulerOutput) -> int:
         bm = self.block_manager
@@ -198,11 +225,17 @@ class Scheduler:
                     continue
                 req.waits_for = None
             prefix = bm.match_prefix(req.all_token_ids)
-            cached = len(prefix) * bm.block_size
-            n = min(req.num_tokens - cached, budget)
-            if bm.allocate(req.request_id, cached + n, prefix) is None:
+            swapped = self.swap_space.num_held(req.request_id) if self.swap_space is not None else 0
+            # A swapped-out request resumes where it was, or further if the prefix cache holds more.
+            start = max(len(prefix) * bm.block_size, req.num_computed_tokens if swapped else 0)
+            n = min(req.num_tokens - start, budget)
+            table = bm.allocate(req.request_id, start + n, prefix)
+            if table is None:
                 break  # no room: later requests wait too, so the queue order is kept
-            req.num_computed_tokens = cached
+            if swapped:
+                skip = min(len(prefix), swapped)  # host blocks whose tokens the prefix cache holds on the device
+                out.swap_in.extend(self.swap_space.swap_in(req.request_id, table[skip:swapped], skip))
+            req.num_computed_tokens = start
             req.status = RequestStatus.RUNNING
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = time.monotonic()

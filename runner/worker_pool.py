@@ -8,6 +8,7 @@ persistent compilation cache, so that workers after the first load their program
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -103,6 +104,7 @@ class WorkerPool:
         self.startup_seconds: dict[str, float] = {}
         try:
             holder, percent = specs[0]
+            self.holder_name = holder.name
             self.shared: SharedModel = self._start(holder, percent, None, start_timeout)
             # The others map the holder's memory; they start in parallel.
             pending = [self._launch(s, p, self.shared) for s, p in specs[1:]]
@@ -151,6 +153,17 @@ class WorkerPool:
                  handle.sm_percent if self._mps_env is not None else "not enforced")
         return value
 
+    def replace(self, name: str, timeout: float = 1800.0) -> WorkerHandle:
+        """Starts a new process in place of worker `name` (dead, or to be stopped): same spec, SM share and
+        shared memory; raises WorkerError when it does not come up."""
+        if name == self.holder_name:
+            raise ValueError("the holder owns the shared memory: a new holder needs a new pool")
+        old = self.workers.pop(name)
+        old.stop(timeout=5.0)
+        handle, t0 = self._launch(old.spec, old.sm_percent, self.shared)
+        self._await_ready(handle, t0, timeout)
+        return handle
+
     def wait(self, handles: Sequence[WorkerHandle], timeout: float | None = None) -> list[WorkerHandle]:
         """The busy handles among `handles` whose reply (or death) is ready."""
         by_conn = {h.conn: h for h in handles if h.busy}
@@ -163,3 +176,8 @@ class WorkerPool:
         for handle in reversed(list(self.workers.values())):
             handle.stop()
         self.workers.clear()
+        # A holder that was killed never unlinked its shm segments (CUDA memory goes with the process).
+        for arena in (getattr(self, "shared", None) and (self.shared.weights, self.shared.kv)) or ():
+            if arena.kind == "shm":
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"/dev/shm/{arena.name}")

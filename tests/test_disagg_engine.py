@@ -35,6 +35,9 @@ class MockHandle:
         self.busy = False
         return self.result_value
 
+    def alive(self):
+        return True
+
 
 class MockPool:
     def __init__(self, ladder, num_blocks=256, block_size=4, seed=0):
@@ -44,6 +47,7 @@ class MockPool:
         self.shared = type("Shared", (), {"kv_shape": (1, 2, num_blocks), "kernel_impl": "mock", "dtype": "f32"})
         self.startup_seconds = {}
         self.rng = random.Random(seed)
+        self.holder_name = AGGREGATE  # stands in for the holder: alive while the mock lives
 
     def wait(self, handles, timeout=None):
         busy = [h for h in handles if h.busy]
@@ -148,6 +152,63 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on():
     done = run(engine, {0: [("b", [7, 8], 3)]})
     assert done["b"].outputs[0].token_ids == expected([7, 8], 3)
     assert engine.block_manager.usage == 0.0
+
+
+class DeadMps:
+    def alive(self):
+        return False
+
+    def stop(self):
+        pass
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_lost_mps_daemon_restarts_the_pool_and_no_request_is_lost(seed):
+    """A step fails while the MPS daemon is gone: every running request is recomputed on a new pool whose KV
+    pool starts empty (the mock checks each chunk's cached prefix against the new pool's slots)."""
+    engine = make_engine(tbt=1e-9, seed=seed)
+    pools, results = [], [0]
+
+    def failing(handle, original):
+        def result():
+            results[0] += 1
+            if results[0] == 12:  # a dozen steps in: decodes and prefills are running
+                handle.busy = False
+                engine.mps = DeadMps()
+                raise RuntimeError("CUDA error: the MPS server died")
+            return original()
+        return result
+
+    def restart():
+        engine.mps = None  # restarted
+        pools.append(MockPool((30, 50), 256, 4, seed))
+        return pools[-1]
+    for h in engine.pool.workers.values():
+        h.result = failing(h, h.result)
+    engine.restart_pool = restart
+    arrivals = staggered(seed)
+    done = run(engine, arrivals)
+    assert len(pools) == 1 and engine.pool is pools[0]
+    faults = engine.stats()["faults"]
+    assert faults["pool_restarts"] == 1 and faults["requeued_requests"] > 0
+    for items in arrivals.values():
+        for rid, prompt, n in items:
+            assert done[rid].error is None and done[rid].outputs[0].token_ids == expected(prompt, n)
+    assert engine.block_manager.usage == 0.0
+
+
+def test_a_pool_that_cannot_restart_raises_out_of_step():
+    engine = make_engine(tbt=1e-9)
+    handle = engine.pool.workers[AGGREGATE]
+
+    def broken():
+        handle.busy = False
+        engine.mps = DeadMps()
+        raise RuntimeError("CUDA error")
+    handle.result = broken
+    engine.add_request("a", {"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=4))
+    with pytest.raises(RuntimeError, match="cannot restart"):
+        run(engine, {})
 
 
 def test_prefill_order_is_shortest_first_with_aging():

@@ -75,16 +75,52 @@ def test_workers_share_one_pool_and_report_their_roles(llm):
     assert engine.stats()["sm_isolation"] is False
 
 
-def test_a_killed_worker_fails_its_requests_instead_of_hanging(llm):
+def run_killing(engine, seed, victim: str, after_steps: int):
+    """A staggered run in which worker `victim` is killed (SIGKILL) once `after_steps` steps have run."""
+    rng = random.Random(seed)
+    order = list(range(len(PROMPTS)))
+    rng.shuffle(order)
+    done, steps = {}, 0
+    while order or engine.has_unfinished_requests():
+        if order and rng.random() < 0.5:
+            i = order.pop()
+            engine.add_request(f"k{seed}-{i}", {"prompt_token_ids": PROMPTS[i]},
+                               SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS[i]))
+        if steps == after_steps:
+            engine.pool.workers[victim].process.kill()
+        for out in engine.step():
+            if out.finished:
+                done[int(out.request_id.split("-")[1])] = out
+        steps += 1
+    return [done[i] for i in range(len(PROMPTS))]
+
+
+@pytest.mark.parametrize("victim, after_steps", [("aggregate", 0), ("decode-50", 6), ("prefill-50", 2)])
+def test_a_killed_worker_is_replaced_and_its_requests_recomputed(llm, reference, victim, after_steps):
+    engine = llm.llm_engine
+    engine.controller.slo = Slo(tbt=1e-9)  # splits: both phase workers get steps
+    old_pid = engine.pool.workers[victim].process.pid
+    before = dict(engine.stats()["faults"])
+    outs = run_killing(engine, seed=5, victim=victim, after_steps=after_steps)
+    assert [o.outputs[0].token_ids for o in outs] == reference  # nothing lost, nothing changed
+    assert all(o.error is None for o in outs)
+    faults = engine.stats()["faults"]
+    assert engine.pool.workers[victim].process.pid != old_pid and engine.pool.workers[victim].alive()
+    assert faults["worker_replacements"] == before["worker_replacements"] + 1
+    assert faults["pool_restarts"] == before["pool_restarts"]
+
+
+def test_a_killed_holder_restarts_the_pool_and_recomputes_everything(llm, reference):
     engine = llm.llm_engine
     engine.controller.slo = Slo(tbt=1e-9)
-    engine.add_request("victim", {"prompt_token_ids": PROMPTS[0]}, SamplingParams(max_tokens=4))
-    engine.pool.workers["aggregate"].process.kill()  # the first dispatch (a prefill alone) goes there
-    done = {}
-    for _ in range(200):
-        for out in engine.step():
-            done[out.request_id] = out
-        if not engine.has_unfinished_requests():
-            break
-    assert done["victim"].outputs[0].finish_reason == "error"
-    assert "aggregate" in done["victim"].error
+    old = engine.pool
+    shm_names = [f"/dev/shm/{a.name}" for a in (old.shared.weights, old.shared.kv)]
+    before = engine.stats()["faults"]["pool_restarts"]
+    # The holder runs no steps, so its death shows when a worker dies with it: kill both.
+    outs = run_killing(engine, seed=6, victim="holder", after_steps=4)
+    if engine.stats()["faults"]["pool_restarts"] == before:  # the run ended before any step failed
+        engine.pool.workers["decode-50"].process.kill()
+        outs = run_killing(engine, seed=7, victim="prefill-50", after_steps=3)
+    assert [o.outputs[0].token_ids for o in outs] == reference
+    assert engine.stats()["faults"]["pool_restarts"] == before + 1 and engine.pool is not old
+    assert not any(__import__("os").path.exists(n) for n in shm_names)  # the dead holder's segments unlinked
