@@ -13,7 +13,7 @@ import collections
 import dataclasses
 import itertools
 import threading
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from nexus_jax.config import EngineConfig
 from nexus_jax.engine import LLMEngine
@@ -28,7 +28,8 @@ class EngineDeadError(RuntimeError):
 class AsyncLLM:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self._inbox: collections.deque = collections.deque()  # ("add", group) or ("abort", request_id)
+        # ("add", group), ("abort", request_id) or ("call", (fn, loop, future))
+        self._inbox: collections.deque = collections.deque()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()   # guards _streams
         self._wake = threading.Event()
@@ -75,6 +76,18 @@ class AsyncLLM:
         """Aborts a request; its stream (if still read) ends with finish_reason "abort"."""
         self._send(("abort", request_id))
 
+    async def run_on_engine(self, fn: Callable[[], Any]) -> Any:
+        """fn() run on the engine thread between steps, for callers that change engine state the engine thread
+        also walks (the process table, for one); returns its result or raises its exception."""
+        if self.dead_error is not None:
+            raise EngineDeadError(f"engine stopped: {self.dead_error!r}")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._send(("call", (fn, loop, future)))
+        if self.dead_error is not None and not future.done():  # the thread stopped before it saw the call
+            future.set_exception(EngineDeadError(f"engine stopped: {self.dead_error!r}"))
+        return await future
+
     def shutdown(self) -> None:
         """Stops the engine thread; unfinished streams end with EngineDeadError."""
         self._stopped = True
@@ -97,6 +110,8 @@ class AsyncLLM:
                             engine.add_prepared(arg)
                         except ValueError as e:
                             self._deliver(arg.request_id, e, True)
+                    elif kind == "call":
+                        _settle(*arg)
                     else:
                         engine.abort_request(arg)
                 if not engine.has_unfinished_requests():
@@ -110,8 +125,14 @@ class AsyncLLM:
             self.dead_error = e
         with self._lock:
             streams, self._streams = self._streams, {}
+        dead = EngineDeadError(f"engine stopped: {self.dead_error!r}")
         for loop, queue in streams.values():
-            loop.call_soon_threadsafe(queue.put_nowait, EngineDeadError(f"engine stopped: {self.dead_error!r}"))
+            loop.call_soon_threadsafe(queue.put_nowait, dead)
+        while self._inbox:  # calls sent as the thread stopped would otherwise wait forever
+            kind, arg = self._inbox.popleft()
+            if kind == "call":
+                _, loop, future = arg
+                loop.call_soon_threadsafe(_resolve, future, None, dead)
 
     def _deliver(self, request_id: str, item: Any, last: bool) -> None:
         with self._lock:
@@ -119,6 +140,23 @@ class AsyncLLM:
         if stream is not None:
             loop, queue = stream
             loop.call_soon_threadsafe(queue.put_nowait, item)
+
+
+def _settle(fn: Callable[[], Any], loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
+    try:
+        result, error = fn(), None
+    except Exception as e:  # the caller's exception, raised where it awaits
+        result, error = None, e
+    loop.call_soon_threadsafe(_resolve, future, result, error)
+
+
+def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # the awaiting caller was cancelled
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
 
 
 def _delta(out: RequestOutput, sent: dict[int, tuple[int, int]]) -> RequestOutput:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from runner.sampling import GREEDY_TEMPERATURE
@@ -117,7 +117,10 @@ def _integer(value: Any, name: str, minimum: int | None = None) -> int:
 def _real(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a number, got {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond float range; its repr may be thousands of digits
+        raise ValueError(f"{name} is too large to be a float") from None
 
 
 def _stop_strings(stop: str | Iterable[str] | None) -> list[str]:
@@ -134,6 +137,6 @@ def _token_ids(ids: Iterable[int] | None) -> list[int]:
 
 
 def _as_list(value: Any, name: str) -> list[Any]:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
         raise ValueError(f"{name} must be a list, got {value!r}")
     return list(value)

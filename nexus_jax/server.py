@@ -2,7 +2,10 @@
 
 Each Generate stream owns one engine request. However the stream ends (the client cancels or disconnects, its
 deadline passes, the server shuts down) the handler closes the AsyncLLM stream, which aborts the request and frees
-its KV blocks. Models come only from the server's own configuration; a request names none.
+its KV blocks. Models come only from the server's own configuration; a request names none (GenerateRequest has
+no such field). Admission: a request is accepted only while fewer than max_in_flight streams are open, and a
+stream stays open until its request ends, so the engine's queue (running and waiting) holds at most max_in_flight
+requests of at most max_n sequences each; the rest get RESOURCE_EXHAUSTED with a retry-after-ms hint.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import uuid
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -23,6 +27,8 @@ from nexus_jax.outputs import RequestOutput
 from nexus_jax.proto import nexus_pb2 as pb
 from nexus_jax.proto import nexus_pb2_grpc as pb_grpc
 from nexus_jax.sampling_params import SamplingParams
+from nexus_jax.server_sessions import SessionLimitError, Sessions
+from nexus_jax.tokenizer import Tokenizer
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Nexus"].full_name
 VERSION = "0.1.0"
@@ -30,6 +36,7 @@ RETRY_AFTER_KEY = "retry-after-ms"
 # Proto fields copied to SamplingParams when set; unset ones keep vLLM's defaults.
 _SCALAR_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos", "min_tokens", "n",
                   "logprobs", "skip_special_tokens", "include_stop_str_in_output")
+_DEFAULT_MAX_TOKENS = SamplingParams().max_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,18 +51,27 @@ class ServerOptions:
     tls_key: str | None = None
     grace_s: float = 10.0                    # shutdown: how long open streams may finish
     model_name: str = "embedded-default"
+    max_prompt_tokens: int | None = None     # None: the model's max_model_len (the engine's own check)
+    max_tokens_limit: int | None = None      # cap on a request's max_tokens; None: what the context leaves
+    max_n: int = 16                          # cap on a request's n (completions)
+    max_sessions: int = 10000                # open sessions beyond this get RESOURCE_EXHAUSTED
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and a key")
-        for name in ("max_in_flight", "max_message_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_in_flight", "max_message_bytes", "max_n", "max_sessions", "max_prompt_tokens",
+                     "max_tokens_limit"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
-def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
-    """The request's SamplingParams; raises ValueError/TypeError as SamplingParams does on bad values."""
+def sampling_params(msg: pb.SamplingParams, max_tokens_limit: int | None = None) -> SamplingParams:
+    """The request's SamplingParams; raises ValueError/TypeError as SamplingParams does on bad values. An unset
+    max_tokens takes the default, lowered to max_tokens_limit where that is smaller."""
     kwargs: dict[str, Any] = {f: getattr(msg, f) for f in _SCALAR_FIELDS if msg.HasField(f)}
+    if max_tokens_limit is not None and not msg.HasField("max_tokens"):
+        kwargs["max_tokens"] = min(_DEFAULT_MAX_TOKENS, max_tokens_limit)
     if msg.stop:
         kwargs["stop"] = list(msg.stop)
     if msg.stop_token_ids:
@@ -63,13 +79,27 @@ def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
     return SamplingParams(**kwargs)
 
 
-def prompt_of(request: pb.GenerateRequest) -> str | dict[str, Any]:
+def prompt_of(request: pb.GenerateRequest, tokenizer: Tokenizer | None) -> str | dict[str, Any]:
+    """The engine's prompt; text is tokenized here (once: the engine takes the ids) so its length can be checked.
+    Without a tokenizer, text goes to the engine as it is, which rejects it."""
     kind = request.WhichOneof("input")
     if kind == "text":
-        return request.text
+        if tokenizer is None:
+            return request.text
+        return {"prompt": request.text, "prompt_token_ids": tokenizer.encode(request.text)}
     if kind == "token_ids":
         return {"prompt_token_ids": list(request.token_ids.ids)}
     raise ValueError("a request needs an input: text or token_ids")
+
+
+def check_limits(options: ServerOptions, prompt: str | dict[str, Any], params: SamplingParams) -> None:
+    """Raises ValueError naming the server limit a request goes over."""
+    ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
+    for what, value, option in (("prompt tokens", None if ids is None else len(ids), "max_prompt_tokens"),
+                                ("max_tokens", params.max_tokens, "max_tokens_limit"), ("n", params.n, "max_n")):
+        limit = getattr(options, option)
+        if limit is not None and value is not None and value > limit:
+            raise ValueError(f"{what} {value} exceeds the server's limit of {limit} ({option})")
 
 
 class NexusServicer(pb_grpc.NexusServicer):
@@ -78,7 +108,7 @@ class NexusServicer(pb_grpc.NexusServicer):
         self.options = options
         self.metrics = metrics
         self.streams: set[str] = set()          # request ids of open Generate streams
-        self.sessions: dict[str, str] = {}      # session id -> program id
+        self.sessions = Sessions(llm.engine, options.max_sessions)
         self.started = time.monotonic()
         self._ids = itertools.count()
 
@@ -91,9 +121,11 @@ class NexusServicer(pb_grpc.NexusServicer):
         if rid in self.streams:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is already in use")
         try:
-            stream = self.llm.generate(prompt_of(request), sampling_params(request.sampling_params), rid,
-                                       priority=request.priority, program_id=request.program_id or None,
-                                       thread_id=request.thread_id)
+            params = sampling_params(request.sampling_params, self.options.max_tokens_limit)
+            prompt = prompt_of(request, self.llm.engine.tokenizer)
+            check_limits(self.options, prompt, params)
+            stream = self.llm.generate(prompt, params, rid, priority=request.priority,
+                                       program_id=request.program_id or None, thread_id=request.thread_id)
         except (ValueError, TypeError) as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         self.streams.add(rid)
@@ -154,17 +186,30 @@ class NexusServicer(pb_grpc.NexusServicer):
         return pb.ServerInfo(num_running=stats["running"], num_waiting=stats["waiting"],
                              kv_cache_usage=stats["kv_usage"], num_in_flight=len(self.streams),
                              max_in_flight=self.options.max_in_flight, num_preemptions=stats["num_preemptions"],
-                             sm_split="aggregated", uptime_s=time.monotonic() - self.started,
-                             num_sessions=len(self.sessions), version=VERSION)
+                             sm_split=(stats.get("controller") or {}).get("current") or "aggregated",
+                             uptime_s=time.monotonic() - self.started,
+                             num_sessions=await self._on_engine(self.sessions.count, context), version=VERSION)
+
+    async def _on_engine(self, fn, context):
+        """fn() on the engine thread, which owns the process table the sessions change."""
+        try:
+            return await self.llm.run_on_engine(fn)
+        except EngineDeadError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
 
     async def StartSession(self, request: pb.StartSessionRequest, context) -> pb.StartSessionResponse:
-        session = f"session-{uuid.uuid4().hex}"
-        program = request.program_id or f"program-{uuid.uuid4().hex}"
-        self.sessions[session] = program
+        try:
+            session, program = await self._on_engine(lambda: self.sessions.start(request.program_id), context)
+        except SessionLimitError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e),
+                                trailing_metadata=((RETRY_AFTER_KEY, str(self.options.retry_after_ms)),))
+        except ValueError as e:  # the program already has a record: a session, or calls in flight
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
         return pb.StartSessionResponse(session_id=session, program_id=program)
 
     async def EndSession(self, request: pb.EndSessionRequest, context) -> pb.EndSessionResponse:
-        return pb.EndSessionResponse(found=self.sessions.pop(request.session_id, None) is not None)
+        return pb.EndSessionResponse(found=await self._on_engine(lambda: self.sessions.end(request.session_id),
+                                                                 context))
 
 
 def _complete(request: pb.GenerateRequest, out: RequestOutput, c, ids: list[int], text: str,
@@ -202,10 +247,44 @@ class _TokenAuth(grpc.aio.ServerInterceptor):
 
         async def deny(request, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong authorization token")
-        make = (grpc.unary_stream_rpc_method_handler if handler.response_streaming
-                else grpc.unary_unary_rpc_method_handler)
-        return make(deny, request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
+        return _handler_like(handler, deny, handler.request_deserializer)
+
+
+class _BadMessage:
+    """A request that did not parse, handed to the handler in place of the message."""
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+class _ParseErrors(grpc.aio.ServerInterceptor):
+    """A Nexus request that does not parse (a string field that is not UTF-8, a corrupt message) gets
+    INVALID_ARGUMENT naming why, where gRPC would answer INTERNAL "Exception deserializing request!"."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(f"/{SERVICE_NAME}/"):
+            return handler
+        parse = handler.request_deserializer
+        behavior = handler.unary_stream if handler.response_streaming else handler.unary_unary
+
+        def tolerant(data: bytes):
+            try:
+                return parse(data)
+            except DecodeError as e:
+                return _BadMessage(str(e))
+
+        async def guarded(request, context):
+            if isinstance(request, _BadMessage):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
+            return await behavior(request, context)
+        return _handler_like(handler, guarded, tolerant)
+
+
+def _handler_like(handler: grpc.RpcMethodHandler, behavior, request_deserializer) -> grpc.RpcMethodHandler:
+    """A handler of the same kind (unary or server streaming) and response type as `handler`."""
+    make = grpc.unary_stream_rpc_method_handler if handler.response_streaming else grpc.unary_unary_rpc_method_handler
+    return make(behavior, request_deserializer=request_deserializer, response_serializer=handler.response_serializer)
 
 
 class NexusServer:
@@ -224,7 +303,8 @@ class NexusServer:
         o = self.options
         size = [("grpc.max_send_message_length", o.max_message_bytes),
                 ("grpc.max_receive_message_length", o.max_message_bytes)]
-        server = grpc.aio.server(interceptors=[_TokenAuth(o.auth_token)] if o.auth_token else None, options=size)
+        interceptors = ([_TokenAuth(o.auth_token)] if o.auth_token else []) + [_ParseErrors()]
+        server = grpc.aio.server(interceptors=interceptors, options=size)
         pb_grpc.add_NexusServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

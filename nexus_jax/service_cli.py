@@ -8,7 +8,10 @@ import json
 import os
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nexus_jax.server import ServerOptions
 
 TOKEN_ENV = "NEXUS_AUTH_TOKEN"
 
@@ -22,24 +25,34 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
 
 
-def _engine(args: argparse.Namespace):
+def _engine(args: argparse.Namespace, **config: Any):
+    """The engine of the common flags; `config`: further EngineConfig fields a subcommand sets."""
     from nexus_jax.config import EngineConfig
     from nexus_jax.engine import LLMEngine
 
     return LLMEngine.from_config(EngineConfig(model=args.model, dtype=args.dtype, block_size=args.block_size,
-                                              max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len))
+                                              max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                                              **config))
+
+
+def server_options(args: argparse.Namespace) -> ServerOptions:
+    """The ServerOptions of the `serve` flags."""
+    from nexus_jax.server import ServerOptions
+
+    return ServerOptions(host=args.host, port=args.port, max_in_flight=args.max_in_flight,
+                         max_message_bytes=args.max_message_mb * 1024 * 1024,
+                         auth_token=args.auth_token or os.environ.get(TOKEN_ENV) or None,
+                         tls_cert=args.tls_cert, tls_key=args.tls_key, grace_s=args.grace,
+                         model_name=args.model or "embedded-default", max_prompt_tokens=args.max_prompt_tokens,
+                         max_tokens_limit=args.max_tokens_limit, max_n=args.max_n, max_sessions=args.max_sessions)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from nexus_jax.async_llm import AsyncLLM
-    from nexus_jax.server import NexusServer, ServerOptions
+    from nexus_jax.server import NexusServer
 
-    options = ServerOptions(host=args.host, port=args.port, max_in_flight=args.max_in_flight,
-                            max_message_bytes=args.max_message_mb * 1024 * 1024,
-                            auth_token=args.auth_token or os.environ.get(TOKEN_ENV) or None,
-                            tls_cert=args.tls_cert, tls_key=args.tls_key, grace_s=args.grace,
-                            model_name=args.model or "embedded-default")
-    server = NexusServer(AsyncLLM(_engine(args)), options)
+    options = server_options(args)
+    server = NexusServer(AsyncLLM(_engine(args, program_idle_timeout=args.program_idle_timeout)), options)
 
     async def main() -> None:
         port = await server.start()
@@ -112,6 +125,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--port", type=int, default=50051, help="0 picks a free port (printed)")
     s.add_argument("--max-in-flight", type=int, default=1024)
     s.add_argument("--max-message-mb", type=int, default=64)
+    s.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longest prompt a request may send (default: the model's context)")
+    s.add_argument("--max-tokens-limit", type=int, default=None,
+                   help="largest max_tokens a request may ask for (default: what the context leaves)")
+    s.add_argument("--max-n", type=int, default=16, help="most completions (n) a request may ask for")
+    s.add_argument("--max-sessions", type=int, default=10000, help="most sessions open at once")
+    s.add_argument("--program-idle-timeout", type=float, default=600.0,
+                   help="seconds after which an idle program's record (and a session never ended) expires")
     s.add_argument("--auth-token", default=None, help=f"require this bearer token (or set {TOKEN_ENV})")
     s.add_argument("--tls-cert", default=None)
     s.add_argument("--tls-key", default=None)

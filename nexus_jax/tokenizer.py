@@ -90,7 +90,13 @@ class Tokenizer:
             raise ValueError("text is not valid Unicode (it contains a lone surrogate code point)") from e
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """Ids past the vocabulary decode to nothing (a model's padded vocabulary can sample them)."""
+        ids = list(ids)
+        try:
+            return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        except OverflowError:  # what tokenizers raises for an id that is no u32
+            bad = [i for i in ids if not 0 <= i < 2**32]
+            raise ValueError(f"token ids must be in [0, 2**32), got {bad[:5]}") from None
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
                             tokenize: bool = False, **kwargs: Any) -> str | list[int]:

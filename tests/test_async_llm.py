@@ -78,6 +78,29 @@ def default_llm():
     return LLM(dtype="float32", max_num_batched_tokens=64)
 
 
+def test_run_on_engine_runs_on_the_engine_thread_and_reports_errors():
+    import threading
+
+    from nexus_jax.async_llm import EngineDeadError
+    llm = AsyncLLM(make_engine(num_blocks=64))
+    try:
+        async def main():
+            name = await llm.run_on_engine(lambda: threading.current_thread().name)
+            with pytest.raises(KeyError, match="boom"):
+                await llm.run_on_engine(lambda: {}["boom"])
+            tokens, _, _ = await collect(llm, "after", {"prompt_token_ids": [3, 4]}, greedy(5))
+            return name, tokens
+        name, tokens = run(main())
+        assert name == "nexus-jax-engine" and tokens == expected([3, 4], 5)  # an error in a call kills nothing
+    finally:
+        llm.shutdown()
+
+    async def after_shutdown():
+        with pytest.raises(EngineDeadError):
+            await llm.run_on_engine(lambda: 1)
+    run(after_shutdown())
+
+
 def test_default_model_generates_like_the_reference_loop(default_llm):
     tok = default_llm.get_tokenizer()
     prompts = ["Hello, world", "The quick brown fox jumps over"]

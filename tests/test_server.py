@@ -38,9 +38,9 @@ class SlowExecutor(MockExecutor):
         return super().step(*args, **kwargs)
 
 
-def mock_engine(delay=0.0, tokenizer=None, num_blocks=1024):
+def mock_engine(delay=0.0, tokenizer=None, num_blocks=1024, **config):
     executor = SlowExecutor(delay, num_blocks=num_blocks, block_size=4)
-    return LLMEngine(EngineConfig(block_size=4), executor, tokenizer, max_model_len=512, vocab_size=VOCAB,
+    return LLMEngine(EngineConfig(block_size=4, **config), executor, tokenizer, max_model_len=512, vocab_size=VOCAB,
                      eos_token_ids=(EOS,) if tokenizer else ())
 
 

@@ -75,13 +75,17 @@ class NexusServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def StartSession(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A session is an agentic program's record in the engine's process table (what the program-aware policies rank
+        by). Send the returned program_id in each GenerateRequest of the program. A session never ended expires
+        after the engine's program_idle_timeout without calls.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def EndSession(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Ends the program: its record is dropped (with its last call, if calls are in flight).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
