@@ -76,9 +76,18 @@ def check_equality(model: str) -> dict:
     ref = [o.outputs[0].token_ids for o in ref_llm.generate(
         [{"prompt_token_ids": p} for p in prompts],
         [SamplingParams(temperature=0.0, max_tokens=n) for n in max_tokens], use_tqdm=False)]
+    # The noise floor: the aggregated engine against itself, with staggered arrivals batching and chunking the
+    # same prompts differently. Float32 reductions over differently shaped steps may flip near-tied argmaxes.
+    got["aggregated-restaggered"] = staggered(ref_llm.llm_engine, prompts, max_tokens, seed=7)
+    result["aggregated-restaggered"] = {}
+    ref_llm.shutdown()
     for label in got:
         result[label]["equal"] = sum(g == r for g, r in zip(got[label], ref))
         result[label]["of"] = len(ref)
+        # Where each divergent sequence first differs, and its length: late divergences are near-ties.
+        result[label]["first_divergence"] = [
+            (next(i for i, (a, b) in enumerate(zip(g + [-1], r + [-2])) if a != b), len(r))
+            for g, r in zip(got[label], ref) if g != r]
     return result
 
 
@@ -99,8 +108,12 @@ def startup(model: str, ladder: tuple[int, ...]) -> dict:
     t1 = time.monotonic()
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True), use_tqdm=False)
     run_s = time.monotonic() - t1
+    # JAX's allocator keeps what it grew to, so memory after the run is each process's peak under this load.
+    after = {p["pid"]: p["used_mib"] for p in gpu_processes()}
     result = {"total_start_s": total, "worker_start_s": stats["worker_startup_s"],
-              "worker_mem_mib": {n: mem.get(p) for n, p in pids.items()}, "num_blocks": stats["num_free"],
+              "worker_mem_mib": {n: mem.get(p) for n, p in pids.items()},
+              "worker_mem_after_load_mib": {n: after.get(p) for n, p in pids.items()},
+              "num_blocks": stats["num_free"],
               "run_48_requests_s": run_s, "tokens": sum(len(o.outputs[0].token_ids) for o in outs),
               "phase_steps": engine.stats()["phase_steps"], "controller": engine.stats()["controller"]}
     llm.shutdown()

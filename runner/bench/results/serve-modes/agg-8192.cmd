@@ -1,0 +1,1 @@
+python3 -m nexus_jax.cli bench serve --model llama-3.1-8b --dataset mix --num-prompts 60 --max-model-len 12288 --max-num-seqs 128 --engine-arg min_table_blocks=1024 --max-num-batched-tokens 8192 --engine-arg warmup=true --warmup 8 --slo ttft=2 --slo tbt=0.05 --request-rate 1 2 3 4 --label agg-8192 --out-dir /root/out/serve-modes
