@@ -6,11 +6,14 @@ plus "outputs" with every completion when n > 1. A line that cannot run (bad JSO
 prompt the model rejects, an engine failure) becomes an error record {"line", "id", "error"} in the errors file and
 the batch goes on. Results are flushed as requests finish, so a rerun with the same output skips the ids already
 there (resume). Lines are read through a grain MapDataset over a random-access JSONL source, and at most
-`max_in_flight` requests are in the engine at once, so memory stays bounded by that window, not the file size.
+`max_in_flight` requests are in the engine at once, so memory stays bounded by that window, not the file size
+(beyond 16 bytes of line index and one id a line). A host memory guard stops admitting requests while the host's
+available memory is under a floor, and stops the batch with HostMemoryError if it stays there with none in flight.
 """
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import json
 import os
@@ -35,6 +38,7 @@ class BatchSummary:
     errors: int = 0         # error records written
     generated_tokens: int = 0
     elapsed_s: float = 0.0
+    memory_holds: int = 0   # engine steps taken without admitting new requests: host memory under the floor
 
 
 @dataclasses.dataclass
@@ -51,19 +55,21 @@ class _JsonlSource:
 
     def __init__(self, path: str):
         self.path = path
-        self.offsets: list[tuple[int, int]] = []  # (line number, byte offset)
+        # Typed arrays: 16 bytes a line where a list of tuples takes about 128 (a 10M-line file: 160 MB, not 1.3 GB).
+        self.numbers, self.offsets = array.array("q"), array.array("q")
         with open(path, "rb") as f:
             offset = 0
             for number, raw in enumerate(f, 1):
                 if raw.strip():
-                    self.offsets.append((number, offset))
+                    self.numbers.append(number)
+                    self.offsets.append(offset)
                 offset += len(raw)
 
     def __len__(self) -> int:
         return len(self.offsets)
 
     def __getitem__(self, i: int) -> tuple[int, bytes]:
-        number, offset = self.offsets[i]
+        number, offset = self.numbers[i], self.offsets[i]
         with open(self.path, "rb") as f:
             f.seek(offset)
             return number, f.readline()
@@ -73,7 +79,7 @@ def _parse(item: tuple[int, bytes]) -> _Line:
     number, raw = item
     try:
         record = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # also integers over Python's digit limit and too deep nesting
         return _Line(number, error=f"malformed JSON: {e}")
     if not isinstance(record, dict):
         return _Line(number, error=f"a line must be a JSON object, got {type(record).__name__}")
@@ -133,14 +139,60 @@ class _Progress:
               f"{rate:.1f} tok/s", end="", file=sys.stderr, flush=True)
 
 
+class HostMemoryError(MemoryError):
+    """Available host memory stayed under the batch's floor with no request left to finish."""
+
+
+def available_memory_mb(meminfo: str = "/proc/meminfo") -> float | None:
+    """The kernel's MemAvailable estimate in MiB; None where it reports none (not Linux)."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _memory_low(floor_mb: float | None) -> float | None:
+    """The available MiB when under the floor, else None."""
+    if floor_mb is None:
+        return None
+    available = available_memory_mb()
+    return available if available is not None and available < floor_mb else None
+
+
+def _wait_for_memory(floor_mb: float, wait_s: float, output_path: str) -> None:
+    """Nothing is in flight to free memory: waits up to wait_s for other processes to give some back, then
+    refuses to go on (the results so far are flushed, so a rerun resumes)."""
+    end = time.monotonic() + wait_s
+    while (available := _memory_low(floor_mb)) is not None:
+        if time.monotonic() >= end:
+            raise HostMemoryError(
+                f"host memory available ({available:.0f} MiB MemAvailable) stayed below the batch's floor of "
+                f"{floor_mb:.0f} MiB (min_available_mb) for {wait_s:.0f} s with no request in flight; stopping. "
+                f"Results so far are in {output_path}: rerun with the same output to resume.")
+        time.sleep(min(0.5, max(end - time.monotonic(), 0.0)))
+
+
 def run_batch(engine: LLMEngine, input_path: str, output_path: str, errors_path: str | None = None, *,
               defaults: dict[str, Any] | None = None, max_in_flight: int = 256,
+              min_available_mb: float | None = 256.0, memory_wait_s: float = 30.0,
               progress: bool = True) -> BatchSummary:
     """Runs every line of input_path through `engine`, appending results to output_path and writing error
     records to errors_path (default: <output>.errors.jsonl, rewritten each run). defaults: SamplingParams
-    fields that lines may override."""
+    fields that lines may override.
+
+    Host memory guard: while MemAvailable is under min_available_mb (None: no guard) no new request is
+    admitted, so the requests in flight finish and give their memory back; with none left in flight it waits
+    up to memory_wait_s, then raises HostMemoryError."""
     if max_in_flight < 1:
         raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+    if min_available_mb is not None and not min_available_mb >= 0:
+        raise ValueError(f"min_available_mb must be >= 0 or None, got {min_available_mb}")
+    if not memory_wait_s >= 0:
+        raise ValueError(f"memory_wait_s must be >= 0, got {memory_wait_s}")
     if not os.path.exists(input_path):
         raise FileNotFoundError(f"batch input {input_path} does not exist")
     errors_path = errors_path or os.path.splitext(output_path)[0] + ".errors.jsonl"
@@ -158,7 +210,10 @@ def run_batch(engine: LLMEngine, input_path: str, output_path: str, errors_path:
         items = iter(lines)
         exhausted = False
         while True:
-            while not exhausted and len(in_flight) < max_in_flight:
+            # Checked once per engine step: cheap, and admissions between two checks are bounded by the window.
+            low = not exhausted and _memory_low(min_available_mb) is not None
+            summary.memory_holds += low
+            while not low and not exhausted and len(in_flight) < max_in_flight:
                 line = next(items, None)
                 if line is None:
                     exhausted = True
@@ -172,7 +227,12 @@ def run_batch(engine: LLMEngine, input_path: str, output_path: str, errors_path:
                     seen.add(line.id)
                     _submit(engine, line, defaults, in_flight, error)
             if not in_flight:
-                break
+                if exhausted:
+                    break
+                out_f.flush()
+                err_f.flush()
+                _wait_for_memory(min_available_mb, memory_wait_s, output_path)
+                continue
             finished = [o for o in engine.step() if o.finished]
             for out in finished:
                 _write(in_flight.pop(out.request_id), out, out_f, summary, error)

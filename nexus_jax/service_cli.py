@@ -106,11 +106,16 @@ def _client(args: argparse.Namespace) -> int:
 
 
 def _batch(args: argparse.Namespace) -> int:
-    from nexus_jax.batch import run_batch
+    from nexus_jax.batch import HostMemoryError, run_batch
 
     defaults = {"max_tokens": args.max_tokens, "temperature": args.temperature}
-    summary = run_batch(_engine(args), args.input, args.output, args.errors, defaults=defaults,
-                        max_in_flight=args.max_in_flight, progress=not args.no_progress)
+    try:
+        summary = run_batch(_engine(args), args.input, args.output, args.errors, defaults=defaults,
+                            max_in_flight=args.max_in_flight, progress=not args.no_progress,
+                            min_available_mb=args.min_available_mb or None)
+    except HostMemoryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     rate = summary.generated_tokens / max(summary.elapsed_s, 1e-9)
     print(f"batch done: {summary.completed} completed, {summary.skipped} skipped (already in {args.output}), "
           f"{summary.errors} errors, {summary.generated_tokens} tokens in {summary.elapsed_s:.2f} s "
@@ -162,5 +167,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--max-tokens", type=int, default=16, help="default for lines that give none")
     b.add_argument("--temperature", type=float, default=1.0, help="default for lines that give none")
     b.add_argument("--max-in-flight", type=int, default=256, help="requests in the engine at once")
+    b.add_argument("--min-available-mb", type=float, default=256.0,
+                   help="host memory floor: below it no request is admitted; 0 turns the guard off")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=_batch)

@@ -113,3 +113,10 @@ def test_cli_on_the_default_model(tmp_path, capsys):
     assert [(e["id"], e["line"]) for e in errors] == [("c", 3)] and "max_tokens" in errors[0]["error"]
     err = capsys.readouterr().err
     assert "2 completed" in err and "1 errors" in err and "3/3 requests" in err and "tok/s" in err
+
+    # A host memory floor above what the machine has: the command refuses with a message, not a traceback.
+    args = parser.parse_args(["batch", "--input", str(inp), "--output", str(tmp_path / "r2.jsonl"),
+                              "--dtype", "float32", "--min-available-mb", "1e12"])
+    assert args.func(args) == 1
+    assert "error:" in capsys.readouterr().err
+    assert not (tmp_path / "r2.jsonl").exists() or read_jsonl(tmp_path / "r2.jsonl") == []

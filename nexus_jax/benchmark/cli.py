@@ -1,4 +1,5 @@
-"""`nexus-jax bench serve` (run a rate sweep and an SLO rate search) and `nexus-jax bench plot` (compare runs).
+"""`nexus-jax bench serve` (run a rate sweep and an SLO rate search), `nexus-jax bench plot` (compare runs) and
+`nexus-jax bench load` (the gRPC load test of load_test.py).
 
   nexus-jax bench serve --model llama-3.1-8b --dataset sharegpt --num-prompts 500 --request-rate 2 4 8 inf \\
       --slo ttft=2 --slo tpot=0.05 --target p90_ttft=2 --target p99_tbt=0.05 --label base --out-dir results/
@@ -23,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from nexus_jax.benchmark import report
+from nexus_jax.benchmark import load_test, report
 from nexus_jax.benchmark.datasets import DATASETS, BenchRequest, make_requests, salted
 from nexus_jax.benchmark.programs_driver import PROGRAM_DATASETS, make_programs, run_programs, warmup_calls
 from nexus_jax.benchmark.serve import Backend, RunResult, find_max_rate, run_requests
@@ -207,7 +208,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    """Adds `bench serve` and `bench plot` to a `nexus-jax` argparse subparsers object."""
+    """Adds `bench serve`, `bench plot` and `bench load` to a `nexus-jax` argparse subparsers object."""
     bench = subparsers.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     s = bench.add_parser("serve", help="online serving benchmark: request-rate sweep, SLO goodput, rate search")
     s.add_argument("--backend", default="in-process", choices=["in-process", "grpc"],
@@ -257,3 +258,4 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="PNG path")
     p.add_argument("--markdown", default=None, help="also write the combined table here")
     p.set_defaults(func=_plot)
+    load_test.register(bench)

@@ -1,0 +1,498 @@
+"""`nexus-jax bench load`: waves of concurrent gRPC Generate streams that misbehave, against a loopback server.
+
+Each stream follows a random plan: run to the end, cancel mid-stream, close its channel mid-stream (disconnect),
+send an Abort RPC mid-stream, run into a short deadline, or send a bad request. A stream refused for overload
+(RESOURCE_EXHAUSTED) retries after the server's hint, a bounded number of times. Every stream must end in a
+known way within a timeout (none hung, none lost); after each wave the server must drain (no open stream, no
+running or waiting request, every KV block free), and its RSS must not grow from wave to wave once warm-up
+waves have compiled the step shapes (runner/bench/results/load_test.md has runs and how to read them).
+
+  nexus-jax bench load --streams 1000 --waves 3 --max-in-flight 1024 --out-dir runner/bench/results
+  nexus-jax bench load --streams 1000 --waves 3 --warmup-waves 4 --max-in-flight 256 --retry-after-ms 1000 \
+      --max-attempts 5 --label overload --out-dir /tmp/load
+
+By default the server is started here in a child process over the embedded model (so its RSS is its own);
+`--server 127.0.0.1:PORT [--server-pid PID]` targets a running one. Only loopback addresses are accepted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import dataclasses
+import datetime
+import gc
+import ipaddress
+import json
+import multiprocessing
+import os
+import platform
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import grpc
+
+if TYPE_CHECKING:  # the client and server import grpc_health, which `bench serve` alone does not need
+    from nexus_jax.client import Client
+
+ACTIONS = ("cancel", "disconnect", "abort", "deadline", "invalid")   # plus "complete": the rest of the streams
+OUTCOMES = ("complete", "aborted", "cancelled", "disconnected", "deadline", "rejected", "error", "hung", "lost")
+FAILED = ("hung", "lost")  # no known end: past the stream timeout, or the client itself failed
+# How a stream with each plan may end; anything else is counted as unexpected. A mid-stream action can lose
+# the race with a short completion, and any attempt can be refused for overload until the retries run out.
+ALLOWED = {"complete": {"complete"}, "cancel": {"cancelled", "complete"},
+           "disconnect": {"disconnected", "complete"}, "abort": {"aborted", "complete"},
+           "deadline": {"deadline", "complete"}, "invalid": {"error"}}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadSettings:
+    streams: int = 1000              # concurrent streams per wave
+    waves: int = 3
+    warmup_waves: int = 1            # run and checked like the others, but before the RSS baseline: they compile
+    cancel: float = 0.15             # fractions of the streams per plan; the rest run to the end
+    disconnect: float = 0.10
+    abort: float = 0.10
+    deadline: float = 0.10
+    invalid: float = 0.03
+    max_tokens: int = 32             # streams run to the end ask for 1..max_tokens tokens
+    long_tokens: int = 1024          # mid-stream actions need streams that are still running
+    prompt_len: int = 32             # prompt of 1..prompt_len random token ids
+    act_after: int = 4               # mid-stream actions fire after 1..act_after chunks
+    deadline_s: tuple[float, float] = (0.2, 2.0)
+    max_attempts: int = 3            # attempts of a stream refused for overload (RESOURCE_EXHAUSTED)
+    channels: int = 4                # shared channels; each disconnecting stream has its own
+    stream_timeout_s: float = 300.0  # an attempt running longer has hung
+    drain_timeout_s: float = 60.0
+    rss_margin: float = 0.05         # last wave's end RSS within this fraction of the first's: stable
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.warmup_waves < 0:
+            raise ValueError(f"warmup_waves must be >= 0, got {self.warmup_waves}")
+        for name in ("streams", "waves", "max_tokens", "long_tokens", "prompt_len", "act_after", "max_attempts",
+                     "channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        fractions = [getattr(self, a) for a in ACTIONS]
+        if any(not 0.0 <= f <= 1.0 for f in fractions) or sum(fractions) > 1.0 + 1e-9:
+            raise ValueError(f"action fractions must be in [0, 1] and sum to <= 1, got {dict(zip(ACTIONS, fractions))}")
+        object.__setattr__(self, "deadline_s", tuple(self.deadline_s))
+        if len(self.deadline_s) != 2 or not 0 < self.deadline_s[0] <= self.deadline_s[1]:
+            raise ValueError(f"deadline_s must be (low, high) with 0 < low <= high, got {self.deadline_s}")
+
+
+def check_loopback(target: str) -> str:
+    """Returns target ("host:port") when its host is a loopback address; raises ValueError otherwise."""
+    host, sep, port = target.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port.isdigit():
+        raise ValueError(f"server must be HOST:PORT, got {target!r}")
+    loopback = host == "localhost"
+    try:
+        loopback = loopback or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    if not loopback:
+        raise ValueError(f"the load test only targets loopback servers (127.0.0.1, ::1, localhost), got {host!r}")
+    return target
+
+
+def plan_streams(settings: LoadSettings, wave: int, vocab_size: int) -> list[dict[str, Any]]:
+    """One plan per stream: its action, prompt, sampling fields, deadline and when the action fires."""
+    rng = random.Random(settings.seed * 1000 + wave)
+    cut, edges = 0.0, []
+    for action in ACTIONS:
+        cut += getattr(settings, action)
+        edges.append((cut, action))
+    plans = []
+    for i in range(settings.streams):
+        draw = rng.random()
+        action = next((a for edge, a in edges if draw < edge), "complete")
+        prompt = [rng.randrange(3, vocab_size) for _ in range(rng.randint(1, settings.prompt_len))]
+        plan = {"id": f"load-w{wave}-{i}", "action": action, "prompt": prompt, "act_after": 0, "timeout": None,
+                "sampling": {"max_tokens": rng.randint(1, settings.max_tokens)}}
+        if action != "complete":
+            plan["sampling"] = {"max_tokens": settings.long_tokens, "ignore_eos": True}
+            plan["act_after"] = rng.randint(1, settings.act_after)
+        if action == "deadline":
+            plan["timeout"] = rng.uniform(*settings.deadline_s)
+        if action == "invalid":  # each kind of bad input the server must refuse with INVALID_ARGUMENT
+            plan["prompt"], plan["sampling"] = rng.choice([
+                ([vocab_size + 5], {}), ([], {}), (prompt, {"top_p": 2.0}), (prompt, {"max_tokens": 10**9})])
+        plans.append(plan)
+    return plans
+
+
+async def _attempt(plan: dict, client: Client, control: Client, rid: str) -> tuple[str, str | None, int]:
+    from nexus_jax.client import request
+    from nexus_jax.server import RETRY_AFTER_KEY
+
+    """One Generate call; returns (outcome, detail, retry hint in ms or 0)."""
+    call = client.stub.Generate(request(plan["prompt"], request_id=rid, **plan["sampling"]), timeout=plan["timeout"])
+    tokens: list[int] = []
+    chunks, complete = 0, None
+    try:
+        async for r in call:
+            kind = r.WhichOneof("response")
+            if kind == "error":
+                return "error", f"engine error: {r.error.message}", 0
+            if kind == "complete":
+                complete = r.complete
+                continue
+            tokens.extend(r.chunk.token_ids)
+            chunks += 1
+            if chunks == plan["act_after"]:
+                if plan["action"] == "cancel":
+                    call.cancel()
+                    return "cancelled", None, 0
+                if plan["action"] == "disconnect":
+                    await client.channel.close(grace=None)  # drops the connection under the open stream
+                    return "disconnected", None, 0
+                if plan["action"] == "abort":
+                    await control.abort(rid)  # not found: the request ended first, and its Complete follows
+    except grpc.aio.AioRpcError as e:
+        code = e.code()
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            hint = dict(e.trailing_metadata() or ()).get(RETRY_AFTER_KEY)
+            if hint is not None and hint.isdigit():
+                return "rejected", e.details(), int(hint)
+            return "error", f"RESOURCE_EXHAUSTED without a {RETRY_AFTER_KEY} hint: {e.details()}", 0
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return "deadline", None, 0
+        return "error", f"{code.name}: {e.details()}", 0
+    finally:
+        call.cancel()  # a no-op on a finished call; ends it when the watchdog cancelled this attempt
+    if complete is None:
+        return "error", "stream ended without a Complete", 0
+    if list(complete.output_ids) != tokens or complete.completion_tokens != len(tokens):
+        return "error", f"Complete disagrees with the chunks ({len(tokens)} tokens streamed)", 0
+    return ("aborted" if complete.finish_reason == "abort" else "complete"), complete.finish_reason, 0
+
+
+async def _run_stream(plan: dict, target: str, shared: Client, control: Client,
+                      settings: LoadSettings) -> dict[str, Any]:
+    from nexus_jax.client import Client
+
+    record = {"id": plan["id"], "action": plan["action"], "attempts": 0, "rejections": 0}
+    try:
+        for attempt in range(settings.max_attempts):
+            record["attempts"] += 1
+            own = Client(target) if plan["action"] == "disconnect" else None
+            try:
+                outcome, detail, hint = await asyncio.wait_for(
+                    _attempt(plan, own or shared, control, f"{plan['id']}-a{attempt}"), settings.stream_timeout_s)
+            except asyncio.TimeoutError:
+                outcome, detail, hint = "hung", f"no end within {settings.stream_timeout_s} s", 0
+            finally:
+                if own is not None:
+                    await own.close()
+            if outcome != "rejected":
+                break
+            record["rejections"] += 1
+            if attempt + 1 < settings.max_attempts:
+                await asyncio.sleep(hint / 1000)
+    except Exception as e:  # noqa: BLE001 - whatever broke, the stream's end is unknown and must be counted
+        outcome, detail = "lost", f"{type(e).__name__}: {e}"
+    record.update(outcome=outcome, detail=detail)
+    return record
+
+
+async def _wait_drained(control: Client, timeout: float) -> dict[str, Any]:
+    """Polls GetServerInfo until nothing is in flight, running or waiting and the KV cache is empty."""
+    end = time.monotonic() + timeout
+    while True:
+        info = await control.server_info()
+        state = {"num_in_flight": info.num_in_flight, "num_running": info.num_running,
+                 "num_waiting": info.num_waiting, "kv_cache_usage": info.kv_cache_usage}
+        drained = not (info.num_in_flight or info.num_running or info.num_waiting or info.kv_cache_usage)
+        if drained or time.monotonic() > end:
+            return {"drained": drained, **state}
+        await asyncio.sleep(0.1)
+
+
+async def _sample_rss(pid: int, samples: list[float], interval: float = 0.2) -> None:
+    while True:
+        try:
+            samples.append(rss_mb(pid))
+        except OSError:  # the server is gone: its streams record how they failed
+            return
+        await asyncio.sleep(interval)
+
+
+async def run_waves(target: str, settings: LoadSettings, server_pid: int | None = None,
+                    probe: Callable[[], dict[str, int]] | None = None) -> dict[str, Any]:
+    """Runs the waves against `target`; returns per wave the outcome counts (also by plan), the server's state
+    after draining, its RSS (when server_pid is given) and the records of streams that ended unexpectedly; then
+    the checks. probe: a blocking callable returning the server's internal counts (local server only)."""
+    from nexus_jax.client import Client
+
+    check_loopback(target)
+    control = Client(target)
+    shared = [Client(target) for _ in range(settings.channels)]
+    vocab_size = (await control.model_info()).vocab_size
+    waves: list[dict[str, Any]] = []
+    samples: list[float] = []
+    sampler = asyncio.create_task(_sample_rss(server_pid, samples)) if server_pid else None
+    try:
+        total = settings.warmup_waves + settings.waves
+        for w in range(total):
+            start_rss, first, begun = rss_mb(server_pid) if server_pid else None, len(samples), time.monotonic()
+            plans = plan_streams(settings, w, vocab_size)
+            records = await asyncio.gather(*[_run_stream(p, target, shared[i % len(shared)], control, settings)
+                                             for i, p in enumerate(plans)])
+            wall = time.monotonic() - begun
+            server = await _wait_drained(control, settings.drain_timeout_s)
+            if probe is not None:
+                server["internals"] = await asyncio.to_thread(probe)
+            end_rss = rss_mb(server_pid) if server_pid else None
+            peak = max(samples[first:] + [start_rss, end_rss]) if server_pid else None
+            by_action: dict[str, dict[str, int]] = {}
+            for r in records:
+                by_action.setdefault(r["action"], {}).setdefault(r["outcome"], 0)
+                by_action[r["action"]][r["outcome"]] += 1
+            waves.append({"wave": w, "warmup": w < settings.warmup_waves, "streams": len(records), "wall_s": round(wall, 2), "server": server,
+                          "rss_mb": {"start": start_rss, "peak": peak, "end": end_rss},
+                          "counts": _counts(records), "by_action": by_action,
+                          "unexpected_records": [r for r in records if not _expected(r)]})
+            print(f"[bench load] wave {w + 1}/{total}: {waves[-1]['counts']}, drained {server['drained']}, "
+                  f"server RSS {end_rss} MiB, {wall:.1f} s", file=sys.stderr, flush=True)
+    finally:
+        if sampler is not None:
+            sampler.cancel()
+        for c in (control, *shared):
+            await c.close()
+    return {"target": target, "settings": dataclasses.asdict(settings), "waves": waves,
+            "checks": _checks(waves, settings)}
+
+
+def _counts(records: list[dict]) -> dict[str, int]:
+    counts = {o: 0 for o in OUTCOMES}
+    for r in records:
+        counts[r["outcome"]] += 1
+    counts["rejections"] = sum(r["rejections"] for r in records)
+    counts["unexpected"] = sum(not _expected(r) for r in records)
+    return counts
+
+
+def _expected(record: dict) -> bool:
+    if record["action"] == "invalid" and record["outcome"] == "error":
+        return record["detail"].startswith("INVALID_ARGUMENT")
+    return record["outcome"] in ALLOWED[record["action"]] or record["outcome"] == "rejected"
+
+
+def _checks(waves: list[dict], settings: LoadSettings) -> dict[str, Any]:
+    planned = sum(w["streams"] for w in waves)
+    ended = sum(w["counts"][o] for w in waves for o in OUTCOMES if o not in FAILED)
+    internals = [w["server"].get("internals") for w in waves]
+    checks: dict[str, Any] = {
+        "streams": planned, "lost": planned - ended, "unexpected": sum(w["counts"]["unexpected"] for w in waves),
+        "drained": all(w["server"]["drained"] for w in waves),
+        "internals_clear": all(i is None or _clear(i) for i in internals),
+        "missing_outcomes": [o for o in OUTCOMES if o not in FAILED and not any(w["counts"][o] for w in waves)]}
+    measured = [w for w in waves if not w["warmup"]]
+    first, last = measured[0]["rss_mb"]["end"], measured[-1]["rss_mb"]["end"]
+    if first is None:
+        checks.update(rss_growth_mb=None, rss_stable=None)
+    else:
+        checks.update(rss_growth_mb=round(last - first, 1), rss_stable=last <= first * (1 + settings.rss_margin))
+    checks["ok"] = (checks["lost"] == 0 and checks["unexpected"] == 0 and checks["drained"]
+                    and checks["internals_clear"] and checks["rss_stable"] is not False)
+    return checks
+
+
+def _clear(internals: dict[str, int]) -> bool:
+    return (internals["free_blocks"] == internals["num_blocks"]
+            and not any(internals[k] for k in ("servicer_streams", "async_streams", "engine_groups")))
+
+
+def _internals(server) -> dict[str, int]:
+    """Counts that a leak would leave behind, read inside the server process (private fields included: a stream
+    entry left in AsyncLLM after its request ended is exactly the leak this looks for). Collects garbage and
+    hands freed heap pages back to the OS first, so the RSS sampled next is memory still in use, not malloc's
+    cache. Python objects and RSS also grow with each step shape compiled for the first time (a bounded set);
+    growth past the point where no new shape compiles is a leak."""
+    from runner.model_runner import _run_step
+
+    engine = server.llm.engine
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the RSS then includes malloc's free pages
+        pass
+    return {"servicer_streams": len(server.servicer.streams), "async_streams": len(server.llm._streams),
+            "engine_groups": len(engine.groups), "free_blocks": engine.block_manager.num_free_blocks,
+            "num_blocks": engine.block_manager.num_blocks,
+            "cached_blocks": engine.block_manager.stats()["num_cached"], "python_objects": len(gc.get_objects()),
+            "compiled_steps": _run_step._cache_size()}  # a jitted function's count of compiled programs
+
+
+def _serve_child(engine_config: dict[str, Any], options: dict[str, Any], conn) -> None:
+    asyncio.run(_child_main(engine_config, options, conn))
+
+
+async def _child_main(engine_config: dict[str, Any], options: dict[str, Any], conn) -> None:
+    from nexus_jax.async_llm import AsyncLLM
+    from nexus_jax.config import EngineConfig
+    from nexus_jax.engine import LLMEngine
+    from nexus_jax.server import NexusServer, ServerOptions
+
+    server = NexusServer(AsyncLLM(LLMEngine.from_config(EngineConfig(**engine_config))), ServerOptions(**options))
+    conn.send(await server.start())
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            message = await loop.run_in_executor(None, conn.recv)
+        except EOFError:  # the parent is gone
+            message = "stop"
+        if message != "probe":
+            break
+        conn.send(_internals(server))
+    await server.stop(grace=1.0)
+
+
+class LocalServer:
+    """A loopback gRPC server over the embedded model in a spawned child process, so the RSS sampled is the
+    server's alone. A pipe carries its port, probes of its internal counts, and the stop."""
+
+    def __init__(self, engine_config: dict[str, Any], max_in_flight: int, retry_after_ms: int,
+                 startup_timeout_s: float = 300.0):
+        self.engine_config = engine_config
+        self.options = {"host": "127.0.0.1", "port": 0, "max_in_flight": max_in_flight,
+                        "retry_after_ms": retry_after_ms}
+        self.startup_timeout_s = startup_timeout_s
+        self.target = ""
+        self.pid = 0
+
+    def __enter__(self) -> "LocalServer":
+        ctx = multiprocessing.get_context("spawn")  # a fresh JAX runtime, not a fork of this one
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve_child, args=(self.engine_config, self.options, child), daemon=True)
+        self._proc.start()
+        child.close()
+        try:
+            if not self._conn.poll(self.startup_timeout_s):
+                raise RuntimeError(f"the load-test server did not start within {self.startup_timeout_s} s")
+            port = self._conn.recv()
+        except (EOFError, RuntimeError) as e:
+            self._proc.kill()
+            raise RuntimeError(f"the load-test server failed to start (exit code {self._proc.exitcode})") from e
+        self.target, self.pid = f"127.0.0.1:{port}", self._proc.pid
+        return self
+
+    def probe(self) -> dict[str, int]:
+        self._conn.send("probe")
+        return self._conn.recv()
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self._conn.send("stop")
+        except OSError:
+            pass
+        self._proc.join(60)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of a process in MiB, from /proc (psutil is not a dependency)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
+
+
+def run_load_test(settings: LoadSettings, *, server: str | None = None, server_pid: int | None = None,
+                  max_in_flight: int = 256, retry_after_ms: int = 200,
+                  engine_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Runs the load test against `server` (a loopback HOST:PORT), or against a server started here in a child
+    process over the embedded model (engine_config: EngineConfig fields) with the given admission limit."""
+    if server is not None:
+        return asyncio.run(run_waves(check_loopback(server), settings, server_pid))
+    with LocalServer(engine_config or {}, max_in_flight=max_in_flight, retry_after_ms=retry_after_ms) as local:
+        doc = asyncio.run(run_waves(local.target, settings, local.pid, local.probe))
+    doc["local_server"] = {"max_in_flight": max_in_flight, "retry_after_ms": retry_after_ms,
+                           "engine_config": engine_config or {}}
+    return doc
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """One row per wave: outcome counts, drain state, server RSS, compiled step programs and Python objects
+    (local server), wall time; then the checks."""
+    head = ["wave", "streams", *OUTCOMES, "rejections", "unexpected", "drained", "RSS start / peak / end (MiB)",
+            "compiled steps", "Python objects", "wall (s)"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for w in doc["waves"]:
+        c, rss, inside = w["counts"], w["rss_mb"], w["server"].get("internals", {})
+        memory = "n/a" if rss["start"] is None else f"{rss['start']:.0f} / {rss['peak']:.0f} / {rss['end']:.0f}"
+        cells = [f"{w['wave'] + 1}{' (warm-up)' if w['warmup'] else ''}", w["streams"], *(c[o] for o in OUTCOMES),
+                 c["rejections"], c["unexpected"], "yes" if w["server"]["drained"] else "**no**", memory,
+                 inside.get("compiled_steps", "n/a"), inside.get("python_objects", "n/a"), f"{w['wall_s']:.1f}"]
+        rows.append("| " + " | ".join(map(str, cells)) + " |")
+    k = doc["checks"]
+    growth = "not measured" if k["rss_growth_mb"] is None else \
+        f"{k['rss_growth_mb']:+.1f} MiB ({'stable' if k['rss_stable'] else '**growing**'})"
+    rows.append(f"\nstreams {k['streams']}, lost {k['lost']}, unexpected {k['unexpected']}, drained "
+                f"{k['drained']}, server internals clear {k['internals_clear']}, RSS at the end of the last vs the "
+                f"first measured wave: {growth}; outcomes never seen: {', '.join(k['missing_outcomes']) or 'none'}; "
+                f"**{'PASS' if k['ok'] else 'FAIL'}**")
+    return "\n".join(rows)
+
+
+def _load(args: argparse.Namespace) -> int:
+    from nexus_jax.benchmark.cli import engine_overrides
+
+    if args.server is not None and (args.engine_arg or args.max_in_flight is not None):
+        raise SystemExit("--engine-arg and --max-in-flight configure the local server; --server has its own")
+    settings = LoadSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LoadSettings)})
+    engine_config = {"max_num_seqs": args.max_num_seqs, **engine_overrides(args.engine_arg)}
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    doc = run_load_test(settings, server=args.server, server_pid=args.server_pid,
+                        max_in_flight=args.max_in_flight or 256, retry_after_ms=args.retry_after_ms,
+                        engine_config=engine_config)
+    doc.update(command=shlex.join(["nexus-jax", *sys.argv[1:]]), machine=f"{platform.machine()}, "
+               f"{os.cpu_count()} CPUs, {platform.platform()}, Python {platform.python_version()}",
+               date=started)
+    table = markdown(doc)
+    print(table)
+    if args.out_dir:
+        stem = Path(args.out_dir) / args.label
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+        stem.with_suffix(".md").write_text(f"`{doc['command']}`\n\n{doc['date']}, {doc['machine']}\n\n{table}\n")
+        print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)
+    return 0 if doc["checks"]["ok"] else 1
+
+
+def register(bench: Any) -> None:
+    """Adds `load` to the `nexus-jax bench` subparsers; every LoadSettings field is an option."""
+    p = bench.add_parser("load", help="load test: concurrent gRPC streams with cancels, disconnects, aborts, "
+                                      "deadlines and bad requests; checks that none is lost and memory is stable")
+    p.add_argument("--server", default=None, metavar="HOST:PORT", help="a running loopback server "
+                   "(default: start one over the embedded model in a child process)")
+    p.add_argument("--server-pid", type=int, default=None, help="--server's process id, to sample its RSS")
+    p.add_argument("--max-in-flight", type=int, default=None, help="local server: open streams admitted "
+                   "(default 256); beyond it, RESOURCE_EXHAUSTED")
+    p.add_argument("--retry-after-ms", type=int, default=200, help="local server: the retry hint it sends")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="local server: running requests per step")
+    p.add_argument("--engine-arg", action="append", metavar="KEY=VALUE", help="local server: an EngineConfig field")
+    plans = {"cancel": "cancel mid-stream", "disconnect": "close their channel mid-stream",
+             "abort": "send an Abort RPC mid-stream", "deadline": "run into a short deadline",
+             "invalid": "send a bad request"}
+    for f in dataclasses.fields(LoadSettings):
+        flag = "--" + f.name.replace("_", "-")
+        what = f"fraction of the streams that {plans[f.name]} " if f.name in plans else ""
+        if isinstance(f.default, tuple):
+            p.add_argument(flag, type=float, nargs=2, default=f.default, help=f"{what}(default {f.default})")
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default, help=f"{what}(default {f.default})")
+    p.add_argument("--out-dir", default=None, help="writes LABEL.json and LABEL.md here")
+    p.add_argument("--label", default="load_test")
+    p.set_defaults(func=_load)
