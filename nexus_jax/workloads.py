@@ -1,8 +1,9 @@
 """Agentic workloads: programs of dependent LLM calls, arriving as a Poisson process (docs/programs.md).
 
 A program is a list of stages; a stage starts `delay` seconds (think time, tool latency) after every call of the
-previous stage has finished, and its calls run in parallel (one thread each). Only lengths are generated:
-the simulator needs nothing else, and a driver for the real engine fills prompts with random token ids.
+previous stage has finished, and its calls run in parallel (one thread each). Only lengths are generated, plus
+how much of each prompt repeats the program's earlier context (what a prefix cache can serve): the simulator
+needs nothing else, and a driver for the real engine fills prompts with random token ids.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ class CallSpec:
     prompt_tokens: int
     output_tokens: int
     thread_id: str = ""
+    # Leading prompt tokens that repeat the program's context as it stood after its previous stage (that
+    # stage's prompt and the output the program kept). 0 for a first stage, and for a prompt cut to fit
+    # MAX_CONTEXT: the cut drops the oldest tokens, so nothing of the old context is a prefix any more.
+    prefix: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,19 +80,21 @@ def chatbot_program(rng: np.random.Generator, program_id: str, arrival: float) -
         out = int(CHAT_OUTPUT.sample(rng, 1)[0])
         prompt = min(history + user, MAX_CONTEXT - out)
         delay = 0.0 if turn == 0 else float(rng.exponential(CHAT_THINK_MEAN))
-        stages.append(Stage(delay, (CallSpec(prompt, out),)))
+        prefix = history if prompt == history + user else 0
+        stages.append(Stage(delay, (CallSpec(prompt, out, prefix=prefix),)))
         history = prompt + out
     return ProgramSpec(program_id, arrival, tuple(stages))
 
 
 def react_program(rng: np.random.Generator, program_id: str, arrival: float) -> ProgramSpec:
-    stages, context = [], int(REACT_SYSTEM.sample(rng, 1)[0])
+    stages, context, kept = [], int(REACT_SYSTEM.sample(rng, 1)[0]), 0
     for step in range(_num_calls(rng, REACT_CALLS_MEAN)):
         out = int(REACT_OUTPUT.sample(rng, 1)[0])
         prompt = min(context, MAX_CONTEXT - out)
         delay = 0.0 if step == 0 else float(rng.exponential(REACT_TOOL_MEAN))
-        stages.append(Stage(delay, (CallSpec(prompt, out),)))
-        context = prompt + out + int(REACT_OBSERVATION.sample(rng, 1)[0])
+        stages.append(Stage(delay, (CallSpec(prompt, out, prefix=kept if prompt == context else 0),)))
+        kept = prompt + out  # the tool observation that follows is new to the next prompt
+        context = kept + int(REACT_OBSERVATION.sample(rng, 1)[0])
     return ProgramSpec(program_id, arrival, tuple(stages))
 
 
@@ -96,7 +103,9 @@ def tree_search_program(rng: np.random.Generator, program_id: str, arrival: floa
     for level in range(_num_calls(rng, TREE_DEPTH_MEAN)):
         width = int(rng.integers(TREE_WIDTH[0], TREE_WIDTH[1] + 1))
         outs = TREE_OUTPUT.sample(rng, width)
-        calls = tuple(CallSpec(min(path, MAX_CONTEXT - int(o)), int(o), f"t{b}") for b, o in enumerate(outs))
+        shared = 0 if level == 0 else path  # the previous level's path plus its chosen branch
+        calls = tuple(CallSpec(min(path, MAX_CONTEXT - int(o)), int(o), f"t{b}",
+                               shared if path <= MAX_CONTEXT - int(o) else 0) for b, o in enumerate(outs))
         stages.append(Stage(0.0 if level == 0 else TREE_EVAL_DELAY, calls))
         path = min(path + int(outs.max()), MAX_CONTEXT // 2)  # the chosen branch extends the path
     return ProgramSpec(program_id, arrival, tuple(stages))

@@ -1,0 +1,237 @@
+"""ReplicatedAsyncLLM over mock-executor engines: routing, prefix-cache locality, abort, dead replicas."""
+
+import asyncio
+import time
+
+import pytest
+
+from nexus_jax import AsyncLLM, EngineConfig
+from nexus_jax.async_llm import EngineDeadError
+from nexus_jax.replicas import ReplicatedAsyncLLM
+from nexus_jax.router import RouterConfig
+from test_engine import expected, greedy, make_engine, tokenizer  # noqa: F401 (a fixture)
+
+
+def replicated(n=3, routing="locality", step_seconds=0.0, **engine_kw):
+    """n replicas over the mock executor; step_seconds > 0 slows each step so that a long request is still
+    running when the test acts on it."""
+    engines = [make_engine(**engine_kw) for _ in range(n)]
+    if step_seconds:
+        for engine in engines:
+            fast = engine.executor.step
+
+            def slow(*args, fast=fast, **kw):
+                time.sleep(step_seconds)
+                return fast(*args, **kw)
+            engine.executor.step = slow
+    return ReplicatedAsyncLLM([AsyncLLM(e) for e in engines], routing)
+
+
+async def collect(llm, prompt, params, **kw):
+    tokens = []
+    async for out in llm.generate(prompt, params, **kw):
+        tokens += out.outputs[0].token_ids
+    return tokens, out.outputs[0].finish_reason
+
+
+async def wait_until(predicate, timeout=10.0):
+    for _ in range(int(timeout / 0.01)):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached")
+
+
+@pytest.mark.parametrize("routing", ["locality", "round_robin", "least_loaded"])
+def test_concurrent_streams_over_replicas_deliver_every_token(routing):
+    llm = replicated(3, routing, num_blocks=512)
+    try:
+        async def main():
+            jobs = [collect(llm, {"prompt_token_ids": [i, i + 1]}, greedy(5 + i % 9), request_id=f"r{i}",
+                            program_id=f"p{i % 4}") for i in range(45)]
+            return await asyncio.gather(*jobs)
+        for i, (tokens, reason) in enumerate(asyncio.run(main())):
+            assert tokens == expected([i, i + 1], 5 + i % 9) and reason == "length"
+        served = [r.engine.block_manager.stats()["prefix_queries"] for r in llm.replicas]
+        assert all(q > 0 for q in served) and sum(served) == 45     # every replica took calls
+        assert llm.router.load == [0, 0, 0] and not llm.router.calls
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.parametrize("routing,hits", [("locality", True), ("round_robin", False)])
+def test_locality_sends_a_programs_long_calls_where_its_prefix_is_cached(routing, hits):
+    llm = ReplicatedAsyncLLM([AsyncLLM(make_engine(num_blocks=512)) for _ in range(2)],
+                             RouterConfig(routing, locality_threshold=16))
+    try:
+        async def main():
+            context = list(range(100, 164))
+            for turn in range(4):  # each turn's prompt extends the previous one: the program's context
+                prompt = context[:40 + 8 * turn]
+                tokens, _ = await collect(llm, {"prompt_token_ids": prompt}, greedy(3), program_id="agent")
+                assert tokens == expected(prompt, 3)
+        asyncio.run(main())
+        hit_tokens = sum(r.engine.block_manager.stats()["prefix_hit_tokens"] for r in llm.replicas)
+        assert (hit_tokens >= 3 * 40) == hits  # every later turn finds at least the first 40 tokens
+    finally:
+        llm.shutdown()
+
+
+def test_abort_reaches_the_replica_of_the_request():
+    llm = replicated(3, "round_robin", step_seconds=0.002)
+    try:
+        async def main():
+            others = [asyncio.create_task(collect(llm, {"prompt_token_ids": [i]}, greedy(4), request_id=f"o{i}"))
+                      for i in range(2)]
+            stream = llm.generate({"prompt_token_ids": [5] * 10}, greedy(400), request_id="long")
+            first = await stream.__anext__()
+            assert not first.finished
+            index = llm.router.replica_of("long")
+            llm.abort("long")
+            llm.abort("no-such-request")            # unknown ids are ignored
+            reasons = [out.outputs[0].finish_reason async for out in stream]
+            return index, reasons, await asyncio.gather(*others)
+        index, reasons, others = asyncio.run(main())
+        assert reasons[-1] == "abort"
+        assert not llm.replicas[index].engine.groups and llm.replicas[index].engine.block_manager.usage == 0.0
+        assert [tokens for tokens, _ in others] == [expected([0], 4), expected([1], 4)]
+        assert llm.router.replica_of("long") is None and llm.router.load == [0, 0, 0]
+    finally:
+        llm.shutdown()
+
+
+def test_leaving_a_stream_aborts_it_on_its_replica():
+    llm = replicated(2)
+    try:
+        async def main():
+            async for _ in llm.generate({"prompt_token_ids": [1] * 20}, greedy(400), request_id="gone"):
+                break
+            await wait_until(lambda: not any(r.engine.has_unfinished_requests() for r in llm.replicas))
+        asyncio.run(main())
+        assert llm.router.load == [0, 0] and all(r.engine.block_manager.usage == 0.0 for r in llm.replicas)
+    finally:
+        llm.shutdown()
+
+
+def test_a_dead_replica_fails_its_requests_and_the_others_keep_serving():
+    llm = replicated(2, "round_robin", step_seconds=0.002)
+    try:
+        async def main():
+            doomed = llm.generate({"prompt_token_ids": [3] * 8}, greedy(400), request_id="doomed")
+            await doomed.__anext__()
+            victim = llm.replicas[llm.router.replica_of("doomed")]
+
+            def broken_step():
+                raise RuntimeError("device lost")
+            victim.engine.step = broken_step       # the engine thread dies on its next step
+            with pytest.raises(EngineDeadError, match="device lost"):
+                async for _ in doomed:
+                    pass
+            results = [await collect(llm, {"prompt_token_ids": [i]}, greedy(3)) for i in range(4)]
+            return victim, results
+        victim, results = asyncio.run(main())
+        assert [tokens for tokens, _ in results] == [expected([i], 3) for i in range(4)]
+        assert llm.router.dead == {llm.replicas.index(victim)}
+        assert llm.router.load == [0, 0]
+    finally:
+        llm.shutdown()
+
+    llm = replicated(1)
+    llm.replicas[0].shutdown()
+    with pytest.raises(EngineDeadError, match="every replica"):
+        asyncio.run(collect(llm, {"prompt_token_ids": [1]}, greedy(2)))
+
+
+def test_bad_input_raises_and_leaves_no_load():
+    llm = replicated(2)
+    try:
+        async def main():
+            with pytest.raises(ValueError, match="empty"):
+                await collect(llm, {"prompt_token_ids": []}, greedy(2))
+            with pytest.raises(ValueError, match="tokenizer"):
+                await collect(llm, "text without a tokenizer", greedy(2))
+            first = llm.generate({"prompt_token_ids": [1]}, greedy(50), request_id="dup")
+            await first.__anext__()
+            with pytest.raises(ValueError, match="already in use"):
+                await collect(llm, {"prompt_token_ids": [2]}, greedy(2), request_id="dup")
+            await first.aclose()
+        asyncio.run(main())
+        assert llm.router.load == [0, 0] and not llm.router.calls
+    finally:
+        llm.shutdown()
+    with pytest.raises(ValueError, match="at least one replica"):
+        ReplicatedAsyncLLM([])
+    with pytest.raises(ValueError, match="routing policy"):
+        ReplicatedAsyncLLM([object()], "nearest")
+    with pytest.raises(ValueError, match="num_replicas"):
+        ReplicatedAsyncLLM.from_config(EngineConfig(), num_replicas=0)
+
+
+def test_text_prompts_are_tokenized_once_and_routed_by_length(tokenizer):
+    llm = ReplicatedAsyncLLM([AsyncLLM(make_engine(tokenizer=tokenizer, num_blocks=512)) for _ in range(2)],
+                             RouterConfig("least_loaded"))
+    try:
+        text = "hello replicas"
+        ids = tokenizer.encode(text)
+
+        async def main():
+            stream = llm.generate(text, greedy(2), request_id="t")
+            out = await stream.__anext__()
+            load = max(llm.router.load)
+            await stream.aclose()
+            return out, load
+        out, load = asyncio.run(main())
+        assert out.prompt == text and out.prompt_token_ids == ids
+        assert len(ids) <= load <= len(ids) + 2
+    finally:
+        llm.shutdown()
+
+
+def test_sessions_forget_the_programs_replica():
+    llm = replicated(2, RouterConfig(locality_threshold=0))
+    try:
+        with llm.session("agent"):
+            asyncio.run(collect(llm, {"prompt_token_ids": [1, 2]}, greedy(2), program_id="agent"))
+            assert "agent" in llm.router.program_replica
+        assert "agent" not in llm.router.program_replica
+        stats = llm.stats()
+        assert len(stats) == 2 and stats[0]["load_tokens"] == 0 and "kv_usage" in stats[0]
+    finally:
+        llm.shutdown()
+
+
+def test_from_config_starts_replicas_of_the_embedded_model():
+    llm = ReplicatedAsyncLLM.from_config(EngineConfig(dtype="float32", max_num_batched_tokens=64,
+                                                      cpu_kv_cache_tokens=2048), num_replicas=2,
+                                         routing="round_robin")
+    try:
+        async def main():
+            return await asyncio.gather(*[collect(llm, {"prompt_token_ids": [5, 6, 7]}, greedy(4)) for _ in range(2)])
+        first, second = asyncio.run(main())
+        assert first == second and len(first[0]) == 4  # two replicas of one model agree (greedy)
+        assert all(r.engine.block_manager.stats()["prefix_queries"] == 1 for r in llm.replicas)
+    finally:
+        llm.shutdown()
+
+
+def test_the_grpc_server_serves_through_the_front_end():
+    from nexus_jax.client import Client
+    from nexus_jax.server import NexusServer, ServerOptions
+
+    llm = replicated(2, "round_robin")
+
+    async def main():
+        server = NexusServer(llm, ServerOptions())
+        port = await server.start()
+        try:
+            async with Client(f"127.0.0.1:{port}") as client:
+                session = await client.start_session("p")
+                finals = [[r async for r in client.generate([5, 6, 7], max_tokens=4, program_id="p")][-1]
+                          for _ in range(3)]
+                assert await client.end_session(session.session_id)
+                return finals
+        finally:
+            await server.stop()  # shuts the replicas down
+    finals = asyncio.run(main())
+    assert [list(f.complete.output_ids) for f in finals] == [expected([5, 6, 7], 4)] * 3
+    assert [r.engine.block_manager.stats()["prefix_queries"] for r in llm.replicas] == [2, 1]
