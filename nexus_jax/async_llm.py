@@ -58,6 +58,10 @@ class AsyncLLM:
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already in use")
             self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        if self.dead_error is not None:  # the thread stopped after the check above: it will never see this one
+            with self._lock:
+                self._streams.pop(request_id, None)
+            raise EngineDeadError(f"engine stopped: {self.dead_error!r}")
         self._send(("add", group))
         sent: dict[int, tuple[int, int]] = {}  # completion index -> (text chars, token ids) already yielded
         finished = False
