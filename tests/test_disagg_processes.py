@@ -33,21 +33,28 @@ def llm():
     llm.shutdown()
 
 
-def staggered_run(engine, seed):
+def staggered_run(engine, seed, fault=None, fault_step=0):
+    """The final outputs of PROMPTS arriving staggered; fault(), if given, runs once `fault_step` steps ran."""
     rng = random.Random(seed)
     order = list(range(len(PROMPTS)))
     rng.shuffle(order)
-    done, k = {}, 0
+    done, steps = {}, 0
     while order or engine.has_unfinished_requests():
         if order and rng.random() < 0.5:
             i = order.pop()
             engine.add_request(f"s{seed}-{i}", {"prompt_token_ids": PROMPTS[i]},
                                SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS[i]))
+        if fault is not None and steps == fault_step:
+            fault()
         for out in engine.step():
             if out.finished:
-                done[int(out.request_id.split("-")[1])] = out.outputs[0].token_ids
-        k += 1
+                done[int(out.request_id.split("-")[1])] = out
+        steps += 1
     return [done[i] for i in range(len(PROMPTS))]
+
+
+def tokens(outs):
+    return [o.outputs[0].token_ids for o in outs]
 
 
 @pytest.mark.parametrize("tbt", [1e-9, 10.0])
@@ -55,7 +62,7 @@ def test_greedy_outputs_equal_the_aggregated_engine(llm, reference, tbt):
     engine = llm.llm_engine
     engine.controller.slo = Slo(tbt=tbt)
     before = dict(engine.phase_steps)
-    assert staggered_run(engine, seed=int(tbt > 1)) == reference
+    assert tokens(staggered_run(engine, seed=int(tbt > 1))) == reference
     steps = {k: engine.phase_steps[k] - before[k] for k in before}
     if tbt < 1:
         assert steps["mixed"] == 0 and steps["decode"] > 0 and steps["prefill"] > 0
@@ -77,22 +84,7 @@ def test_workers_share_one_pool_and_report_their_roles(llm):
 
 def run_killing(engine, seed, victim: str, after_steps: int):
     """A staggered run in which worker `victim` is killed (SIGKILL) once `after_steps` steps have run."""
-    rng = random.Random(seed)
-    order = list(range(len(PROMPTS)))
-    rng.shuffle(order)
-    done, steps = {}, 0
-    while order or engine.has_unfinished_requests():
-        if order and rng.random() < 0.5:
-            i = order.pop()
-            engine.add_request(f"k{seed}-{i}", {"prompt_token_ids": PROMPTS[i]},
-                               SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS[i]))
-        if steps == after_steps:
-            engine.pool.workers[victim].process.kill()
-        for out in engine.step():
-            if out.finished:
-                done[int(out.request_id.split("-")[1])] = out
-        steps += 1
-    return [done[i] for i in range(len(PROMPTS))]
+    return staggered_run(engine, seed, lambda: engine.pool.workers[victim].process.kill(), after_steps)
 
 
 @pytest.mark.parametrize("victim, after_steps", [("aggregate", 0), ("decode-50", 6), ("prefill-50", 2)])
@@ -102,7 +94,7 @@ def test_a_killed_worker_is_replaced_and_its_requests_recomputed(llm, reference,
     old_pid = engine.pool.workers[victim].process.pid
     before = dict(engine.stats()["faults"])
     outs = run_killing(engine, seed=5, victim=victim, after_steps=after_steps)
-    assert [o.outputs[0].token_ids for o in outs] == reference  # nothing lost, nothing changed
+    assert tokens(outs) == reference  # nothing lost, nothing changed
     assert all(o.error is None for o in outs)
     faults = engine.stats()["faults"]
     assert engine.pool.workers[victim].process.pid != old_pid and engine.pool.workers[victim].alive()
@@ -121,6 +113,6 @@ def test_a_killed_holder_restarts_the_pool_and_recomputes_everything(llm, refere
     if engine.stats()["faults"]["pool_restarts"] == before:  # the run ended before any step failed
         engine.pool.workers["decode-50"].process.kill()
         outs = run_killing(engine, seed=7, victim="prefill-50", after_steps=3)
-    assert [o.outputs[0].token_ids for o in outs] == reference
+    assert tokens(outs) == reference
     assert engine.stats()["faults"]["pool_restarts"] == before + 1 and engine.pool is not old
     assert not any(__import__("os").path.exists(n) for n in shm_names)  # the dead holder's segments unlinked

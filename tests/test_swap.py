@@ -17,8 +17,8 @@ from nexus_jax.swap_space import SwapSpace
 from runner.loader import load_model
 from runner.model_runner import ModelRunner
 from runner.step_batch import StepShapes
+from test_engine import VOCAB, expected, greedy, run_all
 
-VOCAB = 512
 BLOCK = 4
 MOCK_BLOCK_GIB = 16 * BLOCK / 2**30  # one mock block in GiB, so swap_space_gib = k * this gives k host blocks
 
@@ -40,22 +40,6 @@ def make_engine(num_blocks=12, swap_blocks=64, mode="swap", **cfg):
     engine._step_call = checked
     return engine
 
-
-def run_all(engine):
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return done
-
-
-def expected(prompt, n):
-    return [(prompt[-1] + 1 + i) % VOCAB for i in range(n)]
-
-
-def greedy(n, **kw):
-    return SamplingParams(temperature=0.0, max_tokens=n, **kw)
 
 
 def random_prompts(seed, count, lo=3, hi=14):
