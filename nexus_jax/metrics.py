@@ -56,6 +56,14 @@ class _EngineCollector(Collector):
         for mode, n in sorted((controller.get("modes") or {}).items()):
             c.add_metric([mode], float(n))
         yield c
+        # Swap preemption (aggregated engine in swap mode) and worker faults (disaggregated engine).
+        counts = {f"swap_{k[4:]}": stats[k] for k in ("num_swap_outs", "num_swap_ins", "num_swap_fallbacks")
+                  if k in stats}
+        counts.update(stats.get("faults") or {})
+        for name, value in counts.items():
+            c = CounterMetricFamily(f"nexus:{name}", f"{name.replace('_', ' ')} since start")
+            c.add_metric([], float(value))
+            yield c
 
 
 class EngineMetrics:

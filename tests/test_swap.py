@@ -11,7 +11,10 @@ import jax
 import numpy as np
 import pytest
 
+from prometheus_client import generate_latest
+
 from nexus_jax import EngineConfig, LLMEngine, SamplingParams
+from nexus_jax.metrics import EngineMetrics
 from nexus_jax.executor import MockExecutor
 from nexus_jax.swap_space import SwapSpace
 from runner.loader import load_model
@@ -72,6 +75,8 @@ def test_swap_outputs_equal_recompute_and_no_preemption(steps, policy):
     assert roomy.stats()["num_preemptions"] == 0 and recompute.stats()["num_preemptions"] > 0
     assert stats["num_preemptions"] == stats["num_swap_outs"] > 0 and stats["num_swap_fallbacks"] == 0
     assert stats["num_swap_ins"] == stats["num_swap_outs"]
+    text = generate_latest(EngineMetrics(swap).registry).decode()
+    assert f"nexus:swap_outs_total {float(stats['num_swap_outs'])}" in text
     assert 0 < stats["num_swapped_in_blocks"] <= stats["num_swapped_out_blocks"]
     # Swapped requests resume where they were: only the roomy engine computes fewer tokens.
     assert roomy.computed_tokens == swap.computed_tokens < recompute.computed_tokens
