@@ -57,7 +57,7 @@ class _EngineCollector(Collector):
             c.add_metric([mode], float(n))
         yield c
         # Swap preemption (aggregated engine in swap mode) and worker faults (disaggregated engine).
-        counts = {f"swap_{k[4:]}": stats[k] for k in ("num_swap_outs", "num_swap_ins", "num_swap_fallbacks")
+        counts = {k[4:]: stats[k] for k in ("num_swap_outs", "num_swap_ins", "num_swap_fallbacks")
                   if k in stats}
         counts.update(stats.get("faults") or {})
         for name, value in counts.items():
