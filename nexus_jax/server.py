@@ -208,8 +208,11 @@ class NexusServicer(pb_grpc.NexusServicer):
         return pb.StartSessionResponse(session_id=session, program_id=program)
 
     async def EndSession(self, request: pb.EndSessionRequest, context) -> pb.EndSessionResponse:
-        return pb.EndSessionResponse(found=await self._on_engine(lambda: self.sessions.end(request.session_id),
-                                                                 context))
+        session = self.sessions.open.get(request.session_id)
+        found = await self._on_engine(lambda: self.sessions.end(request.session_id), context)
+        if found and hasattr(self.llm, "end_program"):  # replicas: the router forgets the program's replica too
+            self.llm.end_program(session.program_id)
+        return pb.EndSessionResponse(found=found)
 
 
 def _complete(request: pb.GenerateRequest, out: RequestOutput, c, ids: list[int], text: str,

@@ -228,7 +228,9 @@ def test_the_grpc_server_serves_through_the_front_end():
                 session = await client.start_session("p")
                 finals = [[r async for r in client.generate([5, 6, 7], max_tokens=4, program_id="p")][-1]
                           for _ in range(3)]
+                assert "p" in llm.router.program_replica  # the router keeps the program's replica...
                 assert await client.end_session(session.session_id)
+                assert "p" not in llm.router.program_replica  # ...until EndSession
                 return finals
         finally:
             await server.stop()  # shuts the replicas down
