@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from nexus_jax.router import RouterConfig
-from nexus_jax.simulator import (H100_KV_TOKENS, EstimatedCost, ProfiledCost, SimConfig, Simulator, h100_config,
-                                 simulate, sustainable_rate)
+from nexus_jax.sim_config import H100_KV_TOKENS, EstimatedCost, ProfiledCost, SimConfig, h100_config
+from nexus_jax.simulator import Simulator, simulate, sustainable_rate
 from nexus_jax.workloads import CallSpec, ProgramSpec, Stage, generate
 
 POLICIES = ("fcfs", "mlfq", "plas", "atlas")

@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from nexus_jax.programs import ProgramConfig  # noqa: E402
 from nexus_jax.router import ROUTING_POLICIES, RouterConfig  # noqa: E402
-from nexus_jax.simulator import h100_config, simulate  # noqa: E402
+from nexus_jax.sim_config import h100_config  # noqa: E402
+from nexus_jax.simulator import simulate  # noqa: E402
 from nexus_jax.workloads import generate  # noqa: E402
 
 POLICIES = ("fcfs", "mlfq", "plas", "atlas")
