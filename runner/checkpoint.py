@@ -172,7 +172,10 @@ def restore_params(path: str | Path, config: ModelConfig, dtype: Any = jnp.bfloa
     if differ:
         raise ValueError(f"params at {path} were saved for a different config; fields that differ: "
                          + ", ".join(f"{k} (saved {saved.get(k)!r}, wanted {wanted.get(k)!r})" for k in differ))
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # The default device as the caller set it (an engine placed on another device loads under
+    # jax.default_device); jax.devices()[0] would stage a full copy of the weights on device 0.
+    default_device = next(iter(jnp.zeros((), jnp.int8).devices()))
+    sharding = jax.sharding.SingleDeviceSharding(default_device)
     target = jax.tree.map(lambda shape: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding),
                           param_shapes(config), is_leaf=_is_shape)
     with ocp.StandardCheckpointer() as checkpointer:

@@ -8,6 +8,7 @@ donated, so XLA updates it in place instead of copying gigabytes per step.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import os
@@ -40,13 +41,14 @@ def _run_step(graphdef, state, kv_pool, batch: StepBatch, sampling: SamplingTens
 
 
 def fit_num_blocks(config: ModelConfig, block_size: int, dtype: Any, memory_utilization: float,
-                   cpu_tokens: int) -> int:
-    """KV blocks that fit in `memory_utilization` of the device's memory once the weights are resident.
+                   cpu_tokens: int, device: jax.Device | None = None) -> int:
+    """KV blocks that fit in `memory_utilization` of `device`'s memory (default: the first device) once the
+    weights are resident.
 
     A device that reports no memory limit (CPU) gets `cpu_tokens` worth of blocks.
     """
     per_block = ModelRunner.kv_bytes_per_block(config, block_size, dtype)
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = (device or jax.devices()[0]).memory_stats() or {}
     if "bytes_limit" not in stats:
         return max(1, cpu_tokens // block_size)
     # Keep headroom for the step's activations and logits: a tenth of what is left, at least 1 GiB.
@@ -100,6 +102,13 @@ def _scatter_blocks(kv_pool, blocks, values):
     return kv_pool.at[:, :, blocks].set(values, mode="drop")
 
 
+def on_device(device: jax.Device | None) -> contextlib.AbstractContextManager:
+    """Makes `device` JAX's default device for the block (thread-local), so that arrays made there (loaded or
+    random weights, the zeroed KV pool) are created on it rather than on the default device and copied; None
+    changes nothing."""
+    return contextlib.nullcontext() if device is None else jax.default_device(device)
+
+
 class ModelRunner:
     host_kv: np.ndarray | None = None  # the swap space, once allocate_swap_space made it
 
@@ -107,13 +116,17 @@ class ModelRunner:
                  block_size: int = 16, kernel_impl: str | None = None, release_params: bool = False,
                  memory_utilization: float = 0.9, cpu_kv_tokens: int = 65536,
                  shapes: StepShapes = DEFAULT_SHAPES, model: tuple[Any, Any] | None = None,
-                 kv_pool: jax.Array | None = None):
+                 kv_pool: jax.Array | None = None, device: jax.Device | None = None):
         """num_blocks=None sizes the KV pool to the device memory left once the model is resident (see
         fit_num_blocks). release_params=True lets the model free the stacked weight arrays of `params` as it
         splits them per layer (the caller must not use `params` afterwards).
 
         Worker processes that share weights and pool with another process pass `model=(graphdef, state)` (see
-        `abstract_model`) and `kv_pool` instead of `params`."""
+        `abstract_model`) and `kv_pool` instead of `params`.
+
+        `device` (None: JAX's default device) is where the weights and the pool are committed, so every jitted
+        step and swap runs there; their per-step inputs are numpy arrays, which jit copies straight to that
+        device. Params already there are not copied: load them under `on_device(device)`."""
         if (num_blocks is not None and num_blocks <= 0) or block_size <= 0:
             raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks} and {block_size}")
         if (params is None) == (model is None):
@@ -121,18 +134,26 @@ class ModelRunner:
         self.config = config
         self.block_size = block_size
         self.shapes = shapes
-        if model is None:
-            model = nnx.split(Transformer(config, params, kernel_impl, release_stacked=release_params))
-        self.graphdef, self.state = model
-        self.dtype = jnp.dtype(jax.tree.leaves(self.state["embed"])[0].dtype)
-        self.kernel_impl = nnx.merge(self.graphdef, self.state).kernel_impl
-        if kv_pool is not None:
-            self.num_blocks = kv_pool.shape[2]
-            self.kv_pool = kv_pool
-        else:
-            self.num_blocks = num_blocks or fit_num_blocks(config, block_size, self.dtype, memory_utilization,
-                                                           cpu_kv_tokens)
-            self.kv_pool = jnp.zeros(self.kv_pool_shape(config, self.num_blocks, block_size), self.dtype)
+        self.device = device
+        with on_device(device):
+            # Committed arrays make jit run on their device; device_put of an array already there copies nothing.
+            if model is None:
+                if device is not None:
+                    params = jax.device_put(params, device)
+                model = nnx.split(Transformer(config, params, kernel_impl, release_stacked=release_params))
+            self.graphdef, self.state = model
+            if device is not None:
+                self.state = jax.device_put(self.state, device)
+            self.dtype = jnp.dtype(jax.tree.leaves(self.state["embed"])[0].dtype)
+            self.kernel_impl = nnx.merge(self.graphdef, self.state).kernel_impl
+            if kv_pool is not None:
+                self.num_blocks = kv_pool.shape[2]
+                self.kv_pool = kv_pool if device is None else jax.device_put(kv_pool, device)
+            else:
+                self.num_blocks = num_blocks or fit_num_blocks(config, block_size, self.dtype, memory_utilization,
+                                                               cpu_kv_tokens, device)
+                self.kv_pool = jnp.zeros(self.kv_pool_shape(config, self.num_blocks, block_size), self.dtype,
+                                         device=device)
 
     @staticmethod
     def kv_pool_shape(config: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
