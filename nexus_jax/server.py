@@ -1,4 +1,5 @@
-"""The gRPC server (grpc.aio) over one `AsyncLLM`: nexus.v1.Nexus, grpc.health.v1.Health and reflection.
+"""The gRPC server (grpc.aio) over one `AsyncLLM` or a `ReplicatedAsyncLLM` of several engine replicas: nexus.v1.Nexus,
+grpc.health.v1.Health and reflection.
 
 Each Generate stream owns one engine request. However the stream ends (the client cancels or disconnects, its
 deadline passes, the server shuts down) the handler closes the AsyncLLM stream, which aborts the request and frees
@@ -6,6 +7,9 @@ its KV blocks. Models come only from the server's own configuration; a request n
 no such field). Admission: a request is accepted only while fewer than max_in_flight streams are open, and a
 stream stays open until its request ends, so the engine's queue (running and waiting) holds at most max_in_flight
 requests of at most max_n sequences each; the rest get RESOURCE_EXHAUSTED with a retry-after-ms hint.
+
+Over replicas, Generate and Abort go through the front end's router, ServerInfo and the metrics add up the live
+replicas' levels, and sessions open their program's record on every replica (server_sessions.py).
 """
 
 from __future__ import annotations
@@ -17,16 +21,16 @@ import uuid
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from nexus_jax.async_llm import AsyncLLM, EngineDeadError
-from nexus_jax.metrics import EngineMetrics
+from nexus_jax.metrics import EngineMetrics, replica_stats, replicas_of, totals
 from nexus_jax.outputs import RequestOutput
 from nexus_jax.proto import nexus_pb2 as pb
 from nexus_jax.proto import nexus_pb2_grpc as pb_grpc
 from nexus_jax.sampling_params import SamplingParams
+from nexus_jax.server_interceptors import ParseErrors, TokenAuth
 from nexus_jax.server_sessions import SessionLimitError, Sessions
 from nexus_jax.tokenizer import Tokenizer
 
@@ -104,11 +108,12 @@ def check_limits(options: ServerOptions, prompt: str | dict[str, Any], params: S
 
 class NexusServicer(pb_grpc.NexusServicer):
     def __init__(self, llm: AsyncLLM, options: ServerOptions, metrics: EngineMetrics):
+        """`llm`: an AsyncLLM or a front end over replicas (ReplicatedAsyncLLM)."""
         self.llm = llm
         self.options = options
         self.metrics = metrics
         self.streams: set[str] = set()          # request ids of open Generate streams
-        self.sessions = Sessions(llm.engine, options.max_sessions)
+        self.sessions = Sessions(replicas_of(llm), options.max_sessions)
         self.started = time.monotonic()
         self._ids = itertools.count()
 
@@ -182,24 +187,26 @@ class NexusServicer(pb_grpc.NexusServicer):
                             block_size=engine.executor.block_size, num_kv_blocks=engine.executor.num_blocks)
 
     async def GetServerInfo(self, request, context) -> pb.ServerInfo:
-        stats = self.llm.engine.stats()
-        return pb.ServerInfo(num_running=stats["running"], num_waiting=stats["waiting"],
-                             kv_cache_usage=stats["kv_usage"], num_in_flight=len(self.streams),
-                             max_in_flight=self.options.max_in_flight, num_preemptions=stats["num_preemptions"],
-                             sm_split=(stats.get("controller") or {}).get("current") or "aggregated",
-                             uptime_s=time.monotonic() - self.started,
-                             num_sessions=await self._on_engine(self.sessions.count, context), version=VERSION)
+        """Levels summed over the live replicas (KV use: their mean; SM split: their distinct splits). The
+        message has no replica count; the metrics have one series per replica."""
+        t = totals(replica_stats(self.llm))
+        num_sessions = await self._on_engines(self.sessions.count(), context)
+        return pb.ServerInfo(num_running=t.running, num_waiting=t.waiting, kv_cache_usage=t.kv_usage,
+                             num_in_flight=len(self.streams), max_in_flight=self.options.max_in_flight,
+                             num_preemptions=t.num_preemptions, sm_split=",".join(t.splits),
+                             uptime_s=time.monotonic() - self.started, num_sessions=num_sessions, version=VERSION)
 
-    async def _on_engine(self, fn, context):
-        """fn() on the engine thread, which owns the process table the sessions change."""
+    async def _on_engines(self, call, context):
+        """Awaits a sessions call, which runs on the engine threads that own the process tables; UNAVAILABLE when
+        no engine is alive."""
         try:
-            return await self.llm.run_on_engine(fn)
+            return await call
         except EngineDeadError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
 
     async def StartSession(self, request: pb.StartSessionRequest, context) -> pb.StartSessionResponse:
         try:
-            session, program = await self._on_engine(lambda: self.sessions.start(request.program_id), context)
+            session, program = await self._on_engines(self.sessions.start(request.program_id), context)
         except SessionLimitError as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e),
                                 trailing_metadata=((RETRY_AFTER_KEY, str(self.options.retry_after_ms)),))
@@ -208,11 +215,10 @@ class NexusServicer(pb_grpc.NexusServicer):
         return pb.StartSessionResponse(session_id=session, program_id=program)
 
     async def EndSession(self, request: pb.EndSessionRequest, context) -> pb.EndSessionResponse:
-        session = self.sessions.open.get(request.session_id)
-        found = await self._on_engine(lambda: self.sessions.end(request.session_id), context)
-        if found and hasattr(self.llm, "end_program"):  # replicas: the router forgets the program's replica too
-            self.llm.end_program(session.program_id)
-        return pb.EndSessionResponse(found=found)
+        program = await self._on_engines(self.sessions.end(request.session_id), context)
+        if program is not None and hasattr(self.llm, "end_program"):  # replicas: the router forgets its replica
+            self.llm.end_program(program)
+        return pb.EndSessionResponse(found=program is not None)
 
 
 def _complete(request: pb.GenerateRequest, out: RequestOutput, c, ids: list[int], text: str,
@@ -235,68 +241,14 @@ def _complete(request: pb.GenerateRequest, out: RequestOutput, c, ids: list[int]
     return msg
 
 
-class _TokenAuth(grpc.aio.ServerInterceptor):
-    """Rejects calls without `authorization: Bearer <token>`, except health checks (probes carry no token)."""
-
-    def __init__(self, token: str):
-        self.expected = f"Bearer {token}"
-
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if details.method.startswith("/grpc.health.v1.Health/") or handler is None:
-            return handler
-        if dict(details.invocation_metadata or ()).get("authorization") == self.expected:
-            return handler
-
-        async def deny(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong authorization token")
-        return _handler_like(handler, deny, handler.request_deserializer)
-
-
-class _BadMessage:
-    """A request that did not parse, handed to the handler in place of the message."""
-
-    def __init__(self, error: str):
-        self.error = error
-
-
-class _ParseErrors(grpc.aio.ServerInterceptor):
-    """A Nexus request that does not parse (a string field that is not UTF-8, a corrupt message) gets
-    INVALID_ARGUMENT naming why, where gRPC would answer INTERNAL "Exception deserializing request!"."""
-
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if handler is None or not details.method.startswith(f"/{SERVICE_NAME}/"):
-            return handler
-        parse = handler.request_deserializer
-        behavior = handler.unary_stream if handler.response_streaming else handler.unary_unary
-
-        def tolerant(data: bytes):
-            try:
-                return parse(data)
-            except DecodeError as e:
-                return _BadMessage(str(e))
-
-        async def guarded(request, context):
-            if isinstance(request, _BadMessage):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
-            return await behavior(request, context)
-        return _handler_like(handler, guarded, tolerant)
-
-
-def _handler_like(handler: grpc.RpcMethodHandler, behavior, request_deserializer) -> grpc.RpcMethodHandler:
-    """A handler of the same kind (unary or server streaming) and response type as `handler`."""
-    make = grpc.unary_stream_rpc_method_handler if handler.response_streaming else grpc.unary_unary_rpc_method_handler
-    return make(behavior, request_deserializer=request_deserializer, response_serializer=handler.response_serializer)
-
-
 class NexusServer:
-    """One gRPC server over one AsyncLLM. `port = await start()`, then `await stop()` drains and shuts down."""
+    """One gRPC server over one AsyncLLM or a ReplicatedAsyncLLM. `port = await start()`, then `await stop()`
+    drains and shuts down."""
 
     def __init__(self, llm: AsyncLLM, options: ServerOptions = ServerOptions()):
         self.llm = llm
         self.options = options
-        self.metrics = EngineMetrics(llm.engine)
+        self.metrics = EngineMetrics(llm)
         self.servicer = NexusServicer(llm, options, self.metrics)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
@@ -306,7 +258,7 @@ class NexusServer:
         o = self.options
         size = [("grpc.max_send_message_length", o.max_message_bytes),
                 ("grpc.max_receive_message_length", o.max_message_bytes)]
-        interceptors = ([_TokenAuth(o.auth_token)] if o.auth_token else []) + [_ParseErrors()]
+        interceptors = ([TokenAuth(o.auth_token)] if o.auth_token else []) + [ParseErrors(SERVICE_NAME)]
         server = grpc.aio.server(interceptors=interceptors, options=size)
         pb_grpc.add_NexusServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -328,7 +280,7 @@ class NexusServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """Refuses new calls, lets open streams finish for `grace` seconds, cancels the rest (aborting their
-        requests), then stops the engine thread."""
+        requests), then stops the engine threads."""
         if self._server is None:
             return
         await self.health.enter_graceful_shutdown()

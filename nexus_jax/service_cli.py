@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import signal
 import sys
 from typing import TYPE_CHECKING, Any
+
+from nexus_jax.router import ROUTING_POLICIES, RouterConfig
 
 if TYPE_CHECKING:
     from nexus_jax.server import ServerOptions
@@ -25,14 +28,40 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
 
 
+def _engine_config(args: argparse.Namespace, **config: Any):
+    """The EngineConfig of the common flags; `config`: further fields a subcommand sets."""
+    from nexus_jax.config import EngineConfig
+
+    return EngineConfig(model=args.model, dtype=args.dtype, block_size=args.block_size,
+                        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, **config)
+
+
 def _engine(args: argparse.Namespace, **config: Any):
     """The engine of the common flags; `config`: further EngineConfig fields a subcommand sets."""
-    from nexus_jax.config import EngineConfig
     from nexus_jax.engine import LLMEngine
 
-    return LLMEngine.from_config(EngineConfig(model=args.model, dtype=args.dtype, block_size=args.block_size,
-                                              max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                                              **config))
+    return LLMEngine.from_config(_engine_config(args, **config))
+
+
+def _int_at_least(minimum: int):
+    """An argparse type: an integer >= minimum, else a usage error naming the flag."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+    return parse
+
+
+def _device_list(text: str) -> list[int]:
+    """`0,1,3`: JAX device indices, one per replica."""
+    try:
+        return [_int_at_least(0)(part) for part in text.split(",")]
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated device indices >= 0 (e.g. 0,1), got {text!r}")
 
 
 def server_options(args: argparse.Namespace) -> ServerOptions:
@@ -47,16 +76,45 @@ def server_options(args: argparse.Namespace) -> ServerOptions:
                          max_tokens_limit=args.max_tokens_limit, max_n=args.max_n, max_sessions=args.max_sessions)
 
 
-def _serve(args: argparse.Namespace) -> int:
+def replica_options(args: argparse.Namespace) -> dict[str, Any]:
+    """ReplicatedAsyncLLM.from_config's arguments of the `serve` flags (num_replicas, routing, and devices when
+    --devices is given); ValueError naming the flag when they disagree."""
+    if args.devices is not None and len(args.devices) != args.replicas:
+        raise ValueError(f"--devices names {len(args.devices)} device(s) for --replicas {args.replicas}: give one "
+                         "device index per replica")
+    routing = RouterConfig(args.routing, locality_threshold=args.locality_threshold,
+                           idle_timeout=args.program_idle_timeout)  # the router forgets programs as the engines do
+    return {"num_replicas": args.replicas, "routing": routing,
+            **({"devices": args.devices} if args.devices is not None else {})}
+
+
+def serve_front(args: argparse.Namespace):
+    """What `serve` serves: one AsyncLLM with --replicas 1 (on --devices' one device if given), else a
+    ReplicatedAsyncLLM of replica_options(args). Bad flags raise ValueError before any engine is built."""
     from nexus_jax.async_llm import AsyncLLM
+    from nexus_jax.replicas import ReplicatedAsyncLLM
+
+    replicas = replica_options(args)
+    config = _engine_config(args, program_idle_timeout=args.program_idle_timeout)
+    if replicas["num_replicas"] == 1:
+        devices = replicas.get("devices")
+        return AsyncLLM.from_config(config if devices is None else dataclasses.replace(config, device=devices[0]))
+    return ReplicatedAsyncLLM.from_config(config, **replicas)
+
+
+def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from nexus_jax.server import NexusServer
 
-    options = server_options(args)
-    server = NexusServer(AsyncLLM(_engine(args, program_idle_timeout=args.program_idle_timeout)), options)
+    try:  # flags that disagree, or a device that does not exist: a usage error, not a traceback
+        options = server_options(args)
+        server = NexusServer(serve_front(args), options)
+    except ValueError as e:
+        parser.error(str(e))
 
     async def main() -> None:
         port = await server.start()
-        print(f"nexus-jax serving {options.model_name} on {options.host}:{port}", flush=True)
+        fronts = "" if args.replicas == 1 else f" ({args.replicas} replicas, {args.routing} routing)"
+        print(f"nexus-jax serving {options.model_name}{fronts} on {options.host}:{port}", flush=True)
         if args.metrics_port is not None:
             mport = server.metrics.serve_http(args.metrics_port, args.host)
             print(f"metrics on http://{args.host}:{mport}/metrics", flush=True)
@@ -143,7 +201,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--tls-key", default=None)
     s.add_argument("--grace", type=float, default=10.0, help="seconds open streams may finish at shutdown")
     s.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
-    s.set_defaults(func=_serve)
+    s.add_argument("--replicas", type=_int_at_least(1), default=1,
+                   help="engine replicas behind one router (default 1: one engine, no router)")
+    s.add_argument("--routing", default="locality", choices=ROUTING_POLICIES,
+                   help="how calls are spread over replicas (default: locality)")
+    s.add_argument("--locality-threshold", type=_int_at_least(0), default=2048,
+                   help="locality routing: prompts longer than this go to their program's replica (default 2048)")
+    s.add_argument("--devices", type=_device_list, default=None,
+                   help="comma-separated JAX device indices, one per replica (default: JAX's default device)")
+    s.set_defaults(func=lambda args: _serve(args, s))
 
     c = subparsers.add_parser("client", help="send one prompt to a server and stream the text")
     c.add_argument("--target", default="127.0.0.1:50051")
