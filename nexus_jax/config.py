@@ -28,6 +28,7 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"        # fcfs, priority, or program-aware: mlfq, plas, atlas
     program_beta: float = 8.0              # anti-starvation threshold of the program-aware policies
     program_idle_timeout: float = 600.0    # seconds after which an idle program's record is dropped
+    max_programs: int = 100_000            # process-table records; past it the longest-idle sessionless ones go
     seed: int = 0                          # draws the seeds of requests that bring none
     kernel_impl: str | None = None         # attention kernels: None = auto
     params_cache_dir: str | None = None    # orbax cache of converted weights: later starts skip safetensors
@@ -35,6 +36,9 @@ class EngineConfig:
     warmup: bool = False                   # compile every step shape at start instead of on first use
     min_table_blocks: int = 64             # narrowest block-table width compiled (fewer widths, fewer programs)
     compilation_cache_dir: str | None = None  # JAX's persistent compilation cache (shared by worker processes)
+    # Index into jax.devices() that holds the weights and KV pool and runs the steps (None: JAX's default device).
+    # Aggregated mode only; ReplicatedAsyncLLM.from_config(..., devices=[...]) gives one engine per GPU this way.
+    device: int | None = None
     # Intra-GPU prefill/decode disaggregation. "off": one process, chunked prefill. "auto": prefill and decode
     # workers on SM partitions under a private CUDA MPS daemon, or (one warning) "off" where MPS cannot start.
     # "on": the worker processes even without MPS (CPU, tests): the same path, SM shares not enforced.
@@ -54,7 +58,7 @@ class EngineConfig:
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "cpu_kv_cache_tokens",
-                     "num_scheduler_steps", "max_prefill_seqs", "min_table_blocks"):
+                     "num_scheduler_steps", "max_prefill_seqs", "min_table_blocks", "max_programs"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -89,6 +93,13 @@ class EngineConfig:
         gib = self.swap_space_gib
         if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not 0 < gib < float("inf"):
             raise ValueError(f"swap_space_gib must be a positive number of GiB, got {gib!r}")
+        if self.device is not None and (not isinstance(self.device, int) or isinstance(self.device, bool)
+                                        or self.device < 0):
+            raise ValueError(f"device must be a non-negative index into jax.devices() or None, got {self.device!r}")
+        if self.device is not None and self.disaggregation != "off":
+            raise ValueError(f"device is for the aggregated mode (disaggregation='off'), got disaggregation="
+                             f"{self.disaggregation!r}: the disaggregated workers are processes of their own, so "
+                             f"run one server per GPU")
         if self.preemption_mode == "swap" and self.disaggregation != "off":
             raise ValueError("swap preemption is for the aggregated mode: use preemption_mode='recompute' with "
                              f"disaggregation={self.disaggregation!r}")

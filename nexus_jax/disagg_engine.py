@@ -166,7 +166,8 @@ class DisaggEngine(LLMEngine):
             if not handle.alive() or self._mps_lost():
                 return self._recover(name, plan, e)
             log.exception("dispatch to %s failed", name)
-            return self._end_flight(plan, lambda: self._fail(plan, f"{type(e).__name__}: {e}"))
+            message = f"{type(e).__name__}: {e}"
+            return self._end_flight(plan, lambda: self._fail(plan, message))
         self.flights[name] = _Flight(plan, phase, time.monotonic())
         return []
 
@@ -185,7 +186,8 @@ class DisaggEngine(LLMEngine):
             if not handle.alive() or self._mps_lost():
                 return self._recover(handle.name, flight.plan, e)
             log.error("%s step on %s failed: %s", flight.phase, handle.name, e)
-            return self._end_flight(flight.plan, lambda: self._fail(flight.plan, f"{type(e).__name__}: {e}"))
+            message = f"{type(e).__name__}: {e}"
+            return self._end_flight(flight.plan, lambda: self._fail(flight.plan, message))
         self.phase_steps[flight.phase] += 1
         return self._end_flight(flight.plan, lambda: self._fold(flight.plan, result, flight.started))
 

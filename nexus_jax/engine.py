@@ -18,7 +18,7 @@ from nexus_jax.config import EngineConfig
 from nexus_jax.executor import Executor
 from nexus_jax.outputs import Logprob, RequestMetrics, RequestOutput
 from nexus_jax.programs import ProgramConfig
-from nexus_jax.request import Request, RequestStatus
+from nexus_jax.request import Request
 from nexus_jax.sampling_params import SamplingParams
 from nexus_jax.scheduler import Scheduler, SchedulerOutput
 from nexus_jax.stop import StopChecker
@@ -68,7 +68,8 @@ class LLMEngine:
                                    num_scheduler_steps=config.num_scheduler_steps,
                                    max_prefill_seqs=config.max_prefill_seqs, swap_space=swap_space,
                                    program_config=ProgramConfig(beta=config.program_beta,
-                                                                idle_timeout=config.program_idle_timeout))
+                                                                idle_timeout=config.program_idle_timeout,
+                                                                max_programs=config.max_programs))
         self.groups: dict[str, RequestGroup] = {}
         self._rng = random.Random(config.seed)
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
@@ -96,11 +97,26 @@ class LLMEngine:
 
     @classmethod
     def _aggregated(cls, config: EngineConfig) -> "LLMEngine":
+        import jax
+
         from runner.loader import load_model
-        from runner.model_runner import ModelRunner
+        from runner.model_runner import ModelRunner, on_device
         from runner.step_batch import StepShapes
 
-        loaded = load_model(config.model, config.dtype, cache_dir=config.params_cache_dir, seed=config.seed)
+        if config.compilation_cache_dir is not None:
+            # Process-wide, and read when JAX first compiles: an engine started after other compilations may
+            # not use it.
+            jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        device = None
+        if config.device is not None:
+            devices = jax.devices()
+            if config.device >= len(devices):
+                raise ValueError(f"device {config.device} does not exist: JAX sees {len(devices)} device(s), "
+                                 f"indices 0..{len(devices) - 1}")
+            device = devices[config.device]
+        with on_device(device):  # the weights are read or generated straight onto the engine's device
+            loaded = load_model(config.model, config.dtype, cache_dir=config.params_cache_dir, seed=config.seed)
         mc = loaded.config
         if config.max_model_len is not None and config.max_model_len > mc.max_position_embeddings:
             raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context "
@@ -111,7 +127,7 @@ class LLMEngine:
                              memory_utilization=config.gpu_memory_utilization,
                              cpu_kv_tokens=config.cpu_kv_cache_tokens,
                              shapes=StepShapes(prefill_seqs=config.max_prefill_seqs,
-                                               min_table_blocks=config.min_table_blocks))
+                                               min_table_blocks=config.min_table_blocks), device=device)
         del params
         max_len = min(config.max_model_len or mc.max_position_embeddings, runner.num_blocks * config.block_size)
         eos = loaded.tokenizer.eos_token_ids if loaded.tokenizer is not None else mc.eos_token_ids

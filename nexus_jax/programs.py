@@ -32,6 +32,7 @@ class ProgramConfig:
     quanta: tuple[float, ...] | None = None  # seconds a call may run in each queue; default: the bin widths
     beta: float = 8.0                        # anti-starvation threshold on waiting / service
     idle_timeout: float = 600.0              # seconds after a program's last event before its entry is dropped
+    max_programs: int = 100_000              # entries kept; past it the longest-idle ones without a session go
 
     def __post_init__(self) -> None:
         if any(b <= 0 for b in self.bins) or list(self.bins) != sorted(set(self.bins)):
@@ -40,6 +41,8 @@ class ProgramConfig:
             raise ValueError(f"quanta must be {self.num_queues} positive numbers (one per queue), got {self.quanta}")
         if self.beta <= 0 or self.idle_timeout <= 0:
             raise ValueError(f"beta and idle_timeout must be positive, got {self.beta} and {self.idle_timeout}")
+        if not isinstance(self.max_programs, int) or isinstance(self.max_programs, bool) or self.max_programs < 1:
+            raise ValueError(f"max_programs must be a positive integer, got {self.max_programs!r}")
 
     @property
     def num_queues(self) -> int:
@@ -80,6 +83,7 @@ class Program:
     last_arrival: float | None = None
     last_completion: float | None = None
     ended: bool = False         # its session ended while calls were in flight: dropped with the last one
+    session: bool = False       # started by a session, which only its end (or idle expiry) drops
     implicit: bool = False      # made for a call without a program: dropped with that call
 
     def last_event(self) -> float:
@@ -87,14 +91,22 @@ class Program:
 
 
 class ProcessTable:
-    def __init__(self, idle_timeout: float = 600.0):
+    """Program records by id. Bounded: a client that sends a fresh program id with every call would otherwise grow
+    it by its call rate times idle_timeout. Past `max_programs`, records with no call in flight and no open
+    session are dropped, longest idle first (those programs start afresh, with no attained service, if they
+    call again); sessions are bounded by whoever opens them (the server's max_sessions)."""
+
+    def __init__(self, idle_timeout: float = 600.0, max_programs: int = 100_000):
         self.idle_timeout = idle_timeout
+        self.max_programs = max_programs
         self.programs: dict[str, Program] = {}
+        self.num_evicted = 0  # records dropped for room (not by idle expiry or session end)
 
     def start(self, program_id: str, now: float) -> Program:
         if program_id in self.programs:
             raise ValueError(f"program {program_id!r} already has a session")
-        prog = self.programs[program_id] = Program(program_id, now)
+        self._make_room()
+        prog = self.programs[program_id] = Program(program_id, now, session=True)
         return prog
 
     def end(self, program_id: str) -> None:
@@ -108,6 +120,7 @@ class ProcessTable:
     def get_or_create(self, program_id: str, now: float, implicit: bool = False) -> Program:
         prog = self.programs.get(program_id)
         if prog is None:
+            self._make_room()
             prog = self.programs[program_id] = Program(program_id, now, implicit=implicit)
         return prog
 
@@ -118,6 +131,17 @@ class ProcessTable:
         for pid in dead:
             del self.programs[pid]
         return dead
+
+    def _make_room(self) -> None:
+        """Called before adding a record: when full, drops the longest-idle tenth of the droppable records at
+        once, so the O(n log n) sort is paid once per n/10 additions."""
+        if len(self.programs) < self.max_programs:
+            return
+        idle = sorted((p for p in self.programs.values() if p.active == 0 and not p.session),
+                      key=Program.last_event)
+        for prog in idle[:max(1, self.max_programs // 10)]:
+            del self.programs[prog.program_id]
+            self.num_evicted += 1
 
 
 @dataclasses.dataclass
@@ -137,7 +161,7 @@ class ProgramPolicy:
     def __init__(self, config: ProgramConfig | None = None, clock: Callable[[], float] = time.monotonic):
         self.config = config or ProgramConfig()
         self.clock = clock
-        self.table = ProcessTable(self.config.idle_timeout)
+        self.table = ProcessTable(self.config.idle_timeout, self.config.max_programs)
         self.calls: dict[str, _CallState] = {}
         self._order = itertools.count()
         self._last_sweep = -math.inf

@@ -14,16 +14,20 @@ replica's load. A replica whose engine thread died is never chosen again: its op
 never moved between replicas: one that was running on a dead replica fails, and the caller decides whether to
 send it again.
 
-Replicas are any `AsyncLLM`s: several engines in one process (CPU tests, or several small engines sharing one
-GPU with `num_kv_blocks` set per engine), one per device once the runner places an engine on a given device.
+Replicas are any `AsyncLLM`s in this process. `from_config(config, n, devices=[0, 1, ...])` places replica i on
+`jax.devices()[devices[i]]` (`EngineConfig.device`: its weights and KV pool are committed there, its pool sized
+from that device's memory, its steps run there): one engine per GPU of a host. Without `devices` every replica
+goes where `config` says: several engines on one device (CPU tests, or several small engines sharing one GPU
+with `num_kv_blocks` set per engine).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import threading
-from typing import Any, AsyncIterator, Callable, Iterator, Sequence
+from typing import Any, AsyncIterator, Iterator, Sequence
 
 from nexus_jax.async_llm import AsyncLLM, EngineDeadError
 from nexus_jax.config import EngineConfig
@@ -44,12 +48,18 @@ class ReplicatedAsyncLLM:
         self._ids = itertools.count()
 
     @classmethod
-    def from_config(cls, config: EngineConfig, num_replicas: int = 2,
-                    routing: str | RouterConfig = "locality") -> "ReplicatedAsyncLLM":
-        """`num_replicas` engines of one configuration in this process."""
+    def from_config(cls, config: EngineConfig, num_replicas: int = 2, routing: str | RouterConfig = "locality",
+                    devices: Sequence[int] | None = None) -> "ReplicatedAsyncLLM":
+        """`num_replicas` engines of one configuration in this process. devices=None: each as `config` places it;
+        otherwise replica i runs on `jax.devices()[devices[i]]` (one index per replica; an index may repeat)."""
         if num_replicas < 1:
             raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
-        return cls.from_configs([config] * num_replicas, routing)
+        if devices is None:
+            return cls.from_configs([config] * num_replicas, routing)
+        devices = list(devices)
+        if len(devices) != num_replicas:
+            raise ValueError(f"devices names {len(devices)} device(s) for {num_replicas} replicas: give one each")
+        return cls.from_configs([dataclasses.replace(config, device=d) for d in devices], routing)
 
     @classmethod
     def from_configs(cls, configs: Sequence[EngineConfig],
@@ -105,11 +115,6 @@ class ReplicatedAsyncLLM:
                 self.router.finish(request_id)
             await stream.aclose()  # a stream left early aborts its request on the replica
 
-    async def run_on_engine(self, fn: Callable[[], Any]) -> Any:
-        """AsyncLLM.run_on_engine on the first replica, the one `engine` names (the server's sessions live in its
-        process table)."""
-        return await self.replicas[0].run_on_engine(fn)
-
     def abort(self, request_id: str) -> None:
         """Aborts a request on the replica it went to; nothing for an unknown or finished request."""
         with self._lock:
@@ -128,6 +133,18 @@ class ReplicatedAsyncLLM:
             yield program_id
         finally:
             self.end_program(program_id)
+
+    def set_routing(self, routing: str | RouterConfig) -> None:
+        """A new router (benchmarks compare routing policies on the same engines); only with no call in flight.
+        Programs' replicas are forgotten; dead replicas stay dead."""
+        config = routing if isinstance(routing, RouterConfig) else RouterConfig(routing)
+        with self._lock:
+            if self.router.calls:
+                raise RuntimeError(f"cannot change the routing with {len(self.router.calls)} calls in flight")
+            router = Router(len(self.replicas), config)
+            for i in self.router.dead:
+                router.mark_dead(i)
+            self.router = router
 
     def stats(self) -> list[dict[str, Any]]:
         """Per replica: the router's view (tokens and calls in flight, dead) and the engine's levels."""

@@ -33,6 +33,7 @@ class RouterConfig:
     policy: str = "locality"
     locality_threshold: int = 2048   # prompt tokens up to which a call goes to the least-loaded replica
     idle_timeout: float = 600.0      # seconds without a call in flight before a program's replica is forgotten
+    max_programs: int = 100_000      # programs remembered; past it the longest-idle ones are forgotten
 
     def __post_init__(self) -> None:
         if self.policy not in ROUTING_POLICIES:
@@ -40,6 +41,8 @@ class RouterConfig:
         if self.locality_threshold < 0 or not self.idle_timeout > 0:
             raise ValueError(f"locality_threshold must be >= 0 and idle_timeout > 0, got "
                              f"{self.locality_threshold} and {self.idle_timeout}")
+        if not isinstance(self.max_programs, int) or isinstance(self.max_programs, bool) or self.max_programs < 1:
+            raise ValueError(f"max_programs must be a positive integer, got {self.max_programs!r}")
 
 
 @dataclasses.dataclass
@@ -64,7 +67,7 @@ class Router:
         self.load = [0] * num_replicas          # tokens in flight per replica
         self.in_flight = [0] * num_replicas     # calls in flight per replica
         self.dead: set[int] = set()
-        self.table = ProcessTable(self.config.idle_timeout)
+        self.table = ProcessTable(self.config.idle_timeout, self.config.max_programs)
         self.program_replica: dict[str, int] = {}
         self.calls: dict[str, _Routed] = {}
         self._turn = itertools.count()
@@ -97,7 +100,10 @@ class Router:
             if policy == "locality" and prompt_tokens > self.config.locality_threshold and home is not None:
                 replica = home
         if program_id is not None:
+            evicted = self.table.num_evicted
             prog = self.table.get_or_create(program_id, now)
+            if self.table.num_evicted != evicted:  # the table made room: forget those programs' replicas too
+                self.program_replica = {p: r for p, r in self.program_replica.items() if p in self.table.programs}
             prog.active += 1
             prog.last_arrival = now
             self.program_replica[program_id] = replica  # its newest context is now there

@@ -68,17 +68,14 @@ class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
                  policy: str = "fcfs", num_scheduler_steps: int = 1, program_config: ProgramConfig | None = None,
                  max_prefill_seqs: int = 16, swap_space: SwapSpace | None = None):
-        if policy not in SCHEDULING_POLICIES:
-            raise ValueError(f"scheduling policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {policy!r}")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.num_scheduler_steps = num_scheduler_steps
         self.max_prefill_seqs = max_prefill_seqs  # prefill chunks per step: the step shapes' fixed slot count
         self.swap_space = swap_space  # None: preemption by recompute only
-        # The process table runs under every policy, so sessions work whatever the order.
-        self.programs = make_policy(policy if policy in PROGRAM_POLICY_NAMES else "fcfs", program_config)
-        self.policy = POLICIES.get(policy) or (lambda r: self.programs.priority(r.request_id))
+        self.programs = make_policy("fcfs", program_config)
+        self.set_policy(policy)
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -88,6 +85,21 @@ class Scheduler:
         self.busy: set[str] = set()
         self.waiting_joins_decodes = True  # aggregated steps admit waiting prompts beside the decodes
         self._deferred_free: set[str] = set()
+
+    def set_policy(self, policy: str) -> None:
+        """Changes the order of calls; only while no request is queued or running (benchmarks compare policies on
+        one compiled engine). The process table carries over: sessions and attained service stay."""
+        if policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {policy!r}")
+        if self.programs.calls:
+            raise RuntimeError(f"cannot change the scheduling policy with {len(self.programs.calls)} requests in "
+                               "the engine")
+        # The process table runs under every policy, so sessions work whatever the order.
+        table, clock = self.programs.table, self.programs.clock
+        self.programs = make_policy(policy if policy in PROGRAM_POLICY_NAMES else "fcfs", self.programs.config, clock)
+        self.programs.table = table
+        self.policy_name = policy
+        self.policy = POLICIES.get(policy) or (lambda r: self.programs.priority(r.request_id))
 
     def add(self, request: Request) -> None:
         self.programs.on_arrival(Call(request.request_id, request.program_id, request.arrival_time,

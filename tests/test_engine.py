@@ -316,3 +316,34 @@ def test_fcfs_keeps_arrival_order_for_programs():
     assert order == ["old-2", "new-1"]
     with pytest.raises(ValueError, match="program_id"):
         engine.add_request("bad", {"prompt_token_ids": [1]}, greedy(3), program_id="")
+
+
+def test_set_policy_between_runs_keeps_the_process_table():
+    from nexus_jax.programs import ProgramConfig, make_policy
+    engine = make_engine(max_num_seqs=1)
+    engine.scheduler.programs = make_policy("fcfs", ProgramConfig(bins=(1e-9, 1.0)))
+    with engine.session("old"):
+        engine.add_request("old-1", {"prompt_token_ids": [1]}, greedy(3), program_id="old")
+        with pytest.raises(RuntimeError, match="cannot change the scheduling policy"):
+            engine.scheduler.set_policy("plas")
+        run_all(engine)
+        engine.scheduler.set_policy("plas")  # old's attained service, earned under FCFS, now ranks it last
+        with pytest.raises(ValueError, match="scheduling policy"):
+            engine.scheduler.set_policy("lifo")
+        engine.add_request("old-2", {"prompt_token_ids": [1]}, greedy(3), program_id="old")
+        engine.add_request("new-1", {"prompt_token_ids": [9]}, greedy(3), program_id="new")
+        order = []
+        while engine.has_unfinished_requests():
+            order += [o.request_id for o in engine.step() if o.finished]
+    assert order == ["new-1", "old-2"] and engine.scheduler.policy_name == "plas"
+
+
+def test_compilation_cache_dir_is_used_by_the_aggregated_engine(tmp_path):
+    import subprocess
+    import sys
+    # A subprocess: the cache directory is a process-wide JAX setting that must not leak into other tests.
+    script = ("from nexus_jax import LLM\n"
+              f"LLM(None, compilation_cache_dir={str(tmp_path)!r}, warmup=True, max_num_seqs=2, "
+              "max_num_batched_tokens=32, max_prefill_seqs=2, cpu_kv_cache_tokens=512)\n")
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=300)
+    assert len(list(tmp_path.iterdir())) >= 2  # one file per compiled step program at least

@@ -145,6 +145,22 @@ def test_sessions_and_expiry():
     assert set(pol.table.programs) == {"R"}
 
 
+def test_the_table_is_bounded_and_drops_the_longest_idle_programs_without_a_session():
+    pol, clock = policy("plas", max_programs=20)
+    with pol.session("S"):                          # a session is never dropped for room
+        arrive(pol, clock, "busy", "B", 0.0)         # nor a program with a call in flight
+        for i in range(40):                         # a client sending a fresh program id with every call
+            arrive(pol, clock, f"c{i}", f"P{i}", 1.0 + i)
+            run_call(pol, clock, f"c{i}", 0.5)
+            assert len(pol.table.programs) <= 20
+        assert {"S", "B", "P39"} <= set(pol.table.programs)
+        kept = sorted(int(p[1:]) for p in pol.table.programs if p.startswith("P"))
+        assert kept == list(range(40 - len(kept), 40))  # the newest ones, none older than one dropped
+        assert pol.table.num_evicted == 40 - len(kept)
+    with pytest.raises(ValueError, match="max_programs"):
+        ProgramConfig(max_programs=0)
+
+
 def test_bad_input_raises():
     pol, clock = policy("plas")
     arrive(pol, clock, "c", None, 0.0)

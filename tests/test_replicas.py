@@ -237,3 +237,23 @@ def test_the_grpc_server_serves_through_the_front_end():
     finals = asyncio.run(main())
     assert [list(f.complete.output_ids) for f in finals] == [expected([5, 6, 7], 4)] * 3
     assert [r.engine.block_manager.stats()["prefix_queries"] for r in llm.replicas] == [2, 1]
+
+
+def test_set_routing_between_runs():
+    llm = replicated(2, "locality", step_seconds=0.01, num_blocks=512)
+    try:
+        async def main():
+            llm.router.mark_dead(1)
+            call = asyncio.ensure_future(collect(llm, {"prompt_token_ids": [1, 2]}, greedy(20), program_id="p"))
+            await wait_until(lambda: llm.router.calls)
+            with pytest.raises(RuntimeError, match="cannot change the routing with 1 calls in flight"):
+                llm.set_routing("round_robin")
+            await call
+            llm.set_routing("round_robin")
+            assert llm.router.config.policy == "round_robin" and llm.router.dead == {1}
+            assert not llm.router.program_replica  # a fresh router: programs are routed afresh
+            with pytest.raises(ValueError, match="routing policy"):
+                llm.set_routing("random")
+        asyncio.run(main())
+    finally:
+        llm.shutdown()

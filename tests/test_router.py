@@ -81,6 +81,19 @@ def test_programs_are_forgotten_when_they_end_or_idle():
     assert set(r.program_replica) == {"C"}
 
 
+def test_the_program_memory_is_bounded():
+    r, clock = router(2, max_programs=10, locality_threshold=0)
+    r.route("busy", "B", 10)
+    for i in range(30):
+        clock.now = float(i)
+        r.route(f"c{i}", f"P{i}", 10)
+        r.finish(f"c{i}")
+        assert len(r.table.programs) <= 10 and set(r.program_replica) <= set(r.table.programs)
+    assert {"B", "P29"} <= set(r.program_replica)
+    with pytest.raises(ValueError, match="max_programs"):
+        RouterConfig(max_programs=-1)
+
+
 def test_a_dead_replica_is_never_chosen_and_its_programs_move():
     r, _ = router(2, locality_threshold=0)
     assert r.route("a1", "A", 10) == 0

@@ -103,10 +103,14 @@ def engine_overrides(items: list[str] | None) -> dict[str, Any]:
             value: Any = text.lower() in ("1", "true", "yes", "on")
         elif isinstance(default, tuple):
             value = tuple(int(v) for v in text.split(",") if v)
-        elif isinstance(default, (int, float)) and not text.lower() == "none":
+        elif text.lower() == "none" and (default is None or "None" in str(fields[key].type)):
+            value = None
+        elif isinstance(default, (int, float)):
             value = type(default)(text)
+        elif default is None and str(fields[key].type).split(" |")[0] in ("int", "float"):
+            value = {"int": int, "float": float}[str(fields[key].type).split(" |")[0]](text)  # e.g. max_model_len
         else:
-            value = None if text.lower() == "none" else text
+            value = text
         out[key] = value
     return out
 
