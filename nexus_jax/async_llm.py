@@ -131,19 +131,31 @@ class AsyncLLM:
             streams, self._streams = self._streams, {}
         dead = EngineDeadError(f"engine stopped: {self.dead_error!r}")
         for loop, queue in streams.values():
-            loop.call_soon_threadsafe(queue.put_nowait, dead)
+            _post(loop, queue.put_nowait, dead)
         while self._inbox:  # calls sent as the thread stopped would otherwise wait forever
             kind, arg = self._inbox.popleft()
             if kind == "call":
                 _, loop, future = arg
-                loop.call_soon_threadsafe(_resolve, future, None, dead)
+                _post(loop, _resolve, future, None, dead)
 
     def _deliver(self, request_id: str, item: Any, last: bool) -> None:
         with self._lock:
             stream = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
-        if stream is not None:
-            loop, queue = stream
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+        if stream is not None and not _post(stream[0], stream[1].put_nowait, item) and not last:
+            # The consumer's event loop closed without ending the stream: nobody reads it any more.
+            with self._lock:
+                self._streams.pop(request_id, None)
+            self._inbox.append(("abort", request_id))
+
+
+def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> bool:
+    """fn(*args) on the loop's thread; False when the loop has closed (the engine thread must not die of a
+    client that went away)."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+        return True
+    except RuntimeError:
+        return False
 
 
 def _settle(fn: Callable[[], Any], loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
@@ -151,7 +163,7 @@ def _settle(fn: Callable[[], Any], loop: asyncio.AbstractEventLoop, future: asyn
         result, error = fn(), None
     except Exception as e:  # the caller's exception, raised where it awaits
         result, error = None, e
-    loop.call_soon_threadsafe(_resolve, future, result, error)
+    _post(loop, _resolve, future, result, error)
 
 
 def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

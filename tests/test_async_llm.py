@@ -60,6 +60,30 @@ def test_leaving_a_stream_aborts_its_request_and_frees_blocks():
         llm.shutdown()
 
 
+def test_a_closed_client_loop_aborts_its_requests_and_the_engine_keeps_serving():
+    engine = make_engine()
+    llm = AsyncLLM(engine)
+    try:
+        async def start():  # reads one output and leaves the stream open
+            stream = llm.generate({"prompt_token_ids": [1] * 30}, greedy(400), request_id="orphan")
+            await stream.__anext__()
+            return stream
+        loop = asyncio.new_event_loop()
+        kept = loop.run_until_complete(start())
+        loop.close()  # unlike asyncio.run, close() does not finalize the open stream: nobody aborts it
+        for _ in range(500):
+            if not engine.has_unfinished_requests():
+                break
+            asyncio.run(asyncio.sleep(0.01))
+        assert not engine.has_unfinished_requests() and engine.block_manager.usage == 0.0
+        assert llm.dead_error is None
+        tokens, _, reason = run(collect(llm, "after", {"prompt_token_ids": [5, 6]}, greedy(4)))
+        assert tokens == expected([5, 6], 4) and reason == "length"
+        del kept
+    finally:
+        llm.shutdown()
+
+
 def test_bad_input_raises_at_generate_and_serving_goes_on():
     llm = AsyncLLM(make_engine())
     try:
