@@ -1,6 +1,8 @@
 """Offline batch inference over a JSONL file: `nexus-jax batch --input prompts.jsonl --output results.jsonl`.
 
-Input lines: {"id": ..., "prompt": "..." | "prompt_token_ids": [...], <SamplingParams fields>}. Output lines (in
+Input lines: {"id": ..., "prompt": "..." | "prompt_token_ids": [...], <SamplingParams fields>}, optionally
+"program_id" and "thread_id" (the agentic program the call belongs to, ranked by the program-aware policies as in
+the library and gRPC; a line without one is a one-call program). Output lines (in
 completion order): {"id", "text", "token_ids", "finish_reason", "stop_reason", "prompt_tokens", "ttft_s", "e2e_s"},
 plus "outputs" with every completion when n > 1. A line that cannot run (bad JSON, no id, bad parameters, a
 prompt the model rejects, an engine failure) becomes an error record {"line", "id", "error"} in the errors file and
@@ -47,6 +49,7 @@ class _Line:
     id: Any = None
     prompt: dict | None = None
     params: dict | None = None
+    program: dict | None = None  # program_id / thread_id, when the line gives them
     error: str | None = None
 
 
@@ -89,7 +92,8 @@ def _parse(item: tuple[int, bytes]) -> _Line:
     given = [k for k in _PROMPT_KEYS if k in record]
     if len(given) != 1:
         return _Line(number, rid, error="a line needs exactly one of prompt or prompt_token_ids")
-    return _Line(number, rid, {given[0]: record.pop(given[0])}, record)
+    program = {k: record.pop(k) for k in ("program_id", "thread_id") if k in record}
+    return _Line(number, rid, {given[0]: record.pop(given[0])}, record, program)
 
 
 def _done_ids(path: str) -> set:
@@ -251,7 +255,7 @@ def _submit(engine: LLMEngine, line: _Line, defaults: dict | None, in_flight: di
     rid = f"batch-line-{line.number}"
     try:
         params = SamplingParams(**{**(defaults or {}), **line.params})
-        engine.add_request(rid, line.prompt, params)
+        engine.add_request(rid, line.prompt, params, **(line.program or {}))
     except (TypeError, ValueError) as e:
         error(line, str(e))
         return

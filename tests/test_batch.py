@@ -38,6 +38,8 @@ def read_jsonl(path):
 
 GOOD_IDS = [[random.randrange(VOCAB) for _ in range(random.randint(1, 9))] for _ in range(6)]
 GOOD = [{"id": f"g{i}", "prompt_token_ids": ids, "max_tokens": 3 + i} for i, ids in enumerate(GOOD_IDS)]
+GOOD[1].update(program_id="agent", thread_id="t1")  # calls of agentic programs
+GOOD[2].update(program_id="agent")
 BAD = [("{not json", None, "malformed JSON"),
        ({"prompt": "no id"}, None, "id must be"),
        ({"id": "b1", "prompt_token_ids": [1], "top_p": 5}, "b1", "top_p"),
@@ -45,6 +47,8 @@ BAD = [("{not json", None, "malformed JSON"),
        ({"id": "b3", "prompt": "x", "prompt_token_ids": [1]}, "b3", "exactly one"),
        ({"id": "b4", "prompt_token_ids": [VOCAB + 1]}, "b4", "vocabulary"),
        ({"id": "g0", "prompt_token_ids": [1]}, "g0", "duplicate"),
+       ({"id": "b5", "prompt_token_ids": [1], "program_id": ""}, "b5", "program_id"),
+       ({"id": "b6", "prompt_token_ids": [1], "program_id": "p", "thread_id": 3}, "b6", "thread_id"),
        ([1, 2], None, "JSON object")]
 
 
@@ -57,14 +61,18 @@ def test_good_and_bad_lines_then_resume(tmp_path, tokenizer):
     peak = []
     original = engine.add_prepared
 
+    programs = []
+
     def spy(group):  # the window of requests in the engine stays bounded
         original(group)
         peak.append(len(engine.groups))
+        programs.append((group.seqs[0].program_id, group.seqs[0].thread_id))
     engine.add_prepared = spy
     summary = run_batch(engine, str(inp), str(out), str(err), defaults={"temperature": 0.0}, max_in_flight=2,
                         progress=False)
     assert max(peak) <= 2
-    assert (summary.completed, summary.errors, summary.skipped, summary.lines) == (7, len(BAD), 0, 15)
+    assert programs[1:3] == [("agent", "t1"), ("agent", "")] and programs[0] == (None, "")
+    assert (summary.completed, summary.errors, summary.skipped, summary.lines) == (7, len(BAD), 0, 7 + len(BAD))
     results = {r["id"]: r for r in read_jsonl(out)}
     for i, ids in enumerate(GOOD_IDS):
         r = results[f"g{i}"]
