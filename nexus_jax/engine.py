@@ -133,6 +133,11 @@ class LLMEngine:
         eos = loaded.tokenizer.eos_token_ids if loaded.tokenizer is not None else mc.eos_token_ids
         if config.warmup:
             start = time.monotonic()
+            widths = runner.shapes.table_widths(-(-max_len // config.block_size))
+            if len(widths) > 2:  # each width multiplies the programs: 8 widths took ~10 minutes on the 8B shape
+                log.warning("warm-up compiles every step shape for %d block-table widths (%s blocks); a smaller "
+                            "max_model_len or a larger min_table_blocks compiles fewer", len(widths),
+                            ", ".join(map(str, widths)))
             n = runner.warmup(config.max_num_seqs, config.max_num_batched_tokens,
                               -(-max_len // config.block_size), num_scheduler_steps=config.num_scheduler_steps)
             log.info("compiled %d step programs ahead of time in %.1f s", n, time.monotonic() - start)

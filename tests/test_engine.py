@@ -347,3 +347,16 @@ def test_compilation_cache_dir_is_used_by_the_aggregated_engine(tmp_path):
               "max_num_batched_tokens=32, max_prefill_seqs=2, cpu_kv_cache_tokens=512)\n")
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=300)
     assert len(list(tmp_path.iterdir())) >= 2  # one file per compiled step program at least
+
+
+def test_warmup_warns_when_many_block_table_widths_multiply_the_programs(caplog, monkeypatch):
+    from runner.model_runner import ModelRunner
+    compiled = []
+    monkeypatch.setattr(ModelRunner, "warmup", lambda self, *a, **kw: compiled.append(a) or 0)  # no compiling
+    with caplog.at_level("WARNING", logger="nexus_jax.engine"):
+        LLMEngine.from_config(EngineConfig(warmup=True, cpu_kv_cache_tokens=512, min_table_blocks=8))
+    assert compiled and "3 block-table widths (8, 16, 32 blocks)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="nexus_jax.engine"):
+        LLMEngine.from_config(EngineConfig(warmup=True, cpu_kv_cache_tokens=512, min_table_blocks=32))
+    assert "block-table widths" not in caplog.text
