@@ -43,6 +43,7 @@ from nexus_jax.benchmark.programs_driver import (PROGRAM_DATASETS, make_programs
 from nexus_jax.benchmark.report import summarize_programs  # noqa: E402
 from nexus_jax.benchmark.serve import InProcessBackend, arrival_offsets, run_requests  # noqa: E402
 from nexus_jax.config import EngineConfig  # noqa: E402
+from nexus_jax.metrics import replicas_of  # noqa: E402
 from nexus_jax.replicas import ReplicatedAsyncLLM  # noqa: E402
 from nexus_jax.router import ROUTING_POLICIES, RouterConfig  # noqa: E402
 from nexus_jax.sim_config import h100_config  # noqa: E402
@@ -75,10 +76,6 @@ def predicted(programs: list, rate: float, scale: float, seed: int, policy: str,
             "makespan_s": sim.makespan, "preemptions": sim.num_preemptions, "cached_tokens": sim.cached_tokens}
 
 
-def replicas_of(llm: Any) -> list:
-    return getattr(llm, "replicas", [llm])
-
-
 def totals(llm: Any) -> list[dict[str, int]]:
     return [{k: r.engine.stats()[k] for k in ("num_preemptions", "prefix_hit_tokens", "prefix_queries")}
             for r in replicas_of(llm)]
@@ -98,7 +95,9 @@ async def run_point(backend: InProcessBackend, programs: list, rate: float, scal
     result = await run_programs(backend, programs, program_rate=rate, delay_scale=scale, seed=seed)
     delta = [{k: a[k] - b[k] for k in a} for a, b in zip(totals(llm), before)]
     summary = summarize_programs(result)
-    return {"policy": policy, "routing": routing, "rate": rate, "delay_scale": scale, "makespan_s": result.duration,
+    applied = sorted({r.engine.scheduler.policy_name for r in replicas_of(llm)})
+    return {"policy": policy, "applied": applied, "routing": routing, "rate": rate, "delay_scale": scale,
+            "makespan_s": result.duration,
             "completed": summary["completed"], "failed": summary["failed"],
             "token_latency_ms": summary["token_latency"]["mean"] * 1e3,
             "program_latency_s": summary["program_latency"]["mean"],
