@@ -8,12 +8,11 @@ silently ignored. Arguments are keyword-only, so a positional call written for v
 from __future__ import annotations
 
 import dataclasses
-import math
 import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from runner.sampling import GREEDY_TEMPERATURE
+from runner.sampling import GREEDY_TEMPERATURE, MAX_TEMPERATURE, MIN_TOP_P
 
 # vLLM's default `max_logprobs`: the most top log-probs one request may ask for per token.
 MAX_LOGPROBS = 20
@@ -53,11 +52,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         self.n = _integer(self.n, "n", minimum=1)
         self.temperature = _real(self.temperature, "temperature")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0.0):
-            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
+        if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:.4g}], got {self.temperature}")
         self.top_p = _real(self.top_p, "top_p")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not MIN_TOP_P <= self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (at least {MIN_TOP_P:.2g}), got {self.top_p}")
         self.top_k = _integer(self.top_k, "top_k", minimum=-1)
         self.min_p = _real(self.min_p, "min_p")
         if not 0.0 <= self.min_p <= 1.0:

@@ -9,7 +9,6 @@ path the batch took (no filter, candidate filter, full sort).
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Mapping, Sequence
 from functools import partial
@@ -23,6 +22,10 @@ from jax import lax
 
 # As in vLLM, temperatures this small sample greedily; it also keeps z = logits / T finite.
 GREEDY_TEMPERATURE = 1e-5
+# Rows travel as float32: a larger temperature would become inf on the device, and a top_p under the smallest
+# float32 would become 0.
+MAX_TEMPERATURE = float(np.finfo(np.float32).max)
+MIN_TOP_P = float(np.finfo(np.float32).smallest_subnormal)
 
 # Top-p needs the sorted distribution. XLA's GPU TopK kernel only handles k <= 16 (a larger k is decomposed into
 # a full sort), so lax.top_k(z, 1024) would cost as much as sorting [B, V]. Instead take the top 16 of each of 64
@@ -215,11 +218,11 @@ def validate_row(row: Mapping[str, Any] | Any, index: int = 0) -> SamplingRow:
 
     where = f"sampling row {index}"
     temperature = _real(get("temperature", 1.0), "temperature", where)
-    if not (math.isfinite(temperature) and temperature >= 0.0):
-        raise ValueError(f"{where}: temperature must be finite and >= 0, got {temperature}")
+    if not 0.0 <= temperature <= MAX_TEMPERATURE:
+        raise ValueError(f"{where}: temperature must be in [0, {MAX_TEMPERATURE:.4g}], got {temperature}")
     top_p = _real(get("top_p", 1.0), "top_p", where)
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"{where}: top_p must be in (0, 1], got {top_p}")
+    if not MIN_TOP_P <= top_p <= 1.0:
+        raise ValueError(f"{where}: top_p must be in (0, 1] (at least {MIN_TOP_P:.2g}), got {top_p}")
     min_p = _real(get("min_p", 0.0), "min_p", where)
     if not 0.0 <= min_p <= 1.0:
         raise ValueError(f"{where}: min_p must be in [0, 1], got {min_p}")

@@ -24,6 +24,7 @@ def test_defaults_are_vllms():
 BAD_VALUES = [
     ("n", 0), ("n", 1.0), ("n", True), ("n", "2"),
     ("temperature", -0.1), ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", "1"),
+    ("temperature", 1e39), ("top_p", 1e-50),  # beyond float32, which the device rows use
     ("top_p", 0.0), ("top_p", 1.01), ("top_p", -0.5), ("top_p", None),
     ("top_k", -2), ("top_k", 2.5), ("top_k", False),
     ("min_p", -0.01), ("min_p", 1.5),
