@@ -1,5 +1,5 @@
 """`nexus-jax bench serve` (run a rate sweep and an SLO rate search), `nexus-jax bench plot` (compare runs) and
-`nexus-jax bench load` (the gRPC load test of load_test.py).
+`nexus-jax bench load` (the gRPC load test of load_test.py, its command in load_cli.py).
 
   nexus-jax bench serve --model llama-3.1-8b --dataset sharegpt --num-prompts 500 --request-rate 2 4 8 inf \\
       --slo ttft=2 --slo tpot=0.05 --target p90_ttft=2 --target p99_tbt=0.05 --label base --out-dir results/
@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from nexus_jax.benchmark import load_test, report
+from nexus_jax.benchmark import load_cli, report
 from nexus_jax.benchmark.datasets import DATASETS, BenchRequest, make_requests, salted
 from nexus_jax.benchmark.programs_driver import PROGRAM_DATASETS, make_programs, run_programs, warmup_calls
 from nexus_jax.benchmark.serve import Backend, RunResult, find_max_rate, run_requests
@@ -262,4 +262,4 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="PNG path")
     p.add_argument("--markdown", default=None, help="also write the combined table here")
     p.set_defaults(func=_plot)
-    load_test.register(bench)
+    load_cli.register(bench)
