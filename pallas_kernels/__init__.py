@@ -8,8 +8,11 @@ from pallas_kernels.backend import resolve_impl
 from pallas_kernels.decode_attention import paged_decode_attention
 from pallas_kernels.kv_write import write_kv
 from pallas_kernels.prefill_attention import paged_prefill_attention
-from pallas_kernels.reference import (paged_decode_attention_reference, paged_prefill_attention_reference,
-                                      write_kv_reference)
+from pallas_kernels.reference import (
+                                      paged_decode_attention_reference,
+                                      paged_prefill_attention_reference,
+                                      write_kv_reference,
+)
 
 __all__ = ["paged_decode_attention", "paged_decode_attention_reference", "paged_prefill_attention",
            "paged_prefill_attention_reference", "resolve_impl", "write_kv", "write_kv_reference"]

@@ -18,8 +18,16 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.backend import resolve_impl
 from pallas_kernels.reference import check_heads, check_pool, paged_decode_attention_reference
-from pallas_kernels.triton_utils import (LOG2E, check_pow2_head_dim, compiler_params, gather_pages, init_carry,
-                                         next_pow2, num_sms, online_softmax_step)
+from pallas_kernels.triton_utils import (
+    LOG2E,
+    check_pow2_head_dim,
+    compiler_params,
+    gather_pages,
+    init_carry,
+    next_pow2,
+    num_sms,
+    online_softmax_step,
+)
 
 # Triton's tensor-core dot needs at least 16 rows, so a GQA group is padded to 16 query rows.
 _MIN_ROWS = 16

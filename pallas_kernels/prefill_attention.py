@@ -20,8 +20,16 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.backend import resolve_impl
 from pallas_kernels.reference import check_heads, check_pool, paged_prefill_attention_reference
-from pallas_kernels.triton_utils import (LOG2E, check_pow2_head_dim, compiler_params, gather_pages, init_carry,
-                                         next_pow2, online_softmax_step, plgpu)
+from pallas_kernels.triton_utils import (
+    LOG2E,
+    check_pow2_head_dim,
+    compiler_params,
+    gather_pages,
+    init_carry,
+    next_pow2,
+    online_softmax_step,
+    plgpu,
+)
 
 
 def paged_prefill_attention(q: jax.Array, kv_pool: jax.Array, layer: jax.Array | int, block_tables: jax.Array,

@@ -19,11 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from runner.config import ModelConfig
-from runner.model import Transformer
+from runner.model.config import ModelConfig
+from runner.model.llama import Transformer
 from runner.sampling import SamplingRow, SamplingTensors, sample
-from runner.step_batch import (DEFAULT_SHAPES, SeqChunk, StepBatch, StepShapes, bucket, build_step_batch,
-                               padding_batch)
+from runner.step_batch import DEFAULT_SHAPES, SeqChunk, StepBatch, StepShapes, bucket, build_step_batch, padding_batch
 
 log = logging.getLogger(__name__)
 

@@ -3,12 +3,12 @@
 import asyncio
 
 import pytest
+from test_engine import expected, greedy, make_engine
 
 from nexus_jax import LLM, AsyncLLM, SamplingParams
 from runner.generate import generate
-from runner.loader import load_model
+from runner.model.loader import load_model
 from runner.model_runner import ModelRunner
-from test_engine import expected, greedy, make_engine
 
 
 def run(coro):
@@ -105,7 +105,7 @@ def default_llm():
 def test_run_on_engine_runs_on_the_engine_thread_and_reports_errors():
     import threading
 
-    from nexus_jax.async_llm import EngineDeadError
+    from nexus_jax.entrypoints.async_llm import EngineDeadError
     llm = AsyncLLM(make_engine(num_blocks=64))
     try:
         async def main():

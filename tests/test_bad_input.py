@@ -16,16 +16,16 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-
-from nexus_jax import EngineConfig, LLMEngine, SamplingParams
-from nexus_jax.batch import run_batch
-from nexus_jax.client import request
-from nexus_jax.proto import nexus_pb2 as pb
-from nexus_jax.proto import nexus_pb2_grpc as pb_grpc
-from nexus_jax.server import SERVICE_NAME, ServerOptions, check_limits, prompt_of, sampling_params
 from test_batch import mock_engine as batch_engine
 from test_batch import read_jsonl
 from test_server import serving, tokenizer  # noqa: F401 (fixture)
+
+from nexus_jax import EngineConfig, LLMEngine, SamplingParams
+from nexus_jax.entrypoints.batch import run_batch
+from nexus_jax.server.client import request
+from nexus_jax.server.grpc_server import SERVICE_NAME, ServerOptions, check_limits, prompt_of, sampling_params
+from nexus_jax.server.proto import nexus_pb2 as pb
+from nexus_jax.server.proto import nexus_pb2_grpc as pb_grpc
 
 MAX_LEN = 256
 FEW = settings(max_examples=50, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])

@@ -5,14 +5,14 @@ import json
 import random
 
 import pytest
+from test_engine import VOCAB, expected
 
 from nexus_jax import EngineConfig, LLMEngine
-from nexus_jax.batch import run_batch
-from nexus_jax.executor import MockExecutor
-from nexus_jax.service_cli import register
-from nexus_jax.tokenizer import Tokenizer
-from runner.default_model import default_model_dir
-from test_engine import VOCAB, expected
+from nexus_jax.cli.service import register
+from nexus_jax.core.tokenizer import Tokenizer
+from nexus_jax.entrypoints.batch import run_batch
+from nexus_jax.testing import MockExecutor
+from runner.model.default_model import default_model_dir
 
 
 @pytest.fixture(scope="module")

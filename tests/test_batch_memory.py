@@ -5,12 +5,12 @@ import random
 import tracemalloc
 
 import pytest
+from test_engine import VOCAB, expected
 
 from nexus_jax import EngineConfig, LLMEngine
-from nexus_jax import batch
-from nexus_jax.batch import HostMemoryError, available_memory_mb, run_batch
-from nexus_jax.executor import MockExecutor
-from test_engine import VOCAB, expected
+from nexus_jax.entrypoints import batch
+from nexus_jax.entrypoints.batch import HostMemoryError, available_memory_mb, run_batch
+from nexus_jax.testing import MockExecutor
 
 
 def mock_engine():

@@ -17,8 +17,8 @@ from nexus_jax.benchmark.cli import SuiteSettings, register, run_suite
 from nexus_jax.benchmark.datasets import BenchRequest, make_requests
 from nexus_jax.benchmark.grpc_backend import GrpcBackend
 from nexus_jax.benchmark.programs_driver import make_programs
-from nexus_jax.executor import MockExecutor
-from nexus_jax.server import NexusServer, ServerOptions
+from nexus_jax.server.grpc_server import NexusServer, ServerOptions
+from nexus_jax.testing import MockExecutor
 
 VOCAB, CONTEXT = 384, 512
 

@@ -12,11 +12,16 @@ from nexus_jax import AsyncLLM, EngineConfig, LLMEngine
 from nexus_jax.benchmark import report
 from nexus_jax.benchmark.cli import SuiteSettings, run_suite
 from nexus_jax.benchmark.datasets import make_requests
-from nexus_jax.benchmark.programs_driver import (ProgramRecord, ProgramRunResult, make_programs, run_programs,
-                                                 warmup_calls)
+from nexus_jax.benchmark.programs_driver import (
+    ProgramRecord,
+    ProgramRunResult,
+    make_programs,
+    run_programs,
+    warmup_calls,
+)
 from nexus_jax.benchmark.serve import InProcessBackend, RequestRecord, arrival_offsets
-from nexus_jax.executor import MockExecutor
-from nexus_jax.workloads import CallSpec, ProgramSpec, Stage
+from nexus_jax.benchmark.workloads import CallSpec, ProgramSpec, Stage
+from nexus_jax.testing import MockExecutor
 
 VOCAB = 512
 

@@ -1,4 +1,4 @@
-"""runner/bench/bench_programs_engine.py end to end on the embedded model: policies switched between runs, the
+"""benchmarks/bench_programs_engine.py end to end on the embedded model: policies switched between runs, the
 simulator's prediction next to each, replicas behind each routing policy."""
 
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 from nexus_jax.benchmark.programs_driver import make_programs
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "runner" / "bench" / "bench_programs_engine.py"
+SCRIPT = ROOT / "benchmarks" / "bench_programs_engine.py"
 SMALL = ["--engine-arg", "warmup=false", "--engine-arg", "max_num_seqs=8", "--engine-arg", "max_model_len=1024",
          "--warmup", "1", "--dataset", "chatbot", "--programs", "2", "--points", "50:0"]
 

@@ -16,11 +16,17 @@ from nexus_jax import AsyncLLM, EngineConfig, LLMEngine
 from nexus_jax.benchmark import report
 from nexus_jax.benchmark.cli import SuiteSettings, register, run_suite
 from nexus_jax.benchmark.datasets import BenchRequest, LogNormal, load_jsonl, make_requests, sample_lengths
-from nexus_jax.benchmark.serve import (InProcessBackend, RequestRecord, RunResult, arrival_offsets, find_max_rate,
-                                       run_benchmark)
-from nexus_jax.executor import MockExecutor
-from nexus_jax.tokenizer import Tokenizer
-from runner.default_model import default_model_dir
+from nexus_jax.benchmark.serve import (
+    InProcessBackend,
+    RequestRecord,
+    RunResult,
+    arrival_offsets,
+    find_max_rate,
+    run_benchmark,
+)
+from nexus_jax.core.tokenizer import Tokenizer
+from nexus_jax.testing import MockExecutor
+from runner.model.default_model import default_model_dir
 
 VOCAB = 512
 

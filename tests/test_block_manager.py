@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from nexus_jax.block_manager import BlockManager
+from nexus_jax.core.block_manager import BlockManager
 
 
 def random_tokens(rng, n, vocab=1000):

@@ -14,10 +14,17 @@ import torch
 from safetensors.numpy import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from runner import checkpoint
-from runner.checkpoint import load_hf_params, load_params, param_shapes, random_params, restore_params, save_params
-from runner.config import ModelConfig
-from runner.safetensors_io import SafetensorsFile
+from runner.model import checkpoint
+from runner.model.checkpoint import (
+    load_hf_params,
+    load_params,
+    param_shapes,
+    random_params,
+    restore_params,
+    save_params,
+)
+from runner.model.config import ModelConfig
+from runner.model.safetensors_io import SafetensorsFile
 
 SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2)

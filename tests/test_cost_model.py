@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from nexus_jax.cost_model import CostModel, profile_path, split_points
-from runner.config import ModelConfig
+from nexus_jax.disagg.cost_model import CostModel, profile_path, split_points
+from runner.model.config import ModelConfig
 
 # A known model: share -> coefficients (decode a, b, c; prefill a, b, c, d), H100-8B-like magnitudes.
 DECODE = {20: (1.3e-7, 4e-5, 8e-3), 50: (8e-8, 2e-5, 6e-3), 100: (6e-8, 1e-5, 5.5e-3)}

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from runner import default_model
-from runner.config import ModelConfig
-from runner.default_model import FILES, MODEL_VERSION, cache_root, default_model_dir
+from runner.model import default_model
+from runner.model.config import ModelConfig
+from runner.model.default_model import FILES, MODEL_VERSION, cache_root, default_model_dir
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,7 +48,7 @@ def test_deterministic_across_builds_and_processes(model_dir, reference_hashes, 
     assert file_hashes(default_model_dir()) == reference_hashes
     # A fresh interpreter with another hash seed must produce the same bytes (no dict/set order leaks in).
     env = {**os.environ, "NEXUS_JAX_CACHE": str(tmp_path / "subprocess"), "PYTHONHASHSEED": "12345"}
-    out = subprocess.run([sys.executable, "-c", "from runner.default_model import default_model_dir as d; print(d())"],
+    out = subprocess.run([sys.executable, "-c", "from runner.model.default_model import default_model_dir as d; print(d())"],
                          cwd=REPO, env=env, capture_output=True, text=True, check=True)
     assert file_hashes(Path(out.stdout.strip())) == reference_hashes
 
@@ -82,7 +82,7 @@ def test_weights_have_hf_llama_names_and_shapes(model_dir):
 
 
 def test_tokenizer_files(model_dir):
-    from nexus_jax.tokenizer import Tokenizer
+    from nexus_jax.core.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(model_dir)
     assert tok.vocab_size == 512
@@ -110,7 +110,7 @@ def test_transformers_loads_and_runs(model_dir):
 
 def build_in_subprocess(cache: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c",
-                             "from runner.default_model import default_model_dir as d; print(d())"],
+                             "from runner.model.default_model import default_model_dir as d; print(d())"],
                             cwd=REPO, env={**os.environ, "NEXUS_JAX_CACHE": str(cache)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -15,7 +15,7 @@ import jax
 import pytest
 
 from nexus_jax import EngineConfig, LLMEngine
-from nexus_jax.replicas import ReplicatedAsyncLLM
+from nexus_jax.entrypoints.replicas import ReplicatedAsyncLLM
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,17 +24,17 @@ import asyncio, dataclasses, json, random
 import jax, numpy as np
 jax.config.update("jax_transfer_guard_device_to_device", "disallow")
 from nexus_jax import EngineConfig, LLMEngine, SamplingParams
-from nexus_jax.replicas import ReplicatedAsyncLLM
-import runner.loader
+from nexus_jax.entrypoints.replicas import ReplicatedAsyncLLM
+import runner.model.loader
 from runner.model_runner import ModelRunner, _run_step
 
 loaded_on = []  # devices of each engine's freshly loaded weights: loaded there, not copied over from device 0
-real_load = runner.loader.load_model
+real_load = runner.model.loader.load_model
 def recording_load(*args, **kwargs):
     loaded = real_load(*args, **kwargs)
     loaded_on.append(sorted({d.id for x in jax.tree.leaves(loaded.params) for d in x.devices()}))
     return loaded
-runner.loader.load_model = recording_load
+runner.model.loader.load_model = recording_load
 
 cfg = EngineConfig(dtype="float32", num_kv_blocks=32, max_model_len=128, max_num_seqs=4, max_num_batched_tokens=16,
                    max_prefill_seqs=2, min_table_blocks=8)
@@ -80,7 +80,7 @@ report["swap_ok"] = bool((after[:, :, [9, 11]] == before[:, :, [2, 5]]).all()
 report["swap_pool"] = sorted(d.id for d in swap.kv_pool.devices())
 # Cached weights (params_cache_dir) restore onto the caller's default device, not device 0.
 import tempfile
-from runner.checkpoint import restore_params, save_params
+from runner.model.checkpoint import restore_params, save_params
 from runner.model_runner import on_device
 with tempfile.TemporaryDirectory() as tmp:
     save_params(jax.tree.map(np.asarray, runner_params := real_load(None, "float32").params), tmp, runner.config)

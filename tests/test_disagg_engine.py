@@ -11,13 +11,13 @@ import random
 import pytest
 
 from nexus_jax import EngineConfig, SamplingParams
-from nexus_jax.cost_model import CostModel
-from nexus_jax.disagg_engine import AGGREGATE, DisaggEngine, decode_worker, prefill_worker
-from nexus_jax.executor import MockExecutor
-from nexus_jax.partition import PartitionController, Slo
-from nexus_jax.phase_scheduler import PhaseScheduler
-from nexus_jax.block_manager import BlockManager
-from runner.config import ModelConfig
+from nexus_jax.core.block_manager import BlockManager
+from nexus_jax.disagg.cost_model import CostModel
+from nexus_jax.disagg.engine import AGGREGATE, DisaggEngine, decode_worker, prefill_worker
+from nexus_jax.disagg.partition import PartitionController, Slo
+from nexus_jax.disagg.phase_scheduler import PhaseScheduler
+from nexus_jax.testing import MockExecutor
+from runner.model.config import ModelConfig
 
 VOCAB = 512
 
@@ -214,12 +214,12 @@ def test_a_pool_that_cannot_restart_raises_out_of_step():
 def test_prefill_order_is_shortest_first_with_aging():
     bm = BlockManager(64, 4)
     sched = PhaseScheduler(bm, max_num_seqs=8, max_num_batched_tokens=8, prefill_aging=15.0)
-    from nexus_jax.request import Request
-    from nexus_jax.stop import StopChecker
+    from nexus_jax.core.request import Request
+    from nexus_jax.core.stop import StopChecker
 
     def req(rid, n, arrival):
         params = SamplingParams(max_tokens=2)
-        from nexus_jax.outputs import RequestMetrics
+        from nexus_jax.core.outputs import RequestMetrics
         return Request(rid, list(range(1, n + 1)), params, params.to_sampling_row(0, 0),
                        StopChecker(params, None, ()), RequestMetrics(arrival))
     import time
@@ -260,7 +260,7 @@ def test_prefill_plans_respect_the_prefill_slot_count_even_for_one_token_remaind
 
 
 def test_partition_decisions_are_exported_as_metrics():
-    from nexus_jax.metrics import EngineMetrics
+    from nexus_jax.server.metrics import EngineMetrics
     engine = make_engine(tbt=1e-9)
     run(engine, staggered(2))
     from prometheus_client import generate_latest

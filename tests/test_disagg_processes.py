@@ -11,7 +11,7 @@ import random
 import pytest
 
 from nexus_jax import LLM, SamplingParams
-from nexus_jax.partition import Slo
+from nexus_jax.disagg.partition import Slo
 
 PROMPT_RNG = random.Random(3)
 PROMPTS = [[PROMPT_RNG.randrange(3, 500) for _ in range(PROMPT_RNG.randint(2, 70))] for _ in range(10)]

@@ -9,9 +9,9 @@ import math
 import pytest
 
 from nexus_jax import LLM, EngineConfig, LLMEngine, SamplingParams
-from nexus_jax.executor import MockExecutor
-from nexus_jax.tokenizer import Tokenizer
-from runner.default_model import default_model_dir
+from nexus_jax.core.tokenizer import Tokenizer
+from nexus_jax.testing import MockExecutor
+from runner.model.default_model import default_model_dir
 
 VOCAB = 512
 BYTE0 = 7  # the default tokenizer's byte tokens: id = 7 + byte value
@@ -288,7 +288,8 @@ def test_multi_step_waits_while_requests_could_be_admitted():
 
 
 def test_plas_runs_a_fresh_program_before_one_with_attained_service():
-    from nexus_jax.programs import ProgramConfig, make_policy
+    from nexus_jax.programs.policies import make_policy
+    from nexus_jax.programs.table import ProgramConfig
     engine = make_engine(max_num_seqs=1, scheduling_policy="plas")
     # Bins far below the mock's step times, so one finished call is enough to demote its program.
     engine.scheduler.programs = make_policy("plas", ProgramConfig(bins=(1e-9, 1.0)))
@@ -319,7 +320,8 @@ def test_fcfs_keeps_arrival_order_for_programs():
 
 
 def test_set_policy_between_runs_keeps_the_process_table():
-    from nexus_jax.programs import ProgramConfig, make_policy
+    from nexus_jax.programs.policies import make_policy
+    from nexus_jax.programs.table import ProgramConfig
     engine = make_engine(max_num_seqs=1)
     engine.scheduler.programs = make_policy("fcfs", ProgramConfig(bins=(1e-9, 1.0)))
     with engine.session("old"):
@@ -353,10 +355,10 @@ def test_warmup_warns_when_many_block_table_widths_multiply_the_programs(caplog,
     from runner.model_runner import ModelRunner
     compiled = []
     monkeypatch.setattr(ModelRunner, "warmup", lambda self, *a, **kw: compiled.append(a) or 0)  # no compiling
-    with caplog.at_level("WARNING", logger="nexus_jax.engine"):
+    with caplog.at_level("WARNING", logger="nexus_jax.core.engine"):
         LLMEngine.from_config(EngineConfig(warmup=True, cpu_kv_cache_tokens=512, min_table_blocks=8))
     assert compiled and "3 block-table widths (8, 16, 32 blocks)" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="nexus_jax.engine"):
+    with caplog.at_level("WARNING", logger="nexus_jax.core.engine"):
         LLMEngine.from_config(EngineConfig(warmup=True, cpu_kv_cache_tokens=512, min_table_blocks=32))
     assert "block-table widths" not in caplog.text

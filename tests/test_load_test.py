@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from nexus_jax.benchmark.load_test import ACTIONS, OUTCOMES, LoadSettings, check_loopback, plan_streams
-from nexus_jax.cli import main
+from nexus_jax.cli.main import main
 
 # Small step shapes (few compilations on CPU): 16 running requests, prompts and tables within 4 blocks.
 ENGINE_ARGS = ("max_num_seqs=16", "min_table_blocks=4", "max_num_batched_tokens=32", "max_prefill_seqs=4")

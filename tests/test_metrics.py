@@ -5,12 +5,12 @@ import random
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
+from test_engine import make_engine
 
 from nexus_jax import LLM, AsyncLLM, SamplingParams
-from nexus_jax.client import Client
-from nexus_jax.metrics import EngineMetrics
-from nexus_jax.server import NexusServer, ServerOptions
-from test_engine import make_engine
+from nexus_jax.server.client import Client
+from nexus_jax.server.grpc_server import NexusServer, ServerOptions
+from nexus_jax.server.metrics import EngineMetrics
 
 
 def samples(text):

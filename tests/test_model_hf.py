@@ -6,9 +6,9 @@ import pytest
 import torch
 import transformers
 
-from runner.checkpoint import load_hf_params
-from runner.config import ModelConfig
 from runner.generate import generate
+from runner.model.checkpoint import load_hf_params
+from runner.model.config import ModelConfig
 from runner.model_runner import ModelRunner
 from runner.sampling import validate_row
 from runner.step_batch import SeqChunk

@@ -8,8 +8,8 @@ import stat
 
 import pytest
 
-from runner import mps
-from runner.mps import MpsControl, MpsUnavailable, try_start_mps
+from runner.workers import mps
+from runner.workers.mps import MpsControl, MpsUnavailable, try_start_mps
 
 # Behaves like the real control binary as far as MpsControl can see: `-d` creates the control pipe in
 # CUDA_MPS_PIPE_DIRECTORY and returns; a client command fails without a daemon; `quit` removes the pipe.
@@ -63,7 +63,7 @@ def test_missing_binary_is_unavailable(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(MpsUnavailable, match="not found on PATH"):
         MpsControl.start()
-    with caplog.at_level(logging.WARNING, logger="runner.mps"):
+    with caplog.at_level(logging.WARNING, logger="runner.workers.mps"):
         assert try_start_mps() is None
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "not found on PATH" in warnings[0].getMessage()
@@ -117,7 +117,7 @@ def test_daemon_that_never_answers_times_out_with_log(fake, tmp_path, monkeypatc
     monkeypatch.setenv("FAKE_MPS_NO_PIPE", "1")
     with pytest.raises(MpsUnavailable, match="did not answer.*control daemon started"):
         MpsControl.start(str(tmp_path / "mps"), timeout=0.3)
-    with caplog.at_level(logging.WARNING, logger="runner.mps"):
+    with caplog.at_level(logging.WARNING, logger="runner.workers.mps"):
         assert try_start_mps(str(tmp_path / "mps2"), timeout=0.3) is None
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
 

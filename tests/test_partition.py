@@ -5,9 +5,9 @@ import logging
 import numpy as np
 import pytest
 
-from nexus_jax.cost_model import CostModel
-from nexus_jax.partition import Decision, LoadState, PartitionController, Slo
-from runner.config import ModelConfig
+from nexus_jax.disagg.cost_model import CostModel
+from nexus_jax.disagg.partition import Decision, LoadState, PartitionController, Slo
+from runner.model.config import ModelConfig
 
 LADDER = (20, 30, 40, 50, 60, 70, 80)
 
@@ -168,7 +168,7 @@ def test_aggregate_split_boundary_has_a_margin():
 def test_only_ladder_values_and_stats_and_logging(h100_8b, caplog):
     rng = np.random.default_rng(1)
     c = PartitionController(h100_8b, (20, 30, 40, 60))
-    with caplog.at_level(logging.DEBUG, logger="nexus_jax.partition"):
+    with caplog.at_level(logging.DEBUG, logger="nexus_jax.disagg.partition"):
         for _ in range(100):
             batch = int(rng.integers(0, 257))
             chunks = [(int(rng.integers(16, 8193)), 0)] * int(rng.integers(0, 3))

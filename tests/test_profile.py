@@ -5,10 +5,10 @@ import math
 
 import pytest
 
-from nexus_jax.cli import main
-from nexus_jax.cost_model import CostModel
-from runner.profile import ProfileSettings, plan_groups
-from runner.profile_worker import BlockCycler, Grid
+from nexus_jax.cli.main import main
+from nexus_jax.disagg.cost_model import CostModel
+from nexus_jax.disagg.profile import ProfileSettings, plan_groups
+from runner.workers.profile_worker import BlockCycler, Grid
 
 
 def test_quick_profile_writes_a_usable_table(tmp_path, capsys):
@@ -67,7 +67,7 @@ def test_grid_sizes_and_settings_validation():
 
 
 class FakeMps:
-    """Stands in for runner.mps.MpsControl on the CPU: the worker processes run uncapped."""
+    """Stands in for runner.workers.mps.MpsControl on the CPU: the worker processes run uncapped."""
 
     def __init__(self):
         self.shares, self.stopped = [], False
@@ -83,11 +83,11 @@ class FakeMps:
 def test_worker_processes_measure_solo_and_corun(tmp_path, monkeypatch):
     """The MPS path end to end on the CPU: a pair of worker processes (60 and its complement 40) measure alone,
     then each while the other loops; only share 60 is in the table."""
-    import runner.mps
-    from runner.profile import run_profile
+    import runner.workers.mps
+    from nexus_jax.disagg.profile import run_profile
 
     fake = FakeMps()
-    monkeypatch.setattr(runner.mps, "try_start_mps", lambda: fake)
+    monkeypatch.setattr(runner.workers.mps, "try_start_mps", lambda: fake)
     # Two step shapes to compile per process: one prefill size over several prefixes, one decode batch.
     grid = Grid(prefill=tuple(((16, p),) for p in (0, 16, 32, 48, 64)), decode=((2, 8, 64), (2, 64, 256), (2, 8, 256)),
                 corun_prefill=(((16, 0),),), corun_decode=((2, 8, 64),), mixed=(), loop_prefill=((16, 0),),

@@ -4,7 +4,8 @@ import random
 
 import pytest
 
-from nexus_jax.programs import Call, ProgramConfig, make_policy
+from nexus_jax.programs.policies import make_policy
+from nexus_jax.programs.table import Call, ProgramConfig
 
 
 class Clock:

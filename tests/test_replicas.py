@@ -4,12 +4,12 @@ import asyncio
 import time
 
 import pytest
+from test_engine import expected, greedy, make_engine, tokenizer  # noqa: F401 (a fixture)
 
 from nexus_jax import AsyncLLM, EngineConfig
-from nexus_jax.async_llm import EngineDeadError
-from nexus_jax.replicas import ReplicatedAsyncLLM
-from nexus_jax.router import RouterConfig
-from test_engine import expected, greedy, make_engine, tokenizer  # noqa: F401 (a fixture)
+from nexus_jax.entrypoints.async_llm import EngineDeadError
+from nexus_jax.entrypoints.replicas import ReplicatedAsyncLLM
+from nexus_jax.programs.router import RouterConfig
 
 
 def replicated(n=3, routing="locality", step_seconds=0.0, **engine_kw):
@@ -215,8 +215,8 @@ def test_from_config_starts_replicas_of_the_embedded_model():
 
 
 def test_the_grpc_server_serves_through_the_front_end():
-    from nexus_jax.client import Client
-    from nexus_jax.server import NexusServer, ServerOptions
+    from nexus_jax.server.client import Client
+    from nexus_jax.server.grpc_server import NexusServer, ServerOptions
 
     llm = replicated(2, "round_robin")
 

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from nexus_jax.router import Router, RouterConfig
+from nexus_jax.programs.router import Router, RouterConfig
 
 
 class Clock:

@@ -1,14 +1,14 @@
-"""runner/bench/run_all.py: a real quick run on CPU (serve and model sections), figures with targets and
+"""benchmarks/run_all.py: a real quick run on CPU (serve and model sections), figures with targets and
 predictions from hand-made benchmark outputs, failures, timeouts, merging, and predictions.json's consistency."""
 
 import json
 
 import pytest
 
+from benchmarks import results_file, run_all
 from nexus_jax.benchmark import report
 from nexus_jax.benchmark.programs_driver import ProgramRecord, ProgramRunResult
 from nexus_jax.benchmark.serve import RequestRecord
-from runner.bench import results_file, run_all
 
 KERNEL_ROWS = [("pallas", "decode B=64 ctx=2048", 0.192, "TB/s", 2.8),
                ("pallas", "prefill q=[8192] prefix=[0]", 1.27, "TF/s", 432.0),

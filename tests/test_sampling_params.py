@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nexus_jax.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from nexus_jax.sampling_params import SamplingParams
+from nexus_jax.core.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from nexus_jax.core.sampling_params import SamplingParams
 from runner.sampling import SamplingTensors, sample
 
 VLLM_DEFAULTS = dict(n=1, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, seed=None, stop=[], stop_token_ids=[],

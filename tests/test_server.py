@@ -12,16 +12,16 @@ import time
 import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from test_engine import VOCAB, expected
 
 from nexus_jax import LLM, AsyncLLM, EngineConfig, LLMEngine, SamplingParams
-from nexus_jax.client import Client, generate_sync
-from nexus_jax.executor import MockExecutor
-from nexus_jax.proto import nexus_pb2 as pb
-from nexus_jax.server import RETRY_AFTER_KEY, SERVICE_NAME, NexusServer, ServerOptions
-from nexus_jax.service_cli import register
-from nexus_jax.tokenizer import Tokenizer
-from runner.default_model import default_model_dir
-from test_engine import VOCAB, expected
+from nexus_jax.cli.service import register
+from nexus_jax.core.tokenizer import Tokenizer
+from nexus_jax.server.client import Client, generate_sync
+from nexus_jax.server.grpc_server import RETRY_AFTER_KEY, SERVICE_NAME, NexusServer, ServerOptions
+from nexus_jax.server.proto import nexus_pb2 as pb
+from nexus_jax.testing import MockExecutor
+from runner.model.default_model import default_model_dir
 
 EOS = 2
 
@@ -293,7 +293,7 @@ def test_default_model_through_grpc_matches_the_offline_engine():
     assert done.finish_reason == "length" and done.prompt_tokens == len(engine.tokenizer.encode(prompt))
 
 
-SERVE = ("import argparse, sys; from nexus_jax.service_cli import register; p = argparse.ArgumentParser(); "
+SERVE = ("import argparse, sys; from nexus_jax.cli.service import register; p = argparse.ArgumentParser(); "
          "register(p.add_subparsers(dest='command', required=True)); a = p.parse_args(); sys.exit(a.func(a))")
 
 

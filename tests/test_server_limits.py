@@ -8,12 +8,12 @@ import time
 
 import grpc
 import pytest
-
-from nexus_jax.client import request
-from nexus_jax.proto import nexus_pb2 as pb
-from nexus_jax.server import RETRY_AFTER_KEY, SERVICE_NAME, ServerOptions
-from nexus_jax.service_cli import register, server_options
 from test_server import collect, engine_idle, mock_engine, serving, tokenizer  # noqa: F401 (fixture)
+
+from nexus_jax.cli.service import register, server_options
+from nexus_jax.server.client import request
+from nexus_jax.server.grpc_server import RETRY_AFTER_KEY, SERVICE_NAME, ServerOptions
+from nexus_jax.server.proto import nexus_pb2 as pb
 
 
 def table(engine):

@@ -8,18 +8,18 @@ import random
 
 import grpc
 import pytest
-
-from nexus_jax import AsyncLLM, SamplingParams
-from nexus_jax.cli import main as cli_main
-from nexus_jax.client import Client
-from nexus_jax.replicas import ReplicatedAsyncLLM
-from nexus_jax.router import RouterConfig
-from nexus_jax.server import NexusServer, ServerOptions
-from nexus_jax.service_cli import register, replica_options, serve_front
 from test_metrics import samples
 from test_replicas import wait_until
 from test_server import collect, engine_idle, mock_engine
 from test_server_limits import rejected, table
+
+from nexus_jax import AsyncLLM, SamplingParams
+from nexus_jax.cli.main import main as cli_main
+from nexus_jax.cli.service import register, replica_options, serve_front
+from nexus_jax.entrypoints.replicas import ReplicatedAsyncLLM
+from nexus_jax.programs.router import RouterConfig
+from nexus_jax.server.client import Client
+from nexus_jax.server.grpc_server import NexusServer, ServerOptions
 
 MAX_SEQS = 2  # per replica: a replica given more requests keeps the rest waiting
 

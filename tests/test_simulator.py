@@ -5,10 +5,10 @@ form and that locality-aware routing beats round-robin."""
 import numpy as np
 import pytest
 
-from nexus_jax.router import RouterConfig
-from nexus_jax.sim_config import H100_KV_TOKENS, EstimatedCost, ProfiledCost, SimConfig, h100_config
-from nexus_jax.simulator import Simulator, simulate, sustainable_rate
-from nexus_jax.workloads import CallSpec, ProgramSpec, Stage, generate
+from nexus_jax.benchmark.sim_config import H100_KV_TOKENS, EstimatedCost, ProfiledCost, SimConfig, h100_config
+from nexus_jax.benchmark.simulator import Simulator, simulate, sustainable_rate
+from nexus_jax.benchmark.workloads import CallSpec, ProgramSpec, Stage, generate
+from nexus_jax.programs.router import RouterConfig
 
 POLICIES = ("fcfs", "mlfq", "plas", "atlas")
 COST = EstimatedCost()

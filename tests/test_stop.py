@@ -4,10 +4,10 @@ import random
 
 import pytest
 
-from nexus_jax.sampling_params import SamplingParams
-from nexus_jax.stop import StopChecker, StopStringScanner
-from nexus_jax.tokenizer import IncrementalDetokenizer, Tokenizer
-from runner.default_model import default_model_dir
+from nexus_jax.core.sampling_params import SamplingParams
+from nexus_jax.core.stop import StopChecker, StopStringScanner
+from nexus_jax.core.tokenizer import IncrementalDetokenizer, Tokenizer
+from runner.model.default_model import default_model_dir
 
 EOS, STOP_ID, OTHER_EOS = 2, 3, 4
 SPECIAL_TEXT = {EOS: "<eos>", STOP_ID: "<stop>", OTHER_EOS: "<eot>"}

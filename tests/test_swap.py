@@ -10,17 +10,17 @@ import random
 import jax
 import numpy as np
 import pytest
-
 from prometheus_client import generate_latest
+from test_engine import VOCAB, expected, greedy, run_all
 
 from nexus_jax import EngineConfig, LLMEngine, SamplingParams
-from nexus_jax.metrics import EngineMetrics
-from nexus_jax.executor import MockExecutor
-from nexus_jax.swap_space import SwapSpace
-from runner.loader import load_model
+from nexus_jax.core.swap_space import SwapSpace
+from nexus_jax.core.tokenizer import load_tokenizer
+from nexus_jax.server.metrics import EngineMetrics
+from nexus_jax.testing import MockExecutor
+from runner.model.loader import load_model
 from runner.model_runner import ModelRunner
 from runner.step_batch import StepShapes
-from test_engine import VOCAB, expected, greedy, run_all
 
 BLOCK = 4
 MOCK_BLOCK_GIB = 16 * BLOCK / 2**30  # one mock block in GiB, so swap_space_gib = k * this gives k host blocks
@@ -273,7 +273,7 @@ def test_model_greedy_outputs_equal_with_swap_recompute_and_no_preemption(tiny):
     for mode, max_seqs in (("swap", 8), ("recompute", 8), ("recompute", 1)):
         config = EngineConfig(dtype="float32", block_size=BLOCK, max_num_seqs=max_seqs, max_num_batched_tokens=32,
                               max_prefill_seqs=4, preemption_mode=mode, swap_space_gib=1e-3)
-        engine = LLMEngine(config, fresh_runner(tiny), loaded.tokenizer, max_model_len=96,
+        engine = LLMEngine(config, fresh_runner(tiny), load_tokenizer(loaded), max_model_len=96,
                            vocab_size=loaded.config.vocab_size)
         for i, p in enumerate(prompts):
             engine.add_request(f"r{i}", {"prompt_token_ids": p}, params)

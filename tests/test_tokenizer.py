@@ -7,11 +7,12 @@ from pathlib import Path
 import jinja2
 import pytest
 import tokenizers
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from nexus_jax.tokenizer import IncrementalDetokenizer, Tokenizer
-from runner.default_model import CORPUS, default_model_dir
+from nexus_jax.core.tokenizer import IncrementalDetokenizer, Tokenizer
+from runner.model.default_model import CORPUS, default_model_dir
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 STYLES = ("default", "llama3", "qwen2", "llama2", "metaspace")

@@ -28,7 +28,7 @@ from nexus_jax.benchmark import load_cli, report
 from nexus_jax.benchmark.datasets import DATASETS, BenchRequest, make_requests, salted
 from nexus_jax.benchmark.programs_driver import PROGRAM_DATASETS, make_programs, run_programs, warmup_calls
 from nexus_jax.benchmark.serve import Backend, RunResult, find_max_rate, run_requests
-from nexus_jax.workloads import ProgramSpec
+from nexus_jax.benchmark.workloads import ProgramSpec
 
 
 @dataclasses.dataclass
@@ -90,7 +90,7 @@ async def _run_once(backend: Backend, workload: list[BenchRequest] | list[Progra
 def engine_overrides(items: list[str] | None) -> dict[str, Any]:
     """--engine-arg KEY=VALUE pairs as EngineConfig fields, each value parsed by the field's default's type
     (comma-separated for tuples, e.g. sm_ladder=20,40)."""
-    from nexus_jax.config import EngineConfig
+    from nexus_jax.core.config import EngineConfig
 
     fields = {f.name: f for f in dataclasses.fields(EngineConfig)}
     out: dict[str, Any] = {}
@@ -154,13 +154,13 @@ def _serve(args: argparse.Namespace) -> int:
 async def _open_backend(args: argparse.Namespace) -> Backend:
     if args.backend == "grpc":
         from nexus_jax.benchmark.grpc_backend import GrpcBackend
-        from nexus_jax.service_cli import TOKEN_ENV
+        from nexus_jax.cli.service import TOKEN_ENV
 
         tls = args.tls_ca or args.tls
         return await GrpcBackend.connect(args.server, args.auth_token or os.environ.get(TOKEN_ENV), tls,
                                          args.request_timeout)
     from nexus_jax.benchmark.serve import InProcessBackend
-    from nexus_jax.config import EngineConfig
+    from nexus_jax.core.config import EngineConfig
 
     config = EngineConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
                           block_size=args.block_size, max_num_seqs=args.max_num_seqs,

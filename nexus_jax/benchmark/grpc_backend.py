@@ -15,7 +15,7 @@ import grpc
 
 from nexus_jax.benchmark.datasets import BenchRequest
 from nexus_jax.benchmark.serve import RequestRecord
-from nexus_jax.client import Client
+from nexus_jax.server.client import Client
 
 
 class GrpcBackend:

@@ -36,10 +36,10 @@ def _serve_child(engine_config: dict[str, Any], options: dict[str, Any], conn) -
 
 
 async def _child_main(engine_config: dict[str, Any], options: dict[str, Any], conn) -> None:
-    from nexus_jax.async_llm import AsyncLLM
-    from nexus_jax.config import EngineConfig
-    from nexus_jax.engine import LLMEngine
-    from nexus_jax.server import NexusServer, ServerOptions
+    from nexus_jax.core.config import EngineConfig
+    from nexus_jax.core.engine import LLMEngine
+    from nexus_jax.entrypoints.async_llm import AsyncLLM
+    from nexus_jax.server.grpc_server import NexusServer, ServerOptions
 
     server = NexusServer(AsyncLLM(LLMEngine.from_config(EngineConfig(**engine_config))), ServerOptions(**options))
     conn.send(await server.start())

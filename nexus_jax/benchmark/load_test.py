@@ -5,9 +5,9 @@ send an Abort RPC mid-stream, run into a short deadline, or send a bad request. 
 (RESOURCE_EXHAUSTED) retries after the server's hint, a bounded number of times. Every stream must end in a
 known way within a timeout (none hung, none lost); after each wave the server must drain (no open stream, no
 running or waiting request, every KV block free), and its RSS must not grow from wave to wave once warm-up
-waves have compiled the step shapes (runner/bench/results/load_test.md has runs and how to read them).
+waves have compiled the step shapes (benchmarks/results/load_test.md has runs and how to read them).
 
-  nexus-jax bench load --streams 1000 --waves 3 --max-in-flight 1024 --out-dir runner/bench/results
+  nexus-jax bench load --streams 1000 --waves 3 --max-in-flight 1024 --out-dir benchmarks/results
   nexus-jax bench load --streams 1000 --waves 3 --warmup-waves 4 --max-in-flight 256 --retry-after-ms 1000 \
       --max-attempts 5 --label overload --out-dir /tmp/load
 
@@ -30,7 +30,7 @@ import grpc
 from nexus_jax.benchmark.load_server import LocalServer, rss_mb
 
 if TYPE_CHECKING:  # the client and server import grpc_health, which `bench serve` alone does not need
-    from nexus_jax.client import Client
+    from nexus_jax.server.client import Client
 
 ACTIONS = ("cancel", "disconnect", "abort", "deadline", "invalid")   # plus "complete": the rest of the streams
 OUTCOMES = ("complete", "aborted", "cancelled", "disconnected", "deadline", "rejected", "error", "hung", "lost")
@@ -122,8 +122,8 @@ def plan_streams(settings: LoadSettings, wave: int, vocab_size: int) -> list[dic
 
 
 async def _attempt(plan: dict, client: Client, control: Client, rid: str) -> tuple[str, str | None, int]:
-    from nexus_jax.client import request
-    from nexus_jax.server import RETRY_AFTER_KEY
+    from nexus_jax.server.client import request
+    from nexus_jax.server.grpc_server import RETRY_AFTER_KEY
 
     """One Generate call; returns (outcome, detail, retry hint in ms or 0)."""
     call = client.stub.Generate(request(plan["prompt"], request_id=rid, **plan["sampling"]), timeout=plan["timeout"])
@@ -169,7 +169,7 @@ async def _attempt(plan: dict, client: Client, control: Client, rid: str) -> tup
 
 async def _run_stream(plan: dict, target: str, shared: Client, control: Client,
                       settings: LoadSettings) -> dict[str, Any]:
-    from nexus_jax.client import Client
+    from nexus_jax.server.client import Client
 
     record = {"id": plan["id"], "action": plan["action"], "attempts": 0, "rejections": 0}
     try:
@@ -222,7 +222,7 @@ async def run_waves(target: str, settings: LoadSettings, server_pid: int | None 
     """Runs the waves against `target`; returns per wave the outcome counts (also by plan), the server's state
     after draining, its RSS (when server_pid is given) and the records of streams that ended unexpectedly; then
     the checks. probe: a blocking callable returning the server's internal counts (local server only)."""
-    from nexus_jax.client import Client
+    from nexus_jax.server.client import Client
 
     check_loopback(target)
     control = Client(target)

@@ -1,6 +1,6 @@
 """Agentic program workloads in bench serve: programs of dependent calls arriving at a rate (programs/s).
 
-Programs come from `nexus_jax.workloads` (chatbot, ReAct, tree search; docs/programs.md). Their arrival times are
+Programs come from `nexus_jax.benchmark.workloads` (chatbot, ReAct, tree search; docs/programs.md). Their arrival times are
 drawn here, like requests' (`serve.arrival_offsets`: gamma gaps, Poisson at burstiness 1), so that one set of
 programs can be replayed at every rate of a sweep. A program runs its stages in order: a stage waits its delay
 (think or tool time, times `delay_scale`) after the previous stage finished, then sends its calls concurrently
@@ -25,10 +25,10 @@ import uuid
 
 import numpy as np
 
-from nexus_jax import workloads
+from nexus_jax.benchmark import workloads
 from nexus_jax.benchmark.datasets import BenchRequest, clip_to_context
 from nexus_jax.benchmark.serve import Backend, RequestRecord, RunResult, arrival_offsets
-from nexus_jax.workloads import CallSpec, ProgramSpec
+from nexus_jax.benchmark.workloads import CallSpec, ProgramSpec
 
 PROGRAM_DATASETS = {"chatbot": "chatbot", "react": "react", "tree": "tree", "programs-mix": "mixed"}
 

@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable, Protocol
 import numpy as np
 
 from nexus_jax.benchmark.datasets import BenchRequest
-from nexus_jax.sampling_params import SamplingParams
+from nexus_jax.core.sampling_params import SamplingParams
 
 
 @dataclasses.dataclass
@@ -69,7 +69,7 @@ class InProcessBackend:
     def from_config(cls, config: Any) -> "InProcessBackend":
         import jax
 
-        from nexus_jax.async_llm import AsyncLLM
+        from nexus_jax.entrypoints.async_llm import AsyncLLM
         llm = AsyncLLM.from_config(config)
         # A disaggregated engine knows its workers' device; asking JAX here would start a device client in
         # this process, which must leave the GPU to the workers.

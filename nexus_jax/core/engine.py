@@ -1,0 +1,387 @@
+"""The engine loop: admit requests, plan a step, run it on the executor, fold the results back.
+
+Every accepted request ends with output (finish_reason "stop"/"length"), an abort, or an error: an executor
+failure finishes the requests of the failed step with finish_reason "error" and the engine keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from nexus_jax.core.block_manager import BlockManager
+from nexus_jax.core.config import EngineConfig
+from nexus_jax.core.outputs import Logprob, RequestMetrics, RequestOutput
+from nexus_jax.core.request import Request
+from nexus_jax.core.sampling_params import SamplingParams
+from nexus_jax.core.scheduler import Scheduler, SchedulerOutput
+from nexus_jax.core.stop import StopChecker
+from nexus_jax.core.swap_space import SwapSpace
+from nexus_jax.core.tokenizer import IncrementalDetokenizer, Tokenizer, eos_token_ids, load_tokenizer
+from nexus_jax.programs.table import ProgramConfig
+from runner.executor import Executor
+from runner.sampling import validate_row
+from runner.step_batch import SeqChunk
+
+log = logging.getLogger(__name__)
+
+
+class RequestGroup:
+    """A user request: its prompt and its n sequences."""
+
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], seqs: list[Request],
+                 stream: bool):
+        self.request_id = request_id
+        self.stream = stream  # report progress every step, not only the final output
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.seqs = seqs
+        self.error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
+                             [s.completion() for s in self.seqs], self.finished, self.seqs[0].metrics, self.error)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, executor: Executor, tokenizer: Tokenizer | None, *,
+                 max_model_len: int, vocab_size: int, eos_token_ids: Sequence[int] = ()):
+        self.config = config
+        self.executor = executor
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.block_manager = BlockManager(executor.num_blocks, executor.block_size, config.enable_prefix_caching)
+        swap_space = self._swap_space(config, executor) if config.preemption_mode == "swap" else None
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=config.max_num_batched_tokens,
+                                   policy=config.scheduling_policy,
+                                   num_scheduler_steps=config.num_scheduler_steps,
+                                   max_prefill_seqs=config.max_prefill_seqs, swap_space=swap_space,
+                                   program_config=ProgramConfig(beta=config.program_beta,
+                                                                idle_timeout=config.program_idle_timeout,
+                                                                max_programs=config.max_programs))
+        self.groups: dict[str, RequestGroup] = {}
+        self._rng = random.Random(config.seed)
+        self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
+
+    @staticmethod
+    def _swap_space(config: EngineConfig, executor: Executor) -> SwapSpace:
+        """Books swap_space_gib of host memory in the executor and the matching host blocks for the scheduler."""
+        num_blocks = int(config.swap_space_gib * 2**30) // executor.block_bytes
+        if num_blocks < 1:
+            raise ValueError(f"swap_space_gib {config.swap_space_gib} holds no KV block "
+                             f"({executor.block_bytes} bytes each)")
+        executor.allocate_swap_space(num_blocks)
+        return SwapSpace(num_blocks)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "LLMEngine":
+        """The aggregated engine, or with config.disaggregation the prefill/decode worker processes (see
+        nexus_jax.disagg.setup), falling back to aggregated where "auto" finds no MPS."""
+        if config.disaggregation != "off":
+            from nexus_jax.disagg.setup import build_engine
+            engine = build_engine(config)
+            if engine is not None:
+                return engine
+        return cls._aggregated(config)
+
+    @classmethod
+    def _aggregated(cls, config: EngineConfig) -> "LLMEngine":
+        import jax
+
+        from runner.model.loader import load_model
+        from runner.model_runner import ModelRunner, on_device
+        from runner.step_batch import StepShapes
+
+        if config.compilation_cache_dir is not None:
+            # Process-wide, and read when JAX first compiles: an engine started after other compilations may
+            # not use it.
+            jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        device = None
+        if config.device is not None:
+            devices = jax.devices()
+            if config.device >= len(devices):
+                raise ValueError(f"device {config.device} does not exist: JAX sees {len(devices)} device(s), "
+                                 f"indices 0..{len(devices) - 1}")
+            device = devices[config.device]
+        with on_device(device):  # the weights are read or generated straight onto the engine's device
+            loaded = load_model(config.model, config.dtype, cache_dir=config.params_cache_dir, seed=config.seed)
+        mc = loaded.config
+        if config.max_model_len is not None and config.max_model_len > mc.max_position_embeddings:
+            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context "
+                             f"({mc.max_position_embeddings})")
+        params, loaded.params = loaded.params, None
+        runner = ModelRunner(mc, params, num_blocks=config.num_kv_blocks, block_size=config.block_size,
+                             kernel_impl=config.kernel_impl, release_params=True,
+                             memory_utilization=config.gpu_memory_utilization,
+                             cpu_kv_tokens=config.cpu_kv_cache_tokens,
+                             shapes=StepShapes(prefill_seqs=config.max_prefill_seqs,
+                                               min_table_blocks=config.min_table_blocks), device=device)
+        del params
+        max_len = min(config.max_model_len or mc.max_position_embeddings, runner.num_blocks * config.block_size)
+        tokenizer = load_tokenizer(loaded)
+        if config.warmup:
+            start = time.monotonic()
+            widths = runner.shapes.table_widths(-(-max_len // config.block_size))
+            if len(widths) > 2:  # each width multiplies the programs: 8 widths took ~10 minutes on the 8B shape
+                log.warning("warm-up compiles every step shape for %d block-table widths (%s blocks); a smaller "
+                            "max_model_len or a larger min_table_blocks compiles fewer", len(widths),
+                            ", ".join(map(str, widths)))
+            n = runner.warmup(config.max_num_seqs, config.max_num_batched_tokens,
+                              -(-max_len // config.block_size), num_scheduler_steps=config.num_scheduler_steps)
+            log.info("compiled %d step programs ahead of time in %.1f s", n, time.monotonic() - start)
+        engine = cls(config, runner, tokenizer, max_model_len=max_len, vocab_size=mc.vocab_size,
+                     eos_token_ids=eos_token_ids(loaded, tokenizer))
+        swap = engine.scheduler.swap_space
+        if config.warmup and swap is not None:  # one step moves at most what the pool or the swap space holds
+            log.info("compiled %d swap programs ahead of time",
+                     runner.warmup_swap(min(runner.num_blocks, swap.num_blocks)))
+        return engine
+
+    # ---- requests in
+
+    def add_request(self, request_id: str, prompt: str | dict[str, Any], params: SamplingParams | None = None, *,
+                    priority: int = 0, arrival_time: float | None = None, stream: bool = False,
+                    program_id: str | None = None, thread_id: str = "") -> None:
+        """Validates and queues a request; raises ValueError (or TypeError) without side effects on bad input.
+        With stream=True, step() reports the request's progress every step; otherwise only its final output."""
+        self.add_prepared(self.prepare_request(request_id, prompt, params, priority=priority,
+                                               arrival_time=arrival_time, stream=stream, program_id=program_id,
+                                               thread_id=thread_id))
+
+    def add_prepared(self, group: "RequestGroup") -> None:
+        """Queues a request made by prepare_request (split so that callers on other threads can validate
+        without holding the engine)."""
+        if group.request_id in self.groups:
+            raise ValueError(f"request_id {group.request_id!r} is already in use")
+        self.groups[group.request_id] = group
+        for seq in group.seqs:
+            self.scheduler.add(seq)
+
+    def prepare_request(self, request_id: str, prompt: str | dict[str, Any], params: SamplingParams | None = None,
+                        *, priority: int = 0, arrival_time: float | None = None, stream: bool = False,
+                        program_id: str | None = None, thread_id: str = "") -> "RequestGroup":
+        """Validates a request and builds its sequences; touches no engine state but the seed generator."""
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        if program_id is not None and (not isinstance(program_id, str) or not program_id):
+            raise ValueError(f"program_id must be a non-empty string or None, got {program_id!r}")
+        if not isinstance(thread_id, str):
+            raise ValueError(f"thread_id must be a string, got {thread_id!r}")
+        text, ids = self._prompt_ids(prompt)
+        room = self.max_model_len - len(ids)
+        if room < 1:
+            raise ValueError(f"prompt of {len(ids)} tokens leaves no room in the model's context of "
+                             f"{self.max_model_len} tokens")
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise ValueError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} exceeds the model's "
+                             f"context of {self.max_model_len} tokens")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this model has none")
+        # Each of the n sequences is built right here: an unbounded n would stall the caller and fill memory.
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n {params.n} exceeds max_num_seqs {self.config.max_num_seqs}, the most sequences "
+                             f"the engine runs at once")
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:  # such ids can never be sampled, and the sampler's banned-id table holds only vocabulary ids
+            raise ValueError(f"stop_token_ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        metrics = RequestMetrics(time.monotonic() if arrival_time is None else arrival_time)
+        drawn = self._rng.getrandbits(31)
+        seqs: list[Request] = []
+        for i in range(params.n):
+            child = params.clone_for_child(i, drawn)
+            detok = (IncrementalDetokenizer(self.tokenizer, skip_special_tokens=child.skip_special_tokens)
+                     if self.tokenizer is not None else None)
+            seq = Request(request_id if params.n == 1 else f"{request_id}#{i}", ids, child,
+                          validate_row(child.to_sampling_row(child.seed, 0)),
+                          StopChecker(child, detok, self.eos_token_ids, max_new_tokens=room),
+                          metrics if i == 0 else RequestMetrics(metrics.arrival_time), priority,
+                          group_id=request_id, index=i, program_id=program_id,
+                          thread_id=thread_id if params.n == 1 else f"{thread_id}#{i}",
+                          logprobs=[] if child.logprobs is not None else None,
+                          cumulative_logprob=0.0 if child.logprobs is not None else None,
+                          waits_for=seqs[0] if i else None)
+            seqs.append(seq)
+        return RequestGroup(request_id, text, ids, seqs, stream)
+
+    def _prompt_ids(self, prompt: str | dict[str, Any]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            unknown = set(prompt) - {"prompt", "prompt_token_ids"}
+            if unknown:
+                raise ValueError(f"unknown prompt fields: {', '.join(sorted(unknown))}")
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, (list, tuple)) or not all(
+                        isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids):
+                    raise ValueError("prompt_token_ids must be a list of integers")
+                bad = [int(t) for t in ids if not 0 <= t < self.vocab_size]
+                if bad:
+                    raise ValueError(f"prompt_token_ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+                if not ids:
+                    raise ValueError("prompt is empty")
+                text = prompt.get("prompt")
+                if text is not None and not isinstance(text, str):
+                    raise ValueError(f"the prompt beside prompt_token_ids must be a string, got {type(text).__name__}")
+                return text, [int(t) for t in ids]
+            prompt = prompt.get("prompt")
+        if not isinstance(prompt, str):
+            raise ValueError(f"a prompt is a string or a dict with prompt_token_ids, got {type(prompt).__name__}")
+        if self.tokenizer is None:
+            raise ValueError("text prompts need a tokenizer, and this model has none: give prompt_token_ids")
+        ids = self.tokenizer.encode(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        return prompt, ids
+
+    def abort_request(self, request_id: str) -> bool:
+        """Aborts a request that has not finished; its final output (finish_reason "abort") comes from the next
+        step(). Returns False for an unknown or already finished request."""
+        group = self.groups.get(request_id)
+        if group is None or group.finished:
+            return False
+        now = time.monotonic()
+        for seq in group.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq)
+                seq.finish("abort", None, now)
+        self._pending.append(self._retire(group))
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work() or bool(self._pending)
+
+    # ---- the loop
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one step; returns the final output of every request that ended, and a progress output of every
+        streamed request that made progress."""
+        outputs, self._pending = self._pending, []
+        plan = self.scheduler.schedule()
+        if plan.swap_out or plan.swap_in:
+            try:
+                self.executor.swap_blocks(plan.swap_out, plan.swap_in)
+            except Exception as e:  # the swapped-out requests lost their K/V, the step's requests their room
+                log.exception("swap failed; failing its requests and the step's")
+                swapped = [r for r in plan.preempted if self.scheduler.swap_space.holds(r.request_id)]
+                return outputs + self._fail(plan, f"{type(e).__name__}: {e}", swapped)
+        if not plan.chunks:  # nothing to run, though a request that preempted itself may have swapped out
+            return outputs
+        started = time.monotonic()
+        try:
+            op, args = self._step_call(plan)
+            result = getattr(self.executor, op)(*args)
+        except Exception as e:  # a failed step must not lose its requests: they end with an error
+            log.exception("step failed; failing its %d requests", len(plan.chunks))
+            return outputs + self._fail(plan, f"{type(e).__name__}: {e}")
+        return outputs + self._fold(plan, result, started)
+
+    def _fold(self, plan: SchedulerOutput, result: Any, started: float) -> list[RequestOutput]:
+        """Folds an executed plan back: K/V now computed, sampled tokens appended, finished requests retired."""
+        outputs: list[RequestOutput] = []
+        touched: dict[str, RequestGroup] = {}
+        self.scheduler.update(plan)
+        now = time.monotonic()
+        self.scheduler.record_service(plan, now - started)  # before _append can finish requests
+        token_rows = result if plan.num_steps > 1 else [getattr(result, "tokens", result)]
+        samples = [chunk.samples for chunk in plan.chunks]  # before appending changes the requests' lengths
+        for k, tokens in enumerate(token_rows):
+            for i, chunk in enumerate(plan.chunks):
+                seq = chunk.request
+                if not samples[i] or seq.is_finished:
+                    continue
+                if k:  # the token appended at step k - 1 was this step's input, so its K/V now exists
+                    self.scheduler.advance(seq)
+                self._append(seq, int(tokens[i]), result, i, now)
+                touched[seq.group_id] = self.groups[seq.group_id]
+        for group in touched.values():
+            if group.finished:
+                outputs.append(self._retire(group))
+            elif group.stream:
+                outputs.append(group.output())
+        return outputs
+
+    def _step_call(self, plan: SchedulerOutput) -> tuple[str, tuple]:
+        """The executor method and arguments that run `plan` (an executor or a worker process takes them)."""
+        chunks = plan.chunks
+        seq_chunks = [SeqChunk(c.request.all_token_ids[c.start:c.start + c.num_tokens], c.start,
+                               self.block_manager.block_table(c.request.request_id)) for c in chunks]
+        rows = [c.request.sampling_row[:5] + (len(c.request.output_token_ids),) for c in chunks]
+        if plan.num_steps > 1:
+            return "decode_steps", (seq_chunks, rows, plan.num_steps)
+        wanted = [c.request.params.logprobs for c in chunks if c.request.params.logprobs is not None]
+        # logprobs=0 still wants the sampled token's log-prob, which the executor returns only when asked for 1+
+        num_logprobs = max(max(wanted), 1) if wanted else 0
+        banned = [self._banned(c.request) for c in chunks]
+        return "step", (seq_chunks[:len(plan.decodes)], seq_chunks[len(plan.decodes):], rows, num_logprobs,
+                        banned if any(banned) else None)
+
+    def _banned(self, seq: Request) -> list[int]:
+        """Until min_tokens are out, EOS and the stop ids are not sampled at all (vLLM's behaviour)."""
+        if len(seq.output_token_ids) >= seq.params.min_tokens:
+            return []
+        eos = () if seq.params.ignore_eos else self.eos_token_ids
+        return [*eos, *seq.params.stop_token_ids]
+
+    def _append(self, seq: Request, token: int, result: Any, row: int, now: float) -> None:
+        seq.append_token(token)
+        seq.metrics.record_token(now)
+        if seq.logprobs is not None:
+            n = seq.params.logprobs
+            entry = {int(t): Logprob(float(lp), rank=r + 1)
+                     for r, (t, lp) in enumerate(zip(result.top_ids[row][:n], result.top_logprobs[row][:n]))}
+            entry.setdefault(token, Logprob(float(result.token_logprobs[row])))
+            seq.logprobs.append(entry)
+            seq.cumulative_logprob += float(result.token_logprobs[row])
+        res = seq.stop.step(token)
+        seq.text += res.text
+        if res.finished:
+            self.scheduler.finish(seq)
+            seq.finish(res.finish_reason, res.stop_reason, now)
+
+    def _fail(self, plan: SchedulerOutput, message: str, also: Sequence[Request] = ()) -> list[RequestOutput]:
+        """Ends with an error the groups of the plan's chunks and of the requests `also` names."""
+        now = time.monotonic()
+        # A group aborted while its step executed (disaggregated mode) has already ended and been reported.
+        requests = [c.request for c in plan.chunks] + list(also)
+        groups = {r.group_id: self.groups[r.group_id] for r in requests if r.group_id in self.groups}
+        for group in groups.values():
+            group.error = message
+            for seq in group.seqs:
+                if not seq.is_finished:
+                    self.scheduler.finish(seq)
+                    seq.finish("error", None, now)
+        return [self._retire(g) for g in groups.values()]
+
+    def _retire(self, group: RequestGroup) -> RequestOutput:
+        del self.groups[group.request_id]
+        return group.output()
+
+    def session(self, program_id: str):
+        """A context manager around an agentic program's calls: its process-table record lives until it ends.
+        Not thread-safe: AsyncLLM users go through the engine thread."""
+        return self.scheduler.programs.session(program_id)
+
+    def close(self) -> None:
+        """Releases what the engine started (worker processes, MPS); nothing for the in-process engine."""
+
+    def stats(self) -> dict[str, Any]:
+        return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                "kv_usage": self.block_manager.usage, "num_preemptions": self.scheduler.num_preemptions,
+                **self.block_manager.stats(),
+                **(self.scheduler.swap_space.stats() if self.scheduler.swap_space is not None else {})}

@@ -1,0 +1,141 @@
+"""Per-request generation settings with vLLM's names, defaults and meaning.
+
+Porting vLLM code means changing the import: `from nexus_jax.core.sampling_params import SamplingParams`. Fields
+vLLM has and nexus-jax does not (penalties, logit_bias, guided decoding, ...) raise TypeError rather than being
+silently ignored. Arguments are keyword-only, so a positional call written for vLLM's field order fails loudly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from runner.sampling import GREEDY_TEMPERATURE, MAX_TEMPERATURE, MIN_TOP_P
+
+# vLLM's default `max_logprobs`: the most top log-probs one request may ask for per token.
+MAX_LOGPROBS = 20
+
+
+@dataclasses.dataclass(kw_only=True)
+class SamplingParams:
+    """How to sample one request's completions.
+
+    n: completions per prompt. temperature: 0 (below 1e-5) is greedy. top_k: 0 or -1 = off. seed: None draws
+    one per request (so a sampled completion is reproducible only with a seed). stop: strings that end a
+    completion; the matched string is cut from the text unless include_stop_str_in_output. stop_token_ids:
+    token ids that end a completion (the token stays in token_ids, its text is not emitted). max_tokens: None
+    means up to the model's context. min_tokens: no stop (EOS, stop ids, stop strings) can end a completion
+    before this many tokens have been generated; the first token that can stop it is token min_tokens + 1.
+    logprobs: how many top log-probs to report per generated token (None: none, 0: only the sampled token's).
+    spaces_between_special_tokens: accepted for compatibility and has no effect; the tokenizer.json decoder
+    decides spacing (as in transformers' fast tokenizers, which ignore the flag as well).
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    spaces_between_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        self.n = _integer(self.n, "n", minimum=1)
+        self.temperature = _real(self.temperature, "temperature")
+        if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:.4g}], got {self.temperature}")
+        self.top_p = _real(self.top_p, "top_p")
+        if not MIN_TOP_P <= self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (at least {MIN_TOP_P:.2g}), got {self.top_p}")
+        self.top_k = _integer(self.top_k, "top_k", minimum=-1)
+        self.min_p = _real(self.min_p, "min_p")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.seed is not None:
+            self.seed = _integer(self.seed, "seed")
+        if self.max_tokens is not None:
+            self.max_tokens = _integer(self.max_tokens, "max_tokens", minimum=1)
+        self.min_tokens = _integer(self.min_tokens, "min_tokens", minimum=0)
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
+        if self.logprobs is not None:
+            self.logprobs = _integer(self.logprobs, "logprobs", minimum=0)
+            if self.logprobs > MAX_LOGPROBS:
+                raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        self.stop = _stop_strings(self.stop)
+        self.stop_token_ids = _token_ids(self.stop_token_ids)
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
+                     "spaces_between_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE
+
+    def to_sampling_row(self, seed: int, step: int) -> dict[str, Any]:
+        """One row for `runner.sampling.SamplingTensors.from_params`.
+
+        seed: the sequence's seed (clone_for_child gives every sequence one); step: tokens it has generated.
+        """
+        return {"temperature": 0.0 if self.greedy else self.temperature, "top_k": max(self.top_k, 0),
+                "top_p": self.top_p, "min_p": self.min_p, "seed": _integer(seed, "seed"),
+                "step": _integer(step, "step", minimum=0)}
+
+    def clone_for_child(self, index: int, drawn_seed: int) -> SamplingParams:
+        """Settings of completion `index` of the n: n=1 and its own seed.
+
+        As in vLLM, child i of a request seeded s gets seed s + i, so n=1 with seed s reproduces child 0. An
+        unseeded request uses `drawn_seed`, a seed the engine drew at random for it, in place of s.
+        """
+        index = _integer(index, "index", minimum=0)
+        if index >= self.n:
+            raise ValueError(f"index must be in [0, n={self.n}), got {index}")
+        base = self.seed if self.seed is not None else _integer(drawn_seed, "drawn_seed")
+        return dataclasses.replace(self, n=1, seed=base + index)
+
+
+def _integer(value: Any, name: str, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _real(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond float range; its repr may be thousands of digits
+        raise ValueError(f"{name} is too large to be a float") from None
+
+
+def _stop_strings(stop: str | Iterable[str] | None) -> list[str]:
+    entries = [] if stop is None else [stop] if isinstance(stop, str) else _as_list(stop, "stop")
+    for entry in entries:
+        if not isinstance(entry, str) or not entry:
+            raise ValueError(f"stop entries must be non-empty strings, got {entry!r}")
+    return entries
+
+
+def _token_ids(ids: Iterable[int] | None) -> list[int]:
+    entries = [] if ids is None else _as_list(ids, "stop_token_ids")
+    return [_integer(token_id, "stop_token_ids entry", minimum=0) for token_id in entries]
+
+
+def _as_list(value: Any, name: str) -> list[Any]:
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise ValueError(f"{name} must be a list, got {value!r}")
+    return list(value)

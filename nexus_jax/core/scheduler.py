@@ -1,0 +1,263 @@
+"""The aggregated-mode scheduler: continuous batching with chunked prefill (vLLM style).
+
+Each step has a token budget. Running sequences come first in policy order (those decoding, then those part-way
+through a prompt), then waiting sequences are admitted while budget, sequence slots and KV blocks last. When a
+running sequence needs a block and none is free, the lowest-priority running sequence not yet in this step's plan
+is preempted. By recompute, its blocks are freed and it waits again with nothing computed (its full blocks usually
+survive in the prefix cache, so the recompute is often short). By swap (with a swap space, while it has room), its
+computed blocks are copied to host memory first and it keeps its progress: when it is admitted again (in policy
+order, like any waiting request) its blocks are copied back, those still in the prefix cache excepted.
+
+The scheduler works on host state only and returns a plan; `update` folds the executed plan back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from nexus_jax.core.block_manager import BlockManager
+from nexus_jax.core.request import Request, RequestStatus
+from nexus_jax.core.swap_space import SwapSpace
+from nexus_jax.programs.policies import PROGRAM_POLICIES, REQUEST_ORDERS, SCHEDULING_POLICIES, make_policy
+from nexus_jax.programs.table import Call, ProgramConfig
+
+
+@dataclasses.dataclass
+class ScheduledChunk:
+    request: Request
+    start: int        # tokens of the request already in the KV pool
+    num_tokens: int   # tokens this step computes
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the request's last known token, so its sample becomes the next token."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    decodes: list[ScheduledChunk]     # one token each
+    prefills: list[ScheduledChunk]    # several tokens each
+    preempted: list[Request]
+    num_steps: int = 1                # > 1: the decodes run this many steps back to back on the device
+    # Block copies the executor makes before the step: (device, host) to host memory, (host, device) back.
+    swap_out: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    swap_in: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+
+    @property
+    def chunks(self) -> list[ScheduledChunk]:
+        return self.decodes + self.prefills
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
+                 policy: str = "fcfs", num_scheduler_steps: int = 1, program_config: ProgramConfig | None = None,
+                 max_prefill_seqs: int = 16, swap_space: SwapSpace | None = None):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.num_scheduler_steps = num_scheduler_steps
+        self.max_prefill_seqs = max_prefill_seqs  # prefill chunks per step: the step shapes' fixed slot count
+        self.swap_space = swap_space  # None: preemption by recompute only
+        self.programs = make_policy("fcfs", program_config)
+        self.set_policy(policy)
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        # Requests in a step that is still executing (disaggregated mode): they are neither planned again nor
+        # preempted, and if they finish meanwhile their blocks are freed only once the step is done, since the
+        # step may still write them.
+        self.busy: set[str] = set()
+        self.waiting_joins_decodes = True  # aggregated steps admit waiting prompts beside the decodes
+        self._deferred_free: set[str] = set()
+
+    def set_policy(self, policy: str) -> None:
+        """Changes the order of calls; only while no request is queued or running (benchmarks compare policies on
+        one compiled engine). The process table carries over: sessions and attained service stay."""
+        if policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {policy!r}")
+        if self.programs.calls:
+            raise RuntimeError(f"cannot change the scheduling policy with {len(self.programs.calls)} requests in "
+                               "the engine")
+        # The process table runs under every policy, so sessions work whatever the order.
+        table, clock = self.programs.table, self.programs.clock
+        self.programs = make_policy(policy if policy in PROGRAM_POLICIES else "fcfs", self.programs.config, clock)
+        self.programs.table = table
+        self.policy_name = policy
+        self.policy = REQUEST_ORDERS.get(policy) or (lambda r: self.programs.priority(r.request_id))
+
+    def add(self, request: Request) -> None:
+        self.programs.on_arrival(Call(request.request_id, request.program_id, request.arrival_time,
+                                      request.num_prompt_tokens, request.thread_id))
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, request: Request) -> None:
+        """Removes a finished (or aborted) request from the queues and releases its blocks."""
+        if request in self.running:
+            self.running.remove(request)
+            if request.request_id in self.busy:
+                self._deferred_free.add(request.request_id)
+            else:
+                self.block_manager.free(request.request_id)
+        elif request in self.waiting:
+            self.waiting.remove(request)  # holds no device blocks: never admitted, or preempted
+            if self.swap_space is not None:
+                self.swap_space.release(request.request_id)
+        self.programs.on_finish(request.request_id)
+
+    def release(self, out: "SchedulerOutput") -> None:
+        """Marks a dispatched plan's requests as no longer in flight; frees the blocks of those that finished
+        while it ran."""
+        for c in out.chunks:
+            rid = c.request.request_id
+            self.busy.discard(rid)
+            if rid in self._deferred_free:
+                self._deferred_free.discard(rid)
+                self.block_manager.free(rid)
+
+    def record_service(self, out: SchedulerOutput, seconds: float) -> None:
+        """Charges a step's wall time to every request in it (program-aware policies rank by attained service)."""
+        for c in out.chunks:
+            if c.request.is_finished:
+                continue  # aborted while its step executed: its call record is gone
+            self.programs.on_scheduled(c.request.request_id, seconds, out.num_steps if c.samples else 0)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        out = SchedulerOutput([], [], [])
+        order = sorted(self.running, key=self.policy)
+        planned: set[int] = set()
+        # Decodes before prompt chunks, so a long prompt never delays a token that is due.
+        for req in [r for r in order if not r.in_prefill] + [r for r in order if r.in_prefill]:
+            if budget == 0:
+                break
+            if req.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            if req.in_prefill and len(out.prefills) >= self.max_prefill_seqs:
+                continue
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(req, n, order, planned, out):
+                continue
+            planned.add(id(req))
+            self._plan(out, req, n)
+            budget -= n
+        if not out.preempted:
+            budget = self._admit(budget, out)
+        out.num_steps = self._decode_steps(out)
+        return out
+
+    def _decode_steps(self, out: SchedulerOutput) -> int:
+        """How many decode steps the plan may run back to back: more than one only for a decode-only batch
+        that nothing waiting could join (so no one's first token is delayed), no request wanting logprobs or
+        still under min_tokens, and no request able to finish by length before the last step; it needs the
+        blocks for all of them."""
+        k = self.num_scheduler_steps
+        if k == 1 or out.prefills or out.preempted or not out.decodes:
+            return 1
+        if self.waiting_joins_decodes and self.waiting and len(self.running) < self.max_num_seqs:
+            return 1
+        if any(c.request.params.logprobs is not None
+               or len(c.request.output_token_ids) < c.request.params.min_tokens for c in out.decodes):
+            return 1  # logprobs and min_tokens' banned ids go through single steps
+        k = min(k, *(c.request.remaining_tokens for c in out.decodes))
+        for c in out.decodes:
+            if k > 1 and self.block_manager.allocate(c.request.request_id, c.start + k) is None:
+                return 1
+        return max(k, 1)
+
+    def advance(self, req: Request) -> None:
+        """Records that one more token of `req` had its K/V computed inside a multi-step decode."""
+        req.num_computed_tokens += 1
+        self.block_manager.commit(req.request_id, req.all_token_ids, req.num_computed_tokens)
+
+    def _allocate_or_preempt(self, req: Request, n: int, order: list[Request], planned: set[int],
+                             out: SchedulerOutput) -> bool:
+        while self.block_manager.allocate(req.request_id, req.num_computed_tokens + n) is None:
+            victims = [r for r in order if id(r) not in planned and r is not req
+                       and r.status is RequestStatus.RUNNING]
+            victim = victims[-1] if victims else req
+            self._preempt(victim, out)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        copies = None
+        computed = -(-req.num_computed_tokens // self.block_manager.block_size)
+        if self.swap_space is not None and computed:
+            blocks = self.block_manager.block_table(req.request_id)[:computed]
+            copies = self.swap_space.swap_out(req.request_id, blocks)
+        self._to_waiting(req, keep_computed=copies is not None)
+        if copies is not None:
+            out.swap_out.extend(copies)
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        out.preempted.append(req)
+
+    def requeue(self, req: Request) -> None:
+        """A running request back to waiting with its K/V dropped, to be recomputed: the step that ran it died
+        with its worker, or the pool holding its K/V was restarted. Its generated tokens are kept."""
+        self.busy.discard(req.request_id)
+        self._to_waiting(req, keep_computed=False)
+
+    def _to_waiting(self, req: Request, keep_computed: bool) -> None:
+        # Freeing drops this sequence's references only: blocks that others share stay in place for them.
+        self.block_manager.free(req.request_id)
+        self.running.remove(req)
+        req.status = RequestStatus.WAITING
+        if not keep_computed:
+            req.num_computed_tokens = 0
+        self.waiting.append(req)
+
+    def _admit(self, budget: int, out: SchedulerOutput) -> int:
+        bm = self.block_manager
+        for req in sorted(self.waiting, key=self.admission_key):
+            if budget == 0 or len(self.running) >= self.max_num_seqs or len(out.prefills) >= self.max_prefill_seqs:
+                break
+            if req.waits_for is not None:
+                if not req.waits_for.is_finished and req.waits_for.num_computed_tokens < req.num_prompt_tokens:
+                    continue
+                req.waits_for = None
+            prefix = bm.match_prefix(req.all_token_ids)
+            swapped = self.swap_space.num_held(req.request_id) if self.swap_space is not None else 0
+            # A swapped-out request resumes where it was, or further if the prefix cache holds more.
+            start = max(len(prefix) * bm.block_size, req.num_computed_tokens if swapped else 0)
+            n = min(req.num_tokens - start, budget)
+            table = bm.allocate(req.request_id, start + n, prefix)
+            if table is None:
+                break  # no room: later requests wait too, so the queue order is kept
+            if swapped:
+                skip = min(len(prefix), swapped)  # host blocks whose tokens the prefix cache holds on the device
+                out.swap_in.extend(self.swap_space.swap_in(req.request_id, table[skip:swapped], skip))
+            req.num_computed_tokens = start
+            req.status = RequestStatus.RUNNING
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = time.monotonic()
+            self.waiting.remove(req)
+            self.running.append(req)
+            self._plan(out, req, n)
+            budget -= n
+        return budget
+
+    def admission_key(self, req: Request) -> tuple:
+        """Order of the waiting queue (the phase scheduler ages shortest prompts first instead)."""
+        return self.policy(req)
+
+    def _plan(self, out: SchedulerOutput, req: Request, n: int) -> None:
+        chunk = ScheduledChunk(req, req.num_computed_tokens, n)
+        (out.decodes if n == 1 else out.prefills).append(chunk)
+
+    def update(self, out: SchedulerOutput) -> None:
+        """Records that the plan ran: the chunks' K/V is now in the pool (the engine appends sampled tokens)."""
+        for c in out.chunks:
+            req = c.request
+            req.num_computed_tokens = c.start + c.num_tokens
+            self.block_manager.commit(req.request_id, req.all_token_ids, req.num_computed_tokens)

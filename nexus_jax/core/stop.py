@@ -1,0 +1,156 @@
+"""When a completion ends, and exactly which text it emits: EOS, stop token ids, stop strings, max_tokens.
+
+The engine makes one StopChecker per sequence and calls `step(token_id)` after each sampled token. The checker
+runs the sequence's detokenizer itself, because a stop token must never be decoded: its text is not part of the
+output, yet the detokenizer may hand back earlier text (a held-back character) in the same delta as the token.
+
+Rules, checked in vLLM's order for each token (number n of the completion, counting from 1):
+1. No stop of any kind while n <= min_tokens (vLLM: min_tokens tokens come before EOS can be generated); the
+   token is treated as ordinary text.
+2. An EOS id (unless ignore_eos), then a stop_token_ids entry, ends it with "stop" (stop_reason: None for EOS,
+   the id for a stop token). As in vLLM the token stays in the completion's token_ids and its text is not
+   emitted, unless include_stop_str_in_output.
+3. n == max_tokens (or the room the model's context has left) ends it with "length"; EOS/stop ids take
+   precedence on that same token, as in vLLM v0.
+4. A stop string anywhere in the text, one that began in an earlier token included, ends it with "stop" and
+   stop_reason = the string; this wins over 2 and 3, since the string came first in the text (vLLM v1 lets a
+   stop string override too). The text is cut before the string, or after it with include_stop_str_in_output;
+   nothing after it is emitted. Where several strings match, the one that completes first in the text wins
+   (ties: the one starting first), so the result does not depend on how the text was split into tokens.
+
+Streaming holdback: a suffix of the text that could be the start of a stop string is not emitted until later
+text rules the string out, or the completion ends another way. Without include_stop_str_in_output, emitted text
+is therefore always a prefix of the final text; with it nothing is held back, since a matched string is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+from nexus_jax.core.outputs import FinishReason
+from nexus_jax.core.sampling_params import SamplingParams
+
+
+class Detokenizer(Protocol):
+    """What StopChecker needs from nexus_jax.core.tokenizer.IncrementalDetokenizer."""
+
+    def step(self, new_token_ids: Iterable[int]) -> str: ...
+
+    def finish(self) -> str: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class StopResult:
+    text: str  # to append to the completion's text and to stream; possibly ""
+    finish_reason: FinishReason | None = None  # None: the completion goes on
+    stop_reason: int | str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class StopChecker:
+    """Stop decisions and emitted text of one sequence (see the module docstring for the rules)."""
+
+    def __init__(self, params: SamplingParams, detokenizer: Detokenizer | None, eos_token_ids: Iterable[int] = (),
+                 max_new_tokens: int | None = None) -> None:
+        """detokenizer: None for a token-only sequence (no text, so no stop strings).
+        eos_token_ids: the tokenizer's (Tokenizer.eos_token_ids). max_new_tokens: the room the model's context
+        leaves for the completion; the smaller of it and params.max_tokens applies.
+        """
+        limits = [limit for limit in (params.max_tokens, max_new_tokens) if limit is not None]
+        if not limits:
+            raise ValueError("params.max_tokens is None and no max_new_tokens was given: the completion "
+                             "would have no length limit (pass the room left in the model's context)")
+        if min(limits) < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if detokenizer is None and params.stop:
+            raise ValueError(f"stop strings {params.stop} need a detokenizer (the sequence has no text)")
+        self._params = params
+        self._detokenizer = detokenizer
+        self._eos_ids = frozenset(() if params.ignore_eos else eos_token_ids)
+        self._stop_ids = frozenset(params.stop_token_ids or ())
+        self.max_tokens = min(limits)
+        self._strings = StopStringScanner(params.stop or [], params.include_stop_str_in_output)
+        self.num_generated = 0
+        self.finish_reason: FinishReason | None = None
+
+    def step(self, token_id: int) -> StopResult:
+        """Account for one sampled token; return the text it releases and whether the sequence has ended."""
+        if self.finish_reason is not None:
+            raise RuntimeError(f"step() after the sequence finished ({self.finish_reason})")
+        self.num_generated += 1
+        can_stop = self.num_generated > self._params.min_tokens
+        result = StopResult("")
+        if can_stop and token_id in self._eos_ids:
+            result = StopResult("", "stop")
+        elif can_stop and token_id in self._stop_ids:
+            result = StopResult("", "stop", token_id)
+        elif self.num_generated >= self.max_tokens:
+            result = StopResult("", "length")
+        if self._detokenizer is not None:
+            result = self._with_text(token_id, result, can_stop)
+        self.finish_reason = result.finish_reason
+        return result
+
+    def _with_text(self, token_id: int, result: StopResult, can_stop: bool) -> StopResult:
+        stopped_by_token = result.finish_reason == "stop"
+        if stopped_by_token and not self._params.include_stop_str_in_output:
+            delta = self._detokenizer.finish()
+        else:
+            delta = self._detokenizer.step([token_id])
+            if result.finished:
+                delta += self._detokenizer.finish()
+        text, matched = self._strings.feed(delta, can_stop=can_stop, final=result.finished)
+        if matched is not None:
+            return StopResult(text, "stop", matched)
+        return dataclasses.replace(result, text=text)
+
+
+class StopStringScanner:
+    """Finds stop strings in text arriving in pieces and decides which text may be emitted so far."""
+
+    def __init__(self, stop: Sequence[str], include_in_output: bool) -> None:
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {list(stop)!r}")
+        self._stop = list(stop)
+        self._include = include_in_output
+        self._longest = max(map(len, self._stop), default=0)
+        # The longest suffix of the text so far that is a proper prefix of a stop string: any match that ends
+        # in later text starts inside it. Without include_in_output it is also the text held back.
+        self._tail = ""
+
+    def feed(self, delta: str, *, can_stop: bool = True, final: bool = False) -> tuple[str, str | None]:
+        """Add `delta`; return (text to emit now, matched stop string or None).
+
+        can_stop False (during min_tokens) ignores matches that end in `delta` but still tracks partial ones.
+        final: the sequence ends here for another reason, so nothing is held back any more.
+        """
+        text = self._tail + delta
+        sent = len(self._tail) if self._include else 0  # text[:sent] has been emitted already
+        match = self._first_match(text, after=len(self._tail)) if can_stop else None
+        if match is not None:
+            stop, start = match
+            return text[sent:start + len(stop) if self._include else start], stop
+        self._tail = self._partial_suffix(text)
+        held = 0 if final or self._include else len(self._tail)
+        return text[sent:len(text) - held], None
+
+    def _first_match(self, text: str, after: int) -> tuple[str, int] | None:
+        """The stop string occurrence ending first (then starting first) among those ending past `after`."""
+        best: tuple[int, int, str] | None = None
+        for stop in self._stop:
+            start = text.find(stop, max(0, after - len(stop) + 1))
+            if start >= 0 and (best is None or (start + len(stop), start) < best[:2]):
+                best = (start + len(stop), start, stop)
+        return None if best is None else (best[2], best[1])
+
+    def _partial_suffix(self, text: str) -> str:
+        for length in range(min(len(text), self._longest - 1), 0, -1):
+            suffix = text[-length:]
+            if any(len(stop) > length and stop.startswith(suffix) for stop in self._stop):
+                return suffix
+        return ""

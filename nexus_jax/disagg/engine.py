@@ -1,0 +1,261 @@
+"""The disaggregated engine: prefill and decode steps run at the same time in separate worker processes, each on
+its own share of the SMs, over one shared KV pool (Nexus, DuetServe).
+
+Each call of `step()` dispatches work to the idle phases and then folds back whatever finished first:
+- the partition controller sees the next prefill plan and the decode batch and picks "aggregate" (one mixed
+  chunked-prefill step on all SMs, when its predicted latency meets the TBT SLO and nothing is executing),
+  "split" (a decode worker and a prefill worker from the ladder of warm SM shares), or one phase alone;
+- decode plans run several steps back to back on the device (num_scheduler_steps) and the next one is
+  dispatched as soon as the last returns, so decode never waits for a prefill;
+- a request moves from prefill to decode by its block table only: the prefill worker replied after its step
+  completed, so the K/V it wrote is in the shared pool before any decode worker reads it.
+
+A worker that dies mid-step costs no request: the step's requests go back to waiting and are recomputed (their
+generated tokens kept), and a new process replaces the worker. If the holder died (the shared memory with it) or
+the replacement does not start (the MPS daemon died, for one), the whole pool restarts through `restart_pool`
+and every running request is recomputed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Callable
+
+from nexus_jax.core.config import EngineConfig
+from nexus_jax.core.engine import LLMEngine
+from nexus_jax.core.outputs import RequestOutput
+from nexus_jax.core.scheduler import SchedulerOutput
+from nexus_jax.disagg.partition import Decision, LoadState, PartitionController
+from nexus_jax.disagg.phase_scheduler import PhaseScheduler
+from runner.workers.pool import WorkerError, WorkerHandle, WorkerPool
+
+log = logging.getLogger(__name__)
+
+HOLDER = "holder"        # owns the shared weights and KV pool; runs no steps
+AGGREGATE = "aggregate"  # all SMs: mixed steps, or one phase alone
+
+
+def decode_worker(share: int) -> str:
+    return f"decode-{share}"
+
+
+def prefill_worker(decode_share: int) -> str:
+    return f"prefill-{100 - decode_share}"
+
+
+@dataclasses.dataclass
+class _Flight:
+    plan: SchedulerOutput
+    phase: str           # "decode", "prefill" or "mixed"
+    started: float
+
+
+class PoolView:
+    """The executor facade LLMEngine's constructor reads (block geometry); steps go through the pool."""
+
+    def __init__(self, pool: WorkerPool, block_size: int):
+        self.pool = pool
+        self.block_size = block_size
+        self.num_blocks = pool.shared.kv_shape[2]
+        self.kernel_impl = pool.shared.kernel_impl
+        self.dtype = pool.shared.dtype
+
+
+class DisaggEngine(LLMEngine):
+    def __init__(self, config: EngineConfig, pool: WorkerPool, controller: PartitionController, tokenizer: Any,
+                 *, max_model_len: int, vocab_size: int, eos_token_ids=(), sm_enforced: bool = True):
+        super().__init__(config, PoolView(pool, config.block_size), tokenizer, max_model_len=max_model_len,
+                         vocab_size=vocab_size, eos_token_ids=eos_token_ids)
+        self.scheduler = PhaseScheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
+                                        max_num_batched_tokens=config.max_num_batched_tokens,
+                                        policy=config.scheduling_policy,
+                                        num_scheduler_steps=config.num_scheduler_steps,
+                                        program_config=self.scheduler.programs.config,
+                                        max_prefill_seqs=config.max_prefill_seqs,
+                                        prefill_aging=config.prefill_aging)
+        self.pool = pool
+        self.controller = controller
+        self.sm_enforced = sm_enforced
+        self.flights: dict[str, _Flight] = {}   # worker name -> the plan it is executing
+        self.last_decision: Decision | None = None
+        self.phase_steps = {"decode": 0, "prefill": 0, "mixed": 0}
+        self.poll_interval = 0.005
+        self.restart_pool: Callable[[], WorkerPool] | None = None  # build_engine sets it (restarts MPS too)
+        self.faults = {"worker_replacements": 0, "pool_restarts": 0, "requeued_requests": 0}
+
+    def has_unfinished_requests(self) -> bool:
+        return super().has_unfinished_requests() or bool(self.flights)
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        outputs += self._dispatch()
+        if not self.flights:
+            return outputs
+        # A short wait, so that the caller can queue new arrivals (and this dispatch them to an idle phase)
+        # while a long step runs.
+        ready = self.pool.wait([self.pool.workers[name] for name in self.flights], timeout=self.poll_interval)
+        for handle in ready:
+            if self.pool.workers.get(handle.name) is handle and handle.name in self.flights:  # not restarted since
+                outputs += self._collect(handle)
+        return outputs
+
+    # ---- dispatch
+
+    def _dispatch(self) -> list[RequestOutput]:
+        busy_phases = {f.phase for f in self.flights.values()}
+        if "mixed" in busy_phases:
+            return []
+        sched = self.scheduler
+        prefill = sched.schedule_prefill() if "prefill" not in busy_phases else None
+        decode = sched.schedule_decode() if "decode" not in busy_phases else None
+        has_prefill = prefill is not None and bool(prefill.chunks)
+        has_decode = decode is not None and bool(decode.chunks)
+        if not (has_prefill or has_decode):
+            self._unhold(prefill, decode)
+            return []
+        running_decodes = [r for r in sched.running if not r.in_prefill]
+        state = LoadState(decode_batch=len(running_decodes),
+                          decode_sum_kv=sum(r.num_tokens for r in running_decodes),
+                          prefill_chunks=[(c.num_tokens, c.start) for c in prefill.prefills] if has_prefill else [],
+                          kv_usage=self.block_manager.usage)
+        decision = self.controller.decide(state)
+        self.last_decision = decision
+        outputs: list[RequestOutput] = []
+        if decision.mode == AGGREGATE and not self.flights and has_prefill and has_decode:
+            mixed = SchedulerOutput(decode.decodes, prefill.prefills, decode.preempted + prefill.preempted)
+            outputs += self._submit(AGGREGATE, mixed, "mixed")
+            return outputs
+        split = decision.mode == "split"
+        # A phase alone runs on all SMs; without aggregation it stays on the ladder's widest worker of its phase.
+        alone = self.controller.allow_aggregate
+        restarts = self.faults["pool_restarts"]
+        if has_decode:
+            name = (decode_worker(decision.decode_share) if split else
+                    AGGREGATE if alone else decode_worker(self.controller.ladder[-1]))
+            outputs += self._submit(self._free_worker(name, "decode"), decode, "decode")
+        elif decode is not None:
+            self._unhold(decode)
+        if self.faults["pool_restarts"] != restarts:  # the restart requeued the prefill plan's requests too
+            self._unhold(prefill)
+        elif has_prefill:
+            name = (prefill_worker(decision.decode_share) if split else
+                    AGGREGATE if alone else prefill_worker(self.controller.ladder[0]))
+            outputs += self._submit(self._free_worker(name, "prefill"), prefill, "prefill")
+        elif prefill is not None:
+            self._unhold(prefill)
+        return outputs
+
+    def _free_worker(self, wanted: str, phase: str) -> str:
+        """The wanted worker, or if it is executing (the other phase holds it), this phase's worker at the
+        smallest-decode-share rung the other phase leaves free."""
+        if wanted not in self.flights:
+            return wanted
+        ladder = self.controller.ladder
+        candidates = ([decode_worker(s) for s in ladder] if phase == "decode"
+                      else [prefill_worker(s) for s in reversed(ladder)])
+        return next(n for n in candidates if n not in self.flights)
+
+    def _submit(self, name: str, plan: SchedulerOutput, phase: str) -> list[RequestOutput]:
+        handle = self.pool.workers[name]
+        try:
+            op, args = self._step_call(plan)
+            handle.submit(op, *args)
+        except Exception as e:  # noqa: BLE001 - the plan's requests end with an error, the engine goes on
+            if not handle.alive() or self._mps_lost():
+                return self._recover(name, plan, e)
+            log.exception("dispatch to %s failed", name)
+            message = f"{type(e).__name__}: {e}"
+            return self._end_flight(plan, lambda: self._fail(plan, message))
+        self.flights[name] = _Flight(plan, phase, time.monotonic())
+        return []
+
+    def _unhold(self, *plans: SchedulerOutput | None) -> None:
+        for plan in plans:
+            if plan is not None:
+                self.scheduler.release(plan)
+
+    # ---- results
+
+    def _collect(self, handle: WorkerHandle) -> list[RequestOutput]:
+        flight = self.flights.pop(handle.name)
+        try:
+            result = handle.result()
+        except Exception as e:  # noqa: BLE001
+            if not handle.alive() or self._mps_lost():
+                return self._recover(handle.name, flight.plan, e)
+            log.error("%s step on %s failed: %s", flight.phase, handle.name, e)
+            message = f"{type(e).__name__}: {e}"
+            return self._end_flight(flight.plan, lambda: self._fail(flight.plan, message))
+        self.phase_steps[flight.phase] += 1
+        return self._end_flight(flight.plan, lambda: self._fold(flight.plan, result, flight.started))
+
+    def _end_flight(self, plan: SchedulerOutput, fold) -> list[RequestOutput]:
+        # Fold first (requests that finish defer their blocks while busy), then release the blocks.
+        try:
+            return fold()
+        finally:
+            self.scheduler.release(plan)
+
+    # ---- faults
+
+    def _recover(self, name: str, plan: SchedulerOutput, error: Exception) -> list[RequestOutput]:
+        """Worker `name` died running `plan`: requeue the plan's requests, then replace the worker, or restart the
+        pool when the holder is gone too or the replacement fails."""
+        log.error("worker %s died (%s); its requests will be recomputed", name, error)
+        self.scheduler.release(plan)
+        self._requeue(c.request for c in plan.chunks)
+        if self.pool.workers[self.pool.holder_name].alive() and not self._mps_lost():
+            try:
+                start = time.monotonic()
+                self.pool.replace(name)
+                self.faults["worker_replacements"] += 1
+                log.warning("worker %s replaced in %.1f s", name, time.monotonic() - start)
+                return []
+            except WorkerError as e:
+                log.error("worker %s could not be replaced (%s)", name, e)
+        self._restart()
+        return []
+
+    def _mps_lost(self) -> bool:
+        # Without its daemon every MPS client's CUDA context is broken, though the processes may live on.
+        mps = getattr(self, "mps", None)
+        return mps is not None and not mps.alive()
+
+    def _restart(self) -> None:
+        """A new pool (new shared weights and KV pool): every running request is recomputed. Raises when the
+        pool cannot restart; the caller (LLM, AsyncLLM) then ends every request with that error."""
+        if self.restart_pool is None:
+            raise WorkerError("the worker pool is lost and this engine cannot restart it")
+        for flight in self.flights.values():
+            self.scheduler.release(flight.plan)
+        self.flights.clear()
+        self._requeue(list(self.scheduler.running))
+        self.block_manager.reset_prefix_cache()  # the cached blocks' K/V went with the old pool
+        self.pool.close()
+        start = time.monotonic()
+        self.pool = self.restart_pool()
+        self.executor.pool = self.pool
+        self.faults["pool_restarts"] += 1
+        log.warning("worker pool restarted in %.1f s", time.monotonic() - start)
+
+    def _requeue(self, requests) -> None:
+        for req in dict.fromkeys(requests):  # a plan may list a request twice (decode steps of one sequence)
+            if not req.is_finished and req in self.scheduler.running:
+                self.scheduler.requeue(req)
+                self.faults["requeued_requests"] += 1
+
+    def stats(self) -> dict[str, Any]:
+        d = self.last_decision
+        return {**super().stats(), "mode": "disaggregated", "sm_isolation": self.sm_enforced,
+                "phase_steps": dict(self.phase_steps), "in_flight": sorted(self.flights),
+                "partition": None if d is None else {"mode": d.mode, "decode_share": d.decode_share,
+                                                     "prefill_share": d.prefill_share, "objective": d.objective},
+                "controller": self.controller.stats(), "worker_startup_s": dict(self.pool.startup_seconds),
+                "faults": dict(self.faults)}
+
+    def close(self) -> None:
+        self.pool.close()
+        if getattr(self, "mps", None) is not None:
+            self.mps.stop()

@@ -1,0 +1,185 @@
+"""`AsyncLLM`: many concurrent streaming requests over one engine, for servers and async applications.
+
+The engine runs on its own thread (a device step blocks for milliseconds, which must not stall the event loop).
+Requests are validated on the caller's thread, so bad input raises right at `generate`, then handed to the engine
+thread through an inbox; outputs travel back through each request's asyncio queue. A consumer that stops
+iterating (break, cancellation, a dropped client) aborts its request, which frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import itertools
+import threading
+from typing import Any, AsyncIterator, Callable
+
+from nexus_jax.core.config import EngineConfig
+from nexus_jax.core.engine import LLMEngine
+from nexus_jax.core.outputs import RequestOutput
+from nexus_jax.core.sampling_params import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped; no request can make progress."""
+
+
+class AsyncLLM:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        # ("add", group), ("abort", request_id) or ("call", (fn, loop, future))
+        self._inbox: collections.deque = collections.deque()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()   # guards _streams
+        self._wake = threading.Event()
+        self._stopped = False
+        self._ids = itertools.count()
+        self.dead_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="nexus-jax-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "AsyncLLM":
+        return cls(LLMEngine.from_config(config))
+
+    async def generate(self, prompt: str | dict[str, Any], sampling_params: SamplingParams | None = None,
+                       request_id: str | None = None, *, priority: int = 0, delta: bool = True,
+                       program_id: str | None = None, thread_id: str = "") -> AsyncIterator[RequestOutput]:
+        """Streams the request's progress. With delta=True each output carries only the new text and token ids
+        of each completion since the previous one (the last one has finished=True and the finish reason)."""
+        if self.dead_error is not None:
+            raise EngineDeadError(f"engine stopped: {self.dead_error!r}")
+        request_id = request_id if request_id is not None else f"async-{next(self._ids)}"
+        group = self.engine.prepare_request(request_id, prompt, sampling_params, priority=priority, stream=True,
+                                            program_id=program_id, thread_id=thread_id)
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        if self.dead_error is not None:  # the thread stopped after the check above: it will never see this one
+            with self._lock:
+                self._streams.pop(request_id, None)
+            raise EngineDeadError(f"engine stopped: {self.dead_error!r}")
+        self._send(("add", group))
+        sent: dict[int, tuple[int, int]] = {}  # completion index -> (text chars, token ids) already yielded
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                yield _delta(out, sent) if delta else out
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Aborts a request; its stream (if still read) ends with finish_reason "abort"."""
+        self._send(("abort", request_id))
+
+    async def run_on_engine(self, fn: Callable[[], Any]) -> Any:
+        """fn() run on the engine thread between steps, for callers that change engine state the engine thread
+        also walks (the process table, for one); returns its result or raises its exception."""
+        if self.dead_error is not None:
+            raise EngineDeadError(f"engine stopped: {self.dead_error!r}")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._send(("call", (fn, loop, future)))
+        if self.dead_error is not None and not future.done():  # the thread stopped before it saw the call
+            future.set_exception(EngineDeadError(f"engine stopped: {self.dead_error!r}"))
+        return await future
+
+    def shutdown(self) -> None:
+        """Stops the engine thread; unfinished streams end with EngineDeadError."""
+        self._stopped = True
+        self._wake.set()
+        self._thread.join()
+        self.engine.close()
+
+    def _send(self, item: tuple) -> None:
+        self._inbox.append(item)
+        self._wake.set()
+
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while not self._stopped:
+                while self._inbox:
+                    kind, arg = self._inbox.popleft()
+                    if kind == "add":
+                        try:
+                            engine.add_prepared(arg)
+                        except ValueError as e:
+                            self._deliver(arg.request_id, e, True)
+                    elif kind == "call":
+                        _settle(*arg)
+                    else:
+                        engine.abort_request(arg)
+                if not engine.has_unfinished_requests():
+                    self._wake.wait()
+                    self._wake.clear()
+                    continue
+                for out in engine.step():
+                    self._deliver(out.request_id, out, out.finished)
+            self.dead_error = EngineDeadError("engine shut down")
+        except BaseException as e:  # the loop must never die silently: every open stream learns why
+            self.dead_error = e
+        with self._lock:
+            streams, self._streams = self._streams, {}
+        dead = EngineDeadError(f"engine stopped: {self.dead_error!r}")
+        for loop, queue in streams.values():
+            _post(loop, queue.put_nowait, dead)
+        while self._inbox:  # calls sent as the thread stopped would otherwise wait forever
+            kind, arg = self._inbox.popleft()
+            if kind == "call":
+                _, loop, future = arg
+                _post(loop, _resolve, future, None, dead)
+
+    def _deliver(self, request_id: str, item: Any, last: bool) -> None:
+        with self._lock:
+            stream = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
+        if stream is not None and not _post(stream[0], stream[1].put_nowait, item) and not last:
+            # The consumer's event loop closed without ending the stream: nobody reads it any more.
+            with self._lock:
+                self._streams.pop(request_id, None)
+            self._inbox.append(("abort", request_id))
+
+
+def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> bool:
+    """fn(*args) on the loop's thread; False when the loop has closed (the engine thread must not die of a
+    client that went away)."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+        return True
+    except RuntimeError:
+        return False
+
+
+def _settle(fn: Callable[[], Any], loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
+    try:
+        result, error = fn(), None
+    except Exception as e:  # the caller's exception, raised where it awaits
+        result, error = None, e
+    _post(loop, _resolve, future, result, error)
+
+
+def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():  # the awaiting caller was cancelled
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _delta(out: RequestOutput, sent: dict[int, tuple[int, int]]) -> RequestOutput:
+    outputs = []
+    for c in out.outputs:
+        chars, toks = sent.get(c.index, (0, 0))
+        sent[c.index] = (len(c.text), len(c.token_ids))
+        outputs.append(dataclasses.replace(c, text=c.text[chars:], token_ids=c.token_ids[toks:],
+                                           logprobs=None if c.logprobs is None else c.logprobs[toks:]))
+    return dataclasses.replace(out, outputs=outputs)

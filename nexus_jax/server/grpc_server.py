@@ -1,0 +1,294 @@
+"""The gRPC server (grpc.aio) over one `AsyncLLM` or a `ReplicatedAsyncLLM` of several engine replicas: nexus.v1.Nexus,
+grpc.health.v1.Health and reflection.
+
+Each Generate stream owns one engine request. However the stream ends (the client cancels or disconnects, its
+deadline passes, the server shuts down) the handler closes the AsyncLLM stream, which aborts the request and frees
+its KV blocks. Models come only from the server's own configuration; a request names none (GenerateRequest has
+no such field). Admission: a request is accepted only while fewer than max_in_flight streams are open, and a
+stream stays open until its request ends, so the engine's queue (running and waiting) holds at most max_in_flight
+requests of at most max_n sequences each; the rest get RESOURCE_EXHAUSTED with a retry-after-ms hint.
+
+Over replicas, Generate and Abort go through the front end's router, ServerInfo and the metrics add up the live
+replicas' levels, and sessions open their program's record on every replica (server_sessions.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+import uuid
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from nexus_jax.core.outputs import RequestOutput
+from nexus_jax.core.sampling_params import SamplingParams
+from nexus_jax.core.tokenizer import Tokenizer
+from nexus_jax.entrypoints.async_llm import AsyncLLM, EngineDeadError
+from nexus_jax.server.interceptors import ParseErrors, TokenAuth
+from nexus_jax.server.metrics import EngineMetrics, replica_stats, replicas_of, totals
+from nexus_jax.server.proto import nexus_pb2 as pb
+from nexus_jax.server.proto import nexus_pb2_grpc as pb_grpc
+from nexus_jax.server.sessions import SessionLimitError, Sessions
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Nexus"].full_name
+VERSION = "0.1.0"
+RETRY_AFTER_KEY = "retry-after-ms"
+# Proto fields copied to SamplingParams when set; unset ones keep vLLM's defaults.
+_SCALAR_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos", "min_tokens", "n",
+                  "logprobs", "skip_special_tokens", "include_stop_str_in_output")
+_DEFAULT_MAX_TOKENS = SamplingParams().max_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = 0                            # 0: any free port (start() returns it)
+    max_in_flight: int = 1024                # open Generate streams beyond this get RESOURCE_EXHAUSTED
+    retry_after_ms: int = 1000               # hint sent with RESOURCE_EXHAUSTED
+    max_message_bytes: int = 64 * 1024 * 1024
+    auth_token: str | None = None            # require metadata `authorization: Bearer <token>`
+    tls_cert: str | None = None              # PEM paths; both or neither
+    tls_key: str | None = None
+    grace_s: float = 10.0                    # shutdown: how long open streams may finish
+    model_name: str = "embedded-default"
+    max_prompt_tokens: int | None = None     # None: the model's max_model_len (the engine's own check)
+    max_tokens_limit: int | None = None      # cap on a request's max_tokens; None: what the context leaves
+    max_n: int = 16                          # cap on a request's n (completions)
+    max_sessions: int = 10000                # open sessions beyond this get RESOURCE_EXHAUSTED
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate and a key")
+        for name in ("max_in_flight", "max_message_bytes", "max_n", "max_sessions", "max_prompt_tokens",
+                     "max_tokens_limit"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def sampling_params(msg: pb.SamplingParams, max_tokens_limit: int | None = None) -> SamplingParams:
+    """The request's SamplingParams; raises ValueError/TypeError as SamplingParams does on bad values. An unset
+    max_tokens takes the default, lowered to max_tokens_limit where that is smaller."""
+    kwargs: dict[str, Any] = {f: getattr(msg, f) for f in _SCALAR_FIELDS if msg.HasField(f)}
+    if max_tokens_limit is not None and not msg.HasField("max_tokens"):
+        kwargs["max_tokens"] = min(_DEFAULT_MAX_TOKENS, max_tokens_limit)
+    if msg.stop:
+        kwargs["stop"] = list(msg.stop)
+    if msg.stop_token_ids:
+        kwargs["stop_token_ids"] = list(msg.stop_token_ids)
+    return SamplingParams(**kwargs)
+
+
+def prompt_of(request: pb.GenerateRequest, tokenizer: Tokenizer | None) -> str | dict[str, Any]:
+    """The engine's prompt; text is tokenized here (once: the engine takes the ids) so its length can be checked.
+    Without a tokenizer, text goes to the engine as it is, which rejects it."""
+    kind = request.WhichOneof("input")
+    if kind == "text":
+        if tokenizer is None:
+            return request.text
+        return {"prompt": request.text, "prompt_token_ids": tokenizer.encode(request.text)}
+    if kind == "token_ids":
+        return {"prompt_token_ids": list(request.token_ids.ids)}
+    raise ValueError("a request needs an input: text or token_ids")
+
+
+def check_limits(options: ServerOptions, prompt: str | dict[str, Any], params: SamplingParams) -> None:
+    """Raises ValueError naming the server limit a request goes over."""
+    ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
+    for what, value, option in (("prompt tokens", None if ids is None else len(ids), "max_prompt_tokens"),
+                                ("max_tokens", params.max_tokens, "max_tokens_limit"), ("n", params.n, "max_n")):
+        limit = getattr(options, option)
+        if limit is not None and value is not None and value > limit:
+            raise ValueError(f"{what} {value} exceeds the server's limit of {limit} ({option})")
+
+
+class NexusServicer(pb_grpc.NexusServicer):
+    def __init__(self, llm: AsyncLLM, options: ServerOptions, metrics: EngineMetrics):
+        """`llm`: an AsyncLLM or a front end over replicas (ReplicatedAsyncLLM)."""
+        self.llm = llm
+        self.options = options
+        self.metrics = metrics
+        self.streams: set[str] = set()          # request ids of open Generate streams
+        self.sessions = Sessions(replicas_of(llm), options.max_sessions)
+        self.started = time.monotonic()
+        self._ids = itertools.count()
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        if len(self.streams) >= self.options.max_in_flight:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{len(self.streams)} requests in flight, the server's limit; retry later",
+                                trailing_metadata=((RETRY_AFTER_KEY, str(self.options.retry_after_ms)),))
+        rid = request.request_id or f"grpc-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        if rid in self.streams:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is already in use")
+        try:
+            params = sampling_params(request.sampling_params, self.options.max_tokens_limit)
+            prompt = prompt_of(request, self.llm.engine.tokenizer)
+            check_limits(self.options, prompt, params)
+            stream = self.llm.generate(prompt, params, rid, priority=request.priority,
+                                       program_id=request.program_id or None, thread_id=request.thread_id)
+        except (ValueError, TypeError) as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        self.streams.add(rid)
+        failure: tuple[grpc.StatusCode, str] | None = None
+        try:
+            failure = await self._relay(request, rid, stream, context)
+        finally:
+            self.streams.discard(rid)
+            await stream.aclose()  # a stream left early (cancel, deadline, disconnect) aborts its request here
+        if failure is not None:
+            await context.abort(*failure)
+
+    async def _relay(self, request: pb.GenerateRequest, rid: str, stream, context) -> tuple | None:
+        """Writes the stream's chunks and completions; returns the status to end with when the input was bad."""
+        ids: dict[int, list[int]] = {}
+        texts: dict[int, list[str]] = {}
+        logprobs: dict[int, list] = {}
+        try:
+            async for out in stream:
+                for c in out.outputs:
+                    ids.setdefault(c.index, []).extend(c.token_ids)
+                    texts.setdefault(c.index, []).append(c.text)
+                    if c.logprobs:
+                        logprobs.setdefault(c.index, []).extend(c.logprobs[:len(c.token_ids)])
+                    if c.token_ids or c.text:
+                        await context.write(pb.GenerateResponse(request_id=rid, chunk=pb.Chunk(
+                            index=c.index, token_ids=c.token_ids, text=c.text)))
+                if out.finished:  # out holds the last deltas; the metrics count whole completions
+                    self.metrics.observe(dataclasses.replace(out, outputs=[
+                        dataclasses.replace(c, token_ids=ids[c.index]) for c in out.outputs]))
+                    if out.error is not None:
+                        await context.write(pb.GenerateResponse(request_id=rid, error=pb.Error(message=out.error)))
+                        return None
+                    for c in out.outputs:
+                        await context.write(pb.GenerateResponse(request_id=rid, complete=_complete(
+                            request, out, c, ids[c.index], "".join(texts[c.index]), logprobs.get(c.index))))
+        except (ValueError, TypeError) as e:  # validation runs on the stream's first step
+            return grpc.StatusCode.INVALID_ARGUMENT, str(e)
+        except EngineDeadError as e:
+            return grpc.StatusCode.UNAVAILABLE, str(e)
+        return None
+
+    async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
+        found = request.request_id in self.streams
+        if found:
+            self.llm.abort(request.request_id)
+        return pb.AbortResponse(found=found)
+
+    async def GetModelInfo(self, request, context) -> pb.ModelInfo:
+        engine = self.llm.engine
+        return pb.ModelInfo(model=self.options.model_name, dtype=str(getattr(engine.executor, "dtype", "")),
+                            max_model_len=engine.max_model_len, vocab_size=engine.vocab_size,
+                            eos_token_ids=list(engine.eos_token_ids), has_tokenizer=engine.tokenizer is not None,
+                            block_size=engine.executor.block_size, num_kv_blocks=engine.executor.num_blocks)
+
+    async def GetServerInfo(self, request, context) -> pb.ServerInfo:
+        """Levels summed over the live replicas (KV use: their mean; SM split: their distinct splits). The
+        message has no replica count; the metrics have one series per replica."""
+        t = totals(replica_stats(self.llm))
+        num_sessions = await self._on_engines(self.sessions.count(), context)
+        return pb.ServerInfo(num_running=t.running, num_waiting=t.waiting, kv_cache_usage=t.kv_usage,
+                             num_in_flight=len(self.streams), max_in_flight=self.options.max_in_flight,
+                             num_preemptions=t.num_preemptions, sm_split=",".join(t.splits),
+                             uptime_s=time.monotonic() - self.started, num_sessions=num_sessions, version=VERSION)
+
+    async def _on_engines(self, call, context):
+        """Awaits a sessions call, which runs on the engine threads that own the process tables; UNAVAILABLE when
+        no engine is alive."""
+        try:
+            return await call
+        except EngineDeadError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+
+    async def StartSession(self, request: pb.StartSessionRequest, context) -> pb.StartSessionResponse:
+        try:
+            session, program = await self._on_engines(self.sessions.start(request.program_id), context)
+        except SessionLimitError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e),
+                                trailing_metadata=((RETRY_AFTER_KEY, str(self.options.retry_after_ms)),))
+        except ValueError as e:  # the program already has a record: a session, or calls in flight
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+        return pb.StartSessionResponse(session_id=session, program_id=program)
+
+    async def EndSession(self, request: pb.EndSessionRequest, context) -> pb.EndSessionResponse:
+        program = await self._on_engines(self.sessions.end(request.session_id), context)
+        if program is not None and hasattr(self.llm, "end_program"):  # replicas: the router forgets its replica
+            self.llm.end_program(program)
+        return pb.EndSessionResponse(found=program is not None)
+
+
+def _complete(request: pb.GenerateRequest, out: RequestOutput, c, ids: list[int], text: str,
+              logprobs: list | None) -> pb.Complete:
+    m = out.metrics
+    msg = pb.Complete(index=c.index, output_ids=ids, text=text, finish_reason=c.finish_reason or "",
+                      prompt_tokens=len(out.prompt_token_ids), completion_tokens=len(ids),
+                      ttft_s=(m.ttft or 0.0) if m else 0.0, e2e_s=(m.e2e or 0.0) if m else 0.0,
+                      queue_time_s=(m.queue_time or 0.0) if m else 0.0,
+                      program_id=request.program_id, thread_id=request.thread_id)
+    if isinstance(c.stop_reason, str):
+        msg.stop_str = c.stop_reason
+    elif c.stop_reason is not None:
+        msg.stop_token_id = int(c.stop_reason)
+    if c.cumulative_logprob is not None:
+        msg.cumulative_logprob = c.cumulative_logprob
+    for position in logprobs or ():
+        msg.logprobs.add(entries=[pb.TokenLogprob(token_id=t, logprob=lp.logprob, rank=lp.rank or 0)
+                                  for t, lp in position.items()])
+    return msg
+
+
+class NexusServer:
+    """One gRPC server over one AsyncLLM or a ReplicatedAsyncLLM. `port = await start()`, then `await stop()`
+    drains and shuts down."""
+
+    def __init__(self, llm: AsyncLLM, options: ServerOptions = ServerOptions()):
+        self.llm = llm
+        self.options = options
+        self.metrics = EngineMetrics(llm)
+        self.servicer = NexusServicer(llm, options, self.metrics)
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> int:
+        o = self.options
+        size = [("grpc.max_send_message_length", o.max_message_bytes),
+                ("grpc.max_receive_message_length", o.max_message_bytes)]
+        interceptors = ([TokenAuth(o.auth_token)] if o.auth_token else []) + [ParseErrors(SERVICE_NAME)]
+        server = grpc.aio.server(interceptors=interceptors, options=size)
+        pb_grpc.add_NexusServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        address = f"{o.host}:{o.port}"
+        if o.tls_cert is not None:
+            with open(o.tls_key, "rb") as k, open(o.tls_cert, "rb") as c:
+                credentials = grpc.ssl_server_credentials([(k.read(), c.read())])
+            self.port = server.add_secure_port(address, credentials)
+        else:
+            self.port = server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"cannot bind {address}")
+        await server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._server = server
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Refuses new calls, lets open streams finish for `grace` seconds, cancels the rest (aborting their
+        requests), then stops the engine threads."""
+        if self._server is None:
+            return
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(self.options.grace_s if grace is None else grace)
+        self._server = None
+        self.metrics.stop_http()
+        self.llm.shutdown()
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()

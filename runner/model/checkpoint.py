@@ -1,0 +1,224 @@
+"""Model parameters: load Hugging Face safetensors checkpoints, cache the converted params with orbax, or make
+random ones. The parameter layout (stacked layers, fused qkv / gate_up, [in, out] weights) is the shared contract
+described in .dev/HELPER_CONTEXT.md; `param_shapes` spells it out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from runner.model.config import ModelConfig
+from runner.model.safetensors_io import CheckpointReader, checkpoint_files, numpy_dtype
+
+_CACHE_META = "nexus_params.json"
+
+
+def param_shapes(config: ModelConfig) -> dict[str, Any]:
+    """The params pytree with a shape tuple at each leaf."""
+    h, i, v, n = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_layers
+    qkv = config.q_size + 2 * config.kv_size
+    layers = {"attn_norm": (n, h), "qkv": (n, h, qkv), "o": (n, config.q_size, h),
+              "mlp_norm": (n, h), "gate_up": (n, h, 2 * i), "down": (n, i, h)}
+    if config.attention_bias:
+        layers["qkv_bias"] = (n, qkv)
+    shapes = {"embed": (v, h), "layers": layers, "final_norm": (h,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head"] = (h, v)
+    return shapes
+
+
+def _is_shape(x: Any) -> bool:
+    return isinstance(x, tuple)
+
+
+class _Slot(NamedTuple):
+    """Where one HF tensor goes: params[key] (or params["layers"][key][layer]), from column `col` of the last axis."""
+    key: str
+    layer: int | None
+    col: int
+    transpose: bool  # HF Linear weights are [out, in]; ours are [in, out]
+    hf_shape: tuple[int, ...]
+
+
+def _slots(config: ModelConfig) -> dict[str, _Slot]:
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    q, kv = config.q_size, config.kv_size
+    slots = {"model.embed_tokens.weight": _Slot("embed", None, 0, False, (v, h)),
+             "model.norm.weight": _Slot("final_norm", None, 0, False, (h,))}
+    if not config.tie_word_embeddings:
+        slots["lm_head.weight"] = _Slot("lm_head", None, 0, True, (v, h))
+    for n in range(config.num_layers):
+        p = f"model.layers.{n}."
+        slots |= {
+            p + "input_layernorm.weight": _Slot("attn_norm", n, 0, False, (h,)),
+            p + "self_attn.q_proj.weight": _Slot("qkv", n, 0, True, (q, h)),
+            p + "self_attn.k_proj.weight": _Slot("qkv", n, q, True, (kv, h)),
+            p + "self_attn.v_proj.weight": _Slot("qkv", n, q + kv, True, (kv, h)),
+            p + "self_attn.o_proj.weight": _Slot("o", n, 0, True, (h, q)),
+            p + "post_attention_layernorm.weight": _Slot("mlp_norm", n, 0, False, (h,)),
+            p + "mlp.gate_proj.weight": _Slot("gate_up", n, 0, True, (i, h)),
+            p + "mlp.up_proj.weight": _Slot("gate_up", n, i, True, (i, h)),
+            p + "mlp.down_proj.weight": _Slot("down", n, 0, True, (h, i)),
+        }
+        if config.attention_bias:
+            slots |= {p + "self_attn.q_proj.bias": _Slot("qkv_bias", n, 0, False, (q,)),
+                      p + "self_attn.k_proj.bias": _Slot("qkv_bias", n, q, False, (kv,)),
+                      p + "self_attn.v_proj.bias": _Slot("qkv_bias", n, q + kv, False, (kv,))}
+    return slots
+
+
+def _is_ignored(name: str, config: ModelConfig) -> bool:
+    # Tied models read the output projection from the embedding, so a stored copy is redundant.
+    return name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight")
+
+
+def _check_tensors(tensors: dict, slots: dict[str, _Slot], config: ModelConfig) -> None:
+    """Fail before any data is read: every required tensor present, with the config's shape and a readable dtype."""
+    missing = [name for name in slots if name not in tensors]
+    if missing:
+        shown = ", ".join(missing[:10]) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
+        raise ValueError(f"checkpoint is missing {len(missing)} required tensors: {shown}")
+    for name, slot in slots.items():
+        info = tensors[name]
+        if info.shape != slot.hf_shape:
+            raise ValueError(f"tensor {name} has shape {info.shape}, but the config expects {slot.hf_shape}")
+        numpy_dtype(info, name)
+    extra = sorted(name for name in tensors if name not in slots and not _is_ignored(name, config))
+    if extra:
+        warnings.warn(f"ignoring {len(extra)} checkpoint tensors the model does not use: {', '.join(extra[:10])}",
+                      stacklevel=3)
+
+
+@functools.partial(jax.jit, static_argnames="transpose", donate_argnums=0)
+def _write(dest: jax.Array, src: jax.Array, layer: jax.Array, col: jax.Array, *, transpose: bool) -> jax.Array:
+    """dest with src (converted to dest's layout and dtype) written in place at [layer, ..., col:]."""
+    update = (src.T if transpose else src).astype(dest.dtype)
+    stacked = update.ndim < dest.ndim
+    if stacked:
+        update = update[None]
+    starts = [jnp.zeros((), jnp.int32)] * dest.ndim
+    starts[-1] = col
+    if stacked:
+        starts[0] = layer
+    return jax.lax.dynamic_update_slice(dest, update, starts)
+
+
+def _zeros(config: ModelConfig, dtype: Any) -> dict[str, Any]:
+    return jax.tree.map(lambda shape: jnp.zeros(shape, dtype), param_shapes(config), is_leaf=_is_shape)
+
+
+def load_hf_params(model_dir: str | Path, config: ModelConfig | None = None,
+                   dtype: Any = jnp.bfloat16) -> dict[str, Any]:
+    """Params from a Hugging Face directory (config.json + model.safetensors or index + shards).
+
+    `config` defaults to the directory's config.json (which is read and validated either way). Tensors are
+    read one at a time from memory-mapped files, converted on the device and written into preallocated
+    stacked arrays, so host memory never holds more than the tensor in flight.
+    """
+    files = checkpoint_files(model_dir)
+    file_config = ModelConfig.from_json(model_dir)
+    config = config if config is not None else file_config
+    slots = _slots(config)
+    with CheckpointReader(files) as reader:
+        _check_tensors(reader.tensors, slots, config)
+        params = _zeros(config, jnp.dtype(dtype))
+        for name, slot in slots.items():
+            parent = params["layers"] if slot.layer is not None else params
+            src = jax.device_put(reader.read(name))
+            parent[slot.key] = _write(parent[slot.key], src, jnp.int32(slot.layer or 0), jnp.int32(slot.col),
+                                      transpose=slot.transpose)
+            # One tensor in flight at a time: `src` may alias the file mapping (CPU) or still be copying from
+            # it (GPU), and the mapping must be free of both before the reader closes it.
+            parent[slot.key].block_until_ready()
+            del src
+    return params
+
+
+def _config_fields(config: ModelConfig) -> dict[str, Any]:
+    # Through JSON so tuples and lists compare equal after a round trip.
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def save_params(params: dict[str, Any], path: str | Path, config: ModelConfig) -> None:
+    """Save converted params with orbax under `path`, with the config they belong to next to them."""
+    path = Path(path).absolute()
+    # Drop the old marker first so an interrupted overwrite does not look complete.
+    (path / _CACHE_META).unlink(missing_ok=True)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(path / "params", params, force=True)
+        checkpointer.wait_until_finished()
+    # Written last: its presence means the params are complete.
+    (path / _CACHE_META).write_text(json.dumps({"config": _config_fields(config)}, indent=1))
+
+
+def restore_params(path: str | Path, config: ModelConfig, dtype: Any = jnp.bfloat16) -> dict[str, Any]:
+    """Params saved by `save_params`, as `dtype` on the default device; ValueError if saved for another config."""
+    path = Path(path).absolute()
+    meta = path / _CACHE_META
+    if not meta.is_file():
+        raise FileNotFoundError(f"no saved params at {path} (missing {meta})")
+    saved, wanted = json.loads(meta.read_text())["config"], _config_fields(config)
+    differ = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+    if differ:
+        raise ValueError(f"params at {path} were saved for a different config; fields that differ: "
+                         + ", ".join(f"{k} (saved {saved.get(k)!r}, wanted {wanted.get(k)!r})" for k in differ))
+    # The default device as the caller set it (an engine placed on another device loads under
+    # jax.default_device); jax.devices()[0] would stage a full copy of the weights on device 0.
+    default_device = next(iter(jnp.zeros((), jnp.int8).devices()))
+    sharding = jax.sharding.SingleDeviceSharding(default_device)
+    target = jax.tree.map(lambda shape: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=sharding),
+                          param_shapes(config), is_leaf=_is_shape)
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(path / "params", target)
+
+
+def _cache_key(model_dir: Path, config: ModelConfig, dtype: Any) -> str:
+    """Names a cache entry after everything the converted params depend on, so a stale entry is never reused."""
+    sources = [model_dir / "config.json", *checkpoint_files(model_dir)]
+    files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sources]
+    blob = json.dumps([str(model_dir.resolve()), files, _config_fields(config), jnp.dtype(dtype).name])
+    return f"{config.architecture}-{jnp.dtype(dtype).name}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def load_params(model_dir: str | Path, config: ModelConfig | None = None, dtype: Any = jnp.bfloat16,
+                cache_dir: str | Path | None = None) -> dict[str, Any]:
+    """`load_hf_params`, through a converted-params cache under `cache_dir` when one is given.
+
+    Each entry is keyed by the model directory, its files' sizes and mtimes, the config and the dtype, so an
+    entry that exists is valid; otherwise the HF files are converted and the entry is written.
+    """
+    if cache_dir is None:
+        return load_hf_params(model_dir, config, dtype)
+    model_dir = Path(model_dir)
+    config = config if config is not None else ModelConfig.from_json(model_dir)
+    entry = Path(cache_dir) / _cache_key(model_dir, config, dtype)
+    if (entry / _CACHE_META).is_file():
+        return restore_params(entry, config, dtype)
+    params = load_hf_params(model_dir, config, dtype)
+    save_params(params, entry, config)
+    return params
+
+
+@functools.partial(jax.jit, static_argnames=("shape", "dtype", "is_norm"))
+def _random_leaf(key: jax.Array, shape: tuple[int, ...], dtype: Any, is_norm: bool) -> jax.Array:
+    x = 0.02 * jax.random.normal(key, shape, jnp.float32)
+    return (1.0 + x if is_norm else x).astype(dtype)
+
+
+def random_params(config: ModelConfig, dtype: Any = jnp.bfloat16, seed: int = 0) -> dict[str, Any]:
+    """Random params generated on the device (nothing model-sized on the host): N(0, 0.02) weights, norms near 1."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(config), is_leaf=_is_shape)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    out = [_random_leaf(key, shape, jnp.dtype(dtype), path[-1].key.endswith("norm"))
+           for key, (path, shape) in zip(keys, leaves)]
+    return jax.tree.unflatten(treedef, out)

@@ -1,0 +1,183 @@
+"""The engine's side of the worker processes: start them, send them steps, collect results, notice deaths.
+
+Workers are fresh interpreters (`python -m runner.workers.worker`; a forked JAX runtime is unsafe, and multiprocessing's
+spawn would re-run the user's main script), talking over a socket pair, each with its own environment: the MPS
+client variables with its SM share, no up-front device memory grab (several JAX processes share one GPU), and one
+persistent compilation cache, so that workers after the first load their programs instead of compiling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any, Sequence
+
+from runner.workers.worker import FD_ENV, SharedModel, WorkerSpec
+
+log = logging.getLogger(__name__)
+_ROOT = str(Path(__file__).resolve().parents[2])  # so the worker imports this checkout's packages
+
+
+class WorkerError(RuntimeError):
+    """A worker failed a request, or died."""
+
+
+class WorkerHandle:
+    def __init__(self, spec: WorkerSpec, sm_percent: int | None, process: Any, conn: Connection):
+        self.spec = spec
+        self.name = spec.name
+        self.sm_percent = sm_percent
+        self.process = process
+        self.conn = conn
+        self.busy = False
+
+    def submit(self, op: str, *args: Any) -> None:
+        if self.busy:
+            raise RuntimeError(f"worker {self.name} is already running a request")
+        try:
+            self.conn.send((op, args))
+        except (OSError, EOFError) as e:
+            raise WorkerError(f"worker {self.name} is gone ({self._exit()}): {e}") from e
+        self.busy = True
+
+    def result(self) -> Any:
+        """Waits for the submitted request's reply; raises WorkerError for a failure or a dead worker."""
+        try:
+            status, value = self.conn.recv()
+        except (EOFError, OSError) as e:
+            raise WorkerError(f"worker {self.name} died ({self._exit()})") from e
+        finally:
+            self.busy = False
+        if status == "error":
+            raise WorkerError(f"worker {self.name}: {value}")
+        return value
+
+    def call(self, op: str, *args: Any) -> Any:
+        self.submit(op, *args)
+        return self.result()
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def _exit(self) -> str:
+        try:
+            return f"exit code {self.process.wait(timeout=1.0)}"
+        except subprocess.TimeoutExpired:
+            return "still running"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.alive():
+            try:
+                self.conn.send(("stop", ()))
+            except (OSError, EOFError):
+                pass
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout)
+        self.conn.close()
+
+
+class WorkerPool:
+    """A holder process that owns the shared weights and pool, then the workers, all ready when this returns."""
+
+    def __init__(self, specs: Sequence[tuple[WorkerSpec, int | None]], *, mps_env: Any = None,
+                 compilation_cache_dir: str | None = None, start_timeout: float = 1800.0):
+        """specs: (spec, SM percent or None) per worker; the first is the holder. mps_env(percent) gives the MPS
+        client variables (None: no MPS, shares are not enforced)."""
+        if not specs:
+            raise ValueError("a worker pool needs at least one worker")
+        names = [s.name for s, _ in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"worker names must be unique, got {names}")
+        self.workers: dict[str, WorkerHandle] = {}
+        self._mps_env = mps_env
+        self._cache_dir = compilation_cache_dir
+        self.startup_seconds: dict[str, float] = {}
+        try:
+            holder, percent = specs[0]
+            self.holder_name = holder.name
+            self.shared: SharedModel = self._start(holder, percent, None, start_timeout)
+            # The others map the holder's memory; they start in parallel.
+            pending = [self._launch(s, p, self.shared) for s, p in specs[1:]]
+            for handle, t0 in pending:
+                self._await_ready(handle, t0, start_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, spec: WorkerSpec, percent: int | None, shared: SharedModel | None,
+               timeout: float) -> SharedModel:
+        handle, t0 = self._launch(spec, percent, shared)
+        return self._await_ready(handle, t0, timeout)
+
+    def _launch(self, spec: WorkerSpec, percent: int | None, shared: SharedModel | None):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CUDA_MPS_")}
+        env.update({"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "TF_CPP_MIN_LOG_LEVEL": "2",
+                    "PYTHONPATH": os.pathsep.join(filter(None, [_ROOT, env.get("PYTHONPATH")]))})
+        env.update(dict(spec.env))
+        if self._mps_env is not None:
+            env.update(self._mps_env(percent))
+        if self._cache_dir:
+            env["JAX_COMPILATION_CACHE_DIR"] = self._cache_dir
+            env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        ours, theirs = socket.socketpair()
+        env[FD_ENV] = str(theirs.fileno())
+        process = subprocess.Popen([sys.executable, "-m", "runner.workers.worker"], env=env, pass_fds=[theirs.fileno()])
+        theirs.close()
+        conn = Connection(ours.detach())
+        handle = WorkerHandle(spec, percent, process, conn)
+        self.workers[spec.name] = handle
+        conn.send((spec, shared))
+        return handle, time.monotonic()
+
+    def _await_ready(self, handle: WorkerHandle, t0: float, timeout: float) -> SharedModel:
+        if not handle.conn.poll(timeout):
+            raise WorkerError(f"worker {handle.name} did not start within {timeout:.0f} s")
+        try:
+            status, value = handle.conn.recv()
+        except (EOFError, OSError) as e:
+            raise WorkerError(f"worker {handle.name} died while starting ({handle._exit()})") from e
+        if status != "ready":
+            raise WorkerError(str(value))
+        self.startup_seconds[handle.name] = time.monotonic() - t0
+        log.info("worker %s ready in %.1f s (SM share %s)", handle.name, self.startup_seconds[handle.name],
+                 handle.sm_percent if self._mps_env is not None else "not enforced")
+        return value
+
+    def replace(self, name: str, timeout: float = 1800.0) -> WorkerHandle:
+        """Starts a new process in place of worker `name` (dead, or to be stopped): same spec, SM share and
+        shared memory; raises WorkerError when it does not come up."""
+        if name == self.holder_name:
+            raise ValueError("the holder owns the shared memory: a new holder needs a new pool")
+        old = self.workers.pop(name)
+        old.stop(timeout=5.0)
+        handle, t0 = self._launch(old.spec, old.sm_percent, self.shared)
+        self._await_ready(handle, t0, timeout)
+        return handle
+
+    def wait(self, handles: Sequence[WorkerHandle], timeout: float | None = None) -> list[WorkerHandle]:
+        """The busy handles among `handles` whose reply (or death) is ready."""
+        by_conn = {h.conn: h for h in handles if h.busy}
+        if not by_conn:
+            return []
+        return [by_conn[c] for c in wait(list(by_conn), timeout)]
+
+    def close(self) -> None:
+        # The holder last: the others map its memory.
+        for handle in reversed(list(self.workers.values())):
+            handle.stop()
+        self.workers.clear()
+        # A holder that was killed never unlinked its shm segments (CUDA memory goes with the process).
+        for arena in (getattr(self, "shared", None) and (self.shared.weights, self.shared.kv)) or ():
+            if arena.kind == "shm":
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"/dev/shm/{arena.name}")

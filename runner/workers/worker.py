@@ -1,0 +1,229 @@
+"""A model worker process: runs the step functions on weights and a KV pool it shares with other workers.
+
+The first process (the holder) loads the model, moves the weights and a zeroed KV pool into shared arenas
+(`runner.workers.shared_arena`: CUDA IPC on a GPU, POSIX shared memory on CPU) and publishes their handles; every other
+worker maps the same memory, so N workers cost one copy of the weights and one KV pool. Workers differ only in
+their SM share (the MPS environment they were started with), which is what the disaggregated engine picks.
+
+On a GPU the jitted step donates the pool and XLA writes the new K/V in place, straight into the shared memory;
+the worker checks after every step that the pool did not move. On CPU XLA does not write a donated external
+buffer in place, so the CPU form copies the slots a step wrote back into shared memory before it replies (the
+honest difference; the planning, the handover and the outputs are the same).
+
+The holder itself runs no steps (it loads, publishes, and keeps the memory alive); the workers that run steps all
+map the same arenas.
+
+A worker replies to each request only after the step completed on the device, which is what makes a block table
+safe to hand from the prefill worker to a decode worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import traceback
+from typing import Any, Sequence
+
+from runner.step_batch import DEFAULT_SHAPES, SeqChunk, StepShapes
+
+FD_ENV = "NEXUS_WORKER_FD"  # the inherited socket to the engine (see runner.workers.pool)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    name: str
+    model: str | None = None
+    dtype: str = "auto"
+    seed: int = 0
+    params_cache_dir: str | None = None
+    block_size: int = 16
+    num_blocks: int | None = None
+    memory_utilization: float = 0.9
+    cpu_kv_tokens: int = 65536
+    kernel_impl: str | None = None
+    shapes: StepShapes = DEFAULT_SHAPES
+    warmup: dict[str, Any] | None = None  # ModelRunner.warmup arguments, or None to compile lazily
+    env: tuple[tuple[str, str], ...] = ()  # extra environment of the process
+    reserve_bytes: int = 0                # holder: device memory left to the workers when sizing the KV pool
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedModel:
+    """What a worker needs to map the holder's model: picklable handles, no arrays."""
+    config: Any                 # runner.config.ModelConfig
+    weights: Any                # ArenaHandle
+    weight_specs: list[Any]     # TensorSpec per leaf of the model state, in tree order
+    kv: Any                     # ArenaHandle
+    kv_shape: tuple[int, ...]
+    dtype: str
+    kernel_impl: str
+
+
+def worker_main(conn: Any, spec: WorkerSpec, shared: SharedModel | None) -> None:
+    """Process entry point: build (or map) the model, then serve requests from `conn` until "stop"."""
+    try:
+        worker = _Worker(spec, shared)
+        conn.send(("ready", worker.shared))
+    except BaseException as e:  # noqa: BLE001 - the parent must learn why the worker could not start
+        conn.send(("error", f"worker {spec.name} failed to start: {type(e).__name__}: {e}\n"
+                            f"{traceback.format_exc(limit=8)}"))
+        return
+    while True:
+        try:
+            op, args = conn.recv()
+        except EOFError:
+            break  # the engine went away
+        if op == "stop":
+            break
+        try:
+            conn.send(("ok", getattr(worker, op)(*args)))
+        except Exception as e:  # noqa: BLE001 - a failed step fails its requests, the worker keeps serving
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+    worker.close()
+
+
+class _Worker:
+    def __init__(self, spec: WorkerSpec, shared: SharedModel | None):
+        import jax
+
+        from runner.model_runner import ModelRunner
+        from runner.workers.shared_arena import SharedArena, import_arrays
+
+        self.spec = spec
+        self.runner = None
+        self.in_place = jax.devices()[0].platform == "gpu"
+        if shared is None:
+            # The holder only loads and keeps the arenas alive; it runs no steps, so the memory it used to load
+            # (freed at once: it runs on the platform allocator) is not parked in an allocator pool.
+            self.shared, self.arenas = _load_into_arenas(spec, "cuda" if self.in_place else "shm")
+            return
+        self.shared = shared
+        weights, self.kv_arena = SharedArena.open(shared.weights), SharedArena.open(shared.kv)
+        self.arenas = [weights, self.kv_arena]
+        graphdef, abstract_state = abstract_model(shared.config, shared.dtype, shared.kernel_impl)
+        state = jax.tree.unflatten(jax.tree.structure(abstract_state), import_arrays(weights, shared.weight_specs))
+        self.runner = ModelRunner(shared.config, None, block_size=spec.block_size, shapes=spec.shapes,
+                                  model=(graphdef, state), kv_pool=self._pool_view())
+        self.pool_pointer = self.runner.kv_pool.unsafe_buffer_pointer()
+        if spec.warmup:
+            self.warmup(spec.warmup)
+
+    def _pool_view(self):
+        return self.kv_arena.jax_array(0, self.shared.kv_shape, self.shared.dtype)
+
+    # ---- operations (called by worker_main by name)
+
+    def step(self, decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk], rows: Sequence[tuple],
+             num_logprobs: int = 0, banned: Sequence[Sequence[int]] | None = None):
+        out = self.runner.step(decodes, prefills, rows, num_logprobs, banned)
+        self._publish([*decodes, *prefills], 0)
+        return out
+
+    def decode_steps(self, decodes: Sequence[SeqChunk], rows: Sequence[tuple], num_steps: int):
+        out = self.runner.decode_steps(decodes, rows, num_steps)
+        self._publish(decodes, num_steps - 1)
+        return out
+
+    def warmup(self, kwargs: dict[str, Any]) -> int:
+        count = self.runner.warmup(**kwargs)
+        if not self.in_place:
+            self.runner.kv_pool = self._pool_view()  # padding steps wrote nothing worth copying back
+        return count
+
+    def info(self) -> dict[str, Any]:
+        import jax
+        return {"name": self.spec.name, "pid": os.getpid(), "device": str(jax.devices()[0]),
+                "device_kind": jax.devices()[0].device_kind,
+                "sm_percent": os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"),
+                "num_blocks": self.shared.kv_shape[2], "in_place": self.in_place, "holder": self.runner is None}
+
+    def _publish(self, chunks: Sequence[SeqChunk], extra: int) -> None:
+        """Makes the step's K/V visible to the other workers (device_get of the samples already waited for the
+        step to finish). `extra`: decode positions written beyond each chunk's own tokens (multi-step)."""
+        if self.in_place:
+            if self.runner.kv_pool.unsafe_buffer_pointer() != self.pool_pointer:
+                raise RuntimeError("XLA moved the shared KV pool instead of updating it in place")
+            return
+        import numpy as np
+
+        bs = self.spec.block_size
+        slots = []
+        for c in chunks:
+            table = np.asarray(c.block_table, np.int64)
+            pos = np.arange(c.start_pos, c.start_pos + len(c.token_ids) + extra)
+            slots.append(table[pos // bs] * bs + pos % bs)
+        slots = np.concatenate(slots) if slots else np.zeros(0, np.int64)
+        new = np.asarray(self.runner.kv_pool)
+        shared = self.kv_arena.numpy(0, self.shared.kv_shape, self.shared.dtype)
+        blocks, offsets = slots // bs, slots % bs
+        shared[:, :, blocks, :, offsets, :] = new[:, :, blocks, :, offsets, :]
+        self.runner.kv_pool = self._pool_view()
+
+    def close(self) -> None:
+        self.runner = None
+        for arena in self.arenas:
+            arena.close()
+
+
+def _load_into_arenas(spec: WorkerSpec, kind: str) -> tuple[SharedModel, list[Any]]:
+    """Loads the model, copies its state into a weight arena, frees the loaded copy, and sizes a zeroed KV
+    pool arena from the device memory then free (or from spec.num_blocks / cpu_kv_tokens)."""
+    import jax
+
+    from runner.model.loader import load_model
+    from runner.model_runner import ModelRunner
+    from runner.workers.shared_arena import SharedArena, export_arrays
+
+    loaded = load_model(spec.model, spec.dtype, cache_dir=spec.params_cache_dir, seed=spec.seed)
+    runner = ModelRunner(loaded.config, loaded.params, num_blocks=1, block_size=spec.block_size,
+                         kernel_impl=spec.kernel_impl, release_params=True, shapes=spec.shapes)
+    loaded.params = None
+    leaves = jax.tree.leaves(runner.state)
+    weights, specs = export_arrays(leaves, kind)
+    dtype, kernel_impl, config = str(runner.dtype), runner.kernel_impl, loaded.config
+    del leaves, runner
+    per_block = ModelRunner.kv_bytes_per_block(config, spec.block_size, dtype)
+    num_blocks = spec.num_blocks
+    if num_blocks is None and kind == "cuda":
+        import cupy as cp
+        free, total = cp.cuda.runtime.memGetInfo()
+        budget = total * spec.memory_utilization - (total - free) - spec.reserve_bytes
+        num_blocks = int(budget // per_block)
+        if num_blocks < 1:
+            raise ValueError(f"no device memory left for the KV pool: {free / 2**30:.1f} GiB free of "
+                             f"{total / 2**30:.1f}, {spec.reserve_bytes / 2**30:.1f} GiB reserved for workers")
+    elif num_blocks is None:
+        num_blocks = max(1, spec.cpu_kv_tokens // spec.block_size)
+    kv_shape = ModelRunner.kv_pool_shape(config, num_blocks, spec.block_size)
+    kv = SharedArena.create(num_blocks * per_block, kind)
+    shared = SharedModel(config, weights.handle, specs, kv.handle, kv_shape, dtype, kernel_impl)
+    return shared, [weights, kv]
+
+
+def abstract_model(config: Any, dtype: str, kernel_impl: str):
+    """(graphdef, abstract state) of the model, built without allocating weights."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from runner.model.checkpoint import param_shapes
+    from runner.model.llama import Transformer
+
+    shapes = param_shapes(config)
+    make = lambda: Transformer(config, jax.tree.map(  # noqa: E731
+        lambda s: jnp.zeros(s, dtype), shapes, is_leaf=lambda x: isinstance(x, tuple)), kernel_impl)
+    return nnx.split(nnx.eval_shape(make))
+
+
+def main() -> None:
+    from multiprocessing.connection import Connection
+
+    conn = Connection(int(os.environ[FD_ENV]))
+    spec, shared = conn.recv()
+    worker_main(conn, spec, shared)
+
+
+if __name__ == "__main__":
+    # Through the module, not __main__, so that what this process pickles names runner.workers.worker's classes.
+    from runner.workers.worker import main as module_main
+    module_main()
