@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from nexus_jax.core.config import SECTIONS, EngineConfig
 
@@ -91,7 +92,7 @@ def add_engine_args(parser: argparse.ArgumentParser, exclude: Iterable[str] = ()
     for field in _FIELDS.values():
         if field.name in exclude:
             continue
-        options: dict[str, Any] = dict(dest=field.name, default=field.default, help=_help(field))
+        options: dict[str, Any] = {"dest": field.name, "default": field.default, "help": _help(field)}
         if _HINTS[field.name] is bool:
             options["action"] = argparse.BooleanOptionalAction
         else:
