@@ -37,13 +37,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nexus_jax.benchmark.cli import engine_overrides  # noqa: E402
 from nexus_jax.benchmark.programs_driver import PROGRAM_DATASETS, make_programs, run_programs, warmup_calls  # noqa: E402
 from nexus_jax.benchmark.report import summarize_programs  # noqa: E402
 from nexus_jax.benchmark.serve import InProcessBackend, arrival_offsets, run_requests  # noqa: E402
 from nexus_jax.benchmark.sim_config import h100_config  # noqa: E402
 from nexus_jax.benchmark.simulator import simulate  # noqa: E402
 from nexus_jax.core.config import EngineConfig  # noqa: E402
+from nexus_jax.entrypoints.engine_args import engine_arg  # noqa: E402
 from nexus_jax.entrypoints.replicas import ReplicatedAsyncLLM  # noqa: E402
 from nexus_jax.programs.router import ROUTING_POLICIES, RouterConfig  # noqa: E402
 from nexus_jax.server.metrics import replicas_of  # noqa: E402
@@ -108,7 +108,7 @@ async def run_point(backend: InProcessBackend, programs: list, rate: float, scal
 
 async def main_async(args: argparse.Namespace, started: float) -> dict[str, Any]:
     config = EngineConfig(**{"model": args.model, "warmup": True, "seed": args.seed,
-                             **engine_overrides(args.engine_arg)})
+                             **dict(args.engine_arg or ())})
     if args.replicas == 1:
         backend = InProcessBackend.from_config(config)
     else:
@@ -189,7 +189,7 @@ def main() -> None:
     p.add_argument("--routings", nargs="+", default=["locality"], choices=ROUTING_POLICIES)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=32, help="independent calls run before the measurements")
-    p.add_argument("--engine-arg", action="append", help="KEY=VALUE EngineConfig field (repeatable)")
+    p.add_argument("--engine-arg", type=engine_arg, action="append", help="KEY=VALUE EngineConfig field (repeatable)")
     p.add_argument("--budget", type=float, default=float("inf"), help="seconds after which no run starts")
     p.add_argument("--no-sim", action="store_true", help="skip the simulator's predictions")
     p.add_argument("--json", default=None, help="write the runs here")

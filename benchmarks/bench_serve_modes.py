@@ -49,7 +49,7 @@ def command(mode: str, scale: str, out: str, rates: tuple[str, ...] = RATES) -> 
         # Token budgets scaled down with the model; disaggregation "on" runs the worker processes without MPS.
         args = [{"2048": "64", "8192": "128", "disaggregation=auto": "disaggregation=on"}.get(a, a) for a in args]
     return [sys.executable, "-m", "nexus_jax.cli.main", "bench", "serve", *SCALES[scale], *args,
-            "--engine-arg", "warmup=true", "--warmup", "8" if scale == "8b" else "2",
+            "--engine-arg", "warmup=true", "--warmup-requests", "8" if scale == "8b" else "2",
             "--slo", "ttft=2", "--slo", "tbt=0.05", "--request-rate", *rates, "--label", mode, "--out-dir", out]
 
 

@@ -31,9 +31,9 @@ from benchmarks import results_file
 ROOT = Path(__file__).resolve().parents[1]
 
 SERVE = ["-m", "nexus_jax.cli.main", "bench", "serve"]
-PROGRAMS = [*SERVE, "--model", "llama-3.1-8b", "--dataset", "programs-mix", "--num-prompts", "100", "--warmup", "256",
-            "--request-rate", "2", "--max-num-batched-tokens", "8192", "--out-dir", "{out}"]
-QUICK_PROGRAMS = [*SERVE, "--dataset", "programs-mix", "--num-prompts", "2", "--warmup", "2", "--request-rate",
+PROGRAMS = [*SERVE, "--model", "llama-3.1-8b", "--dataset", "programs-mix", "--num-prompts", "100",
+            "--warmup-requests", "256", "--request-rate", "2", "--max-num-batched-tokens", "8192", "--out-dir", "{out}"]
+QUICK_PROGRAMS = [*SERVE, "--dataset", "programs-mix", "--num-prompts", "2", "--warmup-requests", "2", "--request-rate",
                   "inf", "--program-delay-scale", "0.001", "--max-model-len", "128", "--out-dir", "{out}"]
 # section: (title, reader kind, full commands, quick commands); "{out}" is the section's output directory
 SECTIONS: dict[str, tuple[str, str, list[list[str]], list[list[str]]]] = {
@@ -52,12 +52,12 @@ SECTIONS: dict[str, tuple[str, str, list[list[str]], list[list[str]]]] = {
                      "--output-len", "8", "--max-num-seqs", "8", "--max-num-batched-tokens", "64", "--skip-hf",
                      "--copy-mb", "64", "--out", "{out}", "--json", "{out}/throughput.json"]]),
     "serve": ("Serving benchmark (issue 4)", "serve",
-              [[*SERVE, "--model", "llama-3.1-8b", "--dataset", "sharegpt", "--num-prompts", "200", "--warmup", "128",
-                "--request-rate", "4", "8", "--max-num-batched-tokens", "2048", "--label", "aggregated-2048",
-                "--out-dir", "{out}"]],
+              [[*SERVE, "--model", "llama-3.1-8b", "--dataset", "sharegpt", "--num-prompts", "200",
+                "--warmup-requests", "128", "--request-rate", "4", "8", "--max-num-batched-tokens", "2048",
+                "--label", "aggregated-2048", "--out-dir", "{out}"]],
               [[*SERVE, "--dataset", "random", "--input-len", "16", "--output-len", "6", "--num-prompts", "4",
-                "--warmup", "4", "--request-rate", "inf", "--max-model-len", "128", "--label", "quick", "--out-dir",
-                "{out}"]]),
+                "--warmup-requests", "4", "--request-rate", "inf", "--max-model-len", "128", "--label", "quick",
+                "--out-dir", "{out}"]]),
     "programs-fcfs": ("Agentic programs, FCFS (issue 4)", "serve",
                       [[*PROGRAMS, "--scheduling-policy", "fcfs", "--label", "programs-fcfs"]],
                       [[*QUICK_PROGRAMS, "--scheduling-policy", "fcfs", "--label", "quick-programs-fcfs"]]),

@@ -179,7 +179,8 @@ def test_cli_serve_through_grpc(tmp_path):
         register(ap.add_subparsers(dest="command", required=True))
         args = ap.parse_args(["bench", "serve", "--backend", "grpc", "--server", f"127.0.0.1:{holder['port']}",
                               "--dataset", "chatbot", "--num-prompts", "4", "--program-delay-scale", "0.01",
-                              "--warmup", "3", "--request-rate", "20", "--label", "g", "--out-dir", str(tmp_path)])
+                              "--warmup-requests", "3", "--request-rate", "20", "--label", "g",
+                              "--out-dir", str(tmp_path)])
         assert args.func(args) == 0
     finally:
         holder["loop"].call_soon_threadsafe(stop.set)

@@ -282,7 +282,7 @@ def test_cli_serve_on_the_default_model_then_plot(tmp_path, capsys):
     ap = argparse.ArgumentParser(prog="nexus-jax")
     register(ap.add_subparsers(dest="command", required=True))
     args = ap.parse_args(["bench", "serve", "--dataset", "random", "--input-len", "16", "--output-len", "6",
-                          "--num-prompts", "4", "--warmup", "4", "--request-rate", "inf", "--slo", "ttft=30",
+                          "--num-prompts", "4", "--warmup-requests", "4", "--request-rate", "inf", "--slo", "ttft=30",
                           "--label", "tiny", "--out-dir", str(tmp_path)])
     assert args.func(args) == 0
     doc = json.loads((tmp_path / "tiny.json").read_text())

@@ -29,6 +29,9 @@ from nexus_jax.benchmark.datasets import DATASETS, BenchRequest, make_requests, 
 from nexus_jax.benchmark.programs_driver import PROGRAM_DATASETS, make_programs, run_programs, warmup_calls
 from nexus_jax.benchmark.serve import Backend, RunResult, find_max_rate, run_requests
 from nexus_jax.benchmark.workloads import ProgramSpec
+from nexus_jax.core.config import EngineConfig
+from nexus_jax.entrypoints.engine_args import add_engine_args, engine_arg, engine_config_from_args
+from nexus_jax.server import TOKEN_ENV
 
 
 @dataclasses.dataclass
@@ -87,34 +90,6 @@ async def _run_once(backend: Backend, workload: list[BenchRequest] | list[Progra
     return await run_requests(backend, salted(workload, salt, backend.vocab_size), request_rate=rate, **common)
 
 
-def engine_overrides(items: list[str] | None) -> dict[str, Any]:
-    """--engine-arg KEY=VALUE pairs as EngineConfig fields, each value parsed by the field's default's type
-    (comma-separated for tuples, e.g. sm_ladder=20,40)."""
-    from nexus_jax.core.config import EngineConfig
-
-    fields = {f.name: f for f in dataclasses.fields(EngineConfig)}
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, text = item.partition("=")
-        if not sep or key not in fields:
-            raise SystemExit(f"--engine-arg wants KEY=VALUE with KEY an EngineConfig field, got {item!r}")
-        default = fields[key].default
-        if isinstance(default, bool):
-            value: Any = text.lower() in ("1", "true", "yes", "on")
-        elif isinstance(default, tuple):
-            value = tuple(int(v) for v in text.split(",") if v)
-        elif text.lower() == "none" and (default is None or "None" in str(fields[key].type)):
-            value = None
-        elif isinstance(default, (int, float)):
-            value = type(default)(text)
-        elif default is None and str(fields[key].type).split(" |")[0] in ("int", "float"):
-            value = {"int": int, "float": float}[str(fields[key].type).split(" |")[0]](text)  # e.g. max_model_len
-        else:
-            value = text
-        out[key] = value
-    return out
-
-
 def _rate(text: str) -> float:
     try:
         rate = float(text)
@@ -135,7 +110,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise SystemExit("nothing to run: give --request-rate and/or --target")
     if args.backend == "grpc" and (args.server is None or args.model is not None):
         raise SystemExit("--backend grpc needs --server HOST:PORT and takes no --model (the server has one)")
-    doc = asyncio.run(_serve_async(args, settings))
+    config = engine_config_from_args(args) if args.backend == "in-process" else None  # bad flags: usage error
+    doc = asyncio.run(_serve_async(args, settings, config))
     table = report.markdown_table([doc])
     print(table)
     if doc["search"]:
@@ -151,46 +127,43 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _open_backend(args: argparse.Namespace) -> Backend:
+async def _open_backend(args: argparse.Namespace, config: EngineConfig | None) -> Backend:
+    """The gRPC backend of --server, or an in-process engine of `config`."""
     if args.backend == "grpc":
         from nexus_jax.benchmark.grpc_backend import GrpcBackend
-        from nexus_jax.cli.service import TOKEN_ENV
 
         tls = args.tls_ca or args.tls
         return await GrpcBackend.connect(args.server, args.auth_token or os.environ.get(TOKEN_ENV), tls,
                                          args.request_timeout)
     from nexus_jax.benchmark.serve import InProcessBackend
-    from nexus_jax.core.config import EngineConfig
 
-    config = EngineConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-                          block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_num_batched_tokens,
-                          num_scheduler_steps=args.num_scheduler_steps, scheduling_policy=args.scheduling_policy,
-                          seed=args.seed, **engine_overrides(args.engine_arg))
     return InProcessBackend.from_config(config)
 
 
-async def _serve_async(args: argparse.Namespace, settings: SuiteSettings) -> dict[str, Any]:
+async def _serve_async(args: argparse.Namespace, settings: SuiteSettings,
+                       config: EngineConfig | None) -> dict[str, Any]:
     """Opens the backend inside the event loop (a gRPC channel belongs to its loop), runs the suite, closes."""
-    backend = await _open_backend(args)
+    backend = await _open_backend(args, config)
     try:
         limits = dict(vocab_size=backend.vocab_size, max_model_len=backend.max_model_len)
         workload: list[BenchRequest] | list[ProgramSpec]
         if args.dataset in PROGRAM_DATASETS:
             workload = make_programs(args.dataset, args.num_prompts, seed=args.seed)
-            warmup = warmup_calls(make_programs(args.dataset, args.warmup, seed=args.seed + 1), args.warmup,
-                                  seed=args.seed + 1, **limits) if args.warmup else None
+            count = args.warmup_requests
+            warmup = warmup_calls(make_programs(args.dataset, count, seed=args.seed + 1), count, seed=args.seed + 1,
+                                  **limits) if count else None
         else:
             common = dict(input_len=args.input_len, output_len=args.output_len, path=args.dataset_path, **limits)
             workload = make_requests(args.dataset, args.num_prompts, seed=args.seed, **common)
-            warmup = make_requests(args.dataset, args.warmup, seed=args.seed + 1, **common) if args.warmup else None
+            warmup = make_requests(args.dataset, args.warmup_requests, seed=args.seed + 1, **common) \
+                if args.warmup_requests else None
         outcome = await run_suite(backend, workload, settings, warmup)
         described = backend.describe()
     finally:
         closing = backend.close()
         if inspect.isawaitable(closing):
             await closing
-    dataset = {"name": args.dataset, "num_prompts": args.num_prompts, "warmup": args.warmup}
+    dataset = {"name": args.dataset, "num_prompts": args.num_prompts, "warmup": args.warmup_requests}
     if args.dataset in PROGRAM_DATASETS:
         dataset.update(kind="programs", program_delay_scale=args.program_delay_scale)
     else:
@@ -223,17 +196,10 @@ def register(subparsers: Any) -> None:
     s.add_argument("--tls", action="store_true", help="gRPC: TLS with the system's root certificates")
     s.add_argument("--tls-ca", default=None, help="gRPC: TLS with this PEM root certificate")
     s.add_argument("--request-timeout", type=float, default=None, help="gRPC: deadline of each request (s)")
-    s.add_argument("--model", default=None, help="checkpoint directory or preset (default: embedded tiny model)")
-    s.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
-    s.add_argument("--max-model-len", type=int, default=None)
-    s.add_argument("--block-size", type=int, default=16)
-    s.add_argument("--max-num-seqs", type=int, default=256)
-    s.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    s.add_argument("--num-scheduler-steps", type=int, default=1)
-    s.add_argument("--scheduling-policy", default="fcfs", help="in-process engine: fcfs, priority, mlfq, plas, atlas")
-    s.add_argument("--engine-arg", action="append", metavar="KEY=VALUE",
-                   help="in-process engine: any EngineConfig field, e.g. disaggregation=auto, sm_ladder=30,50, "
-                        "slo_tbt=0.05, warmup=true")
+    add_engine_args(s, exclude=("seed",))  # the in-process engine's; --seed below is the dataset's and the engine's
+    s.add_argument("--engine-arg", type=engine_arg, action="append", metavar="KEY=VALUE",
+                   help="in-process engine: an EngineConfig field, as its flag would set it (kept for older "
+                        "command lines), e.g. sm_ladder=30,50")
     s.add_argument("--dataset", default="random", choices=[*DATASETS, *PROGRAM_DATASETS],
                    help="requests, or agentic programs: chatbot, react, tree, programs-mix (docs/programs.md)")
     s.add_argument("--dataset-path", default=None, help="JSONL file for --dataset jsonl")
@@ -242,12 +208,14 @@ def register(subparsers: Any) -> None:
     s.add_argument("--num-prompts", type=int, default=100, help="requests, or programs for a program dataset")
     s.add_argument("--program-delay-scale", type=float, default=1.0,
                    help="program datasets: multiplies the think/tool delays between calls")
-    s.add_argument("--warmup", type=int, default=0, help="warm-up requests sent before measuring (not recorded)")
+    s.add_argument("--warmup-requests", type=int, default=0,
+                   help="warm-up requests sent before measuring (not recorded)")
     s.add_argument("--request-rate", type=_rate, nargs="+", default=None,
                    help="req/s (programs/s for program datasets), several for a sweep; inf")
     s.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrivals; 1 = Poisson")
     s.add_argument("--max-concurrency", type=int, default=None)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seeds the dataset and arrivals, and is the in-process "
+                   "engine's seed (default: 0)")
     s.add_argument("--slo", action="append", metavar="METRIC=S", help="per-request SLO for goodput, e.g. ttft=2")
     s.add_argument("--target", action="append", metavar="STAT_METRIC=S",
                    help="rate search target, e.g. p90_ttft=2 p99_tbt=0.05")

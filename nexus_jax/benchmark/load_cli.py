@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from nexus_jax.benchmark.load_test import OUTCOMES, LoadSettings, run_load_test
+from nexus_jax.entrypoints.engine_args import engine_arg
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -40,12 +41,10 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def _load(args: argparse.Namespace) -> int:
-    from nexus_jax.benchmark.cli import engine_overrides
-
     if args.server is not None and (args.engine_arg or args.max_in_flight is not None):
         raise SystemExit("--engine-arg and --max-in-flight configure the local server; --server has its own")
     settings = LoadSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LoadSettings)})
-    engine_config = {"max_num_seqs": args.max_num_seqs, **engine_overrides(args.engine_arg)}
+    engine_config = {"max_num_seqs": args.max_num_seqs, **dict(args.engine_arg or ())}
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     doc = run_load_test(settings, server=args.server, server_pid=args.server_pid,
                         max_in_flight=args.max_in_flight or 256, retry_after_ms=args.retry_after_ms,
@@ -75,7 +74,8 @@ def register(bench: Any) -> None:
                    "(default 256); beyond it, RESOURCE_EXHAUSTED")
     p.add_argument("--retry-after-ms", type=int, default=200, help="local server: the retry hint it sends")
     p.add_argument("--max-num-seqs", type=int, default=256, help="local server: running requests per step")
-    p.add_argument("--engine-arg", action="append", metavar="KEY=VALUE", help="local server: an EngineConfig field")
+    p.add_argument("--engine-arg", type=engine_arg, action="append", metavar="KEY=VALUE",
+                   help="local server: an EngineConfig field")
     plans = {"cancel": "cancel mid-stream", "disconnect": "close their channel mid-stream",
              "abort": "send an Abort RPC mid-stream", "deadline": "run into a short deadline",
              "invalid": "send a bad request"}

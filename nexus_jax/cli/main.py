@@ -9,17 +9,19 @@ import time
 from nexus_jax.benchmark.cli import register as register_bench
 from nexus_jax.cli.service import register as register_service_commands
 from nexus_jax.disagg.profile import register as register_profile
+from nexus_jax.entrypoints.engine_args import add_engine_args, engine_config_from_args
 
 
 def _generate(args: argparse.Namespace) -> int:
     from nexus_jax import LLM, SamplingParams
+    from nexus_jax.core.engine import LLMEngine
 
-    llm = LLM(args.model, dtype=args.dtype, block_size=args.block_size)
+    llm = LLM.from_engine(LLMEngine.from_config(engine_config_from_args(args)))
     if llm.get_tokenizer() is None:
         raise SystemExit(f"model {args.model} has no tokenizer.json; give a checkpoint directory with one")
     prompts = args.prompt or ["The capital of France is"]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed)
+                            top_k=args.top_k, seed=args.sampling_seed)
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
@@ -32,26 +34,28 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The `nexus-jax` parser with every subcommand."""
     ap = argparse.ArgumentParser(prog="nexus-jax")
     sub = ap.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text for a few prompts")
-    g.add_argument("--model", default=None,
-                   help="Hugging Face checkpoint directory (default: the embedded tiny random model)")
+    # --seed stays the prompts' sampling seed: the engine's seed also draws the embedded model's weights
+    add_engine_args(g, exclude=("seed",))
     g.add_argument("--prompt", action="append", help="prompt text (repeat for several)")
     g.add_argument("--max-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
-                   help="auto: bfloat16 on a GPU, float32 on CPU")
-    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--seed", dest="sampling_seed", type=int, default=0, help="sampling seed of every prompt")
     g.set_defaults(func=_generate)
     register_service_commands(sub)
     register_bench(sub)
     register_profile(sub)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

@@ -11,36 +11,12 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
+from nexus_jax.entrypoints.engine_args import add_engine_args, engine_config_from_args
 from nexus_jax.programs.router import ROUTING_POLICIES, RouterConfig
+from nexus_jax.server import TOKEN_ENV
 
 if TYPE_CHECKING:
     from nexus_jax.server.grpc_server import ServerOptions
-
-TOKEN_ENV = "NEXUS_AUTH_TOKEN"
-
-
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="checkpoint directory or preset (default: the embedded tiny random model)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-model-len", type=int, default=None)
-
-
-def _engine_config(args: argparse.Namespace, **config: Any):
-    """The EngineConfig of the common flags; `config`: further fields a subcommand sets."""
-    from nexus_jax.core.config import EngineConfig
-
-    return EngineConfig(model=args.model, dtype=args.dtype, block_size=args.block_size,
-                        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, **config)
-
-
-def _engine(args: argparse.Namespace, **config: Any):
-    """The engine of the common flags; `config`: further EngineConfig fields a subcommand sets."""
-    from nexus_jax.core.engine import LLMEngine
-
-    return LLMEngine.from_config(_engine_config(args, **config))
 
 
 def _int_at_least(minimum: int):
@@ -95,7 +71,7 @@ def serve_front(args: argparse.Namespace):
     from nexus_jax.entrypoints.replicas import ReplicatedAsyncLLM
 
     replicas = replica_options(args)
-    config = _engine_config(args, program_idle_timeout=args.program_idle_timeout)
+    config = engine_config_from_args(args)
     if replicas["num_replicas"] == 1:
         devices = replicas.get("devices")
         return AsyncLLM.from_config(config if devices is None else dataclasses.replace(config, device=devices[0]))
@@ -164,11 +140,13 @@ def _client(args: argparse.Namespace) -> int:
 
 
 def _batch(args: argparse.Namespace) -> int:
+    from nexus_jax.core.engine import LLMEngine
     from nexus_jax.entrypoints.batch import HostMemoryError, run_batch
 
+    engine = LLMEngine.from_config(engine_config_from_args(args))
     defaults = {"max_tokens": args.max_tokens, "temperature": args.temperature}
     try:
-        summary = run_batch(_engine(args), args.input, args.output, args.errors, defaults=defaults,
+        summary = run_batch(engine, args.input, args.output, args.errors, defaults=defaults,
                             max_in_flight=args.max_in_flight, progress=not args.no_progress,
                             min_available_mb=args.min_available_mb or None)
     except HostMemoryError as e:
@@ -183,7 +161,7 @@ def _batch(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     s = subparsers.add_parser("serve", help="serve the model over gRPC")
-    _engine_args(s)
+    add_engine_args(s, exclude=("device",))  # --devices places the replicas
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     s.add_argument("--port", type=int, default=50051, help="0 picks a free port (printed)")
     s.add_argument("--max-in-flight", type=int, default=1024)
@@ -194,8 +172,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="largest max_tokens a request may ask for (default: what the context leaves)")
     s.add_argument("--max-n", type=int, default=16, help="most completions (n) a request may ask for")
     s.add_argument("--max-sessions", type=int, default=10000, help="most sessions open at once")
-    s.add_argument("--program-idle-timeout", type=float, default=600.0,
-                   help="seconds after which an idle program's record (and a session never ended) expires")
     s.add_argument("--auth-token", default=None, help=f"require this bearer token (or set {TOKEN_ENV})")
     s.add_argument("--tls-cert", default=None)
     s.add_argument("--tls-key", default=None)
@@ -226,7 +202,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.set_defaults(func=_client)
 
     b = subparsers.add_parser("batch", help="run a JSONL file of prompts offline")
-    _engine_args(b)
+    add_engine_args(b)
     b.add_argument("--input", required=True)
     b.add_argument("--output", required=True, help="results are appended; ids already there are skipped")
     b.add_argument("--errors", default=None, help="error records (default: <output>.errors.jsonl)")

@@ -1,8 +1,14 @@
-"""The one validated engine configuration."""
+"""The one validated engine configuration.
+
+One flat frozen dataclass, its fields grouped into sections. Each field's metadata holds a one-line `help`, its
+`section` and, where the values are a fixed set, its `choices`: nexus_jax.entrypoints.engine_args turns them into
+the command-line flags of every command that builds an engine.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from nexus_jax.programs.policies import SCHEDULING_POLICIES
 from runner.model.config import DTYPE_NAMES
@@ -11,48 +17,91 @@ KERNEL_IMPLS = (None, "pallas", "interpret", "xla")
 DISAGGREGATION_MODES = ("off", "auto", "on")
 PREEMPTION_MODES = ("recompute", "swap")
 
+MODEL_AND_CACHE = "model and cache"
+SCHEDULING = "scheduling"
+DISAGGREGATION = "disaggregation"
+PROGRAMS = "programs"
+SECTIONS = (MODEL_AND_CACHE, SCHEDULING, DISAGGREGATION, PROGRAMS)
+
+
+def _option(default: Any, section: str, help: str, choices: tuple | None = None) -> Any:
+    """A field with its default and the metadata the command line reads."""
+    metadata = {"help": help, "section": section, **({"choices": choices} if choices is not None else {})}
+    return dataclasses.field(default=default, metadata=metadata)
+
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    model: str | None = None               # checkpoint directory, preset name, or None for the embedded model
-    dtype: str = "auto"                    # bfloat16 on a GPU, float32 on CPU
-    max_model_len: int | None = None       # default: the model's max_position_embeddings, capped by the KV pool
-    block_size: int = 16
-    num_kv_blocks: int | None = None       # default: what gpu_memory_utilization leaves after the weights
-    gpu_memory_utilization: float = 0.9
-    cpu_kv_cache_tokens: int = 65536       # KV pool size where the device reports no memory limit (CPU)
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048     # per-step token budget of chunked prefill
-    num_scheduler_steps: int = 1           # > 1: decode-only batches run this many steps per host round trip
-    enable_prefix_caching: bool = True
-    scheduling_policy: str = "fcfs"        # fcfs, priority, or program-aware: mlfq, plas, atlas
-    program_beta: float = 8.0              # anti-starvation threshold of the program-aware policies
-    program_idle_timeout: float = 600.0    # seconds after which an idle program's record is dropped
-    max_programs: int = 100_000            # process-table records; past it the longest-idle sessionless ones go
-    seed: int = 0                          # draws the seeds of requests that bring none
-    kernel_impl: str | None = None         # attention kernels: None = auto
-    params_cache_dir: str | None = None    # orbax cache of converted weights: later starts skip safetensors
-    max_prefill_seqs: int = 16             # prefill chunks per step (a fixed slot count of the step shapes)
-    warmup: bool = False                   # compile every step shape at start instead of on first use
-    min_table_blocks: int = 64             # narrowest block-table width compiled (fewer widths, fewer programs)
-    compilation_cache_dir: str | None = None  # JAX's persistent compilation cache (shared by worker processes)
+    # --- model and cache -------------------------------------------------------------------------------------
+    model: str | None = _option(
+        None, MODEL_AND_CACHE, "checkpoint directory or preset name (default: the embedded tiny model)")
+    dtype: str = _option("auto", MODEL_AND_CACHE, "weights and KV dtype; auto: bfloat16 on a GPU, float32 on CPU",
+                         choices=DTYPE_NAMES)
+    max_model_len: int | None = _option(
+        None, MODEL_AND_CACHE, "longest sequence (default: the model's max_position_embeddings, capped by the KV pool)")
+    block_size: int = _option(16, MODEL_AND_CACHE, "tokens per KV block")
+    num_kv_blocks: int | None = _option(
+        None, MODEL_AND_CACHE, "KV pool size in blocks (default: what gpu_memory_utilization leaves after the weights)")
+    gpu_memory_utilization: float = _option(0.9, MODEL_AND_CACHE, "fraction of device memory for weights and KV pool")
+    cpu_kv_cache_tokens: int = _option(
+        65536, MODEL_AND_CACHE, "KV pool size in tokens where the device reports no memory limit (CPU)")
+    enable_prefix_caching: bool = _option(True, MODEL_AND_CACHE, "reuse the KV blocks of shared prompt prefixes")
+    params_cache_dir: str | None = _option(
+        None, MODEL_AND_CACHE, "orbax cache of converted weights: later starts skip safetensors")
     # Index into jax.devices() that holds the weights and KV pool and runs the steps (None: JAX's default device).
     # Aggregated mode only; ReplicatedAsyncLLM.from_config(..., devices=[...]) gives one engine per GPU this way.
-    device: int | None = None
+    device: int | None = _option(
+        None, MODEL_AND_CACHE, "index into jax.devices() running the engine, aggregated mode only "
+                               "(default: JAX's default device)")
+    kernel_impl: str | None = _option(None, MODEL_AND_CACHE, "attention kernels (default: chosen by the device)",
+                                      choices=KERNEL_IMPLS)
+    compilation_cache_dir: str | None = _option(
+        None, MODEL_AND_CACHE, "JAX's persistent compilation cache (shared by worker processes)")
+    warmup: bool = _option(False, MODEL_AND_CACHE, "compile every step shape at start instead of on first use")
+    min_table_blocks: int = _option(
+        64, MODEL_AND_CACHE, "narrowest block-table width compiled (fewer widths, fewer programs)")
+
+    # --- scheduling --------------------------------------------------------------------------------------------
+    max_num_seqs: int = _option(256, SCHEDULING, "most running requests per step")
+    max_num_batched_tokens: int = _option(2048, SCHEDULING, "per-step token budget of chunked prefill")
+    num_scheduler_steps: int = _option(
+        1, SCHEDULING, "> 1: decode-only batches run this many steps per host round trip")
+    max_prefill_seqs: int = _option(
+        16, SCHEDULING, "prefill chunks per step (a fixed slot count of the step shapes)")
+    scheduling_policy: str = _option("fcfs", SCHEDULING, "fcfs, priority, or program-aware: mlfq, plas, atlas",
+                                     choices=SCHEDULING_POLICIES)
+    # How a running request gives up its KV blocks: "recompute" frees them; "swap" copies them to host memory
+    # (aggregated mode only) and recomputes only when swap_space_gib is full.
+    preemption_mode: str = _option(
+        "recompute", SCHEDULING, "how a preempted request gives up its KV: recompute later, or swap to host "
+                                 "memory (aggregated mode only)", choices=PREEMPTION_MODES)
+    swap_space_gib: float = _option(4.0, SCHEDULING, "host memory (GiB) for swapped-out KV blocks")
+    seed: int = _option(0, SCHEDULING, "draws the seeds of requests that bring none (and the embedded model's weights)")
+
+    # --- disaggregation -----------------------------------------------------------------------------------------
     # Intra-GPU prefill/decode disaggregation. "off": one process, chunked prefill. "auto": prefill and decode
     # workers on SM partitions under a private CUDA MPS daemon, or (one warning) "off" where MPS cannot start.
     # "on": the worker processes even without MPS (CPU, tests): the same path, SM shares not enforced.
-    disaggregation: str = "off"
-    sm_ladder: tuple[int, ...] = (30, 50)  # decode SM shares (%) of the warm workers; prefill gets the rest
-    aggregate_when_safe: bool = True       # DuetServe: one mixed step on all SMs while it meets the TBT SLO
-    slo_ttft: float = 2.0                  # seconds: time to first token the partition controller aims for
-    slo_tbt: float = 0.05                  # seconds: time between tokens
-    prefill_aging: float = 15.0            # prefill order: remaining prompt tokens - this * seconds waited
-    cost_model_path: str | None = None     # profiled latency table (nexus-jax profile); default: found by GPU
-    # How a running request gives up its KV blocks: "recompute" frees them; "swap" copies them to host memory
-    # (aggregated mode only) and recomputes only when swap_space_gib is full.
-    preemption_mode: str = "recompute"
-    swap_space_gib: float = 4.0            # host memory for swapped-out KV blocks
+    disaggregation: str = _option(
+        "off", DISAGGREGATION, "prefill/decode workers on SM partitions: off, auto (MPS, else off with a "
+                               "warning), on (workers even without MPS)", choices=DISAGGREGATION_MODES)
+    sm_ladder: tuple[int, ...] = _option(
+        (30, 50), DISAGGREGATION, "decode SM shares (%) of the warm workers; prefill gets the rest")
+    aggregate_when_safe: bool = _option(
+        True, DISAGGREGATION, "one mixed step on all SMs while it meets the TBT SLO (DuetServe)")
+    slo_ttft: float = _option(2.0, DISAGGREGATION, "seconds: time to first token the partition controller aims for")
+    slo_tbt: float = _option(0.05, DISAGGREGATION, "seconds: time between tokens the partition controller aims for")
+    prefill_aging: float = _option(
+        15.0, DISAGGREGATION, "prefill order: remaining prompt tokens - this * seconds waited")
+    cost_model_path: str | None = _option(
+        None, DISAGGREGATION, "profiled latency table of `nexus-jax profile` (default: found by GPU name)")
+
+    # --- programs ----------------------------------------------------------------------------------------------
+    program_beta: float = _option(8.0, PROGRAMS, "anti-starvation threshold of the program-aware policies")
+    program_idle_timeout: float = _option(
+        600.0, PROGRAMS, "seconds after which an idle program's record (and a server session never ended) is dropped")
+    max_programs: int = _option(
+        100_000, PROGRAMS, "process-table records; past it the longest-idle sessionless ones go")
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_NAMES:
