@@ -1,4 +1,4 @@
-"""Issue 5's serving comparison: aggregated chunked prefill (token budget 2048 and 8192), a static 50/50 SM split
+"""The serving comparison of the modes: aggregated chunked prefill (token budget 2048 and 8192), a static 50/50 SM split
 and the dynamic split, on the same mixed workload and rate sweep; then one table with the sustainable rate of each.
 
   PYTHONPATH=. python3 benchmarks/bench_serve_modes.py run agg-2048 --out $OUT/serve   # one mode per device call

@@ -132,7 +132,7 @@ def test_quick_run_on_cpu_then_merge(tmp_path):
     quick = tmp_path / "quick"
     assert run_all.main(["--quick", "--only", "serve,model", "--out", str(quick)]) == 0
     md = (quick / "RESULTS.generated.md").read_text()
-    assert "## Serving benchmark (issue 4), quick mode" in md and "## Full model steps (issue 2), quick mode" in md
+    assert "## Serving benchmark, quick mode" in md and "## Full model steps, quick mode" in md
     assert "| quick (random, embedded tiny model), sweep at inf req/s | **4 done / 0 failed" in md
     assert "| decode step, batch 2 x context 64, tiny (device time of the jitted step) |" in md
     assert "| <= 13 ms | n/a (quick sizes) | about 12.5 ms (2026-11-22) |" in md
@@ -145,7 +145,7 @@ def test_quick_run_on_cpu_then_merge(tmp_path):
     merged = tmp_path / "merged"
     assert run_all.main(["--merge", str(quick), str(other / "results.json"), "--out", str(merged)]) == 0
     out = (merged / "RESULTS.generated.md").read_text()
-    assert "## Kernels from elsewhere" in out and "## Serving benchmark (issue 4)" in out
+    assert "## Kernels from elsewhere" in out and "## Serving benchmark" in out
     assert list(json.loads((merged / "results.json").read_text())["sections"]) == ["serve", "model", "kernels"]
     with pytest.raises(FileNotFoundError):
         run_all.main(["--merge", str(tmp_path / "missing"), "--out", str(merged)])
