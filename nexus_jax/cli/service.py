@@ -38,9 +38,9 @@ def _engine_config(args: argparse.Namespace, **config: Any):
 
 def _engine(args: argparse.Namespace, **config: Any):
     """The engine of the common flags; `config`: further EngineConfig fields a subcommand sets."""
-    from nexus_jax.core.engine import LLMEngine
+    from nexus_jax.entrypoints.build import build_engine
 
-    return LLMEngine.from_config(_engine_config(args, **config))
+    return build_engine(_engine_config(args, **config))
 
 
 def _int_at_least(minimum: int):
