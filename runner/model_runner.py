@@ -50,12 +50,22 @@ def fit_num_blocks(config: ModelConfig, block_size: int, dtype: Any, memory_util
     stats = (device or jax.devices()[0]).memory_stats() or {}
     if "bytes_limit" not in stats:
         return max(1, cpu_tokens // block_size)
+    total, used = stats["bytes_limit"], stats.get("bytes_in_use", 0)
     # Keep headroom for the step's activations and logits: a tenth of what is left, at least 1 GiB.
-    free = stats["bytes_limit"] * memory_utilization - stats.get("bytes_in_use", 0)
-    free -= max(free * 0.1, 1 << 30)
-    blocks = int(free // per_block)
+    headroom = max((total * memory_utilization - used) * 0.1, 1 << 30)
+    return kv_blocks_in_budget(total, used, memory_utilization, headroom, per_block)
+
+
+def kv_blocks_in_budget(total: float, used: float, utilization: float, reserve: float, bytes_per_block: int) -> int:
+    """KV blocks that fit in `utilization` of a device's `total` bytes beside the `used` bytes and a `reserve`
+    kept free; raises ValueError when not even one fits."""
+    budget = total * utilization - used - reserve
+    blocks = int(budget // bytes_per_block)
     if blocks < 1:
-        raise ValueError(f"no device memory left for the KV cache ({stats}); raise gpu_memory_utilization")
+        gib = 2**30
+        raise ValueError(f"no device memory left for the KV pool: {utilization:g} of {total / gib:.1f} GiB, "
+                         f"{used / gib:.1f} GiB in use, {reserve / gib:.1f} GiB kept free for the steps; raise "
+                         f"gpu_memory_utilization or set num_kv_blocks")
     return blocks
 
 

@@ -21,6 +21,7 @@ from test_batch import read_jsonl
 from test_server import serving, tokenizer  # noqa: F401 (fixture)
 
 from nexus_jax import EngineConfig, LLMEngine, SamplingParams
+from nexus_jax.entrypoints.build import build_engine
 from nexus_jax.entrypoints.batch import run_batch
 from nexus_jax.server.client import request
 from nexus_jax.server.grpc_server import SERVICE_NAME, ServerOptions, check_limits, prompt_of, sampling_params
@@ -54,7 +55,7 @@ def some_fields(odd: dict) -> st.SearchStrategy:
 
 
 def tiny_engine() -> LLMEngine:
-    return LLMEngine.from_config(EngineConfig(dtype="float32", max_model_len=MAX_LEN, max_num_seqs=8))
+    return build_engine(EngineConfig(dtype="float32", max_model_len=MAX_LEN, max_num_seqs=8))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ from pathlib import Path
 import jax
 import pytest
 
-from nexus_jax import EngineConfig, LLMEngine
+from nexus_jax import EngineConfig
+from nexus_jax.entrypoints.build import build_engine
 from nexus_jax.entrypoints.replicas import ReplicatedAsyncLLM
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,7 +24,8 @@ SCRIPT = r"""
 import asyncio, dataclasses, json, random
 import jax, numpy as np
 jax.config.update("jax_transfer_guard_device_to_device", "disallow")
-from nexus_jax import EngineConfig, LLMEngine, SamplingParams
+from nexus_jax import EngineConfig, SamplingParams
+from nexus_jax.entrypoints.build import build_engine
 from nexus_jax.entrypoints.replicas import ReplicatedAsyncLLM
 import runner.model.loader
 from runner.model_runner import ModelRunner, _run_step
@@ -57,7 +59,7 @@ def generate(engine):
     return [done[f"r{i}"] for i in range(len(prompts))]
 
 report = {}
-on1 = LLMEngine.from_config(dataclasses.replace(cfg, device=1))
+on1 = build_engine(dataclasses.replace(cfg, device=1))
 runner = on1.executor
 report["on1"] = placement(runner)
 report["warmup"] = runner.warmup(max_decode_rows=2, max_prefill_tokens=16, max_blocks=8, mixed=False)
@@ -89,7 +91,7 @@ with tempfile.TemporaryDirectory() as tmp:
     report["restored_on"] = sorted({d.id for x in jax.tree.leaves(restored) for d in x.devices()})
 del on1, runner, swap, restored, runner_params
 
-report["tokens0"] = generate(LLMEngine.from_config(dataclasses.replace(cfg, device=0)))
+report["tokens0"] = generate(build_engine(dataclasses.replace(cfg, device=0)))
 
 llm = ReplicatedAsyncLLM.from_config(cfg, 2, devices=[1, 0])
 try:
@@ -171,4 +173,4 @@ def test_devices_must_name_one_device_per_replica(devices):
 def test_device_index_past_the_last_device_is_rejected():
     n = len(jax.devices())
     with pytest.raises(ValueError, match=f"device {n} does not exist: JAX sees {n} device"):
-        LLMEngine.from_config(EngineConfig(device=n, num_kv_blocks=8))
+        build_engine(EngineConfig(device=n, num_kv_blocks=8))

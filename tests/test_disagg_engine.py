@@ -13,7 +13,8 @@ import pytest
 from nexus_jax import EngineConfig, SamplingParams
 from nexus_jax.core.block_manager import BlockManager
 from nexus_jax.disagg.cost_model import CostModel
-from nexus_jax.disagg.engine import AGGREGATE, DisaggEngine, decode_worker, prefill_worker
+from nexus_jax.disagg.engine import DisaggEngine
+from nexus_jax.disagg.ladder import AGGREGATE, decode_worker, prefill_worker
 from nexus_jax.disagg.partition import PartitionController, Slo
 from nexus_jax.disagg.phase_scheduler import PhaseScheduler
 from nexus_jax.testing import MockExecutor
@@ -57,12 +58,12 @@ class MockPool:
         pass
 
 
-def make_engine(ladder=(30, 50), tbt=0.05, seed=0, num_blocks=256, **cfg):
+def make_engine(ladder=(30, 50), tbt=0.05, seed=0, num_blocks=256, restart_pool=None, **cfg):
     config = EngineConfig(block_size=4, sm_ladder=ladder, max_num_batched_tokens=64, **cfg)
     model = ModelConfig.preset("llama-3.1-8b")
     controller = PartitionController(CostModel.analytic(model, 989e12, 3.35e12), ladder, Slo(tbt=tbt))
     return DisaggEngine(config, MockPool(ladder, num_blocks, 4, seed), controller, None, max_model_len=512,
-                        vocab_size=VOCAB)
+                        vocab_size=VOCAB, restart_pool=restart_pool)
 
 
 def expected(prompt, n):
@@ -166,8 +167,12 @@ class DeadMps:
 def test_a_lost_mps_daemon_restarts_the_pool_and_no_request_is_lost(seed):
     """A step fails while the MPS daemon is gone: every running request is recomputed on a new pool whose KV
     pool starts empty (the mock checks each chunk's cached prefix against the new pool's slots)."""
-    engine = make_engine(tbt=1e-9, seed=seed)
     pools, results = [], [0]
+
+    def restart(mps):
+        pools.append(MockPool((30, 50), 256, 4, seed))
+        return pools[-1], None  # the new pool, under no daemon
+    engine = make_engine(tbt=1e-9, seed=seed, restart_pool=restart)
 
     def failing(handle, original):
         def result():
@@ -178,14 +183,8 @@ def test_a_lost_mps_daemon_restarts_the_pool_and_no_request_is_lost(seed):
                 raise RuntimeError("CUDA error: the MPS server died")
             return original()
         return result
-
-    def restart():
-        engine.mps = None  # restarted
-        pools.append(MockPool((30, 50), 256, 4, seed))
-        return pools[-1]
     for h in engine.pool.workers.values():
         h.result = failing(h, h.result)
-    engine.restart_pool = restart
     arrivals = staggered(seed)
     done = run(engine, arrivals)
     assert len(pools) == 1 and engine.pool is pools[0]

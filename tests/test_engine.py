@@ -9,6 +9,7 @@ import math
 import pytest
 
 from nexus_jax import LLM, EngineConfig, LLMEngine, SamplingParams
+from nexus_jax.entrypoints.build import build_engine
 from nexus_jax.core.tokenizer import Tokenizer
 from nexus_jax.testing import MockExecutor
 from runner.model.default_model import default_model_dir
@@ -355,10 +356,10 @@ def test_warmup_warns_when_many_block_table_widths_multiply_the_programs(caplog,
     from runner.model_runner import ModelRunner
     compiled = []
     monkeypatch.setattr(ModelRunner, "warmup", lambda self, *a, **kw: compiled.append(a) or 0)  # no compiling
-    with caplog.at_level("WARNING", logger="nexus_jax.core.engine"):
-        LLMEngine.from_config(EngineConfig(warmup=True, cpu_kv_cache_tokens=512, min_table_blocks=8))
+    with caplog.at_level("WARNING", logger="nexus_jax.entrypoints.build"):
+        build_engine(EngineConfig(warmup=True, cpu_kv_cache_tokens=512, min_table_blocks=8))
     assert compiled and "3 block-table widths (8, 16, 32 blocks)" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="nexus_jax.core.engine"):
-        LLMEngine.from_config(EngineConfig(warmup=True, cpu_kv_cache_tokens=512, min_table_blocks=32))
+    with caplog.at_level("WARNING", logger="nexus_jax.entrypoints.build"):
+        build_engine(EngineConfig(warmup=True, cpu_kv_cache_tokens=512, min_table_blocks=32))
     assert "block-table widths" not in caplog.text

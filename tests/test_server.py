@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from test_engine import VOCAB, expected
 
 from nexus_jax import LLM, AsyncLLM, EngineConfig, LLMEngine, SamplingParams
+from nexus_jax.entrypoints.build import build_engine
 from nexus_jax.cli.service import register
 from nexus_jax.core.tokenizer import Tokenizer
 from nexus_jax.server.client import Client, generate_sync
@@ -279,7 +280,7 @@ def test_tls(tmp_path):
 
 
 def test_default_model_through_grpc_matches_the_offline_engine():
-    engine = LLMEngine.from_config(EngineConfig(dtype="float32"))
+    engine = build_engine(EngineConfig(dtype="float32"))
     prompt = "The capital of France is"
 
     async def main():

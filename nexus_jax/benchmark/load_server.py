@@ -37,11 +37,11 @@ def _serve_child(engine_config: dict[str, Any], options: dict[str, Any], conn) -
 
 async def _child_main(engine_config: dict[str, Any], options: dict[str, Any], conn) -> None:
     from nexus_jax.core.config import EngineConfig
-    from nexus_jax.core.engine import LLMEngine
     from nexus_jax.entrypoints.async_llm import AsyncLLM
+    from nexus_jax.entrypoints.build import build_engine
     from nexus_jax.server.grpc_server import NexusServer, ServerOptions
 
-    server = NexusServer(AsyncLLM(LLMEngine.from_config(EngineConfig(**engine_config))), ServerOptions(**options))
+    server = NexusServer(AsyncLLM(build_engine(EngineConfig(**engine_config))), ServerOptions(**options))
     conn.send(await server.start())
     loop = asyncio.get_running_loop()
     while True:

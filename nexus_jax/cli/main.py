@@ -14,9 +14,9 @@ from nexus_jax.entrypoints.engine_args import add_engine_args, engine_config_fro
 
 def _generate(args: argparse.Namespace) -> int:
     from nexus_jax import LLM, SamplingParams
-    from nexus_jax.core.engine import LLMEngine
+    from nexus_jax.entrypoints.build import build_engine
 
-    llm = LLM.from_engine(LLMEngine.from_config(engine_config_from_args(args)))
+    llm = LLM.from_engine(build_engine(engine_config_from_args(args)))
     if llm.get_tokenizer() is None:
         raise SystemExit(f"model {args.model} has no tokenizer.json; give a checkpoint directory with one")
     prompts = args.prompt or ["The capital of France is"]

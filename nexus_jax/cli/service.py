@@ -140,10 +140,10 @@ def _client(args: argparse.Namespace) -> int:
 
 
 def _batch(args: argparse.Namespace) -> int:
-    from nexus_jax.core.engine import LLMEngine
     from nexus_jax.entrypoints.batch import HostMemoryError, run_batch
+    from nexus_jax.entrypoints.build import build_engine
 
-    engine = LLMEngine.from_config(engine_config_from_args(args))
+    engine = build_engine(engine_config_from_args(args))
     defaults = {"max_tokens": args.max_tokens, "temperature": args.temperature}
     try:
         summary = run_batch(engine, args.input, args.output, args.errors, defaults=defaults,

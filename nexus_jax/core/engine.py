@@ -21,7 +21,7 @@ from nexus_jax.core.sampling_params import SamplingParams
 from nexus_jax.core.scheduler import Scheduler, SchedulerOutput
 from nexus_jax.core.stop import StopChecker
 from nexus_jax.core.swap_space import SwapSpace
-from nexus_jax.core.tokenizer import IncrementalDetokenizer, Tokenizer, eos_token_ids, load_tokenizer
+from nexus_jax.core.tokenizer import IncrementalDetokenizer, Tokenizer
 from nexus_jax.programs.table import ProgramConfig
 from runner.executor import Executor
 from runner.sampling import validate_row
@@ -51,6 +51,12 @@ class RequestGroup:
                              [s.completion() for s in self.seqs], self.finished, self.seqs[0].metrics, self.error)
 
 
+def program_config(config: EngineConfig) -> ProgramConfig:
+    """The process table's settings among the engine's."""
+    return ProgramConfig(beta=config.program_beta, idle_timeout=config.program_idle_timeout,
+                         max_programs=config.max_programs)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, executor: Executor, tokenizer: Tokenizer | None, *,
                  max_model_len: int, vocab_size: int, eos_token_ids: Sequence[int] = ()):
@@ -61,18 +67,18 @@ class LLMEngine:
         self.vocab_size = vocab_size
         self.eos_token_ids = tuple(eos_token_ids)
         self.block_manager = BlockManager(executor.num_blocks, executor.block_size, config.enable_prefix_caching)
-        swap_space = self._swap_space(config, executor) if config.preemption_mode == "swap" else None
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
-                                   max_num_batched_tokens=config.max_num_batched_tokens,
-                                   policy=config.scheduling_policy,
-                                   num_scheduler_steps=config.num_scheduler_steps,
-                                   max_prefill_seqs=config.max_prefill_seqs, swap_space=swap_space,
-                                   program_config=ProgramConfig(beta=config.program_beta,
-                                                                idle_timeout=config.program_idle_timeout,
-                                                                max_programs=config.max_programs))
+        self.scheduler = self._make_scheduler(config, executor)
         self.groups: dict[str, RequestGroup] = {}
         self._rng = random.Random(config.seed)
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
+
+    def _make_scheduler(self, config: EngineConfig, executor: Executor) -> Scheduler:
+        """One scheduler plans every step (the disaggregated engine plans its phases apart instead)."""
+        swap_space = self._swap_space(config, executor) if config.preemption_mode == "swap" else None
+        return Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
+                         max_num_batched_tokens=config.max_num_batched_tokens, policy=config.scheduling_policy,
+                         num_scheduler_steps=config.num_scheduler_steps, max_prefill_seqs=config.max_prefill_seqs,
+                         swap_space=swap_space, program_config=program_config(config))
 
     @staticmethod
     def _swap_space(config: EngineConfig, executor: Executor) -> SwapSpace:
@@ -83,71 +89,6 @@ class LLMEngine:
                              f"({executor.block_bytes} bytes each)")
         executor.allocate_swap_space(num_blocks)
         return SwapSpace(num_blocks)
-
-    @classmethod
-    def from_config(cls, config: EngineConfig) -> "LLMEngine":
-        """The aggregated engine, or with config.disaggregation the prefill/decode worker processes (see
-        nexus_jax.disagg.setup), falling back to aggregated where "auto" finds no MPS."""
-        if config.disaggregation != "off":
-            from nexus_jax.disagg.setup import build_engine
-            engine = build_engine(config)
-            if engine is not None:
-                return engine
-        return cls._aggregated(config)
-
-    @classmethod
-    def _aggregated(cls, config: EngineConfig) -> "LLMEngine":
-        import jax
-
-        from runner.model.loader import load_model
-        from runner.model_runner import ModelRunner, on_device
-        from runner.step_batch import StepShapes
-
-        if config.compilation_cache_dir is not None:
-            # Process-wide, and read when JAX first compiles: an engine started after other compilations may
-            # not use it.
-            jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        device = None
-        if config.device is not None:
-            devices = jax.devices()
-            if config.device >= len(devices):
-                raise ValueError(f"device {config.device} does not exist: JAX sees {len(devices)} device(s), "
-                                 f"indices 0..{len(devices) - 1}")
-            device = devices[config.device]
-        with on_device(device):  # the weights are read or generated straight onto the engine's device
-            loaded = load_model(config.model, config.dtype, cache_dir=config.params_cache_dir, seed=config.seed)
-        mc = loaded.config
-        if config.max_model_len is not None and config.max_model_len > mc.max_position_embeddings:
-            raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's context "
-                             f"({mc.max_position_embeddings})")
-        params, loaded.params = loaded.params, None
-        runner = ModelRunner(mc, params, num_blocks=config.num_kv_blocks, block_size=config.block_size,
-                             kernel_impl=config.kernel_impl, release_params=True,
-                             memory_utilization=config.gpu_memory_utilization,
-                             cpu_kv_tokens=config.cpu_kv_cache_tokens,
-                             shapes=StepShapes(prefill_seqs=config.max_prefill_seqs,
-                                               min_table_blocks=config.min_table_blocks), device=device)
-        del params
-        max_len = min(config.max_model_len or mc.max_position_embeddings, runner.num_blocks * config.block_size)
-        tokenizer = load_tokenizer(loaded)
-        if config.warmup:
-            start = time.monotonic()
-            widths = runner.shapes.table_widths(-(-max_len // config.block_size))
-            if len(widths) > 2:  # each width multiplies the programs: 8 widths took ~10 minutes on the 8B shape
-                log.warning("warm-up compiles every step shape for %d block-table widths (%s blocks); a smaller "
-                            "max_model_len or a larger min_table_blocks compiles fewer", len(widths),
-                            ", ".join(map(str, widths)))
-            n = runner.warmup(config.max_num_seqs, config.max_num_batched_tokens,
-                              -(-max_len // config.block_size), num_scheduler_steps=config.num_scheduler_steps)
-            log.info("compiled %d step programs ahead of time in %.1f s", n, time.monotonic() - start)
-        engine = cls(config, runner, tokenizer, max_model_len=max_len, vocab_size=mc.vocab_size,
-                     eos_token_ids=eos_token_ids(loaded, tokenizer))
-        swap = engine.scheduler.swap_space
-        if config.warmup and swap is not None:  # one step moves at most what the pool or the swap space holds
-            log.info("compiled %d swap programs ahead of time",
-                     runner.warmup_swap(min(runner.num_blocks, swap.num_blocks)))
-        return engine
 
     # ---- requests in
 

@@ -13,7 +13,7 @@ Each call of `step()` dispatches work to the idle phases and then folds back wha
 A worker that dies mid-step costs no request: the step's requests go back to waiting and are recomputed (their
 generated tokens kept), and a new process replaces the worker. If the holder died (the shared memory with it) or
 the replacement does not start (the MPS daemon died, for one), the whole pool restarts through `restart_pool`
-and every running request is recomputed.
+(which starts a dead MPS daemon again) and every running request is recomputed.
 """
 
 from __future__ import annotations
@@ -24,25 +24,20 @@ import time
 from typing import Any, Callable
 
 from nexus_jax.core.config import EngineConfig
-from nexus_jax.core.engine import LLMEngine
+from nexus_jax.core.engine import LLMEngine, program_config
 from nexus_jax.core.outputs import RequestOutput
 from nexus_jax.core.scheduler import SchedulerOutput
+from nexus_jax.disagg.ladder import AGGREGATE
 from nexus_jax.disagg.partition import Decision, LoadState, PartitionController
 from nexus_jax.disagg.phase_scheduler import PhaseScheduler
+from runner.executor import Executor
+from runner.workers.mps import MpsControl
 from runner.workers.pool import WorkerError, WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
 
-HOLDER = "holder"        # owns the shared weights and KV pool; runs no steps
-AGGREGATE = "aggregate"  # all SMs: mixed steps, or one phase alone
-
-
-def decode_worker(share: int) -> str:
-    return f"decode-{share}"
-
-
-def prefill_worker(decode_share: int) -> str:
-    return f"prefill-{100 - decode_share}"
+# Starts a new pool under the given MPS daemon (or a new daemon where that one died): (the pool, its daemon).
+RestartPool = Callable[[MpsControl | None], tuple[WorkerPool, MpsControl | None]]
 
 
 @dataclasses.dataclass
@@ -65,25 +60,30 @@ class PoolView:
 
 class DisaggEngine(LLMEngine):
     def __init__(self, config: EngineConfig, pool: WorkerPool, controller: PartitionController, tokenizer: Any,
-                 *, max_model_len: int, vocab_size: int, eos_token_ids=(), sm_enforced: bool = True):
+                 *, max_model_len: int, vocab_size: int, eos_token_ids=(), mps: MpsControl | None = None,
+                 device_kind: str | None = None, restart_pool: RestartPool | None = None):
+        """mps: the daemon that enforces the workers' SM shares (None: shares not enforced); device_kind: the
+        workers' device; restart_pool: how to start the pool again after a fault (None: it cannot restart)."""
         super().__init__(config, PoolView(pool, config.block_size), tokenizer, max_model_len=max_model_len,
                          vocab_size=vocab_size, eos_token_ids=eos_token_ids)
-        self.scheduler = PhaseScheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
-                                        max_num_batched_tokens=config.max_num_batched_tokens,
-                                        policy=config.scheduling_policy,
-                                        num_scheduler_steps=config.num_scheduler_steps,
-                                        program_config=self.scheduler.programs.config,
-                                        max_prefill_seqs=config.max_prefill_seqs,
-                                        prefill_aging=config.prefill_aging)
         self.pool = pool
         self.controller = controller
-        self.sm_enforced = sm_enforced
+        self.ladder = controller.ladder  # the workers the controller's decisions name
+        self.mps = mps
+        self.sm_enforced = mps is not None
+        self.device_kind = device_kind
+        self.restart_pool = restart_pool
         self.flights: dict[str, _Flight] = {}   # worker name -> the plan it is executing
         self.last_decision: Decision | None = None
         self.phase_steps = {"decode": 0, "prefill": 0, "mixed": 0}
         self.poll_interval = 0.005
-        self.restart_pool: Callable[[], WorkerPool] | None = None  # build_engine sets it (restarts MPS too)
         self.faults = {"worker_replacements": 0, "pool_restarts": 0, "requeued_requests": 0}
+
+    def _make_scheduler(self, config: EngineConfig, executor: Executor) -> PhaseScheduler:
+        return PhaseScheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
+                              max_num_batched_tokens=config.max_num_batched_tokens, policy=config.scheduling_policy,
+                              num_scheduler_steps=config.num_scheduler_steps, program_config=program_config(config),
+                              max_prefill_seqs=config.max_prefill_seqs, prefill_aging=config.prefill_aging)
 
     def has_unfinished_requests(self) -> bool:
         return super().has_unfinished_requests() or bool(self.flights)
@@ -132,30 +132,27 @@ class DisaggEngine(LLMEngine):
         alone = self.controller.allow_aggregate
         restarts = self.faults["pool_restarts"]
         if has_decode:
-            name = (decode_worker(decision.decode_share) if split else
-                    AGGREGATE if alone else decode_worker(self.controller.ladder[-1]))
+            name = (self.ladder.worker("decode", decision.decode_share) if split else
+                    AGGREGATE if alone else self.ladder.phase_workers("decode")[-1])
             outputs += self._submit(self._free_worker(name, "decode"), decode, "decode")
         elif decode is not None:
             self._unhold(decode)
         if self.faults["pool_restarts"] != restarts:  # the restart requeued the prefill plan's requests too
             self._unhold(prefill)
         elif has_prefill:
-            name = (prefill_worker(decision.decode_share) if split else
-                    AGGREGATE if alone else prefill_worker(self.controller.ladder[0]))
+            name = (self.ladder.worker("prefill", decision.decode_share) if split else
+                    AGGREGATE if alone else self.ladder.phase_workers("prefill")[-1])
             outputs += self._submit(self._free_worker(name, "prefill"), prefill, "prefill")
         elif prefill is not None:
             self._unhold(prefill)
         return outputs
 
     def _free_worker(self, wanted: str, phase: str) -> str:
-        """The wanted worker, or if it is executing (the other phase holds it), this phase's worker at the
-        smallest-decode-share rung the other phase leaves free."""
+        """The wanted worker, or if it is executing (the other phase holds it), this phase's worker with the fewest
+        SMs that the other phase leaves free."""
         if wanted not in self.flights:
             return wanted
-        ladder = self.controller.ladder
-        candidates = ([decode_worker(s) for s in ladder] if phase == "decode"
-                      else [prefill_worker(s) for s in reversed(ladder)])
-        return next(n for n in candidates if n not in self.flights)
+        return next(n for n in self.ladder.phase_workers(phase) if n not in self.flights)
 
     def _submit(self, name: str, plan: SchedulerOutput, phase: str) -> list[RequestOutput]:
         handle = self.pool.workers[name]
@@ -220,8 +217,7 @@ class DisaggEngine(LLMEngine):
 
     def _mps_lost(self) -> bool:
         # Without its daemon every MPS client's CUDA context is broken, though the processes may live on.
-        mps = getattr(self, "mps", None)
-        return mps is not None and not mps.alive()
+        return self.mps is not None and not self.mps.alive()
 
     def _restart(self) -> None:
         """A new pool (new shared weights and KV pool): every running request is recomputed. Raises when the
@@ -235,7 +231,7 @@ class DisaggEngine(LLMEngine):
         self.block_manager.reset_prefix_cache()  # the cached blocks' K/V went with the old pool
         self.pool.close()
         start = time.monotonic()
-        self.pool = self.restart_pool()
+        self.pool, self.mps = self.restart_pool(self.mps)
         self.executor.pool = self.pool
         self.faults["pool_restarts"] += 1
         log.warning("worker pool restarted in %.1f s", time.monotonic() - start)
@@ -257,5 +253,5 @@ class DisaggEngine(LLMEngine):
 
     def close(self) -> None:
         self.pool.close()
-        if getattr(self, "mps", None) is not None:
+        if self.mps is not None:
             self.mps.stop()

@@ -24,6 +24,8 @@ import dataclasses
 import logging
 from typing import Callable, Protocol, Sequence
 
+from nexus_jax.disagg.ladder import SmLadder
+
 log = logging.getLogger(__name__)
 
 MODES = ("aggregate", "split", "decode_only", "prefill_only")
@@ -75,12 +77,11 @@ class LoadState:
 
 
 class PartitionController:
-    def __init__(self, cost_model: LatencyModel, ladder: Sequence[int] = (20, 30, 40, 60), slo: Slo = Slo(), *,
-                 kv_threshold: float = 0.7, decode_slack: float = 1.1, prefill_slack: float = 1.3,
+    def __init__(self, cost_model: LatencyModel, ladder: SmLadder | Sequence[int] = (20, 30, 40, 60),
+                 slo: Slo = Slo(), *, kv_threshold: float = 0.7, decode_slack: float = 1.1, prefill_slack: float = 1.3,
                  hysteresis: float = 0.1, allow_aggregate: bool = True):
-        """ladder: the decode SM shares (percent) of the warm workers; prefill gets 100 - share."""
-        if not ladder or any(not isinstance(s, int) or not 1 <= s <= 99 for s in ladder):
-            raise ValueError(f"ladder must be non-empty integer decode shares within 1..99, got {list(ladder)}")
+        """ladder: the warm workers' ladder, or its decode SM shares (percent); prefill gets 100 - share."""
+        self.ladder = ladder if isinstance(ladder, SmLadder) else SmLadder(ladder)
         if not 0 <= kv_threshold <= 1:
             raise ValueError(f"kv_threshold must be within [0, 1], got {kv_threshold}")
         if decode_slack < 1 or prefill_slack < 1:
@@ -88,7 +89,6 @@ class PartitionController:
         if not 0 <= hysteresis < 1:
             raise ValueError(f"hysteresis must be within [0, 1), got {hysteresis}")
         self.cost_model = cost_model
-        self.ladder = sorted(set(ladder))
         self.slo = slo
         self.kv_threshold, self.decode_slack, self.prefill_slack = kv_threshold, decode_slack, prefill_slack
         self.hysteresis = hysteresis
@@ -156,7 +156,7 @@ class PartitionController:
                 cache_p[d] = self.cost_model.predict_prefill(100 - d, state.prefill_chunks, corun=True)
             return cache_p[d]
 
-        lad, tbt = self.ladder, self.slo.tbt
+        lad, tbt = self.ladder.shares, self.slo.tbt
         cur = self.current.decode_share if self.current and self.current.mode == "split" else None
         start = lad.index(cur) if cur in lad else len(lad) - 1
         note = ""

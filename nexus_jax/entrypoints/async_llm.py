@@ -19,6 +19,7 @@ from nexus_jax.core.config import EngineConfig
 from nexus_jax.core.engine import LLMEngine
 from nexus_jax.core.outputs import RequestOutput
 from nexus_jax.core.sampling_params import SamplingParams
+from nexus_jax.entrypoints.build import build_engine
 
 
 class EngineDeadError(RuntimeError):
@@ -41,7 +42,7 @@ class AsyncLLM:
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "AsyncLLM":
-        return cls(LLMEngine.from_config(config))
+        return cls(build_engine(config))
 
     async def generate(self, prompt: str | dict[str, Any], sampling_params: SamplingParams | None = None,
                        request_id: str | None = None, *, priority: int = 0, delta: bool = True,

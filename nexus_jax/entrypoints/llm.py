@@ -12,6 +12,7 @@ from nexus_jax.core.engine import LLMEngine
 from nexus_jax.core.outputs import RequestOutput
 from nexus_jax.core.sampling_params import SamplingParams
 from nexus_jax.core.tokenizer import Tokenizer
+from nexus_jax.entrypoints.build import build_engine
 
 PromptType = str | dict[str, Any]
 
@@ -24,7 +25,7 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any):
-        self.llm_engine = LLMEngine.from_config(EngineConfig(model=model, **kwargs))
+        self.llm_engine = build_engine(EngineConfig(model=model, **kwargs))
         self._ids = itertools.count()
 
     @classmethod

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 BINARY = "nvidia-cuda-mps-control"
 DEFAULT_PIPE_DIR = "/tmp/nvidia-mps"  # what CUDA clients use when CUDA_MPS_PIPE_DIRECTORY is unset
 DEFAULT_LOG_DIR = "/var/log/nvidia-mps"
+SM_PERCENT_ENV = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"  # a client's cap on the SMs its kernels use, in percent
 _QUERY_TIMEOUT = 5.0  # a stale control pipe can leave the control client waiting for a reader
 
 
@@ -145,7 +146,7 @@ class MpsControl:
         if sm_percent is not None:
             if isinstance(sm_percent, bool) or not isinstance(sm_percent, int) or not 1 <= sm_percent <= 100:
                 raise ValueError(f"sm_percent must be an int in 1..100 or None, got {sm_percent!r}")
-            env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(sm_percent)
+            env[SM_PERCENT_ENV] = str(sm_percent)
         return env
 
     def alive(self) -> bool:

@@ -19,6 +19,8 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Sequence
 
+from runner.compilation_cache import compilation_cache_env
+from runner.workers.mps import SM_PERCENT_ENV
 from runner.workers.worker import FD_ENV, SharedModel, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -30,10 +32,9 @@ class WorkerError(RuntimeError):
 
 
 class WorkerHandle:
-    def __init__(self, spec: WorkerSpec, sm_percent: int | None, process: Any, conn: Connection):
+    def __init__(self, spec: WorkerSpec, process: Any, conn: Connection):
         self.spec = spec
         self.name = spec.name
-        self.sm_percent = sm_percent
         self.process = process
         self.conn = conn
         self.busy = False
@@ -89,52 +90,47 @@ class WorkerHandle:
 class WorkerPool:
     """A holder process that owns the shared weights and pool, then the workers, all ready when this returns."""
 
-    def __init__(self, specs: Sequence[tuple[WorkerSpec, int | None]], *, mps_env: Any = None,
-                 compilation_cache_dir: str | None = None, start_timeout: float = 1800.0):
-        """specs: (spec, SM percent or None) per worker; the first is the holder. mps_env(percent) gives the MPS
-        client variables (None: no MPS, shares are not enforced)."""
+    def __init__(self, specs: Sequence[WorkerSpec], *, compilation_cache_dir: str | None = None,
+                 start_timeout: float = 1800.0):
+        """specs: one per worker, the holder first; each spec's env holds its MPS client variables (none: no MPS,
+        its SM share is not enforced)."""
         if not specs:
             raise ValueError("a worker pool needs at least one worker")
-        names = [s.name for s, _ in specs]
+        names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"worker names must be unique, got {names}")
         self.workers: dict[str, WorkerHandle] = {}
-        self._mps_env = mps_env
         self._cache_dir = compilation_cache_dir
         self.startup_seconds: dict[str, float] = {}
         try:
-            holder, percent = specs[0]
+            holder = specs[0]
             self.holder_name = holder.name
-            self.shared: SharedModel = self._start(holder, percent, None, start_timeout)
+            self.shared: SharedModel = self._start(holder, None, start_timeout)
             # The others map the holder's memory; they start in parallel.
-            pending = [self._launch(s, p, self.shared) for s, p in specs[1:]]
+            pending = [self._launch(s, self.shared) for s in specs[1:]]
             for handle, t0 in pending:
                 self._await_ready(handle, t0, start_timeout)
         except BaseException:
             self.close()
             raise
 
-    def _start(self, spec: WorkerSpec, percent: int | None, shared: SharedModel | None,
-               timeout: float) -> SharedModel:
-        handle, t0 = self._launch(spec, percent, shared)
+    def _start(self, spec: WorkerSpec, shared: SharedModel | None, timeout: float) -> SharedModel:
+        handle, t0 = self._launch(spec, shared)
         return self._await_ready(handle, t0, timeout)
 
-    def _launch(self, spec: WorkerSpec, percent: int | None, shared: SharedModel | None):
+    def _launch(self, spec: WorkerSpec, shared: SharedModel | None):
         env = {k: v for k, v in os.environ.items() if not k.startswith("CUDA_MPS_")}
         env.update({"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "TF_CPP_MIN_LOG_LEVEL": "2",
                     "PYTHONPATH": os.pathsep.join(filter(None, [_ROOT, env.get("PYTHONPATH")]))})
         env.update(dict(spec.env))
-        if self._mps_env is not None:
-            env.update(self._mps_env(percent))
         if self._cache_dir:
-            env["JAX_COMPILATION_CACHE_DIR"] = self._cache_dir
-            env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+            env.update(compilation_cache_env(self._cache_dir))
         ours, theirs = socket.socketpair()
         env[FD_ENV] = str(theirs.fileno())
         process = subprocess.Popen([sys.executable, "-m", "runner.workers.worker"], env=env, pass_fds=[theirs.fileno()])
         theirs.close()
         conn = Connection(ours.detach())
-        handle = WorkerHandle(spec, percent, process, conn)
+        handle = WorkerHandle(spec, process, conn)
         self.workers[spec.name] = handle
         conn.send((spec, shared))
         return handle, time.monotonic()
@@ -150,7 +146,7 @@ class WorkerPool:
             raise WorkerError(str(value))
         self.startup_seconds[handle.name] = time.monotonic() - t0
         log.info("worker %s ready in %.1f s (SM share %s)", handle.name, self.startup_seconds[handle.name],
-                 handle.sm_percent if self._mps_env is not None else "not enforced")
+                 dict(handle.spec.env).get(SM_PERCENT_ENV, "not enforced"))
         return value
 
     def replace(self, name: str, timeout: float = 1800.0) -> WorkerHandle:
@@ -160,7 +156,7 @@ class WorkerPool:
             raise ValueError("the holder owns the shared memory: a new holder needs a new pool")
         old = self.workers.pop(name)
         old.stop(timeout=5.0)
-        handle, t0 = self._launch(old.spec, old.sm_percent, self.shared)
+        handle, t0 = self._launch(old.spec, self.shared)
         self._await_ready(handle, t0, timeout)
         return handle
 

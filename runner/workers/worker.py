@@ -171,7 +171,7 @@ def _load_into_arenas(spec: WorkerSpec, kind: str) -> tuple[SharedModel, list[An
     import jax
 
     from runner.model.loader import load_model
-    from runner.model_runner import ModelRunner
+    from runner.model_runner import ModelRunner, kv_blocks_in_budget
     from runner.workers.shared_arena import SharedArena, export_arrays
 
     loaded = load_model(spec.model, spec.dtype, cache_dir=spec.params_cache_dir, seed=spec.seed)
@@ -187,11 +187,7 @@ def _load_into_arenas(spec: WorkerSpec, kind: str) -> tuple[SharedModel, list[An
     if num_blocks is None and kind == "cuda":
         import cupy as cp
         free, total = cp.cuda.runtime.memGetInfo()
-        budget = total * spec.memory_utilization - (total - free) - spec.reserve_bytes
-        num_blocks = int(budget // per_block)
-        if num_blocks < 1:
-            raise ValueError(f"no device memory left for the KV pool: {free / 2**30:.1f} GiB free of "
-                             f"{total / 2**30:.1f}, {spec.reserve_bytes / 2**30:.1f} GiB reserved for workers")
+        num_blocks = kv_blocks_in_budget(total, total - free, spec.memory_utilization, spec.reserve_bytes, per_block)
     elif num_blocks is None:
         num_blocks = max(1, spec.cpu_kv_tokens // spec.block_size)
     kv_shape = ModelRunner.kv_pool_shape(config, num_blocks, spec.block_size)
