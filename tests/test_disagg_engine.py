@@ -220,7 +220,7 @@ def test_prefill_order_is_shortest_first_with_aging():
     def req(rid, n, arrival):
         params = SamplingParams(max_tokens=2)
         from nexus_jax.core.outputs import RequestMetrics
-        return Request(rid, list(range(1, n + 1)), params, params.to_sampling_row(0, 0),
+        return Request(rid, list(range(1, n + 1)), params, params.to_row(0),
                        StopChecker(params, None, ()), RequestMetrics(arrival))
     import time
     now = time.monotonic()

@@ -24,7 +24,6 @@ from nexus_jax.core.swap_space import SwapSpace
 from nexus_jax.core.tokenizer import IncrementalDetokenizer, Tokenizer, eos_token_ids, load_tokenizer
 from nexus_jax.programs.table import ProgramConfig
 from runner.executor import Executor
-from runner.sampling import validate_row
 from runner.step_batch import SeqChunk
 
 log = logging.getLogger(__name__)
@@ -209,7 +208,7 @@ class LLMEngine:
             detok = (IncrementalDetokenizer(self.tokenizer, skip_special_tokens=child.skip_special_tokens)
                      if self.tokenizer is not None else None)
             seq = Request(request_id if params.n == 1 else f"{request_id}#{i}", ids, child,
-                          validate_row(child.to_sampling_row(child.seed, 0)),
+                          child.to_row(child.seed),
                           StopChecker(child, detok, self.eos_token_ids, max_new_tokens=room),
                           metrics if i == 0 else RequestMetrics(metrics.arrival_time), priority,
                           group_id=request_id, index=i, program_id=program_id,
@@ -321,7 +320,7 @@ class LLMEngine:
         chunks = plan.chunks
         seq_chunks = [SeqChunk(c.request.all_token_ids[c.start:c.start + c.num_tokens], c.start,
                                self.block_manager.block_table(c.request.request_id)) for c in chunks]
-        rows = [c.request.sampling_row[:5] + (len(c.request.output_token_ids),) for c in chunks]
+        rows = [c.request.sampling_row.at_step(len(c.request.output_token_ids)) for c in chunks]
         if plan.num_steps > 1:
             return "decode_steps", (seq_chunks, rows, plan.num_steps)
         wanted = [c.request.params.logprobs for c in chunks if c.request.params.logprobs is not None]
