@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from runner.executor import StepsExecutor
 from runner.model.config import ModelConfig
 from runner.model.llama import Transformer
 from runner.sampling import SamplingRow, SamplingTensors, sample
@@ -108,7 +109,7 @@ def on_device(device: jax.Device | None) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext() if device is None else jax.default_device(device)
 
 
-class ModelRunner:
+class ModelRunner(StepsExecutor):
     host_kv: np.ndarray | None = None  # the swap space, once allocate_swap_space made it
 
     def __init__(self, config: ModelConfig, params: dict[str, Any] | None, *, num_blocks: int | None = None,
@@ -167,7 +168,7 @@ class ModelRunner:
         """Runs one step and returns the sampler's output for each chunk, decodes first, then prefills.
 
         `sampling_rows[i]` holds the sampling parameters of chunk i (decodes then prefills); `banned[i]`, token
-        ids chunk i may not sample.
+        ids chunk i may not sample. The engine calls it through `execute` (see runner.executor.StepInput).
         """
         if len(sampling_rows) != len(decodes) + len(prefills):
             raise ValueError(f"{len(sampling_rows)} sampling rows for {len(decodes) + len(prefills)} chunks")

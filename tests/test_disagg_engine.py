@@ -18,6 +18,7 @@ from nexus_jax.disagg.partition import PartitionController, Slo
 from nexus_jax.disagg.phase_scheduler import PhaseScheduler
 from nexus_jax.testing import MockExecutor
 from runner.model.config import ModelConfig
+from runner.workers.messages import Execute
 
 VOCAB = 512
 
@@ -26,10 +27,11 @@ class MockHandle:
     def __init__(self, name, mock):
         self.name, self.mock, self.busy, self.result_value, self.calls = name, mock, False, None, 0
 
-    def submit(self, op, *args):
+    def submit(self, message):
         assert not self.busy, f"{self.name} got a second request while busy"
+        assert isinstance(message, Execute), message
         self.busy, self.calls = True, self.calls + 1
-        self.result_value = getattr(self.mock, op)(*args)
+        self.result_value = self.mock.execute(message.step)
 
     def result(self):
         self.busy = False

@@ -29,6 +29,7 @@ from nexus_jax.core.outputs import RequestOutput
 from nexus_jax.core.scheduler import SchedulerOutput
 from nexus_jax.disagg.partition import Decision, LoadState, PartitionController
 from nexus_jax.disagg.phase_scheduler import PhaseScheduler
+from runner.workers.messages import Execute
 from runner.workers.pool import WorkerError, WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -160,8 +161,7 @@ class DisaggEngine(LLMEngine):
     def _submit(self, name: str, plan: SchedulerOutput, phase: str) -> list[RequestOutput]:
         handle = self.pool.workers[name]
         try:
-            op, args = self._step_call(plan)
-            handle.submit(op, *args)
+            handle.submit(Execute(self._step_input(plan)))
         except Exception as e:  # noqa: BLE001 - the plan's requests end with an error, the engine goes on
             if not handle.alive() or self._mps_lost():
                 return self._recover(name, plan, e)

@@ -86,7 +86,7 @@ def build_engine(config: EngineConfig) -> DisaggEngine | None:
     try:
         loaded = load_model(config.model, config.dtype, cache_dir=config.params_cache_dir, with_params=False)
         mc = loaded.config
-        device = pool.workers[AGGREGATE].call("info")["device_kind"]
+        device = pool.workers[AGGREGATE].info()["device_kind"]
         controller = PartitionController(_cost_model(config, mc, device, loaded.name), config.sm_ladder,
                                          Slo(ttft=config.slo_ttft, tbt=config.slo_tbt),
                                          allow_aggregate=config.aggregate_when_safe)
