@@ -100,7 +100,7 @@ def startup(model: str, ladder: tuple[int, ...]) -> dict:
     if not hasattr(engine, "pool"):
         raise SystemExit("the engine fell back to the aggregated mode (see the log)")
     stats = engine.stats()
-    pids = {name: h.call("info")["pid"] for name, h in engine.pool.workers.items()}
+    pids = {name: h.info()["pid"] for name, h in engine.pool.workers.items()}
     mem = {p["pid"]: p["used_mib"] for p in gpu_processes()}
     rng = random.Random(1)
     prompts = [{"prompt_token_ids": [rng.randrange(10, 30000) for _ in range(rng.choice([256, 1024, 6000]))]}

@@ -21,7 +21,7 @@ import numpy as np
 from runner.model.checkpoint import random_params
 from runner.model.config import ModelConfig
 from runner.model_runner import ModelRunner, _run_step
-from runner.sampling import validate_row
+from runner.sampling import GREEDY_ROW
 from runner.step_batch import SeqChunk
 
 PEAK_BF16_TFLOPS = 989.0  # H100 SXM dense datasheet; MFU is quoted against it
@@ -57,7 +57,7 @@ def decode_step(runner: ModelRunner, batch: int, ctx: int, rng) -> tuple[float, 
     perm = rng.permutation(runner.num_blocks)
     tables = [perm[i * nblk:(i + 1) * nblk].tolist() for i in range(batch)]
     chunks = [SeqChunk([int(rng.integers(100, 1000))], ctx - 1, tables[i]) for i in range(batch)]
-    rows = [validate_row({"temperature": 0.0})] * batch
+    rows = [GREEDY_ROW] * batch
     t = time.perf_counter()
     runner.step(chunks, [], rows)
     print(f"first decode step (compile + run): {time.perf_counter() - t:.1f} s", flush=True)
@@ -70,7 +70,7 @@ def timed_device(runner: ModelRunner, decodes, prefills, rows, iters: int) -> fl
     from runner.sampling import SamplingTensors
     from runner.step_batch import build_step_batch
     batch = jax.device_put(build_step_batch(list(decodes), list(prefills), runner.block_size))
-    st = jax.device_put(SamplingTensors.from_rows(list(rows) + [None] * (batch.logits_indices.shape[0] - len(rows))))
+    st = jax.device_put(SamplingTensors.from_rows(rows, pad_to=batch.logits_indices.shape[0]))
 
     def run():
         out, runner.kv_pool = _run_step(runner.graphdef, runner.state, runner.kv_pool, batch, st, 0)
@@ -84,7 +84,7 @@ def prefill(runner: ModelRunner, seqs: int, tokens: int, rng) -> float:
     perm = rng.permutation(runner.num_blocks)
     chunks = [SeqChunk(rng.integers(100, 1000, tokens).tolist(), 0, perm[i * nblk:(i + 1) * nblk].tolist())
               for i in range(seqs)]
-    return timed_device(runner, [], chunks, [validate_row({"temperature": 0.0})] * seqs, 5)
+    return timed_device(runner, [], chunks, [GREEDY_ROW] * seqs, 5)
 
 
 def check_pallas_against_xla(cfg: ModelConfig, params, rng) -> float:

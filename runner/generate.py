@@ -9,7 +9,7 @@ import dataclasses
 from typing import Sequence
 
 from runner.model_runner import ModelRunner
-from runner.sampling import SamplingRow, validate_row
+from runner.sampling import GREEDY_ROW, SamplingRow
 from runner.step_batch import SeqChunk
 
 
@@ -29,9 +29,10 @@ class _Seq:
 
 
 def generate(runner: ModelRunner, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-             sampling: dict | None = None, prefill_chunk: int | None = None,
+             sampling: SamplingRow = GREEDY_ROW, prefill_chunk: int | None = None,
              eos_token_ids: Sequence[int] = ()) -> list[list[int]]:
-    """Generates up to `max_new_tokens` tokens per prompt; greedy unless `sampling` says otherwise."""
+    """Generates up to `max_new_tokens` tokens per prompt; greedy unless `sampling` (a row made by
+    `SamplingRow.validated`) says otherwise."""
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     if prefill_chunk is not None and prefill_chunk <= 0:
@@ -43,7 +44,7 @@ def generate(runner: ModelRunner, prompts: Sequence[Sequence[int]], max_new_toke
             raise ValueError(f"prompt {i} is empty")
         if len(p) + max_new_tokens > limit:
             raise ValueError(f"prompt {i}: {len(p)} tokens + {max_new_tokens} new exceed the context of {limit}")
-        seqs.append(_Seq(len(p), list(p), max_new_tokens, validate_row(sampling or {"temperature": 0.0}, i)))
+        seqs.append(_Seq(len(p), list(p), max_new_tokens, sampling))
     free = list(range(runner.num_blocks - 1, -1, -1))
     eos = set(eos_token_ids)
 
@@ -62,7 +63,7 @@ def generate(runner: ModelRunner, prompts: Sequence[Sequence[int]], max_new_toke
         prefilling = [s for s in live if s.cached < s.prompt_len]
         decodes = [chunk_of(s, 1) for s in decoding]
         prefills = [chunk_of(s, min(prefill_chunk or s.prompt_len, s.prompt_len - s.cached)) for s in prefilling]
-        rows = [s.sampling[:5] + (len(s.generated),) for s in decoding + prefilling]
+        rows = [s.sampling.at_step(len(s.generated)) for s in decoding + prefilling]
         out = runner.step(decodes, prefills, rows)
         for s, c, tok in zip(decoding + prefilling, decodes + prefills, out):
             s.cached += len(c.token_ids)

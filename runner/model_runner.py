@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from runner.executor import StepsExecutor
 from runner.model.config import ModelConfig
 from runner.model.llama import Transformer
 from runner.sampling import SamplingRow, SamplingTensors, sample
@@ -118,7 +119,7 @@ def on_device(device: jax.Device | None) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext() if device is None else jax.default_device(device)
 
 
-class ModelRunner:
+class ModelRunner(StepsExecutor):
     host_kv: np.ndarray | None = None  # the swap space, once allocate_swap_space made it
 
     def __init__(self, config: ModelConfig, params: dict[str, Any] | None, *, num_blocks: int | None = None,
@@ -176,8 +177,8 @@ class ModelRunner:
              num_logprobs: int = 0, banned: Sequence[Sequence[int]] | None = None):
         """Runs one step and returns the sampler's output for each chunk, decodes first, then prefills.
 
-        `sampling_rows[i]` holds the sampling parameters of chunk i (decodes then prefills), as checked by
-        `runner.sampling.validate_row`; `banned[i]`, token ids chunk i may not sample.
+        `sampling_rows[i]` holds the sampling parameters of chunk i (decodes then prefills); `banned[i]`, token
+        ids chunk i may not sample. The engine calls it through `execute` (see runner.executor.StepInput).
         """
         if len(sampling_rows) != len(decodes) + len(prefills):
             raise ValueError(f"{len(sampling_rows)} sampling rows for {len(decodes) + len(prefills)} chunks")
@@ -206,7 +207,7 @@ class ModelRunner:
                 raise ValueError(f"block table of {len(c.block_table)} blocks cannot hold {num_steps} steps "
                                  f"from position {c.start_pos}")
         batch = build_step_batch(list(decodes), [], self.block_size, self.shapes)
-        st = SamplingTensors.from_rows(list(sampling_rows) + [None] * (batch.num_decode - len(decodes)))
+        st = SamplingTensors.from_rows(sampling_rows, pad_to=batch.num_decode)
         out, self.kv_pool = _run_decode_steps(self.graphdef, self.state, self.kv_pool, batch, st, num_steps)
         return jax.device_get(out)[:, :len(decodes)]
 

@@ -21,8 +21,8 @@ from test_batch import read_jsonl
 from test_server import serving, tokenizer  # noqa: F401 (fixture)
 
 from nexus_jax import EngineConfig, LLMEngine, SamplingParams
-from nexus_jax.entrypoints.build import build_engine
 from nexus_jax.entrypoints.batch import run_batch
+from nexus_jax.entrypoints.build import build_engine
 from nexus_jax.server.client import request
 from nexus_jax.server.grpc_server import SERVICE_NAME, ServerOptions, check_limits, prompt_of, sampling_params
 from nexus_jax.server.proto import nexus_pb2 as pb

@@ -19,6 +19,7 @@ from nexus_jax.disagg.partition import PartitionController, Slo
 from nexus_jax.disagg.phase_scheduler import PhaseScheduler
 from nexus_jax.testing import MockExecutor
 from runner.model.config import ModelConfig
+from runner.workers.messages import Execute
 
 VOCAB = 512
 
@@ -27,10 +28,11 @@ class MockHandle:
     def __init__(self, name, mock):
         self.name, self.mock, self.busy, self.result_value, self.calls = name, mock, False, None, 0
 
-    def submit(self, op, *args):
+    def submit(self, message):
         assert not self.busy, f"{self.name} got a second request while busy"
+        assert isinstance(message, Execute), message
         self.busy, self.calls = True, self.calls + 1
-        self.result_value = getattr(self.mock, op)(*args)
+        self.result_value = self.mock.execute(message.step)
 
     def result(self):
         self.busy = False
@@ -219,7 +221,7 @@ def test_prefill_order_is_shortest_first_with_aging():
     def req(rid, n, arrival):
         params = SamplingParams(max_tokens=2)
         from nexus_jax.core.outputs import RequestMetrics
-        return Request(rid, list(range(1, n + 1)), params, params.to_sampling_row(0, 0),
+        return Request(rid, list(range(1, n + 1)), params, params.to_row(0),
                        StopChecker(params, None, ()), RequestMetrics(arrival))
     import time
     now = time.monotonic()

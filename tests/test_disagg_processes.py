@@ -12,6 +12,7 @@ import pytest
 
 from nexus_jax import LLM, SamplingParams
 from nexus_jax.disagg.partition import Slo
+from runner.workers.pool import WorkerError
 
 PROMPT_RNG = random.Random(3)
 PROMPTS = [[PROMPT_RNG.randrange(3, 500) for _ in range(PROMPT_RNG.randint(2, 70))] for _ in range(10)]
@@ -73,13 +74,20 @@ def test_greedy_outputs_equal_the_aggregated_engine(llm, reference, tbt):
 
 def test_workers_share_one_pool_and_report_their_roles(llm):
     engine = llm.llm_engine
-    infos = {name: h.call("info") for name, h in engine.pool.workers.items()}
+    infos = {name: h.info() for name, h in engine.pool.workers.items()}
     assert set(infos) == {"holder", "aggregate", "decode-50", "prefill-50"}
     assert len({i["pid"] for i in infos.values()}) == 4
     assert [n for n, i in infos.items() if i["holder"]] == ["holder"]
     assert {i["num_blocks"] for i in infos.values()} == {engine.block_manager.num_blocks}
     assert not any(i["in_place"] for i in infos.values())  # the CPU form copies written slots back
     assert engine.stats()["sm_isolation"] is False
+
+
+def test_a_worker_answers_a_message_it_does_not_take_with_an_error(llm):
+    handle = llm.llm_engine.pool.workers["decode-50"]
+    with pytest.raises(WorkerError, match="does not take a str message"):
+        handle.call("info")  # the former protocol named operations by string
+    assert handle.alive() and handle.info()["name"] == "decode-50"  # and it keeps serving
 
 
 def run_killing(engine, seed, victim: str, after_steps: int):

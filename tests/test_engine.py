@@ -9,10 +9,12 @@ import math
 import pytest
 
 from nexus_jax import LLM, EngineConfig, LLMEngine, SamplingParams
-from nexus_jax.entrypoints.build import build_engine
 from nexus_jax.core.tokenizer import Tokenizer
+from nexus_jax.entrypoints.build import build_engine
 from nexus_jax.testing import MockExecutor
+from runner.executor import StepInput
 from runner.model.default_model import default_model_dir
+from runner.sampling import SamplingRow
 
 VOCAB = 512
 BYTE0 = 7  # the default tokenizer's byte tokens: id = 7 + byte value
@@ -267,6 +269,22 @@ def test_multi_step_decode_matches_single_steps_and_stops_exactly():
     assert done["stopid"].outputs[0].token_ids == list(range(101, 107))
     assert calls["multi"] > 0
     assert engine.block_manager.usage == 0.0
+
+
+def test_each_plan_reaches_the_executor_as_one_typed_step():
+    engine = make_engine(num_scheduler_steps=4, eos=(40,))
+    steps = []
+    real = engine.executor.execute
+    engine.executor.execute = lambda step: steps.append(step) or real(step)
+    params = SamplingParams(temperature=0.8, seed=5, max_tokens=12, min_tokens=3, stop_token_ids=[33])
+    engine.add_request("seeded", {"prompt_token_ids": [30]}, params)
+    assert run_all(engine)["seeded"].outputs[0].token_ids == [31, 32, 34, 35, 36, 37, 38, 39, 40]  # 33 banned
+    generated = 0
+    for step in steps:  # the row built once, at the step of the tokens generated so far
+        assert type(step) is StepInput and step.rows == [SamplingRow(0.8, 0, 1.0, 0.0, 5, generated)]
+        assert step.banned == ([[40, 33]] if generated < 3 else None)  # EOS and stop ids until min_tokens
+        generated += step.num_steps
+    assert any(step.num_steps > 1 for step in steps)
 
 
 def test_multi_step_waits_while_requests_could_be_admitted():

@@ -10,7 +10,7 @@ from runner.generate import generate
 from runner.model.checkpoint import load_hf_params
 from runner.model.config import ModelConfig
 from runner.model_runner import ModelRunner
-from runner.sampling import validate_row
+from runner.sampling import GREEDY_ROW
 from runner.step_batch import SeqChunk
 
 BLOCK = 16
@@ -113,7 +113,7 @@ def test_greedy_after_prefix_cache_hit(model_pair):
     table = [0, 1, 3, 4, 5]  # blocks 0 and 1 hold the shared prefix's K/V
     tokens = list(second)
     cached = 2 * BLOCK
-    greedy = validate_row({"temperature": 0.0})
+    greedy = GREEDY_ROW
     tok = runner.step([], [SeqChunk(tokens[cached:], cached, table)], [greedy])[0]
     out = [int(tok)]
     cached = len(tokens)

@@ -1,19 +1,22 @@
 """Tests for runner/sampling.py: filters against a float64 reference, statistics, reproducibility, jit."""
 
-from types import SimpleNamespace
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from runner import sampling
-from runner.sampling import SamplingTensors, sample, validate_row
+from runner.sampling import GREEDY_ROW, SamplingRow, SamplingTensors, sample
 
 jit_sample = jax.jit(sample, static_argnames="num_logprobs")
 # 99.9% quantiles of chi-square with 1..7 degrees of freedom.
 CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}
 DRAWS = 8192
+
+
+def tensors(rows, pad_to):
+    """Sampling tensors of rows given as SamplingRow.validated arguments, padded with greedy rows to pad_to."""
+    return SamplingTensors.from_rows([SamplingRow.validated(**row) for row in rows], pad_to=pad_to)
 
 
 def draw(logits_row, n=DRAWS, **params):
@@ -24,7 +27,7 @@ def draw(logits_row, n=DRAWS, **params):
     rows = [dict(params, seed=params.get("seed", 7), step=step) for step in range(n)]
     padded = np.pad(np.asarray(logits_row, np.float32), (0, 8 - len(logits_row)), constant_values=-np.inf)
     logits = jnp.broadcast_to(jnp.asarray(padded), (n, 8))
-    return np.asarray(jit_sample(logits, SamplingTensors.from_params(rows, n)))
+    return np.asarray(jit_sample(logits, tensors(rows, n)))
 
 
 def reference_keep(logits_row, temperature, top_k=0, top_p=1.0, min_p=0.0):
@@ -62,7 +65,7 @@ def test_greedy_equals_argmax_with_ties():
     rng = np.random.default_rng(0)
     logits = rng.integers(0, 4, size=(64, 300)).astype(np.float32)  # many ties; argmax takes the lowest index
     rows = [{"temperature": 0.0, "top_k": 3, "top_p": 0.5, "min_p": 0.2} for _ in range(8)]
-    st = SamplingTensors.from_params(rows, pad_to=64)
+    st = tensors(rows, pad_to=64)
     for dtype in (jnp.float32, jnp.bfloat16):
         tokens = jit_sample(jnp.asarray(logits, dtype), st)
         assert tokens.dtype == jnp.int32
@@ -129,7 +132,7 @@ def test_random_filters_match_reference(vocab):
     per_case = 64
     logits = np.repeat(np.stack([row for row, _ in cases]), per_case, axis=0)
     rows = [dict(params, seed=i, step=step) for i, (_, params) in enumerate(cases) for step in range(per_case)]
-    tokens = np.asarray(jit_sample(jnp.asarray(logits), SamplingTensors.from_params(rows, len(rows))))
+    tokens = np.asarray(jit_sample(jnp.asarray(logits), tensors(rows, len(rows))))
     for i, (row, params) in enumerate(cases):
         keep = reference_keep(row, **params)
         drawn = set(tokens[i * per_case:(i + 1) * per_case].tolist())
@@ -169,13 +172,13 @@ def test_reproducible_across_positions_and_neighbours():
     probes = [{"temperature": 0.8, "top_p": 0.9, "seed": 100 + i, "step": 3 * i} for i in range(n // 2)]
     probes += [{"temperature": 1.0, "seed": 200 + i, "step": i} for i in range(n // 2)]
     alone = jit_sample(jnp.broadcast_to(jnp.asarray(probe_logits), (2 * n, vocab)),
-                       SamplingTensors.from_params(probes, 2 * n))[:n]
+                       tensors(probes, 2 * n))[:n]
     # Interleave with different requests; the flat top-p neighbour forces the full-sort fallback.
     neighbours = [{"temperature": 1.0, "top_p": 0.95, "seed": 5, "step": 0}] + [{"temperature": 0.0}] * (n - 1)
     order = rng.permutation(2 * n)
     mixed_rows = [(probes + neighbours)[j] for j in order]
     mixed_logits = np.concatenate([np.tile(probe_logits, (n, 1)), rng.normal(size=(n, vocab)) * 0.1])[order]
-    mixed = jit_sample(jnp.asarray(mixed_logits, jnp.float32), SamplingTensors.from_params(mixed_rows, 2 * n))
+    mixed = jit_sample(jnp.asarray(mixed_logits, jnp.float32), tensors(mixed_rows, 2 * n))
     position = np.argsort(order)[:n]
     np.testing.assert_array_equal(np.asarray(mixed)[position], np.asarray(alone))
 
@@ -185,18 +188,18 @@ def test_no_filter_path_equals_sort_path(vocab):
     rng = np.random.default_rng(3)
     logits = rng.normal(size=(32, vocab)).astype(np.float32)
     rows = [{"temperature": 1.0, "seed": 9, "step": i} for i in range(31)]
-    plain = jit_sample(jnp.asarray(logits), SamplingTensors.from_params(rows + [{"temperature": 1.0, "seed": 1}], 32))
+    plain = jit_sample(jnp.asarray(logits), tensors(rows + [{"temperature": 1.0, "seed": 1}], 32))
     with_filter = rows + [{"temperature": 1.0, "seed": 1, "top_p": 0.99, "top_k": 3000}]  # takes the full sort
-    sorted_path = jit_sample(jnp.asarray(logits), SamplingTensors.from_params(with_filter, 32))
+    sorted_path = jit_sample(jnp.asarray(logits), tensors(with_filter, 32))
     np.testing.assert_array_equal(np.asarray(plain)[:31], np.asarray(sorted_path)[:31])
 
 
 def test_steps_and_seeds_change_draws():
     rows = [{"temperature": 1.0, "seed": 11, "step": step} for step in range(64)]
-    tokens = jit_sample(jnp.zeros((64, 300)), SamplingTensors.from_params(rows, 64))
+    tokens = jit_sample(jnp.zeros((64, 300)), tensors(rows, 64))
     assert len(set(np.asarray(tokens).tolist())) > 45
     rows = [{"temperature": 1.0, "seed": seed, "step": 0} for seed in range(64)]
-    tokens = jit_sample(jnp.zeros((64, 300)), SamplingTensors.from_params(rows, 64))
+    tokens = jit_sample(jnp.zeros((64, 300)), tensors(rows, 64))
     assert len(set(np.asarray(tokens).tolist())) > 45
 
 
@@ -204,7 +207,7 @@ def test_mixed_batch():
     rng = np.random.default_rng(4)
     logits = rng.normal(size=(64, 300)).astype(np.float32)
     rows = [{"temperature": 0.0} if i % 2 else {"temperature": 2.0, "seed": i, "top_k": 50} for i in range(60)]
-    tokens = np.asarray(jit_sample(jnp.asarray(logits), SamplingTensors.from_params(rows, 64)))
+    tokens = np.asarray(jit_sample(jnp.asarray(logits), tensors(rows, 64)))
     argmax = np.argmax(logits, axis=-1)
     greedy = np.array([i % 2 == 1 or i >= 60 for i in range(64)])
     np.testing.assert_array_equal(tokens[greedy], argmax[greedy])
@@ -215,14 +218,14 @@ def test_logprobs_are_raw_log_softmax():
     rng = np.random.default_rng(5)
     logits = jnp.asarray(rng.normal(size=(64, 300)) * 3, jnp.bfloat16)
     rows = [{"temperature": 0.5, "top_k": 10, "seed": i} for i in range(32)]
-    result = jit_sample(logits, SamplingTensors.from_params(rows, 64), num_logprobs=5)
+    result = jit_sample(logits, tensors(rows, 64), num_logprobs=5)
     expected = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
     np.testing.assert_allclose(result.token_logprobs, expected[np.arange(64), np.asarray(result.tokens)], rtol=1e-6)
     order = np.argsort(-expected, axis=-1, kind="stable")[:, :5]
     np.testing.assert_array_equal(result.top_ids, order)
     np.testing.assert_allclose(result.top_logprobs, np.take_along_axis(expected, order, axis=-1), rtol=1e-6)
     assert np.all(np.diff(np.asarray(result.top_logprobs), axis=-1) <= 0)
-    np.testing.assert_array_equal(result.tokens, jit_sample(logits, SamplingTensors.from_params(rows, 64)))
+    np.testing.assert_array_equal(result.tokens, jit_sample(logits, tensors(rows, 64)))
 
 
 @pytest.mark.parametrize("row, field", [
@@ -239,12 +242,13 @@ def test_logprobs_are_raw_log_softmax():
 ])
 def test_validation_errors(row, field):
     with pytest.raises(ValueError, match=field):
-        SamplingTensors.from_params([row], pad_to=2)
+        SamplingRow.validated(**row)
 
 
-def test_from_params_pads_with_greedy_rows():
-    rows = [SimpleNamespace(temperature=0.9, top_k=-1, top_p=0.8, min_p=0.1, seed=-1, step=4), {"temperature": 0.0}]
-    st = SamplingTensors.from_params(rows, pad_to=4)
+def test_from_rows_pads_with_greedy_rows():
+    rows = [SamplingRow.validated(temperature=0.9, top_k=-1, top_p=0.8, min_p=0.1, seed=-1, step=4),
+            SamplingRow.validated(temperature=0.0)]
+    st = SamplingTensors.from_rows(rows, pad_to=4)
     np.testing.assert_allclose(st.temperature, [0.9, 0.0, 0.0, 0.0])
     np.testing.assert_array_equal(st.top_k, [0, 0, 0, 0])
     np.testing.assert_allclose(st.top_p, [0.8, 1.0, 1.0, 1.0])
@@ -252,7 +256,18 @@ def test_from_params_pads_with_greedy_rows():
     np.testing.assert_array_equal(st.step, [4, 0, 0, 0])
     assert (st.seed.dtype, st.top_k.dtype, st.temperature.dtype) == (jnp.uint32, jnp.int32, jnp.float32)
     with pytest.raises(ValueError, match="pad_to"):
-        SamplingTensors.from_params(rows, pad_to=1)
+        SamplingTensors.from_rows(rows, pad_to=1)
+
+
+def test_rows_are_validated_once_and_only_change_their_step():
+    row = SamplingRow.validated(temperature=0.5, top_k=2**31, top_p=0.5, seed=2**32 + 3)
+    assert row == SamplingRow(0.5, 0, 0.5, 0.0, 3, 0)  # top_k out of int32 range is off; the seed wraps
+    assert row.at_step(9) == row._replace(step=9) and type(row.at_step(9)) is SamplingRow
+    assert SamplingRow.validated(temperature=0.0) == GREEDY_ROW
+    with pytest.raises(ValueError, match="top_p must be a number"):
+        SamplingRow.validated(top_p=None, seed=0)  # no field takes None for its default (only a greedy seed)
+    with pytest.raises(ValueError, match="temperature is too large"):
+        SamplingRow.validated(temperature=10**400, seed=0)
 
 
 def test_jit_does_not_retrace_on_value_changes():
@@ -264,9 +279,9 @@ def test_jit_does_not_retrace_on_value_changes():
 
     jitted = jax.jit(step)
     logits = jnp.asarray(np.random.default_rng(6).normal(size=(8, 100)), jnp.float32)
-    first = jitted(logits, SamplingTensors.from_params([], 8))
+    first = jitted(logits, tensors([], 8))
     rows = [{"temperature": 1.0, "top_k": 5, "top_p": 0.5, "min_p": 0.1, "seed": 3, "step": 2}] * 8
-    second = jitted(logits * 2, SamplingTensors.from_params(rows, 8))
+    second = jitted(logits * 2, tensors(rows, 8))
     assert len(traces) == 1
     np.testing.assert_array_equal(first.tokens, np.argmax(np.asarray(logits), axis=-1))
     assert second.tokens.shape == (8,)
@@ -275,8 +290,8 @@ def test_jit_does_not_retrace_on_value_changes():
 def test_banned_tokens_are_never_sampled_but_keep_their_logprobs():
     logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 64)) * 3, jnp.float32)
     best = np.asarray(jnp.argmax(logits, axis=-1))
-    rows = [validate_row({"temperature": 0.0}), validate_row({"temperature": 1.0, "seed": 1}),
-            validate_row({"temperature": 0.5, "top_k": 2, "seed": 2}), validate_row({"temperature": 0.0})]
+    rows = [GREEDY_ROW, SamplingRow.validated(temperature=1.0, seed=1),
+            SamplingRow.validated(temperature=0.5, top_k=2, seed=2), GREEDY_ROW]
     banned = [[int(best[0])], list(range(0, 64, 2)), [int(best[2])], None]
     st = jax.tree.map(jnp.asarray, SamplingTensors.from_rows(rows, banned))
     run = jax.jit(lambda st: sample(logits, st, num_logprobs=2))

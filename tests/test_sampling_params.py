@@ -9,7 +9,7 @@ import pytest
 
 from nexus_jax.core.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from nexus_jax.core.sampling_params import SamplingParams
-from runner.sampling import SamplingTensors, sample
+from runner.sampling import SamplingRow, SamplingTensors, sample
 
 VLLM_DEFAULTS = dict(n=1, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, seed=None, stop=[], stop_token_ids=[],
                      ignore_eos=False, max_tokens=16, min_tokens=0, logprobs=None, skip_special_tokens=True,
@@ -90,29 +90,42 @@ def test_normalisation():
 
 @pytest.mark.parametrize("top_k,expected", [(0, 0), (-1, 0), (1, 1), (40, 40)])
 def test_top_k_off_values(top_k, expected):
-    assert SamplingParams(top_k=top_k).to_sampling_row(seed=1, step=0)["top_k"] == expected
+    assert SamplingParams(top_k=top_k).to_row(seed=1).top_k == expected
 
 
 def test_sampling_rows_drive_the_sampler():
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.normal(size=(4, 32)).astype(np.float32) * 3)
     greedy = SamplingParams(temperature=1e-6, top_k=-1)
-    assert greedy.greedy and greedy.to_sampling_row(3, 0)["temperature"] == 0.0
+    assert greedy.greedy and greedy.to_row(3).temperature == 0.0
     assert not SamplingParams(temperature=1e-5).greedy
-    row = SamplingParams(temperature=0.7, top_p=0.9, min_p=0.05, top_k=5).to_sampling_row(seed=11, step=4)
-    assert row == {"temperature": 0.7, "top_k": 5, "top_p": 0.9, "min_p": 0.05, "seed": 11, "step": 4}
-    rows = [greedy.to_sampling_row(0, 0), row, SamplingParams(top_k=1).to_sampling_row(5, 2),
-            SamplingParams(seed=3).to_sampling_row(3, 9)]
-    tokens = np.asarray(sample(logits, SamplingTensors.from_params(rows, 4)))
+    row = SamplingParams(temperature=0.7, top_p=0.9, min_p=0.05, top_k=5).to_row(seed=11).at_step(4)
+    assert row == SamplingRow(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, seed=11, step=4)
+    rows = [greedy.to_row(0), row, SamplingParams(top_k=1).to_row(5).at_step(2),
+            SamplingParams(seed=3).to_row(3).at_step(9)]
+    tokens = np.asarray(sample(logits, SamplingTensors.from_rows(rows, pad_to=4)))
     argmax = np.asarray(jnp.argmax(logits, axis=-1))
     assert tokens[0] == argmax[0] and tokens[2] == argmax[2]  # greedy, and top_k=1 leaves only the argmax
     # The same seed and step draw the same token, whatever the batch position.
-    again = np.asarray(sample(logits[::-1], SamplingTensors.from_params(rows[::-1], 4)))
+    again = np.asarray(sample(logits[::-1], SamplingTensors.from_rows(rows[::-1], pad_to=4)))
     assert np.array_equal(again[::-1], tokens)
     with pytest.raises(ValueError, match="step"):
-        SamplingParams().to_sampling_row(seed=1, step=-1)
+        SamplingRow.validated(seed=1, step=-1)
     with pytest.raises(ValueError, match="seed"):
-        SamplingParams().to_sampling_row(seed=None, step=0)
+        SamplingParams().to_row(seed=None)
+
+
+@pytest.mark.parametrize("params,seed,expected", [  # what the former dict path (to_sampling_row, validate_row) built
+    ({}, 5, (1.0, 0, 1.0, 0.0, 5, 0)),
+    ({"temperature": 1e-6, "top_k": -1}, 3, (0.0, 0, 1.0, 0.0, 3, 0)),
+    ({"temperature": 0.7, "top_p": 0.9, "min_p": 0.05, "top_k": 5}, -1, (0.7, 5, 0.9, 0.05, 2**32 - 1, 0)),
+    ({"temperature": 2, "top_k": 2**40, "top_p": 2e-45}, 2**33 + 7, (2.0, 0, 2e-45, 0.0, 7, 0)),
+    ({"temperature": 0.0, "top_k": 40, "min_p": 0.5}, 0, (0.0, 40, 1.0, 0.5, 0, 0)),
+])
+def test_rows_equal_the_former_dict_path(params, seed, expected):
+    row = SamplingParams(**params).to_row(seed)
+    assert type(row) is SamplingRow and row == SamplingRow(*expected)
+    assert all(type(a) is type(b) for a, b in zip(row, expected))
 
 
 def test_children():

@@ -15,9 +15,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from test_engine import VOCAB, expected
 
 from nexus_jax import LLM, AsyncLLM, EngineConfig, LLMEngine, SamplingParams
-from nexus_jax.entrypoints.build import build_engine
 from nexus_jax.cli.service import register
 from nexus_jax.core.tokenizer import Tokenizer
+from nexus_jax.entrypoints.build import build_engine
 from nexus_jax.server.client import Client, generate_sync
 from nexus_jax.server.grpc_server import RETRY_AFTER_KEY, SERVICE_NAME, NexusServer, ServerOptions
 from nexus_jax.server.proto import nexus_pb2 as pb

@@ -31,16 +31,15 @@ def make_engine(num_blocks=12, swap_blocks=64, mode="swap", **cfg):
                           **cfg)
     engine = LLMEngine(config, MockExecutor(VOCAB, num_blocks, BLOCK), None, max_model_len=256, vocab_size=VOCAB)
     engine.computed_tokens = 0
-    step_call = engine._step_call
+    step_input = engine._step_input
 
     def checked(plan):  # runs after the plan's swaps, right before the step
-        op, args = step_call(plan)
-        seq_chunks = args[0] + args[1] if op == "step" else args[0]
-        for chunk, sc in zip(plan.chunks, seq_chunks):
+        step = step_input(plan)
+        for chunk, sc in zip(plan.chunks, [*step.decodes, *step.prefills]):
             assert engine.executor.context(sc) == chunk.request.all_token_ids[:chunk.start], chunk.request.request_id
         engine.computed_tokens += plan.num_tokens + (plan.num_steps - 1) * len(plan.decodes)
-        return op, args
-    engine._step_call = checked
+        return step
+    engine._step_input = checked
     return engine
 
 

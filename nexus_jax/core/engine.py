@@ -23,8 +23,8 @@ from nexus_jax.core.stop import StopChecker
 from nexus_jax.core.swap_space import SwapSpace
 from nexus_jax.core.tokenizer import IncrementalDetokenizer, Tokenizer
 from nexus_jax.programs.table import ProgramConfig
-from runner.executor import Executor
-from runner.sampling import validate_row
+from runner.executor import Executor, StepInput
+from runner.sampling import SampleResult
 from runner.step_batch import SeqChunk
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class LLMEngine:
             detok = (IncrementalDetokenizer(self.tokenizer, skip_special_tokens=child.skip_special_tokens)
                      if self.tokenizer is not None else None)
             seq = Request(request_id if params.n == 1 else f"{request_id}#{i}", ids, child,
-                          validate_row(child.to_sampling_row(child.seed, 0)),
+                          child.to_row(child.seed),
                           StopChecker(child, detok, self.eos_token_ids, max_new_tokens=room),
                           metrics if i == 0 else RequestMetrics(metrics.arrival_time), priority,
                           group_id=request_id, index=i, program_id=program_id,
@@ -225,8 +225,7 @@ class LLMEngine:
             return outputs
         started = time.monotonic()
         try:
-            op, args = self._step_call(plan)
-            result = getattr(self.executor, op)(*args)
+            result = self.executor.execute(self._step_input(plan))
         except Exception as e:  # a failed step must not lose its requests: they end with an error
             log.exception("step failed; failing its %d requests", len(plan.chunks))
             return outputs + self._fail(plan, f"{type(e).__name__}: {e}")
@@ -239,7 +238,8 @@ class LLMEngine:
         self.scheduler.update(plan)
         now = time.monotonic()
         self.scheduler.record_service(plan, now - started)  # before _append can finish requests
-        token_rows = result if plan.num_steps > 1 else [getattr(result, "tokens", result)]
+        sampled = result.tokens if isinstance(result, SampleResult) else result
+        token_rows = sampled if plan.num_steps > 1 else [sampled]  # [num_steps, chunks]
         samples = [chunk.samples for chunk in plan.chunks]  # before appending changes the requests' lengths
         for k, tokens in enumerate(token_rows):
             for i, chunk in enumerate(plan.chunks):
@@ -257,20 +257,20 @@ class LLMEngine:
                 outputs.append(group.output())
         return outputs
 
-    def _step_call(self, plan: SchedulerOutput) -> tuple[str, tuple]:
-        """The executor method and arguments that run `plan` (an executor or a worker process takes them)."""
+    def _step_input(self, plan: SchedulerOutput) -> StepInput:
+        """What runs `plan`, for an executor here or a worker process."""
         chunks = plan.chunks
         seq_chunks = [SeqChunk(c.request.all_token_ids[c.start:c.start + c.num_tokens], c.start,
                                self.block_manager.block_table(c.request.request_id)) for c in chunks]
-        rows = [c.request.sampling_row[:5] + (len(c.request.output_token_ids),) for c in chunks]
+        rows = [c.request.sampling_row.at_step(len(c.request.output_token_ids)) for c in chunks]
+        decodes, prefills = seq_chunks[:len(plan.decodes)], seq_chunks[len(plan.decodes):]
         if plan.num_steps > 1:
-            return "decode_steps", (seq_chunks, rows, plan.num_steps)
+            return StepInput(decodes, prefills, rows, num_steps=plan.num_steps)
         wanted = [c.request.params.logprobs for c in chunks if c.request.params.logprobs is not None]
         # logprobs=0 still wants the sampled token's log-prob, which the executor returns only when asked for 1+
         num_logprobs = max(max(wanted), 1) if wanted else 0
         banned = [self._banned(c.request) for c in chunks]
-        return "step", (seq_chunks[:len(plan.decodes)], seq_chunks[len(plan.decodes):], rows, num_logprobs,
-                        banned if any(banned) else None)
+        return StepInput(decodes, prefills, rows, num_logprobs, banned if any(banned) else None)
 
     def _banned(self, seq: Request) -> list[int]:
         """Until min_tokens are out, EOS and the stop ids are not sampled at all (vLLM's behaviour)."""

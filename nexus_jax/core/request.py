@@ -28,7 +28,7 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams          # this sequence's own (n == 1, seed set)
-    sampling_row: SamplingRow       # params as the device sampler's row, validated once (step is filled per step)
+    sampling_row: SamplingRow       # params as the device sampler's row at step 0, validated once (see to_row)
     stop: StopChecker
     metrics: RequestMetrics
     priority: int = 0               # lower runs first under the priority policy (vLLM's convention)

@@ -12,7 +12,7 @@ import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from runner.sampling import GREEDY_TEMPERATURE, MAX_TEMPERATURE, MIN_TOP_P
+from runner.sampling import GREEDY_TEMPERATURE, SamplingRow
 
 # vLLM's default `max_logprobs`: the most top log-probs one request may ask for per token.
 MAX_LOGPROBS = 20
@@ -51,18 +51,14 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         self.n = _integer(self.n, "n", minimum=1)
-        self.temperature = _real(self.temperature, "temperature")
-        if not 0.0 <= self.temperature <= MAX_TEMPERATURE:
-            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:.4g}], got {self.temperature}")
-        self.top_p = _real(self.top_p, "top_p")
-        if not MIN_TOP_P <= self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] (at least {MIN_TOP_P:.2g}), got {self.top_p}")
+        # The sampler's fields go through the sampler's own check (float32 ranges included); a missing seed is
+        # drawn later, so any seed stands in for it here.
+        SamplingRow.validated(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                              seed=0 if self.seed is None else self.seed)
+        self.temperature, self.top_p, self.min_p = float(self.temperature), float(self.top_p), float(self.min_p)
         self.top_k = _integer(self.top_k, "top_k", minimum=-1)
-        self.min_p = _real(self.min_p, "min_p")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.seed is not None:
-            self.seed = _integer(self.seed, "seed")
+            self.seed = int(self.seed)
         if self.max_tokens is not None:
             self.max_tokens = _integer(self.max_tokens, "max_tokens", minimum=1)
         self.min_tokens = _integer(self.min_tokens, "min_tokens", minimum=0)
@@ -83,14 +79,14 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
 
-    def to_sampling_row(self, seed: int, step: int) -> dict[str, Any]:
-        """One row for `runner.sampling.SamplingTensors.from_params`.
+    def to_row(self, seed: int) -> SamplingRow:
+        """The device sampler's row of a sequence with these settings, at step 0; built once per sequence, the
+        engine then only advances its step.
 
-        seed: the sequence's seed (clone_for_child gives every sequence one); step: tokens it has generated.
+        seed: the sequence's seed (clone_for_child gives every sequence one).
         """
-        return {"temperature": 0.0 if self.greedy else self.temperature, "top_k": max(self.top_k, 0),
-                "top_p": self.top_p, "min_p": self.min_p, "seed": _integer(seed, "seed"),
-                "step": _integer(step, "step", minimum=0)}
+        return SamplingRow.validated(temperature=0.0 if self.greedy else self.temperature, top_k=self.top_k,
+                                     top_p=self.top_p, min_p=self.min_p, seed=seed)
 
     def clone_for_child(self, index: int, drawn_seed: int) -> SamplingParams:
         """Settings of completion `index` of the n: n=1 and its own seed.
@@ -111,15 +107,6 @@ def _integer(value: Any, name: str, minimum: int | None = None) -> int:
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
-
-
-def _real(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    try:
-        return float(value)
-    except OverflowError:  # an integer beyond float range; its repr may be thousands of digits
-        raise ValueError(f"{name} is too large to be a float") from None
 
 
 def _stop_strings(stop: str | Iterable[str] | None) -> list[str]:

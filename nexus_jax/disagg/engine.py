@@ -31,6 +31,7 @@ from nexus_jax.disagg.ladder import AGGREGATE
 from nexus_jax.disagg.partition import Decision, LoadState, PartitionController
 from nexus_jax.disagg.phase_scheduler import PhaseScheduler
 from runner.executor import Executor
+from runner.workers.messages import Execute
 from runner.workers.mps import MpsControl
 from runner.workers.pool import WorkerError, WorkerHandle, WorkerPool
 
@@ -157,8 +158,7 @@ class DisaggEngine(LLMEngine):
     def _submit(self, name: str, plan: SchedulerOutput, phase: str) -> list[RequestOutput]:
         handle = self.pool.workers[name]
         try:
-            op, args = self._step_call(plan)
-            handle.submit(op, *args)
+            handle.submit(Execute(self._step_input(plan)))
         except Exception as e:  # noqa: BLE001 - the plan's requests end with an error, the engine goes on
             if not handle.alive() or self._mps_lost():
                 return self._recover(name, plan, e)

@@ -90,7 +90,7 @@ def build_disaggregated(config: EngineConfig) -> DisaggEngine | None:
         raise
     try:
         loaded = load_checked(config, with_params=False)
-        device = pool.workers[AGGREGATE].call("info")["device_kind"]
+        device = pool.workers[AGGREGATE].info()["device_kind"]
         controller = PartitionController(_cost_model(config, loaded.config, device, loaded.name), ladder,
                                          Slo(ttft=config.slo_ttft, tbt=config.slo_tbt),
                                          allow_aggregate=config.aggregate_when_safe)

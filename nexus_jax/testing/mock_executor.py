@@ -14,11 +14,12 @@ from typing import Sequence
 
 import numpy as np
 
-from runner.sampling import SampleResult
+from runner.executor import StepsExecutor
+from runner.sampling import SampleResult, SamplingRow
 from runner.step_batch import SeqChunk
 
 
-class MockExecutor:
+class MockExecutor(StepsExecutor):
     """The next token is (last token + 1) % vocab_size, skipping banned ids: a rule a test computes by hand."""
 
     def __init__(self, vocab_size: int = 1000, num_blocks: int = 256, block_size: int = 16):
@@ -31,7 +32,7 @@ class MockExecutor:
         self.block_bytes = 16 * block_size  # an int64 token id and position per slot
         self.host_kv = self.host_pos = np.zeros((0, block_size), np.int64)
 
-    def step(self, decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk], sampling_rows: Sequence[tuple],
+    def step(self, decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk], sampling_rows: Sequence[SamplingRow],
              num_logprobs: int = 0, banned: Sequence[Sequence[int]] | None = None):
         chunks = list(decodes) + list(prefills)
         if len(sampling_rows) != len(chunks):
@@ -61,7 +62,7 @@ class MockExecutor:
         return SampleResult(tokens, np.full(len(tokens), np.log(0.5), np.float32), top.astype(np.int32),
                             top_lp.astype(np.float32))
 
-    def decode_steps(self, decodes: Sequence[SeqChunk], sampling_rows: Sequence[tuple], num_steps: int):
+    def decode_steps(self, decodes: Sequence[SeqChunk], sampling_rows: Sequence[SamplingRow], num_steps: int):
         out, chunks = [], list(decodes)
         for _ in range(num_steps):
             tokens = self.step(chunks, [], sampling_rows)

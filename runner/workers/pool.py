@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from runner.compilation_cache import compilation_cache_env
+from runner.workers.messages import Info, Message, Stop
 from runner.workers.mps import SM_PERCENT_ENV
 from runner.workers.worker import FD_ENV, SharedModel, WorkerSpec
 
@@ -39,11 +40,12 @@ class WorkerHandle:
         self.conn = conn
         self.busy = False
 
-    def submit(self, op: str, *args: Any) -> None:
+    def submit(self, message: Message) -> None:
+        """Sends one message; its reply comes from result()."""
         if self.busy:
             raise RuntimeError(f"worker {self.name} is already running a request")
         try:
-            self.conn.send((op, args))
+            self.conn.send(message)
         except (OSError, EOFError) as e:
             raise WorkerError(f"worker {self.name} is gone ({self._exit()}): {e}") from e
         self.busy = True
@@ -60,9 +62,13 @@ class WorkerHandle:
             raise WorkerError(f"worker {self.name}: {value}")
         return value
 
-    def call(self, op: str, *args: Any) -> Any:
-        self.submit(op, *args)
+    def call(self, message: Message) -> Any:
+        self.submit(message)
         return self.result()
+
+    def info(self) -> dict[str, Any]:
+        """What the worker reports of itself (see runner.workers.worker._Worker.info)."""
+        return self.call(Info())
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -76,7 +82,7 @@ class WorkerHandle:
     def stop(self, timeout: float = 10.0) -> None:
         if self.alive():
             try:
-                self.conn.send(("stop", ()))
+                self.conn.send(Stop())
             except (OSError, EOFError):
                 pass
             try:

@@ -95,7 +95,7 @@ class StepTimer:
 
         from runner.model.loader import load_model
         from runner.model_runner import ModelRunner
-        from runner.sampling import validate_row
+        from runner.sampling import GREEDY_ROW
 
         if decode_steps < 1:
             raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
@@ -113,7 +113,7 @@ class StepTimer:
         self.device = jax.devices()[0].device_kind
         self.blocks = BlockCycler(num_blocks, seed)
         self.rng = np.random.default_rng(seed)
-        self.greedy = validate_row({"temperature": 0.0})
+        self.greedy = GREEDY_ROW
 
     def describe(self) -> dict[str, Any]:
         import jax

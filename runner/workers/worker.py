@@ -22,9 +22,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import traceback
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+from runner.executor import StepInput
 from runner.step_batch import DEFAULT_SHAPES, SeqChunk, StepShapes
+from runner.workers.messages import Execute, Info, Message, Stop
 
 FD_ENV = "NEXUS_WORKER_FD"  # the inherited socket to the engine (see runner.workers.pool)
 
@@ -60,7 +62,7 @@ class SharedModel:
 
 
 def worker_main(conn: Any, spec: WorkerSpec, shared: SharedModel | None) -> None:
-    """Process entry point: build (or map) the model, then serve requests from `conn` until "stop"."""
+    """Process entry point: build (or map) the model, then serve messages from `conn` until Stop."""
     try:
         worker = _Worker(spec, shared)
         conn.send(("ready", worker.shared))
@@ -68,18 +70,24 @@ def worker_main(conn: Any, spec: WorkerSpec, shared: SharedModel | None) -> None
         conn.send(("error", f"worker {spec.name} failed to start: {type(e).__name__}: {e}\n"
                             f"{traceback.format_exc(limit=8)}"))
         return
+    serve(conn, worker.handle)
+    worker.close()
+
+
+def serve(conn: Any, handle: Callable[[Message], Any]) -> None:
+    """Replies to each message with ("ok", handle(message)) or ("error", why) until Stop or until the engine
+    goes away."""
     while True:
         try:
-            op, args = conn.recv()
+            message = conn.recv()
         except EOFError:
-            break  # the engine went away
-        if op == "stop":
-            break
+            return  # the engine went away
+        if isinstance(message, Stop):
+            return
         try:
-            conn.send(("ok", getattr(worker, op)(*args)))
+            conn.send(("ok", handle(message)))
         except Exception as e:  # noqa: BLE001 - a failed step fails its requests, the worker keeps serving
             conn.send(("error", f"{type(e).__name__}: {e}"))
-    worker.close()
 
 
 class _Worker:
@@ -111,17 +119,18 @@ class _Worker:
     def _pool_view(self):
         return self.kv_arena.jax_array(0, self.shared.kv_shape, self.shared.dtype)
 
-    # ---- operations (called by worker_main by name)
+    # ---- operations (handle dispatches the messages)
 
-    def step(self, decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk], rows: Sequence[tuple],
-             num_logprobs: int = 0, banned: Sequence[Sequence[int]] | None = None):
-        out = self.runner.step(decodes, prefills, rows, num_logprobs, banned)
-        self._publish([*decodes, *prefills], 0)
-        return out
+    def handle(self, message: Message) -> Any:
+        if isinstance(message, Execute):
+            return self.execute(message.step)
+        if isinstance(message, Info):
+            return self.info()
+        raise TypeError(f"worker {self.spec.name} does not take a {type(message).__name__} message")
 
-    def decode_steps(self, decodes: Sequence[SeqChunk], rows: Sequence[tuple], num_steps: int):
-        out = self.runner.decode_steps(decodes, rows, num_steps)
-        self._publish(decodes, num_steps - 1)
+    def execute(self, step: StepInput) -> Any:
+        out = self.runner.execute(step)
+        self._publish([*step.decodes, *step.prefills], step.num_steps - 1)
         return out
 
     def warmup(self, kwargs: dict[str, Any]) -> int:
