@@ -310,8 +310,9 @@ def test_plas_runs_a_fresh_program_before_one_with_attained_service():
     from nexus_jax.programs.policies import make_policy
     from nexus_jax.programs.table import ProgramConfig
     engine = make_engine(max_num_seqs=1, scheduling_policy="plas")
-    # Bins far below the mock's step times, so one finished call is enough to demote its program.
-    engine.scheduler.programs = make_policy("plas", ProgramConfig(bins=(1e-9, 1.0)))
+    # Bins far below the mock's step times, so one finished call is enough to demote its program; anti-starvation
+    # off (beta huge): with microsecond steps, host time between steps counts as waiting and could promote old-2.
+    engine.scheduler.programs = make_policy("plas", ProgramConfig(bins=(1e-9, 1.0), beta=1e12))
     with engine.session("old"), engine.session("new"):
         engine.add_request("old-1", {"prompt_token_ids": [1]}, greedy(3), program_id="old")
         run_all(engine)
@@ -342,7 +343,7 @@ def test_set_policy_between_runs_keeps_the_process_table():
     from nexus_jax.programs.policies import make_policy
     from nexus_jax.programs.table import ProgramConfig
     engine = make_engine(max_num_seqs=1)
-    engine.scheduler.programs = make_policy("fcfs", ProgramConfig(bins=(1e-9, 1.0)))
+    engine.scheduler.programs = make_policy("fcfs", ProgramConfig(bins=(1e-9, 1.0), beta=1e12))  # as above
     with engine.session("old"):
         engine.add_request("old-1", {"prompt_token_ids": [1]}, greedy(3), program_id="old")
         with pytest.raises(RuntimeError, match="cannot change the scheduling policy"):
