@@ -1,4 +1,4 @@
-"""Swap preemption: KV blocks of preempted requests go to host memory and come back (nexus_jax/swap_space.py, the
+"""Swap preemption: KV blocks of preempted requests go to host memory and come back (nexus_jax/core/swap_space.py, the
 scheduler's swap plans, the executors' swap_blocks).
 
 Over the mock executor every step also checks that each chunk's cached prefix holds exactly the request's tokens,

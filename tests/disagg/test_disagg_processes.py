@@ -3,7 +3,7 @@ and KV pool in shared memory, a decode and a prefill worker mapping them, steps 
 once. Greedy outputs must equal the aggregated engine's, under forced splits and under aggregation.
 
 What differs from the GPU: no MPS (SM shares are not enforced) and XLA on CPU does not write a donated external
-buffer in place, so workers copy the slots a step wrote back into shared memory (runner/worker.py).
+buffer in place, so workers copy the slots a step wrote back into shared memory (runner/workers/worker.py).
 """
 
 import random
