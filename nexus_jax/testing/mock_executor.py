@@ -6,10 +6,14 @@ chunk is really in the slots its block table names, so a wrong block table, pref
 instead of passing silently. `context(chunk)` reads back the token ids a chunk's prefix holds, for tests to
 compare. Swapped blocks move through a host copy of the same (token id, position) form, so `context` reads what a
 swap restored.
+
+`step_seconds` makes every step sleep that long, so latencies are those of a (very small) real device and a
+request is still running when a test acts on it.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import numpy as np
@@ -22,19 +26,25 @@ from runner.step_batch import SeqChunk
 class MockExecutor(StepsExecutor):
     """The next token is (last token + 1) % vocab_size, skipping banned ids: a rule a test computes by hand."""
 
-    def __init__(self, vocab_size: int = 1000, num_blocks: int = 256, block_size: int = 16):
+    def __init__(self, vocab_size: int = 1000, num_blocks: int = 256, block_size: int = 16,
+                 step_seconds: float | None = None):
         self.vocab_size = vocab_size
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.kv = np.full(num_blocks * block_size, -1, np.int64)   # the token id whose K/V each slot holds
         self.pos = np.full(num_blocks * block_size, -1, np.int64)  # and that token's position
         self.num_steps = 0
+        self.step_seconds = step_seconds  # None: no sleep at all (0.0 still sleeps, giving up the GIL)
+        self.max_batch = 0  # the most chunks one step has had
         self.block_bytes = 16 * block_size  # an int64 token id and position per slot
         self.host_kv = self.host_pos = np.zeros((0, block_size), np.int64)
 
     def step(self, decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk], sampling_rows: Sequence[SamplingRow],
              num_logprobs: int = 0, banned: Sequence[Sequence[int]] | None = None):
+        if self.step_seconds is not None:
+            time.sleep(self.step_seconds)
         chunks = list(decodes) + list(prefills)
+        self.max_batch = max(self.max_batch, len(chunks))
         if len(sampling_rows) != len(chunks):
             raise ValueError(f"{len(sampling_rows)} sampling rows for {len(chunks)} chunks")
         tokens = []

@@ -5,20 +5,14 @@ record from the batch command, INVALID_ARGUMENT from gRPC. Accepted inputs run a
 without an engine error, and after all the bad input the engine still serves a good request.
 """
 
-import asyncio
-import concurrent.futures
 import dataclasses
 import json
-import threading
 
 import grpc
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from test_batch import mock_engine as batch_engine
-from test_batch import read_jsonl
-from test_server import serving, tokenizer  # noqa: F401 (fixture)
 
 from nexus_jax import EngineConfig, LLMEngine, SamplingParams
 from nexus_jax.entrypoints.batch import run_batch
@@ -27,6 +21,9 @@ from nexus_jax.server.client import request
 from nexus_jax.server.grpc_server import SERVICE_NAME, ServerOptions, check_limits, prompt_of, sampling_params
 from nexus_jax.server.proto import nexus_pb2 as pb
 from nexus_jax.server.proto import nexus_pb2_grpc as pb_grpc
+from nexus_jax.testing.engines import batch_engine
+from nexus_jax.testing.jsonl import read_jsonl
+from nexus_jax.testing.serving import serving_on_a_thread
 
 MAX_LEN = 256
 FEW = settings(max_examples=50, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -224,25 +221,10 @@ def grpc_server():
     hypothesis drives it with blocking calls. Limits keep accepted requests short."""
     engine = tiny_engine()
     options = dict(max_tokens_limit=8, max_n=2, max_prompt_tokens=64)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    started: concurrent.futures.Future = concurrent.futures.Future()
-
-    async def hold(stop: asyncio.Event):
-        async with serving(engine, **options) as (server, _):
-            started.set_result(server)
-            await stop.wait()
-    stop = asyncio.Event()
-    held = asyncio.run_coroutine_threadsafe(hold(stop), loop)
-    server = started.result(timeout=60)
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
-    yield pb_grpc.NexusStub(channel), channel, engine, ServerOptions(**options)
-    channel.close()
-    loop.call_soon_threadsafe(stop.set)
-    held.result(timeout=30)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(timeout=10)
+    with serving_on_a_thread(engine, **options) as server:
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+        yield pb_grpc.NexusStub(channel), channel, engine, ServerOptions(**options)
+        channel.close()
 
 
 def library_accepts(engine: LLMEngine, options: ServerOptions, msg: pb.GenerateRequest) -> bool:

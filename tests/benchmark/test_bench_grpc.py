@@ -5,56 +5,36 @@ import argparse
 import asyncio
 import contextlib
 import json
-import threading
-import time
 
 import numpy as np
 import pytest
 
-from nexus_jax import AsyncLLM, EngineConfig, LLMEngine
+from nexus_jax import AsyncLLM
 from nexus_jax.benchmark import report
 from nexus_jax.benchmark.cli import SuiteSettings, register, run_suite
 from nexus_jax.benchmark.datasets import BenchRequest, make_requests
 from nexus_jax.benchmark.grpc_backend import GrpcBackend
 from nexus_jax.benchmark.programs_driver import make_programs
 from nexus_jax.server.grpc_server import NexusServer, ServerOptions
-from nexus_jax.testing import MockExecutor
+from nexus_jax.testing.engines import make_engine, record_requests
+from nexus_jax.testing.serving import serving, serving_on_a_thread
 
 VOCAB, CONTEXT = 384, 512
 
 
-class SlowMockExecutor(MockExecutor):
-    def __init__(self, step_seconds: float):
-        super().__init__(VOCAB, 2048, 16)
-        self.step_seconds = step_seconds
-
-    def step(self, *args, **kwargs):
-        time.sleep(self.step_seconds)
-        return super().step(*args, **kwargs)
-
-
 def mock_engine(step_seconds=0.001):
-    """The mock engine, recording the (program id, thread id) of every request it is given."""
-    engine = LLMEngine(EngineConfig(), SlowMockExecutor(step_seconds), None, max_model_len=CONTEXT,
-                       vocab_size=VOCAB)
-    engine.seen = []
-    prepare = engine.prepare_request
-
-    def recording(*args, **kwargs):
-        engine.seen.append((kwargs.get("program_id"), kwargs.get("thread_id")))
-        return prepare(*args, **kwargs)
-    engine.prepare_request = recording
+    """The mock engine, recording (prompt, program id, thread id) of every request it is given in `seen`."""
+    engine = make_engine(num_blocks=2048, block_size=16, max_model_len=CONTEXT, vocab_size=VOCAB,
+                         step_seconds=step_seconds)
+    engine.seen = record_requests(engine)
     return engine
 
 
 @contextlib.asynccontextmanager
 async def served(engine, **options):
-    server = NexusServer(AsyncLLM(engine), ServerOptions(**options))
-    port = await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(grace=1.0)
+    """A server over the engine on 127.0.0.1; yields its address."""
+    async with serving(engine, **options) as (server, _):
+        yield f"127.0.0.1:{server.port}"
 
 
 def check_records(records, requests):
@@ -147,44 +127,23 @@ def test_program_calls_carry_their_program_and_thread_ids_through_grpc():
     assert run["summary"]["failed"] == 0 and run["summary"]["programs"]["completed"] == 3
     assert len(engine.seen) == sum(p.num_calls for p in programs)
     for spec, prog in zip(programs, run["programs"]):
-        sent = [pid for pid, _ in engine.seen if pid.startswith(spec.program_id + "-")]
+        sent = [pid for _, pid, _ in engine.seen if pid.startswith(spec.program_id + "-")]
         assert len(sent) == spec.num_calls == len(prog["calls"]) and len(set(sent)) == 1
     widths = {len(s.calls) for p in programs for s in p.stages}
-    threads = {tid for _, tid in engine.seen}
+    threads = {tid for _, _, tid in engine.seen}
     assert threads == {f"t{b}" for b in range(max(widths))}
 
 
 def test_cli_serve_through_grpc(tmp_path):
-    engine = mock_engine()
-    ready, stop = threading.Event(), None
-    holder = {}
-
-    def host():  # the server on a loop of its own: the CLI runs asyncio.run on this thread's side
-        async def main():
-            nonlocal stop
-            stop = asyncio.Event()
-            server = NexusServer(AsyncLLM(engine), ServerOptions())
-            holder["port"] = await server.start()
-            ready.set()
-            await stop.wait()
-            await server.stop(grace=1.0)
-        holder["loop"] = asyncio.new_event_loop()
-        holder["loop"].run_until_complete(main())
-
-    thread = threading.Thread(target=host, daemon=True)
-    thread.start()
-    assert ready.wait(30)
-    try:
+    # The server on a loop of its own: the CLI runs asyncio.run on this thread.
+    with serving_on_a_thread(mock_engine(), start_timeout=30) as server:
         ap = argparse.ArgumentParser(prog="nexus-jax")
         register(ap.add_subparsers(dest="command", required=True))
-        args = ap.parse_args(["bench", "serve", "--backend", "grpc", "--server", f"127.0.0.1:{holder['port']}",
+        args = ap.parse_args(["bench", "serve", "--backend", "grpc", "--server", f"127.0.0.1:{server.port}",
                               "--dataset", "chatbot", "--num-prompts", "4", "--program-delay-scale", "0.01",
                               "--warmup-requests", "3", "--request-rate", "20", "--label", "g",
                               "--out-dir", str(tmp_path)])
         assert args.func(args) == 0
-    finally:
-        holder["loop"].call_soon_threadsafe(stop.set)
-        thread.join(30)
     doc = json.loads((tmp_path / "g.json").read_text())
     assert doc["backend"]["backend"] == "grpc" and doc["dataset"]["kind"] == "programs"
     (run,) = doc["runs"]

@@ -13,9 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nexus_jax.testing.paths import REPO_ROOT
 from runner.workers.shared_arena import ArenaHandle, SharedArena, TensorSpec, export_arrays, import_arrays, plan_layout
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _random_arrays(rng):
@@ -114,7 +113,7 @@ def test_peer_exit_does_not_unlink_owner_segment():
                 "a = SharedArena.open(ArenaHandle('shm', sys.argv[1], 4096)); "
                 "assert a.numpy(0, (4,), 'int32').tolist() == [1, 2, 3, 4]; a.numpy(16, (1,), 'int32')[0] = 9; "
                 "a.close(); a.close()")
-        result = subprocess.run([sys.executable, "-c", code, arena.handle.name], cwd=REPO, capture_output=True,
+        result = subprocess.run([sys.executable, "-c", code, arena.handle.name], cwd=REPO_ROOT, capture_output=True,
                                 text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         assert "leaked" not in result.stderr
@@ -192,9 +191,9 @@ def test_tensor_spec_is_picklable_with_handle():
 def test_check_ipc_script_passes_on_cpu(tmp_path):
     """The GPU check script's logic (holder + two workers, ordering handshake) in its CPU form."""
     out = tmp_path / "check.json"
-    result = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "check_ipc.py"), "--kind", "shm",
+    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "benchmarks", "check_ipc.py"), "--kind", "shm",
                              "--steps", "20", "--rounds", "10", "--width", "512", "--out", str(out)],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
     assert report["checks"] and all(report["checks"].values()) and not report["in_place"]

@@ -1,45 +1,23 @@
 """ReplicatedAsyncLLM over mock-executor engines: routing, prefix-cache locality, abort, dead replicas."""
 
 import asyncio
-import time
 
 import pytest
-from test_engine import expected, greedy, make_engine, tokenizer  # noqa: F401 (a fixture)
 
 from nexus_jax import AsyncLLM, EngineConfig
 from nexus_jax.entrypoints.async_llm import EngineDeadError
 from nexus_jax.entrypoints.replicas import ReplicatedAsyncLLM
 from nexus_jax.programs.router import RouterConfig
+from nexus_jax.testing.engines import expected, make_engine
+from nexus_jax.testing.runs import greedy
+from nexus_jax.testing.streams import collect, wait_until
 
 
-def replicated(n=3, routing="locality", step_seconds=0.0, **engine_kw):
-    """n replicas over the mock executor; step_seconds > 0 slows each step so that a long request is still
-    running when the test acts on it."""
-    engines = [make_engine(**engine_kw) for _ in range(n)]
-    if step_seconds:
-        for engine in engines:
-            fast = engine.executor.step
-
-            def slow(*args, fast=fast, **kw):
-                time.sleep(step_seconds)
-                return fast(*args, **kw)
-            engine.executor.step = slow
+def replicated(n=3, routing="locality", step_seconds=None, **engine_kw):
+    """n replicas over the mock executor; step_seconds slows each step so that a long request is still running
+    when the test acts on it."""
+    engines = [make_engine(step_seconds=step_seconds, **engine_kw) for _ in range(n)]
     return ReplicatedAsyncLLM([AsyncLLM(e) for e in engines], routing)
-
-
-async def collect(llm, prompt, params, **kw):
-    tokens = []
-    async for out in llm.generate(prompt, params, **kw):
-        tokens += out.outputs[0].token_ids
-    return tokens, out.outputs[0].finish_reason
-
-
-async def wait_until(predicate, timeout=10.0):
-    for _ in range(int(timeout / 0.01)):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached")
 
 
 @pytest.mark.parametrize("routing", ["locality", "round_robin", "least_loaded"])
@@ -50,7 +28,7 @@ def test_concurrent_streams_over_replicas_deliver_every_token(routing):
             jobs = [collect(llm, {"prompt_token_ids": [i, i + 1]}, greedy(5 + i % 9), request_id=f"r{i}",
                             program_id=f"p{i % 4}") for i in range(45)]
             return await asyncio.gather(*jobs)
-        for i, (tokens, reason) in enumerate(asyncio.run(main())):
+        for i, (tokens, _, reason) in enumerate(asyncio.run(main())):
             assert tokens == expected([i, i + 1], 5 + i % 9) and reason == "length"
         served = [r.engine.block_manager.stats()["prefix_queries"] for r in llm.replicas]
         assert all(q > 0 for q in served) and sum(served) == 45     # every replica took calls
@@ -68,7 +46,7 @@ def test_locality_sends_a_programs_long_calls_where_its_prefix_is_cached(routing
             context = list(range(100, 164))
             for turn in range(4):  # each turn's prompt extends the previous one: the program's context
                 prompt = context[:40 + 8 * turn]
-                tokens, _ = await collect(llm, {"prompt_token_ids": prompt}, greedy(3), program_id="agent")
+                tokens, _, _ = await collect(llm, {"prompt_token_ids": prompt}, greedy(3), program_id="agent")
                 assert tokens == expected(prompt, 3)
         asyncio.run(main())
         hit_tokens = sum(r.engine.block_manager.stats()["prefix_hit_tokens"] for r in llm.replicas)
@@ -94,7 +72,7 @@ def test_abort_reaches_the_replica_of_the_request():
         index, reasons, others = asyncio.run(main())
         assert reasons[-1] == "abort"
         assert not llm.replicas[index].engine.groups and llm.replicas[index].engine.block_manager.usage == 0.0
-        assert [tokens for tokens, _ in others] == [expected([0], 4), expected([1], 4)]
+        assert [tokens for tokens, _, _ in others] == [expected([0], 4), expected([1], 4)]
         assert llm.router.replica_of("long") is None and llm.router.load == [0, 0, 0]
     finally:
         llm.shutdown()
@@ -106,7 +84,7 @@ def test_leaving_a_stream_aborts_it_on_its_replica():
         async def main():
             async for _ in llm.generate({"prompt_token_ids": [1] * 20}, greedy(400), request_id="gone"):
                 break
-            await wait_until(lambda: not any(r.engine.has_unfinished_requests() for r in llm.replicas))
+            assert await wait_until(lambda: not any(r.engine.has_unfinished_requests() for r in llm.replicas))
         asyncio.run(main())
         assert llm.router.load == [0, 0] and all(r.engine.block_manager.usage == 0.0 for r in llm.replicas)
     finally:
@@ -130,7 +108,7 @@ def test_a_dead_replica_fails_its_requests_and_the_others_keep_serving():
             results = [await collect(llm, {"prompt_token_ids": [i]}, greedy(3)) for i in range(4)]
             return victim, results
         victim, results = asyncio.run(main())
-        assert [tokens for tokens, _ in results] == [expected([i], 3) for i in range(4)]
+        assert [tokens for tokens, _, _ in results] == [expected([i], 3) for i in range(4)]
         assert llm.router.dead == {llm.replicas.index(victim)}
         assert llm.router.load == [0, 0]
     finally:
@@ -207,8 +185,8 @@ def test_from_config_starts_replicas_of_the_embedded_model():
     try:
         async def main():
             return await asyncio.gather(*[collect(llm, {"prompt_token_ids": [5, 6, 7]}, greedy(4)) for _ in range(2)])
-        first, second = asyncio.run(main())
-        assert first == second and len(first[0]) == 4  # two replicas of one model agree (greedy)
+        (first, _, first_reason), (second, _, second_reason) = asyncio.run(main())
+        assert (first, first_reason) == (second, second_reason) and len(first) == 4  # two replicas agree (greedy)
         assert all(r.engine.block_manager.stats()["prefix_queries"] == 1 for r in llm.replicas)
     finally:
         llm.shutdown()
@@ -245,7 +223,7 @@ def test_set_routing_between_runs():
         async def main():
             llm.router.mark_dead(1)
             call = asyncio.ensure_future(collect(llm, {"prompt_token_ids": [1, 2]}, greedy(20), program_id="p"))
-            await wait_until(lambda: llm.router.calls)
+            assert await wait_until(lambda: llm.router.calls)
             with pytest.raises(RuntimeError, match="cannot change the routing with 1 calls in flight"):
                 llm.set_routing("round_robin")
             await call

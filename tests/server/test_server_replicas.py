@@ -8,33 +8,25 @@ import random
 
 import grpc
 import pytest
-from test_metrics import samples
-from test_replicas import wait_until
-from test_server import collect, engine_idle, mock_engine
-from test_server_limits import rejected, table
 
 from nexus_jax import AsyncLLM, SamplingParams
 from nexus_jax.cli.main import main as cli_main
 from nexus_jax.cli.service import register, replica_options, serve_front
 from nexus_jax.entrypoints.replicas import ReplicatedAsyncLLM
 from nexus_jax.programs.router import RouterConfig
-from nexus_jax.server.client import Client
-from nexus_jax.server.grpc_server import NexusServer, ServerOptions
+from nexus_jax.testing.engines import program_table
+from nexus_jax.testing.metrics import samples
+from nexus_jax.testing.serving import collect, engine_idle, rejected, server_engine, serving
+from nexus_jax.testing.streams import wait_until
 
 MAX_SEQS = 2  # per replica: a replica given more requests keeps the rest waiting
 
 
 @contextlib.asynccontextmanager
 async def serving_replicas(n=2, routing="round_robin", engine_kw=None, **options):
-    llm = ReplicatedAsyncLLM([AsyncLLM(mock_engine(**(engine_kw or {}))) for _ in range(n)], routing)
-    server = NexusServer(llm, ServerOptions(**options))
-    port = await server.start()
-    client = Client(f"127.0.0.1:{port}")
-    try:
+    llm = ReplicatedAsyncLLM([AsyncLLM(server_engine(**(engine_kw or {}))) for _ in range(n)], routing)
+    async with serving(llm, **options) as (server, client):
         yield server, llm, client
-    finally:
-        await client.close()
-        await server.stop(grace=1.0)
 
 
 def engines(llm):
@@ -47,8 +39,8 @@ async def hold_requests(llm, client, count):
     jobs = [asyncio.create_task(collect(client, [i + 1, 2], max_tokens=400, request_id=f"r{i}"))
             for i in range(count)]
     share = [len(range(i, count, len(llm.replicas))) for i in range(len(llm.replicas))]
-    await wait_until(lambda: [e.stats()["running"] for e in engines(llm)] == [min(s, MAX_SEQS) for s in share]
-                     and [e.stats()["waiting"] for e in engines(llm)] == [max(s - MAX_SEQS, 0) for s in share])
+    assert await wait_until(lambda: [e.stats()["running"] for e in engines(llm)] == [min(s, MAX_SEQS) for s in share]
+                            and [e.stats()["waiting"] for e in engines(llm)] == [max(s - MAX_SEQS, 0) for s in share])
     return jobs, share
 
 
@@ -111,47 +103,48 @@ def test_sessions_open_on_every_replica_and_end_everywhere():
     async def main():
         async with serving_replicas(max_sessions=limit, engine_kw={"delay": 0.002}) as (_, llm, client):
             session = await client.start_session("agent")
-            assert all("agent" in table(e) and table(e)["agent"].session for e in engines(llm))
+            assert all("agent" in program_table(e) and program_table(e)["agent"].session for e in engines(llm))
             assert (await client.server_info()).num_sessions == 1  # counted once, not once per replica
             e = await rejected(client.start_session("agent"))
             assert e.code() == grpc.StatusCode.ALREADY_EXISTS and "agent" in e.details()
             for i in range(3):  # round robin: the program's calls land on both replicas, ranked by each table
                 await collect(client, [i + 1], max_tokens=2, program_id="agent")
-            assert sum(table(e)["agent"].calls for e in engines(llm)) == 3
+            assert sum(program_table(e)["agent"].calls for e in engines(llm)) == 3
             assert "agent" in llm.router.program_replica
             # Ended with a call in flight on one replica: its record goes with that call, the other's at once.
             stream = client.generate([9], max_tokens=60, program_id="agent")
             await stream.__anext__()
             home = llm.router.program_replica["agent"]
             assert await client.end_session(session.session_id)
-            assert table(engines(llm)[home])["agent"].ended and "agent" not in table(engines(llm)[1 - home])
+            assert program_table(engines(llm)[home])["agent"].ended
+            assert "agent" not in program_table(engines(llm)[1 - home])
             assert not await client.end_session(session.session_id)
             async for _ in stream:
                 pass
-            await wait_until(lambda: all("agent" not in table(e) for e in engines(llm))
-                             and "agent" not in llm.router.program_replica)
+            assert await wait_until(lambda: all("agent" not in program_table(e) for e in engines(llm))
+                                    and "agent" not in llm.router.program_replica)
 
             # A program with a call in flight on replica 1 only: refused, and replica 0 keeps no record of it.
             busy = llm.replicas[1].generate({"prompt_token_ids": [3]}, SamplingParams(max_tokens=200),
                                             program_id="busy")
             await busy.__anext__()
             e = await rejected(client.start_session("busy"))
-            assert e.code() == grpc.StatusCode.ALREADY_EXISTS and "busy" not in table(engines(llm)[0])
+            assert e.code() == grpc.StatusCode.ALREADY_EXISTS and "busy" not in program_table(engines(llm)[0])
             await busy.aclose()
 
             sessions = [await client.start_session() for _ in range(limit)]
             e = await rejected(client.start_session())
             assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_sessions" in e.details()
             assert (await client.server_info()).num_sessions == limit
-            assert all({s.program_id for s in sessions} <= set(table(e)) for e in engines(llm))
+            assert all({s.program_id for s in sessions} <= set(program_table(e)) for e in engines(llm))
 
             llm.replicas[0].shutdown()  # the live replica carries on: sessions end and start there alone
             assert await client.end_session(sessions[0].session_id)
-            assert sessions[0].program_id not in table(engines(llm)[1])
+            assert sessions[0].program_id not in program_table(engines(llm)[1])
             replacement = await client.start_session("after")
-            assert "after" in table(engines(llm)[1]) and "after" not in table(engines(llm)[0])
+            assert "after" in program_table(engines(llm)[1]) and "after" not in program_table(engines(llm)[0])
             assert (await client.server_info()).num_sessions == limit
-            assert await client.end_session(replacement.session_id) and "after" not in table(engines(llm)[1])
+            assert await client.end_session(replacement.session_id) and "after" not in program_table(engines(llm)[1])
             llm.replicas[1].shutdown()
             e = await rejected(client.start_session())
             assert e.code() == grpc.StatusCode.UNAVAILABLE
@@ -168,7 +161,7 @@ def test_sessions_never_ended_expire_on_every_replica():
             assert (await client.server_info()).num_sessions == len(sessions)
             await asyncio.sleep(idle + 0.1)
             assert (await client.server_info()).num_sessions == 0 and not server.servicer.sessions.open
-            assert all(not ({s.program_id for s in sessions} & set(table(e))) for e in engines(llm))
+            assert all(not ({s.program_id for s in sessions} & set(program_table(e))) for e in engines(llm))
             assert not await client.end_session(sessions[0].session_id)
     asyncio.run(main())
 
@@ -217,14 +210,9 @@ def test_serve_builds_replicas_of_the_embedded_model_on_the_given_devices():
         assert [r.engine.config.device for r in llm.replicas] == [0, 0]
 
         async def main():
-            server = NexusServer(llm, ServerOptions())
-            port = await server.start()
-            try:
-                async with Client(f"127.0.0.1:{port}") as client:
-                    finals = [(await collect(client, [5, 6, 7], max_tokens=3))[1][0] for _ in range(2)]
-                    return finals, await client.server_info()
-            finally:
-                await server.stop(grace=1.0)
+            async with serving(llm) as (_, client):
+                finals = [(await collect(client, [5, 6, 7], max_tokens=3))[1][0] for _ in range(2)]
+                return finals, await client.server_info()
         finals, info = asyncio.run(main())
         assert list(finals[0].output_ids) == list(finals[1].output_ids) and len(finals[0].output_ids) == 3
         assert [r.engine.block_manager.stats()["prefix_queries"] for r in llm.replicas] == [1, 1]

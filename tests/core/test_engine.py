@@ -8,44 +8,14 @@ import math
 
 import pytest
 
-from nexus_jax import LLM, EngineConfig, LLMEngine, SamplingParams
-from nexus_jax.core.tokenizer import Tokenizer
+from nexus_jax import LLM, EngineConfig, SamplingParams
 from nexus_jax.entrypoints.build import build_engine
-from nexus_jax.testing import MockExecutor
+from nexus_jax.testing.engines import VOCAB, expected, make_engine
+from nexus_jax.testing.runs import finish_order, greedy, run_all
 from runner.executor import StepInput
-from runner.model.default_model import default_model_dir
 from runner.sampling import SamplingRow
 
-VOCAB = 512
 BYTE0 = 7  # the default tokenizer's byte tokens: id = 7 + byte value
-
-
-def make_engine(num_blocks=256, block_size=4, tokenizer=None, eos=(), max_model_len=512, **cfg):
-    config = EngineConfig(block_size=block_size, **cfg)
-    return LLMEngine(config, MockExecutor(VOCAB, num_blocks, block_size), tokenizer, max_model_len=max_model_len,
-                     vocab_size=VOCAB, eos_token_ids=eos)
-
-
-def run_all(engine):
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return done
-
-
-def expected(prompt, n):
-    return [(prompt[-1] + 1 + i) % VOCAB for i in range(n)]
-
-
-def greedy(n, **kw):
-    return SamplingParams(temperature=0.0, max_tokens=n, **kw)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer.from_dir(default_model_dir())
 
 
 def test_outputs_follow_the_rule_and_finish_by_length():
@@ -225,9 +195,7 @@ def test_priority_policy_admits_the_most_urgent_first():
     engine = make_engine(max_num_seqs=1, scheduling_policy="priority")
     engine.add_request("low", {"prompt_token_ids": [1]}, greedy(2), priority=5)
     engine.add_request("high", {"prompt_token_ids": [50]}, greedy(2), priority=-1)
-    order = []
-    while engine.has_unfinished_requests():
-        order += [o.request_id for o in engine.step() if o.finished]
+    order = finish_order(engine)
     assert order == ["high", "low"]
 
 
@@ -318,9 +286,7 @@ def test_plas_runs_a_fresh_program_before_one_with_attained_service():
         run_all(engine)
         engine.add_request("old-2", {"prompt_token_ids": [1]}, greedy(3), program_id="old")
         engine.add_request("new-1", {"prompt_token_ids": [9]}, greedy(3), program_id="new")
-        order = []
-        while engine.has_unfinished_requests():
-            order += [o.request_id for o in engine.step() if o.finished]
+        order = finish_order(engine)
     assert order == ["new-1", "old-2"]
 
 
@@ -331,9 +297,7 @@ def test_fcfs_keeps_arrival_order_for_programs():
         run_all(engine)
         engine.add_request("old-2", {"prompt_token_ids": [1]}, greedy(3), program_id="old")
         engine.add_request("new-1", {"prompt_token_ids": [9]}, greedy(3), program_id="new")
-        order = []
-        while engine.has_unfinished_requests():
-            order += [o.request_id for o in engine.step() if o.finished]
+        order = finish_order(engine)
     assert order == ["old-2", "new-1"]
     with pytest.raises(ValueError, match="program_id"):
         engine.add_request("bad", {"prompt_token_ids": [1]}, greedy(3), program_id="")
@@ -354,9 +318,7 @@ def test_set_policy_between_runs_keeps_the_process_table():
             engine.scheduler.set_policy("lifo")
         engine.add_request("old-2", {"prompt_token_ids": [1]}, greedy(3), program_id="old")
         engine.add_request("new-1", {"prompt_token_ids": [9]}, greedy(3), program_id="new")
-        order = []
-        while engine.has_unfinished_requests():
-            order += [o.request_id for o in engine.step() if o.finished]
+        order = finish_order(engine)
     assert order == ["new-1", "old-2"] and engine.scheduler.policy_name == "plas"
 
 

@@ -3,7 +3,7 @@ and KV pool in shared memory, a decode and a prefill worker mapping them, steps 
 once. Greedy outputs must equal the aggregated engine's, under forced splits and under aggregation.
 
 What differs from the GPU: no MPS (SM shares are not enforced) and XLA on CPU does not write a donated external
-buffer in place, so workers copy the slots a step wrote back into shared memory (runner/worker.py).
+buffer in place, so workers copy the slots a step wrote back into shared memory (runner/workers/worker.py).
 """
 
 import random
@@ -12,6 +12,7 @@ import pytest
 
 from nexus_jax import LLM, SamplingParams
 from nexus_jax.disagg.partition import Slo
+from nexus_jax.testing.runs import one_by_one, run_all
 from runner.workers.pool import WorkerError
 
 PROMPT_RNG = random.Random(3)
@@ -36,22 +37,11 @@ def llm():
 
 def staggered_run(engine, seed, fault=None, fault_step=0):
     """The final outputs of PROMPTS arriving staggered; fault(), if given, runs once `fault_step` steps ran."""
-    rng = random.Random(seed)
-    order = list(range(len(PROMPTS)))
-    rng.shuffle(order)
-    done, steps = {}, 0
-    while order or engine.has_unfinished_requests():
-        if order and rng.random() < 0.5:
-            i = order.pop()
-            engine.add_request(f"s{seed}-{i}", {"prompt_token_ids": PROMPTS[i]},
-                               SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS[i]))
-        if fault is not None and steps == fault_step:
+    def before_step(k):
+        if fault is not None and k == fault_step:
             fault()
-        for out in engine.step():
-            if out.finished:
-                done[int(out.request_id.split("-")[1])] = out
-        steps += 1
-    return [done[i] for i in range(len(PROMPTS))]
+    done = run_all(engine, one_by_one(PROMPTS, MAX_TOKENS, seed, prefix=f"s{seed}-"), before_step)
+    return [done[f"s{seed}-{i}"] for i in range(len(PROMPTS))]
 
 
 def tokens(outs):

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from nexus_jax import AsyncLLM, EngineConfig, LLMEngine
+from nexus_jax import AsyncLLM
 from nexus_jax.benchmark import report
 from nexus_jax.benchmark.cli import SuiteSettings, run_suite
 from nexus_jax.benchmark.datasets import make_requests
@@ -21,9 +21,7 @@ from nexus_jax.benchmark.programs_driver import (
 )
 from nexus_jax.benchmark.serve import InProcessBackend, RequestRecord, arrival_offsets
 from nexus_jax.benchmark.workloads import CallSpec, ProgramSpec, Stage
-from nexus_jax.testing import MockExecutor
-
-VOCAB = 512
+from nexus_jax.testing.engines import VOCAB, make_engine, record_requests
 
 
 class Recorder:
@@ -137,15 +135,9 @@ def test_program_datasets_and_warmup_calls():
 
 
 def mock_backend(max_model_len=1024):
-    engine = LLMEngine(EngineConfig(scheduling_policy="plas"), MockExecutor(VOCAB, 4096, 16), None,
-                       max_model_len=max_model_len, vocab_size=VOCAB)
-    engine.seen = []
-    prepare = engine.prepare_request
-
-    def recording(*args, **kwargs):
-        engine.seen.append((args[1], kwargs.get("program_id"), kwargs.get("thread_id")))
-        return prepare(*args, **kwargs)
-    engine.prepare_request = recording
+    """An in-process backend over a PLAS mock engine that records (prompt, program id, thread id) in `seen`."""
+    engine = make_engine(num_blocks=4096, block_size=16, max_model_len=max_model_len, scheduling_policy="plas")
+    engine.seen = record_requests(engine)
     return InProcessBackend(AsyncLLM(engine)), engine
 
 

@@ -3,9 +3,11 @@
 import asyncio
 
 import pytest
-from test_engine import expected, greedy, make_engine
 
 from nexus_jax import LLM, AsyncLLM, SamplingParams
+from nexus_jax.testing.engines import expected, make_engine
+from nexus_jax.testing.runs import greedy
+from nexus_jax.testing.streams import collect
 from runner.generate import generate
 from runner.model.loader import load_model
 from runner.model_runner import ModelRunner
@@ -15,19 +17,12 @@ def run(coro):
     return asyncio.run(coro)
 
 
-async def collect(llm, rid, prompt, params):
-    tokens, finals = [], []
-    async for out in llm.generate(prompt, params, request_id=rid):
-        tokens += out.outputs[0].token_ids
-        finals.append(out.finished)
-    return tokens, finals, out.outputs[0].finish_reason
-
-
 def test_many_concurrent_streams_deliver_every_token_once():
     llm = AsyncLLM(make_engine(num_blocks=512))
     try:
         async def main():
-            jobs = [collect(llm, f"r{i}", {"prompt_token_ids": [i, i + 1]}, greedy(10 + i % 7)) for i in range(60)]
+            jobs = [collect(llm, {"prompt_token_ids": [i, i + 1]}, greedy(10 + i % 7), request_id=f"r{i}")
+                    for i in range(60)]
             return await asyncio.gather(*jobs)
         results = run(main())
         for i, (tokens, finals, reason) in enumerate(results):
@@ -77,7 +72,7 @@ def test_a_closed_client_loop_aborts_its_requests_and_the_engine_keeps_serving()
             asyncio.run(asyncio.sleep(0.01))
         assert not engine.has_unfinished_requests() and engine.block_manager.usage == 0.0
         assert llm.dead_error is None
-        tokens, _, reason = run(collect(llm, "after", {"prompt_token_ids": [5, 6]}, greedy(4)))
+        tokens, _, reason = run(collect(llm, {"prompt_token_ids": [5, 6]}, greedy(4), request_id="after"))
         assert tokens == expected([5, 6], 4) and reason == "length"
         del kept
     finally:
@@ -91,7 +86,7 @@ def test_bad_input_raises_at_generate_and_serving_goes_on():
             with pytest.raises(ValueError, match="empty"):
                 async for _ in llm.generate({"prompt_token_ids": []}, greedy(3)):
                     pass
-            return await collect(llm, "ok", {"prompt_token_ids": [7]}, greedy(2))
+            return await collect(llm, {"prompt_token_ids": [7]}, greedy(2), request_id="ok")
         assert run(main())[0] == [8, 9]
     finally:
         llm.shutdown()
@@ -112,7 +107,7 @@ def test_run_on_engine_runs_on_the_engine_thread_and_reports_errors():
             name = await llm.run_on_engine(lambda: threading.current_thread().name)
             with pytest.raises(KeyError, match="boom"):
                 await llm.run_on_engine(lambda: {}["boom"])
-            tokens, _, _ = await collect(llm, "after", {"prompt_token_ids": [3, 4]}, greedy(5))
+            tokens, _, _ = await collect(llm, {"prompt_token_ids": [3, 4]}, greedy(5), request_id="after")
             return name, tokens
         name, tokens = run(main())
         assert name == "nexus-jax-engine" and tokens == expected([3, 4], 5)  # an error in a call kills nothing

@@ -8,23 +8,13 @@ import time
 
 import grpc
 import pytest
-from test_server import collect, engine_idle, mock_engine, serving, tokenizer  # noqa: F401 (fixture)
 
 from nexus_jax.cli.service import register, server_options
 from nexus_jax.server.client import request
 from nexus_jax.server.grpc_server import RETRY_AFTER_KEY, SERVICE_NAME, ServerOptions
 from nexus_jax.server.proto import nexus_pb2 as pb
-
-
-def table(engine):
-    return engine.scheduler.programs.table.programs
-
-
-async def rejected(coro) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as e:
-        await coro
-    return e.value
-
+from nexus_jax.testing.engines import program_table
+from nexus_jax.testing.serving import collect, engine_idle, rejected, server_engine, serving
 
 # 127.0.0.1 as /proc/net/tcp writes it, and as tcp6 writes it mapped to IPv6 (::ffff:127.0.0.1), and ::1.
 LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
@@ -59,7 +49,7 @@ def test_loopback_by_default_and_serve_flags():
             ServerOptions(**bad)
 
     async def main():
-        async with serving(mock_engine()) as (server, _):
+        async with serving(server_engine()) as (server, _):
             found = listening_addresses(server.port)
             assert found and set(found) <= LOOPBACK, found  # no wildcard, no outside address
     asyncio.run(main())
@@ -88,7 +78,7 @@ def test_request_limits_are_invalid_argument_naming_the_limit(tokenizer):
     max_prompt, max_tokens, max_n = random.randint(3, 20), random.randint(2, 30), random.randint(1, 4)
 
     async def main():
-        async with serving(mock_engine(tokenizer=tokenizer), max_prompt_tokens=max_prompt,
+        async with serving(server_engine(tokenizer=tokenizer), max_prompt_tokens=max_prompt,
                            max_tokens_limit=max_tokens, max_n=max_n) as (_, client):
             long_text = " ".join(["word"] * 40)
             over = [([1] * (max_prompt + random.randint(1, 5)), {}, "max_prompt_tokens"),
@@ -114,7 +104,7 @@ def test_admission_bounds_waiting_requests_and_hints_retry():
     limit, hint = random.randint(2, 4), random.randint(1, 10**6)
 
     async def main():
-        engine = mock_engine(delay=0.02, max_num_seqs=1)  # one runs (8 s), the others wait in the engine
+        engine = server_engine(delay=0.02, max_num_seqs=1)  # one runs (8 s), the others wait in the engine
         async with serving(engine, max_in_flight=limit, retry_after_ms=hint) as (server, client):
             calls = [client.stub.Generate(request([i + 1], max_tokens=400)) for i in range(limit)]
             end = time.monotonic() + 5
@@ -138,32 +128,32 @@ def test_admission_bounds_waiting_requests_and_hints_retry():
 
 def test_sessions_live_in_the_process_table():
     async def main():
-        engine = mock_engine(delay=0.002)
+        engine = server_engine(delay=0.002)
         async with serving(engine) as (_, client):
             named = await client.start_session("agent-7")
             picked = await client.start_session()
             assert named.program_id == "agent-7" and picked.program_id.startswith("program-")
-            assert {"agent-7", picked.program_id} <= set(table(engine))
+            assert {"agent-7", picked.program_id} <= set(program_table(engine))
             assert (await client.server_info()).num_sessions == 2
             e = await rejected(client.start_session("agent-7"))
             assert e.code() == grpc.StatusCode.ALREADY_EXISTS and "agent-7" in e.details()
             calls = random.randint(1, 4)
             for i in range(calls):
                 await collect(client, [i + 1], max_tokens=2, program_id="agent-7", thread_id=str(i))
-            record = table(engine)["agent-7"]
+            record = program_table(engine)["agent-7"]
             assert record.calls == calls and record.service > 0 and record.threads == {str(i) for i in range(calls)}
             assert await client.end_session(named.session_id)
-            assert "agent-7" not in table(engine) and not await client.end_session(named.session_id)
+            assert "agent-7" not in program_table(engine) and not await client.end_session(named.session_id)
             assert (await client.server_info()).num_sessions == 1
             # Ended with a call in flight: the record goes with that call.
             stream = client.generate([5], max_tokens=60, program_id=picked.program_id)
             await stream.__anext__()
             assert await client.end_session(picked.session_id)
-            assert table(engine)[picked.program_id].ended
+            assert program_table(engine)[picked.program_id].ended
             assert (await client.server_info()).num_sessions == 0
             async for _ in stream:
                 pass
-            assert await engine_idle(engine) and picked.program_id not in table(engine)
+            assert await engine_idle(engine) and picked.program_id not in program_table(engine)
     asyncio.run(main())
 
 
@@ -171,7 +161,7 @@ def test_sessions_never_ended_expire_and_leave_nothing_behind():
     idle = 0.3
 
     async def main():
-        engine = mock_engine(delay=0.01, program_idle_timeout=idle)
+        engine = server_engine(delay=0.01, program_idle_timeout=idle)
         async with serving(engine) as (server, client):
             count = random.randint(5, 40)
             sessions = [await client.start_session() for _ in range(count)]
@@ -182,13 +172,13 @@ def test_sessions_never_ended_expire_and_leave_nothing_behind():
             await asyncio.sleep(idle + 0.1)
             assert (await client.server_info()).num_sessions == 1  # the one with a call in flight stays
             assert set(server.servicer.sessions.open) == {busy.session_id}
-            assert {s.program_id for s in sessions[1:]}.isdisjoint(table(engine))
+            assert {s.program_id for s in sessions[1:]}.isdisjoint(program_table(engine))
             assert not await client.end_session(sessions[1].session_id)
             async for _ in stream:
                 pass
             await asyncio.sleep(idle + 0.1)
             assert (await client.server_info()).num_sessions == 0
-            assert not server.servicer.sessions.open and busy.program_id not in table(engine)
+            assert not server.servicer.sessions.open and busy.program_id not in program_table(engine)
     asyncio.run(main())
 
 
@@ -196,7 +186,7 @@ def test_session_limit_is_resource_exhausted():
     limit, hint = random.randint(1, 5), random.randint(1, 5000)
 
     async def main():
-        async with serving(mock_engine(), max_sessions=limit, retry_after_ms=hint) as (_, client):
+        async with serving(server_engine(), max_sessions=limit, retry_after_ms=hint) as (_, client):
             sessions = [await client.start_session() for _ in range(limit)]
             e = await rejected(client.start_session())
             assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_sessions" in e.details()

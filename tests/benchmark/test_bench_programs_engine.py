@@ -4,19 +4,18 @@ simulator's prediction next to each, replicas behind each routing policy."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 from nexus_jax.benchmark.programs_driver import make_programs
+from nexus_jax.testing.paths import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "benchmarks" / "bench_programs_engine.py"
+SCRIPT = REPO_ROOT / "benchmarks" / "bench_programs_engine.py"
 SMALL = ["--engine-arg", "warmup=false", "--engine-arg", "max_num_seqs=8", "--engine-arg", "max_model_len=1024",
          "--warmup", "1", "--dataset", "chatbot", "--programs", "2", "--points", "50:0"]
 
 
 def run(tmp_path, *args):
     out = tmp_path / "runs.json"
-    done = subprocess.run([sys.executable, str(SCRIPT), *SMALL, *args, "--json", str(out)], cwd=ROOT,
+    done = subprocess.run([sys.executable, str(SCRIPT), *SMALL, *args, "--json", str(out)], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text()), done.stdout

@@ -5,35 +5,17 @@ import json
 import random
 
 import pytest
-from test_engine import VOCAB, expected
 
-from nexus_jax import EngineConfig, LLMEngine
 from nexus_jax.cli.service import register
-from nexus_jax.core.tokenizer import Tokenizer
 from nexus_jax.entrypoints.batch import run_batch
-from nexus_jax.testing import MockExecutor
-from runner.model.default_model import default_model_dir
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer.from_dir(default_model_dir())
-
-
-def mock_engine(tokenizer):
-    return LLMEngine(EngineConfig(block_size=4), MockExecutor(VOCAB, 512, 4), tokenizer, max_model_len=256,
-                     vocab_size=VOCAB, eos_token_ids=())
+from nexus_jax.testing.engines import VOCAB, batch_engine, expected
+from nexus_jax.testing.jsonl import read_jsonl
 
 
 def write_lines(path, lines, mode="w"):
     with open(path, mode) as f:
         for line in lines:
             f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 GOOD_IDS = [[random.randrange(VOCAB) for _ in range(random.randint(1, 9))] for _ in range(6)]
@@ -57,7 +39,7 @@ def test_good_and_bad_lines_then_resume(tmp_path, tokenizer):
     text_line = {"id": 42, "prompt": "hello batch", "max_tokens": 4, "temperature": 0.0}
     lines = GOOD[:3] + [b[0] for b in BAD] + ["", text_line] + GOOD[3:]
     write_lines(inp, lines)
-    engine = mock_engine(tokenizer)
+    engine = batch_engine(tokenizer)
     peak = []
     original = engine.add_prepared
 
@@ -92,7 +74,7 @@ def test_good_and_bad_lines_then_resume(tmp_path, tokenizer):
     with open(out, "a") as f:
         f.write('{"id": "g9", "text": "tor')
     write_lines(inp, [{"id": "new", "prompt_token_ids": [3], "max_tokens": 2}], mode="a")
-    again = run_batch(mock_engine(tokenizer), str(inp), str(out), str(err), max_in_flight=4, progress=False)
+    again = run_batch(batch_engine(tokenizer), str(inp), str(out), str(err), max_in_flight=4, progress=False)
     assert (again.completed, again.skipped, again.errors) == (1, 8, len(BAD) - 1)  # the duplicate g0 is skipped now
     ids = [r["id"] for r in read_jsonl(out)]
     assert sorted(map(str, ids)) == sorted(map(str, list(results) + ["new"]))
@@ -101,7 +83,7 @@ def test_good_and_bad_lines_then_resume(tmp_path, tokenizer):
 
 def test_missing_input_raises(tmp_path, tokenizer):
     with pytest.raises(FileNotFoundError, match="nope"):
-        run_batch(mock_engine(tokenizer), str(tmp_path / "nope.jsonl"), str(tmp_path / "o.jsonl"))
+        run_batch(batch_engine(tokenizer), str(tmp_path / "nope.jsonl"), str(tmp_path / "o.jsonl"))
 
 
 def test_cli_on_the_default_model(tmp_path, capsys):

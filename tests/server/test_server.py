@@ -2,88 +2,28 @@
 
 import argparse
 import asyncio
-import contextlib
 import random
 import signal
 import subprocess
 import sys
-import time
 
 import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from test_engine import VOCAB, expected
 
-from nexus_jax import LLM, AsyncLLM, EngineConfig, LLMEngine, SamplingParams
+from nexus_jax import LLM, AsyncLLM, EngineConfig, SamplingParams
 from nexus_jax.cli.service import register
-from nexus_jax.core.tokenizer import Tokenizer
 from nexus_jax.entrypoints.build import build_engine
 from nexus_jax.server.client import Client, generate_sync
 from nexus_jax.server.grpc_server import RETRY_AFTER_KEY, SERVICE_NAME, NexusServer, ServerOptions
 from nexus_jax.server.proto import nexus_pb2 as pb
-from nexus_jax.testing import MockExecutor
-from runner.model.default_model import default_model_dir
-
-EOS = 2
-
-
-class SlowExecutor(MockExecutor):
-    """The mock with a delay per step, so a request is still running when a test acts on it."""
-
-    def __init__(self, delay: float, **kw):
-        super().__init__(VOCAB, **kw)
-        self.delay = delay
-
-    def step(self, *args, **kwargs):
-        time.sleep(self.delay)
-        return super().step(*args, **kwargs)
-
-
-def mock_engine(delay=0.0, tokenizer=None, num_blocks=1024, **config):
-    executor = SlowExecutor(delay, num_blocks=num_blocks, block_size=4)
-    return LLMEngine(EngineConfig(block_size=4, **config), executor, tokenizer, max_model_len=512, vocab_size=VOCAB,
-                     eos_token_ids=(EOS,) if tokenizer else ())
-
-
-@contextlib.asynccontextmanager
-async def serving(engine, **options):
-    server = NexusServer(AsyncLLM(engine), ServerOptions(**options))
-    port = await server.start()
-    client = Client(f"127.0.0.1:{port}", token=options.get("auth_token"))
-    try:
-        yield server, client
-    finally:
-        await client.close()
-        await server.stop(grace=1.0)
-
-
-async def collect(client, prompt, **kw):
-    chunks, completes = [], []
-    async for r in client.generate(prompt, **kw):
-        kind = r.WhichOneof("response")
-        assert kind != "error", r.error.message
-        (chunks if kind == "chunk" else completes).append(getattr(r, kind))
-    return chunks, completes
-
-
-async def engine_idle(engine, timeout=5.0):
-    """Waits for the engine thread to process aborts; true when no request and no KV block is held."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if not engine.groups and engine.block_manager.usage == 0.0:
-            return True
-        await asyncio.sleep(0.01)
-    return False
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer.from_dir(default_model_dir())
+from nexus_jax.testing.engines import VOCAB, expected
+from nexus_jax.testing.serving import collect, engine_idle, server_engine, serving
 
 
 def test_token_ids_stream_in_chunks_then_complete():
     async def main():
-        async with serving(mock_engine()) as (_, client):
+        async with serving(server_engine()) as (_, client):
             prompt = [random.randrange(VOCAB) for _ in range(random.randint(1, 20))]
             chunks, completes = await collect(client, prompt, max_tokens=9, temperature=0.0, request_id="r1",
                                               program_id="p7", thread_id="t1")
@@ -98,7 +38,7 @@ def test_token_ids_stream_in_chunks_then_complete():
 
 def test_text_input_n_completions_stop_token_and_logprobs(tokenizer):
     async def main():
-        async with serving(mock_engine(tokenizer=tokenizer)) as (_, client):
+        async with serving(server_engine(tokenizer=tokenizer)) as (_, client):
             text = "hello there"
             ids = tokenizer.encode(text)
             stop = expected(ids, 5)[3]
@@ -116,7 +56,7 @@ def test_text_input_n_completions_stop_token_and_logprobs(tokenizer):
 
 def test_abort_rpc_ends_the_stream_with_abort_and_frees_kv():
     async def main():
-        engine = mock_engine(delay=0.005)
+        engine = server_engine(delay=0.005)
         async with serving(engine) as (_, client):
             stream = client.generate([5, 6, 7], max_tokens=400, request_id="long")
             first = await stream.__anext__()
@@ -130,7 +70,7 @@ def test_abort_rpc_ends_the_stream_with_abort_and_frees_kv():
 
 def test_client_cancel_and_deadline_abort_the_request():
     async def main():
-        engine = mock_engine(delay=0.005)
+        engine = server_engine(delay=0.005)
         async with serving(engine) as (server, client):
             got = 0
             async for _ in client.generate([1] * 10, max_tokens=400):
@@ -148,7 +88,7 @@ def test_client_cancel_and_deadline_abort_the_request():
 
 def test_bad_input_is_invalid_argument_and_serving_goes_on():
     async def main():
-        async with serving(mock_engine()) as (_, client):
+        async with serving(server_engine()) as (_, client):
             for prompt, kw, reason in (([1], {"top_p": 2.0}, "top_p"), ([], {}, "prompt is empty"),
                                        ([VOCAB + 3], {}, "outside the vocabulary"),
                                        ([1, 2], {"max_tokens": 600}, "context"),
@@ -167,7 +107,7 @@ def test_bad_input_is_invalid_argument_and_serving_goes_on():
 
 def test_message_size_limit():
     async def main():
-        async with serving(mock_engine(), max_message_bytes=1024) as (_, client):
+        async with serving(server_engine(), max_message_bytes=1024) as (_, client):
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await collect(client, [1] * 2000, max_tokens=2)
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -178,7 +118,7 @@ def test_message_size_limit():
 
 def test_overload_is_resource_exhausted_with_a_retry_hint():
     async def main():
-        engine = mock_engine(delay=0.005)
+        engine = server_engine(delay=0.005)
         async with serving(engine, max_in_flight=2, retry_after_ms=250) as (_, client):
             streams = [client.generate([i], max_tokens=400) for i in range(2)]
             for s in streams:
@@ -197,7 +137,7 @@ def test_overload_is_resource_exhausted_with_a_retry_hint():
 
 def test_auth_token_health_and_reflection():
     async def main():
-        async with serving(mock_engine(), auth_token="s3cret") as (server, client):
+        async with serving(server_engine(), auth_token="s3cret") as (server, client):
             _, (done,) = await collect(client, [1], max_tokens=3)
             assert list(done.output_ids) == [2, 3, 4]
             for token in (None, "wrong"):
@@ -220,7 +160,7 @@ def test_auth_token_health_and_reflection():
 
 def test_info_and_sessions():
     async def main():
-        async with serving(mock_engine(num_blocks=300)) as (_, client):
+        async with serving(server_engine(num_blocks=300)) as (_, client):
             model = await client.model_info()
             assert (model.vocab_size, model.max_model_len, model.num_kv_blocks, model.block_size) == \
                    (VOCAB, 512, 300, 4)
@@ -234,7 +174,7 @@ def test_info_and_sessions():
 
 def test_many_concurrent_streams_all_complete():
     async def main():
-        engine = mock_engine()
+        engine = server_engine()
         async with serving(engine) as (_, client):
             lengths = [random.randint(1, 12) for _ in range(120)]
             results = await asyncio.gather(*[collect(client, [i % VOCAB, 7], max_tokens=n)
@@ -247,7 +187,7 @@ def test_many_concurrent_streams_all_complete():
 
 def test_shutdown_drains_open_streams():
     async def main():
-        engine = mock_engine(delay=0.005)
+        engine = server_engine(delay=0.005)
         server = NexusServer(AsyncLLM(engine), ServerOptions())
         port = await server.start()
         async with Client(f"127.0.0.1:{port}") as client:
@@ -268,7 +208,7 @@ def test_tls(tmp_path):
                    check=True, capture_output=True)
 
     async def main():
-        server = NexusServer(AsyncLLM(mock_engine()), ServerOptions(tls_cert=str(cert), tls_key=str(key)))
+        server = NexusServer(AsyncLLM(server_engine()), ServerOptions(tls_cert=str(cert), tls_key=str(key)))
         port = await server.start()
         try:
             async with Client(f"localhost:{port}", tls=str(cert)) as client:

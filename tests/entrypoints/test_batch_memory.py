@@ -5,17 +5,11 @@ import random
 import tracemalloc
 
 import pytest
-from test_engine import VOCAB, expected
 
-from nexus_jax import EngineConfig, LLMEngine
 from nexus_jax.entrypoints import batch
 from nexus_jax.entrypoints.batch import HostMemoryError, available_memory_mb, run_batch
-from nexus_jax.testing import MockExecutor
-
-
-def mock_engine():
-    return LLMEngine(EngineConfig(block_size=4), MockExecutor(VOCAB, 512, 4), None, max_model_len=256,
-                     vocab_size=VOCAB, eos_token_ids=())
+from nexus_jax.testing.engines import VOCAB, batch_engine, expected
+from nexus_jax.testing.jsonl import read_jsonl
 
 
 def write_input(path, n, max_tokens=4):
@@ -24,11 +18,6 @@ def write_input(path, n, max_tokens=4):
     with open(path, "w") as f:
         f.writelines(json.dumps(line) + "\n" for line in lines)
     return {line["id"]: line for line in lines}
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 def spy_admissions(engine):
@@ -69,7 +58,7 @@ def test_available_memory_reads_meminfo(tmp_path):
 def test_floor_above_available_memory_refuses_before_admitting(tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_input(inp, 20)
-    engine = mock_engine()
+    engine = batch_engine()
     admitted = spy_admissions(engine)
     with pytest.raises(HostMemoryError, match="below the batch's floor") as e:
         run_batch(engine, str(inp), str(out), min_available_mb=1e12, memory_wait_s=0.0, progress=False)
@@ -86,7 +75,7 @@ def test_low_memory_holds_admissions_back_and_the_batch_still_finishes(tmp_path,
     lines = write_input(inp, 300, max_tokens=6)
     memory = ScriptedMemory(low=random.sample(range(200), 60))
     monkeypatch.setattr(batch, "available_memory_mb", memory)
-    engine = mock_engine()
+    engine = batch_engine()
     original = engine.add_prepared
 
     def admit(group):  # nothing is admitted on a step whose check found memory under the floor
@@ -107,7 +96,7 @@ def test_memory_that_never_comes_back_drains_then_stops_and_a_rerun_resumes(tmp_
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_input(inp, 200, max_tokens=8)
     monkeypatch.setattr(batch, "available_memory_mb", ScriptedMemory(low_from=random.randint(3, 10)))
-    engine = mock_engine()
+    engine = batch_engine()
     admitted = spy_admissions(engine)
     cap = random.randint(4, 12)
     with pytest.raises(HostMemoryError, match="rerun with the same output to resume"):
@@ -118,7 +107,7 @@ def test_memory_that_never_comes_back_drains_then_stops_and_a_rerun_resumes(tmp_
     assert max(admitted) <= cap and not engine.groups and engine.block_manager.usage == 0.0
 
     monkeypatch.setattr(batch, "available_memory_mb", ScriptedMemory())
-    again = run_batch(mock_engine(), str(inp), str(out), max_in_flight=cap, min_available_mb=100.0, progress=False)
+    again = run_batch(batch_engine(), str(inp), str(out), max_in_flight=cap, min_available_mb=100.0, progress=False)
     assert (again.skipped, again.completed) == (len(written), 200 - len(written))
     assert sorted(r["id"] for r in read_jsonl(out)) == sorted(f"r{i}" for i in range(200))
 
@@ -127,7 +116,7 @@ def test_big_input_runs_in_a_bounded_window_with_results_written_as_they_finish(
     n = 4000
     inp, out = tmp_path / "big.jsonl", tmp_path / "out.jsonl"
     write_input(inp, n, max_tokens=2)
-    engine = mock_engine()
+    engine = batch_engine()
     admitted = spy_admissions(engine)
     finished = []
     original = engine.step

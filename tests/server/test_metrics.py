@@ -4,19 +4,11 @@ import asyncio
 import random
 import urllib.request
 
-from prometheus_client.parser import text_string_to_metric_families
-from test_engine import make_engine
-
-from nexus_jax import LLM, AsyncLLM, SamplingParams
-from nexus_jax.server.client import Client
-from nexus_jax.server.grpc_server import NexusServer, ServerOptions
+from nexus_jax import LLM, SamplingParams
 from nexus_jax.server.metrics import EngineMetrics
-
-
-def samples(text):
-    """{(sample name, labels as a sorted tuple): value} of an exposition."""
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+from nexus_jax.testing.engines import make_engine
+from nexus_jax.testing.metrics import samples
+from nexus_jax.testing.serving import serving
 
 
 def test_finished_requests_are_counted_and_timed():
@@ -57,18 +49,13 @@ def test_levels_are_read_at_scrape_time():
 
 def test_server_metrics_scraped_over_http():
     async def main():
-        server = NexusServer(AsyncLLM(make_engine()), ServerOptions())
-        port = await server.start()
-        mport = server.metrics.serve_http(0)
-        try:
-            async with Client(f"127.0.0.1:{port}") as client:
-                for i in range(4):
-                    async for _ in client.generate([i + 1, 2, 3], max_tokens=6):
-                        pass
+        async with serving(make_engine()) as (server, client):
+            mport = server.metrics.serve_http(0)
+            for i in range(4):
+                async for _ in client.generate([i + 1, 2, 3], max_tokens=6):
+                    pass
             return await asyncio.to_thread(lambda: urllib.request.urlopen(
                 f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode())
-        finally:
-            await server.stop(grace=1.0)
     got = samples(asyncio.run(main()))
     assert got[("nexus:prompt_tokens_total", ())] == 12 and got[("nexus:generation_tokens_total", ())] == 24
     assert got[("nexus:time_to_first_token_seconds_count", ())] == 4

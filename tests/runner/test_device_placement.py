@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import pytest
@@ -17,8 +16,7 @@ import pytest
 from nexus_jax import EngineConfig
 from nexus_jax.entrypoints.build import build_engine
 from nexus_jax.entrypoints.replicas import ReplicatedAsyncLLM
-
-ROOT = Path(__file__).resolve().parent.parent
+from nexus_jax.testing.paths import REPO_ROOT
 
 SCRIPT = r"""
 import asyncio, dataclasses, json, random
@@ -116,7 +114,7 @@ print("REPORT" + json.dumps(report))
 def report():
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip())
-    run = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                          timeout=240)
     assert run.returncode == 0, run.stderr[-4000:]
     return json.loads(run.stdout.split("REPORT", 1)[1])

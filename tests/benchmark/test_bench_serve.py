@@ -12,7 +12,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from nexus_jax import AsyncLLM, EngineConfig, LLMEngine
+from nexus_jax import AsyncLLM
 from nexus_jax.benchmark import report
 from nexus_jax.benchmark.cli import SuiteSettings, register, run_suite
 from nexus_jax.benchmark.datasets import BenchRequest, LogNormal, load_jsonl, make_requests, sample_lengths
@@ -24,12 +24,7 @@ from nexus_jax.benchmark.serve import (
     find_max_rate,
     run_benchmark,
 )
-from nexus_jax.core.tokenizer import Tokenizer
-from nexus_jax.testing import MockExecutor
-from runner.model.default_model import default_model_dir
-
-VOCAB = 512
-
+from nexus_jax.testing.engines import VOCAB, make_engine
 
 # ---- arrivals
 
@@ -228,22 +223,9 @@ def test_rate_search_finds_the_capacity_of_a_simulated_server_and_results_are_wr
 
 # ---- end to end
 
-class SlowMockExecutor(MockExecutor):
-    """The mock with a per-step sleep, so latencies are those of a (very small) real device."""
-
-    def __init__(self, *args, step_seconds: float, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.step_seconds, self.max_batch = step_seconds, 0
-
-    def step(self, decodes, prefills, *args, **kwargs):  # passes through whatever else the engine gives
-        time.sleep(self.step_seconds)
-        self.max_batch = max(self.max_batch, len(decodes) + len(prefills))
-        return super().step(decodes, prefills, *args, **kwargs)
-
-
 def test_mock_engine_run_respects_concurrency_and_measures_real_gaps():
-    executor = SlowMockExecutor(VOCAB, 512, 16, step_seconds=0.002)
-    engine = LLMEngine(EngineConfig(), executor, None, max_model_len=1024, vocab_size=VOCAB)
+    engine = make_engine(num_blocks=512, block_size=16, max_model_len=1024, step_seconds=0.002)
+    executor = engine.executor
     backend = InProcessBackend(AsyncLLM(engine))
     try:
         requests = make_requests("sharegpt", 24, vocab_size=VOCAB, max_model_len=256, seed=6)
@@ -260,9 +242,8 @@ def test_mock_engine_run_respects_concurrency_and_measures_real_gaps():
     assert s["itl"]["median"] >= 0.002 and s["ttft"]["mean"] >= 0.002
 
 
-def test_text_prompts_are_measured_and_rejected_requests_recorded_as_failures(tmp_path):
-    tokenizer = Tokenizer.from_dir(default_model_dir())
-    engine = LLMEngine(EngineConfig(), MockExecutor(VOCAB, 64, 16), tokenizer, max_model_len=64, vocab_size=VOCAB)
+def test_text_prompts_are_measured_and_rejected_requests_recorded_as_failures(tmp_path, tokenizer):
+    engine = make_engine(num_blocks=64, block_size=16, tokenizer=tokenizer, max_model_len=64)
     backend = InProcessBackend(AsyncLLM(engine))
     path = tmp_path / "r.jsonl"
     path.write_text('{"prompt": "hello benchmark", "output_len": 3}\n{"prompt_token_ids": [5, 6], "output_len": 99}\n')

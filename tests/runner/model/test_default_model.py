@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from nexus_jax.testing.paths import REPO_ROOT
 from runner.model import default_model
 from runner.model.config import ModelConfig
 from runner.model.default_model import FILES, MODEL_VERSION, cache_root, default_model_dir
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def file_hashes(directory: Path) -> dict[str, str]:
@@ -49,7 +48,7 @@ def test_deterministic_across_builds_and_processes(model_dir, reference_hashes, 
     # A fresh interpreter with another hash seed must produce the same bytes (no dict/set order leaks in).
     env = {**os.environ, "NEXUS_JAX_CACHE": str(tmp_path / "subprocess"), "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", "from runner.model.default_model import default_model_dir as d; print(d())"],
-                         cwd=REPO, env=env, capture_output=True, text=True, check=True)
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=True)
     assert file_hashes(Path(out.stdout.strip())) == reference_hashes
 
 
@@ -111,7 +110,7 @@ def test_transformers_loads_and_runs(model_dir):
 def build_in_subprocess(cache: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c",
                              "from runner.model.default_model import default_model_dir as d; print(d())"],
-                            cwd=REPO, env={**os.environ, "NEXUS_JAX_CACHE": str(cache)},
+                            cwd=REPO_ROOT, env={**os.environ, "NEXUS_JAX_CACHE": str(cache)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

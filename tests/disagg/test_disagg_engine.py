@@ -6,8 +6,6 @@ the slots its block table names; so a block handed over too early, or freed and 
 held it, raises instead of passing. Results are folded back in a random order to interleave the phases.
 """
 
-import random
-
 import pytest
 
 from nexus_jax import EngineConfig, SamplingParams
@@ -17,47 +15,10 @@ from nexus_jax.disagg.engine import DisaggEngine
 from nexus_jax.disagg.ladder import AGGREGATE, decode_worker, prefill_worker
 from nexus_jax.disagg.partition import PartitionController, Slo
 from nexus_jax.disagg.phase_scheduler import PhaseScheduler
-from nexus_jax.testing import MockExecutor
+from nexus_jax.testing.engines import VOCAB, expected
+from nexus_jax.testing.mock_pool import MockPool
+from nexus_jax.testing.runs import run_all, staggered
 from runner.model.config import ModelConfig
-from runner.workers.messages import Execute
-
-VOCAB = 512
-
-
-class MockHandle:
-    def __init__(self, name, mock):
-        self.name, self.mock, self.busy, self.result_value, self.calls = name, mock, False, None, 0
-
-    def submit(self, message):
-        assert not self.busy, f"{self.name} got a second request while busy"
-        assert isinstance(message, Execute), message
-        self.busy, self.calls = True, self.calls + 1
-        self.result_value = self.mock.execute(message.step)
-
-    def result(self):
-        self.busy = False
-        return self.result_value
-
-    def alive(self):
-        return True
-
-
-class MockPool:
-    def __init__(self, ladder, num_blocks=256, block_size=4, seed=0):
-        self.mock = MockExecutor(VOCAB, num_blocks, block_size)
-        names = [AGGREGATE] + [n for s in ladder for n in (decode_worker(s), prefill_worker(s))]
-        self.workers = {n: MockHandle(n, self.mock) for n in names}
-        self.shared = type("Shared", (), {"kv_shape": (1, 2, num_blocks), "kernel_impl": "mock", "dtype": "f32"})
-        self.startup_seconds = {}
-        self.rng = random.Random(seed)
-        self.holder_name = AGGREGATE  # stands in for the holder: alive while the mock lives
-
-    def wait(self, handles, timeout=None):
-        busy = [h for h in handles if h.busy]
-        return self.rng.sample(busy, self.rng.randint(1, len(busy))) if busy else []
-
-    def close(self):
-        pass
 
 
 def make_engine(ladder=(30, 50), tbt=0.05, seed=0, num_blocks=256, restart_pool=None, **cfg):
@@ -68,30 +29,15 @@ def make_engine(ladder=(30, 50), tbt=0.05, seed=0, num_blocks=256, restart_pool=
                         vocab_size=VOCAB, restart_pool=restart_pool)
 
 
-def expected(prompt, n):
-    return [(prompt[-1] + 1 + i) % VOCAB for i in range(n)]
+def fail_once(handle):
+    """The handle's next result() raises as a failed step would; later ones are real."""
+    original = handle.result
 
-
-def run(engine, arrivals):
-    """arrivals: {step index: [(request id, prompt, max_tokens)]}; returns the final outputs by request id."""
-    done, k = {}, 0
-    while engine.has_unfinished_requests() or any(i >= k for i in arrivals):
-        for rid, prompt, n in arrivals.get(k, []):
-            engine.add_request(rid, {"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=n))
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-        k += 1
-    return done
-
-
-def staggered(seed, count=12):
-    rng = random.Random(seed)
-    arrivals = {}
-    for i in range(count):
-        prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 90))]
-        arrivals.setdefault(rng.randrange(0, 30), []).append((f"r{i}", prompt, rng.randint(1, 20)))
-    return arrivals
+    def broken():
+        handle.result = original
+        handle.busy = False
+        raise RuntimeError("worker died")
+    handle.result = broken
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -99,7 +45,7 @@ def staggered(seed, count=12):
 def test_outputs_follow_the_rule_under_split_and_aggregate(seed, tbt):
     engine = make_engine(tbt=tbt, seed=seed, num_scheduler_steps=4)
     arrivals = staggered(seed)
-    done = run(engine, arrivals)
+    done = run_all(engine, arrivals)
     for reqs in arrivals.values():
         for rid, prompt, n in reqs:
             assert done[rid].outputs[0].token_ids == expected(prompt, n), rid
@@ -114,7 +60,7 @@ def test_outputs_follow_the_rule_under_split_and_aggregate(seed, tbt):
 
 def test_split_runs_decode_and_prefill_on_their_ladder_workers():
     engine = make_engine(ladder=(30,), tbt=1e-9)
-    run(engine, staggered(7))
+    run_all(engine, staggered(7))
     pool = engine.pool
     assert pool.workers[decode_worker(30)].calls > 0
     assert pool.workers[prefill_worker(30)].calls > 0
@@ -133,7 +79,7 @@ def test_abort_while_a_step_executes_defers_freeing_its_blocks():
     assert engine.abort_request("long")
     # Still held by the executing step: not free, not reusable.
     assert engine.block_manager.block_table("long") == table
-    done = run(engine, {})
+    done = run_all(engine)
     assert done["long"].outputs[0].finish_reason == "abort"
     assert done["other"].outputs[0].token_ids == expected([3, 4, 5], 5)
     assert engine.block_manager.usage == 0.0
@@ -141,18 +87,11 @@ def test_abort_while_a_step_executes_defers_freeing_its_blocks():
 
 def test_a_failed_step_fails_its_requests_and_the_engine_goes_on():
     engine = make_engine(tbt=1e-9)
-    handle = engine.pool.workers[AGGREGATE]
-    original = handle.result
-
-    def broken():
-        handle.result = original
-        handle.busy = False
-        raise RuntimeError("worker died")
-    handle.result = broken
+    fail_once(engine.pool.workers[AGGREGATE])
     engine.add_request("a", {"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=4))
-    done = run(engine, {})
+    done = run_all(engine)
     assert done["a"].outputs[0].finish_reason == "error" and "worker died" in done["a"].error
-    done = run(engine, {0: [("b", [7, 8], 3)]})
+    done = run_all(engine, {0: [("b", [7, 8], 3)]})
     assert done["b"].outputs[0].token_ids == expected([7, 8], 3)
     assert engine.block_manager.usage == 0.0
 
@@ -188,7 +127,7 @@ def test_a_lost_mps_daemon_restarts_the_pool_and_no_request_is_lost(seed):
     for h in engine.pool.workers.values():
         h.result = failing(h, h.result)
     arrivals = staggered(seed)
-    done = run(engine, arrivals)
+    done = run_all(engine, arrivals)
     assert len(pools) == 1 and engine.pool is pools[0]
     faults = engine.stats()["faults"]
     assert faults["pool_restarts"] == 1 and faults["requeued_requests"] > 0
@@ -209,7 +148,7 @@ def test_a_pool_that_cannot_restart_raises_out_of_step():
     handle.result = broken
     engine.add_request("a", {"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=4))
     with pytest.raises(RuntimeError, match="cannot restart"):
-        run(engine, {})
+        run_all(engine)
 
 
 def test_prefill_order_is_shortest_first_with_aging():
@@ -256,14 +195,14 @@ def test_prefill_plans_respect_the_prefill_slot_count_even_for_one_token_remaind
     plan = engine.scheduler.schedule_prefill()
     assert len(plan.prefills) == 4 and not plan.decodes
     engine.scheduler.release(plan)
-    done = run(engine, {})
+    done = run_all(engine)
     assert all(done[f"one{i}"].outputs[0].token_ids == expected([i + 1], 2) for i in range(10))
 
 
 def test_partition_decisions_are_exported_as_metrics():
     from nexus_jax.server.metrics import EngineMetrics
     engine = make_engine(tbt=1e-9)
-    run(engine, staggered(2))
+    run_all(engine, staggered(2))
     from prometheus_client import generate_latest
     text = generate_latest(EngineMetrics(engine).registry).decode()
     switches = engine.controller.stats()["switches"]
@@ -280,16 +219,9 @@ def test_a_step_that_fails_after_one_of_its_requests_was_aborted_fails_only_the_
     engine._dispatch()
     (name, flight), = engine.flights.items()
     assert {c.request.request_id for c in flight.plan.chunks} == {"gone", "kept"}
-    handle = engine.pool.workers[name]
-    original = handle.result
-
-    def broken():
-        handle.result = original
-        handle.busy = False
-        raise RuntimeError("worker died")
-    handle.result = broken
+    fail_once(engine.pool.workers[name])
     assert engine.abort_request("gone")
-    done = run(engine, {})
+    done = run_all(engine)
     assert done["gone"].outputs[0].finish_reason == "abort"
     assert done["kept"].outputs[0].finish_reason == "error"
     assert engine.block_manager.usage == 0.0

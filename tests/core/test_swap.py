@@ -1,4 +1,4 @@
-"""Swap preemption: KV blocks of preempted requests go to host memory and come back (nexus_jax/swap_space.py, the
+"""Swap preemption: KV blocks of preempted requests go to host memory and come back (nexus_jax/core/swap_space.py, the
 scheduler's swap plans, the executors' swap_blocks).
 
 Over the mock executor every step also checks that each chunk's cached prefix holds exactly the request's tokens,
@@ -11,13 +11,14 @@ import jax
 import numpy as np
 import pytest
 from prometheus_client import generate_latest
-from test_engine import VOCAB, expected, greedy, run_all
 
 from nexus_jax import EngineConfig, LLMEngine, SamplingParams
 from nexus_jax.core.swap_space import SwapSpace
 from nexus_jax.core.tokenizer import load_tokenizer
 from nexus_jax.server.metrics import EngineMetrics
-from nexus_jax.testing import MockExecutor
+from nexus_jax.testing import engines
+from nexus_jax.testing.engines import VOCAB, expected
+from nexus_jax.testing.runs import greedy, run_all
 from runner.model.loader import load_model
 from runner.model_runner import ModelRunner
 from runner.step_batch import StepShapes
@@ -27,9 +28,8 @@ MOCK_BLOCK_GIB = 16 * BLOCK / 2**30  # one mock block in GiB, so swap_space_gib 
 
 
 def make_engine(num_blocks=12, swap_blocks=64, mode="swap", **cfg):
-    config = EngineConfig(block_size=BLOCK, preemption_mode=mode, swap_space_gib=swap_blocks * MOCK_BLOCK_GIB,
-                          **cfg)
-    engine = LLMEngine(config, MockExecutor(VOCAB, num_blocks, BLOCK), None, max_model_len=256, vocab_size=VOCAB)
+    engine = engines.make_engine(num_blocks, BLOCK, max_model_len=256, preemption_mode=mode,
+                                 swap_space_gib=swap_blocks * MOCK_BLOCK_GIB, **cfg)
     engine.computed_tokens = 0
     step_input = engine._step_input
 
