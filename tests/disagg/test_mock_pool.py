@@ -5,7 +5,7 @@ import inspect
 
 import pytest
 
-from nexus_jax.disagg.engine import decode_worker
+from nexus_jax.disagg.ladder import decode_worker
 from nexus_jax.testing.mock_pool import MockHandle, MockPool
 from runner.workers.pool import WorkerHandle, WorkerPool
 
