@@ -19,6 +19,9 @@ class StepInput:
 
     num_steps > 1 runs that many decode steps back to back, each step's samples feeding the next (block tables
     already cover the extra positions); such a step has no prefills, log-probs or banned ids.
+
+    feed (the overlapped loop, see `Executor.dispatch`): pairs (i, r): decode chunk i's token is the sample of
+    chunk r of the step dispatched just before this one, still on the device; its token_ids hold a placeholder.
     """
 
     decodes: Sequence[SeqChunk]
@@ -27,10 +30,20 @@ class StepInput:
     num_logprobs: int = 0
     banned: Sequence[Sequence[int]] | None = None
     num_steps: int = 1
+    feed: Sequence[tuple[int, int]] = ()
 
     def __post_init__(self) -> None:
-        if self.num_steps > 1 and (self.prefills or self.num_logprobs or self.banned):
-            raise ValueError("a multi-step decode runs decode chunks only, without log-probs or banned ids")
+        if self.num_steps > 1 and (self.prefills or self.num_logprobs or self.banned or self.feed):
+            raise ValueError("a multi-step decode runs decode chunks only, without log-probs, banned ids or feed")
+        if any(not 0 <= i < len(self.decodes) or r < 0 for i, r in self.feed):
+            raise ValueError(f"feed pairs name decode chunks (0..{len(self.decodes) - 1}) and earlier rows, "
+                             f"got {list(self.feed)}")
+
+
+class StepHandle(Protocol):
+    def result(self) -> Any:
+        """Waits for the step and returns what `Executor.execute` would have."""
+        ...
 
 
 class Executor(Protocol):
@@ -41,6 +54,12 @@ class Executor(Protocol):
         """With step.num_steps == 1, the sampled token per chunk (decodes, then prefills), or with
         num_logprobs > 0 a `runner.sampling.SampleResult` whose rows follow the same order; with num_steps > 1,
         the tokens [num_steps, len(decodes)]."""
+        ...
+
+    def dispatch(self, step: StepInput) -> StepHandle:
+        """Starts a single step without waiting for it (the overlapped loop): the caller plans the next step,
+        whose `feed` may name this step's samples, before it reads this one's `result()`. Steps run in the
+        order they were dispatched."""
         ...
 
     # Swap preemption only (EngineConfig.preemption_mode "swap"):
@@ -57,14 +76,32 @@ class Executor(Protocol):
         ...
 
 
-class StepsExecutor:
-    """`Executor.execute` for an executor that has a one-step `step` and a multi-step `decode_steps`
-    (ModelRunner, MockExecutor): which of the two a StepInput takes is decided here once."""
+class ReadyStep:
+    """The handle of a step that already ran (the synchronous loop)."""
 
-    step: Callable[..., Any]  # (decodes, prefills, rows, num_logprobs, banned) -> one step's samples
+    def __init__(self, value: Any):
+        self.value = value
+
+    def result(self) -> Any:
+        return self.value
+
+
+class StepsExecutor:
+    """`Executor.execute` for an executor that dispatches single steps (`dispatch`) and runs multi-step decodes
+    (`decode_steps`): ModelRunner, MockExecutor. `step` is the synchronous single step, which the synchronous
+    loop goes through (tests and benchmarks wrap it to observe steps)."""
+
+    dispatch: Callable[[StepInput], StepHandle]
     decode_steps: Callable[..., Any]  # (decodes, rows, num_steps) -> tokens [num_steps, len(decodes)]
+
+    def step(self, decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk], sampling_rows: Sequence[SamplingRow],
+             num_logprobs: int = 0, banned: Sequence[Sequence[int]] | None = None) -> Any:
+        """Runs one step and returns the sample of each chunk, decodes first, then prefills."""
+        return self.dispatch(StepInput(decodes, prefills, sampling_rows, num_logprobs, banned)).result()
 
     def execute(self, step: StepInput) -> Any:
         if step.num_steps > 1:
             return self.decode_steps(step.decodes, step.rows, step.num_steps)
+        if step.feed:
+            return self.dispatch(step).result()
         return self.step(step.decodes, step.prefills, step.rows, step.num_logprobs, step.banned)

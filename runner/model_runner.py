@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from runner.executor import StepsExecutor
+from runner.executor import StepInput, StepsExecutor
 from runner.model.config import ModelConfig
 from runner.model.llama import Transformer
 from runner.sampling import SamplingRow, SamplingTensors, sample
@@ -38,6 +38,24 @@ def _run_model(graphdef, state, kv_pool, batch: StepBatch):
 def _run_step(graphdef, state, kv_pool, batch: StepBatch, sampling: SamplingTensors, num_logprobs: int):
     logits, kv_pool = nnx.merge(graphdef, state)(kv_pool, batch)
     return sample(logits, sampling, num_logprobs=num_logprobs), kv_pool
+
+
+@jax.jit
+def _feed_tokens(tokens, last_tokens, src, mask):
+    """The decode rows under `mask` take the previous step's sampled token at row src (on the device)."""
+    head = tokens[:mask.shape[0]]
+    return tokens.at[:mask.shape[0]].set(jnp.where(mask, last_tokens[src], head))
+
+
+class PendingStep:
+    """A dispatched step: its samples on the device until `result()` copies the real chunks' rows to the host."""
+
+    def __init__(self, out: Any, rows: np.ndarray, num_logprobs: int):
+        self.out, self.rows, self.num_logprobs = out, rows, num_logprobs
+
+    def result(self) -> Any:
+        out = jax.device_get(self.out)
+        return jax.tree.map(lambda a: a[self.rows], out) if self.num_logprobs else out[self.rows]
 
 
 def fit_num_blocks(config: ModelConfig, block_size: int, dtype: Any, memory_utilization: float,
@@ -121,6 +139,7 @@ def on_device(device: jax.Device | None) -> contextlib.AbstractContextManager:
 
 class ModelRunner(StepsExecutor):
     host_kv: np.ndarray | None = None  # the swap space, once allocate_swap_space made it
+    _last_samples: tuple[Any, np.ndarray] | None = None  # the last dispatched step's samples (device), rows
 
     def __init__(self, config: ModelConfig, params: dict[str, Any] | None, *, num_blocks: int | None = None,
                  block_size: int = 16, kernel_impl: str | None = None, release_params: bool = False,
@@ -173,13 +192,10 @@ class ModelRunner(StepsExecutor):
     def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: Any) -> int:
         return 2 * config.num_layers * config.num_kv_heads * block_size * config.head_dim * jnp.dtype(dtype).itemsize
 
-    def step(self, decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk], sampling_rows: Sequence[SamplingRow],
-             num_logprobs: int = 0, banned: Sequence[Sequence[int]] | None = None):
-        """Runs one step and returns the sampler's output for each chunk, decodes first, then prefills.
-
-        `sampling_rows[i]` holds the sampling parameters of chunk i (decodes then prefills); `banned[i]`, token
-        ids chunk i may not sample. The engine calls it through `execute` (see runner.executor.StepInput).
-        """
+    def dispatch(self, step: StepInput) -> "PendingStep":
+        """Starts one step on the device and returns at once; `result()` waits for its samples. Feeds (see
+        StepInput.feed) take tokens from the previous dispatch's samples on the device, with no host round trip."""
+        decodes, prefills, sampling_rows, banned = step.decodes, step.prefills, step.rows, step.banned
         if len(sampling_rows) != len(decodes) + len(prefills):
             raise ValueError(f"{len(sampling_rows)} sampling rows for {len(decodes) + len(prefills)} chunks")
         batch = build_step_batch(list(decodes), list(prefills), self.block_size, self.shapes)
@@ -190,11 +206,18 @@ class ModelRunner(StepsExecutor):
             padded[r] = row
             padded_banned[r] = banned[i] if banned else None
         st = SamplingTensors.from_rows(padded, padded_banned)
-        out, self.kv_pool = _run_step(self.graphdef, self.state, self.kv_pool, batch, st, num_logprobs)
-        out = jax.device_get(out)
-        if num_logprobs:
-            return jax.tree.map(lambda a: a[rows], out)
-        return out[rows]
+        if step.feed:
+            if self._last_samples is None:
+                raise RuntimeError("a step feeds on the previous step's samples, but none was dispatched")
+            last_tokens, last_rows = self._last_samples
+            mask = np.zeros(batch.num_decode, bool)
+            src = np.zeros(batch.num_decode, np.int32)
+            for i, r in step.feed:
+                mask[i], src[i] = True, last_rows[r]
+            batch = batch.replace(tokens=_feed_tokens(batch.tokens, last_tokens, src, mask))
+        out, self.kv_pool = _run_step(self.graphdef, self.state, self.kv_pool, batch, st, step.num_logprobs)
+        self._last_samples = (out.tokens if step.num_logprobs else out, rows)
+        return PendingStep(out, rows, step.num_logprobs)
 
     def decode_steps(self, decodes: Sequence[SeqChunk], sampling_rows: Sequence[SamplingRow],
                      num_steps: int) -> np.ndarray:

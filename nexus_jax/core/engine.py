@@ -6,6 +6,7 @@ failure finishes the requests of the failed step with finish_reason "error" and 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -16,39 +17,18 @@ import numpy as np
 from nexus_jax.core.block_manager import BlockManager
 from nexus_jax.core.config import EngineConfig
 from nexus_jax.core.outputs import Logprob, RequestMetrics, RequestOutput
-from nexus_jax.core.request import Request
+from nexus_jax.core.request import Request, RequestGroup
 from nexus_jax.core.sampling_params import SamplingParams
 from nexus_jax.core.scheduler import Scheduler, SchedulerOutput
 from nexus_jax.core.stop import StopChecker
 from nexus_jax.core.swap_space import SwapSpace
 from nexus_jax.core.tokenizer import IncrementalDetokenizer, Tokenizer
 from nexus_jax.programs.table import ProgramConfig
-from runner.executor import Executor, StepInput
+from runner.executor import Executor, ReadyStep, StepHandle, StepInput
 from runner.sampling import SampleResult
 from runner.step_batch import SeqChunk
 
 log = logging.getLogger(__name__)
-
-
-class RequestGroup:
-    """A user request: its prompt and its n sequences."""
-
-    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], seqs: list[Request],
-                 stream: bool):
-        self.request_id = request_id
-        self.stream = stream  # report progress every step, not only the final output
-        self.prompt = prompt
-        self.prompt_token_ids = prompt_token_ids
-        self.seqs = seqs
-        self.error: str | None = None
-
-    @property
-    def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
-
-    def output(self) -> RequestOutput:
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
-                             [s.completion() for s in self.seqs], self.finished, self.seqs[0].metrics, self.error)
 
 
 def program_config(config: EngineConfig) -> ProgramConfig:
@@ -57,7 +37,17 @@ def program_config(config: EngineConfig) -> ProgramConfig:
                          max_programs=config.max_programs)
 
 
+@dataclasses.dataclass
+class _Flight:
+    """A dispatched step: its plan, the executor's handle on it, and when it was dispatched."""
+    plan: SchedulerOutput
+    handle: StepHandle
+    started: float
+
+
 class LLMEngine:
+    overlaps = True  # the disaggregated engine runs its own loop
+
     def __init__(self, config: EngineConfig, executor: Executor, tokenizer: Tokenizer | None, *,
                  max_model_len: int, vocab_size: int, eos_token_ids: Sequence[int] = ()):
         self.config = config
@@ -71,6 +61,13 @@ class LLMEngine:
         self.groups: dict[str, RequestGroup] = {}
         self._rng = random.Random(config.seed)
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
+        # The overlapped loop (async_scheduling): step n + 1 is planned and dispatched before step n is read back.
+        # Multi-step decodes already run several steps per dispatch, so they keep the synchronous loop.
+        self.overlap = self.overlaps and config.async_scheduling and config.num_scheduler_steps == 1
+        if self.overlap and not callable(getattr(executor, "dispatch", None)):
+            raise ValueError(f"async_scheduling needs an executor with dispatch(); {type(executor).__name__} has "
+                             "none: set async_scheduling=False")
+        self._flight: _Flight | None = None  # the step dispatched and not yet folded
 
     def _make_scheduler(self, config: EngineConfig, executor: Executor) -> Scheduler:
         """One scheduler plans every step (the disaggregated engine plans its phases apart instead)."""
@@ -101,7 +98,7 @@ class LLMEngine:
                                                arrival_time=arrival_time, stream=stream, program_id=program_id,
                                                thread_id=thread_id))
 
-    def add_prepared(self, group: "RequestGroup") -> None:
+    def add_prepared(self, group: RequestGroup) -> None:
         """Queues a request made by prepare_request (split so that callers on other threads can validate
         without holding the engine)."""
         if group.request_id in self.groups:
@@ -112,7 +109,7 @@ class LLMEngine:
 
     def prepare_request(self, request_id: str, prompt: str | dict[str, Any], params: SamplingParams | None = None,
                         *, priority: int = 0, arrival_time: float | None = None, stream: bool = False,
-                        program_id: str | None = None, thread_id: str = "") -> "RequestGroup":
+                        program_id: str | None = None, thread_id: str = "") -> RequestGroup:
         """Validates a request and builds its sequences; touches no engine state but the seed generator."""
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
@@ -205,13 +202,14 @@ class LLMEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work() or bool(self._pending)
+        return self.scheduler.has_work() or bool(self._pending) or self._flight is not None
 
     # ---- the loop
 
     def step(self) -> list[RequestOutput]:
         """Runs one step; returns the final output of every request that ended, and a progress output of every
-        streamed request that made progress."""
+        streamed request that made progress. With the overlapped loop, it plans and dispatches the next step, then
+        folds the one dispatched by the previous call (the device runs one while the host prepares the other)."""
         outputs, self._pending = self._pending, []
         plan = self.scheduler.schedule()
         if plan.swap_out or plan.swap_in:
@@ -220,16 +218,42 @@ class LLMEngine:
             except Exception as e:  # the swapped-out requests lost their K/V, the step's requests their room
                 log.exception("swap failed; failing its requests and the step's")
                 swapped = [r for r in plan.preempted if self.scheduler.swap_space.holds(r.request_id)]
-                return outputs + self._fail(plan, f"{type(e).__name__}: {e}", swapped)
-        if not plan.chunks:  # nothing to run, though a request that preempted itself may have swapped out
-            return outputs
+                outputs += self._fail(plan, f"{type(e).__name__}: {e}", swapped)
+                plan = SchedulerOutput([], [], [])
+        previous, self._flight = self._flight, None
+        if plan.chunks:  # else nothing to run, though a request that preempted itself may have swapped out
+            outputs += self._dispatch(plan, previous)
+        if previous is not None:
+            outputs += self._land(previous)
+        if not self.overlap and self._flight is not None:
+            flight, self._flight = self._flight, None
+            outputs += self._land(flight)
+        return outputs
+
+    def _dispatch(self, plan: SchedulerOutput, previous: _Flight | None) -> list[RequestOutput]:
+        """Starts `plan` on the executor (the step in flight, `previous`, feeds its placeholder tokens)."""
         started = time.monotonic()
         try:
-            result = self.executor.execute(self._step_input(plan))
+            step = self._step_input(plan, previous)
+            handle = self.executor.dispatch(step) if self.overlap else ReadyStep(self.executor.execute(step))
         except Exception as e:  # a failed step must not lose its requests: they end with an error
             log.exception("step failed; failing its %d requests", len(plan.chunks))
-            return outputs + self._fail(plan, f"{type(e).__name__}: {e}")
-        return outputs + self._fold(plan, result, started)
+            return self._fail(plan, f"{type(e).__name__}: {e}")
+        self.scheduler.dispatched(plan)
+        self._flight = _Flight(plan, handle, started)
+        return []
+
+    def _land(self, flight: _Flight) -> list[RequestOutput]:
+        """Reads a dispatched step's samples back and folds them in, or fails its requests."""
+        try:
+            result = flight.handle.result()
+        except Exception as e:
+            log.exception("step failed; failing its %d requests", len(flight.plan.chunks))
+            self.scheduler.landed(flight.plan)
+            return self._fail(flight.plan, f"{type(e).__name__}: {e}")
+        outputs = self._fold(flight.plan, result, flight.started)
+        self.scheduler.landed(flight.plan)
+        return outputs
 
     def _fold(self, plan: SchedulerOutput, result: Any, started: float) -> list[RequestOutput]:
         """Folds an executed plan back: K/V now computed, sampled tokens appended, finished requests retired."""
@@ -257,24 +281,32 @@ class LLMEngine:
                 outputs.append(group.output())
         return outputs
 
-    def _step_input(self, plan: SchedulerOutput) -> StepInput:
-        """What runs `plan`, for an executor here or a worker process."""
+    def _step_input(self, plan: SchedulerOutput, previous: _Flight | None = None) -> StepInput:
+        """What runs `plan`, for an executor here or a worker process. A decode whose input token the step in
+        flight (`previous`) still samples carries a placeholder, fed on the device from that step's sample."""
         chunks = plan.chunks
-        seq_chunks = [SeqChunk(c.request.all_token_ids[c.start:c.start + c.num_tokens], c.start,
+        seq_chunks = [SeqChunk(c.request.all_token_ids[c.start:c.start + c.num_tokens] or [0], c.start,
                                self.block_manager.block_table(c.request.request_id)) for c in chunks]
-        rows = [c.request.sampling_row.at_step(len(c.request.output_token_ids)) for c in chunks]
+        # A request's step index counts its samples in flight: seeded draws and min_tokens do not lag.
+        rows = [c.request.sampling_row.at_step(len(c.request.output_token_ids) + c.request.num_pending)
+                for c in chunks]
         decodes, prefills = seq_chunks[:len(plan.decodes)], seq_chunks[len(plan.decodes):]
         if plan.num_steps > 1:
             return StepInput(decodes, prefills, rows, num_steps=plan.num_steps)
+        feed: list[tuple[int, int]] = []
+        if previous is not None:
+            source = {id(c.request): r for r, c in enumerate(previous.plan.chunks) if c.samples}
+            feed = [(i, source[id(c.request)]) for i, c in enumerate(plan.decodes)
+                    if c.start >= c.request.num_tokens]
         wanted = [c.request.params.logprobs for c in chunks if c.request.params.logprobs is not None]
         # logprobs=0 still wants the sampled token's log-prob, which the executor returns only when asked for 1+
         num_logprobs = max(max(wanted), 1) if wanted else 0
         banned = [self._banned(c.request) for c in chunks]
-        return StepInput(decodes, prefills, rows, num_logprobs, banned if any(banned) else None)
+        return StepInput(decodes, prefills, rows, num_logprobs, banned if any(banned) else None, feed=feed)
 
     def _banned(self, seq: Request) -> list[int]:
         """Until min_tokens are out, EOS and the stop ids are not sampled at all (vLLM's behaviour)."""
-        if len(seq.output_token_ids) >= seq.params.min_tokens:
+        if len(seq.output_token_ids) + seq.num_pending >= seq.params.min_tokens:
             return []
         eos = () if seq.params.ignore_eos else self.eos_token_ids
         return [*eos, *seq.params.stop_token_ids]

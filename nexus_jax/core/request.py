@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from nexus_jax.core.outputs import CompletionOutput, PositionLogprobs, RequestMetrics
+from nexus_jax.core.outputs import CompletionOutput, PositionLogprobs, RequestMetrics, RequestOutput
 from nexus_jax.core.sampling_params import SamplingParams
 from nexus_jax.core.stop import StopChecker
 from runner.sampling import SamplingRow
@@ -41,6 +41,10 @@ class Request:
     logprobs: list[PositionLogprobs] | None = None
     cumulative_logprob: float | None = None
     num_computed_tokens: int = 0
+    # The overlapped loop: tokens whose K/V the step in flight computes, and samples it draws for this sequence
+    # (on the device until the step is folded). Both 0 in the synchronous loop whenever a step is planned.
+    num_inflight: int = 0
+    num_pending: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -70,18 +74,29 @@ class Request:
         return len(self.all_token_ids)
 
     @property
+    def num_planned_tokens(self) -> int:
+        """Known tokens plus the samples still in flight: what the next step is planned against."""
+        return len(self.all_token_ids) + self.num_pending
+
+    @property
+    def num_planned_computed(self) -> int:
+        """Tokens with K/V in the pool once the step in flight is done."""
+        return self.num_computed_tokens + self.num_inflight
+
+    @property
     def is_finished(self) -> bool:
         return self.status is RequestStatus.FINISHED
 
     @property
     def remaining_tokens(self) -> int:
-        """Tokens this sequence may still generate (max_tokens, or what the context leaves)."""
-        return self.stop.max_tokens - len(self.output_token_ids)
+        """Tokens this sequence may still generate (max_tokens, or what the context leaves), samples in flight
+        counted as generated."""
+        return self.stop.max_tokens - len(self.output_token_ids) - self.num_pending
 
     @property
     def in_prefill(self) -> bool:
-        """True while more than one known token still lacks K/V (a prompt, or a recompute after preemption)."""
-        return self.num_tokens - self.num_computed_tokens > 1
+        """True while more than one token still lacks K/V (a prompt, or a recompute after preemption)."""
+        return self.num_planned_tokens - self.num_planned_computed > 1
 
     def finish(self, reason: str, stop_reason: int | str | None, now: float) -> None:
         self.status = RequestStatus.FINISHED
@@ -94,3 +109,24 @@ class Request:
         return CompletionOutput(self.index, self.text, list(self.output_token_ids), self.cumulative_logprob,
                                 None if self.logprobs is None else list(self.logprobs), self.finish_reason,
                                 self.stop_reason)
+
+
+class RequestGroup:
+    """A user request: its prompt and its n sequences."""
+
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int], seqs: list[Request],
+                 stream: bool):
+        self.request_id = request_id
+        self.stream = stream  # report progress every step, not only the final output
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.seqs = seqs
+        self.error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
+                             [s.completion() for s in self.seqs], self.finished, self.seqs[0].metrics, self.error)

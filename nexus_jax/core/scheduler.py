@@ -26,13 +26,14 @@ from nexus_jax.programs.table import Call, ProgramConfig
 @dataclasses.dataclass
 class ScheduledChunk:
     request: Request
-    start: int        # tokens of the request already in the KV pool
+    start: int        # tokens of the request in the KV pool when this chunk runs
     num_tokens: int   # tokens this step computes
+    # Whether the chunk reaches the request's last token as planned, so its sample becomes the next token. Fixed
+    # when planned: with a step in flight the request's token count changes before this chunk is folded.
+    samples: bool = dataclasses.field(init=False)
 
-    @property
-    def samples(self) -> bool:
-        """Whether this chunk reaches the request's last known token, so its sample becomes the next token."""
-        return self.start + self.num_tokens == self.request.num_tokens
+    def __post_init__(self) -> None:
+        self.samples = self.start + self.num_tokens == self.request.num_planned_tokens
 
 
 @dataclasses.dataclass
@@ -103,7 +104,7 @@ class Scheduler:
         """Removes a finished (or aborted) request from the queues and releases its blocks."""
         if request in self.running:
             self.running.remove(request)
-            if request.request_id in self.busy:
+            if request.request_id in self.busy or request.num_inflight:
                 self._deferred_free.add(request.request_id)
             else:
                 self.block_manager.free(request.request_id)
@@ -120,6 +121,25 @@ class Scheduler:
             rid = c.request.request_id
             self.busy.discard(rid)
             if rid in self._deferred_free:
+                self._deferred_free.discard(rid)
+                self.block_manager.free(rid)
+
+    def dispatched(self, out: SchedulerOutput) -> None:
+        """The overlapped loop dispatched `out` and may plan the next step before it lands: its chunks' tokens are
+        counted as in flight, and its samples as pending, until `landed`."""
+        for c in out.chunks:
+            c.request.num_inflight += c.num_tokens
+            c.request.num_pending += c.samples
+
+    def landed(self, out: SchedulerOutput) -> None:
+        """A dispatched plan is done (folded or failed): frees the blocks of its requests that finished meanwhile
+        and have no other step in flight."""
+        for c in out.chunks:
+            req = c.request
+            req.num_inflight -= c.num_tokens
+            req.num_pending -= c.samples
+            rid = req.request_id
+            if rid in self._deferred_free and not req.num_inflight and rid not in self.busy:
                 self._deferred_free.discard(rid)
                 self.block_manager.free(rid)
 
@@ -143,7 +163,9 @@ class Scheduler:
                 continue  # preempted earlier in this loop
             if req.in_prefill and len(out.prefills) >= self.max_prefill_seqs:
                 continue
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.remaining_tokens <= 0:
+                continue  # the step in flight draws its last token (the overlapped loop)
+            n = min(req.num_planned_tokens - req.num_planned_computed, budget)
             if not self._allocate_or_preempt(req, n, order, planned, out):
                 continue
             planned.add(id(req))
@@ -180,9 +202,12 @@ class Scheduler:
 
     def _allocate_or_preempt(self, req: Request, n: int, order: list[Request], planned: set[int],
                              out: SchedulerOutput) -> bool:
-        while self.block_manager.allocate(req.request_id, req.num_computed_tokens + n) is None:
+        while self.block_manager.allocate(req.request_id, req.num_planned_computed + n) is None:
+            # A request in the step in flight keeps its blocks: that step still writes them.
             victims = [r for r in order if id(r) not in planned and r is not req
-                       and r.status is RequestStatus.RUNNING]
+                       and r.status is RequestStatus.RUNNING and not r.num_inflight]
+            if not victims and req.num_inflight:
+                return False  # planned again once the step in flight lands
             victim = victims[-1] if victims else req
             self._preempt(victim, out)
             if victim is req:
@@ -252,12 +277,13 @@ class Scheduler:
         return self.policy(req)
 
     def _plan(self, out: SchedulerOutput, req: Request, n: int) -> None:
-        chunk = ScheduledChunk(req, req.num_computed_tokens, n)
+        chunk = ScheduledChunk(req, req.num_planned_computed, n)
         (out.decodes if n == 1 else out.prefills).append(chunk)
 
     def update(self, out: SchedulerOutput) -> None:
         """Records that the plan ran: the chunks' K/V is now in the pool (the engine appends sampled tokens)."""
         for c in out.chunks:
             req = c.request
-            req.num_computed_tokens = c.start + c.num_tokens
+            # An aborted request never receives its last sample, whose K/V the step computed: commit what is known.
+            req.num_computed_tokens = min(c.start + c.num_tokens, req.num_tokens)
             self.block_manager.commit(req.request_id, req.all_token_ids, req.num_computed_tokens)

@@ -60,6 +60,7 @@ class PoolView:
 
 
 class DisaggEngine(LLMEngine):
+    overlaps = False  # its phases dispatch and fold on their own (see step)
     def __init__(self, config: EngineConfig, pool: WorkerPool, controller: PartitionController, tokenizer: Any,
                  *, max_model_len: int, vocab_size: int, eos_token_ids=(), mps: MpsControl | None = None,
                  device_kind: str | None = None, restart_pool: RestartPool | None = None):

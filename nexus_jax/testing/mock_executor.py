@@ -7,8 +7,10 @@ instead of passing silently. `context(chunk)` reads back the token ids a chunk's
 compare. Swapped blocks move through a host copy of the same (token id, position) form, so `context` reads what a
 swap restored.
 
-`step_seconds` makes every step sleep that long, so latencies are those of a (very small) real device and a
-request is still running when a test acts on it.
+`step_seconds` is the simulated device time of a step: steps run one after another on the simulated device, a
+dispatched step's `result()` waits until it is done, and host work between `dispatch` and `result` overlaps it (as
+on a GPU). With it, latencies are those of a (very small) real device and a request is still running when a test
+acts on it. A step's samples are computed at dispatch; a later step's `feed` reads them, as a GPU's would.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
-from runner.executor import StepsExecutor
+from runner.executor import StepInput, StepsExecutor
 from runner.sampling import SampleResult, SamplingRow
 from runner.step_batch import SeqChunk
 
@@ -38,11 +40,20 @@ class MockExecutor(StepsExecutor):
         self.max_batch = 0  # the most chunks one step has had
         self.block_bytes = 16 * block_size  # an int64 token id and position per slot
         self.host_kv = self.host_pos = np.zeros((0, block_size), np.int64)
+        self.device_free_at = 0.0  # when the simulated device finishes the last dispatched step
+        self.last_tokens = np.zeros(0, np.int32)  # the last step's samples, in chunk order
 
-    def step(self, decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk], sampling_rows: Sequence[SamplingRow],
-             num_logprobs: int = 0, banned: Sequence[Sequence[int]] | None = None):
+    def dispatch(self, step: StepInput) -> "_Done":
+        decodes, prefills, sampling_rows, banned, num_logprobs = (step.decodes, step.prefills, step.rows,
+                                                                  step.banned, step.num_logprobs)
+        if step.feed:  # the placeholders take the previous step's samples
+            decodes = list(decodes)
+            for i, r in step.feed:
+                decodes[i] = SeqChunk([int(self.last_tokens[r])], decodes[i].start_pos, decodes[i].block_table)
+        done_at = None
         if self.step_seconds is not None:
-            time.sleep(self.step_seconds)
+            self.device_free_at = max(time.monotonic(), self.device_free_at) + self.step_seconds
+            done_at = self.device_free_at
         chunks = list(decodes) + list(prefills)
         self.max_batch = max(self.max_batch, len(chunks))
         if len(sampling_rows) != len(chunks):
@@ -63,14 +74,14 @@ class MockExecutor(StepsExecutor):
                 token = (token + 1) % self.vocab_size
             tokens.append(token)
         self.num_steps += 1
-        tokens = np.asarray(tokens, np.int32)
+        tokens = self.last_tokens = np.asarray(tokens, np.int32)
         if not num_logprobs:
-            return tokens
+            return _Done(tokens, done_at)
         # A fixed distribution: the sampled token has log-prob log(1/2); the top list is tokens t, t+1, ...
         top = (tokens[:, None] + np.arange(num_logprobs)[None, :]) % self.vocab_size
         top_lp = np.log(0.5) * (1 + np.arange(num_logprobs))[None, :].repeat(len(tokens), 0)
-        return SampleResult(tokens, np.full(len(tokens), np.log(0.5), np.float32), top.astype(np.int32),
-                            top_lp.astype(np.float32))
+        return _Done(SampleResult(tokens, np.full(len(tokens), np.log(0.5), np.float32), top.astype(np.int32),
+                                  top_lp.astype(np.float32)), done_at)
 
     def decode_steps(self, decodes: Sequence[SeqChunk], sampling_rows: Sequence[SamplingRow], num_steps: int):
         out, chunks = [], list(decodes)
@@ -97,3 +108,15 @@ class MockExecutor(StepsExecutor):
         table = np.asarray(chunk.block_table)
         pos = np.arange(chunk.start_pos)
         return self.kv[table[pos // self.block_size] * self.block_size + pos % self.block_size].tolist()
+
+
+class _Done:
+    """A mock step's result, available once the simulated device time `done_at` (None: at once) has passed."""
+
+    def __init__(self, value, done_at: float | None):
+        self.value, self.done_at = value, done_at
+
+    def result(self):
+        if self.done_at is not None:
+            time.sleep(max(0.0, self.done_at - time.monotonic()))
+        return self.value

@@ -33,8 +33,8 @@ def make_engine(num_blocks=12, swap_blocks=64, mode="swap", **cfg):
     engine.computed_tokens = 0
     step_input = engine._step_input
 
-    def checked(plan):  # runs after the plan's swaps, right before the step
-        step = step_input(plan)
+    def checked(plan, *previous):  # runs after the plan's swaps, right before the step
+        step = step_input(plan, *previous)
         for chunk, sc in zip(plan.chunks, [*step.decodes, *step.prefills]):
             assert engine.executor.context(sc) == chunk.request.all_token_ids[:chunk.start], chunk.request.request_id
         engine.computed_tokens += plan.num_tokens + (plan.num_steps - 1) * len(plan.decodes)
