@@ -32,15 +32,22 @@ def record_plans(engine) -> list[set[str]]:
     return plans
 
 
-def fail_step(engine, index: int) -> None:
-    """Makes the engine's (mock) executor raise on its step number `index` (0-based), wherever it runs it."""
-    real, calls = engine.executor.step, itertools.count()
+class _Lost:
+    """The handle of a step whose device failed: the error surfaces when its samples are read, as on a GPU."""
 
-    def flaky(*args, **kwargs):
-        if next(calls) == index:
-            raise RuntimeError("device lost")
-        return real(*args, **kwargs)
-    engine.executor.step = flaky
+    def result(self):
+        raise RuntimeError("device lost")
+
+
+def fail_step(engine, index: int) -> None:
+    """Makes the engine's (mock) executor fail its step number `index` (0-based), wherever it runs it: every
+    single step goes through dispatch (the synchronous step() too), and the failure shows at result()."""
+    real, calls = engine.executor.dispatch, itertools.count()
+
+    def flaky(step):
+        handle = real(step)
+        return _Lost() if next(calls) == index else handle
+    engine.executor.dispatch = flaky
 
 
 @pytest.mark.parametrize("abort_at", [1, 2, 5])
