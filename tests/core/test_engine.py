@@ -173,7 +173,7 @@ def test_bad_request_arguments():
 
 def test_executor_failure_ends_requests_with_an_error_and_serving_goes_on():
     engine = make_engine()
-    real = engine.executor.step
+    real = engine.executor.dispatch  # every single step goes through it, in either loop
     calls = {"n": 0}
 
     def flaky(*a, **k):
@@ -181,7 +181,7 @@ def test_executor_failure_ends_requests_with_an_error_and_serving_goes_on():
         if calls["n"] == 2:
             raise RuntimeError("device lost")
         return real(*a, **k)
-    engine.executor.step = flaky
+    engine.executor.dispatch = flaky
     engine.add_request("a", {"prompt_token_ids": [1]}, greedy(5))
     done = run_all(engine)
     assert done["a"].outputs[0].finish_reason == "error"

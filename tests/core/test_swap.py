@@ -139,7 +139,7 @@ def test_swapped_sequence_with_a_shared_prefix_keeps_the_sharer_intact():
     bm, space = engine.block_manager, engine.scheduler.swap_space
     shared = list(range(100, 116))  # four full blocks
     engine.add_request("first", {"prompt_token_ids": shared + [7]}, greedy(26), priority=0)
-    engine.step()
+    step_until(engine, lambda: any(r.num_computed_tokens >= 17 for r in engine.scheduler.running))  # prompt landed
     engine.add_request("second", {"prompt_token_ids": shared + [9, 10]}, greedy(26), priority=1)
     step_until(engine, lambda: "second" in bm._tables)
     head = bm.block_table("first")[:4]
