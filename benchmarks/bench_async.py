@@ -4,7 +4,7 @@
 
 Two LLMEngines share one ModelRunner (the weights and KV pool are loaded once; prefix caching off, since each engine
 would cache blocks the other overwrites), one with the overlapped loop and one without; each workload runs on both,
-alternating, after a warm-up that compiles its shapes:
+alternating, after a warm-up (every step shape compiled at start, then each case once on both loops):
 1. light load: one request at a time (128-token prompt, 256 tokens out): inter-token latency against the floor of
    reading the weights once per token at the copy bandwidth measured in the same run;
 2. a batch of 64 requests (1024-token prompts, 128 tokens out, all at once): ITL median;
@@ -60,7 +60,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     copy = hbm_copy_tbps(4 << 30)
     base = build_engine(EngineConfig(model=args.preset, max_model_len=2048, max_num_batched_tokens=2048,
-                                     min_table_blocks=128, async_scheduling=True,
+                                     min_table_blocks=128, async_scheduling=True, warmup=True,
                                      enable_prefix_caching=False))  # the two engines share one pool
     engines = {"sync": twin(base, False), "async": base}
     weights = sum(x.nbytes for x in jax.tree.leaves(base.executor.state))
