@@ -15,6 +15,8 @@ Writes async.json and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import dataclasses
 import json
 import statistics
@@ -27,6 +29,7 @@ import numpy as np
 from benchmarks.bench_model import hbm_copy_tbps
 from nexus_jax import EngineConfig, LLMEngine, SamplingParams
 from nexus_jax.entrypoints.build import build_engine
+from runner import model_runner
 
 
 def twin(engine: LLMEngine, overlap: bool) -> LLMEngine:
@@ -51,11 +54,43 @@ def workload(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> di
             "tok_per_s": tokens / elapsed, "seconds": elapsed}
 
 
+@contextlib.contextmanager
+def host_timeline(engine: LLMEngine):
+    """Wall time of each part of the loop per call, on the host: planning, the executor's dispatch (returns at once
+    unless something waits for the device), waiting for the samples (result), folding them in."""
+    spans: dict[str, list[float]] = collections.defaultdict(list)
+    patched = [(engine.scheduler, "schedule"), (engine.executor, "dispatch"), (engine, "_fold"),
+               (model_runner.PendingStep, "result")]
+    saved = [(obj, name, obj.__dict__.get(name)) for obj, name in patched]
+
+    def wrap(obj, name):
+        real = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                spans[name].append(time.perf_counter() - start)
+        return timed
+    for obj, name in patched:  # a plain function set on the class becomes a method: self comes first
+        setattr(obj, name, wrap(obj, name))
+    try:
+        yield spans
+    finally:
+        for obj, name, old in saved:
+            if old is None:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, old)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llama-3.1-8b")
     ap.add_argument("--out", default=".")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--timeline", action="store_true", help="only the batch case, with the host timeline per part")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     copy = hbm_copy_tbps(4 << 30)
@@ -72,6 +107,17 @@ def main() -> None:
              "offline 256 x (512 -> 128)": (prompts(256, 512), 128)}
     results: dict = {"device": jax.devices()[0].device_kind, "copy_tbps": copy,
                      "weights_gb": weights / 1e9, "weight_floor_ms": floor_ms, "cases": {}}
+    if args.timeline:
+        ps, out = cases["batch 64 x (1024 -> 128)"]
+        for mode, engine in engines.items():
+            workload(engine, ps[:8], 4)
+            with host_timeline(engine) as spans:
+                measured = workload(engine, ps, out)
+            parts = {k: {"calls": len(v), "mean_ms": 1e3 * statistics.mean(v), "median_ms": 1e3 * statistics.median(v),
+                         "total_s": sum(v)} for k, v in spans.items()}
+            print(mode, measured, json.dumps(parts, indent=1), flush=True)
+            results["cases"][f"timeline {mode}"] = {"run": measured, "parts": parts}
+        cases = {}
     for name, (ps, out) in cases.items():
         for mode, engine in engines.items():  # warm-up: every shape of the case compiled, both loops
             workload(engine, ps[:8], 4)
@@ -86,6 +132,8 @@ def main() -> None:
              "| case | sync ITL median (ms) | async ITL median (ms) | sync tok/s | async tok/s | async/sync tok/s |",
              "|---|---|---|---|---|---|"]
     for name, r in results["cases"].items():
+        if "sync" not in r:
+            continue  # a timeline
         s, a = r["sync"], r["async"]
         lines.append(f"| {name} | {s['itl_median_ms']:.2f} | {a['itl_median_ms']:.2f} | {s['tok_per_s']:.0f} | "
                      f"{a['tok_per_s']:.0f} | {a['tok_per_s'] / s['tok_per_s']:.2f}x |")
