@@ -91,13 +91,14 @@ def main() -> None:
     ap.add_argument("--out", default=".")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--memory-utilization", type=float, default=0.9, help="EngineConfig.gpu_memory_utilization")
+    ap.add_argument("--kernel-impl", default=None, choices=["pallas", "xla"], help="EngineConfig.kernel_impl")
     ap.add_argument("--timeline", action="store_true", help="only the batch case, with the host timeline per part")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     copy = hbm_copy_tbps(4 << 30)
     base = build_engine(EngineConfig(model=args.preset, max_model_len=2048, max_num_batched_tokens=2048,
                                      min_table_blocks=128, async_scheduling=True, warmup=True,
-                                     gpu_memory_utilization=args.memory_utilization,
+                                     gpu_memory_utilization=args.memory_utilization, kernel_impl=args.kernel_impl,
                                      enable_prefix_caching=False))  # the two engines share one pool
     engines = {"sync": twin(base, False), "async": base}
     weights = sum(x.nbytes for x in jax.tree.leaves(base.executor.state))
