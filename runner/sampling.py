@@ -1,5 +1,11 @@
 """On-device token sampling: greedy, temperature, top-k, top-p and min-p, one jitted call per step.
 
+The work a batch needs is decided on the host, from its rows (`SamplingTensors.mode`, a static field, so each
+mode is its own program): greedy batches take an argmax, sampled ones add the noise, and only batches with a
+top-k / top-p row compute thresholds. No branch is taken on the device: XLA on GPU runs a `lax.cond` by copying
+its predicate to the host, which makes the dispatching thread wait for everything queued before it, so a step
+with one would block the host for the whole model forward.
+
 Filters run in vLLM's order (temperature, top-k, top-p, min-p) and each reduces to a per-row threshold on the
 temperature-scaled logits z: a token is kept iff z >= threshold (ties with the boundary value are kept). The
 token is then one Gumbel-max over the whole vocabulary, with noise indexed by token id and derived only from the
@@ -31,11 +37,15 @@ MIN_TOP_P = float(np.finfo(np.float32).smallest_subnormal)
 # a full sort), so lax.top_k(z, 1024) would cost as much as sorting [B, V]. Instead take the top 16 of each of 64
 # vocabulary groups (1024 candidates, one pass over the logits) and sort only those. Every candidate above
 # `bound` (the largest 16th-of-its-group) is in its true global rank, so a row whose top-k / nucleus boundary lies
-# above the bound is exact; if any row's does not, the batch falls back to a full sort.
+# above the bound is exact; the others take the answer of a full sort, which a filtered batch always computes.
 GROUPS = 64
 PER_GROUP = 16
 # Below this vocabulary size a full sort is about as cheap as the candidates and needs no fallback.
 DIRECT_SORT_MAX_VOCAB = 2 * GROUPS * PER_GROUP
+
+# What a batch computes (SamplingTensors.mode): an argmax; plus noise (temperature, min-p); plus thresholds.
+GREEDY, RANDOM, FILTERED = "greedy", "random", "filtered"
+MODES = (GREEDY, RANDOM, FILTERED)
 
 
 @struct.dataclass
@@ -51,6 +61,7 @@ class SamplingTensors:
     # [B, M] i32 token ids this row may not sample (-1 = unused); M is 0 when no row bans anything. The engine
     # bans EOS and stop ids until min_tokens is reached, as vLLM does.
     banned: jax.Array
+    mode: str = struct.field(pytree_node=False, default=FILTERED)  # see MODES; from_rows picks the cheapest
     @classmethod
     def from_rows(cls, rows: Sequence[SamplingRow | None], banned: Sequence[Sequence[int] | None] | None = None,
                   *, pad_to: int | None = None) -> SamplingTensors:
@@ -73,7 +84,15 @@ class SamplingTensors:
         for i, ids in enumerate(banned or ()):
             if ids:
                 table[i, :len(ids)] = ids
-        return cls(*columns, table)
+        return cls(*columns, table, mode_of(values))
+
+
+def mode_of(rows: Sequence[SamplingRow]) -> str:
+    """The cheapest mode that samples every row exactly."""
+    sampled = [row for row in rows if row.temperature >= GREEDY_TEMPERATURE]
+    if not sampled:
+        return GREEDY
+    return FILTERED if any(row.top_k > 0 or row.top_p < 1.0 for row in sampled) else RANDOM
 
 
 class SampleResult(NamedTuple):
@@ -101,10 +120,11 @@ def sample(logits: jax.Array, st: SamplingTensors, *, num_logprobs: int = 0) -> 
     if st.banned.shape[1]:
         ids = jnp.where(st.banned >= 0, st.banned, vocab)  # out of range: dropped
         x = x.at[jnp.arange(batch)[:, None], ids].set(-jnp.inf, mode="drop")
-    greedy_tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
-    # An all-greedy batch skips the noise and the filters entirely.
-    tokens = lax.cond(jnp.any(st.temperature >= GREEDY_TEMPERATURE),
-                      _sample_rows, lambda x, st, greedy: greedy, x, st, greedy_tokens)
+    if st.mode not in MODES:
+        raise ValueError(f"sampling mode must be one of {MODES}, got {st.mode!r}")
+    tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    if st.mode != GREEDY:
+        tokens = _sample_rows(x, st, tokens)
     if num_logprobs == 0:
         return tokens
     logprobs = jax.nn.log_softmax(raw, axis=-1)
@@ -120,8 +140,9 @@ def _sample_rows(x: jax.Array, st: SamplingTensors, greedy_tokens: jax.Array) ->
     # Greedy rows must not force the sort, whatever filters they carry.
     top_k = jnp.where(sampled & (st.top_k > 0) & (st.top_k < vocab), st.top_k, vocab)
     top_p = jnp.where(sampled, st.top_p, 1.0)
-    threshold = lax.cond(jnp.any((top_k < vocab) | (top_p < 1.0)), _filter_threshold,
-                         lambda z, k, p: jnp.full(z.shape[:1], -jnp.inf), z, top_k, top_p)
+    threshold = jnp.full(z.shape[:1], -jnp.inf)
+    if st.mode == FILTERED:
+        threshold = _filter_threshold(z, top_k, top_p)
     # min-p keeps p >= min_p * p_max, a ratio that top-k / top-p renormalization leaves unchanged: no sort needed.
     threshold = jnp.maximum(threshold, jnp.max(z, axis=-1) + jnp.log(st.min_p))
     noise = jax.vmap(partial(_gumbel, vocab=vocab))(st.seed, st.step)
@@ -140,12 +161,9 @@ def _filter_threshold(z: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.A
         return _sorted_threshold(z, _sort_descending(z), top_k, top_p, None)[0]
     candidates, bound = _candidates(z)
     threshold, exact = _sorted_threshold(z, candidates, top_k, top_p, bound)
-
-    def full_sort() -> jax.Array:
-        # Rows the candidates settled keep that answer, so no row's draw depends on its neighbours.
-        return jnp.where(exact, threshold, _sorted_threshold(z, _sort_descending(z), top_k, top_p, None)[0])
-
-    return lax.cond(jnp.all(exact), lambda: threshold, full_sort)
+    # Rows the candidates settled keep that answer, so no row's draw depends on its neighbours. The full sort runs
+    # whether or not a row needs it: skipping it would take a branch on the device (see the module docstring).
+    return jnp.where(exact, threshold, _sorted_threshold(z, _sort_descending(z), top_k, top_p, None)[0])
 
 
 def _candidates(z: jax.Array) -> tuple[jax.Array, jax.Array]:

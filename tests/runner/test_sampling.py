@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from runner import sampling
-from runner.sampling import GREEDY_ROW, SamplingRow, SamplingTensors, sample
+from runner.sampling import FILTERED, GREEDY, GREEDY_ROW, RANDOM, SamplingRow, SamplingTensors, sample
 
 jit_sample = jax.jit(sample, static_argnames="num_logprobs")
 # 99.9% quantiles of chi-square with 1..7 degrees of freedom.
@@ -270,21 +270,38 @@ def test_rows_are_validated_once_and_only_change_their_step():
         SamplingRow.validated(temperature=10**400, seed=0)
 
 
-def test_jit_does_not_retrace_on_value_changes():
+def test_jit_retraces_on_the_sampling_mode_only():
     traces = []
 
     def step(logits, st):
-        traces.append(1)
+        traces.append(st.mode)
         return sample(logits, st, num_logprobs=2)
 
     jitted = jax.jit(step)
     logits = jnp.asarray(np.random.default_rng(6).normal(size=(8, 100)), jnp.float32)
     first = jitted(logits, tensors([], 8))
+    jitted(logits * 3, tensors([{"temperature": 0.0}] * 3, 8))
     rows = [{"temperature": 1.0, "top_k": 5, "top_p": 0.5, "min_p": 0.1, "seed": 3, "step": 2}] * 8
     second = jitted(logits * 2, tensors(rows, 8))
-    assert len(traces) == 1
+    other = [{"temperature": 0.7, "top_k": 0, "top_p": 0.9, "min_p": 0.0, "seed": 9, "step": 5}] * 8
+    jitted(logits, tensors(other, 8))
+    jitted(logits, tensors([{"temperature": 0.5, "seed": 1}] * 8, 8))
+    assert traces == [GREEDY, FILTERED, RANDOM]
     np.testing.assert_array_equal(first.tokens, np.argmax(np.asarray(logits), axis=-1))
     assert second.tokens.shape == (8,)
+
+
+def test_every_mode_draws_what_the_filtered_mode_draws():
+    """The mode only skips work: a row draws the same token in the cheapest mode that covers it and in FILTERED."""
+    logits = jnp.asarray(np.random.default_rng(8).normal(size=(6, 300)) * 2, jnp.float32)
+    greedy = [SamplingRow.validated(temperature=0.0)] * 6
+    sampled = [SamplingRow.validated(temperature=0.8, min_p=m, seed=s, step=4) for s, m in enumerate([0, .1] * 3)]
+    for rows, mode in ((greedy, GREEDY), (sampled, RANDOM), (greedy[:3] + sampled[:3], RANDOM)):
+        st = SamplingTensors.from_rows(rows)
+        assert st.mode == mode
+        cheap = np.asarray(sample(logits, jax.tree.map(jnp.asarray, st)))
+        full = np.asarray(sample(logits, jax.tree.map(jnp.asarray, st.replace(mode=FILTERED))))
+        np.testing.assert_array_equal(cheap, full)
 
 
 def test_banned_tokens_are_never_sampled_but_keep_their_logprobs():
