@@ -131,7 +131,7 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", default=None, help="also write the results (with date and command) here")
-    ap.add_argument("--copy-mb", type=int, default=4096, help="size of the HBM copy that measures bandwidth")
+    ap.add_argument("--copy-mb", type=int, default=8192, help="size of the HBM copy that measures bandwidth")
     args = ap.parse_args()
     if args.hf_only:
         print(json.dumps(hf_baseline(args.preset, args.hf_batch, args.input_len, args.output_len)))

@@ -1,15 +1,13 @@
-"""Owns the model, the paged KV pool and the jitted step; executes one step plan at a time.
+"""Owns the model and the paged KV pool; executes one step plan at a time on the programs of `runner.programs`.
 
-One jitted function serves prefill, decode and mixed steps: which of the three a call is follows from the static
-sizes in `StepBatch` (decode rows, prefill tokens), so each bucket combination compiles once. The KV pool is
-donated, so XLA updates it in place instead of copying gigabytes per step.
+One forward program serves prefill, decode and mixed steps: which of the three a call is follows from the static
+sizes in `StepBatch` (decode rows, prefill tokens), so each bucket combination compiles once.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import functools
 import logging
 import os
 from typing import Any, Sequence
@@ -19,32 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from runner import programs
 from runner.executor import StepInput, StepsExecutor
 from runner.model.config import ModelConfig
 from runner.model.llama import Transformer
-from runner.sampling import SamplingRow, SamplingTensors, sample
+from runner.programs import FEED_ROWS, MIN_SWAP_BLOCKS
+from runner.sampling import MODES, SamplingRow, SamplingTensors
 from runner.step_batch import DEFAULT_SHAPES, SeqChunk, StepBatch, StepShapes, bucket, build_step_batch, padding_batch
 
 log = logging.getLogger(__name__)
-
-
-# Module-level jits keyed by the (hashable) graph definition: runners of the same model share executables.
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def _run_model(graphdef, state, kv_pool, batch: StepBatch):
-    return nnx.merge(graphdef, state)(kv_pool, batch)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(2,))
-def _run_step(graphdef, state, kv_pool, batch: StepBatch, sampling: SamplingTensors, num_logprobs: int):
-    logits, kv_pool = nnx.merge(graphdef, state)(kv_pool, batch)
-    return sample(logits, sampling, num_logprobs=num_logprobs), kv_pool
-
-
-@jax.jit
-def _feed_tokens(tokens, last_tokens, src, mask):
-    """The decode rows under `mask` take the previous step's sampled token at row src (on the device)."""
-    head = tokens[:mask.shape[0]]
-    return tokens.at[:mask.shape[0]].set(jnp.where(mask, last_tokens[src], head))
 
 
 class PendingStep:
@@ -88,48 +69,6 @@ def kv_blocks_in_budget(total: float, used: float, utilization: float, reserve: 
     return blocks
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(2,))
-def _run_decode_steps(graphdef, state, kv_pool, batch: StepBatch, sampling: SamplingTensors, num_steps: int):
-    """num_steps decode steps in one device program: each step's samples are the next step's input tokens.
-
-    The host pays its per-step costs (planning, batch building, dispatch, transfer) once per num_steps tokens.
-    The loop is a fori_loop, so the weights are loop invariants (read in place) and the pool is an in-place carry.
-    """
-    model = nnx.merge(graphdef, state)
-    rows = jnp.arange(batch.num_decode)
-    block_size = kv_pool.shape[4]
-    live = batch.decode_context_lens > 0
-
-    def body(k, carry):
-        kv, tokens, positions, out = carry
-        slots = batch.decode_block_tables[rows, positions // block_size] * block_size + positions % block_size
-        b = batch.replace(tokens=tokens, positions=positions, slot_mapping=jnp.where(live, slots, -1),
-                          decode_context_lens=jnp.where(live, positions + 1, 0))
-        logits, kv = model(kv, b)
-        new = sample(logits, sampling.replace(step=sampling.step + k))
-        return kv, new, positions + 1, out.at[k].set(new)
-
-    out = jnp.zeros((num_steps, batch.num_decode), jnp.int32)
-    kv_pool, _, _, out = jax.lax.fori_loop(0, num_steps, body, (kv_pool, batch.tokens, batch.positions, out))
-    return out, kv_pool
-
-
-# Swap transfers move block counts padded to powers of two from this floor: a few programs serve every swap.
-MIN_SWAP_BLOCKS = 8
-
-
-@jax.jit
-def _gather_blocks(kv_pool, blocks):
-    """K and V of the given blocks in every layer: [L, 2, len(blocks), Hkv, block_size, D]."""
-    return kv_pool[:, :, blocks]
-
-
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _scatter_blocks(kv_pool, blocks, values):
-    # Padding entries name block num_blocks, past the pool's end, so mode="drop" skips them.
-    return kv_pool.at[:, :, blocks].set(values, mode="drop")
-
-
 def on_device(device: jax.Device | None) -> contextlib.AbstractContextManager:
     """Makes `device` JAX's default device for the block (thread-local), so that arrays made there (loaded or
     random weights, the zeroed KV pool) are created on it rather than on the default device and copied; None
@@ -139,7 +78,7 @@ def on_device(device: jax.Device | None) -> contextlib.AbstractContextManager:
 
 class ModelRunner(StepsExecutor):
     host_kv: np.ndarray | None = None  # the swap space, once allocate_swap_space made it
-    _last_samples: tuple[Any, np.ndarray] | None = None  # the last dispatched step's samples (device), rows
+    _last_samples: tuple[jax.Array, np.ndarray] | None = None  # the last step's FEED_ROWS tokens (device), rows
 
     def __init__(self, config: ModelConfig, params: dict[str, Any] | None, *, num_blocks: int | None = None,
                  block_size: int = 16, kernel_impl: str | None = None, release_params: bool = False,
@@ -175,6 +114,7 @@ class ModelRunner(StepsExecutor):
                 self.state = jax.device_put(self.state, device)
             self.dtype = jnp.dtype(jax.tree.leaves(self.state["embed"])[0].dtype)
             self.kernel_impl = nnx.merge(self.graphdef, self.state).kernel_impl
+            self.model_def, self.weights = programs.ModelDef.split(self.graphdef, self.state)
             if kv_pool is not None:
                 self.num_blocks = kv_pool.shape[2]
                 self.kv_pool = kv_pool if device is None else jax.device_put(kv_pool, device)
@@ -183,6 +123,7 @@ class ModelRunner(StepsExecutor):
                                                                cpu_kv_tokens, device)
                 self.kv_pool = jnp.zeros(self.kv_pool_shape(config, self.num_blocks, block_size), self.dtype,
                                          device=device)
+            self._no_feed = jnp.zeros(FEED_ROWS, jnp.int32, device=device)  # what a step that feeds on nothing reads
 
     @staticmethod
     def kv_pool_shape(config: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
@@ -206,17 +147,19 @@ class ModelRunner(StepsExecutor):
             padded[r] = row
             padded_banned[r] = banned[i] if banned else None
         st = SamplingTensors.from_rows(padded, padded_banned)
+        if len(padded) > FEED_ROWS:
+            raise ValueError(f"{len(padded)} logits rows in one step; at most {FEED_ROWS}")
+        feed_src = np.full(batch.num_decode, -1, np.int32)
+        fed = self._no_feed
         if step.feed:
             if self._last_samples is None:
                 raise RuntimeError("a step feeds on the previous step's samples, but none was dispatched")
-            last_tokens, last_rows = self._last_samples
-            mask = np.zeros(batch.num_decode, bool)
-            src = np.zeros(batch.num_decode, np.int32)
+            fed, last_rows = self._last_samples
             for i, r in step.feed:
-                mask[i], src[i] = True, last_rows[r]
-            batch = batch.replace(tokens=_feed_tokens(batch.tokens, last_tokens, src, mask))
-        out, self.kv_pool = _run_step(self.graphdef, self.state, self.kv_pool, batch, st, step.num_logprobs)
-        self._last_samples = (out.tokens if step.num_logprobs else out, rows)
+                feed_src[i] = last_rows[r]
+        logits, self.kv_pool = programs.forward(self.model_def, self.weights, self.kv_pool, batch, fed, feed_src)
+        out, fed = programs.sample_step(logits, st, step.num_logprobs)
+        self._last_samples = (fed, rows)
         return PendingStep(out, rows, step.num_logprobs)
 
     def decode_steps(self, decodes: Sequence[SeqChunk], sampling_rows: Sequence[SamplingRow],
@@ -231,13 +174,15 @@ class ModelRunner(StepsExecutor):
                                  f"from position {c.start_pos}")
         batch = build_step_batch(list(decodes), [], self.block_size, self.shapes)
         st = SamplingTensors.from_rows(sampling_rows, pad_to=batch.num_decode)
-        out, self.kv_pool = _run_decode_steps(self.graphdef, self.state, self.kv_pool, batch, st, num_steps)
+        out, self.kv_pool = programs.decode_steps(self.model_def, self.weights, self.kv_pool, batch, st, num_steps)
         return jax.device_get(out)[:, :len(decodes)]
 
     def logits(self, decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk]) -> np.ndarray:
         """fp32 logits of each chunk's last token (decodes then prefills), writing the chunks' K/V."""
         batch = build_step_batch(list(decodes), list(prefills), self.block_size, self.shapes)
-        logits, self.kv_pool = _run_model(self.graphdef, self.state, self.kv_pool, batch)
+        no_feed = np.full(batch.num_decode, -1, np.int32)
+        logits, self.kv_pool = programs.forward(self.model_def, self.weights, self.kv_pool, batch, self._no_feed,
+                                                no_feed)
         return np.asarray(logits)[self._rows(batch, len(decodes), len(prefills))]
 
     @property
@@ -258,9 +203,9 @@ class ModelRunner(StepsExecutor):
         src, dst = np.asarray(swap_in, np.int32).reshape(-1, 2).T
         dev, host = np.asarray(swap_out, np.int32).reshape(-1, 2).T
         values = self.host_kv[:, :, _pad(src, 0)] if len(src) else None  # a copy, read before swap-out writes
-        gathered = _gather_blocks(self.kv_pool, _pad(dev, 0)) if len(dev) else None
+        gathered = programs.gather_blocks(self.kv_pool, _pad(dev, 0)) if len(dev) else None
         if values is not None:
-            self.kv_pool = _scatter_blocks(self.kv_pool, _pad(dst, self.num_blocks), values)
+            self.kv_pool = programs.scatter_blocks(self.kv_pool, _pad(dst, self.num_blocks), values)
         if gathered is not None:
             self.host_kv[:, :, host] = jax.device_get(gathered)[:, :, :len(dev)]
 
@@ -271,8 +216,8 @@ class ModelRunner(StepsExecutor):
         while n <= bucket(max_blocks, MIN_SWAP_BLOCKS):
             blocks = np.zeros(n, np.int32)
             values = jax.ShapeDtypeStruct(self.kv_pool_shape(self.config, n, self.block_size), self.dtype)
-            _gather_blocks.lower(self.kv_pool, blocks).compile()
-            _scatter_blocks.lower(self.kv_pool, blocks, values).compile()
+            programs.gather_blocks.lower(self.kv_pool, blocks).compile()
+            programs.scatter_blocks.lower(self.kv_pool, blocks, values).compile()
             count, n = count + 2, n * 2
         return count
 
@@ -295,20 +240,36 @@ class ModelRunner(StepsExecutor):
         for width in shapes.table_widths(max_blocks):
             for nd, tp in pairs:
                 batch = padding_batch(nd, tp, width, shapes)
-                st = SamplingTensors.from_rows([None] * batch.logits_indices.shape[0])
-                jobs.append((_run_step, (self.graphdef, self.state, self.kv_pool, batch, st, 0)))
+                no_feed = np.full(nd, -1, np.int32)
+                jobs.append((programs.forward, (self.model_def, self.weights, self.kv_pool, batch, self._no_feed,
+                                                no_feed)))
                 if nd and not tp and num_scheduler_steps > 1:
                     st = SamplingTensors.from_rows([None] * nd)
-                    jobs.append((_run_decode_steps, (self.graphdef, self.state, self.kv_pool, batch, st,
-                                                     num_scheduler_steps)))
-        workers = threads or min(8, os.cpu_count() or 1)
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+                    jobs.append((programs.decode_steps, (self.model_def, self.weights, self.kv_pool, batch, st,
+                                                         num_scheduler_steps)))
+        logits = self._compile_and_run(jobs, threads)
+        # The sampler of each logits row count in every mode, on logits as the forward leaves them.
+        samplers = [(programs.sample_step, (x, SamplingTensors.from_rows([None] * len(x)).replace(mode=mode), 0))
+                    for x in logits.values() for mode in MODES]
+        self._compile_and_run(samplers, threads)
+        return len(jobs) + len(samplers)
+
+    def _compile_and_run(self, jobs: list[tuple[Any, tuple]], threads: int | None) -> dict:
+        """Compiles the jobs on host threads (XLA releases the GIL), then runs each once, which also checks it;
+        returns one logits output of each row count."""
+        with concurrent.futures.ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
             # A jitted call after lower().compile() of the same arguments reuses the compiled executable.
             list(pool.map(lambda job: job[0].lower(*job[1]).compile(), jobs))
+        logits = {}
         for fn, args in jobs:
-            _, self.kv_pool = fn(*args[:2], self.kv_pool, *args[3:])
+            if fn is programs.sample_step:
+                fn(*args)
+                continue
+            out, self.kv_pool = fn(*args[:2], self.kv_pool, *args[3:])
+            if fn is programs.forward:
+                logits.setdefault(out.shape[0], out)
         jax.block_until_ready(self.kv_pool)
-        return len(jobs)
+        return logits
 
     @staticmethod
     def _rows(batch: StepBatch, num_decodes: int, num_prefills: int) -> np.ndarray:

@@ -16,7 +16,7 @@ def _internals(server) -> dict[str, int]:
     hands freed heap pages back to the OS first, so the RSS sampled next is memory still in use, not malloc's
     cache. Python objects and RSS also grow with each step shape compiled for the first time (a bounded set);
     growth past the point where no new shape compiles is a leak."""
-    from runner.model_runner import _run_step
+    from runner.programs import compiled_programs
 
     engine = server.llm.engine
     gc.collect()
@@ -28,7 +28,7 @@ def _internals(server) -> dict[str, int]:
             "engine_groups": len(engine.groups), "free_blocks": engine.block_manager.num_free_blocks,
             "num_blocks": engine.block_manager.num_blocks,
             "cached_blocks": engine.block_manager.stats()["num_cached"], "python_objects": len(gc.get_objects()),
-            "compiled_steps": _run_step._cache_size()}  # a jitted function's count of compiled programs
+            "compiled_steps": compiled_programs()}
 
 
 def _serve_child(engine_config: dict[str, Any], options: dict[str, Any], conn) -> None:

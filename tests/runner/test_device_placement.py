@@ -26,7 +26,8 @@ from nexus_jax import EngineConfig, SamplingParams
 from nexus_jax.entrypoints.build import build_engine
 from nexus_jax.entrypoints.replicas import ReplicatedAsyncLLM
 import runner.model.loader
-from runner.model_runner import ModelRunner, _run_step
+from runner.model_runner import ModelRunner
+from runner.programs import compiled_programs
 
 loaded_on = []  # devices of each engine's freshly loaded weights: loaded there, not copied over from device 0
 real_load = runner.model.loader.load_model
@@ -61,9 +62,9 @@ on1 = build_engine(dataclasses.replace(cfg, device=1))
 runner = on1.executor
 report["on1"] = placement(runner)
 report["warmup"] = runner.warmup(max_decode_rows=2, max_prefill_tokens=16, max_blocks=8, mixed=False)
-compiled = _run_step._cache_size()
+compiled = compiled_programs()
 report["tokens1"] = generate(on1)
-report["compiled_while_serving"] = _run_step._cache_size() - compiled
+report["compiled_while_serving"] = compiled_programs() - compiled
 report["on1_after"] = placement(runner)
 
 # Swap round trip on device 1: out to host and back into other blocks.
@@ -125,7 +126,7 @@ def test_engine_on_device_1_keeps_weights_pool_and_steps_there(report):
     assert report["loaded_on"][0] == [1]
     assert report["on1"] == on_device_1
     assert report["on1_after"] == on_device_1  # the steps' donated pool came back on device 1
-    assert report["warmup"] == 2
+    assert report["warmup"] == 2 + 2 * 3  # two forward shapes, and the sampler of each row count in 3 modes
     assert report["compiled_while_serving"] == 0  # the warm-up compiled for device 1, what serving runs
 
 

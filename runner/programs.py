@@ -1,0 +1,119 @@
+"""The device programs of a step: the model forward, the sampler, multi-step decode and the swap transfers.
+
+Module-level jits keyed by the model's static half (`ModelDef`): runners of the same model share executables. The
+weights travel as a flat list of arrays and the KV pool is donated, so XLA updates it in place instead of copying
+gigabytes per step.
+
+The forward and the sampler are separate programs, dispatched back to back: the forward compiles once per step
+shape, the sampler once per (rows, mode), so the sampling modes multiply only the small program. The sampler
+also writes its tokens into a fixed-size buffer (FEED_ROWS), which the next forward reads its fed decode tokens
+from (the overlapped loop): one forward program serves every previous step's size. Neither program takes a branch
+on the device (see runner.sampling), so a dispatch returns as soon as its kernels are queued.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from runner.sampling import SamplingTensors, sample
+from runner.step_batch import StepBatch
+
+
+class ModelDef:
+    """The static half of a model: its nnx graph definition and the tree structure of its weights.
+
+    jit hashes its static arguments on every call, and an nnx GraphDef hashes by walking the whole graph (0.6 ms
+    for 32 layers on one core), as flattening an nnx State into its leaves walks it again (0.2 ms): per step, that
+    was host time the GPU waited on. This object is hashed once, and the weights are passed as a plain list.
+    """
+
+    def __init__(self, graphdef: Any, treedef: Any):
+        self.graphdef, self.treedef = graphdef, treedef
+        self._hash = hash((graphdef, treedef))
+
+    @classmethod
+    def split(cls, graphdef: Any, state: Any) -> tuple[ModelDef, list[jax.Array]]:
+        leaves, treedef = jax.tree.flatten(state)
+        return cls(graphdef, treedef), leaves
+
+    def merge(self, weights: list[jax.Array]) -> Any:
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, weights))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (isinstance(other, ModelDef) and self._hash == other._hash
+                                 and self.graphdef == other.graphdef and self.treedef == other.treedef)
+
+
+# Logits rows of the largest step (decode rows + prefill sequences) whose tokens a next step can be fed.
+FEED_ROWS = 8192
+# Swap transfers move block counts padded to powers of two from this floor: a few programs serve every swap.
+MIN_SWAP_BLOCKS = 8
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def forward(model: ModelDef, weights: list[jax.Array], kv_pool, batch: StepBatch, fed: jax.Array, feed_src: jax.Array):
+    """Logits [rows, V] of the step and the updated pool. Decode row i with feed_src[i] >= 0 takes its token from
+    fed[feed_src[i]] (the previous step's samples, on the device) instead of batch.tokens[i]."""
+    head = batch.tokens[:feed_src.shape[0]]
+    tokens = batch.tokens.at[:feed_src.shape[0]].set(jnp.where(feed_src >= 0, fed[jnp.maximum(feed_src, 0)], head))
+    return model.merge(weights)(kv_pool, batch.replace(tokens=tokens))
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def sample_step(logits: jax.Array, sampling: SamplingTensors, num_logprobs: int):
+    """The step's samples and the same tokens padded into a FEED_ROWS buffer for the next step's forward."""
+    out = sample(logits, sampling, num_logprobs=num_logprobs)
+    tokens = out.tokens if num_logprobs else out
+    return out, jnp.zeros(FEED_ROWS, jnp.int32).at[:tokens.shape[0]].set(tokens)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(2,))
+def decode_steps(model_def: ModelDef, weights: list[jax.Array], kv_pool, batch: StepBatch, sampling: SamplingTensors,
+                 num_steps: int):
+    """num_steps decode steps in one device program: each step's samples are the next step's input tokens.
+
+    The host pays its per-step costs (planning, batch building, dispatch, transfer) once per num_steps tokens.
+    The loop is a fori_loop, so the weights are loop invariants (read in place) and the pool is an in-place carry.
+    """
+    model = model_def.merge(weights)
+    rows = jnp.arange(batch.num_decode)
+    block_size = kv_pool.shape[4]
+    live = batch.decode_context_lens > 0
+
+    def body(k, carry):
+        kv, tokens, positions, out = carry
+        slots = batch.decode_block_tables[rows, positions // block_size] * block_size + positions % block_size
+        b = batch.replace(tokens=tokens, positions=positions, slot_mapping=jnp.where(live, slots, -1),
+                          decode_context_lens=jnp.where(live, positions + 1, 0))
+        logits, kv = model(kv, b)
+        new = sample(logits, sampling.replace(step=sampling.step + k))
+        return kv, new, positions + 1, out.at[k].set(new)
+
+    out = jnp.zeros((num_steps, batch.num_decode), jnp.int32)
+    kv_pool, _, _, out = jax.lax.fori_loop(0, num_steps, body, (kv_pool, batch.tokens, batch.positions, out))
+    return out, kv_pool
+
+
+@jax.jit
+def gather_blocks(kv_pool, blocks):
+    """K and V of the given blocks in every layer: [L, 2, len(blocks), Hkv, block_size, D]."""
+    return kv_pool[:, :, blocks]
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def scatter_blocks(kv_pool, blocks, values):
+    # Padding entries name block num_blocks, past the pool's end, so mode="drop" skips them.
+    return kv_pool.at[:, :, blocks].set(values, mode="drop")
+
+
+def compiled_programs() -> int:
+    """How many forward and sampler programs this process has compiled (a test that serving compiles none)."""
+    return forward._cache_size() + sample_step._cache_size()
