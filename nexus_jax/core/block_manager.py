@@ -141,6 +141,10 @@ class BlockManager:
                 else:
                     self._evictable[block] = None
 
+    def holds(self, seq_id: Hashable) -> bool:
+        """Whether seq_id has a block table (allocated and not freed)."""
+        return seq_id in self._tables
+
     def block_table(self, seq_id: Hashable) -> list[int]:
         return list(self._table(seq_id))
 

@@ -203,11 +203,9 @@ class Scheduler:
     def _allocate_or_preempt(self, req: Request, n: int, order: list[Request], planned: set[int],
                              out: SchedulerOutput) -> bool:
         while self.block_manager.allocate(req.request_id, req.num_planned_computed + n) is None:
-            # A request in the step in flight keeps its blocks: that step still writes them.
-            victims = [r for r in order if id(r) not in planned and r is not req
-                       and r.status is RequestStatus.RUNNING and not r.num_inflight]
-            if not victims and req.num_inflight:
-                return False  # planned again once the step in flight lands
+            # A victim may be in the step in flight: the steps run in dispatch order on one device, so that step
+            # writes and reads its blocks before any later step (or swap) can touch them again.
+            victims = [r for r in order if id(r) not in planned and r is not req and r.status is RequestStatus.RUNNING]
             victim = victims[-1] if victims else req
             self._preempt(victim, out)
             if victim is req:
@@ -216,7 +214,8 @@ class Scheduler:
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         copies = None
-        computed = -(-req.num_computed_tokens // self.block_manager.block_size)
+        # The K/V of tokens in flight counts: the swap-out is dispatched after the step that writes it.
+        computed = -(-req.num_planned_computed // self.block_manager.block_size)
         if self.swap_space is not None and computed:
             blocks = self.block_manager.block_table(req.request_id)[:computed]
             copies = self.swap_space.swap_out(req.request_id, blocks)
@@ -238,8 +237,9 @@ class Scheduler:
         self.block_manager.free(req.request_id)
         self.running.remove(req)
         req.status = RequestStatus.WAITING
-        if not keep_computed:
-            req.num_computed_tokens = 0
+        # A waiting request is admitted only after its step in flight landed (admission stops for a plan that
+        # preempts), so num_computed_tokens alone is what a resumption starts from.
+        req.num_computed_tokens = req.num_planned_computed if keep_computed else 0
         self.waiting.append(req)
 
     def _admit(self, budget: int, out: SchedulerOutput) -> int:
@@ -284,6 +284,8 @@ class Scheduler:
         """Records that the plan ran: the chunks' K/V is now in the pool (the engine appends sampled tokens)."""
         for c in out.chunks:
             req = c.request
+            if not self.block_manager.holds(req.request_id):
+                continue  # preempted while the step ran: its blocks are gone or swapped, its progress set then
             # An aborted request never receives its last sample, whose K/V the step computed: commit what is known.
             req.num_computed_tokens = min(c.start + c.num_tokens, req.num_tokens)
             self.block_manager.commit(req.request_id, req.all_token_ids, req.num_computed_tokens)
