@@ -69,7 +69,7 @@ class EngineConfig:
     max_prefill_seqs: int = _option(
         16, SCHEDULING, "prefill chunks per step (a fixed slot count of the step shapes)")
     async_scheduling: bool = _option(
-        False, SCHEDULING, "plan and dispatch step n+1 while step n runs, its sampled tokens fed on the device "
+        True, SCHEDULING, "plan and dispatch step n+1 while step n runs, its sampled tokens fed on the device "
                            "(aggregated mode, single-step plans); off: the synchronous loop")
     scheduling_policy: str = _option("fcfs", SCHEDULING, "fcfs, priority, or program-aware: mlfq, plas, atlas",
                                      choices=SCHEDULING_POLICIES)

@@ -239,7 +239,9 @@ def test_mock_engine_run_respects_concurrency_and_measures_real_gaps():
     assert [r.prompt_len for r in run.records] == [q.prompt_len for q in requests]
     s = report.summarize(run, {"ttft": 10.0})
     assert s["completed"] == 24 and s["good_requests"] == 24
-    assert s["itl"]["median"] >= 0.002 and s["ttft"]["mean"] >= 0.002
+    # The simulated device runs a step every 2 ms; the overlapped loop observes each landing with some jitter, so
+    # one gap can come out a little short of 2 ms when the previous landing was seen late.
+    assert s["itl"]["median"] >= 0.0019 and s["ttft"]["mean"] >= 0.002
 
 
 def test_text_prompts_are_measured_and_rejected_requests_recorded_as_failures(tmp_path, tokenizer):
