@@ -10,6 +10,10 @@ alternating, after a warm-up (every step shape compiled at start, then each case
 2. a batch of 64 requests (1024-token prompts, 128 tokens out, all at once): ITL median;
 3. offline throughput: 256 prompts x (512 in, 128 out), output tokens per second.
 Writes async.json and prints a Markdown table.
+
+--trace instead records a JAX profiler trace of both loops in three cases (one request decoding; 64 requests
+decoding at context ~1024; 64 prompts of 1024 prefilled in chunks while the others decode) and reports the GPU's
+idle gaps between steps (benchmarks/gpu_trace.py) beside the host time of each part of the loop.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from benchmarks import gpu_trace
 from benchmarks.bench_model import hbm_copy_tbps
 from nexus_jax import EngineConfig, LLMEngine, SamplingParams
 from nexus_jax.entrypoints.build import build_engine
@@ -39,12 +44,26 @@ def twin(engine: LLMEngine, overlap: bool) -> LLMEngine:
                      vocab_size=engine.vocab_size, eos_token_ids=engine.eos_token_ids)
 
 
-def workload(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> dict:
+def workload(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, *, trace: Path | None = None,
+             decode_only: bool = False) -> dict:
+    """Runs the prompts to the end. With `trace`, records a profiler trace from the first step on, or with
+    decode_only from the first step after every prompt has its first token."""
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     start = time.perf_counter()
     for i, p in enumerate(prompts):
         engine.add_request(f"r{i}", {"prompt_token_ids": p}, params)
     outs = {}
+    if trace is not None:
+        while decode_only and any(r.in_prefill or not r.output_token_ids for r in engine.scheduler.running
+                                  + engine.scheduler.waiting):
+            outs.update((o.request_id, o) for o in engine.step() if o.finished)
+        with host_timeline(engine) as spans, gpu_trace.capture(trace) as recorded:
+            while engine.has_unfinished_requests():
+                outs.update((o.request_id, o) for o in engine.step() if o.finished)
+        parts = {k: {"calls": len(v), "median_ms": 1e3 * statistics.median(v), "total_s": sum(v)}
+                 for k, v in spans.items()}
+        return {"gpu": gpu_trace.idle_gaps(recorded.events(), len(spans["dispatch"])), "host": parts,
+                "seconds": time.perf_counter() - start}
     while engine.has_unfinished_requests():
         outs.update((o.request_id, o) for o in engine.step() if o.finished)
     elapsed = time.perf_counter() - start
@@ -93,12 +112,15 @@ def main() -> None:
     ap.add_argument("--memory-utilization", type=float, default=0.9, help="EngineConfig.gpu_memory_utilization")
     ap.add_argument("--kernel-impl", default=None, choices=["pallas", "xla"], help="EngineConfig.kernel_impl")
     ap.add_argument("--timeline", action="store_true", help="only the batch case, with the host timeline per part")
+    ap.add_argument("--compilation-cache", default=None, help="EngineConfig.compilation_cache_dir")
+    ap.add_argument("--trace", default=None, help="directory for profiler traces: GPU idle gaps per loop and case")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
-    copy = hbm_copy_tbps(4 << 30)
+    copy = hbm_copy_tbps()
     base = build_engine(EngineConfig(model=args.preset, max_model_len=2048, max_num_batched_tokens=2048,
                                      min_table_blocks=128, async_scheduling=True, warmup=True,
                                      gpu_memory_utilization=args.memory_utilization, kernel_impl=args.kernel_impl,
+                                     compilation_cache_dir=args.compilation_cache,
                                      enable_prefix_caching=False))  # the two engines share one pool
     engines = {"sync": twin(base, False), "async": base}
     weights = sum(x.nbytes for x in jax.tree.leaves(base.executor.state))
@@ -110,6 +132,17 @@ def main() -> None:
              "offline 256 x (512 -> 128)": (prompts(256, 512), 128)}
     results: dict = {"device": jax.devices()[0].device_kind, "copy_tbps": copy,
                      "weights_gb": weights / 1e9, "weight_floor_ms": floor_ms, "cases": {}}
+    if args.trace:
+        traced = {"light load decode": (prompts(1, 128), 64, True), "batch 64 decode": (prompts(64, 1024), 32, True),
+                  "batch 64 prefill + decode": (prompts(64, 1024), 16, False)}
+        for name, (ps, out, decode_only) in traced.items():
+            for mode, engine in engines.items():
+                workload(engine, ps[:8], 4)
+                r = workload(engine, ps, out, trace=Path(args.trace) / f"{mode}-{len(results['cases'])}",
+                             decode_only=decode_only)
+                print(name, mode, json.dumps(r, indent=1), flush=True)
+                results["cases"][f"trace {name} {mode}"] = r
+        cases = {}
     if args.timeline:
         ps, out = cases["batch 64 x (1024 -> 128)"]
         for mode, engine in engines.items():
