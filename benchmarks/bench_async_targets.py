@@ -1,0 +1,163 @@
+"""The overlapped loop's remaining targets (8B shape, random weights), each a subcommand:
+
+  PYTHONPATH=. python3 benchmarks/bench_async_targets.py cold-start --out $OUT
+  PYTHONPATH=. python3 benchmarks/bench_async_targets.py batch --out $OUT [--compilation-cache DIR]
+  PYTHONPATH=. python3 benchmarks/bench_async_targets.py offline --out $OUT [--compilation-cache DIR]
+
+- cold-start: a fresh process builds an engine and serves one request (128 -> 16 tokens); seconds from the start of
+  the process to the engine built and to the request's end. With compilation on first use (the default) and with
+  every shape compiled at start (warmup, max_model_len 4096), each once with an empty compilation cache and once
+  with the cache the first run filled.
+- batch: 64 requests of 2048 tokens decoding 128 more, both loops on one engine (bench_async.twin): ITL median
+  against the device step of the same batch measured as a chain of steps fed on the device
+  (profile_dispatch.chained_pace) and against its floor (weights + the batch's K/V at the copy bandwidth).
+- offline: 1000 prompts x (512 -> 256), output tokens per second: the overlapped loop against the synchronous one,
+  with and without its multi-step decode (num_scheduler_steps 8), the best-tuned synchronous baseline.
+Writes <subcommand>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+START = time.perf_counter()  # cold-start children count from here; imports follow
+
+
+def cold_start_child(preset: str, cache: str, warmup: bool) -> None:
+    from nexus_jax import EngineConfig, SamplingParams
+    from nexus_jax.entrypoints.build import build_engine
+    imported = time.perf_counter() - START
+    engine = build_engine(EngineConfig(model=preset, compilation_cache_dir=cache, warmup=warmup,
+                                       max_model_len=4096 if warmup else None))
+    built = time.perf_counter() - START
+    engine.add_request("first", {"prompt_token_ids": list(range(100, 228))},
+                       SamplingParams(max_tokens=16, ignore_eos=True))
+    first_token = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if first_token is None and out.outputs[0].token_ids:
+                first_token = time.perf_counter() - START
+    print(json.dumps({"imported_s": imported, "engine_built_s": built, "first_token_s": first_token,
+                      "first_request_done_s": time.perf_counter() - START}), flush=True)
+
+
+def cold_start(args) -> dict:
+    results = {}
+    for warmup in (False, True):
+        cache = tempfile.mkdtemp(prefix="nexus-cc-")
+        for state in ("empty cache", "warm cache"):
+            cmd = [sys.executable, __file__, "_cold-child", "--preset", args.preset, "--cache", cache]
+            cmd += ["--warmup"] if warmup else []
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            name = f"{'warmup' if warmup else 'compile on first use'}, {state}"
+            results[name] = json.loads(lines[-1]) if lines else {"error": proc.stderr[-3000:]}
+            print(name, results[name], flush=True)
+    return results
+
+
+def batch_case(args) -> dict:
+    import jax
+    import numpy as np
+
+    from benchmarks.bench_async import twin, workload
+    from benchmarks.bench_model import hbm_copy_tbps
+    from benchmarks.profile_dispatch import chained_pace
+    from runner.model_runner import ModelRunner
+
+    copy = hbm_copy_tbps(args.copy_mb << 20)
+    batch, ctx, out = 64, args.ctx, 128
+    base = engine_for(args, max_model_len=ctx + 256, max_num_batched_tokens=2048)
+    runner: ModelRunner = base.executor
+    weights = sum(x.nbytes for x in jax.tree.leaves(runner.state))
+    kv_token = ModelRunner.kv_bytes_per_block(runner.config, runner.block_size, runner.dtype) / runner.block_size
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(10, base.vocab_size - 10, ctx).tolist() for _ in range(batch)]
+    engines = {"sync": twin(base, False), "async": base}
+    res: dict = {"device": jax.devices()[0].device_kind, "copy_tbps": copy}
+    for mode, engine in engines.items():
+        workload(engine, prompts[:8], 4)
+    for mode, engine in engines.items():
+        res[mode] = workload(engine, prompts, out)
+        print(mode, res[mode], flush=True)
+    # The device step at the middle of the decode (context ctx + out / 2), as a chain of fed steps.
+    mid = ctx + out // 2
+    res["device_step_ms"] = chained_pace(runner, batch, mid, 40)["per_step_ms"]
+    res["floor_ms"] = 1e3 * (weights + batch * mid * kv_token) / (copy * 1e12)
+    for mode in engines:
+        res[mode]["itl_over_device_step"] = res[mode]["itl_median_ms"] / res["device_step_ms"]
+    res["device_step_over_floor"] = res["device_step_ms"] / res["floor_ms"]
+    return res
+
+
+def offline(args) -> dict:
+    import jax
+    import numpy as np
+
+    from benchmarks.bench_async import workload
+    from nexus_jax.core.engine import LLMEngine
+
+    base = engine_for(args, max_model_len=512 + 256, max_num_batched_tokens=args.budget, num_scheduler_steps=8)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(10, base.vocab_size - 10, 512).tolist() for _ in range(args.num_prompts)]
+    variants = {"sync, 1 step per dispatch": (False, 1), "sync, 8-step decode": (False, 8),
+                "async": (True, 1)}
+    engines = {}
+    for name, (overlap, steps) in variants.items():
+        config = dataclasses.replace(base.config, async_scheduling=overlap, num_scheduler_steps=steps)
+        engines[name] = LLMEngine(config, base.executor, base.tokenizer, max_model_len=base.max_model_len,
+                                  vocab_size=base.vocab_size, eos_token_ids=base.eos_token_ids)
+    res: dict = {"device": jax.devices()[0].device_kind, "budget": args.budget}
+    for engine in engines.values():
+        workload(engine, prompts[:16], 4)
+    for name, engine in engines.items():
+        res[name] = workload(engine, prompts, 256)
+        print(name, res[name], flush=True)
+    best_sync = max(res[n]["tok_per_s"] for n in variants if n.startswith("sync"))
+    res["async_over_best_sync"] = res["async"]["tok_per_s"] / best_sync
+    return res
+
+
+def engine_for(args, **overrides):
+    from nexus_jax import EngineConfig
+    from nexus_jax.entrypoints.build import build_engine
+    return build_engine(EngineConfig(model=args.preset, min_table_blocks=128, async_scheduling=True,
+                                     warmup=True, compilation_cache_dir=args.compilation_cache,
+                                     enable_prefix_caching=False, **overrides))  # twins share one pool
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["cold-start", "batch", "offline", "_cold-child"])
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--preset", default="llama-3.1-8b")
+    ap.add_argument("--copy-mb", type=int, default=8192, help="size of the HBM copy that measures bandwidth")
+    ap.add_argument("--compilation-cache", default=None)
+    ap.add_argument("--ctx", type=int, default=2048, help="prompt length of the batch case")
+    ap.add_argument("--num-prompts", type=int, default=1000)
+    ap.add_argument("--budget", type=int, default=2048, help="max_num_batched_tokens of the offline run")
+    ap.add_argument("--cache", help=argparse.SUPPRESS)
+    ap.add_argument("--warmup", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.what == "_cold-child":
+        cold_start_child(args.preset, args.cache, args.warmup)
+        return
+    res = {"cold-start": cold_start, "batch": batch_case, "offline": offline}[args.what](args)
+    res["command"] = "PYTHONPATH=. python3 benchmarks/bench_async_targets.py " + " ".join(sys.argv[1:])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.what}.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    main()
