@@ -1,13 +1,13 @@
 """The overlapped loop's remaining targets (8B shape, random weights), each a subcommand:
 
-  PYTHONPATH=. python3 benchmarks/bench_async_targets.py cold-start --out $OUT
-  PYTHONPATH=. python3 benchmarks/bench_async_targets.py batch --out $OUT [--compilation-cache DIR]
-  PYTHONPATH=. python3 benchmarks/bench_async_targets.py offline --out $OUT [--compilation-cache DIR]
+  PYTHONPATH=. python3 benchmarks/bench_async_targets.py cold-start --out $OUT [--with-warmup]
+  PYTHONPATH=. python3 benchmarks/bench_async_targets.py loops --out $OUT [--cases batch offline]
 
 - cold-start: a fresh process builds an engine and serves one request (128 -> 16 tokens); seconds from the start of
-  the process to the engine built and to the request's end. With compilation on first use (the default) and with
-  every shape compiled at start (warmup, max_model_len 4096), each once with an empty compilation cache and once
-  with the cache the first run filled.
+  the process to the engine built and to the request's end. With compilation on first use (the default) and, with
+  --with-warmup, every shape compiled at start (max_model_len 4096), each once with an empty compilation cache and
+  once with the cache the first run filled.
+`loops` runs these two on one engine (weights, pool, every shape compiled at start), each loop an LLMEngine over it:
 - batch: 64 requests of 2048 tokens decoding 128 more, both loops on one engine (bench_async.twin): ITL median
   against the device step of the same batch measured as a chain of steps fed on the device
   (profile_dispatch.chained_pace) and against its floor (weights + the batch's K/V at the copy bandwidth).
@@ -51,7 +51,7 @@ def cold_start_child(preset: str, cache: str, warmup: bool) -> None:
 
 def cold_start(args) -> dict:
     results = {}
-    for warmup in (False, True):
+    for warmup in (False, True) if args.with_warmup else (False,):
         cache = tempfile.mkdtemp(prefix="nexus-cc-")
         for state in ("empty cache", "warm cache"):
             cmd = [sys.executable, __file__, "_cold-child", "--preset", args.preset, "--cache", cache]
@@ -64,30 +64,53 @@ def cold_start(args) -> dict:
     return results
 
 
-def batch_case(args) -> dict:
+def loops(args) -> dict:
+    """The batch and offline cases on one engine's weights, pool and compiled programs."""
+    import jax
+
+    from benchmarks.bench_model import hbm_copy_tbps
+
+    copy = hbm_copy_tbps(args.copy_mb << 20)
+    base = engine_for(args, max_model_len=max(args.ctx, 512) + 256, max_num_batched_tokens=args.budget,
+                      num_scheduler_steps=8)
+    res: dict = {"device": jax.devices()[0].device_kind, "copy_tbps": copy, "budget": args.budget}
+    if "batch" in args.cases:
+        res["batch"] = batch_case(args, base, copy)
+    if "offline" in args.cases:
+        res["offline"] = offline(args, base)
+    return res
+
+
+def variant(base, overlap: bool, steps: int):
+    """An engine over base's executor with the given loop and multi-step decode."""
+    from nexus_jax.core.engine import LLMEngine
+
+    config = dataclasses.replace(base.config, async_scheduling=overlap, num_scheduler_steps=steps)
+    return LLMEngine(config, base.executor, base.tokenizer, max_model_len=base.max_model_len,
+                     vocab_size=base.vocab_size, eos_token_ids=base.eos_token_ids)
+
+
+def batch_case(args, base, copy: float) -> dict:
     import jax
     import numpy as np
 
-    from benchmarks.bench_async import twin, workload
-    from benchmarks.bench_model import hbm_copy_tbps
+    from benchmarks.bench_async import workload
     from benchmarks.profile_dispatch import chained_pace
     from runner.model_runner import ModelRunner
 
-    copy = hbm_copy_tbps(args.copy_mb << 20)
     batch, ctx, out = 64, args.ctx, 128
-    base = engine_for(args, max_model_len=ctx + 256, max_num_batched_tokens=2048)
     runner: ModelRunner = base.executor
     weights = sum(x.nbytes for x in jax.tree.leaves(runner.state))
     kv_token = ModelRunner.kv_bytes_per_block(runner.config, runner.block_size, runner.dtype) / runner.block_size
     rng = np.random.default_rng(0)
     prompts = [rng.integers(10, base.vocab_size - 10, ctx).tolist() for _ in range(batch)]
-    engines = {"sync": twin(base, False), "async": base}
-    res: dict = {"device": jax.devices()[0].device_kind, "copy_tbps": copy}
+    engines = {"sync": variant(base, False, 1), "async": variant(base, True, 1)}
+    res: dict = {}
     for mode, engine in engines.items():
         workload(engine, prompts[:8], 4)
     for mode, engine in engines.items():
         res[mode] = workload(engine, prompts, out)
-        print(mode, res[mode], flush=True)
+        print("batch", mode, res[mode], flush=True)
     # The device step at the middle of the decode (context ctx + out / 2), as a chain of fed steps.
     mid = ctx + out // 2
     res["device_step_ms"] = chained_pace(runner, batch, mid, 40)["per_step_ms"]
@@ -98,29 +121,21 @@ def batch_case(args) -> dict:
     return res
 
 
-def offline(args) -> dict:
-    import jax
+def offline(args, base) -> dict:
     import numpy as np
 
     from benchmarks.bench_async import workload
-    from nexus_jax.core.engine import LLMEngine
 
-    base = engine_for(args, max_model_len=512 + 256, max_num_batched_tokens=args.budget, num_scheduler_steps=8)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(10, base.vocab_size - 10, 512).tolist() for _ in range(args.num_prompts)]
-    variants = {"sync, 1 step per dispatch": (False, 1), "sync, 8-step decode": (False, 8),
-                "async": (True, 1)}
-    engines = {}
-    for name, (overlap, steps) in variants.items():
-        config = dataclasses.replace(base.config, async_scheduling=overlap, num_scheduler_steps=steps)
-        engines[name] = LLMEngine(config, base.executor, base.tokenizer, max_model_len=base.max_model_len,
-                                  vocab_size=base.vocab_size, eos_token_ids=base.eos_token_ids)
-    res: dict = {"device": jax.devices()[0].device_kind, "budget": args.budget}
+    variants = {"sync, 1 step per dispatch": (False, 1), "sync, 8-step decode": (False, 8), "async": (True, 1)}
+    engines = {name: variant(base, overlap, steps) for name, (overlap, steps) in variants.items()}
+    res: dict = {}
     for engine in engines.values():
         workload(engine, prompts[:16], 4)
     for name, engine in engines.items():
         res[name] = workload(engine, prompts, 256)
-        print(name, res[name], flush=True)
+        print("offline", name, res[name], flush=True)
     best_sync = max(res[n]["tok_per_s"] for n in variants if n.startswith("sync"))
     res["async_over_best_sync"] = res["async"]["tok_per_s"] / best_sync
     return res
@@ -129,14 +144,16 @@ def offline(args) -> dict:
 def engine_for(args, **overrides):
     from nexus_jax import EngineConfig
     from nexus_jax.entrypoints.build import build_engine
-    return build_engine(EngineConfig(model=args.preset, min_table_blocks=128, async_scheduling=True,
+    return build_engine(EngineConfig(model=args.preset, min_table_blocks=256, async_scheduling=True,
                                      warmup=True, compilation_cache_dir=args.compilation_cache,
                                      enable_prefix_caching=False, **overrides))  # twins share one pool
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["cold-start", "batch", "offline", "_cold-child"])
+    ap.add_argument("what", choices=["cold-start", "loops", "_cold-child"])
+    ap.add_argument("--cases", nargs="+", default=["batch", "offline"], choices=["batch", "offline"])
+    ap.add_argument("--with-warmup", action="store_true", help="cold-start: also with every shape compiled at start")
     ap.add_argument("--out", default=".")
     ap.add_argument("--preset", default="llama-3.1-8b")
     ap.add_argument("--copy-mb", type=int, default=8192, help="size of the HBM copy that measures bandwidth")
@@ -150,7 +167,7 @@ def main() -> None:
     if args.what == "_cold-child":
         cold_start_child(args.preset, args.cache, args.warmup)
         return
-    res = {"cold-start": cold_start, "batch": batch_case, "offline": offline}[args.what](args)
+    res = {"cold-start": cold_start, "loops": loops}[args.what](args)
     res["command"] = "PYTHONPATH=. python3 benchmarks/bench_async_targets.py " + " ".join(sys.argv[1:])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
