@@ -48,23 +48,43 @@ def hf_baseline(preset: str, batch: int, input_len: int, output_len: int) -> dic
 
 
 class StepTimer:
-    """Wraps the executor to record (decodes, prefill tokens, summed context, seconds) per device step; a
-    multi-step decode call counts as its steps, each with the mean time."""
+    """Wraps the executor to record (decodes, prefill tokens, summed context, seconds) per device step. A
+    synchronous step is timed from call to return; a multi-step decode call counts as its steps, each with the mean
+    time; an overlapped step (dispatch) from the previous step's result to its own, which is the device's pace
+    while the host keeps ahead."""
 
     def __init__(self, executor):
         self.executor, self.steps = executor, []
-        self.step_fn, self.multi_fn = executor.step, executor.decode_steps
-        executor.step, executor.decode_steps = self.step, self.decode_steps
+        self.step_fn, self.multi_fn, self.dispatch_fn = executor.step, executor.decode_steps, executor.dispatch
+        executor.step, executor.decode_steps, executor.dispatch = self.step, self.decode_steps, self.dispatch
+        self.last_result: float | None = None
 
     def restore(self) -> None:
-        del self.executor.step, self.executor.decode_steps
+        del self.executor.step, self.executor.decode_steps, self.executor.dispatch
+
+    def record(self, decodes, prefills, seconds: float) -> None:
+        ctx = sum(c.start_pos + 1 for c in decodes)
+        self.steps.append((len(decodes), sum(len(c.token_ids) for c in prefills), ctx, seconds))
 
     def step(self, decodes, prefills, rows, *args, **kwargs):  # passes on what else the engine gives (banned ids)
         t = time.perf_counter()
         out = self.step_fn(decodes, prefills, rows, *args, **kwargs)  # returns host values: the step is done
-        ctx = sum(c.start_pos + 1 for c in decodes)
-        self.steps.append((len(decodes), sum(len(c.token_ids) for c in prefills), ctx, time.perf_counter() - t))
+        self.record(decodes, prefills, time.perf_counter() - t)
         return out
+
+    def dispatch(self, step):
+        handle, timer = self.dispatch_fn(step), self
+        started = time.perf_counter()
+
+        class Timed:
+            def result(self):
+                out = handle.result()
+                now = time.perf_counter()
+                since = started if timer.last_result is None else max(started, timer.last_result)
+                timer.last_result = now
+                timer.record(step.decodes, step.prefills, now - since)
+                return out
+        return Timed()
 
     def decode_steps(self, decodes, rows, num_steps):
         t = time.perf_counter()
