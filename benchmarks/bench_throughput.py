@@ -58,6 +58,7 @@ class StepTimer:
         self.step_fn, self.multi_fn, self.dispatch_fn = executor.step, executor.decode_steps, executor.dispatch
         executor.step, executor.decode_steps, executor.dispatch = self.step, self.decode_steps, self.dispatch
         self.last_result: float | None = None
+        self.in_step = False  # a synchronous step goes through dispatch too: record it once
 
     def restore(self) -> None:
         del self.executor.step, self.executor.decode_steps, self.executor.dispatch
@@ -68,12 +69,18 @@ class StepTimer:
 
     def step(self, decodes, prefills, rows, *args, **kwargs):  # passes on what else the engine gives (banned ids)
         t = time.perf_counter()
-        out = self.step_fn(decodes, prefills, rows, *args, **kwargs)  # returns host values: the step is done
+        self.in_step = True
+        try:
+            out = self.step_fn(decodes, prefills, rows, *args, **kwargs)  # returns host values: the step is done
+        finally:
+            self.in_step = False
         self.record(decodes, prefills, time.perf_counter() - t)
         return out
 
     def dispatch(self, step):
         handle, timer = self.dispatch_fn(step), self
+        if self.in_step:
+            return handle
         started = time.perf_counter()
 
         class Timed:
