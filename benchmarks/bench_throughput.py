@@ -20,15 +20,19 @@ import time
 
 import numpy as np
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+from configs import CONFIGS_DIR
+
+
+def preset_fields(preset: str) -> dict:
+    """The preset's Hugging Face config fields, for building the same model in transformers."""
+    return {k: v for k, v in json.loads((CONFIGS_DIR / f"{preset}.json").read_text()).items()
+            if k != "architectures"}
 
 
 def hf_baseline(preset: str, batch: int, input_len: int, output_len: int) -> dict:
     import torch
     import transformers
-    with open(os.path.join(CONFIGS, f"{preset}.json")) as f:
-        cfg = transformers.AutoConfig.for_model("llama", **{k: v for k, v in json.load(f).items()
-                                                              if k != "architectures"})
+    cfg = transformers.AutoConfig.for_model("llama", **preset_fields(preset))
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
         model = transformers.LlamaForCausalLM(cfg).eval()

@@ -25,3 +25,10 @@ def test_step_timer_records_every_step_at_the_device_pace(overlap):
     assert sum(s[1] for s in prefills) == 15  # every prompt token prefilled once
     assert len(decodes) == 5 and all(s[0] == 3 for s in decodes)  # 6 tokens: one from the prefill, 5 decodes
     assert all(s[3] == pytest.approx(STEP_SECONDS, abs=0.015) for s in decodes)
+
+
+def test_the_transformers_baseline_reads_the_preset_it_compares_with():
+    # It read ../../configs from the benchmark's folder, which the layout move broke (the H100 run lost its baseline)
+    from benchmarks.bench_throughput import preset_fields
+    fields = preset_fields("llama-3.1-8b")
+    assert fields["num_hidden_layers"] == 32 and "architectures" not in fields
