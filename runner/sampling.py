@@ -62,6 +62,7 @@ class SamplingTensors:
     # bans EOS and stop ids until min_tokens is reached, as vLLM does.
     banned: jax.Array
     mode: str = struct.field(pytree_node=False, default=FILTERED)  # see MODES; from_rows picks the cheapest
+
     @classmethod
     def from_rows(cls, rows: Sequence[SamplingRow | None], banned: Sequence[Sequence[int] | None] | None = None,
                   *, pad_to: int | None = None) -> SamplingTensors:
