@@ -203,7 +203,8 @@ def plot_runs(docs: list[dict[str, Any]], out: str | Path) -> None:
     for ax, metric in zip(axes.flat, METRICS):
         for k, doc in enumerate(docs):
             label = doc.get("label") or f"run {k}"
-            points = sorted((_x(run), run["summary"][metric]) for run in doc["runs"])
+            # Keyed on x alone: the search may repeat a sweep rate, and two points at one x must not compare stats.
+            points = sorted(((_x(run), run["summary"][metric]) for run in doc["runs"]), key=lambda p: p[0])
             xs = [x for x, _ in points]
             for stat, style in (("median", "-"), ("p99", "--")):
                 ys = [np.nan if d[stat] is None else d[stat] * 1e3 for _, d in points]

@@ -283,3 +283,13 @@ def test_cli_serve_on_the_default_model_then_plot(tmp_path, capsys):
     assert (tmp_path / "both.md").read_text().count("| tiny |") == 2
     with pytest.raises(SystemExit):
         ap.parse_args(["bench", "serve", "--request-rate", "-3"])
+
+
+def test_plot_survives_a_rate_run_twice(tmp_path):
+    # The rate search may try a rate the sweep already ran: two points at one x must not compare their stats.
+    def run(rate, latency):
+        stats = {"mean": latency, "median": latency, "p90": latency, "p99": latency}
+        return {"request_rate": rate, "summary": {**{m: stats for m in report.METRICS}, "request_throughput": 2.0}}
+    runs = [run("2.0", 0.1), run("4.0", 0.3), run("2.0", 0.2)]
+    report.plot_runs([{"label": "repeat", "runs": runs}], tmp_path / "p.png")
+    assert matplotlib.image.imread(tmp_path / "p.png").shape[:2] == (800, 1100)
