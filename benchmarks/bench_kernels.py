@@ -4,7 +4,8 @@ jax's own shipped kernels for comparison. Prints a Markdown table and writes it 
     PYTHONPATH=. PYTHONUNBUFFERED=1 python3 benchmarks/bench_kernels.py --out $OUT [--json PATH]
 
 Every case is isolated: a failure prints its error and the run goes on. A deadline keeps the whole run inside
-the device tool's limit; cases past it are skipped and say so.
+the device tool's limit; cases past it are skipped and say so. The exit status is 1 when a case failed (the JSON
+lists the failed and skipped cases), so run_all.py does not report a run that measured nothing as completed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import functools
 import gc
 import json
 import statistics
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -31,6 +33,8 @@ L2_BYTES = 50 << 20
 ROWS: list[dict] = []
 CLOCK = None  # the run's Clock, set by main; sweeps stop early when it runs low
 LOG: list[str] = []
+FAILED: list[str] = []   # "case: error" of each case that raised
+SKIPPED: list[str] = []  # cases the deadline left out
 
 
 def say(*parts) -> None:
@@ -74,12 +78,14 @@ def guarded(name: str, clock: Clock, need_s: float = 20.0):
         def run(*a, **k):
             if clock.left() < need_s:
                 say(f"SKIPPED {name}: deadline ({clock.left():.0f}s left)")
+                SKIPPED.append(name)
                 return None
             t0 = time.time()
             try:
                 return fn(*a, **k)
             except Exception as e:  # a failing case must not hide the others
                 say(f"FAILED {name}: {type(e).__name__}: {str(e)[:1500]}")
+                FAILED.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
                 say(traceback.format_exc()[-3000:])
             finally:
                 gc.collect()
@@ -280,14 +286,16 @@ def bench_write(key, tokens, layers=16):
         row(f"write_kv {impl}", f"T={tokens}", ms, "GB/s", nbytes / ms / 1e6, "", f"donated pool reused: {in_place}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench_out")
     parser.add_argument("--budget", type=float, default=430.0, help="seconds before remaining cases are skipped")
     parser.add_argument("--sweep", action="store_true", help="tuning sweeps of block sizes / warps / stages")
+    parser.add_argument("--copy-mb", type=int, default=8 << 10, help="bytes the HBM copy bandwidth is measured "
+                        "over (MiB; the default 8 GiB suits a GPU, not a CPU run's host memory)")
     parser.add_argument("--json", default=None, help="also write the rows, device, date and the HBM copy "
                         "bandwidth measured in this run (the memory roofline) here, for run_all.py")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     global CLOCK
@@ -329,11 +337,14 @@ def main() -> None:
     if args.json:
         from benchmarks.bench_model import hbm_copy_tbps
         doc = {"device": dev.device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-               "hbm_copy_tbps": hbm_copy_tbps(), "peak_bf16_tflops": 989.0, "rows": ROWS,
-               "table": "\n".join(table)}
+               "hbm_copy_tbps": hbm_copy_tbps(args.copy_mb << 20), "peak_bf16_tflops": 989.0, "rows": ROWS,
+               "table": "\n".join(table), "failed": FAILED, "skipped": SKIPPED}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=1))
+    if FAILED:
+        say(f"{len(FAILED)} case(s) failed: {', '.join(f.split(':')[0] for f in FAILED)}")
+    return 1 if FAILED else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

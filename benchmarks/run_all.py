@@ -39,7 +39,7 @@ QUICK_PROGRAMS = [*SERVE, "--dataset", "programs-mix", "--num-prompts", "2", "--
 SECTIONS: dict[str, tuple[str, str, list[list[str]], list[list[str]]]] = {
     "kernels": ("Kernels", "kernels",
                 [["benchmarks/bench_kernels.py", "--out", "{out}", "--json", "{out}/kernels.json"]],
-                [["benchmarks/bench_kernels.py", "--out", "{out}", "--budget", "60", "--json",
+                [["benchmarks/bench_kernels.py", "--out", "{out}", "--budget", "60", "--copy-mb", "64", "--json",
                   "{out}/kernels.json"]]),
     "model": ("Full model steps", "model",
               [["benchmarks/bench_model.py", "--check-preset", "llama-3.2-1b", "--check-dtype", "float32", "--out",
@@ -116,6 +116,8 @@ def run_section(name: str, out_root: Path, quick: bool, predictions: dict[str, A
         figures, tables, device = results_file.section_figures(kind, out, predictions, name, meta)
     except (FileNotFoundError, KeyError, ValueError, json.JSONDecodeError) as e:
         failures.append(f"no figures: {type(e).__name__}: {e}")
+    if not figures and not failures:  # a benchmark that exits 0 having measured nothing did not complete
+        failures.append("no figures: the benchmark's output holds no measurement")
     for figure in figures:
         figure.update(device)
     tail = "\n".join(log.read_text().splitlines()[-40:]) if failures else ""

@@ -149,3 +149,30 @@ def test_quick_run_on_cpu_then_merge(tmp_path):
     assert list(json.loads((merged / "results.json").read_text())["sections"]) == ["serve", "model", "kernels"]
     with pytest.raises(FileNotFoundError):
         run_all.main(["--merge", str(tmp_path / "missing"), "--out", str(merged)])
+
+
+def test_kernel_cases_that_all_fail_fail_the_run(tmp_path, monkeypatch):
+    # On CPU every Pallas case raises; the run must say so by its exit status, not only in its log.
+    from benchmarks import bench_kernels
+
+    def no_gpu(*args, **kwargs):
+        raise ValueError("Only interpret mode is supported on CPU backend.")
+    for case in ("check_correctness", "bench_decode", "bench_prefill", "bench_decode_baselines",
+                 "bench_dense_baselines", "bench_write"):
+        monkeypatch.setattr(bench_kernels, case, no_gpu)
+    for name in ("ROWS", "LOG", "FAILED", "SKIPPED"):
+        monkeypatch.setattr(bench_kernels, name, [])
+    out = tmp_path / "kernels"
+    assert bench_kernels.main(["--out", str(out), "--copy-mb", "1", "--json", str(out / "kernels.json")]) == 1
+    doc = json.loads((out / "kernels.json").read_text())
+    assert doc["rows"] == [] and len(doc["failed"]) == 22
+    assert doc["failed"][1] == "decode main: ValueError: Only interpret mode is supported on CPU backend."
+
+
+def test_a_benchmark_that_exits_0_with_no_measurement_fails_its_section(tmp_path, monkeypatch, fake_sections):
+    empty = writer("{out}/kernels.json", {**DOCS["kernels"], "rows": []})
+    monkeypatch.setitem(run_all.SECTIONS, "kernels", ("Kernels", "kernels", [empty], [empty]))
+    assert run_all.main(["--only", "kernels,model", "--out", str(tmp_path)]) == 1
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert "no measurement" in doc["sections"]["kernels"]["status"]
+    assert doc["sections"]["model"]["status"] == "completed"
