@@ -140,18 +140,29 @@ def _client(args: argparse.Namespace) -> int:
 
 
 def _batch(args: argparse.Namespace) -> int:
-    from nexus_jax.entrypoints.batch import HostMemoryError, run_batch
+    from nexus_jax.entrypoints.batch import BatchError, BatchInterrupted, HostMemoryError, run_batch
     from nexus_jax.entrypoints.build import build_engine
 
-    engine = build_engine(engine_config_from_args(args))
+    config = engine_config_from_args(args)
     defaults = {"max_tokens": args.max_tokens, "temperature": args.temperature}
     try:
+        engine = build_engine(config)
         summary = run_batch(engine, args.input, args.output, args.errors, defaults=defaults,
                             max_in_flight=args.max_in_flight, progress=not args.no_progress,
                             min_available_mb=args.min_available_mb or None)
-    except HostMemoryError as e:
+    except (HostMemoryError, BatchError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # 130 = 128 + SIGINT, what a shell reports for a command Ctrl-C stopped
+        done = f"{e.summary.completed} results written this run, " if isinstance(e, BatchInterrupted) else ""
+        print(f"\nbatch interrupted: {done}all finished results are in {args.output}; rerun the same command to "
+              "resume", file=sys.stderr)
+        return 130
+    if summary.corrupt_output_lines:
+        numbers = ", ".join(map(str, summary.corrupt_output_lines[:10]))
+        more = f" and {len(summary.corrupt_output_lines) - 10} more" if len(summary.corrupt_output_lines) > 10 else ""
+        print(f"warning: line(s) {numbers}{more} of {args.output} are not valid results: left in place and not "
+              "counted as done (an input id they held ran again); remove them for a clean file", file=sys.stderr)
     rate = summary.generated_tokens / max(summary.elapsed_s, 1e-9)
     print(f"batch done: {summary.completed} completed, {summary.skipped} skipped (already in {args.output}), "
           f"{summary.errors} errors, {summary.generated_tokens} tokens in {summary.elapsed_s:.2f} s "

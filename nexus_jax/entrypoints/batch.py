@@ -6,10 +6,13 @@ the library and gRPC; a line without one is a one-call program). Output lines (i
 completion order): {"id", "text", "token_ids", "finish_reason", "stop_reason", "prompt_tokens", "ttft_s", "e2e_s"},
 plus "outputs" with every completion when n > 1. A line that cannot run (bad JSON, no id, bad parameters, a
 prompt the model rejects, an engine failure) becomes an error record {"line", "id", "error"} in the errors file and
-the batch goes on. Results are flushed as requests finish, so a rerun with the same output skips the ids already
-there (resume). Lines are read through a grain MapDataset over a random-access JSONL source, and at most
-`max_in_flight` requests are in the engine at once, so memory stays bounded by that window, not the file size
-(beyond 16 bytes of line index and one id a line). A host memory guard stops admitting requests while the host's
+the batch goes on; so does a line repeating an earlier line's id, on every run alike (only the first line of an
+id runs). Results are flushed as requests finish, so a rerun with the same output skips the ids already there
+(resume); a corrupt line in the output is reported and kept, and the valid lines after it still count. A run holds
+an exclusive lock on its output, so a second run on the same output fails instead of writing every id again.
+Lines are read through a grain MapDataset over a random-access JSONL source, and at most `max_in_flight`
+requests are in the engine at once, so memory stays bounded by that window, not the file size (beyond 16 bytes
+of line index and one id a line). A host memory guard stops admitting requests while the host's
 available memory is under a floor, and stops the batch with HostMemoryError if it stays there with none in flight.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
+import fcntl
 import json
 import os
 import sys
@@ -41,6 +45,8 @@ class BatchSummary:
     generated_tokens: int = 0
     elapsed_s: float = 0.0
     memory_holds: int = 0   # engine steps taken without admitting new requests: host memory under the floor
+    # 1-based numbers of complete output lines that are no result (kept in place; their ids, if any, run again)
+    corrupt_output_lines: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -96,23 +102,26 @@ def _parse(item: tuple[int, bytes]) -> _Line:
     return _Line(number, rid, {given[0]: record.pop(given[0])}, record, program)
 
 
-def _done_ids(path: str) -> set:
-    """Ids already in an output file; a torn last line (an interrupted run) is cut off so appending stays valid."""
+def _done_ids(path: str) -> tuple[set, list[int]]:
+    """Ids already in an output file, and the numbers of its corrupt complete lines. Only a torn last line (an
+    interrupted run) is cut off, so appending stays valid: the lines after a corrupt one in the middle are results
+    a run wrote, and dropping them would run those requests again and lose what they cost."""
     if not os.path.exists(path):
-        return set()
-    done, keep = set(), 0
+        return set(), []
+    done, corrupt, keep = set(), [], 0
     with open(path, "rb") as f:
-        for raw in f:
+        for number, raw in enumerate(f, 1):
             if not raw.endswith(b"\n"):
                 break
+            keep += len(raw)
             try:
                 done.add(json.loads(raw)["id"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                break
-            keep += len(raw)
+            except (ValueError, RecursionError, KeyError, TypeError):  # also a JSON array, or an unhashable id
+                if raw.strip():
+                    corrupt.append(number)
     if keep != os.path.getsize(path):
         os.truncate(path, keep)
-    return done
+    return done, corrupt
 
 
 def _result(rid: Any, out: RequestOutput) -> dict:
@@ -145,6 +154,51 @@ class _Progress:
 
 class HostMemoryError(MemoryError):
     """Available host memory stayed under the batch's floor with no request left to finish."""
+
+
+class BatchError(ValueError):
+    """A batch that must not start, with the reason for the person who ran it."""
+
+
+class OutputLockedError(BatchError):
+    """Another run holds the lock of the same output file."""
+
+
+class BatchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a batch; `summary` counts what this run wrote before it (all flushed, so a rerun resumes)."""
+
+    def __init__(self, summary: BatchSummary):
+        super().__init__()
+        self.summary = summary
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)  # hard links
+
+
+def _check_paths(input_path: str, output_path: str, errors_path: str) -> None:
+    """The errors file is rewritten each run and the output appended to: either one on another file of the
+    batch would erase or mangle it (errors == output once cut 200 results to one line)."""
+    files = (("input", input_path), ("output", output_path), ("errors file", errors_path))
+    for i, (name_a, a) in enumerate(files):
+        for name_b, b in files[i + 1:]:
+            if _same_file(a, b):
+                raise BatchError(f"the {name_a} and the {name_b} are the same file ({b}): the batch would "
+                                 f"overwrite it; give the {name_b} another path")
+
+
+def _lock_output(output_path: str) -> IO:
+    """The output opened for appending, under an exclusive lock that the kernel releases when the process ends."""
+    out_f = open(output_path, "a")
+    try:
+        fcntl.flock(out_f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        out_f.close()
+        raise OutputLockedError(f"another batch run is writing {output_path} (it holds the file's lock): wait for "
+                                "it to finish, or give this run another output") from None
+    return out_f
 
 
 def available_memory_mb(meminfo: str = "/proc/meminfo") -> float | None:
@@ -190,7 +244,11 @@ def run_batch(engine: LLMEngine, input_path: str, output_path: str, errors_path:
 
     Host memory guard: while MemAvailable is under min_available_mb (None: no guard) no new request is
     admitted, so the requests in flight finish and give their memory back; with none left in flight it waits
-    up to memory_wait_s, then raises HostMemoryError."""
+    up to memory_wait_s, then raises HostMemoryError.
+
+    Raises BatchError when two of the input, output and errors file are one file, OutputLockedError while
+    another run writes the same output, and BatchInterrupted (a KeyboardInterrupt) with the summary so far on
+    Ctrl-C."""
     if max_in_flight < 1:
         raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
     if min_available_mb is not None and not min_available_mb >= 0:
@@ -200,55 +258,75 @@ def run_batch(engine: LLMEngine, input_path: str, output_path: str, errors_path:
     if not os.path.exists(input_path):
         raise FileNotFoundError(f"batch input {input_path} does not exist")
     errors_path = errors_path or os.path.splitext(output_path)[0] + ".errors.jsonl"
+    _check_paths(input_path, output_path, errors_path)
     start = time.monotonic()
-    done = _done_ids(output_path)
-    lines = grain.MapDataset.source(_JsonlSource(input_path)).map(_parse)
-    summary, seen = BatchSummary(lines=len(lines)), set()
-    bar = _Progress(len(lines), progress)
-    in_flight: dict[str, _Line] = {}
-    with open(output_path, "a") as out_f, open(errors_path, "w") as err_f:
-        def error(line: _Line, message: str) -> None:
-            err_f.write(json.dumps({"line": line.number, "id": line.id, "error": message}) + "\n")
-            summary.errors += 1
-
-        items = iter(lines)
-        exhausted = False
-        while True:
-            # Checked once per engine step: cheap, and admissions between two checks are bounded by the window.
-            low = not exhausted and _memory_low(min_available_mb) is not None
-            summary.memory_holds += low
-            while not low and not exhausted and len(in_flight) < max_in_flight:
-                line = next(items, None)
-                if line is None:
-                    exhausted = True
-                elif line.error is not None:
-                    error(line, line.error)
-                elif line.id in done:
-                    summary.skipped += 1
-                elif line.id in seen:
-                    error(line, f"duplicate id {line.id!r}")
-                else:
-                    seen.add(line.id)
-                    _submit(engine, line, defaults, in_flight, error)
-            if not in_flight:
-                if exhausted:
-                    break
-                out_f.flush()
-                err_f.flush()
-                _wait_for_memory(min_available_mb, memory_wait_s, output_path)
-                continue
-            finished = [o for o in engine.step() if o.finished]
-            for out in finished:
-                _write(in_flight.pop(out.request_id), out, out_f, summary, error)
-            if finished:
-                out_f.flush()
-                err_f.flush()
-            bar.show(summary)
+    summary = BatchSummary()
+    # Locked before the output is read (and its torn tail cut) or the errors file emptied: a second run on the
+    # same output must change nothing of the first's.
+    with _lock_output(output_path) as out_f:
+        done, summary.corrupt_output_lines = _done_ids(output_path)
+        lines = grain.MapDataset.source(_JsonlSource(input_path)).map(_parse)
+        summary.lines = len(lines)
+        bar = _Progress(len(lines), progress)
+        try:
+            with open(errors_path, "w") as err_f:
+                _run(engine, iter(lines), done, out_f, err_f, summary, bar, defaults, max_in_flight,
+                     min_available_mb, memory_wait_s, output_path)
+        except KeyboardInterrupt as e:  # every finished result is already flushed: a rerun resumes from here
+            summary.elapsed_s = time.monotonic() - start
+            raise BatchInterrupted(summary) from e
     bar.show(summary, force=True)
     if progress:
         print(file=sys.stderr)
     summary.elapsed_s = time.monotonic() - start
     return summary
+
+
+def _run(engine: LLMEngine, items, done: set, out_f: IO, err_f: IO, summary: BatchSummary, bar: _Progress,
+         defaults: dict | None, max_in_flight: int, min_available_mb: float | None, memory_wait_s: float,
+         output_path: str) -> None:
+    seen: set = set()
+    in_flight: dict[str, _Line] = {}
+
+    def error(line: _Line, message: str) -> None:
+        err_f.write(json.dumps({"line": line.number, "id": line.id, "error": message}) + "\n")
+        summary.errors += 1
+
+    exhausted = False
+    while True:
+        # Checked once per engine step: cheap, and admissions between two checks are bounded by the window.
+        low = not exhausted and _memory_low(min_available_mb) is not None
+        summary.memory_holds += low
+        while not low and not exhausted and len(in_flight) < max_in_flight:
+            line = next(items, None)
+            if line is None:
+                exhausted = True
+            elif line.error is not None:
+                error(line, line.error)
+            elif line.id in seen:
+                # Checked before the resume check, so a repeated id is an error on every run, never "skipped"
+                # on a rerun only: the summaries of a first run and a resumed one add up the same.
+                error(line, f"duplicate id {line.id!r}: an earlier line has it, and only the first line of an id runs")
+            else:
+                seen.add(line.id)
+                if line.id in done:
+                    summary.skipped += 1
+                else:
+                    _submit(engine, line, defaults, in_flight, error)
+        if not in_flight:
+            if exhausted:
+                break
+            out_f.flush()
+            err_f.flush()
+            _wait_for_memory(min_available_mb, memory_wait_s, output_path)
+            continue
+        finished = [o for o in engine.step() if o.finished]
+        for out in finished:
+            _write(in_flight.pop(out.request_id), out, out_f, summary, error)
+        if finished:
+            out_f.flush()
+            err_f.flush()
+        bar.show(summary)
 
 
 def _submit(engine: LLMEngine, line: _Line, defaults: dict | None, in_flight: dict, error) -> None:

@@ -75,7 +75,8 @@ def test_good_and_bad_lines_then_resume(tmp_path, tokenizer):
         f.write('{"id": "g9", "text": "tor')
     write_lines(inp, [{"id": "new", "prompt_token_ids": [3], "max_tokens": 2}], mode="a")
     again = run_batch(batch_engine(tokenizer), str(inp), str(out), str(err), max_in_flight=4, progress=False)
-    assert (again.completed, again.skipped, again.errors) == (1, 8, len(BAD) - 1)  # the duplicate g0 is skipped now
+    assert (again.completed, again.skipped, again.errors) == (1, 7, len(BAD))  # the duplicate g0 is an error again
+    assert again.completed + again.skipped + again.errors == again.lines == summary.lines + 1
     ids = [r["id"] for r in read_jsonl(out)]
     assert sorted(map(str, ids)) == sorted(map(str, list(results) + ["new"]))
     assert read_jsonl(out)[-1]["token_ids"] == [4, 5]
