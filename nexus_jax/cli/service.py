@@ -40,10 +40,24 @@ def _device_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated device indices >= 0 (e.g. 0,1), got {text!r}")
 
 
+def _check_readable(flag: str, path: str | None) -> None:
+    """ValueError naming the flag when the file cannot be read: the server reads its TLS files only once the
+    model has loaded, minutes later on a real model."""
+    if path is None:
+        return
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise ValueError(f"argument {flag}: cannot read {path}: {e.strerror or e}") from None
+
+
 def server_options(args: argparse.Namespace) -> ServerOptions:
-    """The ServerOptions of the `serve` flags."""
+    """The ServerOptions of the `serve` flags; ValueError naming the flag for a TLS file that cannot be read."""
     from nexus_jax.server.grpc_server import ServerOptions
 
+    _check_readable("--tls-cert", args.tls_cert)
+    _check_readable("--tls-key", args.tls_key)
     return ServerOptions(host=args.host, port=args.port, max_in_flight=args.max_in_flight,
                          max_message_bytes=args.max_message_mb * 1024 * 1024,
                          auth_token=args.auth_token or os.environ.get(TOKEN_ENV) or None,
