@@ -64,6 +64,8 @@ def test_every_field_takes_a_value_from_its_flag():
         if "choices" in f.metadata:
             return f.metadata["choices"][-1]
         kind = type(f.default) if f.default is not None else typing.get_args(hints[f.name])[0]  # int | None: int
+        if f.name == "model":  # a name the engine can load: a preset
+            return "tiny"
         return {int: 7, float: 0.5, str: "x", tuple: (20, 40)}[kind]
     for f in FIELDS:
         if isinstance(f.default, bool):
@@ -120,3 +122,20 @@ def test_engine_arg_is_an_alias_of_the_flags():
 def test_a_namespace_of_no_parser_raises_the_value_error():
     with pytest.raises(ValueError, match="max_num_seqs"):
         engine_config_from_args(argparse.Namespace(max_num_seqs=0))
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_model_that_names_no_model_is_a_usage_error_before_anything_loads(command, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        config_of(command, ["--model", "meta-llama/Llama-3.2-1B"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --model: 'meta-llama/Llama-3.2-1B' is neither a checkpoint directory nor a preset" in err
+    assert "huggingface-cli download meta-llama/Llama-3.2-1B --local-dir Llama-3.2-1B" in err and "tiny" in err
+    with pytest.raises(SystemExit):
+        config_of(command, ["--model", str(tmp_path)])  # a directory without config.json
+    assert "has no config.json" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text("{}")
+    assert config_of(command, ["--model", str(tmp_path)]).model == str(tmp_path)
+    assert config_of(command, ["--model", "tiny"]).model == "tiny"
+    assert engine_config_from_args(argparse.Namespace(model="org/none")).model == "org/none"  # library: loader's

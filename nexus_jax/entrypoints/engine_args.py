@@ -4,17 +4,20 @@ command that builds an engine (`serve`, `batch`, `generate`, `bench serve`) take
 Each field becomes `--field-name` with the field's type, default, choices and help (from its metadata), in an
 argument group per section; bools are `--flag/--no-flag`, tuples comma lists (`--sm-ladder 30,50`), and an
 optional field also takes `none`. `engine_config_from_args` builds the EngineConfig; a configuration that
-EngineConfig rejects is a usage error (exit 2, the reason), never a traceback.
+EngineConfig rejects, or a --model that names no model, is a usage error (exit 2, the reason), never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import typing
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
+from configs import CONFIGS_DIR
 from nexus_jax.core.config import SECTIONS, EngineConfig
 
 _FIELDS = {f.name: f for f in dataclasses.fields(EngineConfig)}
@@ -107,6 +110,26 @@ def add_engine_args(parser: argparse.ArgumentParser, exclude: Iterable[str] = ()
     parser.set_defaults(**{_PARSER: parser})
 
 
+def model_problem(model: str) -> str | None:
+    """Why `model` is no model this engine loads (None when it is one), in words for the person who typed it:
+    the loader only finds out once a command has started, and says less."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return None if (path / "config.json").is_file() else f"{model} has no config.json: give a Hugging Face " \
+            "checkpoint directory (config.json, *.safetensors, tokenizer.json)"
+    if (CONFIGS_DIR / f"{model}.json").is_file():
+        return None
+    presets = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.json")))
+    text = (f"{model!r} is neither a checkpoint directory nor a preset. --model takes a local Hugging Face "
+            f"checkpoint directory (config.json, *.safetensors, tokenizer.json) or a preset name ({presets}: "
+            "random weights, for benchmarks); left out, the embedded tiny model. Nothing is downloaded")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not path.exists():  # org/name, as on the Hugging Face Hub
+        local = model.split("/")[1]
+        text += (f". {model} looks like a Hugging Face Hub id: download it first (huggingface-cli download {model} "
+                 f"--local-dir {local}) and give --model {local}")
+    return text
+
+
 def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> EngineConfig:
     """The EngineConfig of a parsed command line: the attributes named like fields (the generated flags, and a
     command's own flag of a field's name, such as bench serve's --seed), then the `--engine-arg` pairs, then
@@ -115,11 +138,16 @@ def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> Engin
     values = {name: getattr(args, name) for name in _FIELDS if hasattr(args, name)}
     values.update(getattr(args, "engine_arg", None) or ())
     values.update(overrides)
+    parser = getattr(args, _PARSER, None)
     try:
-        return EngineConfig(**values)
+        config = EngineConfig(**values)
     except ValueError as e:
-        parser = getattr(args, _PARSER, None)
         if parser is None:
             raise
         name = str(e).split()[0]
         parser.error(f"argument {flag_name(name)}: {e}" if name in _FIELDS else str(e))
+    # Checked here, before any command loads anything: a Hub id once failed as a traceback from the loader.
+    problem = None if parser is None or config.model is None else model_problem(config.model)
+    if problem is not None:
+        parser.error(f"argument --model: {problem}")
+    return config
