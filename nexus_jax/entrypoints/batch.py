@@ -310,6 +310,7 @@ def _run(engine: LLMEngine, items, done: set, out_f: IO, err_f: IO, summary: Bat
             else:
                 seen.add(line.id)
                 if line.id in done:
+                    done.discard(line.id)  # seen has it now: one copy of each id, not two
                     summary.skipped += 1
                 else:
                     _submit(engine, line, defaults, in_flight, error)
