@@ -180,6 +180,8 @@ class LLMEngine:
             prompt = prompt.get("prompt")
         if not isinstance(prompt, str):
             raise ValueError(f"a prompt is a string or a dict with prompt_token_ids, got {type(prompt).__name__}")
+        if not prompt:  # a tokenizer that adds BOS would turn "" into a prompt of one token, and serve it
+            raise ValueError("prompt is empty")
         if self.tokenizer is None:
             raise ValueError("text prompts need a tokenizer, and this model has none: give prompt_token_ids")
         ids = self.tokenizer.encode(prompt)

@@ -172,7 +172,8 @@ class ReplicatedAsyncLLM:
         if isinstance(ids, (list, tuple)):
             return prompt, max(len(ids), 1)
         tokenizer = self.engine.tokenizer
-        if not isinstance(text, str) or tokenizer is None or (isinstance(prompt, dict) and set(prompt) - {"prompt"}):
+        odd = isinstance(prompt, dict) and set(prompt) - {"prompt"}
+        if not isinstance(text, str) or not text or tokenizer is None or odd:
             return prompt, 1
         ids = tokenizer.encode(text)
         return ({"prompt": text, "prompt_token_ids": ids} if ids else prompt), max(len(ids), 1)

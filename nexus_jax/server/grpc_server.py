@@ -88,6 +88,8 @@ def prompt_of(request: pb.GenerateRequest, tokenizer: Tokenizer | None) -> str |
     Without a tokenizer, text goes to the engine as it is, which rejects it."""
     kind = request.WhichOneof("input")
     if kind == "text":
+        if not request.text:  # tokenized, "" would be a prompt of one BOS token
+            raise ValueError("prompt is empty")
         if tokenizer is None:
             return request.text
         return {"prompt": request.text, "prompt_token_ids": tokenizer.encode(request.text)}

@@ -344,3 +344,14 @@ def test_warmup_warns_when_many_block_table_widths_multiply_the_programs(caplog,
     with caplog.at_level("WARNING", logger="nexus_jax.entrypoints.build"):
         build_engine(EngineConfig(warmup=True, cpu_kv_cache_tokens=512, min_table_blocks=32))
     assert "block-table widths" not in caplog.text
+
+
+def test_an_empty_text_prompt_raises_like_an_empty_token_list(tokenizer):
+    """The tokenizer adds BOS, so "" would otherwise reach the engine as a prompt of one token."""
+    engine = make_engine(tokenizer=tokenizer)
+    for prompt in ("", {"prompt": ""}, {"prompt_token_ids": []}):
+        with pytest.raises(ValueError, match="prompt is empty"):
+            engine.add_request("empty", prompt, greedy(2))
+    assert not engine.groups
+    with pytest.raises(ValueError, match="prompt 0: .*empty"):
+        LLM.from_engine(engine).generate([""], greedy(2), use_tqdm=False)

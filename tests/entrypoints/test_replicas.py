@@ -120,12 +120,16 @@ def test_a_dead_replica_fails_its_requests_and_the_others_keep_serving():
         asyncio.run(collect(llm, {"prompt_token_ids": [1]}, greedy(2)))
 
 
-def test_bad_input_raises_and_leaves_no_load():
+def test_bad_input_raises_and_leaves_no_load(tokenizer):
     llm = replicated(2)
+    texts = replicated(1, tokenizer=tokenizer)
     try:
         async def main():
             with pytest.raises(ValueError, match="empty"):
                 await collect(llm, {"prompt_token_ids": []}, greedy(2))
+            for empty in ("", {"prompt": ""}):  # as ids, "" would be one BOS token
+                with pytest.raises(ValueError, match="prompt is empty"):
+                    await collect(texts, empty, greedy(2))
             with pytest.raises(ValueError, match="tokenizer"):
                 await collect(llm, "text without a tokenizer", greedy(2))
             first = llm.generate({"prompt_token_ids": [1]}, greedy(50), request_id="dup")
@@ -137,6 +141,7 @@ def test_bad_input_raises_and_leaves_no_load():
         assert llm.router.load == [0, 0] and not llm.router.calls
     finally:
         llm.shutdown()
+        texts.shutdown()
     with pytest.raises(ValueError, match="at least one replica"):
         ReplicatedAsyncLLM([])
     with pytest.raises(ValueError, match="routing policy"):

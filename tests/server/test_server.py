@@ -18,7 +18,7 @@ from nexus_jax.server.client import Client, generate_sync
 from nexus_jax.server.grpc_server import RETRY_AFTER_KEY, SERVICE_NAME, NexusServer, ServerOptions
 from nexus_jax.server.proto import nexus_pb2 as pb
 from nexus_jax.testing.engines import VOCAB, expected
-from nexus_jax.testing.serving import collect, engine_idle, server_engine, serving
+from nexus_jax.testing.serving import collect, engine_idle, rejected, server_engine, serving
 
 
 def test_token_ids_stream_in_chunks_then_complete():
@@ -83,6 +83,17 @@ def test_client_cancel_and_deadline_abort_the_request():
             assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             assert await engine_idle(engine)
             assert not server.servicer.streams
+    asyncio.run(main())
+
+
+def test_an_empty_text_prompt_is_invalid_argument(tokenizer):
+    async def main():
+        async with serving(server_engine(tokenizer=tokenizer)) as (_, client):
+            for prompt in ("", []):
+                e = await rejected(collect(client, prompt, max_tokens=2))
+                assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt is empty" in e.details()
+            _, (done,) = await collect(client, "hi", max_tokens=2, ignore_eos=True)
+            assert done.completion_tokens == 2
     asyncio.run(main())
 
 
