@@ -184,6 +184,7 @@ class LLMEngine:
             raise ValueError("prompt is empty")
         if self.tokenizer is None:
             raise ValueError("text prompts need a tokenizer, and this model has none: give prompt_token_ids")
+        self.tokenizer.check_text_length(prompt, self.max_model_len, "max_model_len")
         ids = self.tokenizer.encode(prompt)
         if not ids:
             raise ValueError("prompt is empty")

@@ -24,6 +24,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 # Sentencepiece byte-fallback tokens; their decoder turns a whole run of them into text or, when any byte in the
 # run is invalid, into one U+FFFD per byte, so a run is final only once a different token follows it.
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+# The least characters per token Tokenizer.check_text_length assumes, however short the vocabulary's entries: a
+# normalizer may drop characters (controls, say), so a text can be longer than its tokens spell.
+MIN_CHARS_PER_TOKEN = 32
 
 
 class Tokenizer:
@@ -80,6 +83,25 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of token ids the tokenizer knows, added tokens included (transformers' `len(tokenizer)`)."""
         return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """A bound on the characters one token stands for: the longest vocabulary entry (byte-level entries spell
+        one character per byte, so no text character is missed), at least MIN_CHARS_PER_TOKEN."""
+        longest = max(map(len, self.backend.get_vocab(with_added_tokens=True)), default=0)
+        return max(MIN_CHARS_PER_TOKEN, longest)
+
+    def check_text_length(self, text: str, max_tokens: int, limit: str) -> None:
+        """Raises ValueError when `text` is too long to encode to max_tokens tokens or fewer, naming `limit`.
+
+        Encoding costs seconds per megabyte and holds the caller, so an oversized text is refused by its length
+        alone, before any encoding; the bound is generous (every token its vocabulary's longest), so a text it
+        lets through may still turn out too long once encoded.
+        """
+        bound = max_tokens * self.max_token_chars
+        if len(text) > bound:
+            raise ValueError(f"prompt text of {len(text)} characters exceeds the limit of {bound} characters "
+                             f"({limit} {max_tokens} tokens x {self.max_token_chars} characters per token)")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):

@@ -1,9 +1,10 @@
 """`AsyncLLM`: many concurrent streaming requests over one engine, for servers and async applications.
 
 The engine runs on its own thread (a device step blocks for milliseconds, which must not stall the event loop).
-Requests are validated on the caller's thread, so bad input raises right at `generate`, then handed to the engine
-thread through an inbox; outputs travel back through each request's asyncio queue. A consumer that stops
-iterating (break, cancellation, a dropped client) aborts its request, which frees its KV blocks.
+Requests are validated on the caller's thread (text prompts on a worker thread: encoding a long text would stall
+the event loop), so bad input raises right at `generate`, then handed to the engine thread through an inbox;
+outputs travel back through each request's asyncio queue. A consumer that stops iterating (break, cancellation, a
+dropped client) aborts its request, which frees its KV blocks.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import itertools
 import threading
 from typing import Any, AsyncIterator, Callable
@@ -52,8 +54,10 @@ class AsyncLLM:
         if self.dead_error is not None:
             raise EngineDeadError(f"engine stopped: {self.dead_error!r}")
         request_id = request_id if request_id is not None else f"async-{next(self._ids)}"
-        group = self.engine.prepare_request(request_id, prompt, sampling_params, priority=priority, stream=True,
-                                            program_id=program_id, thread_id=thread_id)
+        prepare = functools.partial(self.engine.prepare_request, request_id, prompt, sampling_params,
+                                    priority=priority, stream=True, program_id=program_id, thread_id=thread_id)
+        # Encoding text takes as long as the text is long; on a worker thread it stalls no other request.
+        group = await asyncio.to_thread(prepare) if _needs_encoding(prompt) else prepare()
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
             if request_id in self._streams:
@@ -174,6 +178,10 @@ def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+def _needs_encoding(prompt: Any) -> bool:
+    return isinstance(prompt, str) or isinstance(prompt, dict) and "prompt_token_ids" not in prompt
 
 
 def _delta(out: RequestOutput, sent: dict[int, tuple[int, int]]) -> RequestOutput:

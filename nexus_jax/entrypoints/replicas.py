@@ -23,6 +23,7 @@ with `num_kv_blocks` set per engine).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import itertools
@@ -85,7 +86,10 @@ class ReplicatedAsyncLLM:
                        program_id: str | None = None, thread_id: str = "") -> AsyncIterator[RequestOutput]:
         """AsyncLLM.generate on the replica the router chooses; same arguments, same outputs."""
         request_id = request_id if request_id is not None else f"replicated-{next(self._ids)}"
-        prompt, length = self._tokenized(prompt)
+        if isinstance(prompt, str) or isinstance(prompt, dict) and "prompt_token_ids" not in prompt:
+            prompt, length = await asyncio.to_thread(self._tokenized, prompt)  # encoding would stall the loop
+        else:
+            prompt, length = self._tokenized(prompt)
         with self._lock:
             if request_id in self.router.calls:
                 raise ValueError(f"request_id {request_id!r} is already in use")
@@ -175,5 +179,6 @@ class ReplicatedAsyncLLM:
         odd = isinstance(prompt, dict) and set(prompt) - {"prompt"}
         if not isinstance(text, str) or not text or tokenizer is None or odd:
             return prompt, 1
+        tokenizer.check_text_length(text, self.engine.max_model_len, "max_model_len")
         ids = tokenizer.encode(text)
         return ({"prompt": text, "prompt_token_ids": ids} if ids else prompt), max(len(ids), 1)

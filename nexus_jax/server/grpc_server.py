@@ -14,6 +14,7 @@ replicas' levels, and sessions open their program's record on every replica (ser
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import time
@@ -83,15 +84,20 @@ def sampling_params(msg: pb.SamplingParams, max_tokens_limit: int | None = None)
     return SamplingParams(**kwargs)
 
 
-def prompt_of(request: pb.GenerateRequest, tokenizer: Tokenizer | None) -> str | dict[str, Any]:
+def prompt_of(request: pb.GenerateRequest, tokenizer: Tokenizer | None,
+              max_tokens: tuple[int, str] | None = None) -> str | dict[str, Any]:
     """The engine's prompt; text is tokenized here (once: the engine takes the ids) so its length can be checked.
-    Without a tokenizer, text goes to the engine as it is, which rejects it."""
+    Without a tokenizer, text goes to the engine as it is, which rejects it. max_tokens: (the most prompt tokens,
+    the setting's name); text too long to fit is refused before it is encoded. Encoding blocks for as long as
+    the text is long: the server calls this on a worker thread for text."""
     kind = request.WhichOneof("input")
     if kind == "text":
         if not request.text:  # tokenized, "" would be a prompt of one BOS token
             raise ValueError("prompt is empty")
         if tokenizer is None:
             return request.text
+        if max_tokens is not None:
+            tokenizer.check_text_length(request.text, *max_tokens)
         return {"prompt": request.text, "prompt_token_ids": tokenizer.encode(request.text)}
     if kind == "token_ids":
         return {"prompt_token_ids": list(request.token_ids.ids)}
@@ -129,7 +135,7 @@ class NexusServicer(pb_grpc.NexusServicer):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is already in use")
         try:
             params = sampling_params(request.sampling_params, self.options.max_tokens_limit)
-            prompt = prompt_of(request, self.llm.engine.tokenizer)
+            prompt = await self._prompt(request)
             check_limits(self.options, prompt, params)
             stream = self.llm.generate(prompt, params, rid, priority=request.priority,
                                        program_id=request.program_id or None, thread_id=request.thread_id)
@@ -144,6 +150,16 @@ class NexusServicer(pb_grpc.NexusServicer):
             await stream.aclose()  # a stream left early (cancel, deadline, disconnect) aborts its request here
         if failure is not None:
             await context.abort(*failure)
+
+    async def _prompt(self, request: pb.GenerateRequest) -> str | dict[str, Any]:
+        """prompt_of, with text encoded on a worker thread: a long text would otherwise stall every other call,
+        health checks included."""
+        limit = ((self.options.max_prompt_tokens, "max_prompt_tokens") if self.options.max_prompt_tokens
+                 else (self.llm.engine.max_model_len, "max_model_len"))
+        tokenizer = self.llm.engine.tokenizer
+        if request.WhichOneof("input") != "text" or tokenizer is None:
+            return prompt_of(request, tokenizer, limit)
+        return await asyncio.to_thread(prompt_of, request, tokenizer, limit)
 
     async def _relay(self, request: pb.GenerateRequest, rid: str, stream, context) -> tuple | None:
         """Writes the stream's chunks and completions; returns the status to end with when the input was bad."""

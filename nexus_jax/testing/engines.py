@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import threading
 from typing import Any, Sequence
 
 from nexus_jax.core.config import EngineConfig
@@ -46,3 +48,18 @@ def record_requests(engine: LLMEngine) -> list[tuple]:
 def program_table(engine: LLMEngine) -> dict:
     """The programs of the engine's process table, by program id."""
     return engine.scheduler.programs.table.programs
+
+
+def held_tokenizer(tokenizer: Tokenizer, hold_s: float = 5.0) -> tuple[Tokenizer, list[int], threading.Event]:
+    """A copy of `tokenizer` whose encode records the length of each text, then waits (up to hold_s) for the
+    returned event before encoding: a test can see where encoding runs and what it blocks meanwhile."""
+    held = copy.copy(tokenizer)
+    calls: list[int] = []
+    release = threading.Event()
+
+    def encode(text: str, add_special_tokens: bool = True) -> list[int]:
+        calls.append(len(text))
+        release.wait(hold_s)
+        return tokenizer.encode(text, add_special_tokens)
+    held.encode = encode
+    return held, calls, release
