@@ -16,6 +16,11 @@ from runner.sampling import GREEDY_TEMPERATURE, SamplingRow
 
 # vLLM's default `max_logprobs`: the most top log-probs one request may ask for per token.
 MAX_LOGPROBS = 20
+# Caps on the stop conditions (vLLM has none): each stop string costs the request's setup time and memory, each
+# stop id a slot in the sampler's banned-id table while min_tokens holds; far above what a real request sends.
+MAX_STOP_STRINGS = 128
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 1024
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -29,6 +34,8 @@ class SamplingParams:
     means up to the model's context. min_tokens: no stop (EOS, stop ids, stop strings) can end a completion
     before this many tokens have been generated; the first token that can stop it is token min_tokens + 1.
     logprobs: how many top log-probs to report per generated token (None: none, 0: only the sampled token's).
+    Limits: at most MAX_STOP_STRINGS stop strings of at most MAX_STOP_STRING_CHARS characters each, at most
+    MAX_STOP_TOKEN_IDS stop_token_ids; duplicates in either list are dropped.
     spaces_between_special_tokens: accepted for compatibility and has no effect; the tokenizer.json decoder
     decides spacing (as in transformers' fast tokenizers, which ignore the flag as well).
     """
@@ -111,15 +118,23 @@ def _integer(value: Any, name: str, minimum: int | None = None) -> int:
 
 def _stop_strings(stop: str | Iterable[str] | None) -> list[str]:
     entries = [] if stop is None else [stop] if isinstance(stop, str) else _as_list(stop, "stop")
+    if len(entries) > MAX_STOP_STRINGS:
+        raise ValueError(f"stop has {len(entries)} strings, more than the limit of {MAX_STOP_STRINGS}")
     for entry in entries:
         if not isinstance(entry, str) or not entry:
             raise ValueError(f"stop entries must be non-empty strings, got {entry!r}")
-    return entries
+        if len(entry) > MAX_STOP_STRING_CHARS:
+            raise ValueError(f"a stop string of {len(entry)} characters exceeds the limit of "
+                             f"{MAX_STOP_STRING_CHARS} characters")
+    return list(dict.fromkeys(entries))
 
 
 def _token_ids(ids: Iterable[int] | None) -> list[int]:
     entries = [] if ids is None else _as_list(ids, "stop_token_ids")
-    return [_integer(token_id, "stop_token_ids entry", minimum=0) for token_id in entries]
+    if len(entries) > MAX_STOP_TOKEN_IDS:
+        raise ValueError(f"stop_token_ids has {len(entries)} entries, more than the limit of {MAX_STOP_TOKEN_IDS}")
+    # Duplicates would only lengthen the banned-id rows the sampler gets each step while min_tokens holds.
+    return list(dict.fromkeys(_integer(token_id, "stop_token_ids entry", minimum=0) for token_id in entries))
 
 
 def _as_list(value: Any, name: str) -> list[Any]:

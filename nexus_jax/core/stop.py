@@ -25,7 +25,9 @@ is therefore always a prefix of the final text; with it nothing is held back, si
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
@@ -111,14 +113,18 @@ class StopChecker:
 
 
 class StopStringScanner:
-    """Finds stop strings in text arriving in pieces and decides which text may be emitted so far."""
+    """Finds stop strings in text arriving in pieces and decides which text may be emitted so far.
+
+    The strings' Aho-Corasick automaton (shared by every scanner of the same strings) carries the match state from
+    piece to piece, so a piece costs time in its own length, however many and however long the strings are.
+    """
 
     def __init__(self, stop: Sequence[str], include_in_output: bool) -> None:
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"stop strings must be non-empty strings, got {list(stop)!r}")
-        self._stop = list(stop)
+        self._automaton = _automaton(tuple(stop))
         self._include = include_in_output
-        self._longest = max(map(len, self._stop), default=0)
+        self._node = 0
         # The longest suffix of the text so far that is a proper prefix of a stop string: any match that ends
         # in later text starts inside it. Without include_in_output it is also the text held back.
         self._tail = ""
@@ -131,26 +137,58 @@ class StopStringScanner:
         """
         text = self._tail + delta
         sent = len(self._tail) if self._include else 0  # text[:sent] has been emitted already
-        match = self._first_match(text, after=len(self._tail)) if can_stop else None
-        if match is not None:
-            stop, start = match
-            return text[sent:start + len(stop) if self._include else start], stop
-        self._tail = self._partial_suffix(text)
+        a, node = self._automaton, self._node
+        for i, char in enumerate(delta):
+            while node and char not in a.goto[node]:
+                node = a.fail[node]
+            node = a.goto[node].get(char, 0)
+            stop = a.match[node]
+            if can_stop and stop is not None:  # the first to complete; of those, the longest (it starts first)
+                end = len(self._tail) + i + 1
+                return text[sent:end if self._include else end - len(stop)], stop
+        self._node = node
+        self._tail = text[len(text) - a.hold[node]:] if a.hold[node] else ""
         held = 0 if final or self._include else len(self._tail)
         return text[sent:len(text) - held], None
 
-    def _first_match(self, text: str, after: int) -> tuple[str, int] | None:
-        """The stop string occurrence ending first (then starting first) among those ending past `after`."""
-        best: tuple[int, int, str] | None = None
-        for stop in self._stop:
-            start = text.find(stop, max(0, after - len(stop) + 1))
-            if start >= 0 and (best is None or (start + len(stop), start) < best[:2]):
-                best = (start + len(stop), start, stop)
-        return None if best is None else (best[2], best[1])
 
-    def _partial_suffix(self, text: str) -> str:
-        for length in range(min(len(text), self._longest - 1), 0, -1):
-            suffix = text[-length:]
-            if any(len(stop) > length and stop.startswith(suffix) for stop in self._stop):
-                return suffix
-        return ""
+@dataclasses.dataclass
+class _Automaton:
+    """Aho-Corasick over stop strings; node 0 is the empty prefix. Per node: goto (its children by character),
+    fail (the node of its longest proper suffix that is a prefix too), match (the longest string ending here),
+    hold (the length of its longest suffix that is a proper prefix of a string: the text to hold back)."""
+    goto: list[dict[str, int]]
+    fail: list[int]
+    match: list[str | None]
+    hold: list[int]
+
+
+@functools.lru_cache(maxsize=32)  # the n completions of a request, and requests sending the same list, share one
+def _automaton(stops: tuple[str, ...]) -> _Automaton:
+    goto: list[dict[str, int]] = [{}]
+    depth, match = [0], [None]
+    for stop in stops:
+        node = 0
+        for char in stop:
+            if char not in goto[node]:
+                goto[node][char] = len(goto)
+                goto.append({})
+                depth.append(depth[node] + 1)
+                match.append(None)
+            node = goto[node][char]
+        match[node] = stop
+    fail, hold = [0] * len(goto), [0] * len(goto)
+    queue = collections.deque([0])
+    while queue:  # breadth first: a node's fail node is shallower, so it is complete when the node needs it
+        node = queue.popleft()
+        if node:
+            match[node] = match[node] or match[fail[node]]
+            hold[node] = depth[node] if goto[node] else hold[fail[node]]
+        for char, child in goto[node].items():
+            if node:
+                f = fail[node]
+                while f and char not in goto[f]:
+                    f = fail[f]
+                fail[child] = goto[f].get(char, 0)
+            queue.append(child)
+    return _Automaton(goto, fail, match, hold)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from nexus_jax.core.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from nexus_jax.core.sampling_params import SamplingParams
+from nexus_jax.core.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS, SamplingParams
 from runner.sampling import SamplingRow, SamplingTensors, sample
 
 VLLM_DEFAULTS = dict(n=1, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, seed=None, stop=[], stop_token_ids=[],
@@ -182,3 +182,19 @@ def test_outputs():
     assert output.outputs[1].stop_reason == 2 and output.metrics.arrival_time == 0.0
     with pytest.raises(ValueError, match="finish_reason.*'eos'"):
         CompletionOutput(0, "", [], None, None, finish_reason="eos")
+
+
+def test_stop_lists_are_capped_and_deduplicated():
+    with pytest.raises(ValueError, match=f"stop has {MAX_STOP_STRINGS + 1} strings, more than the limit of"):
+        SamplingParams(stop=[str(i) for i in range(MAX_STOP_STRINGS + 1)])
+    with pytest.raises(ValueError, match=f"{MAX_STOP_STRING_CHARS + 1} characters exceeds the limit of "
+                                         f"{MAX_STOP_STRING_CHARS}"):
+        SamplingParams(stop=["ok", "x" * (MAX_STOP_STRING_CHARS + 1)])
+    with pytest.raises(ValueError, match=f"stop_token_ids has {MAX_STOP_TOKEN_IDS + 1} entries, more than the "
+                                         f"limit of {MAX_STOP_TOKEN_IDS}"):
+        SamplingParams(stop_token_ids=[7] * (MAX_STOP_TOKEN_IDS + 1))
+    at_caps = SamplingParams(stop=["x" * MAX_STOP_STRING_CHARS] + [str(i) for i in range(MAX_STOP_STRINGS - 1)],
+                             stop_token_ids=list(range(MAX_STOP_TOKEN_IDS)))
+    assert len(at_caps.stop) == MAX_STOP_STRINGS and len(at_caps.stop_token_ids) == MAX_STOP_TOKEN_IDS
+    dup = SamplingParams(stop=["b", "a", "b"], stop_token_ids=[5, 3, 5, 5, np.int64(3)])
+    assert dup.stop == ["b", "a"] and dup.stop_token_ids == [5, 3]

@@ -1,10 +1,11 @@
 """StopChecker: EOS / stop ids / stop strings / length, min_tokens, text truncation and streaming holdback."""
 
 import random
+import time
 
 import pytest
 
-from nexus_jax.core.sampling_params import SamplingParams
+from nexus_jax.core.sampling_params import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, SamplingParams
 from nexus_jax.core.stop import StopChecker, StopStringScanner
 from nexus_jax.core.tokenizer import IncrementalDetokenizer, Tokenizer
 from runner.model.default_model import default_model_dir
@@ -262,3 +263,30 @@ def test_with_real_detokenizer(tokenizer, skip):
                           IncrementalDetokenizer(tokenizer, skip_special_tokens=skip), tokenizer.eos_token_ids)
     emitted = "".join(checker.step(t).text for t in cut + [eos])
     assert emitted == tokenizer.decode(cut) and checker.finish_reason == "stop"
+
+
+def test_stop_matching_costs_the_new_text_not_the_stop_strings():
+    """The most and longest stop strings SamplingParams allows, each almost matching the text: a piece of new
+    text must cost about as much as with one short string (scanning every string for every token made an
+    attacker's list stall the engine for everyone)."""
+    rng = random.Random(5)
+    longest = MAX_STOP_STRING_CHARS
+    stops = ["a" * (longest - 8 - rng.randrange(longest // 2)) + chr(98 + i % 20) + "x" * (i // 20)
+             for i in range(MAX_STOP_STRINGS)]
+    params = SamplingParams(stop=stops)
+    assert len(params.stop) == MAX_STOP_STRINGS and max(map(len, params.stop)) <= longest
+
+    def seconds(scanner, pieces=2000):
+        started = time.perf_counter()
+        for _ in range(pieces):
+            text, stop = scanner.feed("aa")
+            assert stop is None
+        return time.perf_counter() - started
+    StopStringScanner(params.stop, include_in_output=False)  # built once, as one request's n scanners share it
+    heavy = min(seconds(StopStringScanner(params.stop, include_in_output=False)) for _ in range(3))
+    light = min(seconds(StopStringScanner(["zz"], include_in_output=False)) for _ in range(3))
+    assert heavy < 5 * light + 0.02, (heavy, light)
+    scanner = StopStringScanner(params.stop, include_in_output=False)
+    held = max(len(s.rstrip("x")) - 1 for s in stops)  # the longest run of "a" some string starts with
+    assert scanner.feed("a" * 600) == ("a" * (600 - held), None)
+    assert scanner.feed("c") == ("a" * (held - len(stops[1]) + 1), stops[1])

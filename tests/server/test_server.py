@@ -103,7 +103,10 @@ def test_bad_input_is_invalid_argument_and_serving_goes_on():
             for prompt, kw, reason in (([1], {"top_p": 2.0}, "top_p"), ([], {}, "prompt is empty"),
                                        ([VOCAB + 3], {}, "outside the vocabulary"),
                                        ([1, 2], {"max_tokens": 600}, "context"),
-                                       ("text", {}, "tokenizer")):
+                                       ("text", {}, "tokenizer"),
+                                       ([1], {"stop_token_ids": [1] * 1025}, "more than the limit of 1024"),
+                                       ([1], {"stop": ["x"] * 129}, "more than the limit of 128"),
+                                       ([1], {"stop": ["x" * 257]}, "exceeds the limit of 256 characters")):
                 with pytest.raises(grpc.aio.AioRpcError) as e:
                     await collect(client, prompt, **kw)
                 assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (prompt, kw)
