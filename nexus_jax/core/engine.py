@@ -141,6 +141,8 @@ class LLMEngine:
             raise ValueError(f"stop_token_ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
         metrics = RequestMetrics(time.monotonic() if arrival_time is None else arrival_time)
         drawn = self._rng.getrandbits(31)
+        eos = () if params.ignore_eos else self.eos_token_ids
+        banned = list(dict.fromkeys([*eos, *params.stop_token_ids])) if params.min_tokens else []
         seqs: list[Request] = []
         for i in range(params.n):
             child = params.clone_for_child(i, drawn)
@@ -154,7 +156,7 @@ class LLMEngine:
                           thread_id=thread_id if params.n == 1 else f"{thread_id}#{i}",
                           logprobs=[] if child.logprobs is not None else None,
                           cumulative_logprob=0.0 if child.logprobs is not None else None,
-                          waits_for=seqs[0] if i else None)
+                          waits_for=seqs[0] if i else None, banned_ids=banned)
             seqs.append(seq)
         return RequestGroup(request_id, text, ids, seqs, stream)
 
@@ -311,8 +313,7 @@ class LLMEngine:
         """Until min_tokens are out, EOS and the stop ids are not sampled at all (vLLM's behaviour)."""
         if len(seq.output_token_ids) + seq.num_pending >= seq.params.min_tokens:
             return []
-        eos = () if seq.params.ignore_eos else self.eos_token_ids
-        return [*eos, *seq.params.stop_token_ids]
+        return seq.banned_ids
 
     def _append(self, seq: Request, token: int, result: Any, row: int, now: float) -> None:
         seq.append_token(token)

@@ -49,6 +49,9 @@ class Request:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    # The ids it may not sample until min_tokens are out (EOS and stop ids, once each): built once, since the
+    # engine hands it to every step in that stretch.
+    banned_ids: list[int] = field(default_factory=list)
     # Set while another sequence computes the shared prompt; this one then starts from the prefix cache.
     waits_for: "Request | None" = None
     # Prompt then output, kept as one list because the scheduler and block manager read it every step.

@@ -255,6 +255,20 @@ def test_each_plan_reaches_the_executor_as_one_typed_step():
     assert any(step.num_steps > 1 for step in steps)
 
 
+def test_banned_ids_are_built_once_per_request_without_duplicates():
+    """The rows of ids banned until min_tokens: one list per sequence, not one per sequence per step."""
+    engine = make_engine(eos=(40,))
+    steps = []
+    real = engine.executor.dispatch
+    engine.executor.dispatch = lambda step: steps.append(step) or real(step)
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=8, min_tokens=5, stop_token_ids=[33, 40, 33, 7])
+    engine.add_request("r", {"prompt_token_ids": [30]}, params)
+    run_all(engine)
+    rows = [row for step in steps for row in step.banned or () if row]
+    assert len(rows) >= 8 and all(row == [40, 33, 7] for row in rows)
+    assert len({id(row) for row in rows}) == 1  # both completions share the request's list
+
+
 def test_multi_step_waits_while_requests_could_be_admitted():
     engine = make_engine(num_scheduler_steps=8, max_num_seqs=4)
     steps = []
