@@ -3,8 +3,9 @@
 The engine runs on its own thread (a device step blocks for milliseconds, which must not stall the event loop).
 Requests are validated on the caller's thread (text prompts on a worker thread: encoding a long text would stall
 the event loop), so bad input raises right at `generate`, then handed to the engine thread through an inbox;
-outputs travel back through each request's asyncio queue. A consumer that stops iterating (break, cancellation, a
-dropped client) aborts its request, which frees its KV blocks.
+outputs travel back through each request's `_Latest`, which keeps only the newest (each output holds all before
+it), so a consumer that lags behind holds one output, not one per step. A consumer that stops iterating (break,
+cancellation, a dropped client) aborts its request, which frees its KV blocks.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class AsyncLLM:
         self.engine = engine
         # ("add", group), ("abort", request_id) or ("call", (fn, loop, future))
         self._inbox: collections.deque = collections.deque()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, _Latest]] = {}
         self._lock = threading.Lock()   # guards _streams
         self._wake = threading.Event()
         self._stopped = False
@@ -58,7 +59,7 @@ class AsyncLLM:
                                     priority=priority, stream=True, program_id=program_id, thread_id=thread_id)
         # Encoding text takes as long as the text is long; on a worker thread it stalls no other request.
         group = await asyncio.to_thread(prepare) if _needs_encoding(prompt) else prepare()
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = _Latest()
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already in use")
@@ -136,7 +137,7 @@ class AsyncLLM:
             streams, self._streams = self._streams, {}
         dead = EngineDeadError(f"engine stopped: {self.dead_error!r}")
         for loop, queue in streams.values():
-            _post(loop, queue.put_nowait, dead)
+            _post(loop, queue.put, dead)
         while self._inbox:  # calls sent as the thread stopped would otherwise wait forever
             kind, arg = self._inbox.popleft()
             if kind == "call":
@@ -146,11 +147,40 @@ class AsyncLLM:
     def _deliver(self, request_id: str, item: Any, last: bool) -> None:
         with self._lock:
             stream = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
-        if stream is not None and not _post(stream[0], stream[1].put_nowait, item) and not last:
+        if stream is not None and not _post(stream[0], stream[1].put, item) and not last:
             # The consumer's event loop closed without ending the stream: nobody reads it any more.
             with self._lock:
                 self._streams.pop(request_id, None)
             self._inbox.append(("abort", request_id))
+
+
+class _Latest:
+    """One request's way from the engine thread to its reader, on the reader's event loop. Outputs are cumulative,
+    so a newer one replaces one not yet read: a reader that lags (a client that stopped reading) costs one output's
+    memory, and reads the progress it missed in one piece. An error is read after the output before it."""
+
+    def __init__(self) -> None:
+        self._output: RequestOutput | None = None
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        if isinstance(item, BaseException):
+            self._error = item
+        else:
+            self._output = item
+        self._ready.set()
+
+    async def get(self) -> RequestOutput | BaseException:
+        await self._ready.wait()
+        item: RequestOutput | BaseException | None
+        if self._output is not None:
+            item, self._output = self._output, None
+        else:
+            item, self._error = self._error, None
+        if self._output is None and self._error is None:
+            self._ready.clear()
+        return item
 
 
 def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> bool:

@@ -7,7 +7,7 @@ import pytest
 from nexus_jax import LLM, AsyncLLM, SamplingParams
 from nexus_jax.testing.engines import expected, make_engine
 from nexus_jax.testing.runs import greedy
-from nexus_jax.testing.streams import collect
+from nexus_jax.testing.streams import collect, wait_until
 from runner.generate import generate
 from runner.model.loader import load_model
 from runner.model_runner import ModelRunner
@@ -75,6 +75,31 @@ def test_a_closed_client_loop_aborts_its_requests_and_the_engine_keeps_serving()
         tokens, _, reason = run(collect(llm, {"prompt_token_ids": [5, 6]}, greedy(4), request_id="after"))
         assert tokens == expected([5, 6], 4) and reason == "length"
         del kept
+    finally:
+        llm.shutdown()
+
+
+@pytest.mark.parametrize("delta", [True, False])
+def test_a_reader_that_lags_holds_one_merged_output(delta):
+    """Outputs are cumulative, so one not read yet is replaced by the next: a stream nobody reads holds one
+    output (not a full copy per step), and its reader then gets the missed progress in one piece."""
+    engine = make_engine()
+    llm = AsyncLLM(engine)
+    try:
+        async def main():
+            stream = llm.generate({"prompt_token_ids": [1]}, SamplingParams(n=3, temperature=0.0, max_tokens=300),
+                                  request_id="slow", delta=delta)
+            first = await stream.__anext__()
+            seen = [len(c.token_ids) for c in first.outputs]
+            assert await wait_until(lambda: not engine.groups, 10)  # the engine ran to the end meanwhile
+            rest = [out async for out in stream]
+            assert len(rest) == 1 and rest[0].finished
+            got = [len(c.token_ids) for c in rest[0].outputs]
+            assert (got if delta else [g - s for g, s in zip(got, seen)]) == [300 - s for s in seen]
+            whole = [(c.token_ids if not delta else f.token_ids + c.token_ids)
+                     for f, c in zip(first.outputs, rest[0].outputs)]
+            assert whole == [expected([1], 300)] * 3
+        run(main())
     finally:
         llm.shutdown()
 
