@@ -63,7 +63,8 @@ def server_options(args: argparse.Namespace) -> ServerOptions:
                          auth_token=args.auth_token or os.environ.get(TOKEN_ENV) or None,
                          tls_cert=args.tls_cert, tls_key=args.tls_key, grace_s=args.grace,
                          model_name=args.model or "embedded-default", max_prompt_tokens=args.max_prompt_tokens,
-                         max_tokens_limit=args.max_tokens_limit, max_n=args.max_n, max_sessions=args.max_sessions)
+                         max_tokens_limit=args.max_tokens_limit, max_n=args.max_n, max_sessions=args.max_sessions,
+                         write_timeout_s=args.write_timeout or None)
 
 
 def replica_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -201,6 +202,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--tls-cert", default=None)
     s.add_argument("--tls-key", default=None)
     s.add_argument("--grace", type=float, default=10.0, help="seconds open streams may finish at shutdown")
+    s.add_argument("--write-timeout", type=float, default=30.0,
+                   help="seconds a Generate stream may go unread before it is ended and its request aborted "
+                        "(0: never; default 30)")
     s.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
     s.add_argument("--replicas", type=_int_at_least(1), default=1,
                    help="engine replicas behind one router (default 1: one engine, no router)")

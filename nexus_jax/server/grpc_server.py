@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import logging
 import time
 import uuid
 from typing import Any
@@ -42,6 +43,7 @@ RETRY_AFTER_KEY = "retry-after-ms"
 _SCALAR_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos", "min_tokens", "n",
                   "logprobs", "skip_special_tokens", "include_stop_str_in_output")
 _DEFAULT_MAX_TOKENS = SamplingParams().max_tokens
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +62,9 @@ class ServerOptions:
     max_tokens_limit: int | None = None      # cap on a request's max_tokens; None: what the context leaves
     max_n: int = 16                          # cap on a request's n (completions)
     max_sessions: int = 10000                # open sessions beyond this get RESOURCE_EXHAUSTED
+    # A Generate stream whose client reads nothing for this long (its flow-control window stays full) is ended
+    # with DEADLINE_EXCEEDED, its request aborted and its admission slot freed; None: never.
+    write_timeout_s: float | None = 30.0
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -69,6 +74,10 @@ class ServerOptions:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        timeout = self.write_timeout_s
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not 0 < timeout < float("inf")):
+            raise ValueError(f"write_timeout_s must be positive seconds or None, got {timeout!r}")
 
 
 def sampling_params(msg: pb.SamplingParams, max_tokens_limit: int | None = None) -> SamplingParams:
@@ -148,6 +157,13 @@ class NexusServicer(pb_grpc.NexusServicer):
         finally:
             self.streams.discard(rid)
             await stream.aclose()  # a stream left early (cancel, deadline, disconnect) aborts its request here
+        if failure is not None and failure[0] == grpc.StatusCode.DEADLINE_EXCEEDED:
+            # The timed-out write is still queued in gRPC's core, which then refuses abort()'s status; the status
+            # set here goes out after it, should the client read again.
+            log.warning("request %.64s: %s", rid, failure[1])
+            context.set_code(failure[0])
+            context.set_details(failure[1])
+            return
         if failure is not None:
             await context.abort(*failure)
 
@@ -174,22 +190,32 @@ class NexusServicer(pb_grpc.NexusServicer):
                     if c.logprobs:
                         logprobs.setdefault(c.index, []).extend(c.logprobs[:len(c.token_ids)])
                     if c.token_ids or c.text:
-                        await context.write(pb.GenerateResponse(request_id=rid, chunk=pb.Chunk(
+                        await self._write(context, pb.GenerateResponse(request_id=rid, chunk=pb.Chunk(
                             index=c.index, token_ids=c.token_ids, text=c.text)))
                 if out.finished:  # out holds the last deltas; the metrics count whole completions
                     self.metrics.observe(dataclasses.replace(out, outputs=[
                         dataclasses.replace(c, token_ids=ids[c.index]) for c in out.outputs]))
                     if out.error is not None:
-                        await context.write(pb.GenerateResponse(request_id=rid, error=pb.Error(message=out.error)))
+                        await self._write(context, pb.GenerateResponse(request_id=rid,
+                                                                       error=pb.Error(message=out.error)))
                         return None
                     for c in out.outputs:
-                        await context.write(pb.GenerateResponse(request_id=rid, complete=_complete(
+                        await self._write(context, pb.GenerateResponse(request_id=rid, complete=_complete(
                             request, out, c, ids[c.index], "".join(texts[c.index]), logprobs.get(c.index))))
         except (ValueError, TypeError) as e:  # validation runs on the stream's first step
             return grpc.StatusCode.INVALID_ARGUMENT, str(e)
         except EngineDeadError as e:
             return grpc.StatusCode.UNAVAILABLE, str(e)
+        except TimeoutError:
+            return (grpc.StatusCode.DEADLINE_EXCEEDED, f"the client read nothing for "
+                    f"{self.options.write_timeout_s} s (the server's write_timeout_s); the request was aborted")
         return None
+
+    async def _write(self, context: grpc.aio.ServicerContext, response: pb.GenerateResponse) -> None:
+        """context.write, given up after write_timeout_s: a client that stops reading must not hold its request
+        and admission slot until it disconnects."""
+        async with asyncio.timeout(self.options.write_timeout_s):  # no task per write, unlike wait_for
+            await context.write(response)
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         found = request.request_id in self.streams

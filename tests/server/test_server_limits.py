@@ -13,8 +13,10 @@ from nexus_jax.cli.service import register, server_options
 from nexus_jax.server.client import request
 from nexus_jax.server.grpc_server import RETRY_AFTER_KEY, SERVICE_NAME, ServerOptions
 from nexus_jax.server.proto import nexus_pb2 as pb
+from nexus_jax.server.proto import nexus_pb2_grpc as pb_grpc
 from nexus_jax.testing.engines import program_table
 from nexus_jax.testing.serving import collect, engine_idle, rejected, server_engine, serving
+from nexus_jax.testing.streams import wait_until
 
 # 127.0.0.1 as /proc/net/tcp writes it, and as tcp6 writes it mapped to IPv6 (::ffff:127.0.0.1), and ::1.
 LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
@@ -44,7 +46,11 @@ def test_loopback_by_default_and_serve_flags():
         ["serve", "--max-prompt-tokens", str(limits[0]), "--max-tokens-limit", str(limits[1]),
          "--max-n", str(limits[2]), "--max-sessions", str(limits[3])]))
     assert [options.max_prompt_tokens, options.max_tokens_limit, options.max_n, options.max_sessions] == limits
-    for bad in ({"max_n": 0}, {"max_prompt_tokens": -3}, {"max_tokens_limit": 2.5}, {"max_sessions": True}):
+    assert options.write_timeout_s == 30.0
+    for flag, value in (("2.5", 2.5), ("0", None)):
+        assert server_options(parser.parse_args(["serve", "--write-timeout", flag])).write_timeout_s == value
+    for bad in ({"max_n": 0}, {"max_prompt_tokens": -3}, {"max_tokens_limit": 2.5}, {"max_sessions": True},
+                {"write_timeout_s": -1.0}, {"write_timeout_s": float("inf")}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ServerOptions(**bad)
 
@@ -80,7 +86,7 @@ def test_request_limits_are_invalid_argument_naming_the_limit(tokenizer):
     async def main():
         async with serving(server_engine(tokenizer=tokenizer), max_prompt_tokens=max_prompt,
                            max_tokens_limit=max_tokens, max_n=max_n) as (_, client):
-            long_text = " ".join(["word"] * 40)
+            long_text = " ".join(["w"] * 40)  # short enough for the length check, too many tokens
             over = [([1] * (max_prompt + random.randint(1, 5)), {}, "max_prompt_tokens"),
                     (long_text, {}, "max_prompt_tokens"),
                     ([1], {"max_tokens": max_tokens + random.randint(1, 100)}, "max_tokens_limit"),
@@ -195,3 +201,34 @@ def test_session_limit_is_resource_exhausted():
             await client.start_session()
             assert (await client.server_info()).num_sessions == limit
     asyncio.run(main())
+
+
+def test_a_stream_nobody_reads_is_ended_after_the_write_timeout_and_frees_its_slot():
+    """A client that sends a request and never reads: once its flow-control window is full, the server's writes
+    wait; after write_timeout_s the stream ends, its request is aborted and its admission slot is free again."""
+    timeout = 1.0
+
+    async def main():
+        engine = server_engine(delay=0.001)
+        async with serving(engine, max_in_flight=1, write_timeout_s=timeout) as (server, client):
+            # No BDP probing: the window stays at 64 KiB, which the ~4 KiB chunks (the id is echoed) soon fill.
+            idle = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=[("grpc.http2.bdp_probe", 0)])
+            try:
+                call = pb_grpc.NexusStub(idle).Generate(request([1], request_id="r" * 4000, max_tokens=500, n=4))
+                assert await wait_until(lambda: server.servicer.streams, 5)
+                e = await rejected(collect(client, [3], max_tokens=2))
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # the unread stream holds the one slot
+                assert await wait_until(lambda: not server.servicer.streams, 5 + timeout)
+                assert await engine_idle(engine)
+                _, (done,) = await collect(client, [3], max_tokens=2)
+                assert done.finish_reason == "length"
+                e = await rejected(_drain(call))  # what was sent before the timeout, then the status
+                assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "write_timeout_s" in e.details()
+            finally:
+                await idle.close()
+    asyncio.run(main())
+
+
+async def _drain(call) -> None:
+    async for _ in call:
+        pass
