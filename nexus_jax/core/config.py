@@ -16,6 +16,7 @@ from runner.model.config import DTYPE_NAMES
 KERNEL_IMPLS = (None, "pallas", "interpret", "xla")
 DISAGGREGATION_MODES = ("off", "auto", "on")
 PREEMPTION_MODES = ("recompute", "swap")
+PREFILL_ORDER_CHOICES = ("auto", "arrival", "spf")
 
 MODEL_AND_CACHE = "model and cache"
 SCHEDULING = "scheduling"
@@ -71,6 +72,12 @@ class EngineConfig:
     async_scheduling: bool = _option(
         True, SCHEDULING, "plan and dispatch step n+1 while step n runs, its sampled tokens fed on the device "
                            "(aggregated mode, single-step plans); off: the synchronous loop")
+    # Nexus's shortest-prompt-first with aging is a queueing gain of its own: as a switch in both modes, so that
+    # an ablation (order x SM split) measures it apart from the split.
+    prefill_order: str = _option(
+        "auto", SCHEDULING, "order of prompts: arrival (policy order), spf (shortest remaining prompt first, aged by "
+                            "prefill_aging), auto (spf in the disaggregated mode, arrival otherwise)",
+        choices=PREFILL_ORDER_CHOICES)
     scheduling_policy: str = _option("fcfs", SCHEDULING, "fcfs, priority, or program-aware: mlfq, plas, atlas",
                                      choices=SCHEDULING_POLICIES)
     # How a running request gives up its KV blocks: "recompute" frees them; "swap" copies them to host memory
@@ -95,7 +102,7 @@ class EngineConfig:
     slo_ttft: float = _option(2.0, DISAGGREGATION, "seconds: time to first token the partition controller aims for")
     slo_tbt: float = _option(0.05, DISAGGREGATION, "seconds: time between tokens the partition controller aims for")
     prefill_aging: float = _option(
-        15.0, DISAGGREGATION, "prefill order: remaining prompt tokens - this * seconds waited")
+        15.0, SCHEDULING, "prefill_order spf: remaining prompt tokens - this * seconds waited")
     cost_model_path: str | None = _option(
         None, DISAGGREGATION, "profiled latency table of `nexus-jax profile` (default: found by GPU name)")
 
@@ -139,6 +146,9 @@ class EngineConfig:
             raise ValueError(f"prefill_aging must be >= 0, got {self.prefill_aging!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.prefill_order not in PREFILL_ORDER_CHOICES:
+            raise ValueError(f"prefill_order must be one of {', '.join(PREFILL_ORDER_CHOICES)}, "
+                             f"got {self.prefill_order!r}")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, "
                              f"got {self.preemption_mode!r}")

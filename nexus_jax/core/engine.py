@@ -47,6 +47,7 @@ class _Flight:
 
 class LLMEngine:
     overlaps = True  # the disaggregated engine runs its own loop
+    auto_prefill_order = "arrival"  # what EngineConfig.prefill_order "auto" means here
 
     def __init__(self, config: EngineConfig, executor: Executor, tokenizer: Tokenizer | None, *,
                  max_model_len: int, vocab_size: int, eos_token_ids: Sequence[int] = ()):
@@ -75,7 +76,11 @@ class LLMEngine:
         return Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
                          max_num_batched_tokens=config.max_num_batched_tokens, policy=config.scheduling_policy,
                          num_scheduler_steps=config.num_scheduler_steps, max_prefill_seqs=config.max_prefill_seqs,
-                         swap_space=swap_space, program_config=program_config(config))
+                         swap_space=swap_space, program_config=program_config(config),
+                         prefill_order=self.prefill_order(config), prefill_aging=config.prefill_aging)
+
+    def prefill_order(self, config: EngineConfig) -> str:
+        return self.auto_prefill_order if config.prefill_order == "auto" else config.prefill_order
 
     @staticmethod
     def _swap_space(config: EngineConfig, executor: Executor) -> SwapSpace:

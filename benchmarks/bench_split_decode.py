@@ -1,0 +1,127 @@
+"""Decode with a prefill co-running: the split's decode ITL against the aggregated engine's decode-only ITL.
+
+  PYTHONPATH=. python3 benchmarks/bench_split_decode.py MODE --out $OUT [--model llama-3.1-8b]
+
+MODE: agg (the in-process aggregated engine, overlapped loop), split (disaggregated, a fixed split: decode on the
+--ladder share, prefill on the rest, never aggregated), dynamic (disaggregated, the partition controller decides).
+One engine per process, so run the modes one after another (each writes split_decode_MODE.json under --out).
+
+Each mode runs the scenario twice, the first time only to compile its step shapes (same buckets, fewer prefills):
+1. `--batch` requests with `--context`-token prompts are prefilled; once all have their first token, a decode-only
+   window runs for `--window` steps;
+2. then `--prefills` prompts of `--prefill-len` tokens (one output token each) arrive at once, and the co-run window
+   lasts until the last of them has its token; the decode requests are then aborted.
+Reports, per window, the decode requests' ITL (median, p90, p99: gaps between consecutive tokens both inside the
+window), decode tokens/s, and in the co-run window the prefill tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the disaggregated workers share the GPU
+
+import numpy as np  # noqa: E402
+
+from nexus_jax import LLM, SamplingParams  # noqa: E402
+
+MODES = {
+    "agg": {},
+    "split": {"disaggregation": "auto", "aggregate_when_safe": False},
+    "dynamic": {"disaggregation": "auto"},
+}
+
+
+def window_stats(seqs: list, t0: float, t1: float) -> dict:
+    gaps = [b - a for s in seqs for a, b in zip(s.metrics.token_times, s.metrics.token_times[1:])
+            if a >= t0 and b <= t1]
+    tokens = sum(1 for s in seqs for t in s.metrics.token_times if t0 <= t <= t1)
+    if not gaps:
+        return {"steps": 0}
+    return {"itl_median_ms": 1e3 * statistics.median(gaps), "itl_p90_ms": 1e3 * float(np.percentile(gaps, 90)),
+            "itl_p99_ms": 1e3 * float(np.percentile(gaps, 99)), "decode_tok_per_s": tokens / (t1 - t0),
+            "seconds": t1 - t0, "gaps": len(gaps)}
+
+
+def scenario(engine, args, tag: str, num_prefills: int) -> dict:
+    rng = np.random.default_rng(0)
+    vocab = engine.vocab_size
+    decode = SamplingParams(max_tokens=100_000 if args.context + 100_000 <= engine.max_model_len else
+                            engine.max_model_len - args.context - 1, ignore_eos=True)
+    seqs = []
+    for i in range(args.batch):
+        rid = f"{tag}-d{i}"
+        engine.add_request(rid, {"prompt_token_ids": rng.integers(3, vocab, args.context).tolist()}, decode)
+        seqs.append(engine.groups[rid].seqs[0])
+    while not all(s.output_token_ids for s in seqs):
+        engine.step()
+    t0 = time.monotonic()
+    start_tokens = sum(len(s.output_token_ids) for s in seqs)
+    while sum(len(s.output_token_ids) for s in seqs) < start_tokens + args.window * args.batch:
+        engine.step()
+    t1 = time.monotonic()
+    prefills = []
+    one = SamplingParams(max_tokens=1, ignore_eos=True)
+    for i in range(num_prefills):
+        rid = f"{tag}-p{i}"
+        engine.add_request(rid, {"prompt_token_ids": rng.integers(3, vocab, args.prefill_len).tolist()}, one)
+        prefills.append(engine.groups[rid].seqs[0])
+    while not all(p.is_finished for p in prefills):
+        engine.step()
+    t2 = time.monotonic()
+    for s in seqs:
+        engine.abort_request(s.group_id)
+    while engine.has_unfinished_requests():
+        engine.step()
+    co_run = window_stats(seqs, t1, t2)
+    co_run["prefill_tok_per_s"] = num_prefills * args.prefill_len / (t2 - t1)
+    return {"decode_only": window_stats(seqs, t0, t1), "co_run": co_run}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("mode", choices=sorted(MODES))
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--model", default="llama-3.1-8b", help="preset, checkpoint, or 'tiny' (the embedded model)")
+    ap.add_argument("--disaggregation", default="auto", help="of the split modes; 'on' runs workers without MPS")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--window", type=int, default=100)
+    ap.add_argument("--prefills", type=int, default=16)
+    ap.add_argument("--prefill-len", type=int, default=4096)
+    ap.add_argument("--budget", type=int, default=2048, help="max_num_batched_tokens (chunk of a prefill step)")
+    ap.add_argument("--ladder", default="50", help="decode SM shares of the disaggregated modes")
+    ap.add_argument("--cache", default="/tmp/nexus-jax-cc", help="compilation cache directory")
+    args = ap.parse_args()
+    mode = {k: args.disaggregation if k == "disaggregation" else v for k, v in MODES[args.mode].items()}
+    settings = dict(mode, max_num_batched_tokens=args.budget, max_num_seqs=max(64, args.batch),
+                    max_model_len=8192 if args.model != "tiny" else 2048, compilation_cache_dir=args.cache, enable_prefix_caching=False,
+                    sm_ladder=tuple(int(s) for s in args.ladder.split(",")))
+    t = time.monotonic()
+    llm = LLM(None if args.model == "tiny" else args.model, **settings)
+    built = time.monotonic() - t
+    engine = llm.llm_engine
+    t = time.monotonic()
+    scenario(engine, args, "warm", max(2, args.prefills // 4))
+    warm = time.monotonic() - t
+    result = {"mode": args.mode, "settings": {k: v for k, v in settings.items() if k != "compilation_cache_dir"},
+              "args": vars(args), "build_s": built, "warm_s": warm, **scenario(engine, args, "run", args.prefills),
+              "engine": {k: v for k, v in engine.stats().items() if k in ("phase_steps", "pipelined_steps",
+                                                                           "controller", "sm_isolation")}}
+    llm.shutdown()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    Path(args.out, f"split_decode_{args.mode}.json").write_text(json.dumps(result, indent=1, default=str))
+    d, c = result["decode_only"], result["co_run"]
+    print(f"{args.mode}: decode-only ITL median {d.get('itl_median_ms', float('nan')):.2f} ms; with prefill "
+          f"co-running {c.get('itl_median_ms', float('nan')):.2f} ms (p99 {c.get('itl_p99_ms', float('nan')):.1f}), "
+          f"prefill {c['prefill_tok_per_s']:.0f} tok/s; built {built:.0f} s, warm-up {warm:.0f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
