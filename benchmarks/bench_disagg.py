@@ -61,7 +61,7 @@ def check_equality(model: str) -> dict:
     prompts = [[rng.randrange(10, 30000) for _ in range(rng.randint(5, 600))] for _ in range(24)]
     max_tokens = [rng.randint(4, 48) for _ in prompts]
     common = dict(dtype="float32", max_num_batched_tokens=512, num_kv_blocks=4096)
-    llm = LLM(model, disaggregation="auto", sm_ladder=(40,), num_scheduler_steps=4, **common)
+    llm = LLM(model, disaggregation="auto", sm_ladder=(40,), **common)  # decode pipelined on its worker
     engine = llm.llm_engine
     if not hasattr(engine, "pool"):
         raise SystemExit("the engine fell back to the aggregated mode (see the log)")
@@ -70,7 +70,7 @@ def check_equality(model: str) -> dict:
     for label, tbt in (("split", 1e-9), ("aggregate", 10.0)):
         engine.controller.slo = Slo(tbt=tbt)
         got[label] = staggered(engine, prompts, max_tokens, seed=int(tbt > 1))
-        result[label] = {"phase_steps": dict(engine.phase_steps)}
+        result[label] = {"phase_steps": dict(engine.phase_steps), "pipelined_steps": engine.pipelined_steps}
     llm.shutdown()
     ref_llm = LLM(model, **common)
     ref = [o.outputs[0].token_ids for o in ref_llm.generate(

@@ -13,6 +13,7 @@ The scheduler works on host state only and returns a plan; `update` folds the ex
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 
@@ -55,10 +56,24 @@ class SchedulerOutput:
         return sum(c.num_tokens for c in self.chunks)
 
 
+PREFILL_ORDERS = ("arrival", "spf")
+
+
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
                  policy: str = "fcfs", num_scheduler_steps: int = 1, program_config: ProgramConfig | None = None,
-                 max_prefill_seqs: int = 16, swap_space: SwapSpace | None = None):
+                 max_prefill_seqs: int = 16, swap_space: SwapSpace | None = None, prefill_order: str = "arrival",
+                 prefill_aging: float = 15.0):
+        """prefill_order: "arrival" admits and continues prompts in policy order; "spf" shortest remaining
+        prompt first with aging (Nexus), `remaining_prompt_tokens - prefill_aging * waited_seconds`, so short
+        prompts get their first token quickly and a long one's score falls until it runs: it cannot starve.
+        Program-aware policies rank first, that score breaking ties."""
+        if prefill_order not in PREFILL_ORDERS:
+            raise ValueError(f"prefill_order must be one of {', '.join(PREFILL_ORDERS)}, got {prefill_order!r}")
+        if not prefill_aging >= 0:
+            raise ValueError(f"prefill_aging must be >= 0, got {prefill_aging!r}")
+        self.prefill_order = prefill_order
+        self.prefill_aging = prefill_aging
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -70,10 +85,14 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.num_preemptions = 0
-        # Requests in a step that is still executing (disaggregated mode): they are neither planned again nor
-        # preempted, and if they finish meanwhile their blocks are freed only once the step is done, since the
-        # step may still write them.
-        self.busy: set[str] = set()
+        # Requests in a step that is still executing (disaggregated mode), counted per step that holds them: they
+        # are not preempted, and if they finish meanwhile their blocks are freed only once no step holds them,
+        # since a step may still write them.
+        self.busy: collections.Counter[str] = collections.Counter()
+        # Whether a request of a step in flight may be preempted: safe only where every step runs in dispatch
+        # order on one device stream, so its freed blocks are written by later steps only (not in the
+        # disaggregated mode, where another worker may take them while the step still runs).
+        self.preempt_in_flight = True
         self.waiting_joins_decodes = True  # aggregated steps admit waiting prompts beside the decodes
         self._deferred_free: set[str] = set()
 
@@ -119,10 +138,17 @@ class Scheduler:
         while it ran."""
         for c in out.chunks:
             rid = c.request.request_id
-            self.busy.discard(rid)
-            if rid in self._deferred_free:
-                self._deferred_free.discard(rid)
-                self.block_manager.free(rid)
+            self.busy[rid] -= 1
+            if self.busy[rid] <= 0:
+                del self.busy[rid]
+            self._free_if_idle(c.request)
+
+    def _free_if_idle(self, req: Request) -> None:
+        """Frees the blocks of a request that finished while steps held it, once none does."""
+        rid = req.request_id
+        if rid in self._deferred_free and not req.num_inflight and rid not in self.busy:
+            self._deferred_free.discard(rid)
+            self.block_manager.free(rid)
 
     def dispatched(self, out: SchedulerOutput) -> None:
         """The overlapped loop dispatched `out` and may plan the next step before it lands: its chunks' tokens are
@@ -138,10 +164,7 @@ class Scheduler:
             req = c.request
             req.num_inflight -= c.num_tokens
             req.num_pending -= c.samples
-            rid = req.request_id
-            if rid in self._deferred_free and not req.num_inflight and rid not in self.busy:
-                self._deferred_free.discard(rid)
-                self.block_manager.free(rid)
+            self._free_if_idle(req)
 
     def record_service(self, out: SchedulerOutput, seconds: float) -> None:
         """Charges a step's wall time to every request in it (program-aware policies rank by attained service)."""
@@ -156,7 +179,10 @@ class Scheduler:
         order = sorted(self.running, key=self.policy)
         planned: set[int] = set()
         # Decodes before prompt chunks, so a long prompt never delays a token that is due.
-        for req in [r for r in order if not r.in_prefill] + [r for r in order if r.in_prefill]:
+        prompts = [r for r in order if r.in_prefill]
+        if self.prefill_order == "spf":
+            prompts.sort(key=self.admission_key)
+        for req in [r for r in order if not r.in_prefill] + prompts:
             if budget == 0:
                 break
             if req.status is not RequestStatus.RUNNING:
@@ -205,12 +231,18 @@ class Scheduler:
         while self.block_manager.allocate(req.request_id, req.num_planned_computed + n) is None:
             # A victim may be in the step in flight: the steps run in dispatch order on one device, so that step
             # writes and reads its blocks before any later step (or swap) can touch them again.
-            victims = [r for r in order if id(r) not in planned and r is not req and r.status is RequestStatus.RUNNING]
+            victims = [r for r in order if id(r) not in planned and r is not req and r.status is RequestStatus.RUNNING
+                       and (self.preempt_in_flight or self._idle(r))]
             victim = victims[-1] if victims else req
+            if victim is req and not (self.preempt_in_flight or self._idle(req)):
+                return False  # it waits for its step in flight to land, then may give up its blocks
             self._preempt(victim, out)
             if victim is req:
                 return False
         return True
+
+    def _idle(self, req: Request) -> bool:
+        return not req.num_inflight and req.request_id not in self.busy
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         copies = None
@@ -229,7 +261,7 @@ class Scheduler:
     def requeue(self, req: Request) -> None:
         """A running request back to waiting with its K/V dropped, to be recomputed: the step that ran it died
         with its worker, or the pool holding its K/V was restarted. Its generated tokens are kept."""
-        self.busy.discard(req.request_id)
+        self.busy.pop(req.request_id, None)
         self._to_waiting(req, keep_computed=False)
 
     def _to_waiting(self, req: Request, keep_computed: bool) -> None:
@@ -273,8 +305,13 @@ class Scheduler:
         return budget
 
     def admission_key(self, req: Request) -> tuple:
-        """Order of the waiting queue (the phase scheduler ages shortest prompts first instead)."""
-        return self.policy(req)
+        """Order of the waiting queue, and with "spf" of the prompts being computed."""
+        if self.prefill_order == "arrival":
+            return self.policy(req)
+        waited = time.monotonic() - req.arrival_time
+        score = (req.num_tokens - req.num_computed_tokens) - self.prefill_aging * waited
+        # Every policy but FCFS ranks first (priority, program service); FCFS is shortest-prompt-first.
+        return (*self.policy(req), score) if self.policy_name != "fcfs" else (score, req.arrival_time)
 
     def _plan(self, out: SchedulerOutput, req: Request, n: int) -> None:
         chunk = ScheduledChunk(req, req.num_planned_computed, n)

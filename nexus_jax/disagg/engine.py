@@ -5,8 +5,10 @@ Each call of `step()` dispatches work to the idle phases and then folds back wha
 - the partition controller sees the next prefill plan and the decode batch and picks "aggregate" (one mixed
   chunked-prefill step on all SMs, when its predicted latency meets the TBT SLO and nothing is executing),
   "split" (a decode worker and a prefill worker from the ladder of warm SM shares), or one phase alone;
-- decode plans run several steps back to back on the device (num_scheduler_steps) and the next one is
-  dispatched as soon as the last returns, so decode never waits for a prefill;
+- decode is pipelined (async_scheduling): the next decode step goes to the decode worker while its current one
+  runs, its input tokens fed on the device from that step's samples, so the worker's device never waits for the
+  engine's round trip; a stopped request costs at most that one extra step, whose token is dropped. (With
+  num_scheduler_steps > 1, decode plans run several steps back to back instead.) Decode never waits for a prefill;
 - a request moves from prefill to decode by its block table only: the prefill worker replied after its step
   completed, so the K/V it wrote is in the shared pool before any decode worker reads it.
 
@@ -61,6 +63,7 @@ class PoolView:
 
 class DisaggEngine(LLMEngine):
     overlaps = False  # its phases dispatch and fold on their own (see step)
+    auto_prefill_order = "spf"  # Nexus
     def __init__(self, config: EngineConfig, pool: WorkerPool, controller: PartitionController, tokenizer: Any,
                  *, max_model_len: int, vocab_size: int, eos_token_ids=(), mps: MpsControl | None = None,
                  device_kind: str | None = None, restart_pool: RestartPool | None = None):
@@ -75,9 +78,11 @@ class DisaggEngine(LLMEngine):
         self.sm_enforced = mps is not None
         self.device_kind = device_kind
         self.restart_pool = restart_pool
-        self.flights: dict[str, _Flight] = {}   # worker name -> the plan it is executing
+        self.flights: dict[str, list[_Flight]] = {}   # worker name -> the plans it is executing, oldest first
+        self.pipelined = config.async_scheduling and config.num_scheduler_steps == 1
         self.last_decision: Decision | None = None
         self.phase_steps = {"decode": 0, "prefill": 0, "mixed": 0}
+        self.pipelined_steps = 0  # decode steps sent while the worker still ran the one before
         self.poll_interval = 0.005
         self.faults = {"worker_replacements": 0, "pool_restarts": 0, "requeued_requests": 0}
 
@@ -85,33 +90,45 @@ class DisaggEngine(LLMEngine):
         return PhaseScheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
                               max_num_batched_tokens=config.max_num_batched_tokens, policy=config.scheduling_policy,
                               num_scheduler_steps=config.num_scheduler_steps, program_config=program_config(config),
-                              max_prefill_seqs=config.max_prefill_seqs, prefill_aging=config.prefill_aging)
+                              max_prefill_seqs=config.max_prefill_seqs, prefill_order=self.prefill_order(config),
+                              prefill_aging=config.prefill_aging)
 
     def has_unfinished_requests(self) -> bool:
-        return super().has_unfinished_requests() or bool(self.flights)
+        return super().has_unfinished_requests() or any(self.flights.values())
 
     def step(self) -> list[RequestOutput]:
         outputs, self._pending = self._pending, []
         outputs += self._dispatch()
-        if not self.flights:
+        executing = [name for name, flights in self.flights.items() if flights]
+        if not executing:
             return outputs
         # A short wait, so that the caller can queue new arrivals (and this dispatch them to an idle phase)
         # while a long step runs.
-        ready = self.pool.wait([self.pool.workers[name] for name in self.flights], timeout=self.poll_interval)
+        ready = self.pool.wait([self.pool.workers[name] for name in executing], timeout=self.poll_interval)
         for handle in ready:
-            if self.pool.workers.get(handle.name) is handle and handle.name in self.flights:  # not restarted since
+            if self.pool.workers.get(handle.name) is handle and self.flights.get(handle.name):  # not restarted since
                 outputs += self._collect(handle)
         return outputs
 
     # ---- dispatch
 
     def _dispatch(self) -> list[RequestOutput]:
-        busy_phases = {f.phase for f in self.flights.values()}
+        busy_phases = {f.phase for flights in self.flights.values() for f in flights}
         if "mixed" in busy_phases:
             return []
         sched = self.scheduler
         prefill = sched.schedule_prefill() if "prefill" not in busy_phases else None
-        decode = sched.schedule_decode() if "decode" not in busy_phases else None
+        # The decode worker holds at most one step when the next is planned: the one it runs.
+        decode_at = next((n for n, flights in self.flights.items() if flights and flights[-1].phase == "decode"),
+                         None)
+        ahead = None
+        if decode_at is None:
+            decode = sched.schedule_decode()
+        elif self.pipelined and len(self.flights[decode_at]) == 1:
+            ahead = self.flights[decode_at][-1]
+            decode = sched.schedule_decode(ahead.plan)
+        else:
+            decode = None
         has_prefill = prefill is not None and bool(prefill.chunks)
         has_decode = decode is not None and bool(decode.chunks)
         if not (has_prefill or has_decode):
@@ -125,7 +142,7 @@ class DisaggEngine(LLMEngine):
         decision = self.controller.decide(state)
         self.last_decision = decision
         outputs: list[RequestOutput] = []
-        if decision.mode == AGGREGATE and not self.flights and has_prefill and has_decode:
+        if decision.mode == AGGREGATE and decode_at is None and not busy_phases and has_prefill and has_decode:
             mixed = SchedulerOutput(decode.decodes, prefill.prefills, decode.preempted + prefill.preempted)
             outputs += self._submit(AGGREGATE, mixed, "mixed")
             return outputs
@@ -136,7 +153,14 @@ class DisaggEngine(LLMEngine):
         if has_decode:
             name = (self.ladder.worker("decode", decision.decode_share) if split else
                     AGGREGATE if alone else self.ladder.phase_workers("decode")[-1])
-            outputs += self._submit(self._free_worker(name, "decode"), decode, "decode")
+            if ahead is None:
+                outputs += self._submit(self._free_worker(name, "decode"), decode, "decode")
+            elif name == decode_at or not split:
+                # Decode alone stays on the worker it runs on, whatever its share: memory-bound, it loses little
+                # on fewer SMs (~10% at half the GPU), where moving costs a round trip with the device idle.
+                outputs += self._submit(decode_at, decode, "decode", ahead)
+            else:  # its input tokens are on the other worker's device: move once that step has landed
+                self._unhold(decode)
         elif decode is not None:
             self._unhold(decode)
         if self.faults["pool_restarts"] != restarts:  # the restart requeued the prefill plan's requests too
@@ -152,21 +176,25 @@ class DisaggEngine(LLMEngine):
     def _free_worker(self, wanted: str, phase: str) -> str:
         """The wanted worker, or if it is executing (the other phase holds it), this phase's worker with the fewest
         SMs that the other phase leaves free."""
-        if wanted not in self.flights:
+        if not self.flights.get(wanted):
             return wanted
-        return next(n for n in self.ladder.phase_workers(phase) if n not in self.flights)
+        return next(n for n in self.ladder.phase_workers(phase) if not self.flights.get(n))
 
-    def _submit(self, name: str, plan: SchedulerOutput, phase: str) -> list[RequestOutput]:
+    def _submit(self, name: str, plan: SchedulerOutput, phase: str, ahead: _Flight | None = None
+                ) -> list[RequestOutput]:
+        """Sends `plan` to worker `name`; `ahead`: that worker's step in flight, whose samples feed this one."""
         handle = self.pool.workers[name]
         try:
-            handle.submit(Execute(self._step_input(plan)))
+            handle.submit(Execute(self._step_input(plan, ahead)))
         except Exception as e:  # noqa: BLE001 - the plan's requests end with an error, the engine goes on
             if not handle.alive() or self._mps_lost():
-                return self._recover(name, plan, e)
+                return self._recover(name, e, plan)
             log.exception("dispatch to %s failed", name)
             message = f"{type(e).__name__}: {e}"
-            return self._end_flight(plan, lambda: self._fail(plan, message))
-        self.flights[name] = _Flight(plan, phase, time.monotonic())
+            return self._end_flight(plan, lambda: self._fail(plan, message), dispatched=False)
+        self.scheduler.dispatched(plan)
+        self.pipelined_steps += ahead is not None
+        self.flights.setdefault(name, []).append(_Flight(plan, phase, time.monotonic()))
         return []
 
     def _unhold(self, *plans: SchedulerOutput | None) -> None:
@@ -177,33 +205,47 @@ class DisaggEngine(LLMEngine):
     # ---- results
 
     def _collect(self, handle: WorkerHandle) -> list[RequestOutput]:
-        flight = self.flights.pop(handle.name)
+        flight = self.flights[handle.name].pop(0)
         try:
             result = handle.result()
         except Exception as e:  # noqa: BLE001
             if not handle.alive() or self._mps_lost():
-                return self._recover(handle.name, flight.plan, e)
+                self.flights[handle.name].insert(0, flight)
+                return self._recover(handle.name, e)
             log.error("%s step on %s failed: %s", flight.phase, handle.name, e)
             message = f"{type(e).__name__}: {e}"
             return self._end_flight(flight.plan, lambda: self._fail(flight.plan, message))
         self.phase_steps[flight.phase] += 1
         return self._end_flight(flight.plan, lambda: self._fold(flight.plan, result, flight.started))
 
-    def _end_flight(self, plan: SchedulerOutput, fold) -> list[RequestOutput]:
+    def _end_flight(self, plan: SchedulerOutput, fold, dispatched: bool = True) -> list[RequestOutput]:
         # Fold first (requests that finish defer their blocks while busy), then release the blocks.
         try:
             return fold()
         finally:
-            self.scheduler.release(plan)
+            self._drop(plan, dispatched)
+
+    def _drop(self, plan: SchedulerOutput, dispatched: bool = True) -> None:
+        """The plan no longer executes: its in-flight counts go, and blocks that waited for it are freed."""
+        if dispatched:
+            self.scheduler.landed(plan)
+        self.scheduler.release(plan)
 
     # ---- faults
 
-    def _recover(self, name: str, plan: SchedulerOutput, error: Exception) -> list[RequestOutput]:
-        """Worker `name` died running `plan`: requeue the plan's requests, then replace the worker, or restart the
-        pool when the holder is gone too or the replacement fails."""
+    def _recover(self, name: str, error: Exception, undispatched: SchedulerOutput | None = None
+                 ) -> list[RequestOutput]:
+        """Worker `name` died with its plans in flight (and `undispatched`, which it never took): requeue their
+        requests, then replace the worker, or restart the pool when the holder is gone too or the replacement
+        fails."""
         log.error("worker %s died (%s); its requests will be recomputed", name, error)
-        self.scheduler.release(plan)
-        self._requeue(c.request for c in plan.chunks)
+        plans = [f.plan for f in self.flights.pop(name, [])]
+        for plan in plans:
+            self._drop(plan)
+        if undispatched is not None:
+            self._drop(undispatched, dispatched=False)
+            plans.append(undispatched)
+        self._requeue(c.request for plan in plans for c in plan.chunks)
         if self.pool.workers[self.pool.holder_name].alive() and not self._mps_lost():
             try:
                 start = time.monotonic()
@@ -225,8 +267,9 @@ class DisaggEngine(LLMEngine):
         pool cannot restart; the caller (LLM, AsyncLLM) then ends every request with that error."""
         if self.restart_pool is None:
             raise WorkerError("the worker pool is lost and this engine cannot restart it")
-        for flight in self.flights.values():
-            self.scheduler.release(flight.plan)
+        for flights in self.flights.values():
+            for flight in flights:
+                self._drop(flight.plan)
         self.flights.clear()
         self._requeue(list(self.scheduler.running))
         self.block_manager.reset_prefix_cache()  # the cached blocks' K/V went with the old pool
@@ -246,7 +289,8 @@ class DisaggEngine(LLMEngine):
     def stats(self) -> dict[str, Any]:
         d = self.last_decision
         return {**super().stats(), "mode": "disaggregated", "sm_isolation": self.sm_enforced,
-                "phase_steps": dict(self.phase_steps), "in_flight": sorted(self.flights),
+                "phase_steps": dict(self.phase_steps), "pipelined_steps": self.pipelined_steps,
+                "in_flight": sorted(n for n, flights in self.flights.items() if flights),
                 "partition": None if d is None else {"mode": d.mode, "decode_share": d.decode_share,
                                                      "prefill_share": d.prefill_share, "objective": d.objective},
                 "controller": self.controller.stats(), "worker_startup_s": dict(self.pool.startup_seconds),

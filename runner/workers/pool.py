@@ -32,32 +32,41 @@ class WorkerError(RuntimeError):
     """A worker failed a request, or died."""
 
 
+# Requests a worker may hold at once: the step it runs and the next one, queued behind it on the device (the
+# pipelined decode loop), so that the device never waits for the engine's round trip.
+MAX_OUTSTANDING = 2
+
+
 class WorkerHandle:
     def __init__(self, spec: WorkerSpec, process: Any, conn: Connection):
         self.spec = spec
         self.name = spec.name
         self.process = process
         self.conn = conn
-        self.busy = False
+        self.outstanding = 0  # requests sent and not yet answered
+
+    @property
+    def busy(self) -> bool:
+        return self.outstanding > 0
 
     def submit(self, message: Message) -> None:
-        """Sends one message; its reply comes from result()."""
-        if self.busy:
-            raise RuntimeError(f"worker {self.name} is already running a request")
+        """Sends one message; its reply comes from result(), replies in the order the requests were sent."""
+        if self.outstanding >= MAX_OUTSTANDING:
+            raise RuntimeError(f"worker {self.name} already holds {self.outstanding} requests")
         try:
             self.conn.send(message)
         except (OSError, EOFError) as e:
             raise WorkerError(f"worker {self.name} is gone ({self._exit()}): {e}") from e
-        self.busy = True
+        self.outstanding += 1
 
     def result(self) -> Any:
-        """Waits for the submitted request's reply; raises WorkerError for a failure or a dead worker."""
+        """Waits for the oldest request's reply; raises WorkerError for a failure or a dead worker."""
         try:
             status, value = self.conn.recv()
         except (EOFError, OSError) as e:
+            self.outstanding = 0  # a dead worker answers nothing more
             raise WorkerError(f"worker {self.name} died ({self._exit()})") from e
-        finally:
-            self.busy = False
+        self.outstanding -= 1
         if status == "error":
             raise WorkerError(f"worker {self.name}: {value}")
         return value
@@ -167,7 +176,7 @@ class WorkerPool:
         return handle
 
     def wait(self, handles: Sequence[WorkerHandle], timeout: float | None = None) -> list[WorkerHandle]:
-        """The busy handles among `handles` whose reply (or death) is ready."""
+        """The busy handles among `handles` whose oldest reply (or death) is ready."""
         by_conn = {h.conn: h for h in handles if h.busy}
         if not by_conn:
             return []

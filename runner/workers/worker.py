@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import queue
+import threading
 import traceback
 from typing import Any, Callable, Sequence
 
@@ -70,24 +72,56 @@ def worker_main(conn: Any, spec: WorkerSpec, shared: SharedModel | None) -> None
         conn.send(("error", f"worker {spec.name} failed to start: {type(e).__name__}: {e}\n"
                             f"{traceback.format_exc(limit=8)}"))
         return
-    serve(conn, worker.handle)
+    serve(conn, worker.start)
     worker.close()
 
 
-def serve(conn: Any, handle: Callable[[Message], Any]) -> None:
-    """Replies to each message with ("ok", handle(message)) or ("error", why) until Stop or until the engine
-    goes away."""
-    while True:
+Reply = Callable[[], Any]  # waits for what a message started and returns the reply's value
+
+
+def serve(conn: Any, start: Callable[[Message], Reply]) -> None:
+    """Replies to each message, in order, with ("ok", value) or ("error", why) until Stop or until the engine
+    goes away.
+
+    `start` begins a message's work and returns how to wait for it; a sender thread waits and replies, so this
+    thread reads and dispatches the next step while the device still runs the current one (the engine sends
+    the next decode step before the current one's reply: the device never waits for that round trip)."""
+    replies: queue.Queue[Reply | None] = queue.Queue()
+    sender = threading.Thread(target=_send_replies, args=(conn, replies), name="worker-replies", daemon=True)
+    sender.start()
+    try:
+        while True:
+            try:
+                message = conn.recv()
+            except EOFError:
+                return  # the engine went away
+            if isinstance(message, Stop):
+                return
+            try:
+                replies.put(start(message))
+            except Exception as e:  # noqa: BLE001 - a failed step fails its requests, the worker keeps serving
+                replies.put(_raise(e))
+    finally:
+        replies.put(None)
+        sender.join()
+
+
+def _send_replies(conn: Any, replies: "queue.Queue[Reply | None]") -> None:
+    while (reply := replies.get()) is not None:
         try:
-            message = conn.recv()
-        except EOFError:
+            value = ("ok", reply())
+        except Exception as e:  # noqa: BLE001
+            value = ("error", f"{type(e).__name__}: {e}")
+        try:
+            conn.send(value)
+        except OSError:
             return  # the engine went away
-        if isinstance(message, Stop):
-            return
-        try:
-            conn.send(("ok", handle(message)))
-        except Exception as e:  # noqa: BLE001 - a failed step fails its requests, the worker keeps serving
-            conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+def _raise(error: Exception) -> Reply:
+    def reply() -> Any:
+        raise error
+    return reply
 
 
 class _Worker:
@@ -121,12 +155,26 @@ class _Worker:
 
     # ---- operations (handle dispatches the messages)
 
-    def handle(self, message: Message) -> Any:
+    def start(self, message: Message) -> Reply:
+        """Begins the message's work; the returned callable waits for it and returns the reply's value.
+
+        A single step on the GPU is only dispatched here (after checking that its output pool is the shared memory,
+        updated in place); its reply waits for its samples, so for its K/V, written by the same program. Everything else (a
+        multi-step decode, the CPU form, which copies K/V into shared memory after each step) runs to the end
+        here, in message order."""
+        if isinstance(message, Execute) and self.in_place and message.step.num_steps == 1:
+            pending = self.runner.dispatch(message.step)
+            # Here, not in the reply: the next step, dispatched before this one's reply, donates this output pool.
+            # The output's memory is assigned at dispatch, so reading its address does not wait for the step.
+            self._check_in_place(self.runner.kv_pool)
+            return pending.result
         if isinstance(message, Execute):
-            return self.execute(message.step)
-        if isinstance(message, Info):
-            return self.info()
-        raise TypeError(f"worker {self.spec.name} does not take a {type(message).__name__} message")
+            value = self.execute(message.step)
+        elif isinstance(message, Info):
+            value = self.info()
+        else:
+            raise TypeError(f"worker {self.spec.name} does not take a {type(message).__name__} message")
+        return lambda: value
 
     def execute(self, step: StepInput) -> Any:
         out = self.runner.execute(step)
@@ -150,8 +198,7 @@ class _Worker:
         """Makes the step's K/V visible to the other workers (device_get of the samples already waited for the
         step to finish). `extra`: decode positions written beyond each chunk's own tokens (multi-step)."""
         if self.in_place:
-            if self.runner.kv_pool.unsafe_buffer_pointer() != self.pool_pointer:
-                raise RuntimeError("XLA moved the shared KV pool instead of updating it in place")
+            self._check_in_place(self.runner.kv_pool)
             return
         import numpy as np
 
@@ -167,6 +214,10 @@ class _Worker:
         blocks, offsets = slots // bs, slots % bs
         shared[:, :, blocks, :, offsets, :] = new[:, :, blocks, :, offsets, :]
         self.runner.kv_pool = self._pool_view()
+
+    def _check_in_place(self, pool: Any) -> None:
+        if pool.unsafe_buffer_pointer() != self.pool_pointer:
+            raise RuntimeError("XLA moved the shared KV pool instead of updating it in place")
 
     def close(self) -> None:
         self.runner = None

@@ -35,15 +35,17 @@ def fail_once(handle):
 
     def broken():
         handle.result = original
-        handle.busy = False
+        handle.drop_result()
         raise RuntimeError("worker died")
     handle.result = broken
 
 
+@pytest.mark.parametrize("steps", [1, 4])
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("tbt", [1e-9, 10.0])
-def test_outputs_follow_the_rule_under_split_and_aggregate(seed, tbt):
-    engine = make_engine(tbt=tbt, seed=seed, num_scheduler_steps=4)
+def test_outputs_follow_the_rule_under_split_and_aggregate(seed, tbt, steps):
+    """steps 1: the pipelined decode loop; 4: multi-step decode plans."""
+    engine = make_engine(tbt=tbt, seed=seed, num_scheduler_steps=steps)
     arrivals = staggered(seed)
     done = run_all(engine, arrivals)
     for reqs in arrivals.values():
@@ -54,8 +56,24 @@ def test_outputs_follow_the_rule_under_split_and_aggregate(seed, tbt):
         assert modes.get("split", 0) > 0 and engine.phase_steps["mixed"] == 0
     else:        # everything meets 10 s: both phases together run as one mixed step
         assert modes.get("aggregate", 0) > 0 and engine.phase_steps["mixed"] > 0
+    assert (engine.pipelined_steps > 0) == (steps == 1)
     assert engine.block_manager.usage == 0.0
     assert not engine.scheduler.busy
+    assert all(r.num_inflight == 0 and r.num_pending == 0 for r in engine.scheduler.waiting)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_pipelined_decode_stops_without_an_extra_token(seed):
+    """The step after a stop token is already on the worker when the stop is seen: its sample is dropped, and
+    the request's blocks wait for it to land."""
+    engine = make_engine(tbt=1e-9, seed=seed)
+    engine.add_request("stops", {"prompt_token_ids": [5, 6]}, SamplingParams(max_tokens=30, stop_token_ids=[12]))
+    engine.add_request("runs", {"prompt_token_ids": [20, 21]}, SamplingParams(max_tokens=12))
+    done = run_all(engine)
+    assert done["stops"].outputs[0].token_ids == [7, 8, 9, 10, 11, 12]
+    assert done["stops"].outputs[0].finish_reason == "stop"
+    assert done["runs"].outputs[0].token_ids == expected([20, 21], 12)
+    assert engine.pipelined_steps > 0 and engine.block_manager.usage == 0.0
 
 
 def test_split_runs_decode_and_prefill_on_their_ladder_workers():
@@ -119,7 +137,7 @@ def test_a_lost_mps_daemon_restarts_the_pool_and_no_request_is_lost(seed):
         def result():
             results[0] += 1
             if results[0] == 12:  # a dozen steps in: decodes and prefills are running
-                handle.busy = False
+                handle.drop_result()
                 engine.mps = DeadMps()
                 raise RuntimeError("CUDA error: the MPS server died")
             return original()
@@ -142,7 +160,7 @@ def test_a_pool_that_cannot_restart_raises_out_of_step():
     handle = engine.pool.workers[AGGREGATE]
 
     def broken():
-        handle.busy = False
+        handle.drop_result()
         engine.mps = DeadMps()
         raise RuntimeError("CUDA error")
     handle.result = broken
@@ -217,7 +235,7 @@ def test_a_step_that_fails_after_one_of_its_requests_was_aborted_fails_only_the_
     engine.add_request("gone", {"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=4))
     engine.add_request("kept", {"prompt_token_ids": [4, 5, 6]}, SamplingParams(max_tokens=4))
     engine._dispatch()
-    (name, flight), = engine.flights.items()
+    (name, (flight,)), = engine.flights.items()
     assert {c.request.request_id for c in flight.plan.chunks} == {"gone", "kept"}
     fail_once(engine.pool.workers[name])
     assert engine.abort_request("gone")
