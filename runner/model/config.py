@@ -11,10 +11,8 @@ from typing import Any
 import jax.numpy as jnp
 
 from configs import CONFIGS_DIR
-
-# Architectures whose weights share the Llama layout (RMSNorm, SwiGLU, RoPE, GQA).
-# Qwen2 differs only by q/k/v biases, which `attention_bias` covers.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+from runner.model.activations import ACTIVATIONS
+from runner.model.hf_config import SUPPORTED_ARCHITECTURES, model_fields
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 DTYPE_NAMES = ("auto", *DTYPES)
@@ -49,7 +47,12 @@ class ModelConfig:
     rope_scaling: tuple[tuple[str, Any], ...] | dict | None = None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    # The variations of the Llama layout (RMSNorm, gated MLP, RoPE, GQA) that the supported families use.
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False  # on gate, up and down
+    hidden_act: str = "silu"
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -63,6 +66,8 @@ class ModelConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}")
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
         rope_type = rope_type_of(self.rope_scaling)
@@ -80,40 +85,14 @@ class ModelConfig:
     def num_params(self) -> int:
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
         per_layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i + 2 * h
-        if self.attention_bias:
-            per_layer += self.q_size + 2 * self.kv_size
+        per_layer += self.qkv_bias * (self.q_size + 2 * self.kv_size) + self.o_bias * h
+        per_layer += self.mlp_bias * (2 * i + h) + self.qk_norm * 2 * self.head_dim
         return v * h * (1 if self.tie_word_embeddings else 2) + self.num_layers * per_layer + h
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
-        archs = cfg.get("architectures") or []
-        if not archs:
-            raise ValueError("config.json has no 'architectures' entry")
-        num_heads = cfg["num_attention_heads"]
-        hidden = cfg["hidden_size"]
-        head_dim = cfg.get("head_dim") or hidden // num_heads
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        arch = archs[0]
-        return cls(
-            architecture=arch,
-            vocab_size=cfg["vocab_size"],
-            hidden_size=hidden,
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
-            head_dim=head_dim,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            rope_theta=_rope_theta(cfg),
-            rope_scaling=_rope_scaling(cfg),
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            # Qwen2 always has q/k/v biases; Llama has them only when attention_bias is set.
-            attention_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-        )
+        """From a config.json dict; refuses what would run wrong (see runner/model/hf_config.py)."""
+        return cls(**model_fields(cfg))
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":
@@ -132,17 +111,6 @@ class ModelConfig:
             known = sorted(p.stem for p in CONFIGS_DIR.glob("*.json"))
             raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(known)}")
         return cls.from_json(path)
-
-
-def _rope_theta(cfg: dict[str, Any]) -> float:
-    # transformers 5 moved rope_theta into rope_parameters; accept both spellings.
-    params = cfg.get("rope_parameters") or {}
-    return float(cfg.get("rope_theta", params.get("rope_theta", 10000.0)))
-
-
-def _rope_scaling(cfg: dict[str, Any]) -> dict | None:
-    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
-    return scaling if rope_type_of(scaling) != "default" else None
 
 
 def rope_type_of(rope_scaling: tuple | dict | None) -> str:
