@@ -53,6 +53,8 @@ class ModelConfig:
     mlp_bias: bool = False  # on gate, up and down
     hidden_act: str = "silu"
     qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
+    # Sliding-window size of each layer, 0 for full attention; empty when no layer has a window.
+    layer_windows: tuple[int, ...] = ()
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -68,11 +70,18 @@ class ModelConfig:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}")
+        object.__setattr__(self, "layer_windows", tuple(self.layer_windows))  # JSON gives a list
+        if self.layer_windows and (len(self.layer_windows) != self.num_layers or min(self.layer_windows) < 0):
+            raise ValueError(f"layer_windows must hold {self.num_layers} sizes >= 0, got {self.layer_windows}")
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
         rope_type = rope_type_of(self.rope_scaling)
         if rope_type not in ("default", "llama3"):
             raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: default, llama3")
+
+    def window(self, layer: int) -> int:
+        """The sliding-window size of `layer`, 0 when it attends the whole context."""
+        return self.layer_windows[layer] if self.layer_windows else 0
 
     @property
     def q_size(self) -> int:

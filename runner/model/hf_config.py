@@ -44,7 +44,6 @@ def model_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     arch = archs[0]
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    _refuse_sliding_window(cfg, arch)
     unknown = sorted(k for k, v in cfg.items() if k not in _READ[arch] | _INERT and v is not None)
     if unknown:
         warnings.warn(f"config.json fields that {arch} does not read here and that may change the model "
@@ -73,6 +72,7 @@ def model_fields(cfg: dict[str, Any]) -> dict[str, Any]:
         mlp_bias=arch == LLAMA and bool(cfg.get("mlp_bias", False)),
         hidden_act=cfg.get("hidden_act") or "silu",
         qk_norm=arch == QWEN3,
+        layer_windows=_layer_windows(cfg, arch, _required(cfg, "num_hidden_layers")),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
     )
@@ -116,15 +116,23 @@ def _language_model(cfg: dict[str, Any]) -> dict[str, Any]:
     return {**ids, **{k: v for k, v in text.items() if v is not None}, **tied, "architectures": [arch]}
 
 
-def _refuse_sliding_window(cfg: dict[str, Any], arch: str) -> None:
-    if arch == MISTRAL and cfg.get("sliding_window") is not None:
-        raise ValueError(f"sliding_window={cfg['sliding_window']} (sliding-window attention) is not supported")
-    if arch in (QWEN2, QWEN3) and cfg.get("use_sliding_window") and cfg.get("sliding_window") is not None:
-        layers = cfg.get("layer_types") or ["sliding_attention" if i >= cfg.get("max_window_layers", 0) else ""
-                                            for i in range(cfg.get("num_hidden_layers", 0))]
-        if "sliding_attention" in layers:
-            raise ValueError(f"use_sliding_window with sliding_window={cfg['sliding_window']} and max_window_layers="
-                             f"{cfg.get('max_window_layers')} (sliding-window attention) is not supported")
+def _layer_windows(cfg: dict[str, Any], arch: str, num_layers: int) -> tuple[int, ...]:
+    """Each layer's sliding window (0: full attention), as transformers applies sliding_window: to every layer
+    of Mistral; to the layers that layer_types marks (else those from max_window_layers on) of Qwen2/Qwen3, and
+    only with use_sliding_window."""
+    window = cfg.get("sliding_window") or 0
+    if arch == MISTRAL:
+        return (window,) * num_layers if window else ()
+    if arch not in (QWEN2, QWEN3) or not cfg.get("use_sliding_window") or not window:
+        return ()
+    first_sliding = cfg.get("max_window_layers", 28)  # transformers' default for both
+    types = cfg.get("layer_types") or ["sliding_attention" if i >= first_sliding else "full_attention"
+                                       for i in range(num_layers)]
+    if set(types) - {"sliding_attention", "full_attention"} or len(types) != num_layers:
+        raise ValueError(f"layer_types {types} is not supported: expected {num_layers} entries of "
+                         f"full_attention or sliding_attention")
+    windows = tuple(window if t == "sliding_attention" else 0 for t in types)
+    return windows if any(windows) else ()
 
 
 def _rope_theta(cfg: dict[str, Any]) -> float:

@@ -109,12 +109,12 @@ class Transformer(nnx.Module):
             if num_decode:
                 parts.append(pk.paged_decode_attention(
                     q[:num_decode], kv, li, batch.decode_block_tables, batch.decode_context_lens,
-                    scale=scale, impl=impl))
+                    scale=scale, window=cfg.window(li), impl=impl))
             if batch.num_prefill_tokens:
                 parts.append(pk.paged_prefill_attention(
                     q[num_decode:], kv, li, batch.prefill_block_tables, batch.prefill_q_start,
                     batch.prefill_q_lens, batch.prefill_kv_lens, scale=scale, max_q_len=batch.max_q_len,
-                    impl=impl))
+                    window=cfg.window(li), impl=impl))
             attn = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
             x = x + _linear(attn.reshape(x.shape[0], cfg.q_size), w, "o")
             h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)

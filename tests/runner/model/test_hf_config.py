@@ -1,5 +1,6 @@
 """config.json fields that change the model are implemented or refused by name; nothing is dropped silently."""
 
+import dataclasses
 import json
 import warnings
 
@@ -46,17 +47,22 @@ def test_unsupported_activation_is_refused_by_name():
         ModelConfig.from_hf_dict(_saved(transformers.LlamaConfig, hidden_act="relu2"))
 
 
-def test_sliding_window_is_refused():
-    with pytest.raises(ValueError, match="sliding_window=16"):
-        ModelConfig.from_hf_dict(_saved(transformers.MistralConfig, sliding_window=16))
+def test_sliding_windows_per_layer():
+    assert _parse(_saved(transformers.MistralConfig, sliding_window=16)).layer_windows == (16, 16)
+    assert _parse(_saved(transformers.MistralConfig, sliding_window=None)).layer_windows == ()
     qwen = _saved(transformers.Qwen2Config, use_sliding_window=True, sliding_window=16, max_window_layers=1)
-    with pytest.raises(ValueError, match="use_sliding_window.*max_window_layers=1"):
-        ModelConfig.from_hf_dict(qwen)
+    config = _parse(qwen)
+    assert config.layer_windows == (0, 16) and (config.window(0), config.window(1)) == (0, 16)
     del qwen["layer_types"]  # as transformers 4 wrote it: max_window_layers alone says which layers slide
-    with pytest.raises(ValueError, match="use_sliding_window"):
-        ModelConfig.from_hf_dict(qwen)
-    # Every layer below max_window_layers uses full attention: no window anywhere.
-    _parse(_saved(transformers.Qwen2Config, use_sliding_window=True, sliding_window=16, max_window_layers=2))
+    assert _parse(qwen).layer_windows == (0, 16)
+    # Without use_sliding_window transformers ignores sliding_window and layer_types.
+    assert _parse({**qwen, "use_sliding_window": False, "layer_types": ["sliding_attention"] * 2}).layer_windows == ()
+    assert _parse(_saved(transformers.Qwen3Config, use_sliding_window=True, sliding_window=16,
+                         max_window_layers=2)).layer_windows == ()
+    with pytest.raises(ValueError, match="layer_types.*chunked_attention"):
+        ModelConfig.from_hf_dict({**qwen, "layer_types": ["full_attention", "chunked_attention"]})
+    with pytest.raises(ValueError, match="layer_windows"):
+        dataclasses.replace(config, layer_windows=(4,))
 
 
 def test_unknown_fields_are_listed_in_one_warning():

@@ -33,8 +33,11 @@ def _hf_config(kind: str):
     if kind == "qwen2":
         return transformers.Qwen2Config(**{**common, "num_attention_heads": 8}, rope_theta=1000000.0,
                                         use_sliding_window=False)
-    if kind == "qwen3":  # q/k RMSNorm, and a head_dim that is not hidden_size / num_heads
-        return transformers.Qwen3Config(**common, head_dim=32, rope_theta=1000000.0, hidden_act="gelu_pytorch_tanh")
+    if kind == "mistral_window":  # every layer slides; prompts and generations run several windows long
+        return transformers.MistralConfig(**common, sliding_window=12)
+    if kind == "qwen3_window":  # q/k RMSNorm, a head_dim that is not hidden_size / num_heads, and layer 1 slides
+        return transformers.Qwen3Config(**common, head_dim=32, rope_theta=1000000.0, hidden_act="gelu_pytorch_tanh",
+                                        use_sliding_window=True, sliding_window=8, max_window_layers=1)
     raise ValueError(kind)
 
 
@@ -48,7 +51,8 @@ def _perturb_biases_and_norms(hf):
                 p.add_(torch.randn_like(p) * 0.1)
 
 
-@pytest.fixture(scope="module", params=["llama", "llama3", "llama_biased", "qwen2", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "llama3", "llama_biased", "qwen2", "qwen3_window",
+                                                 "mistral_window"])
 def model_pair(request, tmp_path_factory):
     torch.manual_seed(hash(request.param) % 1000)
     cfg = _hf_config(request.param)
