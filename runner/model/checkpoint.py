@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from runner.model.config import ModelConfig
+from runner.model.hf_config import PHI3
 from runner.model.safetensors_io import CheckpointReader, checkpoint_files, numpy_dtype
 
 _CACHE_META = "nexus_params.json"
@@ -67,15 +68,19 @@ def _slots(config: ModelConfig) -> dict[str, _Slot]:
         p = f"model.layers.{n}."
         slots |= {
             p + "input_layernorm.weight": _Slot("attn_norm", n, 0, False, (h,)),
-            p + "self_attn.q_proj.weight": _Slot("qkv", n, 0, True, (q, h)),
-            p + "self_attn.k_proj.weight": _Slot("qkv", n, q, True, (kv, h)),
-            p + "self_attn.v_proj.weight": _Slot("qkv", n, q + kv, True, (kv, h)),
             p + "self_attn.o_proj.weight": _Slot("o", n, 0, True, (h, q)),
             p + "post_attention_layernorm.weight": _Slot("mlp_norm", n, 0, False, (h,)),
-            p + "mlp.gate_proj.weight": _Slot("gate_up", n, 0, True, (i, h)),
-            p + "mlp.up_proj.weight": _Slot("gate_up", n, i, True, (i, h)),
             p + "mlp.down_proj.weight": _Slot("down", n, 0, True, (h, i)),
         }
+        if config.architecture == PHI3:  # already fused, in our order: q|k|v and gate|up
+            slots |= {p + "self_attn.qkv_proj.weight": _Slot("qkv", n, 0, True, (q + 2 * kv, h)),
+                      p + "mlp.gate_up_proj.weight": _Slot("gate_up", n, 0, True, (2 * i, h))}
+        else:
+            slots |= {p + "self_attn.q_proj.weight": _Slot("qkv", n, 0, True, (q, h)),
+                      p + "self_attn.k_proj.weight": _Slot("qkv", n, q, True, (kv, h)),
+                      p + "self_attn.v_proj.weight": _Slot("qkv", n, q + kv, True, (kv, h)),
+                      p + "mlp.gate_proj.weight": _Slot("gate_up", n, 0, True, (i, h)),
+                      p + "mlp.up_proj.weight": _Slot("gate_up", n, i, True, (i, h))}
         if config.qkv_bias:
             slots |= {p + "self_attn.q_proj.bias": _Slot("qkv_bias", n, 0, False, (q,)),
                       p + "self_attn.k_proj.bias": _Slot("qkv_bias", n, q, False, (kv,)),

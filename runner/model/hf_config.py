@@ -9,9 +9,10 @@ import warnings
 from typing import Any
 
 LLAMA, MISTRAL, QWEN2, QWEN3 = "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"
-SUPPORTED_ARCHITECTURES = (LLAMA, MISTRAL, QWEN2, QWEN3)
+PHI3 = "Phi3ForCausalLM"  # Llama with fused qkv_proj and gate_up_proj tensors
+SUPPORTED_ARCHITECTURES = (LLAMA, MISTRAL, QWEN2, QWEN3, PHI3)
 # A nested text_config names its language model by model_type only.
-_ARCHITECTURE_OF_MODEL_TYPE = {"llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3}
+_ARCHITECTURE_OF_MODEL_TYPE = {"llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "phi3": PHI3}
 
 # The fields each architecture's transformers model reads (all implemented here or refused below).
 _SHARED = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -21,13 +22,14 @@ _QWEN_WINDOW = {"use_sliding_window", "sliding_window", "max_window_layers", "la
 _READ = {LLAMA: _SHARED | {"attention_bias", "mlp_bias"},
          MISTRAL: _SHARED | {"sliding_window"},
          QWEN2: _SHARED | _QWEN_WINDOW,
-         QWEN3: _SHARED | _QWEN_WINDOW | {"attention_bias"}}
+         QWEN3: _SHARED | _QWEN_WINDOW | {"attention_bias"},
+         PHI3: _SHARED | {"sliding_window", "partial_rotary_factor", "original_max_position_embeddings"}}
 # Fields that never change a forward pass: bookkeeping, training-only settings, generation defaults.
 # pretraining_tp only split the GEMMs of old Llama code into slices with the same sum.
 _INERT = {"architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
           "initializer_range", "use_cache", "pad_token_id", "attention_dropout", "pretraining_tp", "auto_map",
           "tokenizer_class", "output_attentions", "output_hidden_states", "return_dict", "id2label", "label2id",
-          "is_decoder", "_attn_implementation", "_attn_implementation_autoset"}
+          "is_decoder", "_attn_implementation", "_attn_implementation_autoset", "resid_pdrop", "embd_pdrop"}
 
 
 def model_fields(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -44,6 +46,7 @@ def model_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     arch = archs[0]
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    _refuse_partial_rotary(cfg)
     unknown = sorted(k for k, v in cfg.items() if k not in _READ[arch] | _INERT and v is not None)
     if unknown:
         warnings.warn(f"config.json fields that {arch} does not read here and that may change the model "
@@ -121,7 +124,7 @@ def _layer_windows(cfg: dict[str, Any], arch: str, num_layers: int) -> tuple[int
     of Mistral; to the layers that layer_types marks (else those from max_window_layers on) of Qwen2/Qwen3, and
     only with use_sliding_window."""
     window = cfg.get("sliding_window") or 0
-    if arch == MISTRAL:
+    if arch in (MISTRAL, PHI3):
         return (window,) * num_layers if window else ()
     if arch not in (QWEN2, QWEN3) or not cfg.get("use_sliding_window") or not window:
         return ()
@@ -133,6 +136,13 @@ def _layer_windows(cfg: dict[str, Any], arch: str, num_layers: int) -> tuple[int
                          f"full_attention or sliding_attention")
     windows = tuple(window if t == "sliding_attention" else 0 for t in types)
     return windows if any(windows) else ()
+
+
+def _refuse_partial_rotary(cfg: dict[str, Any]) -> None:
+    # Phi-3 configs spell it at the top level or, from transformers 5, in rope_parameters.
+    factor = cfg.get("partial_rotary_factor", (cfg.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0))
+    if factor != 1.0:
+        raise ValueError(f"partial_rotary_factor={factor} (RoPE on part of each head) is not supported")
 
 
 def _rope_theta(cfg: dict[str, Any]) -> float:

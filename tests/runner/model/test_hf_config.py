@@ -26,9 +26,10 @@ def _parse(cfg: dict) -> ModelConfig:
 
 
 @pytest.mark.parametrize("config_class", [transformers.LlamaConfig, transformers.MistralConfig,
-                                          transformers.Qwen2Config, transformers.Qwen3Config])
+                                          transformers.Qwen2Config, transformers.Qwen3Config, transformers.Phi3Config])
 def test_configs_saved_by_transformers_parse_without_warnings(config_class):
-    kwargs = {"sliding_window": None} if config_class is transformers.MistralConfig else {}
+    windowed = (transformers.MistralConfig, transformers.Phi3Config)
+    kwargs = {"sliding_window": None} if config_class in windowed else {}
     config = _parse(_saved(config_class, **kwargs))
     assert config.num_layers == 2 and config.hidden_act == "silu"
 
@@ -63,6 +64,15 @@ def test_sliding_windows_per_layer():
         ModelConfig.from_hf_dict({**qwen, "layer_types": ["full_attention", "chunked_attention"]})
     with pytest.raises(ValueError, match="layer_windows"):
         dataclasses.replace(config, layer_windows=(4,))
+
+
+def test_partial_rotary_is_refused():
+    phi = _saved(transformers.Phi3Config, sliding_window=None)
+    phi["rope_parameters"]["partial_rotary_factor"] = 0.75
+    with pytest.raises(ValueError, match="partial_rotary_factor=0.75"):
+        ModelConfig.from_hf_dict(phi)
+    with pytest.raises(ValueError, match="partial_rotary_factor=0.5"):
+        ModelConfig.from_hf_dict({**_saved(transformers.Phi3Config, sliding_window=None), "partial_rotary_factor": 0.5})
 
 
 def test_unknown_fields_are_listed_in_one_warning():

@@ -38,6 +38,8 @@ def _hf_config(kind: str):
     if kind == "qwen3_window":  # q/k RMSNorm, a head_dim that is not hidden_size / num_heads, and layer 1 slides
         return transformers.Qwen3Config(**common, head_dim=32, rope_theta=1000000.0, hidden_act="gelu_pytorch_tanh",
                                         use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    if kind == "phi3_window":  # fused qkv_proj and gate_up_proj, a window on every layer
+        return transformers.Phi3Config(**common, sliding_window=10)
     raise ValueError(kind)
 
 
@@ -52,7 +54,7 @@ def _perturb_biases_and_norms(hf):
 
 
 @pytest.fixture(scope="module", params=["llama", "llama3", "llama_biased", "qwen2", "qwen3_window",
-                                                 "mistral_window"])
+                                                 "mistral_window", "phi3_window"])
 def model_pair(request, tmp_path_factory):
     torch.manual_seed(hash(request.param) % 1000)
     cfg = _hf_config(request.param)
