@@ -67,7 +67,7 @@ def model_fields(cfg: dict[str, Any]) -> dict[str, Any]:
         head_dim=cfg.get("head_dim") or hidden // num_heads,
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
         rope_theta=_rope_theta(cfg),
-        rope_scaling=_rope_scaling(cfg),
+        rope_scaling=_rope_scaling(cfg, arch),
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         tie_word_embeddings=cfg.get("tie_word_embeddings", False),
         qkv_bias=arch == QWEN2 or attention_bias,
@@ -151,8 +151,20 @@ def _rope_theta(cfg: dict[str, Any]) -> float:
     return float(cfg.get("rope_theta", params.get("rope_theta", 10000.0)))
 
 
-def _rope_scaling(cfg: dict[str, Any]) -> dict | None:
-    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
-    if not scaling:
+def _rope_scaling(cfg: dict[str, Any], arch: str) -> dict | None:
+    """rope_scaling (or transformers 5's rope_parameters) completed as transformers completes it; None when the
+    frequencies are unscaled."""
+    scaling = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
         return None
-    return scaling if scaling.get("rope_type", scaling.get("type", "default")) != "default" else None
+    if arch == PHI3 and rope_type in ("su", "yarn"):
+        rope_type = "longrope"  # what transformers reads these old Phi-3 spellings as
+    scaling["rope_type"] = rope_type
+    if rope_type in ("llama3", "yarn", "longrope"):
+        if "original_max_position_embeddings" in cfg:  # a top-level value wins, as in transformers
+            scaling["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
+        scaling.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings", 4096))
+    if rope_type == "yarn" and scaling.get("factor") is None:
+        scaling["factor"] = cfg.get("max_position_embeddings", 4096) / scaling["original_max_position_embeddings"]
+    return scaling

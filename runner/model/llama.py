@@ -17,7 +17,7 @@ from flax import nnx
 
 import pallas_kernels as pk
 from runner.model.activations import ACTIVATIONS
-from runner.model.config import ModelConfig, rope_inv_freq
+from runner.model.config import ModelConfig, rope_attention_factor, rope_inv_freq
 from runner.step_batch import StepBatch
 
 
@@ -89,7 +89,8 @@ class Transformer(nnx.Module):
         cfg = self.config
         x = self.embed[...][batch.tokens]
         freqs = batch.positions.astype(jnp.float32)[:, None] * self.inv_freq[...][None, :]
-        cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+        attention_factor = rope_attention_factor(cfg)
+        cos, sin = attention_factor * jnp.cos(freqs), attention_factor * jnp.sin(freqs)
         scale = cfg.head_dim ** -0.5
         num_decode = batch.num_decode
         impl = self.kernel_impl

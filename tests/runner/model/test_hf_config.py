@@ -115,3 +115,21 @@ def test_missing_required_field_is_named():
     del cfg["num_attention_heads"]
     with pytest.raises(ValueError, match="no 'num_attention_heads'"):
         ModelConfig.from_hf_dict(cfg)
+
+
+def test_rope_scaling_types():
+    for rope_type in ("dynamic", "longrope"):
+        with pytest.raises(ValueError, match=f"rope_scaling type '{rope_type}'"):
+            ModelConfig.from_hf_dict({**_saved(transformers.LlamaConfig),
+                                      "rope_scaling": {"rope_type": rope_type, "factor": 2.0}})
+    # Old Phi-3 configs spell longrope "yarn"; transformers reads them as longrope.
+    phi = {**_saved(transformers.Phi3Config, sliding_window=None), "rope_scaling": {"type": "yarn", "factor": 2.0}}
+    with pytest.raises(ValueError, match="rope_scaling type 'longrope'"):
+        ModelConfig.from_hf_dict(phi)
+    # Missing original context lengths default to max_position_embeddings, and YaRN's factor to their ratio.
+    yarn = _parse({**_saved(transformers.Qwen3Config, max_position_embeddings=4096),
+                   "rope_scaling": {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 1024}})
+    assert dict(yarn.rope_scaling)["factor"] == 4.0
+    llama3 = _parse({**_saved(transformers.LlamaConfig, max_position_embeddings=2048),
+                     "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    assert dict(llama3.rope_scaling)["original_max_position_embeddings"] == 2048

@@ -28,16 +28,20 @@ def _hf_config(kind: str):
             **common, head_dim=32, rope_theta=500000.0, tie_word_embeddings=True,
             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                           "original_max_position_embeddings": 64})
-    if kind == "llama_biased":  # biases on all four attention projections and the MLP, a GELU MLP
-        return transformers.LlamaConfig(**common, attention_bias=True, mlp_bias=True, hidden_act="gelu")
+    if kind == "llama_biased":  # biases on all four attention projections and the MLP, a GELU MLP, linear RoPE
+        return transformers.LlamaConfig(**common, attention_bias=True, mlp_bias=True, hidden_act="gelu",
+                                        rope_scaling={"rope_type": "linear", "factor": 3.0})
     if kind == "qwen2":
         return transformers.Qwen2Config(**{**common, "num_attention_heads": 8}, rope_theta=1000000.0,
                                         use_sliding_window=False)
     if kind == "mistral_window":  # every layer slides; prompts and generations run several windows long
         return transformers.MistralConfig(**common, sliding_window=12)
-    if kind == "qwen3_window":  # q/k RMSNorm, a head_dim that is not hidden_size / num_heads, and layer 1 slides
+    if kind == "qwen3_window":  # q/k RMSNorm, a head_dim that is not hidden_size / num_heads, layer 1 slides, and
+        # YaRN from a 16-token original context (its ramp and attention factor both matter)
         return transformers.Qwen3Config(**common, head_dim=32, rope_theta=1000000.0, hidden_act="gelu_pytorch_tanh",
-                                        use_sliding_window=True, sliding_window=8, max_window_layers=1)
+                                        use_sliding_window=True, sliding_window=8, max_window_layers=1,
+                                        rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                      "original_max_position_embeddings": 16})
     if kind == "phi3_window":  # fused qkv_proj and gate_up_proj, a window on every layer
         return transformers.Phi3Config(**common, sliding_window=10)
     raise ValueError(kind)
