@@ -7,6 +7,7 @@ import warnings
 import pytest
 import transformers
 
+from configs import CONFIGS_DIR
 from runner.model.config import ModelConfig
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -133,3 +134,12 @@ def test_rope_scaling_types():
     llama3 = _parse({**_saved(transformers.LlamaConfig, max_position_embeddings=2048),
                      "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
     assert dict(llama3.rope_scaling)["original_max_position_embeddings"] == 2048
+
+
+def test_presets_parse_without_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qwen3 = ModelConfig.preset("qwen3-8b")
+        for path in CONFIGS_DIR.glob("*.json"):
+            ModelConfig.preset(path.stem)
+    assert qwen3.qk_norm and qwen3.head_dim == 128 and round(qwen3.num_params() / 1e9, 1) == 8.2
