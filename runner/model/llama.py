@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2, Qwen3) over a paged KV pool.
+"""Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2, Qwen3, Phi-3) over a paged KV pool: optional biases,
+q/k norms and per-layer sliding windows, as runner/model/hf_config.py reads them from config.json.
 
 The layers are unrolled over per-layer weight arrays. Under `lax.scan` over stacked weights, XLA on a GPU copies
 each layer's dynamic slice of a weight before its GEMM, which doubled the weight traffic of a decode step
