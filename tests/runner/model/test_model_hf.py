@@ -1,5 +1,7 @@
 """The model path against Hugging Face transformers on tiny random checkpoints (float32, CPU)."""
 
+import zlib
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -60,7 +62,7 @@ def _perturb_biases_and_norms(hf):
 @pytest.fixture(scope="module", params=["llama", "llama3", "llama_biased", "qwen2", "qwen3_window",
                                                  "mistral_window", "phi3_window"])
 def model_pair(request, tmp_path_factory):
-    torch.manual_seed(hash(request.param) % 1000)
+    torch.manual_seed(zlib.crc32(request.param.encode()))  # hash() of a str changes with PYTHONHASHSEED
     cfg = _hf_config(request.param)
     hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     _perturb_biases_and_norms(hf)
