@@ -4,7 +4,8 @@ Grid (batch, kv head, split): a program owns one GQA group, so each K/V token is
 heads that share it, and walks its split's token range `block_tokens` tokens per step, gathering whichever
 pages those tokens live on. Splits write a normalised partial output and its log-sum-exp; a small jnp
 epilogue merges them. The number of splits is chosen from the shapes so that about two waves of programs
-fill the GPU even at batch 1.
+fill the GPU even at batch 1. With a sliding window a program starts at the window's first token, so the
+tokens before it are never read (splits wholly before it end empty).
 """
 
 from __future__ import annotations
@@ -34,15 +35,19 @@ _MIN_ROWS = 16
 
 
 def paged_decode_attention(q: jax.Array, kv_pool: jax.Array, layer: jax.Array | int, block_tables: jax.Array,
-                           context_lens: jax.Array, *, scale: float, impl: str | None = None) -> jax.Array:
-    """q [B, Hq, D] attends the first context_lens[b] tokens of its pages; returns [B, Hq, D] in q's dtype.
-    context_lens[b] == 0 marks a padding row and gives zeros."""
+                           context_lens: jax.Array, *, scale: float, window: int = 0,
+                           impl: str | None = None) -> jax.Array:
+    """q [B, Hq, D] attends the first context_lens[b] tokens of its pages, only the last `window` of them when
+    window > 0 (sliding-window attention); returns [B, Hq, D] in q's dtype. context_lens[b] == 0 marks a
+    padding row and gives zeros."""
     _check_args(q, kv_pool, block_tables, context_lens)
     impl = resolve_impl(impl, q.shape[-1])
     if impl == "xla":
-        return paged_decode_attention_reference(q, kv_pool, layer, block_tables, context_lens, scale=scale)
+        return paged_decode_attention_reference(q, kv_pool, layer, block_tables, context_lens, scale=scale,
+                                                window=window)
     return decode_pallas(q, kv_pool, jnp.asarray(layer, jnp.int32).reshape(1), block_tables.astype(jnp.int32),
-                         context_lens.astype(jnp.int32), scale=float(scale), interpret=impl == "interpret")
+                         context_lens.astype(jnp.int32), scale=float(scale), window=int(window),
+                         interpret=impl == "interpret")
 
 
 def _check_args(q, kv_pool, block_tables, context_lens) -> None:
@@ -62,9 +67,10 @@ def choose_splits(batch: int, num_kv_heads: int, max_tokens: int, block_tokens: 
     return max(1, min(wanted, max_tokens // (2 * block_tokens)))
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret", "num_splits", "block_tokens", "num_warps",
-                                             "num_stages"))
-def decode_pallas(q, kv_pool, layer, block_tables, context_lens, *, scale: float, interpret: bool = False,
+@functools.partial(jax.jit, static_argnames=("scale", "window", "interpret", "num_splits", "block_tokens",
+                                             "num_warps", "num_stages"))
+def decode_pallas(q, kv_pool, layer, block_tables, context_lens, *, scale: float, window: int = 0,
+                  interpret: bool = False,
                   num_splits: int | None = None, block_tokens: int = 64, num_warps: int = 4,
                   num_stages: int = 3) -> jax.Array:
     """The Pallas path; the tuning knobs are exposed for the benchmark sweep."""
@@ -85,7 +91,8 @@ def decode_pallas(q, kv_pool, layer, block_tables, context_lens, *, scale: float
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
     part_dtype = q.dtype if num_splits == 1 else jnp.float32
     kernel = functools.partial(_decode_kernel, scale_log2=scale * LOG2E, block_size=block_size,
-                               max_blocks=max_blocks, block_tokens=block_tokens, split_tokens=split_tokens)
+                               max_blocks=max_blocks, block_tokens=block_tokens, split_tokens=split_tokens,
+                               window=window)
     out, lse = pl.pallas_call(
         kernel,
         grid=(batch, num_kv_heads, num_splits),
@@ -114,11 +121,16 @@ def _merge_splits(out: jax.Array, lse: jax.Array) -> jax.Array:
 
 
 def _decode_kernel(layer_ref, block_tables_ref, context_lens_ref, q_ref, pool_ref, out_ref, lse_ref, *,
-                   scale_log2: float, block_size: int, max_blocks: int, block_tokens: int, split_tokens: int):
+                   scale_log2: float, block_size: int, max_blocks: int, block_tokens: int, split_tokens: int,
+                   window: int):
     seq, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer = layer_ref[0]
+    context_len = context_lens_ref[seq]
     start = split * split_tokens
-    end = jnp.minimum(context_lens_ref[seq], start + split_tokens)
+    end = jnp.minimum(context_len, start + split_tokens)
+    if window:
+        # Positions before the window are never loaded: a split wholly before it stays empty (and weighs 0).
+        start = jnp.maximum(start, context_len - window)
     q = q_ref[...]
     offsets = jnp.arange(block_tokens)
     gather = functools.partial(gather_pages, pool_ref, layer, head=head, block_table_ref=block_tables_ref,

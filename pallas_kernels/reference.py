@@ -78,16 +78,24 @@ def _masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     return jnp.einsum("shgqn,shnd->shgqd", probs, v.astype(jnp.float32))
 
 
+def visible(query_pos: jax.Array, kv_pos: jax.Array, window: int) -> jax.Array:
+    """Whether a query at query_pos sees the key at kv_pos: causal, and with window > 0 only the `window` latest
+    positions (kv_pos > query_pos - window, as transformers' sliding-window mask has it)."""
+    seen = kv_pos <= query_pos
+    return seen & (kv_pos > query_pos - window) if window else seen
+
+
 def paged_decode_attention_reference(q: jax.Array, kv_pool: jax.Array, layer: jax.Array | int,
                                      block_tables: jax.Array, context_lens: jax.Array, *,
-                                     scale: float) -> jax.Array:
-    """One query token per sequence: q [B, Hq, D] attends the first context_lens[b] tokens of its pages."""
+                                     scale: float, window: int = 0) -> jax.Array:
+    """One query token per sequence: q [B, Hq, D] attends the first context_lens[b] tokens of its pages (the
+    last `window` of them when window > 0)."""
     _, _, num_kv_heads, block_size, head_dim = check_pool(kv_pool)
     batch, num_q_heads, _ = q.shape
     group = check_heads(num_q_heads, num_kv_heads)
     k, v = gather_sequence_kv(kv_pool, layer, block_tables)
     positions = jnp.arange(k.shape[2])
-    mask = (positions[None, :] < context_lens[:, None])[:, None, :]  # [B, 1, N]
+    mask = visible(context_lens[:, None] - 1, positions[None, :], window)[:, None, :]  # [B, 1, N]
     qg = q.reshape(batch, num_kv_heads, group, 1, head_dim)
     out = _masked_attention(qg, k, v, mask, scale)
     return out.reshape(batch, num_q_heads, head_dim).astype(q.dtype)
@@ -95,8 +103,10 @@ def paged_decode_attention_reference(q: jax.Array, kv_pool: jax.Array, layer: ja
 
 def paged_prefill_attention_reference(q: jax.Array, kv_pool: jax.Array, layer: jax.Array | int,
                                       block_tables: jax.Array, q_start: jax.Array, q_lens: jax.Array,
-                                      kv_lens: jax.Array, *, scale: float, max_q_len: int) -> jax.Array:
-    """Causal attention of packed new tokens q [T, Hq, D] over their sequences' cached prefix and themselves."""
+                                      kv_lens: jax.Array, *, scale: float, max_q_len: int,
+                                      window: int = 0) -> jax.Array:
+    """Causal attention of packed new tokens q [T, Hq, D] over their sequences' cached prefix and themselves
+    (over the last `window` positions up to each token when window > 0)."""
     _, _, num_kv_heads, block_size, head_dim = check_pool(kv_pool)
     num_tokens, num_q_heads, _ = q.shape
     num_seqs = block_tables.shape[0]
@@ -110,7 +120,7 @@ def paged_prefill_attention_reference(q: jax.Array, kv_pool: jax.Array, layer: j
     qs = qs.reshape(num_seqs, max_q_len, num_kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
     query_pos = (kv_lens - q_lens)[:, None] + local[None, :]  # absolute position of each row
     kv_pos = jnp.arange(k.shape[2])
-    mask = (kv_pos[None, None, :] <= query_pos[:, :, None]) & valid_row[:, :, None]
+    mask = visible(query_pos[:, :, None], kv_pos[None, None, :], window) & valid_row[:, :, None]
     out = _masked_attention(qs, k, v, mask, scale)  # [S, Hkv, G, Q, D]
     out = out.transpose(0, 3, 1, 2, 4).reshape(num_seqs * max_q_len, num_q_heads, head_dim)
     result = jnp.zeros((num_tokens, num_q_heads, head_dim), q.dtype)

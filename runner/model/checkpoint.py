@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from runner.model.config import ModelConfig
+from runner.model.hf_config import PHI3
 from runner.model.safetensors_io import CheckpointReader, checkpoint_files, numpy_dtype
 
 _CACHE_META = "nexus_params.json"
@@ -29,8 +30,14 @@ def param_shapes(config: ModelConfig) -> dict[str, Any]:
     qkv = config.q_size + 2 * config.kv_size
     layers = {"attn_norm": (n, h), "qkv": (n, h, qkv), "o": (n, config.q_size, h),
               "mlp_norm": (n, h), "gate_up": (n, h, 2 * i), "down": (n, i, h)}
-    if config.attention_bias:
+    if config.qkv_bias:
         layers["qkv_bias"] = (n, qkv)
+    if config.o_bias:
+        layers["o_bias"] = (n, h)
+    if config.mlp_bias:
+        layers |= {"gate_up_bias": (n, 2 * i), "down_bias": (n, h)}
+    if config.qk_norm:
+        layers |= {"q_norm": (n, config.head_dim), "k_norm": (n, config.head_dim)}
     shapes = {"embed": (v, h), "layers": layers, "final_norm": (h,)}
     if not config.tie_word_embeddings:
         shapes["lm_head"] = (h, v)
@@ -61,25 +68,54 @@ def _slots(config: ModelConfig) -> dict[str, _Slot]:
         p = f"model.layers.{n}."
         slots |= {
             p + "input_layernorm.weight": _Slot("attn_norm", n, 0, False, (h,)),
-            p + "self_attn.q_proj.weight": _Slot("qkv", n, 0, True, (q, h)),
-            p + "self_attn.k_proj.weight": _Slot("qkv", n, q, True, (kv, h)),
-            p + "self_attn.v_proj.weight": _Slot("qkv", n, q + kv, True, (kv, h)),
             p + "self_attn.o_proj.weight": _Slot("o", n, 0, True, (h, q)),
             p + "post_attention_layernorm.weight": _Slot("mlp_norm", n, 0, False, (h,)),
-            p + "mlp.gate_proj.weight": _Slot("gate_up", n, 0, True, (i, h)),
-            p + "mlp.up_proj.weight": _Slot("gate_up", n, i, True, (i, h)),
             p + "mlp.down_proj.weight": _Slot("down", n, 0, True, (h, i)),
         }
-        if config.attention_bias:
+        if config.architecture == PHI3:  # already fused, in our order: q|k|v and gate|up
+            slots |= {p + "self_attn.qkv_proj.weight": _Slot("qkv", n, 0, True, (q + 2 * kv, h)),
+                      p + "mlp.gate_up_proj.weight": _Slot("gate_up", n, 0, True, (2 * i, h))}
+        else:
+            slots |= {p + "self_attn.q_proj.weight": _Slot("qkv", n, 0, True, (q, h)),
+                      p + "self_attn.k_proj.weight": _Slot("qkv", n, q, True, (kv, h)),
+                      p + "self_attn.v_proj.weight": _Slot("qkv", n, q + kv, True, (kv, h)),
+                      p + "mlp.gate_proj.weight": _Slot("gate_up", n, 0, True, (i, h)),
+                      p + "mlp.up_proj.weight": _Slot("gate_up", n, i, True, (i, h))}
+        if config.qkv_bias:
             slots |= {p + "self_attn.q_proj.bias": _Slot("qkv_bias", n, 0, False, (q,)),
                       p + "self_attn.k_proj.bias": _Slot("qkv_bias", n, q, False, (kv,)),
                       p + "self_attn.v_proj.bias": _Slot("qkv_bias", n, q + kv, False, (kv,))}
+        if config.o_bias:
+            slots[p + "self_attn.o_proj.bias"] = _Slot("o_bias", n, 0, False, (h,))
+        if config.mlp_bias:
+            slots |= {p + "mlp.gate_proj.bias": _Slot("gate_up_bias", n, 0, False, (i,)),
+                      p + "mlp.up_proj.bias": _Slot("gate_up_bias", n, i, False, (i,)),
+                      p + "mlp.down_proj.bias": _Slot("down_bias", n, 0, False, (h,))}
+        if config.qk_norm:
+            d = config.head_dim
+            slots |= {p + "self_attn.q_norm.weight": _Slot("q_norm", n, 0, False, (d,)),
+                      p + "self_attn.k_norm.weight": _Slot("k_norm", n, 0, False, (d,))}
+    return slots
+
+
+# Where a checkpoint keeps its decoder and its output projection: a plain causal LM, then models that also take
+# images (whose language model is served alone), as transformers 5 and 4.x save them.
+_LAYOUTS = (("model.", "lm_head.weight"), ("model.language_model.", "lm_head.weight"),
+            ("language_model.model.", "language_model.lm_head.weight"))
+
+
+def _stored_names(slots: dict[str, _Slot], tensors: dict) -> dict[str, _Slot]:
+    """`slots` keyed by the names this checkpoint stores them under."""
+    for prefix, head in _LAYOUTS:
+        if prefix + "embed_tokens.weight" in tensors:
+            return {head if name == "lm_head.weight" else prefix + name.removeprefix("model."): slot
+                    for name, slot in slots.items()}
     return slots
 
 
 def _is_ignored(name: str, config: ModelConfig) -> bool:
     # Tied models read the output projection from the embedding, so a stored copy is redundant.
-    return name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight")
+    return name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name.endswith("lm_head.weight"))
 
 
 def _check_tensors(tensors: dict, slots: dict[str, _Slot], config: ModelConfig) -> None:
@@ -128,8 +164,8 @@ def load_hf_params(model_dir: str | Path, config: ModelConfig | None = None,
     files = checkpoint_files(model_dir)
     file_config = ModelConfig.from_json(model_dir)
     config = config if config is not None else file_config
-    slots = _slots(config)
     with CheckpointReader(files) as reader:
+        slots = _stored_names(_slots(config), reader.tensors)
         _check_tensors(reader.tensors, slots, config)
         params = _zeros(config, jnp.dtype(dtype))
         for name, slot in slots.items():

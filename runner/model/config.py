@@ -11,11 +11,12 @@ from typing import Any
 import jax.numpy as jnp
 
 from configs import CONFIGS_DIR
+from runner.model.activations import ACTIVATIONS
+from runner.model.hf_config import SUPPORTED_ARCHITECTURES, model_fields
 
-# Architectures whose weights share the Llama layout (RMSNorm, SwiGLU, RoPE, GQA).
-# Qwen2 differs only by q/k/v biases, which `attention_bias` covers.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-
+# dynamic NTK and longrope are not here: transformers switches their frequencies by the length of the sequences
+# in the current forward pass, which a continuously batched engine cannot reproduce.
+ROPE_TYPES = ("default", "llama3", "linear", "yarn")
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 DTYPE_NAMES = ("auto", *DTYPES)
 
@@ -49,7 +50,14 @@ class ModelConfig:
     rope_scaling: tuple[tuple[str, Any], ...] | dict | None = None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    # The variations of the Llama layout (RMSNorm, gated MLP, RoPE, GQA) that the supported families use.
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False  # on gate, up and down
+    hidden_act: str = "silu"
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
+    # Sliding-window size of each layer, 0 for full attention; empty when no layer has a window.
+    layer_windows: tuple[int, ...] = ()
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -63,11 +71,20 @@ class ModelConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}")
+        object.__setattr__(self, "layer_windows", tuple(self.layer_windows))  # JSON gives a list
+        if self.layer_windows and (len(self.layer_windows) != self.num_layers or min(self.layer_windows) < 0):
+            raise ValueError(f"layer_windows must hold {self.num_layers} sizes >= 0, got {self.layer_windows}")
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
         rope_type = rope_type_of(self.rope_scaling)
-        if rope_type not in ("default", "llama3"):
-            raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: default, llama3")
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+
+    def window(self, layer: int) -> int:
+        """The sliding-window size of `layer`, 0 when it attends the whole context."""
+        return self.layer_windows[layer] if self.layer_windows else 0
 
     @property
     def q_size(self) -> int:
@@ -80,40 +97,14 @@ class ModelConfig:
     def num_params(self) -> int:
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
         per_layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i + 2 * h
-        if self.attention_bias:
-            per_layer += self.q_size + 2 * self.kv_size
+        per_layer += self.qkv_bias * (self.q_size + 2 * self.kv_size) + self.o_bias * h
+        per_layer += self.mlp_bias * (2 * i + h) + self.qk_norm * 2 * self.head_dim
         return v * h * (1 if self.tie_word_embeddings else 2) + self.num_layers * per_layer + h
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any]) -> "ModelConfig":
-        archs = cfg.get("architectures") or []
-        if not archs:
-            raise ValueError("config.json has no 'architectures' entry")
-        num_heads = cfg["num_attention_heads"]
-        hidden = cfg["hidden_size"]
-        head_dim = cfg.get("head_dim") or hidden // num_heads
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        arch = archs[0]
-        return cls(
-            architecture=arch,
-            vocab_size=cfg["vocab_size"],
-            hidden_size=hidden,
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
-            head_dim=head_dim,
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            rope_theta=_rope_theta(cfg),
-            rope_scaling=_rope_scaling(cfg),
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            # Qwen2 always has q/k/v biases; Llama has them only when attention_bias is set.
-            attention_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-        )
+        """From a config.json dict; refuses what would run wrong (see runner/model/hf_config.py)."""
+        return cls(**model_fields(cfg))
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":
@@ -134,17 +125,6 @@ class ModelConfig:
         return cls.from_json(path)
 
 
-def _rope_theta(cfg: dict[str, Any]) -> float:
-    # transformers 5 moved rope_theta into rope_parameters; accept both spellings.
-    params = cfg.get("rope_parameters") or {}
-    return float(cfg.get("rope_theta", params.get("rope_theta", 10000.0)))
-
-
-def _rope_scaling(cfg: dict[str, Any]) -> dict | None:
-    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
-    return scaling if rope_type_of(scaling) != "default" else None
-
-
 def rope_type_of(rope_scaling: tuple | dict | None) -> str:
     if not rope_scaling:
         return "default"
@@ -153,14 +133,19 @@ def rope_type_of(rope_scaling: tuple | dict | None) -> str:
 
 
 def rope_inv_freq(config: ModelConfig) -> "list[float]":
-    """Inverse frequencies per rotary pair, with Llama 3's long-context scaling applied when configured."""
+    """Inverse frequencies per rotary pair, scaled as the config's rope_scaling type says (as transformers does)."""
     d = config.head_dim
     inv = [1.0 / (config.rope_theta ** (2 * i / d)) for i in range(d // 2)]
-    if rope_type_of(config.rope_scaling) != "llama3":
+    rope_type = rope_type_of(config.rope_scaling)
+    s = dict(config.rope_scaling or ())
+    if rope_type == "linear":
+        return [f / s["factor"] for f in inv]
+    if rope_type == "yarn":
+        return _yarn_inv_freq(inv, s, config.rope_theta)
+    if rope_type != "llama3":
         return inv
-    s = dict(config.rope_scaling)
     factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
-    old_ctx = s.get("original_max_position_embeddings", 8192)
+    old_ctx = s["original_max_position_embeddings"]
     low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
     out = []
     for f in inv:
@@ -173,3 +158,40 @@ def rope_inv_freq(config: ModelConfig) -> "list[float]":
             smooth = (old_ctx / wavelen - low) / (high - low)
             out.append((1 - smooth) * f / factor + smooth * f)
     return out
+
+
+def _yarn_inv_freq(inv: list[float], s: dict[str, Any], base: float) -> list[float]:
+    """YaRN: extrapolated (unscaled) frequencies for the fast dimensions, interpolated (divided by factor) for the
+    slow ones, with a linear ramp between the dimensions that rotate beta_fast and beta_slow times over the
+    original context."""
+    dim, factor, old_ctx = 2 * len(inv), s["factor"], s["original_max_position_embeddings"]
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(s.get("beta_fast") or 32), correction_dim(s.get("beta_slow") or 1)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    high = high + 0.001 if low == high else high  # transformers' guard against a zero-width ramp
+    out = []
+    for i, f in enumerate(inv):
+        extrapolate = 1 - min(max((i - low) / (high - low), 0.0), 1.0)
+        out.append(f / factor * (1 - extrapolate) + f * extrapolate)
+    return out
+
+
+def rope_attention_factor(config: ModelConfig) -> float:
+    """What cos and sin are multiplied by: YaRN's attention temperature, 1 for every other type."""
+    if rope_type_of(config.rope_scaling) != "yarn":
+        return 1.0
+    s = dict(config.rope_scaling)
+    if s.get("attention_factor") is not None:
+        return float(s["attention_factor"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if s.get("mscale") and s.get("mscale_all_dim"):
+        return mscale(s["factor"], s["mscale"]) / mscale(s["factor"], s["mscale_all_dim"])
+    return mscale(s["factor"])

@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2) over a paged KV pool.
+"""Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2, Qwen3, Phi-3) over a paged KV pool: optional biases,
+q/k norms and per-layer sliding windows, as runner/model/hf_config.py reads them from config.json.
 
 The layers are unrolled over per-layer weight arrays. Under `lax.scan` over stacked weights, XLA on a GPU copies
 each layer's dynamic slice of a weight before its GEMM, which doubled the weight traffic of a decode step
@@ -16,7 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels as pk
-from runner.model.config import ModelConfig, rope_inv_freq
+from runner.model.activations import ACTIVATIONS
+from runner.model.config import ModelConfig, rope_attention_factor, rope_inv_freq
 from runner.step_batch import StepBatch
 
 
@@ -36,22 +38,22 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class LayerWeights(nnx.Module):
-    """One decoder layer's weights."""
+    """One decoder layer's weights; the optional ones are None where the config has none."""
+
+    REQUIRED = ("attn_norm", "qkv", "o", "mlp_norm", "gate_up", "down")
+    OPTIONAL = ("qkv_bias", "o_bias", "gate_up_bias", "down_bias", "q_norm", "k_norm")
 
     def __init__(self, layers: dict[str, jax.Array]):
-        self.attn_norm = nnx.Param(layers["attn_norm"])
-        self.qkv = nnx.Param(layers["qkv"])
-        self.qkv_bias = nnx.Param(layers["qkv_bias"]) if "qkv_bias" in layers else None
-        self.o = nnx.Param(layers["o"])
-        self.mlp_norm = nnx.Param(layers["mlp_norm"])
-        self.gate_up = nnx.Param(layers["gate_up"])
-        self.down = nnx.Param(layers["down"])
+        for name in self.REQUIRED + self.OPTIONAL:
+            setattr(self, name, nnx.Param(layers[name]) if name in layers else None)
 
     def arrays(self) -> dict[str, jax.Array]:
-        names = ["attn_norm", "qkv", "o", "mlp_norm", "gate_up", "down"]
-        if self.qkv_bias is not None:
-            names.append("qkv_bias")
-        return {n: getattr(self, n)[...] for n in names}
+        return {n: getattr(self, n)[...] for n in self.REQUIRED + self.OPTIONAL if getattr(self, n) is not None}
+
+
+def _linear(x: jax.Array, w: dict[str, jax.Array], name: str) -> jax.Array:
+    y = x @ w[name]
+    return y + w[name + "_bias"] if name + "_bias" in w else y
 
 
 class Transformer(nnx.Module):
@@ -88,36 +90,38 @@ class Transformer(nnx.Module):
         cfg = self.config
         x = self.embed[...][batch.tokens]
         freqs = batch.positions.astype(jnp.float32)[:, None] * self.inv_freq[...][None, :]
-        cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+        attention_factor = rope_attention_factor(cfg)
+        cos, sin = attention_factor * jnp.cos(freqs), attention_factor * jnp.sin(freqs)
         scale = cfg.head_dim ** -0.5
         num_decode = batch.num_decode
         impl = self.kernel_impl
+        act = ACTIVATIONS[cfg.hidden_act]
 
         def layer(x, kv, li, w):
             h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
-            qkv = h @ w["qkv"]
-            if "qkv_bias" in w:
-                qkv = qkv + w["qkv_bias"]
+            qkv = _linear(h, w, "qkv")
             q = qkv[:, :cfg.q_size].reshape(-1, cfg.num_heads, cfg.head_dim)
             k = qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].reshape(-1, cfg.num_kv_heads, cfg.head_dim)
             v = qkv[:, cfg.q_size + cfg.kv_size:].reshape(-1, cfg.num_kv_heads, cfg.head_dim)
+            if cfg.qk_norm:
+                q, k = rms_norm(q, w["q_norm"], cfg.rms_norm_eps), rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             kv = pk.write_kv(kv, li, k, v, batch.slot_mapping, impl=impl)
             parts = []
             if num_decode:
                 parts.append(pk.paged_decode_attention(
                     q[:num_decode], kv, li, batch.decode_block_tables, batch.decode_context_lens,
-                    scale=scale, impl=impl))
+                    scale=scale, window=cfg.window(li), impl=impl))
             if batch.num_prefill_tokens:
                 parts.append(pk.paged_prefill_attention(
                     q[num_decode:], kv, li, batch.prefill_block_tables, batch.prefill_q_start,
                     batch.prefill_q_lens, batch.prefill_kv_lens, scale=scale, max_q_len=batch.max_q_len,
-                    impl=impl))
+                    window=cfg.window(li), impl=impl))
             attn = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
-            x = x + attn.reshape(x.shape[0], cfg.q_size) @ w["o"]
+            x = x + _linear(attn.reshape(x.shape[0], cfg.q_size), w, "o")
             h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
-            gate, up = jnp.split(h @ w["gate_up"], 2, axis=-1)
-            x = x + (jax.nn.silu(gate) * up) @ w["down"]
+            gate, up = jnp.split(_linear(h, w, "gate_up"), 2, axis=-1)
+            x = x + _linear(act(gate) * up, w, "down")
             return x, kv
 
         for li, weights in enumerate(self.layers):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -13,6 +14,7 @@ import pytest
 import pallas_kernels as pk
 from pallas_kernels import backend
 from pallas_kernels.decode_attention import decode_pallas
+from pallas_kernels.prefill_attention import prefill_pallas
 
 
 def make_pool(rng, *, layers=3, blocks=24, kv_heads=2, block_size=16, head_dim=64, dtype=jnp.float32):
@@ -29,31 +31,33 @@ def tolerance(dtype):
     return {"rtol": 1e-5, "atol": 1e-5} if dtype == jnp.float32 else {"rtol": 2e-2, "atol": 2e-2}
 
 
-def naive_attention(q_row, pool, layer, table, num_kv, scale, group):
-    """Attention of one query token [Hq, D] over the first num_kv tokens of a page table, per token in f64."""
+def naive_attention(q_row, pool, layer, table, num_kv, scale, group, window=0):
+    """Attention of one query token [Hq, D] over the first num_kv tokens of a page table (the last `window` of
+    them if window > 0), per token in f64."""
     pool = np.asarray(pool, np.float64)
     block_size = pool.shape[4]
     out = np.zeros(q_row.shape)
+    seen = range(max(0, num_kv - window) if window else 0, num_kv)
     for h in range(q_row.shape[0]):
-        keys = np.stack([pool[layer, 0, table[p // block_size], h // group, p % block_size] for p in range(num_kv)])
-        vals = np.stack([pool[layer, 1, table[p // block_size], h // group, p % block_size] for p in range(num_kv)])
+        keys = np.stack([pool[layer, 0, table[p // block_size], h // group, p % block_size] for p in seen])
+        vals = np.stack([pool[layer, 1, table[p // block_size], h // group, p % block_size] for p in seen])
         scores = keys @ np.asarray(q_row[h], np.float64) * scale
         probs = np.exp(scores - scores.max())
         out[h] = probs @ vals / probs.sum()
     return out
 
 
-def naive_decode(q, pool, layer, tables, context_lens, scale):
+def naive_decode(q, pool, layer, tables, context_lens, scale, window=0):
     q, tables, context_lens = np.asarray(q, np.float64), np.asarray(tables), np.asarray(context_lens)
     group = q.shape[1] // pool.shape[3]
     out = np.zeros(q.shape)
     for b in range(q.shape[0]):
         if context_lens[b]:
-            out[b] = naive_attention(q[b], pool, layer, tables[b], context_lens[b], scale, group)
+            out[b] = naive_attention(q[b], pool, layer, tables[b], context_lens[b], scale, group, window)
     return out
 
 
-def naive_prefill(q, pool, layer, tables, q_start, q_lens, kv_lens, scale):
+def naive_prefill(q, pool, layer, tables, q_start, q_lens, kv_lens, scale, window=0):
     q, tables = np.asarray(q, np.float64), np.asarray(tables)
     group = q.shape[1] // pool.shape[3]
     out = np.zeros(q.shape)
@@ -61,7 +65,7 @@ def naive_prefill(q, pool, layer, tables, q_start, q_lens, kv_lens, scale):
         prefix = int(kv_lens[s]) - int(q_lens[s])
         for i in range(int(q_lens[s])):
             row = int(q_start[s]) + i
-            out[row] = naive_attention(q[row], pool, layer, tables[s], prefix + i + 1, scale, group)
+            out[row] = naive_attention(q[row], pool, layer, tables[s], prefix + i + 1, scale, group, window)
     return out
 
 
@@ -92,26 +96,29 @@ def prefill_case(rng, *, group, kv_heads, head_dim, block_size, dtype, q_lens, p
 
 # ---- reference vs naive oracle (fp32) -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("group,head_dim,block_size", [(1, 64, 16), (4, 128, 8), (8, 64, 16)])
-def test_decode_reference_matches_naive(group, head_dim, block_size):
+@pytest.mark.parametrize("group,head_dim,block_size,window", [(1, 64, 16, 0), (4, 128, 8, 0), (8, 64, 16, 0),
+                                                              (4, 64, 16, 21), (1, 64, 8, 1)])
+def test_decode_reference_matches_naive(group, head_dim, block_size, window):
     rng = np.random.default_rng(group * 1000 + head_dim + block_size)
     q, pool, tables, lens = decode_case(rng, batch=6, group=group, kv_heads=2, head_dim=head_dim,
                                         block_size=block_size, max_blocks=5, dtype=jnp.float32)
-    out = pk.paged_decode_attention(q, pool, 2, tables, lens, scale=0.125, impl="xla")
+    out = pk.paged_decode_attention(q, pool, 2, tables, lens, scale=0.125, window=window, impl="xla")
     assert out.shape == q.shape and out.dtype == q.dtype
-    np.testing.assert_allclose(out, naive_decode(q, pool, 2, tables, lens, 0.125), rtol=1e-5, atol=1e-5)
+    want = naive_decode(q, pool, 2, tables, lens, 0.125, window)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
     assert not np.any(np.asarray(out[3])), "context_len 0 must give zeros"
 
 
-@pytest.mark.parametrize("group,head_dim,block_size", [(1, 64, 16), (4, 128, 8), (8, 64, 16)])
-def test_prefill_reference_matches_naive(group, head_dim, block_size):
+@pytest.mark.parametrize("group,head_dim,block_size,window", [(1, 64, 16, 0), (4, 128, 8, 0), (8, 64, 16, 0),
+                                                              (4, 64, 16, 9), (1, 64, 8, 1)])
+def test_prefill_reference_matches_naive(group, head_dim, block_size, window):
     rng = np.random.default_rng(group * 100 + head_dim + block_size)
     case = prefill_case(rng, group=group, kv_heads=2, head_dim=head_dim, block_size=block_size,
                         dtype=jnp.float32, q_lens=[7, 20, 1, 0], prefixes=[0, 13, 30, 0], tail=3)
     q, pool, tables, q_start, q_lens, kv_lens = case
     out = pk.paged_prefill_attention(q, pool, 1, tables, q_start, q_lens, kv_lens, scale=0.1, max_q_len=20,
-                                     impl="xla")
-    want = naive_prefill(q, pool, 1, tables, q_start, q_lens, kv_lens, 0.1)
+                                     window=window, impl="xla")
+    want = naive_prefill(q, pool, 1, tables, q_start, q_lens, kv_lens, 0.1, window)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
     assert not np.any(np.asarray(out[28:])), "rows owned by no sequence must be zeros"
 
@@ -197,6 +204,39 @@ def test_prefill_pallas_matches_reference(dtype, group, head_dim, block_size, q_
     assert got.dtype == q.dtype
     np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), **tolerance(dtype))
     assert not np.any(np.asarray(got[sum(q_lens):].astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("window,num_splits", [(21, 3), (40, 3), (5, None)])
+def test_decode_pallas_sliding_window(window, num_splits):
+    """Splits wholly before the window stay empty; the window starts mid-page and mid-split."""
+    rng = np.random.default_rng(window)
+    q, pool, tables, lens = decode_case(rng, batch=4, group=4, kv_heads=2, head_dim=64, block_size=16,
+                                        max_blocks=6, dtype=jnp.float32)
+    got = decode_pallas(q, pool, jnp.asarray([1], jnp.int32), tables, lens, scale=0.1, window=window,
+                        interpret=True, num_splits=num_splits, block_tokens=16)
+    want = pk.paged_decode_attention(q, pool, 1, tables, lens, scale=0.1, window=window, impl="xla")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    full = pk.paged_decode_attention(q, pool, 1, tables, lens, scale=0.1, impl="xla")
+    assert not np.allclose(got[:2], full[:2], atol=1e-3), "the window must change rows longer than it"
+
+
+@pytest.mark.parametrize("window,blocks", [(1, 16), (13, 16), (40, 16), (100, None)])
+def test_prefill_pallas_sliding_window(window, blocks):
+    """Prompts several windows long, after a cached prefix: rows whose window starts past the first row's
+    block, blocks wholly inside every row's window, and windows shorter than a KV block."""
+    rng = np.random.default_rng(window)
+    q_lens, prefixes = [150, 9, 0], [30, 170, 0]
+    q, pool, tables, q_start, q_lens_a, kv_lens = prefill_case(
+        rng, group=4, kv_heads=2, head_dim=64, block_size=16, dtype=jnp.float32, q_lens=q_lens,
+        prefixes=prefixes, tail=4)
+    i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
+    tiles = {} if blocks is None else {"block_q": blocks, "block_kv": blocks}
+    got = prefill_pallas(q, pool, i32([2]), tables, q_start, q_lens_a, kv_lens, scale=0.1, max_q_len=150,
+                         window=window, interpret=True, **tiles)
+    want = pk.paged_prefill_attention(q, pool, 2, tables, q_start, q_lens_a, kv_lens, scale=0.1, max_q_len=150,
+                                      window=window, impl="xla")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert not np.any(np.asarray(got[sum(q_lens):]))
 
 
 # ---- backend choice and argument checks ------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from runner.model import checkpoint
 from runner.model.checkpoint import (
@@ -43,10 +43,14 @@ def models(tmp_path_factory):
     llama = LlamaForCausalLM(LlamaConfig(**SMALL, head_dim=16))
     qwen = Qwen2ForCausalLM(Qwen2Config(**SMALL))
     tied = LlamaForCausalLM(LlamaConfig(**SMALL, tie_word_embeddings=True))
+    biased = LlamaForCausalLM(LlamaConfig(**SMALL, attention_bias=True, mlp_bias=True))
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(**SMALL, head_dim=32, attention_bias=True))
     out = {"llama": _save(llama, root / "llama"),
            "sharded": _save(llama, root / "sharded", max_shard_size="40KB"),
            "qwen": _save(qwen, root / "qwen"),
-           "tied": _save(tied, root / "tied")}
+           "tied": _save(tied, root / "tied"),
+           "biased": _save(biased, root / "biased"),
+           "qwen3": _save(qwen3, root / "qwen3")}
     out["bf16"] = _save(llama.to(torch.bfloat16), root / "bf16")
     return out
 
@@ -66,8 +70,17 @@ def _expected(sd, config):
                                                           sd[p + "mlp.up_proj.weight"].T], axis=1)),
         "down": layer_stack(lambda p: sd[p + "mlp.down_proj.weight"].T),
     }
-    if config.attention_bias:
+    if config.qkv_bias:
         layers["qkv_bias"] = layer_stack(lambda p: np.concatenate([sd[p + attn + f"{x}_proj.bias"] for x in "qkv"]))
+    if config.o_bias:
+        layers["o_bias"] = layer_stack(lambda p: sd[p + attn + "o_proj.bias"])
+    if config.mlp_bias:
+        layers["gate_up_bias"] = layer_stack(lambda p: np.concatenate([sd[p + "mlp.gate_proj.bias"],
+                                                                       sd[p + "mlp.up_proj.bias"]]))
+        layers["down_bias"] = layer_stack(lambda p: sd[p + "mlp.down_proj.bias"])
+    if config.qk_norm:
+        layers["q_norm"] = layer_stack(lambda p: sd[p + attn + "q_norm.weight"])
+        layers["k_norm"] = layer_stack(lambda p: sd[p + attn + "k_norm.weight"])
     out = {"embed": sd["model.embed_tokens.weight"], "layers": layers, "final_norm": sd["model.norm.weight"]}
     if not config.tie_word_embeddings:
         out["lm_head"] = sd["lm_head.weight"].T
@@ -81,11 +94,12 @@ def _assert_params_equal(params, expected):
         np.testing.assert_array_equal(np.asarray(got, np.float32), want)
 
 
-@pytest.mark.parametrize("name", ["llama", "sharded", "qwen", "tied", "bf16"])
+@pytest.mark.parametrize("name", ["llama", "sharded", "qwen", "tied", "bf16", "biased", "qwen3"])
 def test_load_matches_hf_tensors(models, name):
     path, sd = models[name]
     config = ModelConfig.from_json(path)
-    assert config.attention_bias == (name == "qwen") and config.tie_word_embeddings == (name == "tied")
+    assert config.qkv_bias == (name in ("qwen", "biased", "qwen3")) and config.tie_word_embeddings == (name == "tied")
+    assert config.o_bias == (name in ("biased", "qwen3")) and config.mlp_bias == (name == "biased")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         params = load_hf_params(path, config, jnp.float32)
@@ -258,7 +272,7 @@ def test_peak_host_memory_is_about_one_tensor(tmp_path):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_random_params_layout(tied):
-    config = dataclasses.replace(ModelConfig.preset("tiny"), tie_word_embeddings=tied, attention_bias=tied)
+    config = dataclasses.replace(ModelConfig.preset("tiny"), tie_word_embeddings=tied, qkv_bias=tied)
     params = random_params(config, jnp.bfloat16, seed=1)
     shapes = jax.tree.map(lambda x: x.shape, params)
     assert shapes == param_shapes(config)

@@ -1,5 +1,7 @@
 """The model path against Hugging Face transformers on tiny random checkpoints (float32, CPU)."""
 
+import zlib
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -28,17 +30,42 @@ def _hf_config(kind: str):
             **common, head_dim=32, rope_theta=500000.0, tie_word_embeddings=True,
             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                           "original_max_position_embeddings": 64})
+    if kind == "llama_biased":  # biases on all four attention projections and the MLP, a GELU MLP, linear RoPE
+        return transformers.LlamaConfig(**common, attention_bias=True, mlp_bias=True, hidden_act="gelu",
+                                        rope_scaling={"rope_type": "linear", "factor": 3.0})
     if kind == "qwen2":
         return transformers.Qwen2Config(**{**common, "num_attention_heads": 8}, rope_theta=1000000.0,
                                         use_sliding_window=False)
+    if kind == "mistral_window":  # every layer slides; prompts and generations run several windows long
+        return transformers.MistralConfig(**common, sliding_window=12)
+    if kind == "qwen3_window":  # q/k RMSNorm, a head_dim that is not hidden_size / num_heads, layer 1 slides, and
+        # YaRN from a 16-token original context (its ramp and attention factor both matter)
+        return transformers.Qwen3Config(**common, head_dim=32, rope_theta=1000000.0, hidden_act="gelu_pytorch_tanh",
+                                        use_sliding_window=True, sliding_window=8, max_window_layers=1,
+                                        rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                      "original_max_position_embeddings": 16})
+    if kind == "phi3_window":  # fused qkv_proj and gate_up_proj, a window on every layer
+        return transformers.Phi3Config(**common, sliding_window=10)
     raise ValueError(kind)
 
 
-@pytest.fixture(scope="module", params=["llama", "llama3", "qwen2"])
+def _perturb_biases_and_norms(hf):
+    """transformers initialises biases to 0 and norm weights to 1, where dropping one changes nothing."""
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.1)
+            elif "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+
+
+@pytest.fixture(scope="module", params=["llama", "llama3", "llama_biased", "qwen2", "qwen3_window",
+                                                 "mistral_window", "phi3_window"])
 def model_pair(request, tmp_path_factory):
-    torch.manual_seed(hash(request.param) % 1000)
+    torch.manual_seed(zlib.crc32(request.param.encode()))  # hash() of a str changes with PYTHONHASHSEED
     cfg = _hf_config(request.param)
     hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    _perturb_biases_and_norms(hf)
     path = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(path)
     config = ModelConfig.from_json(path)
@@ -123,3 +150,25 @@ def test_greedy_after_prefix_cache_hit(model_pair):
         cached += 1
         out.append(int(tok))
     assert out == _hf_greedy(hf, second, 24)
+
+
+def test_language_model_of_an_image_text_checkpoint(tmp_path):
+    """Mistral 3 nests a Mistral language model under text_config and its weights under language_model.*: the
+    language model is served alone and matches the full transformers model on text."""
+    torch.manual_seed(4)
+    text = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, sliding_window=None)
+    vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                              num_attention_heads=2, image_size=32, patch_size=16, head_dim=16)
+    hf = transformers.Mistral3ForConditionalGeneration(
+        transformers.Mistral3Config(text_config=text, vision_config=vision)).eval()
+    _perturb_biases_and_norms(hf)
+    hf.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="language model only"):
+        config = ModelConfig.from_json(tmp_path)
+    assert config.architecture == "MistralForCausalLM"
+    with pytest.warns(UserWarning, match="multi_modal_projector"):  # the vision weights are left unread
+        params = load_hf_params(tmp_path, config, dtype=jnp.float32)
+    ids = np.random.default_rng(5).integers(0, VOCAB, 20).tolist()
+    got = _runner(config, params).logits([], [SeqChunk(ids, 0, [0, 1])])[0]
+    assert _rel(got, _hf_logits(hf, ids)[-1]) < 1e-3

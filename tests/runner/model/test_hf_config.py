@@ -1,0 +1,145 @@
+"""config.json fields that change the model are implemented or refused by name; nothing is dropped silently."""
+
+import dataclasses
+import json
+import warnings
+
+import pytest
+import transformers
+
+from configs import CONFIGS_DIR
+from runner.model.config import ModelConfig
+
+SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2)
+
+
+def _saved(config_class, **kwargs) -> dict:
+    """The config.json that transformers writes for this config's model."""
+    architecture = config_class.__name__.replace("Config", "ForCausalLM")
+    return {"architectures": [architecture], **json.loads(config_class(**SMALL, **kwargs).to_json_string())}
+
+
+def _parse(cfg: dict) -> ModelConfig:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return ModelConfig.from_hf_dict(cfg)
+
+
+@pytest.mark.parametrize("config_class", [transformers.LlamaConfig, transformers.MistralConfig,
+                                          transformers.Qwen2Config, transformers.Qwen3Config, transformers.Phi3Config])
+def test_configs_saved_by_transformers_parse_without_warnings(config_class):
+    windowed = (transformers.MistralConfig, transformers.Phi3Config)
+    kwargs = {"sliding_window": None} if config_class in windowed else {}
+    config = _parse(_saved(config_class, **kwargs))
+    assert config.num_layers == 2 and config.hidden_act == "silu"
+
+
+def test_llama_options_become_config_fields():
+    config = _parse(_saved(transformers.LlamaConfig, attention_bias=True, mlp_bias=True, hidden_act="gelu"))
+    assert (config.qkv_bias, config.o_bias, config.mlp_bias, config.hidden_act) == (True, True, True, "gelu")
+    qwen2 = _parse(_saved(transformers.Qwen2Config))
+    assert (qwen2.qkv_bias, qwen2.o_bias, qwen2.qk_norm) == (True, False, False)
+    qwen3 = _parse(_saved(transformers.Qwen3Config, head_dim=32))
+    assert (qwen3.qkv_bias, qwen3.qk_norm, qwen3.head_dim, qwen3.q_size) == (False, True, 32, 128)
+
+
+def test_unsupported_activation_is_refused_by_name():
+    with pytest.raises(ValueError, match="hidden_act 'relu2'"):
+        ModelConfig.from_hf_dict(_saved(transformers.LlamaConfig, hidden_act="relu2"))
+
+
+def test_sliding_windows_per_layer():
+    assert _parse(_saved(transformers.MistralConfig, sliding_window=16)).layer_windows == (16, 16)
+    assert _parse(_saved(transformers.MistralConfig, sliding_window=None)).layer_windows == ()
+    qwen = _saved(transformers.Qwen2Config, use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    config = _parse(qwen)
+    assert config.layer_windows == (0, 16) and (config.window(0), config.window(1)) == (0, 16)
+    del qwen["layer_types"]  # as transformers 4 wrote it: max_window_layers alone says which layers slide
+    assert _parse(qwen).layer_windows == (0, 16)
+    # Without use_sliding_window transformers ignores sliding_window and layer_types.
+    assert _parse({**qwen, "use_sliding_window": False, "layer_types": ["sliding_attention"] * 2}).layer_windows == ()
+    assert _parse(_saved(transformers.Qwen3Config, use_sliding_window=True, sliding_window=16,
+                         max_window_layers=2)).layer_windows == ()
+    with pytest.raises(ValueError, match="layer_types.*chunked_attention"):
+        ModelConfig.from_hf_dict({**qwen, "layer_types": ["full_attention", "chunked_attention"]})
+    with pytest.raises(ValueError, match="layer_windows"):
+        dataclasses.replace(config, layer_windows=(4,))
+
+
+def test_partial_rotary_is_refused():
+    phi = _saved(transformers.Phi3Config, sliding_window=None)
+    phi["rope_parameters"]["partial_rotary_factor"] = 0.75
+    with pytest.raises(ValueError, match="partial_rotary_factor=0.75"):
+        ModelConfig.from_hf_dict(phi)
+    with pytest.raises(ValueError, match="partial_rotary_factor=0.5"):
+        ModelConfig.from_hf_dict({**_saved(transformers.Phi3Config, sliding_window=None), "partial_rotary_factor": 0.5})
+
+
+def test_unknown_fields_are_listed_in_one_warning():
+    cfg = {**_saved(transformers.LlamaConfig), "logits_scaling": 4.0, "embedding_multiplier": 12.0,
+           "some_null_field": None}
+    with pytest.warns(UserWarning) as record:
+        ModelConfig.from_hf_dict(cfg)
+    assert len(record) == 1
+    assert "embedding_multiplier, logits_scaling" in str(record[0].message)
+    assert "some_null_field" not in str(record[0].message)
+    # A Mistral config does not read mlp_bias (its MLP has none), so it is listed rather than applied.
+    with pytest.warns(UserWarning, match="mlp_bias"):
+        config = ModelConfig.from_hf_dict({**_saved(transformers.MistralConfig, sliding_window=None), "mlp_bias": True})
+    assert not config.mlp_bias
+
+
+@pytest.mark.parametrize("key", ["quantization_config", "compression_config"])
+def test_quantized_checkpoints_are_refused(key):
+    cfg = {**_saved(transformers.LlamaConfig), key: {"quant_method": "awq", "bits": 4}}
+    with pytest.raises(ValueError, match="quantized checkpoints are not supported.*'awq'"):
+        ModelConfig.from_hf_dict(cfg)
+
+
+def test_nested_text_config():
+    gemma = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+             "text_config": {"model_type": "gemma3_text", "hidden_size": 64}, "vision_config": {}}
+    with pytest.raises(ValueError, match="text_config.*'gemma3_text'.*not supported.*images, audio.*not served"):
+        ModelConfig.from_hf_dict(gemma)
+    llava = {"architectures": ["LlavaForConditionalGeneration"], "eos_token_id": 7, "tie_word_embeddings": False,
+             "text_config": {**_saved(transformers.Qwen2Config), "eos_token_id": None}, "vision_config": {}}
+    with pytest.warns(UserWarning, match="LlavaForConditionalGeneration: serving its qwen2 language model only"):
+        config = ModelConfig.from_hf_dict(llava)
+    assert config.architecture == "Qwen2ForCausalLM" and config.eos_token_ids == (7,)
+    with pytest.raises(ValueError, match="quantized"):
+        ModelConfig.from_hf_dict({**llava, "text_config": {**llava["text_config"], "quantization_config": {}}})
+
+
+def test_missing_required_field_is_named():
+    cfg = _saved(transformers.LlamaConfig)
+    del cfg["num_attention_heads"]
+    with pytest.raises(ValueError, match="no 'num_attention_heads'"):
+        ModelConfig.from_hf_dict(cfg)
+
+
+def test_rope_scaling_types():
+    for rope_type in ("dynamic", "longrope"):
+        with pytest.raises(ValueError, match=f"rope_scaling type '{rope_type}'"):
+            ModelConfig.from_hf_dict({**_saved(transformers.LlamaConfig),
+                                      "rope_scaling": {"rope_type": rope_type, "factor": 2.0}})
+    # Old Phi-3 configs spell longrope "yarn"; transformers reads them as longrope.
+    phi = {**_saved(transformers.Phi3Config, sliding_window=None), "rope_scaling": {"type": "yarn", "factor": 2.0}}
+    with pytest.raises(ValueError, match="rope_scaling type 'longrope'"):
+        ModelConfig.from_hf_dict(phi)
+    # Missing original context lengths default to max_position_embeddings, and YaRN's factor to their ratio.
+    yarn = _parse({**_saved(transformers.Qwen3Config, max_position_embeddings=4096),
+                   "rope_scaling": {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 1024}})
+    assert dict(yarn.rope_scaling)["factor"] == 4.0
+    llama3 = _parse({**_saved(transformers.LlamaConfig, max_position_embeddings=2048),
+                     "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
+    assert dict(llama3.rope_scaling)["original_max_position_embeddings"] == 2048
+
+
+def test_presets_parse_without_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qwen3 = ModelConfig.preset("qwen3-8b")
+        for path in CONFIGS_DIR.glob("*.json"):
+            ModelConfig.preset(path.stem)
+    assert qwen3.qk_norm and qwen3.head_dim == 128 and round(qwen3.num_params() / 1e9, 1) == 8.2
