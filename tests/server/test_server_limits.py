@@ -210,11 +210,11 @@ def test_a_stream_nobody_reads_is_ended_after_the_write_timeout_and_frees_its_sl
 
     async def main():
         engine = server_engine(delay=0.001)
-        async with serving(engine, max_in_flight=1, write_timeout_s=timeout) as (server, client):
-            # No BDP probing: the window stays at 64 KiB, which the ~4 KiB chunks (the id is echoed) soon fill.
+        async with serving(engine, max_in_flight=1, write_timeout_s=timeout, max_id_length=1000) as (server, client):
+            # No BDP probing: the window stays at 64 KiB, which the ~1 KiB chunks (the id is echoed) soon fill.
             idle = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=[("grpc.http2.bdp_probe", 0)])
             try:
-                call = pb_grpc.NexusStub(idle).Generate(request([1], request_id="r" * 4000, max_tokens=500, n=4))
+                call = pb_grpc.NexusStub(idle).Generate(request([1], request_id="r" * 1000, max_tokens=500, n=4))
                 assert await wait_until(lambda: server.servicer.streams, 5)
                 e = await rejected(collect(client, [3], max_tokens=2))
                 assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # the unread stream holds the one slot
