@@ -220,6 +220,9 @@ class NexusServicer(pb_grpc.NexusServicer):
             return grpc.StatusCode.INVALID_ARGUMENT, str(e)
         except EngineDeadError as e:
             return grpc.StatusCode.UNAVAILABLE, str(e)
+        except grpc.aio.InternalError:  # a write the transport refused: the client disconnected or cancelled
+            log.info("request %.64s: the client went away; the request was aborted", rid)
+            return None
         except TimeoutError:
             return (grpc.StatusCode.DEADLINE_EXCEEDED, f"the client read nothing for "
                     f"{self.options.write_timeout_s} s (the server's write_timeout_s); the request was aborted")
