@@ -192,10 +192,13 @@ class NexusServicer(pb_grpc.NexusServicer):
         return await asyncio.to_thread(prompt_of, request, tokenizer, limit)
 
     async def _relay(self, request: pb.GenerateRequest, rid: str, stream, context) -> tuple | None:
-        """Writes the stream's chunks and completions; returns the status to end with when the input was bad."""
+        """Writes the stream's chunks and completions; returns the status to end with when the input was bad. A
+        request that ends without its last output (the client cancelled, went away, stopped reading or ran out of
+        time) is counted as aborted: Generate's aclose aborts it in the engine, whose output nobody reads."""
         ids: dict[int, list[int]] = {}
         texts: dict[int, list[str]] = {}
         logprobs: dict[int, list] = {}
+        counted = False
         try:
             async for out in stream:
                 for c in out.outputs:
@@ -207,6 +210,7 @@ class NexusServicer(pb_grpc.NexusServicer):
                         await self._write(context, pb.GenerateResponse(request_id=rid, chunk=pb.Chunk(
                             index=c.index, token_ids=c.token_ids, text=c.text)))
                 if out.finished:  # out holds the last deltas; the metrics count whole completions
+                    counted = True
                     self.metrics.observe(dataclasses.replace(out, outputs=[
                         dataclasses.replace(c, token_ids=ids[c.index]) for c in out.outputs]))
                     if out.error is not None:
@@ -217,8 +221,10 @@ class NexusServicer(pb_grpc.NexusServicer):
                         await self._write(context, pb.GenerateResponse(request_id=rid, complete=_complete(
                             request, out, c, ids[c.index], "".join(texts[c.index]), logprobs.get(c.index))))
         except (ValueError, TypeError) as e:  # validation runs on the stream's first step
+            counted = True  # refused: never a request
             return grpc.StatusCode.INVALID_ARGUMENT, str(e)
         except EngineDeadError as e:
+            counted = True  # no engine to have finished or aborted it
             return grpc.StatusCode.UNAVAILABLE, str(e)
         except grpc.aio.InternalError:  # a write the transport refused: the client disconnected or cancelled
             log.info("request %.64s: the client went away; the request was aborted", rid)
@@ -226,6 +232,9 @@ class NexusServicer(pb_grpc.NexusServicer):
         except TimeoutError:
             return (grpc.StatusCode.DEADLINE_EXCEEDED, f"the client read nothing for "
                     f"{self.options.write_timeout_s} s (the server's write_timeout_s); the request was aborted")
+        finally:
+            if not counted:
+                self.metrics.aborted(request.sampling_params.n or 1)
         return None
 
     async def _write(self, context: grpc.aio.ServicerContext, response: pb.GenerateResponse) -> None:
