@@ -48,7 +48,7 @@ VERSION = "0.1.0"
 RETRY_AFTER_KEY = "retry-after-ms"
 # Proto fields copied to SamplingParams when set; unset ones keep vLLM's defaults.
 _SCALAR_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos", "min_tokens", "n",
-                  "logprobs", "skip_special_tokens", "include_stop_str_in_output")
+                  "logprobs", "skip_special_tokens", "include_stop_str_in_output", "cache_salt")
 _DEFAULT_MAX_TOKENS = SamplingParams().max_tokens
 log = logging.getLogger(__name__)
 

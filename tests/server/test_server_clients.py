@@ -107,3 +107,20 @@ def test_the_auth_token_is_compared_in_constant_time(monkeypatch):
                 assert (await rejected(other.server_info())).code() == grpc.StatusCode.UNAUTHENTICATED
     asyncio.run(main())
     assert compared == [(b"Bearer s3cret", b"Bearer s3cret"), (b"Bearer s3creX", b"Bearer s3cret")]
+
+
+def test_cache_salt_over_grpc_keeps_prefix_hits_within_one_salt():
+    async def main():
+        engine = server_engine()
+        async with serving(engine) as (_, client):
+            prompt = [random.randrange(500) for _ in range(40)]
+
+            async def hit_tokens(salt):
+                before = engine.block_manager.stats()["prefix_hit_tokens"]
+                await collect(client, prompt, max_tokens=2, cache_salt=salt)
+                return engine.block_manager.stats()["prefix_hit_tokens"] - before
+
+            assert [await hit_tokens(s) for s in ("alice", "bob", None, "alice")] == [0, 0, 0, 36]
+            e = await rejected(collect(client, prompt, max_tokens=2, cache_salt=""))
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "cache_salt" in e.details()
+    asyncio.run(main())
