@@ -121,7 +121,7 @@ def plan_streams(settings: LoadSettings, wave: int, vocab_size: int) -> list[dic
     return plans
 
 
-async def _attempt(plan: dict, client: Client, control: Client, rid: str) -> tuple[str, str | None, int]:
+async def _attempt(plan: dict, client: Client, rid: str) -> tuple[str, str | None, int]:
     from nexus_jax.server.client import request
     from nexus_jax.server.grpc_server import RETRY_AFTER_KEY
 
@@ -147,7 +147,9 @@ async def _attempt(plan: dict, client: Client, control: Client, rid: str) -> tup
                     await client.channel.close(grace=None)  # drops the connection under the open stream
                     return "disconnected", None, 0
                 if plan["action"] == "abort":
-                    await control.abort(rid)  # not found: the request ended first, and its Complete follows
+                    # On the stream's own connection: the server finds only a connection's own requests. Not
+                    # found: the request ended first, and its Complete follows.
+                    await client.abort(rid)
     except grpc.aio.AioRpcError as e:
         code = e.code()
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -167,8 +169,7 @@ async def _attempt(plan: dict, client: Client, control: Client, rid: str) -> tup
     return ("aborted" if complete.finish_reason == "abort" else "complete"), complete.finish_reason, 0
 
 
-async def _run_stream(plan: dict, target: str, shared: Client, control: Client,
-                      settings: LoadSettings) -> dict[str, Any]:
+async def _run_stream(plan: dict, target: str, shared: Client, settings: LoadSettings) -> dict[str, Any]:
     from nexus_jax.server.client import Client
 
     record = {"id": plan["id"], "action": plan["action"], "attempts": 0, "rejections": 0}
@@ -178,7 +179,7 @@ async def _run_stream(plan: dict, target: str, shared: Client, control: Client,
             own = Client(target) if plan["action"] == "disconnect" else None
             try:
                 outcome, detail, hint = await asyncio.wait_for(
-                    _attempt(plan, own or shared, control, f"{plan['id']}-a{attempt}"), settings.stream_timeout_s)
+                    _attempt(plan, own or shared, f"{plan['id']}-a{attempt}"), settings.stream_timeout_s)
             except asyncio.TimeoutError:
                 outcome, detail, hint = "hung", f"no end within {settings.stream_timeout_s} s", 0
             finally:
@@ -236,7 +237,7 @@ async def run_waves(target: str, settings: LoadSettings, server_pid: int | None 
         for w in range(total):
             start_rss, first, begun = rss_mb(server_pid) if server_pid else None, len(samples), time.monotonic()
             plans = plan_streams(settings, w, vocab_size)
-            records = await asyncio.gather(*[_run_stream(p, target, shared[i % len(shared)], control, settings)
+            records = await asyncio.gather(*[_run_stream(p, target, shared[i % len(shared)], settings)
                                              for i, p in enumerate(plans)])
             wall = time.monotonic() - begun
             server = await _wait_drained(control, settings.drain_timeout_s)
@@ -248,7 +249,8 @@ async def run_waves(target: str, settings: LoadSettings, server_pid: int | None 
             for r in records:
                 by_action.setdefault(r["action"], {}).setdefault(r["outcome"], 0)
                 by_action[r["action"]][r["outcome"]] += 1
-            waves.append({"wave": w, "warmup": w < settings.warmup_waves, "streams": len(records), "wall_s": round(wall, 2), "server": server,
+            waves.append({"wave": w, "warmup": w < settings.warmup_waves, "streams": len(records),
+                          "wall_s": round(wall, 2), "server": server,
                           "rss_mb": {"start": start_rss, "peak": peak, "end": end_rss},
                           "counts": _counts(records), "by_action": by_action,
                           "unexpected_records": [r for r in records if not _expected(r)]})

@@ -64,7 +64,7 @@ def server_options(args: argparse.Namespace) -> ServerOptions:
                          tls_cert=args.tls_cert, tls_key=args.tls_key, grace_s=args.grace,
                          model_name=args.model or "embedded-default", max_prompt_tokens=args.max_prompt_tokens,
                          max_tokens_limit=args.max_tokens_limit, max_n=args.max_n, max_sessions=args.max_sessions,
-                         write_timeout_s=args.write_timeout or None)
+                         write_timeout_s=args.write_timeout or None, max_id_length=args.max_id_length)
 
 
 def replica_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -198,6 +198,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="largest max_tokens a request may ask for (default: what the context leaves)")
     s.add_argument("--max-n", type=int, default=16, help="most completions (n) a request may ask for")
     s.add_argument("--max-sessions", type=int, default=10000, help="most sessions open at once")
+    s.add_argument("--max-id-length", type=int, default=256,
+                   help="longest request, program, thread or session id, in characters")
     s.add_argument("--auth-token", default=None, help=f"require this bearer token (or set {TOKEN_ENV})")
     s.add_argument("--tls-cert", default=None)
     s.add_argument("--tls-key", default=None)

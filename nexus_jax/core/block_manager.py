@@ -4,6 +4,10 @@ A full block whose K/V is in the pool is named by a chained key (its parent bloc
 sequences with a common prefix share the blocks that hold it. A block released by its last sequence keeps its K/V and
 its key until the pool needs it for something else, least recently released first. Every call costs O(blocks it
 touches); nothing scans the pool, which can hold ~100k blocks and is consulted every step.
+
+A request with a cache salt (vLLM's `cache_salt`, CVE-2025-46570) chains its keys from a root of its salt instead of
+the common one, so it shares cached blocks only with requests of the same salt: another tenant cannot tell from the
+time to first token whether a prompt of its choosing is cached.
 """
 
 from __future__ import annotations
@@ -13,7 +17,14 @@ import hashlib
 from collections import OrderedDict
 from typing import Hashable, Sequence
 
-_ROOT = b""  # parent key of a sequence's first block
+_ROOT = b""  # parent key of a sequence's first block, when the request has no cache salt
+
+
+def prefix_root(salt: str | None) -> bytes:
+    """Parent key of the first block of a sequence whose request has cache salt `salt` (None: no salt)."""
+    if salt is None:
+        return _ROOT
+    return hashlib.blake2b(salt.encode(), digest_size=16, person=b"nexus-cache-salt").digest()
 
 
 def block_key(parent: bytes, token_ids: Sequence[int]) -> bytes:
@@ -45,6 +56,7 @@ class BlockManager:
         self._block_of: dict[bytes, int] = {}
         self._tables: dict[Hashable, list[int]] = {}
         self._keys: dict[Hashable, list[bytes]] = {}  # chained keys of each sequence's committed full blocks
+        self._roots: dict[Hashable, bytes] = {}  # the root keys of salted sequences (others chain from _ROOT)
         self._queries = self._hits = self._query_tokens = self._hit_tokens = 0
 
     @property
@@ -57,16 +69,17 @@ class BlockManager:
         """Fraction of the pool held by live sequences."""
         return 1.0 - self.num_free_blocks / self.num_blocks
 
-    def match_prefix(self, token_ids: Sequence[int]) -> list[int]:
+    def match_prefix(self, token_ids: Sequence[int], salt: str | None = None) -> list[int]:
         """Blocks holding the longest cached prefix of full blocks of `token_ids`, leaving at least one token out
-        (the model must run the last prompt token to get its logits). Takes no references."""
+        (the model must run the last prompt token to get its logits), cached by requests of cache salt `salt`.
+        Takes no references."""
         self._queries += 1
         self._query_tokens += len(token_ids)
         if not self.enable_prefix_caching:
             return []
         size = self.block_size
         blocks: list[int] = []
-        parent = _ROOT
+        parent = prefix_root(salt)
         for i in range((len(token_ids) - 1) // size):
             key = block_key(parent, token_ids[i * size:(i + 1) * size])
             block = self._block_of.get(key)
@@ -79,16 +92,20 @@ class BlockManager:
             self._hit_tokens += len(blocks) * size
         return blocks
 
-    def allocate(self, seq_id: Hashable, num_tokens: int, prefix_blocks: Sequence[int] = ()) -> list[int] | None:
+    def allocate(self, seq_id: Hashable, num_tokens: int, prefix_blocks: Sequence[int] = (),
+                 salt: str | None = None) -> list[int] | None:
         """Grows the block table of `seq_id` to cover `num_tokens` tokens and returns a copy of it; on the first call
-        `prefix_blocks` (from match_prefix) become its head. Returns None, changing nothing, when the pool is short."""
+        `prefix_blocks` (from match_prefix with the same salt) become its head, and `salt`, its request's cache
+        salt, keys the blocks it commits. Returns None, changing nothing, when the pool is short."""
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be non-negative, got {num_tokens}")
         table = self._tables.get(seq_id)
         if table is not None and len(prefix_blocks):
-            raise ValueError(f"sequence {seq_id!r} is already allocated; prefix_blocks are only taken on its first call")
+            raise ValueError(f"sequence {seq_id!r} is already allocated; prefix_blocks are only taken on its first "
+                             f"call")
+        root = prefix_root(salt)
         if table is None:
-            self._check_prefix(prefix_blocks)
+            self._check_prefix(prefix_blocks, root)
         held = len(prefix_blocks) if table is None else len(table)
         need = max(0, -(-num_tokens // self.block_size) - held)
         # Prefix blocks nobody holds are counted as free now but stop being so once taken.
@@ -102,6 +119,8 @@ class BlockManager:
                 self._ref_counts[block] += 1
             table = self._tables[seq_id] = list(prefix_blocks)
             self._keys[seq_id] = [self._key_of[block] for block in prefix_blocks]
+            if root != _ROOT:
+                self._roots[seq_id] = root
         for _ in range(need):
             table.append(self._take_free_block())
         return list(table)
@@ -118,14 +137,15 @@ class BlockManager:
             return
         size = self.block_size
         keys = self._keys[seq_id]
+        root = self._roots.get(seq_id, _ROOT)
         for i in range(len(keys), num_computed // size):
-            key = block_key(keys[-1] if keys else _ROOT, token_ids[i * size:(i + 1) * size])
+            key = block_key(keys[-1] if keys else root, token_ids[i * size:(i + 1) * size])
             block = table[i]
             # A forked child may commit a shared block its parent already keyed.
             if key not in self._block_of and self._key_of[block] is None:
                 self._block_of[key] = block
                 self._key_of[block] = key
-                self._parent_of[block] = keys[-1] if keys else _ROOT
+                self._parent_of[block] = keys[-1] if keys else root
             keys.append(key)
 
     def free(self, seq_id: Hashable) -> None:
@@ -133,6 +153,7 @@ class BlockManager:
         before its prefix blocks, which other prompts are likelier to share."""
         table = self._table(seq_id)
         del self._tables[seq_id], self._keys[seq_id]
+        self._roots.pop(seq_id, None)
         for block in reversed(table):
             self._ref_counts[block] -= 1
             if self._ref_counts[block] == 0:
@@ -162,6 +183,8 @@ class BlockManager:
             self._ref_counts[block] += 1
         self._tables[child_id] = shared
         self._keys[child_id] = self._keys[parent_id][:len(shared)]
+        if parent_id in self._roots:
+            self._roots[child_id] = self._roots[parent_id]
         return list(shared)
 
     def reset_prefix_cache(self) -> None:
@@ -182,8 +205,7 @@ class BlockManager:
             raise KeyError(f"unknown sequence {seq_id!r}")
         return table
 
-    def _check_prefix(self, prefix_blocks: Sequence[int]) -> None:
-        parent = _ROOT
+    def _check_prefix(self, prefix_blocks: Sequence[int], parent: bytes) -> None:
         for block in prefix_blocks:
             if not 0 <= block < self.num_blocks:
                 raise ValueError(f"prefix block {block} is outside 0..{self.num_blocks - 1}")

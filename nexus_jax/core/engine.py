@@ -17,7 +17,7 @@ import numpy as np
 from nexus_jax.core.block_manager import BlockManager
 from nexus_jax.core.config import EngineConfig
 from nexus_jax.core.outputs import Logprob, RequestMetrics, RequestOutput
-from nexus_jax.core.request import Request, RequestGroup
+from nexus_jax.core.request import Request, RequestGroup, check_id_length
 from nexus_jax.core.sampling_params import SamplingParams
 from nexus_jax.core.scheduler import Scheduler, SchedulerOutput
 from nexus_jax.core.stop import StopChecker
@@ -127,6 +127,8 @@ class LLMEngine:
             raise ValueError(f"program_id must be a non-empty string or None, got {program_id!r}")
         if not isinstance(thread_id, str):
             raise ValueError(f"thread_id must be a string, got {thread_id!r}")
+        for name, value in (("request_id", request_id), ("program_id", program_id or ""), ("thread_id", thread_id)):
+            check_id_length(name, value)
         text, ids = self._prompt_ids(prompt)
         room = self.max_model_len - len(ids)
         if room < 1:
@@ -357,6 +359,7 @@ class LLMEngine:
     def session(self, program_id: str):
         """A context manager around an agentic program's calls: its process-table record lives until it ends.
         Not thread-safe: AsyncLLM users go through the engine thread."""
+        check_id_length("program_id", program_id)
         return self.scheduler.programs.session(program_id)
 
     def close(self) -> None:

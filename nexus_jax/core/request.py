@@ -15,6 +15,16 @@ from nexus_jax.core.sampling_params import SamplingParams
 from nexus_jax.core.stop import StopChecker
 from runner.sampling import SamplingRow
 
+# The longest request, program or thread id the engine takes: ids are held for a request's life (a program's for its
+# idle timeout) and echoed in every output, so an unbounded one would pin as much memory as its sender likes.
+MAX_ID_LENGTH = 1024
+
+
+def check_id_length(name: str, value: str, limit: int = MAX_ID_LENGTH, setting: str = "MAX_ID_LENGTH") -> None:
+    """Raises ValueError naming `setting` when the id `value` is longer than `limit` characters."""
+    if len(value) > limit:
+        raise ValueError(f"{name} of {len(value)} characters exceeds the limit of {limit} ({setting})")
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"

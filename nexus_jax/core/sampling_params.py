@@ -21,6 +21,7 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 128
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024
+MAX_CACHE_SALT_CHARS = 256
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -36,6 +37,10 @@ class SamplingParams:
     logprobs: how many top log-probs to report per generated token (None: none, 0: only the sampled token's).
     Limits: at most MAX_STOP_STRINGS stop strings of at most MAX_STOP_STRING_CHARS characters each, at most
     MAX_STOP_TOKEN_IDS stop_token_ids; duplicates in either list are dropped.
+    cache_salt: requests share cached prefix blocks only with requests of the same salt (None: the unsalted
+    ones), as vLLM's cache_salt: give each tenant its own, and no tenant can learn from the time to first token
+    which prompts another sent. A non-empty string of at most MAX_CACHE_SALT_CHARS characters. (vLLM takes it
+    in the prompt dict; here it is a setting, so the gRPC API and batch lines carry it with the others.)
     spaces_between_special_tokens: accepted for compatibility and has no effect; the tokenizer.json decoder
     decides spacing (as in transformers' fast tokenizers, which ignore the flag as well).
     """
@@ -55,6 +60,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     spaces_between_special_tokens: bool = True
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         self.n = _integer(self.n, "n", minimum=1)
@@ -77,6 +83,10 @@ class SamplingParams:
                 raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         self.stop = _stop_strings(self.stop)
         self.stop_token_ids = _token_ids(self.stop_token_ids)
+        if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt
+                                            or len(self.cache_salt) > MAX_CACHE_SALT_CHARS):
+            raise ValueError(f"cache_salt must be None or a non-empty string of at most {MAX_CACHE_SALT_CHARS} "
+                             f"characters, got {self.cache_salt!r:.80}")
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
                      "spaces_between_special_tokens"):
             if not isinstance(getattr(self, name), bool):

@@ -283,12 +283,13 @@ class Scheduler:
                 if not req.waits_for.is_finished and req.waits_for.num_computed_tokens < req.num_prompt_tokens:
                     continue
                 req.waits_for = None
-            prefix = bm.match_prefix(req.all_token_ids)
+            salt = req.params.cache_salt
+            prefix = bm.match_prefix(req.all_token_ids, salt)
             swapped = self.swap_space.num_held(req.request_id) if self.swap_space is not None else 0
             # A swapped-out request resumes where it was, or further if the prefix cache holds more.
             start = max(len(prefix) * bm.block_size, req.num_computed_tokens if swapped else 0)
             n = min(req.num_tokens - start, budget)
-            table = bm.allocate(req.request_id, start + n, prefix)
+            table = bm.allocate(req.request_id, start + n, prefix, salt)
             if table is None:
                 break  # no room: later requests wait too, so the queue order is kept
             if swapped:

@@ -50,8 +50,10 @@ class Client:
 
     def __init__(self, target: str, token: str | None = None, tls: bool | str = False,
                  max_message_bytes: int = 64 * 1024 * 1024):
+        # A connection of its own (gRPC shares one between a process's channels to a target by default): the
+        # server scopes request ids by connection, so each Client is a client of its own there.
         options = [("grpc.max_send_message_length", max_message_bytes),
-                   ("grpc.max_receive_message_length", max_message_bytes)]
+                   ("grpc.max_receive_message_length", max_message_bytes), ("grpc.use_local_subchannel_pool", 1)]
         if tls:
             root = None
             if isinstance(tls, str):

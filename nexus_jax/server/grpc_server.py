@@ -8,6 +8,13 @@ no such field). Admission: a request is accepted only while fewer than max_in_fl
 stream stays open until its request ends, so the engine's queue (running and waiting) holds at most max_in_flight
 requests of at most max_n sequences each; the rest get RESOURCE_EXHAUSTED with a retry-after-ms hint.
 
+A request belongs to the client that sent it, and a client is one connection (the peer gRPC reports: its
+address and port), the identity no other caller can take: every client holds the same bearer token, so the
+token tells none apart. Request ids are scoped by client: Abort finds only the requests sent on its own
+connection, ALREADY_EXISTS only answers a client that reuses one of its own ids in flight, and two clients may use
+the same id at once. The engine runs each request under an id of the server's own (random, never shown), and
+an id the server makes for a request that brings none is random too (128 bits), so no id can be guessed.
+
 Over replicas, Generate and Abort go through the front end's router, ServerInfo and the metrics add up the live
 replicas' levels, and sessions open their program's record on every replica (server_sessions.py).
 """
@@ -16,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
 import logging
 import time
 import uuid
@@ -27,6 +33,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from nexus_jax.core.outputs import RequestOutput
+from nexus_jax.core.request import MAX_ID_LENGTH, check_id_length
 from nexus_jax.core.sampling_params import SamplingParams
 from nexus_jax.core.tokenizer import Tokenizer
 from nexus_jax.entrypoints.async_llm import AsyncLLM, EngineDeadError
@@ -41,7 +48,7 @@ VERSION = "0.1.0"
 RETRY_AFTER_KEY = "retry-after-ms"
 # Proto fields copied to SamplingParams when set; unset ones keep vLLM's defaults.
 _SCALAR_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos", "min_tokens", "n",
-                  "logprobs", "skip_special_tokens", "include_stop_str_in_output")
+                  "logprobs", "skip_special_tokens", "include_stop_str_in_output", "cache_salt")
 _DEFAULT_MAX_TOKENS = SamplingParams().max_tokens
 log = logging.getLogger(__name__)
 
@@ -65,15 +72,19 @@ class ServerOptions:
     # A Generate stream whose client reads nothing for this long (its flow-control window stays full) is ended
     # with DEADLINE_EXCEEDED, its request aborted and its admission slot freed; None: never.
     write_timeout_s: float | None = 30.0
+    max_id_length: int = 256                 # longest request, program, thread or session id, in characters
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and a key")
         for name in ("max_in_flight", "max_message_bytes", "max_n", "max_sessions", "max_prompt_tokens",
-                     "max_tokens_limit"):
+                     "max_tokens_limit", "max_id_length"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.max_id_length > MAX_ID_LENGTH:
+            raise ValueError(f"max_id_length must be at most the engine's limit of {MAX_ID_LENGTH}, "
+                             f"got {self.max_id_length}")
         timeout = self.write_timeout_s
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                     or not 0 < timeout < float("inf")):
@@ -129,33 +140,36 @@ class NexusServicer(pb_grpc.NexusServicer):
         self.llm = llm
         self.options = options
         self.metrics = metrics
-        self.streams: set[str] = set()          # request ids of open Generate streams
+        # Open Generate streams: (client, the client's request id) -> the engine's request id.
+        self.streams: dict[tuple[str, str], str] = {}
         self.sessions = Sessions(replicas_of(llm), options.max_sessions)
         self.started = time.monotonic()
-        self._ids = itertools.count()
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         if len(self.streams) >= self.options.max_in_flight:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"{len(self.streams)} requests in flight, the server's limit; retry later",
                                 trailing_metadata=((RETRY_AFTER_KEY, str(self.options.retry_after_ms)),))
-        rid = request.request_id or f"grpc-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
-        if rid in self.streams:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is already in use")
+        await self._check_ids(context, request_id=request.request_id, program_id=request.program_id,
+                              thread_id=request.thread_id)
+        rid = request.request_id or f"grpc-{uuid.uuid4().hex}"
+        key, engine_id = (context.peer(), rid), uuid.uuid4().hex
         try:
             params = sampling_params(request.sampling_params, self.options.max_tokens_limit)
             prompt = await self._prompt(request)
             check_limits(self.options, prompt, params)
-            stream = self.llm.generate(prompt, params, rid, priority=request.priority,
+            stream = self.llm.generate(prompt, params, engine_id, priority=request.priority,
                                        program_id=request.program_id or None, thread_id=request.thread_id)
         except (ValueError, TypeError) as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        self.streams.add(rid)
+        if key in self.streams:  # checked after the prompt's encoding, which awaits: no id can slip in after it
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id {rid!r} is already in use")
+        self.streams[key] = engine_id
         failure: tuple[grpc.StatusCode, str] | None = None
         try:
             failure = await self._relay(request, rid, stream, context)
         finally:
-            self.streams.discard(rid)
+            del self.streams[key]
             await stream.aclose()  # a stream left early (cancel, deadline, disconnect) aborts its request here
         if failure is not None and failure[0] == grpc.StatusCode.DEADLINE_EXCEEDED:
             # The timed-out write is still queued in gRPC's core, which then refuses abort()'s status; the status
@@ -178,10 +192,13 @@ class NexusServicer(pb_grpc.NexusServicer):
         return await asyncio.to_thread(prompt_of, request, tokenizer, limit)
 
     async def _relay(self, request: pb.GenerateRequest, rid: str, stream, context) -> tuple | None:
-        """Writes the stream's chunks and completions; returns the status to end with when the input was bad."""
+        """Writes the stream's chunks and completions; returns the status to end with when the input was bad. A
+        request that ends without its last output (the client cancelled, went away, stopped reading or ran out of
+        time) is counted as aborted: Generate's aclose aborts it in the engine, whose output nobody reads."""
         ids: dict[int, list[int]] = {}
         texts: dict[int, list[str]] = {}
         logprobs: dict[int, list] = {}
+        counted = False
         try:
             async for out in stream:
                 for c in out.outputs:
@@ -193,6 +210,7 @@ class NexusServicer(pb_grpc.NexusServicer):
                         await self._write(context, pb.GenerateResponse(request_id=rid, chunk=pb.Chunk(
                             index=c.index, token_ids=c.token_ids, text=c.text)))
                 if out.finished:  # out holds the last deltas; the metrics count whole completions
+                    counted = True
                     self.metrics.observe(dataclasses.replace(out, outputs=[
                         dataclasses.replace(c, token_ids=ids[c.index]) for c in out.outputs]))
                     if out.error is not None:
@@ -203,12 +221,20 @@ class NexusServicer(pb_grpc.NexusServicer):
                         await self._write(context, pb.GenerateResponse(request_id=rid, complete=_complete(
                             request, out, c, ids[c.index], "".join(texts[c.index]), logprobs.get(c.index))))
         except (ValueError, TypeError) as e:  # validation runs on the stream's first step
+            counted = True  # refused: never a request
             return grpc.StatusCode.INVALID_ARGUMENT, str(e)
         except EngineDeadError as e:
+            counted = True  # no engine to have finished or aborted it
             return grpc.StatusCode.UNAVAILABLE, str(e)
+        except grpc.aio.InternalError:  # a write the transport refused: the client disconnected or cancelled
+            log.info("request %.64s: the client went away; the request was aborted", rid)
+            return None
         except TimeoutError:
             return (grpc.StatusCode.DEADLINE_EXCEEDED, f"the client read nothing for "
                     f"{self.options.write_timeout_s} s (the server's write_timeout_s); the request was aborted")
+        finally:
+            if not counted:
+                self.metrics.aborted(request.sampling_params.n or 1)
         return None
 
     async def _write(self, context: grpc.aio.ServicerContext, response: pb.GenerateResponse) -> None:
@@ -217,11 +243,21 @@ class NexusServicer(pb_grpc.NexusServicer):
         async with asyncio.timeout(self.options.write_timeout_s):  # no task per write, unlike wait_for
             await context.write(response)
 
+    async def _check_ids(self, context: grpc.aio.ServicerContext, **ids: str) -> None:
+        """INVALID_ARGUMENT naming max_id_length for an id longer than it."""
+        try:
+            for name, value in ids.items():
+                check_id_length(name, value, self.options.max_id_length, "max_id_length")
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
-        found = request.request_id in self.streams
-        if found:
-            self.llm.abort(request.request_id)
-        return pb.AbortResponse(found=found)
+        """Aborts one of the calling client's own requests; another client's id is not found, as an unknown one."""
+        await self._check_ids(context, request_id=request.request_id)
+        engine_id = self.streams.get((context.peer(), request.request_id))
+        if engine_id is not None:
+            self.llm.abort(engine_id)
+        return pb.AbortResponse(found=engine_id is not None)
 
     async def GetModelInfo(self, request, context) -> pb.ModelInfo:
         engine = self.llm.engine
@@ -249,6 +285,7 @@ class NexusServicer(pb_grpc.NexusServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
 
     async def StartSession(self, request: pb.StartSessionRequest, context) -> pb.StartSessionResponse:
+        await self._check_ids(context, program_id=request.program_id)
         try:
             session, program = await self._on_engines(self.sessions.start(request.program_id), context)
         except SessionLimitError as e:
@@ -259,6 +296,7 @@ class NexusServicer(pb_grpc.NexusServicer):
         return pb.StartSessionResponse(session_id=session, program_id=program)
 
     async def EndSession(self, request: pb.EndSessionRequest, context) -> pb.EndSessionResponse:
+        await self._check_ids(context, session_id=request.session_id)
         program = await self._on_engines(self.sessions.end(request.session_id), context)
         if program is not None and hasattr(self.llm, "end_program"):  # replicas: the router forgets its replica
             self.llm.end_program(program)

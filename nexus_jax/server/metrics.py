@@ -1,9 +1,12 @@
-"""Prometheus metrics with vLLM's names under the `nexus:` prefix, one private registry per server.
+"""Prometheus metrics with vLLM's names under the `nexus_` prefix, one private registry per server.
+
+vLLM writes `vllm:`, but Prometheus reserves colons for recording rules (`promtool check metrics` rejects them),
+so the names here are what a Prometheus rule would not clash with: `nexus_request_success_total` and so on.
 
 Per-request latencies are observed when a request finishes (its RequestMetrics holds every timestamp); engine
 levels (running, waiting, KV use, preemptions) are read from the engines at scrape time, so they are never stale.
 Over several replicas (a front end with `replicas`, as ReplicatedAsyncLLM) the usual names carry the totals, and
-`nexus:replica_*` series with a `replica` label give each replica's levels and whether its engine thread is alive.
+`nexus_replica_*` series with a `replica` label give each replica's levels and whether its engine thread is alive.
 """
 
 from __future__ import annotations
@@ -95,28 +98,28 @@ class _EngineCollector(Collector):
         t = totals(per_engine, self.sm_split)
         for name, value, doc in (("running", t.running, "Requests being run"),
                                  ("waiting", t.waiting, "Requests waiting to be scheduled")):
-            g = GaugeMetricFamily(f"nexus:num_requests_{name}", doc)
+            g = GaugeMetricFamily(f"nexus_num_requests_{name}", doc)
             g.add_metric([], float(value))
             yield g
-        g = GaugeMetricFamily("nexus:kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1)")
+        g = GaugeMetricFamily("nexus_kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1)")
         g.add_metric([], float(t.kv_usage))
         yield g
-        c = CounterMetricFamily("nexus:num_preemptions", "Preemptions by the scheduler")
+        c = CounterMetricFamily("nexus_num_preemptions", "Preemptions by the scheduler")
         c.add_metric([], float(t.num_preemptions))
         yield c
-        g = GaugeMetricFamily("nexus:sm_split", "Current SM split between prefill and decode", labels=["split"])
+        g = GaugeMetricFamily("nexus_sm_split", "Current SM split between prefill and decode", labels=["split"])
         for split, n in t.splits.items():
             g.add_metric([str(split)], float(n))
         yield g
-        c = CounterMetricFamily("nexus:partition_switches", "Changes of the SM split")
+        c = CounterMetricFamily("nexus_partition_switches", "Changes of the SM split")
         c.add_metric([], float(t.switches))
         yield c
-        c = CounterMetricFamily("nexus:partition_decisions", "Partition decisions by mode", labels=["mode"])
+        c = CounterMetricFamily("nexus_partition_decisions", "Partition decisions by mode", labels=["mode"])
         for mode, n in sorted(t.modes.items()):
             c.add_metric([mode], float(n))
         yield c
         for name, value in t.counters.items():
-            c = CounterMetricFamily(f"nexus:{name}", f"{name.replace('_', ' ')} since start")
+            c = CounterMetricFamily(f"nexus_{name}", f"{name.replace('_', ' ')} since start")
             c.add_metric([], float(value))
             yield c
         if self.replicated:
@@ -125,8 +128,8 @@ class _EngineCollector(Collector):
 
 def _replica_families(per_engine: list[tuple[bool, dict[str, Any]]]) -> Iterator[Any]:
     """Each replica's liveness, and the levels of the live ones (a dead replica runs nothing)."""
-    alive = GaugeMetricFamily("nexus:replica_alive", "1 while the replica's engine thread runs", labels=["replica"])
-    levels = [GaugeMetricFamily(f"nexus:replica_{name}", doc, labels=["replica"]) for name, doc in (
+    alive = GaugeMetricFamily("nexus_replica_alive", "1 while the replica's engine thread runs", labels=["replica"])
+    levels = [GaugeMetricFamily(f"nexus_replica_{name}", doc, labels=["replica"]) for name, doc in (
         ("num_requests_running", "Requests being run on the replica"),
         ("num_requests_waiting", "Requests waiting on the replica"),
         ("kv_cache_usage_perc", "Fraction of the replica's KV cache blocks in use (0-1)"))]
@@ -146,17 +149,17 @@ class EngineMetrics:
     def __init__(self, source: Any, registry: CollectorRegistry | None = None, sm_split: str = "aggregated"):
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.ttft = Histogram("nexus:time_to_first_token_seconds", "Time to first token", buckets=TTFT_BUCKETS,
+        self.ttft = Histogram("nexus_time_to_first_token_seconds", "Time to first token", buckets=TTFT_BUCKETS,
                               registry=r)
-        self.itl = Histogram("nexus:inter_token_latency_seconds", "Inter-token latency", buckets=ITL_BUCKETS,
+        self.itl = Histogram("nexus_inter_token_latency_seconds", "Inter-token latency", buckets=ITL_BUCKETS,
                              registry=r)
-        self.e2e = Histogram("nexus:e2e_request_latency_seconds", "End-to-end request latency",
+        self.e2e = Histogram("nexus_e2e_request_latency_seconds", "End-to-end request latency",
                              buckets=REQUEST_BUCKETS, registry=r)
-        self.queue = Histogram("nexus:request_queue_time_seconds", "Time waiting before first scheduled",
+        self.queue = Histogram("nexus_request_queue_time_seconds", "Time waiting before first scheduled",
                                buckets=REQUEST_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("nexus:prompt_tokens", "Prefill tokens processed", registry=r)
-        self.generation_tokens = Counter("nexus:generation_tokens", "Generated tokens", registry=r)
-        self.requests = Counter("nexus:request_success", "Finished requests by finish reason",
+        self.prompt_tokens = Counter("nexus_prompt_tokens", "Prefill tokens processed", registry=r)
+        self.generation_tokens = Counter("nexus_generation_tokens", "Generated tokens", registry=r)
+        self.requests = Counter("nexus_request_success", "Finished requests by finish reason",
                                 ["finished_reason"], registry=r)
         r.register(_EngineCollector(source, sm_split))
         self._http = None
@@ -175,6 +178,11 @@ class EngineMetrics:
                 hist.observe(value)
         for gap in m.itl:
             self.itl.observe(gap)
+
+    def aborted(self, completions: int) -> None:
+        """Records a request aborted before its last output was read (its client cancelled or went away): its
+        completions count as finished with reason "abort", as vLLM counts them."""
+        self.requests.labels("abort").inc(completions)
 
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""

@@ -92,9 +92,10 @@ class Sessions:
             return session.program_id
 
     async def count(self) -> int:
-        """Sessions open and not expired."""
+        """Sessions open, as of a sweep at most a second old: a sweep is O(sessions) on every engine thread, and
+        GetServerInfo, which any client may call at any rate, must not run one per call."""
         async with self._lock:
-            await self._sweep(force=True)
+            await self._sweep()
             return len(self.open)
 
     async def _sweep(self, force: bool = False) -> None:

@@ -75,7 +75,7 @@ def test_swap_outputs_equal_recompute_and_no_preemption(steps, policy):
     assert stats["num_preemptions"] == stats["num_swap_outs"] > 0 and stats["num_swap_fallbacks"] == 0
     assert stats["num_swap_ins"] == stats["num_swap_outs"]
     text = generate_latest(EngineMetrics(swap).registry).decode()
-    assert f"nexus:swap_outs_total {float(stats['num_swap_outs'])}" in text
+    assert f"nexus_swap_outs_total {float(stats['num_swap_outs'])}" in text
     assert 0 < stats["num_swapped_in_blocks"] <= stats["num_swapped_out_blocks"]
     # Swapped requests resume where they were: only the roomy engine computes fewer tokens.
     assert roomy.computed_tokens == swap.computed_tokens < recompute.computed_tokens

@@ -224,10 +224,10 @@ def test_partition_decisions_are_exported_as_metrics():
     from prometheus_client import generate_latest
     text = generate_latest(EngineMetrics(engine).registry).decode()
     switches = engine.controller.stats()["switches"]
-    assert f"nexus:partition_switches_total {float(switches)}" in text
-    assert 'nexus:partition_decisions_total{mode="split"}' in text
-    assert f'nexus:sm_split{{split="{engine.controller.stats()["current"]}"}} 1.0' in text
-    assert "nexus:worker_replacements_total 0.0" in text and "nexus:pool_restarts_total 0.0" in text
+    assert f"nexus_partition_switches_total {float(switches)}" in text
+    assert 'nexus_partition_decisions_total{mode="split"}' in text
+    assert f'nexus_sm_split{{split="{engine.controller.stats()["current"]}"}} 1.0' in text
+    assert "nexus_worker_replacements_total 0.0" in text and "nexus_pool_restarts_total 0.0" in text
 
 
 def test_a_step_that_fails_after_one_of_its_requests_was_aborted_fails_only_the_others():

@@ -42,7 +42,7 @@ PLAUSIBLE = {"n": st.integers(1, 2), "temperature": st.floats(0, 3), "top_p": st
              "stop_token_ids": st.lists(st.integers(0, 511), max_size=2), "ignore_eos": st.booleans(),
              "max_tokens": st.integers(1, 8), "min_tokens": st.integers(0, 4), "logprobs": st.sampled_from([0, 20]),
              "skip_special_tokens": st.booleans(), "include_stop_str_in_output": st.booleans(),
-             "spaces_between_special_tokens": st.booleans()}
+             "spaces_between_special_tokens": st.booleans(), "cache_salt": st.text(min_size=1, max_size=3)}
 
 
 def some_fields(odd: dict) -> st.SearchStrategy:

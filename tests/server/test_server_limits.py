@@ -3,6 +3,7 @@ default, no model path in any request, bounded admission, sessions backed by the
 
 import argparse
 import asyncio
+import logging
 import random
 import time
 
@@ -210,12 +211,9 @@ def test_a_stream_nobody_reads_is_ended_after_the_write_timeout_and_frees_its_sl
 
     async def main():
         engine = server_engine(delay=0.001)
-        async with serving(engine, max_in_flight=1, write_timeout_s=timeout) as (server, client):
-            # No BDP probing: the window stays at 64 KiB, which the ~4 KiB chunks (the id is echoed) soon fill.
-            idle = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=[("grpc.http2.bdp_probe", 0)])
+        async with serving(engine, max_in_flight=1, write_timeout_s=timeout, max_id_length=1000) as (server, client):
+            idle, call = await unread_stream(server)
             try:
-                call = pb_grpc.NexusStub(idle).Generate(request([1], request_id="r" * 4000, max_tokens=500, n=4))
-                assert await wait_until(lambda: server.servicer.streams, 5)
                 e = await rejected(collect(client, [3], max_tokens=2))
                 assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # the unread stream holds the one slot
                 assert await wait_until(lambda: not server.servicer.streams, 5 + timeout)
@@ -227,6 +225,33 @@ def test_a_stream_nobody_reads_is_ended_after_the_write_timeout_and_frees_its_sl
             finally:
                 await idle.close()
     asyncio.run(main())
+
+
+def test_a_client_that_disconnects_while_its_writes_wait_is_one_info_line(caplog):
+    """A blocked writer whose client goes away: the request is aborted and the server logs one INFO line, not the
+    traceback of the refused write at ERROR."""
+    async def main():
+        engine = server_engine(delay=0.001)
+        async with serving(engine, max_id_length=1000) as (server, _):
+            idle, _ = await unread_stream(server)
+            await asyncio.sleep(0.3)  # the window fills and a write waits
+            await idle.close()
+            assert await wait_until(lambda: not server.servicer.streams, 5) and await engine_idle(engine)
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(main())
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    (gone,) = [r for r in caplog.records if "went away" in r.getMessage()]
+    assert gone.levelno == logging.INFO and gone.exc_info is None and "\n" not in gone.getMessage()
+
+
+async def unread_stream(server) -> tuple[grpc.aio.Channel, grpc.aio.UnaryStreamCall]:
+    """A Generate stream on a channel of its own that nobody reads, once the server holds it. Its chunks are ~1 KiB
+    (the id is echoed) and, without BDP probing, the window stays at 64 KiB: the server's writes soon wait."""
+    idle = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=[("grpc.http2.bdp_probe", 0)])
+    call = pb_grpc.NexusStub(idle).Generate(request([1], request_id="r" * 1000, max_tokens=500, n=4))
+    assert await wait_until(lambda: server.servicer.streams, 5)
+    return idle, call
 
 
 async def _drain(call) -> None:

@@ -65,16 +65,16 @@ def test_server_info_and_metrics_add_up_the_replicas():
             assert (info.num_running, info.num_waiting, info.num_in_flight) == (running, count - running, count)
             assert 0 < sum(before) / 2 <= info.kv_cache_usage <= sum(after) / 2  # the mean over the replicas
             assert info.num_preemptions == sum(preemptions) and info.sm_split == "aggregated"
-            assert got[("nexus:num_requests_running", ())] == running
-            assert got[("nexus:num_requests_waiting", ())] == count - running
-            assert got[("nexus:num_preemptions_total", ())] == sum(preemptions)
-            assert got[("nexus:sm_split", (("split", "aggregated"),))] == 2  # replicas in that split
+            assert got[("nexus_num_requests_running", ())] == running
+            assert got[("nexus_num_requests_waiting", ())] == count - running
+            assert got[("nexus_num_preemptions_total", ())] == sum(preemptions)
+            assert got[("nexus_sm_split", (("split", "aggregated"),))] == 2  # replicas in that split
             for i, s in enumerate(share):
                 replica = (("replica", str(i)),)
-                assert got[("nexus:replica_alive", replica)] == 1
-                assert got[("nexus:replica_num_requests_running", replica)] == min(s, MAX_SEQS)
-                assert got[("nexus:replica_num_requests_waiting", replica)] == max(s - MAX_SEQS, 0)
-                assert before[i] <= got[("nexus:replica_kv_cache_usage_perc", replica)] <= after[i]
+                assert got[("nexus_replica_alive", replica)] == 1
+                assert got[("nexus_replica_num_requests_running", replica)] == min(s, MAX_SEQS)
+                assert got[("nexus_replica_num_requests_waiting", replica)] == max(s - MAX_SEQS, 0)
+                assert before[i] <= got[("nexus_replica_kv_cache_usage_perc", replica)] <= after[i]
 
             on_replica = [llm.router.replica_of(f"r{i}") for i in range(count)]
             llm.replicas[1].shutdown()  # its streams fail; the totals keep replica 0's levels only
@@ -83,11 +83,11 @@ def test_server_info_and_metrics_add_up_the_replicas():
                        for r in results)
             info = await client.server_info()
             got = samples(server.metrics.exposition().decode())
-            assert info.num_running == min(share[0], MAX_SEQS) == got[("nexus:num_requests_running", ())]
-            assert info.num_preemptions == sum(preemptions) == got[("nexus:num_preemptions_total", ())]
-            assert got[("nexus:replica_alive", (("replica", "1"),))] == 0
-            assert ("nexus:replica_num_requests_running", (("replica", "1"),)) not in got
-            assert got[("nexus:sm_split", (("split", "aggregated"),))] == 1
+            assert info.num_running == min(share[0], MAX_SEQS) == got[("nexus_num_requests_running", ())]
+            assert info.num_preemptions == sum(preemptions) == got[("nexus_num_preemptions_total", ())]
+            assert got[("nexus_replica_alive", (("replica", "1"),))] == 0
+            assert ("nexus_replica_num_requests_running", (("replica", "1"),)) not in got
+            assert got[("nexus_sm_split", (("split", "aggregated"),))] == 1
             for job in jobs:
                 job.cancel()
             await asyncio.gather(*jobs, return_exceptions=True)
