@@ -320,9 +320,10 @@ class LLMEngine:
         seq.metrics.record_token(now)
         if seq.logprobs is not None:
             n = seq.params.logprobs
-            entry = {int(t): Logprob(float(lp), rank=r + 1)
+            entry = {int(t): Logprob(float(lp), rank=r + 1, decoded_token=self._token_text(int(t)))
                      for r, (t, lp) in enumerate(zip(result.top_ids[row][:n], result.top_logprobs[row][:n]))}
-            entry.setdefault(token, Logprob(float(result.token_logprobs[row])))
+            if token not in entry:
+                entry[token] = Logprob(float(result.token_logprobs[row]), decoded_token=self._token_text(token))
             seq.logprobs.append(entry)
             seq.cumulative_logprob += float(result.token_logprobs[row])
         res = seq.stop.step(token)
@@ -330,6 +331,11 @@ class LLMEngine:
         if res.finished:
             self.scheduler.finish(seq)
             seq.finish(res.finish_reason, res.stop_reason, now)
+
+    def _token_text(self, token: int) -> str | None:
+        """One token's own text for its logprobs (special tokens spelled out, as vLLM does); None without a
+        tokenizer."""
+        return None if self.tokenizer is None else self.tokenizer.decode([token], skip_special_tokens=False)
 
     def _fail(self, plan: SchedulerOutput, message: str, also: Sequence[Request] = ()) -> list[RequestOutput]:
         """Ends with an error the groups of the plan's chunks and of the requests `also` names."""
