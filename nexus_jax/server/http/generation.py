@@ -121,7 +121,7 @@ class Generation:
         try:
             async for out in stream:
                 await self._queue.put((p, out))
-        except (ValueError, TypeError, EngineDeadError) as e:
+        except Exception as e:  # handed to the reader, which answers with it: a request never just stops
             await self._queue.put((p, e))
         finally:
             await self._queue.put((p, None))
@@ -130,7 +130,9 @@ class Generation:
         """The engine validates a prompt (length, token ids) as the request is added: a 400 naming the prompt."""
         if isinstance(error, EngineDeadError):
             return APIError(503, str(error), type="service_unavailable")
-        return bad_request(str(error), self._prompt_param)
+        if isinstance(error, (ValueError, TypeError)):
+            return bad_request(str(error), self._prompt_param)
+        return APIError(500, f"generation failed: {error!r}", type="internal_server_error")
 
     def _observe(self, p: int, out: RequestOutput) -> None:
         """The metrics count whole completions; `out` holds the last deltas."""

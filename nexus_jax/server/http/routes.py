@@ -25,7 +25,7 @@ from nexus_jax.server.http.protocol import (
     TokenizeRequest,
 )
 from nexus_jax.server.http.responses import DONE, Shaper, sse
-from nexus_jax.server.metrics import EngineMetrics
+from nexus_jax.server.metrics import EngineMetrics, replicas_of
 
 # OpenAI's default max_tokens of a text completion; a chat completion runs to the end of the context by default.
 COMPLETION_MAX_TOKENS = 16
@@ -69,14 +69,14 @@ def build_app(llm: Any, options: ServerOptions, metrics: EngineMetrics, admissio
                          prompt_param="messages" if chat else "prompt")
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         shaper = Shaper(gen, options.model_name, params.n, chat=chat, top=top, include_usage=include_usage)
-        events = gen.events()
+        events = gen.events() if body.stream else None
         try:
             # Input the engine refuses shows up at the first output: a 400 before any header is sent.
-            first = await unless_disconnected(request.receive, anext(events) if body.stream else gen.collect())
+            first = await unless_disconnected(request.receive, anext(events) if events else gen.collect())
         except BaseException:
             await gen.close()
             raise
-        if not body.stream or first is None:
+        if events is None or first is None:
             await gen.close()
             # 499: nobody reads it, the client disconnected (nginx's code)
             return JSONResponse(shaper.whole()) if first is not None else Response(status_code=499)
@@ -137,9 +137,9 @@ def build_app(llm: Any, options: ServerOptions, metrics: EngineMetrics, admissio
 
     @app.get("/health")
     async def health() -> Response:
-        """200 while the engine runs and the server takes requests; 503 when draining or the engine stopped."""
-        alive = getattr(llm, "dead_error", None) is None and not admission.draining
-        return Response(status_code=200 if alive else 503)
+        """200 while an engine runs and the server takes requests; 503 when draining or every engine stopped."""
+        serving = any(r.dead_error is None for r in replicas_of(llm)) and not admission.draining
+        return Response(status_code=200 if serving else 503)
 
     @app.get("/metrics")
     async def metrics_text() -> Response:
