@@ -10,7 +10,7 @@ import concurrent.futures
 import contextlib
 import logging
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -143,10 +143,12 @@ class ModelRunner(StepsExecutor):
         rows = self._rows(batch, len(decodes), len(prefills))
         padded: list[SamplingRow | None] = [None] * batch.logits_indices.shape[0]
         padded_banned: list[Sequence[int] | None] = [None] * len(padded)
+        padded_bias: list[Mapping[int, float] | None] = [None] * len(padded)
         for i, (r, row) in enumerate(zip(rows, sampling_rows)):
             padded[r] = row
             padded_banned[r] = banned[i] if banned else None
-        st = SamplingTensors.from_rows(padded, padded_banned)
+            padded_bias[r] = step.bias[i] if step.bias else None
+        st = SamplingTensors.from_rows(padded, padded_banned, bias=padded_bias)
         if len(padded) > FEED_ROWS:
             raise ValueError(f"{len(padded)} logits rows in one step; at most {FEED_ROWS}")
         feed_src = np.full(batch.num_decode, -1, np.int32)

@@ -136,9 +136,10 @@ class LLMEngine:
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"n {params.n} exceeds max_num_seqs {self.config.max_num_seqs}, the most sequences "
                              f"the engine runs at once")
-        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
-        if bad:  # such ids can never be sampled, and the sampler's banned-id table holds only vocabulary ids
-            raise ValueError(f"stop_token_ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        for name, named in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or ())):
+            bad = [t for t in named if t >= self.vocab_size]
+            if bad:  # the sampler's id tables hold vocabulary ids only
+                raise ValueError(f"{name} names token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
         metrics = RequestMetrics(time.monotonic() if arrival_time is None else arrival_time)
         drawn = self._rng.getrandbits(31)
         eos = () if params.ignore_eos else self.eos_token_ids
@@ -307,7 +308,9 @@ class LLMEngine:
         # logprobs=0 still wants the sampled token's log-prob, which the executor returns only when asked for 1+
         num_logprobs = max(max(wanted), 1) if wanted else 0
         banned = [self._banned(c.request) for c in chunks]
-        return StepInput(decodes, prefills, rows, num_logprobs, banned if any(banned) else None, feed=feed)
+        bias = [c.request.params.logit_bias for c in chunks]
+        return StepInput(decodes, prefills, rows, num_logprobs, banned if any(banned) else None, feed=feed,
+                         bias=bias if any(bias) else None)
 
     def _banned(self, seq: Request) -> list[int]:
         """Until min_tokens are out, EOS and the stop ids are not sampled at all (vLLM's behaviour)."""

@@ -1,8 +1,8 @@
 """Per-request generation settings with vLLM's names, defaults and meaning.
 
 Porting vLLM code means changing the import: `from nexus_jax.core.sampling_params import SamplingParams`. Fields
-vLLM has and nexus-jax does not (penalties, logit_bias, guided decoding, ...) raise TypeError rather than being
-silently ignored. Arguments are keyword-only, so a positional call written for vLLM's field order fails loudly.
+vLLM has and nexus-jax does not (penalties, guided decoding, ...) raise TypeError rather than being silently
+ignored. Arguments are keyword-only, so a positional call written for vLLM's field order fails loudly.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 128
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024
+# logit_bias: OpenAI's range for a value, and a cap on the entries (each is a slot in the sampler's bias table).
+MAX_LOGIT_BIAS = 100.0
+MAX_LOGIT_BIAS_ENTRIES = 1024
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -34,6 +37,8 @@ class SamplingParams:
     means up to the model's context. min_tokens: no stop (EOS, stop ids, stop strings) can end a completion
     before this many tokens have been generated; the first token that can stop it is token min_tokens + 1.
     logprobs: how many top log-probs to report per generated token (None: none, 0: only the sampled token's).
+    logit_bias: token id -> a value in [-100, 100] added to its logit before temperature and filters, every step
+    (OpenAI's logit_bias; at most MAX_LOGIT_BIAS_ENTRIES entries); log-probs stay those of the raw logits.
     Limits: at most MAX_STOP_STRINGS stop strings of at most MAX_STOP_STRING_CHARS characters each, at most
     MAX_STOP_TOKEN_IDS stop_token_ids; duplicates in either list are dropped.
     spaces_between_special_tokens: accepted for compatibility and has no effect; the tokenizer.json decoder
@@ -55,6 +60,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     spaces_between_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         self.n = _integer(self.n, "n", minimum=1)
@@ -77,6 +83,7 @@ class SamplingParams:
                 raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         self.stop = _stop_strings(self.stop)
         self.stop_token_ids = _token_ids(self.stop_token_ids)
+        self.logit_bias = _logit_bias(self.logit_bias)
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
                      "spaces_between_special_tokens"):
             if not isinstance(getattr(self, name), bool):
@@ -135,6 +142,24 @@ def _token_ids(ids: Iterable[int] | None) -> list[int]:
         raise ValueError(f"stop_token_ids has {len(entries)} entries, more than the limit of {MAX_STOP_TOKEN_IDS}")
     # Duplicates would only lengthen the banned-id rows the sampler gets each step while min_tokens holds.
     return list(dict.fromkeys(_integer(token_id, "stop_token_ids entry", minimum=0) for token_id in entries))
+
+
+def _logit_bias(bias: Mapping[int, float] | None) -> dict[int, float] | None:
+    """{token id: value} checked and as ints and floats; None when empty (no row in the sampler's bias table)."""
+    if bias is None:
+        return None
+    if not isinstance(bias, Mapping):
+        raise ValueError(f"logit_bias must be a mapping of token ids to values, got {bias!r}")
+    if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise ValueError(f"logit_bias has {len(bias)} entries, more than the limit of {MAX_LOGIT_BIAS_ENTRIES}")
+    checked = {}
+    for token_id, value in bias.items():
+        token_id = _integer(token_id, "logit_bias token id", minimum=0)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not abs(value) <= MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                             f"got {value!r} for token {token_id}")
+        checked[token_id] = float(value)
+    return checked or None
 
 
 def _as_list(value: Any, name: str) -> list[Any]:

@@ -1,0 +1,47 @@
+"""logit_bias: checked in SamplingParams, carried to the sampler on every step of the request, applied on the
+device (the sampler's own test compares it with transformers' SequenceBiasLogitsProcessor)."""
+
+import pytest
+
+from nexus_jax import LLM, SamplingParams
+from nexus_jax.testing.engines import make_engine
+from nexus_jax.testing.runs import run_all
+
+
+def test_logit_bias_is_checked_and_normalized():
+    assert SamplingParams(logit_bias={5: 1, 7: -100}).logit_bias == {5: 1.0, 7: -100.0}
+    assert SamplingParams(logit_bias={}).logit_bias is None
+    for bias, message in (({5: 100.5}, "in \\[-100, 100\\]"), ({-1: 1.0}, "token id must be >= 0"),
+                          ({"5": 1.0}, "token id must be an integer"), ({5: True}, "numbers"),
+                          ([5], "mapping"), ({i: 1.0 for i in range(1025)}, "limit of 1024")):
+        with pytest.raises(ValueError, match=message):
+            SamplingParams(logit_bias=bias)
+
+
+def test_every_step_of_a_biased_request_carries_its_bias_in_single_steps():
+    engine = make_engine(num_scheduler_steps=4)
+    steps = []
+    real = engine.executor.execute
+    engine.executor.execute = lambda step: steps.append(step) or real(step)
+    bias = {9: 2.5}
+    engine.add_request("biased", {"prompt_token_ids": [30]}, SamplingParams(max_tokens=6, logit_bias=bias))
+    engine.add_request("plain", {"prompt_token_ids": [50]}, SamplingParams(max_tokens=6))
+    run_all(engine)
+    assert len(steps) >= 6 and all(step.num_steps == 1 for step in steps)
+    assert all(step.bias is not None and sorted(step.bias, key=bool) == [None, bias] for step in steps)
+    with pytest.raises(ValueError, match="logit_bias names token ids outside the vocabulary"):
+        engine.add_request("bad", {"prompt_token_ids": [1]}, SamplingParams(logit_bias={10**6: 1.0}))
+
+
+def test_the_default_model_samples_what_the_bias_forces_or_forbids():
+    llm = LLM(dtype="float32")
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    prompt = {"prompt_token_ids": [1, 60, 61, 62]}
+    (plain,) = llm.generate([prompt], greedy, use_tqdm=False)
+    first = plain.outputs[0].token_ids[0]
+    forced, forbidden = llm.generate([prompt, prompt], [
+        SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logit_bias={77: 100.0}),
+        SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logit_bias={first: -100.0})], use_tqdm=False)
+    assert forced.outputs[0].token_ids == [77] * 6
+    assert forbidden.outputs[0].token_ids[0] != first and first not in forbidden.outputs[0].token_ids
+    llm.shutdown()
