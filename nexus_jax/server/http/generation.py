@@ -127,11 +127,12 @@ class Generation:
             await self._queue.put((p, None))
 
     def _error(self, error: BaseException) -> APIError:
-        """The engine validates a prompt (length, token ids) as the request is added: a 400 naming the prompt."""
+        """The engine validates a prompt (length, token ids) and the ids the sampling fields name as the request is
+        added: a 400 naming the field."""
         if isinstance(error, EngineDeadError):
             return APIError(503, str(error), type="service_unavailable")
         if isinstance(error, (ValueError, TypeError)):
-            return bad_request(str(error), self._prompt_param)
+            return bad_request(str(error), field_of(str(error), {"logit_bias", "stop_token_ids"}) or self._prompt_param)
         return APIError(500, f"generation failed: {error!r}", type="internal_server_error")
 
     def _observe(self, p: int, out: RequestOutput) -> None:

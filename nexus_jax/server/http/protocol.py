@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI API (with vLLM's extra fields) and their SamplingParams.
 
 Unknown fields are refused (400 naming them), as OpenAI does. Fields of sampling features the engine does not have
-yet (penalties, logit_bias, structured output, tools, echo, suffix, best_of) are refused with a 400 naming the
+yet (penalties, structured output, tools, echo, suffix, best_of) are refused with a 400 naming the
 field when they ask for anything other than their neutral value, never silently ignored.
 """
 
@@ -58,8 +58,6 @@ class SamplingFields(_Body):
         for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
             if getattr(self, name) not in (None, neutral):
                 raise _unsupported(name)
-        if self.logit_bias:
-            raise _unsupported("logit_bias")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed with stream: true", "stream_options")
 
@@ -76,7 +74,8 @@ class SamplingFields(_Body):
                                                         "skip_special_tokens", "include_stop_str_in_output")}
         kwargs = {name: value for name, value in given.items() if value is not None}
         try:
-            return SamplingParams(n=self.n, max_tokens=max_tokens, logprobs=logprobs, **kwargs)
+            return SamplingParams(n=self.n, max_tokens=max_tokens, logprobs=logprobs,
+                                  logit_bias=_token_keys(self.logit_bias), **kwargs)
         except ValueError as e:
             raise bad_request(str(e), field_of(str(e), set(type(self).model_fields))) from None
 
@@ -159,6 +158,16 @@ class TokenizeRequest(_Body):
 class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[int]
+
+
+def _token_keys(bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias names token ids as JSON object keys, so strings: the ids as ints."""
+    if bias is None:
+        return None
+    try:
+        return {int(key): value for key, value in bias.items()}
+    except ValueError:
+        raise bad_request(f"logit_bias keys must be token ids, got {sorted(bias)[:5]}", "logit_bias") from None
 
 
 def _unsupported(field: str, what: str | None = None) -> Exception:
