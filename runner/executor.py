@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
+from runner.penalties import PenaltyRow
 from runner.sampling import SamplingRow
 from runner.step_batch import SeqChunk
 
@@ -16,7 +17,7 @@ from runner.step_batch import SeqChunk
 @dataclasses.dataclass(frozen=True)
 class StepInput:
     """One planned step: chunk i of decodes then prefills samples with rows[i], adds bias[i] (token id -> value)
-    to its logits and never samples banned[i].
+    to its logits, applies penalties[i] (runner.penalties) and never samples banned[i].
 
     num_steps > 1 runs that many decode steps back to back, each step's samples feeding the next (block tables
     already cover the extra positions); such a step has no prefills, log-probs, biases or banned ids.
@@ -33,11 +34,13 @@ class StepInput:
     num_steps: int = 1
     feed: Sequence[tuple[int, int]] = ()
     bias: Sequence[Mapping[int, float] | None] | None = None
+    penalties: Sequence[PenaltyRow | None] | None = None
 
     def __post_init__(self) -> None:
-        if self.num_steps > 1 and (self.prefills or self.num_logprobs or self.banned or self.feed or self.bias):
-            raise ValueError("a multi-step decode runs decode chunks only, without log-probs, banned ids, biases "
-                             "or feed")
+        if self.num_steps > 1 and (self.prefills or self.num_logprobs or self.banned or self.feed or self.bias
+                                   or self.penalties):
+            raise ValueError("a multi-step decode runs decode chunks only, without log-probs, banned ids, biases, "
+                             "penalties or feed")
         if any(not 0 <= i < len(self.decodes) or r < 0 for i, r in self.feed):
             raise ValueError(f"feed pairs name decode chunks (0..{len(self.decodes) - 1}) and earlier rows, "
                              f"got {list(self.feed)}")
@@ -99,13 +102,16 @@ class StepsExecutor:
 
     def step(self, decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk], sampling_rows: Sequence[SamplingRow],
              num_logprobs: int = 0, banned: Sequence[Sequence[int]] | None = None,
-             bias: Sequence[Mapping[int, float] | None] | None = None) -> Any:
+             bias: Sequence[Mapping[int, float] | None] | None = None,
+             penalties: Sequence[PenaltyRow | None] | None = None) -> Any:
         """Runs one step and returns the sample of each chunk, decodes first, then prefills."""
-        return self.dispatch(StepInput(decodes, prefills, sampling_rows, num_logprobs, banned, bias=bias)).result()
+        return self.dispatch(StepInput(decodes, prefills, sampling_rows, num_logprobs, banned, bias=bias,
+                                       penalties=penalties)).result()
 
     def execute(self, step: StepInput) -> Any:
         if step.num_steps > 1:
             return self.decode_steps(step.decodes, step.rows, step.num_steps)
         if step.feed:
             return self.dispatch(step).result()
-        return self.step(step.decodes, step.prefills, step.rows, step.num_logprobs, step.banned, bias=step.bias)
+        return self.step(step.decodes, step.prefills, step.rows, step.num_logprobs, step.banned, bias=step.bias,
+                         penalties=step.penalties)

@@ -1,4 +1,5 @@
-"""On-device token sampling: logit bias, greedy, temperature, top-k, top-p and min-p, one jitted call per step.
+"""On-device token sampling: logit bias, penalties, greedy, temperature, top-k, top-p and min-p, one jitted call
+per step.
 
 The work a batch needs is decided on the host, from its rows (`SamplingTensors.mode`, a static field, so each
 mode is its own program): greedy batches take an argmax, sampled ones add the noise, and only batches with a
@@ -25,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 from jax import lax
+
+from runner.penalties import PenaltyRow, apply_penalties, penalty_tables
 
 # As in vLLM, temperatures this small sample greedily; it also keeps z = logits / T finite.
 GREEDY_TEMPERATURE = 1e-5
@@ -65,15 +68,24 @@ class SamplingTensors:
     # when no row has a bias.
     bias_ids: jax.Array
     bias: jax.Array
+    # runner.penalties' columns: [B, W] distinct token ids of each row's sequence (-1 = unused), [B, W] their
+    # output counts, [B, 3] (repetition, frequency, presence); W is 0 when no row has a penalty. pending [B]: an
+    # output token not in the counts yet (the overlapped loop's sample in flight; -1 = none).
+    penalty_ids: jax.Array
+    penalty_counts: jax.Array
+    penalties: jax.Array
+    pending: jax.Array
     mode: str = struct.field(pytree_node=False, default=FILTERED)  # see MODES; from_rows picks the cheapest
 
     @classmethod
     def from_rows(cls, rows: Sequence[SamplingRow | None], banned: Sequence[Sequence[int] | None] | None = None,
                   *, pad_to: int | None = None,
-                  bias: Sequence[Mapping[int, float] | None] | None = None) -> SamplingTensors:
+                  bias: Sequence[Mapping[int, float] | None] | None = None,
+                  penalties: Sequence[PenaltyRow | None] | None = None) -> SamplingTensors:
         """Build host (numpy) columns from rows made by `SamplingRow.validated`; None is a greedy padding row, and
         so is every row after `len(rows)` up to `pad_to`. banned[i] lists token ids row i may not sample (None or
-        empty: none); bias[i] maps token ids to what is added to row i's logits (None or empty: nothing).
+        empty: none); bias[i] maps token ids to what is added to row i's logits (None or empty: nothing);
+        penalties[i] is row i's repetition/frequency/presence penalties and history (None: none).
 
         The engine validates a request's row once and only advances its step, so a step of 256 rows costs
         microseconds here instead of the milliseconds that validating every row every step took.
@@ -90,7 +102,9 @@ class SamplingTensors:
         for i, row_bias in enumerate(bias or ()):
             if row_bias:
                 bias_values[i, :len(row_bias)] = list(row_bias.values())
-        return cls(*columns, table, bias_ids, bias_values, mode_of(values))
+        penalty_columns = penalty_tables(penalties or (), len(values))
+        return cls(*columns, table, bias_ids, bias_values, *penalty_columns, np.full(len(values), -1, np.int32),
+                   mode_of(values))
 
 
 def _id_table(num_rows: int, ids: Sequence[Sequence[int] | None]) -> np.ndarray:
@@ -149,12 +163,15 @@ def sample(logits: jax.Array, st: SamplingTensors, *, num_logprobs: int = 0) -> 
 
 def adjust_logits(logits: jax.Array, st: SamplingTensors) -> jax.Array:
     """The logits [B, V] f32 the filters and the draw see: each row's logit_bias added (as transformers'
-    SequenceBiasLogitsProcessor with one-token sequences), then its banned ids at -inf."""
+    SequenceBiasLogitsProcessor with one-token sequences), its penalties applied (runner.penalties), then its
+    banned ids at -inf."""
     batch, vocab = logits.shape
     rows = jnp.arange(batch)[:, None]
     x = logits
     if st.bias_ids.shape[1]:
         x = x.at[rows, jnp.where(st.bias_ids >= 0, st.bias_ids, vocab)].add(st.bias, mode="drop")
+    if st.penalty_ids.shape[1]:
+        x = apply_penalties(x, st.penalty_ids, st.penalty_counts, st.penalties, st.pending)
     if st.banned.shape[1]:
         x = x.at[rows, jnp.where(st.banned >= 0, st.banned, vocab)].set(-jnp.inf, mode="drop")  # -1: dropped
     return x

@@ -25,6 +25,7 @@ from nexus_jax.core.swap_space import SwapSpace
 from nexus_jax.core.tokenizer import IncrementalDetokenizer, Tokenizer
 from nexus_jax.programs.table import ProgramConfig
 from runner.executor import Executor, ReadyStep, StepHandle, StepInput
+from runner.penalties import PenaltyHistory
 from runner.sampling import SampleResult
 from runner.step_batch import SeqChunk
 
@@ -157,7 +158,9 @@ class LLMEngine:
                           thread_id=thread_id if params.n == 1 else f"{thread_id}#{i}",
                           logprobs=[] if child.logprobs is not None else None,
                           cumulative_logprob=0.0 if child.logprobs is not None else None,
-                          waits_for=seqs[0] if i else None, banned_ids=banned)
+                          waits_for=seqs[0] if i else None, banned_ids=banned,
+                          penalty=PenaltyHistory(child.repetition_penalty, child.frequency_penalty,
+                                                 child.presence_penalty, ids) if child.has_penalties else None)
             seqs.append(seq)
         return RequestGroup(request_id, text, ids, seqs, stream)
 
@@ -309,8 +312,9 @@ class LLMEngine:
         num_logprobs = max(max(wanted), 1) if wanted else 0
         banned = [self._banned(c.request) for c in chunks]
         bias = [c.request.params.logit_bias for c in chunks]
+        penalties = [c.request.penalty.row() if c.request.penalty else None for c in chunks]
         return StepInput(decodes, prefills, rows, num_logprobs, banned if any(banned) else None, feed=feed,
-                         bias=bias if any(bias) else None)
+                         bias=bias if any(bias) else None, penalties=penalties if any(penalties) else None)
 
     def _banned(self, seq: Request) -> list[int]:
         """Until min_tokens are out, EOS and the stop ids are not sampled at all (vLLM's behaviour)."""
