@@ -125,12 +125,14 @@ def test_chat_logprobs_carry_the_token_text(client, tokenizer):
 
 
 @pytest.mark.parametrize("fields, param", [
-    ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"frequency_penalty": -1.0}, "frequency_penalty"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3.0}, "frequency_penalty"),
+    ({"extra_body": {"repetition_penalty": 0.0}}, "repetition_penalty"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"logit_bias": {"five": 10}}, "logit_bias"),
     ({"logit_bias": {"5": 101}}, "logit_bias"),
     ({"logit_bias": {"100000": 1}}, "logit_bias"),
-    ({"extra_body": {"repetition_penalty": 1.2}}, "repetition_penalty"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"temperature": -1.0}, "temperature"),
     ({"max_tokens": 0}, "max_tokens"),
@@ -200,15 +202,18 @@ def test_tokenize_detokenize_and_metrics(http, tokenizer):
     assert b'nexus:request_success_total{finished_reason="length"}' in http.get("/metrics").content
 
 
-def test_logit_bias_reaches_the_sampler_of_every_step(client, server):
+def test_logit_bias_and_penalties_reach_the_sampler_of_every_step(client, server):
     engine = server.llm.engine
     steps = []
     real = engine.executor.dispatch
     engine.executor.dispatch = lambda step: steps.append(step) or real(step)
     try:
         r = client.completions.create(model=MODEL, prompt=[7, 8], max_tokens=3, temperature=0,
-                                      logit_bias={"9": 5, "300": -100})
+                                      logit_bias={"9": 5, "300": -100}, presence_penalty=0.5, frequency_penalty=0.25,
+                                      extra_body={"repetition_penalty": 1.5})
     finally:
         del engine.executor.dispatch  # back to the class's method
     assert r.choices[0].finish_reason == "length"
     assert len(steps) >= 3 and all(step.bias == [{9: 5.0, 300: -100.0}] for step in steps)
+    (row,) = steps[0].penalties
+    assert (row.repetition, row.frequency, row.presence) == (1.5, 0.25, 0.5) and list(row.ids)[:2] == [7, 8]

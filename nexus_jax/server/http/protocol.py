@@ -1,8 +1,8 @@
 """Request bodies of the OpenAI API (with vLLM's extra fields) and their SamplingParams.
 
-Unknown fields are refused (400 naming them), as OpenAI does. Fields of sampling features the engine does not have
-yet (penalties, structured output, tools, echo, suffix, best_of) are refused with a 400 naming the
-field when they ask for anything other than their neutral value, never silently ignored.
+Unknown fields are refused (400 naming them), as OpenAI does. Fields of features the engine does not have yet
+(structured output, tools, echo, suffix, best_of) are refused with a 400 naming the field when they ask for
+anything other than their neutral value, never silently ignored.
 """
 
 from __future__ import annotations
@@ -54,10 +54,7 @@ class SamplingFields(_Body):
     thread_id: str | None = None
 
     def refuse_unsupported(self) -> None:
-        """400 naming the first field that asks for a feature the engine does not have yet."""
-        for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
-            if getattr(self, name) not in (None, neutral):
-                raise _unsupported(name)
+        """400 naming the first field that asks for something this server does not do."""
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed with stream: true", "stream_options")
 
@@ -71,7 +68,9 @@ class SamplingFields(_Body):
             max_tokens = default_max_tokens
         given = {name: getattr(self, name) for name in ("temperature", "top_p", "top_k", "min_p", "seed", "stop",
                                                         "stop_token_ids", "min_tokens", "ignore_eos",
-                                                        "skip_special_tokens", "include_stop_str_in_output")}
+                                                        "skip_special_tokens", "include_stop_str_in_output",
+                                                        "presence_penalty", "frequency_penalty",
+                                                        "repetition_penalty")}
         kwargs = {name: value for name, value in given.items() if value is not None}
         try:
             return SamplingParams(n=self.n, max_tokens=max_tokens, logprobs=logprobs,
