@@ -136,6 +136,8 @@ def test_chat_logprobs_carry_the_token_text(client, tokenizer):
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"temperature": -1.0}, "temperature"),
     ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": None, "max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"n": 9}, "n"),
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"extra_body": {"frobnicate": 1}}, "frobnicate"),
@@ -148,6 +150,7 @@ def test_bad_or_unsupported_fields_are_400_naming_the_field(client, fields, para
         client.chat.completions.create(**request)
     assert e.value.status_code == 400
     assert e.value.body["type"] == "invalid_request_error" and e.value.body["param"] == param
+    assert "not both" not in e.value.body["message"]
 
 
 def test_an_unknown_model_is_404(client):

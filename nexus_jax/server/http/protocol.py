@@ -59,9 +59,10 @@ class SamplingFields(_Body):
             raise bad_request("stream_options is only allowed with stream: true", "stream_options")
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, max_tokens_limit: int | None,
-                        default_max_tokens: int | None) -> SamplingParams:
-        """The request's SamplingParams; a bad value is a 400 naming its field. An unset max_tokens takes
-        `default_max_tokens` (None: what the context leaves), lowered to max_tokens_limit where that is smaller."""
+                        default_max_tokens: int | None, renamed: dict[str, str] | None = None) -> SamplingParams:
+        """The request's SamplingParams; a bad value is a 400 naming its field (`renamed`: SamplingParams field ->
+        the request field it came from, where they differ). An unset max_tokens takes `default_max_tokens` (None:
+        what the context leaves), lowered to max_tokens_limit where that is smaller."""
         if max_tokens is None and max_tokens_limit is not None:
             max_tokens = min(default_max_tokens or max_tokens_limit, max_tokens_limit)
         elif max_tokens is None:
@@ -76,7 +77,8 @@ class SamplingFields(_Body):
             return SamplingParams(n=self.n, max_tokens=max_tokens, logprobs=logprobs,
                                   logit_bias=_token_keys(self.logit_bias), **kwargs)
         except ValueError as e:
-            raise bad_request(str(e), field_of(str(e), set(type(self).model_fields))) from None
+            param = field_of(str(e), set(type(self).model_fields) | {"max_tokens", "logprobs"})
+            raise bad_request(str(e), (renamed or {}).get(param, param)) from None
 
 
 class CompletionRequest(SamplingFields):

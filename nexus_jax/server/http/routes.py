@@ -100,8 +100,11 @@ def build_app(llm: Any, options: ServerOptions, metrics: EngineMetrics, admissio
         check_model(body.model)
         body.refuse_unsupported()
         top = (body.top_logprobs or 0) if body.logprobs else None
-        params = body.sampling_params(body.max_completion_tokens or body.max_tokens, top, options.max_tokens_limit,
-                                      None)
+        newer = body.max_completion_tokens is not None  # OpenAI's newer name for max_tokens
+        params = body.sampling_params(body.max_completion_tokens if newer else body.max_tokens, top,
+                                      options.max_tokens_limit, None,
+                                      {"max_tokens": "max_completion_tokens" if newer else "max_tokens",
+                                       "logprobs": "top_logprobs"})
         prompt = await chat_prompt(engine.tokenizer, body.messages, body.add_generation_prompt,
                                    body.chat_template_kwargs, limit)
         return await respond(request, body, [prompt], params, chat=True, top=top, program=x_program_id,
