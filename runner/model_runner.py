@@ -146,12 +146,15 @@ class ModelRunner(StepsExecutor):
         padded_banned: list[Sequence[int] | None] = [None] * len(padded)
         padded_bias: list[Mapping[int, float] | None] = [None] * len(padded)
         padded_penalties: list[PenaltyRow | None] = [None] * len(padded)
+        padded_allowed: list[Sequence[int] | None] = [None] * len(padded)
         for i, (r, row) in enumerate(zip(rows, sampling_rows)):
             padded[r] = row
             padded_banned[r] = banned[i] if banned else None
             padded_bias[r] = step.bias[i] if step.bias else None
             padded_penalties[r] = step.penalties[i] if step.penalties else None
-        st = SamplingTensors.from_rows(padded, padded_banned, bias=padded_bias, penalties=padded_penalties)
+            padded_allowed[r] = step.allowed[i] if step.allowed else None
+        st = SamplingTensors.from_rows(padded, padded_banned, bias=padded_bias, penalties=padded_penalties,
+                                       allowed=padded_allowed)
         if len(padded) > FEED_ROWS:
             raise ValueError(f"{len(padded)} logits rows in one step; at most {FEED_ROWS}")
         feed_src = np.full(batch.num_decode, -1, np.int32)

@@ -1,5 +1,5 @@
-"""On-device token sampling: logit bias, penalties, greedy, temperature, top-k, top-p and min-p, one jitted call
-per step.
+"""On-device token sampling: allowed ids, logit bias, penalties, greedy, temperature, top-k, top-p and min-p, one
+jitted call per step.
 
 The work a batch needs is decided on the host, from its rows (`SamplingTensors.mode`, a static field, so each
 mode is its own program): greedy batches take an argmax, sampled ones add the noise, and only batches with a
@@ -64,6 +64,9 @@ class SamplingTensors:
     # [B, M] i32 token ids this row may not sample (-1 = unused); M is 0 when no row bans anything. The engine
     # bans EOS and stop ids until min_tokens is reached, as vLLM does.
     banned: jax.Array
+    # [B, A] i32: the only token ids a row may sample (vLLM's allowed_token_ids; -1 = unused, a row of -1 only
+    # is unrestricted); A is 0 when no row is restricted.
+    allowed: jax.Array
     # [B, N] i32 token ids and [B, N] f32 values added to their logits (OpenAI's logit_bias; -1 = unused); N is 0
     # when no row has a bias.
     bias_ids: jax.Array
@@ -81,11 +84,13 @@ class SamplingTensors:
     def from_rows(cls, rows: Sequence[SamplingRow | None], banned: Sequence[Sequence[int] | None] | None = None,
                   *, pad_to: int | None = None,
                   bias: Sequence[Mapping[int, float] | None] | None = None,
-                  penalties: Sequence[PenaltyRow | None] | None = None) -> SamplingTensors:
+                  penalties: Sequence[PenaltyRow | None] | None = None,
+                  allowed: Sequence[Sequence[int] | None] | None = None) -> SamplingTensors:
         """Build host (numpy) columns from rows made by `SamplingRow.validated`; None is a greedy padding row, and
         so is every row after `len(rows)` up to `pad_to`. banned[i] lists token ids row i may not sample (None or
         empty: none); bias[i] maps token ids to what is added to row i's logits (None or empty: nothing);
-        penalties[i] is row i's repetition/frequency/presence penalties and history (None: none).
+        penalties[i] is row i's repetition/frequency/presence penalties and history (None: none); allowed[i]
+        lists the only token ids row i may sample (None: any).
 
         The engine validates a request's row once and only advances its step, so a step of 256 rows costs
         microseconds here instead of the milliseconds that validating every row every step took.
@@ -103,8 +108,8 @@ class SamplingTensors:
             if row_bias:
                 bias_values[i, :len(row_bias)] = list(row_bias.values())
         penalty_columns = penalty_tables(penalties or (), len(values))
-        return cls(*columns, table, bias_ids, bias_values, *penalty_columns, np.full(len(values), -1, np.int32),
-                   mode_of(values))
+        return cls(*columns, table, _id_table(len(values), allowed or ()), bias_ids, bias_values, *penalty_columns,
+                   np.full(len(values), -1, np.int32), mode_of(values))
 
 
 def _id_table(num_rows: int, ids: Sequence[Sequence[int] | None]) -> np.ndarray:
@@ -162,12 +167,16 @@ def sample(logits: jax.Array, st: SamplingTensors, *, num_logprobs: int = 0) -> 
 
 
 def adjust_logits(logits: jax.Array, st: SamplingTensors) -> jax.Array:
-    """The logits [B, V] f32 the filters and the draw see: each row's logit_bias added (as transformers'
-    SequenceBiasLogitsProcessor with one-token sequences), its penalties applied (runner.penalties), then its
-    banned ids at -inf."""
+    """The logits [B, V] f32 the filters and the draw see: tokens outside a row's allowed ids at -inf, its
+    logit_bias added (as transformers' SequenceBiasLogitsProcessor with one-token sequences), its penalties applied
+    (runner.penalties), then its banned ids at -inf (vLLM's order)."""
     batch, vocab = logits.shape
     rows = jnp.arange(batch)[:, None]
     x = logits
+    if st.allowed.shape[1]:
+        keep = jnp.zeros((batch, vocab + 1), jnp.bool_).at[rows, jnp.where(st.allowed >= 0, st.allowed, vocab)].set(
+            True)[:, :vocab]
+        x = jnp.where(keep | (st.allowed[:, :1] < 0), x, -jnp.inf)
     if st.bias_ids.shape[1]:
         x = x.at[rows, jnp.where(st.bias_ids >= 0, st.bias_ids, vocab)].add(st.bias, mode="drop")
     if st.penalty_ids.shape[1]:

@@ -137,7 +137,8 @@ class LLMEngine:
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"n {params.n} exceeds max_num_seqs {self.config.max_num_seqs}, the most sequences "
                              f"the engine runs at once")
-        for name, named in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or ())):
+        for name, named in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or ()),
+                            ("allowed_token_ids", params.allowed_token_ids or ())):
             bad = [t for t in named if t >= self.vocab_size]
             if bad:  # the sampler's id tables hold vocabulary ids only
                 raise ValueError(f"{name} names token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
@@ -313,8 +314,10 @@ class LLMEngine:
         banned = [self._banned(c.request) for c in chunks]
         bias = [c.request.params.logit_bias for c in chunks]
         penalties = [c.request.penalty.row() if c.request.penalty else None for c in chunks]
+        allowed = [c.request.params.allowed_token_ids for c in chunks]
         return StepInput(decodes, prefills, rows, num_logprobs, banned if any(banned) else None, feed=feed,
-                         bias=bias if any(bias) else None, penalties=penalties if any(penalties) else None)
+                         bias=bias if any(bias) else None, penalties=penalties if any(penalties) else None,
+                         allowed=allowed if any(allowed) else None)
 
     def _banned(self, seq: Request) -> list[int]:
         """Until min_tokens are out, EOS and the stop ids are not sampled at all (vLLM's behaviour)."""

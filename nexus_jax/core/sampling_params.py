@@ -1,8 +1,8 @@
 """Per-request generation settings with vLLM's names, defaults and meaning.
 
 Porting vLLM code means changing the import: `from nexus_jax.core.sampling_params import SamplingParams`. Fields
-vLLM has and nexus-jax does not (bad_words, allowed_token_ids, guided decoding, ...) raise TypeError rather than
-being silently ignored. Arguments are keyword-only, so a positional call written for vLLM's field order fails loudly.
+vLLM has and nexus-jax does not (bad_words, guided decoding, ...) raise TypeError rather than being silently
+ignored. Arguments are keyword-only, so a positional call written for vLLM's field order fails loudly.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ class SamplingParams:
     every token of the prompt or the output is divided by it when positive, multiplied when negative (as
     transformers' RepetitionPenaltyLogitsProcessor). All are applied on the device, after logit_bias and before
     temperature and the filters.
+    allowed_token_ids: the only token ids a completion may sample (None: any; duplicates are dropped), applied
+    on the device before everything else; EOS ends it only if listed.
     logit_bias: token id -> a value in [-100, 100] added to its logit before temperature and filters, every step
     (OpenAI's logit_bias; at most MAX_LOGIT_BIAS_ENTRIES entries); log-probs stay those of the raw logits.
     Limits: at most MAX_STOP_STRINGS stop strings of at most MAX_STOP_STRING_CHARS characters each, at most
@@ -73,6 +75,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    allowed_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.n = _integer(self.n, "n", minimum=1)
@@ -96,6 +99,12 @@ class SamplingParams:
         self.stop = _stop_strings(self.stop)
         self.stop_token_ids = _token_ids(self.stop_token_ids)
         self.logit_bias = _logit_bias(self.logit_bias)
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(dict.fromkeys(
+                _integer(t, "allowed_token_ids entry", minimum=0) for t in _as_list(self.allowed_token_ids,
+                                                                                    "allowed_token_ids")))
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids must not be empty (None allows every token)")
         for name in ("presence_penalty", "frequency_penalty"):
             setattr(self, name, _bounded(getattr(self, name), name, -MAX_PENALTY, MAX_PENALTY))
         self.repetition_penalty = _bounded(self.repetition_penalty, "repetition_penalty", 0.0, MAX_REPETITION_PENALTY)
