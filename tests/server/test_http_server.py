@@ -133,6 +133,8 @@ def test_chat_logprobs_carry_the_token_text(client, tokenizer):
     ({"logit_bias": {"five": 10}}, "logit_bias"),
     ({"logit_bias": {"5": 101}}, "logit_bias"),
     ({"logit_bias": {"100000": 1}}, "logit_bias"),
+    ({"extra_body": {"allowed_token_ids": []}}, "allowed_token_ids"),
+    ({"extra_body": {"allowed_token_ids": [100000]}}, "allowed_token_ids"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"temperature": -1.0}, "temperature"),
     ({"max_tokens": 0}, "max_tokens"),
@@ -205,7 +207,7 @@ def test_tokenize_detokenize_and_metrics(http, tokenizer):
     assert b'nexus:request_success_total{finished_reason="length"}' in http.get("/metrics").content
 
 
-def test_logit_bias_and_penalties_reach_the_sampler_of_every_step(client, server):
+def test_logit_bias_penalties_and_allowed_ids_reach_the_sampler_of_every_step(client, server):
     engine = server.llm.engine
     steps = []
     real = engine.executor.dispatch
@@ -213,10 +215,11 @@ def test_logit_bias_and_penalties_reach_the_sampler_of_every_step(client, server
     try:
         r = client.completions.create(model=MODEL, prompt=[7, 8], max_tokens=3, temperature=0,
                                       logit_bias={"9": 5, "300": -100}, presence_penalty=0.5, frequency_penalty=0.25,
-                                      extra_body={"repetition_penalty": 1.5})
+                                      extra_body={"repetition_penalty": 1.5, "allowed_token_ids": [9, 10, 300]})
     finally:
         del engine.executor.dispatch  # back to the class's method
     assert r.choices[0].finish_reason == "length"
     assert len(steps) >= 3 and all(step.bias == [{9: 5.0, 300: -100.0}] for step in steps)
+    assert all(step.allowed == [[9, 10, 300]] for step in steps)
     (row,) = steps[0].penalties
     assert (row.repetition, row.frequency, row.presence) == (1.5, 0.25, 0.5) and list(row.ids)[:2] == [7, 8]

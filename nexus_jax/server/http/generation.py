@@ -132,7 +132,8 @@ class Generation:
         if isinstance(error, EngineDeadError):
             return APIError(503, str(error), type="service_unavailable")
         if isinstance(error, (ValueError, TypeError)):
-            return bad_request(str(error), field_of(str(error), {"logit_bias", "stop_token_ids"}) or self._prompt_param)
+            named = field_of(str(error), {"logit_bias", "stop_token_ids", "allowed_token_ids"})
+            return bad_request(str(error), named or self._prompt_param)
         return APIError(500, f"generation failed: {error!r}", type="internal_server_error")
 
     def _observe(self, p: int, out: RequestOutput) -> None:

@@ -46,6 +46,7 @@ class SamplingFields(_Body):
     min_tokens: int | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
+    allowed_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     priority: int = 0
@@ -71,7 +72,7 @@ class SamplingFields(_Body):
                                                         "stop_token_ids", "min_tokens", "ignore_eos",
                                                         "skip_special_tokens", "include_stop_str_in_output",
                                                         "presence_penalty", "frequency_penalty",
-                                                        "repetition_penalty")}
+                                                        "repetition_penalty", "allowed_token_ids")}
         kwargs = {name: value for name, value in given.items() if value is not None}
         try:
             return SamplingParams(n=self.n, max_tokens=max_tokens, logprobs=logprobs,
