@@ -7,18 +7,21 @@ worker process (`runner.workers.worker`) takes the same `StepInput`, pickled, an
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
+from runner.penalties import PenaltyRow
 from runner.sampling import SamplingRow
 from runner.step_batch import SeqChunk
 
 
 @dataclasses.dataclass(frozen=True)
 class StepInput:
-    """One planned step: chunk i of decodes then prefills samples with rows[i] and never samples banned[i].
+    """One planned step: chunk i of decodes then prefills samples with rows[i], adds bias[i] (token id -> value)
+    to its logits, applies penalties[i] (runner.penalties), samples only among allowed[i] (None: any) and never
+    samples banned[i].
 
     num_steps > 1 runs that many decode steps back to back, each step's samples feeding the next (block tables
-    already cover the extra positions); such a step has no prefills, log-probs or banned ids.
+    already cover the extra positions); such a step has no prefills, log-probs, biases or banned ids.
 
     feed (the overlapped loop, see `Executor.dispatch`): pairs (i, r): decode chunk i's token is the sample of
     chunk r of the step dispatched just before this one, still on the device; its token_ids hold a placeholder.
@@ -31,10 +34,15 @@ class StepInput:
     banned: Sequence[Sequence[int]] | None = None
     num_steps: int = 1
     feed: Sequence[tuple[int, int]] = ()
+    bias: Sequence[Mapping[int, float] | None] | None = None
+    penalties: Sequence[PenaltyRow | None] | None = None
+    allowed: Sequence[Sequence[int] | None] | None = None
 
     def __post_init__(self) -> None:
-        if self.num_steps > 1 and (self.prefills or self.num_logprobs or self.banned or self.feed):
-            raise ValueError("a multi-step decode runs decode chunks only, without log-probs, banned ids or feed")
+        if self.num_steps > 1 and (self.prefills or self.num_logprobs or self.banned or self.feed or self.bias
+                                   or self.penalties or self.allowed):
+            raise ValueError("a multi-step decode runs decode chunks only, without log-probs, banned or allowed "
+                             "ids, biases, penalties or feed")
         if any(not 0 <= i < len(self.decodes) or r < 0 for i, r in self.feed):
             raise ValueError(f"feed pairs name decode chunks (0..{len(self.decodes) - 1}) and earlier rows, "
                              f"got {list(self.feed)}")
@@ -95,13 +103,18 @@ class StepsExecutor:
     decode_steps: Callable[..., Any]  # (decodes, rows, num_steps) -> tokens [num_steps, len(decodes)]
 
     def step(self, decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk], sampling_rows: Sequence[SamplingRow],
-             num_logprobs: int = 0, banned: Sequence[Sequence[int]] | None = None) -> Any:
+             num_logprobs: int = 0, banned: Sequence[Sequence[int]] | None = None,
+             bias: Sequence[Mapping[int, float] | None] | None = None,
+             penalties: Sequence[PenaltyRow | None] | None = None,
+             allowed: Sequence[Sequence[int] | None] | None = None) -> Any:
         """Runs one step and returns the sample of each chunk, decodes first, then prefills."""
-        return self.dispatch(StepInput(decodes, prefills, sampling_rows, num_logprobs, banned)).result()
+        return self.dispatch(StepInput(decodes, prefills, sampling_rows, num_logprobs, banned, bias=bias,
+                                       penalties=penalties, allowed=allowed)).result()
 
     def execute(self, step: StepInput) -> Any:
         if step.num_steps > 1:
             return self.decode_steps(step.decodes, step.rows, step.num_steps)
         if step.feed:
             return self.dispatch(step).result()
-        return self.step(step.decodes, step.prefills, step.rows, step.num_logprobs, step.banned)
+        return self.step(step.decodes, step.prefills, step.rows, step.num_logprobs, step.banned, bias=step.bias,
+                         penalties=step.penalties, allowed=step.allowed)

@@ -10,7 +10,7 @@ import concurrent.futures
 import contextlib
 import logging
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,7 @@ from runner import programs
 from runner.executor import StepInput, StepsExecutor
 from runner.model.config import ModelConfig
 from runner.model.llama import Transformer
+from runner.penalties import PenaltyRow
 from runner.programs import FEED_ROWS, MIN_SWAP_BLOCKS
 from runner.sampling import MODES, SamplingRow, SamplingTensors
 from runner.step_batch import DEFAULT_SHAPES, SeqChunk, StepBatch, StepShapes, bucket, build_step_batch, padding_batch
@@ -143,22 +144,30 @@ class ModelRunner(StepsExecutor):
         rows = self._rows(batch, len(decodes), len(prefills))
         padded: list[SamplingRow | None] = [None] * batch.logits_indices.shape[0]
         padded_banned: list[Sequence[int] | None] = [None] * len(padded)
+        padded_bias: list[Mapping[int, float] | None] = [None] * len(padded)
+        padded_penalties: list[PenaltyRow | None] = [None] * len(padded)
+        padded_allowed: list[Sequence[int] | None] = [None] * len(padded)
         for i, (r, row) in enumerate(zip(rows, sampling_rows)):
             padded[r] = row
             padded_banned[r] = banned[i] if banned else None
-        st = SamplingTensors.from_rows(padded, padded_banned)
+            padded_bias[r] = step.bias[i] if step.bias else None
+            padded_penalties[r] = step.penalties[i] if step.penalties else None
+            padded_allowed[r] = step.allowed[i] if step.allowed else None
+        st = SamplingTensors.from_rows(padded, padded_banned, bias=padded_bias, penalties=padded_penalties,
+                                       allowed=padded_allowed)
         if len(padded) > FEED_ROWS:
             raise ValueError(f"{len(padded)} logits rows in one step; at most {FEED_ROWS}")
         feed_src = np.full(batch.num_decode, -1, np.int32)
+        pending_src = np.full(len(padded), -1, np.int32)  # the fed token of each logits row, for its penalties
         fed = self._no_feed
         if step.feed:
             if self._last_samples is None:
                 raise RuntimeError("a step feeds on the previous step's samples, but none was dispatched")
             fed, last_rows = self._last_samples
             for i, r in step.feed:
-                feed_src[i] = last_rows[r]
+                feed_src[i] = pending_src[rows[i]] = last_rows[r]
         logits, self.kv_pool = programs.forward(self.model_def, self.weights, self.kv_pool, batch, fed, feed_src)
-        out, fed = programs.sample_step(logits, st, step.num_logprobs)
+        out, fed = programs.sample_step(logits, st, step.num_logprobs, fed, pending_src)
         self._last_samples = (fed, rows)
         return PendingStep(out, rows, step.num_logprobs)
 
@@ -249,7 +258,8 @@ class ModelRunner(StepsExecutor):
                                                          num_scheduler_steps)))
         logits = self._compile_and_run(jobs, threads)
         # The sampler of each logits row count in every mode, on logits as the forward leaves them.
-        samplers = [(programs.sample_step, (x, SamplingTensors.from_rows([None] * len(x)).replace(mode=mode), 0))
+        samplers = [(programs.sample_step, (x, SamplingTensors.from_rows([None] * len(x)).replace(mode=mode), 0,
+                                            self._no_feed, np.full(len(x), -1, np.int32)))
                     for x in logits.values() for mode in MODES]
         self._compile_and_run(samplers, threads)
         return len(jobs) + len(samplers)

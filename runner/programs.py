@@ -68,8 +68,13 @@ def forward(model: ModelDef, weights: list[jax.Array], kv_pool, batch: StepBatch
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
-def sample_step(logits: jax.Array, sampling: SamplingTensors, num_logprobs: int):
-    """The step's samples and the same tokens padded into a FEED_ROWS buffer for the next step's forward."""
+def sample_step(logits: jax.Array, sampling: SamplingTensors, num_logprobs: int, fed: jax.Array | None = None,
+                pending_src: jax.Array | None = None):
+    """The step's samples and the same tokens padded into a FEED_ROWS buffer for the next step's forward.
+    Logits row i with pending_src[i] >= 0 was fed fed[pending_src[i]], an output token its penalties count (None:
+    no row was fed)."""
+    if sampling.penalty_ids.shape[1] and pending_src is not None:
+        sampling = sampling.replace(pending=jnp.where(pending_src >= 0, fed[jnp.maximum(pending_src, 0)], -1))
     out = sample(logits, sampling, num_logprobs=num_logprobs)
     tokens = out.tokens if num_logprobs else out
     return out, jnp.zeros(FEED_ROWS, jnp.int32).at[:tokens.shape[0]].set(tokens)

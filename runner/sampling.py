@@ -1,4 +1,5 @@
-"""On-device token sampling: greedy, temperature, top-k, top-p and min-p, one jitted call per step.
+"""On-device token sampling: allowed ids, logit bias, penalties, greedy, temperature, top-k, top-p and min-p, one
+jitted call per step.
 
 The work a batch needs is decided on the host, from its rows (`SamplingTensors.mode`, a static field, so each
 mode is its own program): greedy batches take an argmax, sampled ones add the noise, and only batches with a
@@ -16,7 +17,7 @@ path the batch took (no filter, candidate filter, full sort).
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -25,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 from jax import lax
+
+from runner.penalties import PenaltyRow, apply_penalties, penalty_tables
 
 # As in vLLM, temperatures this small sample greedily; it also keeps z = logits / T finite.
 GREEDY_TEMPERATURE = 1e-5
@@ -61,14 +64,33 @@ class SamplingTensors:
     # [B, M] i32 token ids this row may not sample (-1 = unused); M is 0 when no row bans anything. The engine
     # bans EOS and stop ids until min_tokens is reached, as vLLM does.
     banned: jax.Array
+    # [B, A] i32: the only token ids a row may sample (vLLM's allowed_token_ids; -1 = unused, a row of -1 only
+    # is unrestricted); A is 0 when no row is restricted.
+    allowed: jax.Array
+    # [B, N] i32 token ids and [B, N] f32 values added to their logits (OpenAI's logit_bias; -1 = unused); N is 0
+    # when no row has a bias.
+    bias_ids: jax.Array
+    bias: jax.Array
+    # runner.penalties' columns: [B, W] distinct token ids of each row's sequence (-1 = unused), [B, W] their
+    # output counts, [B, 3] (repetition, frequency, presence); W is 0 when no row has a penalty. pending [B]: an
+    # output token not in the counts yet (the overlapped loop's sample in flight; -1 = none).
+    penalty_ids: jax.Array
+    penalty_counts: jax.Array
+    penalties: jax.Array
+    pending: jax.Array
     mode: str = struct.field(pytree_node=False, default=FILTERED)  # see MODES; from_rows picks the cheapest
 
     @classmethod
     def from_rows(cls, rows: Sequence[SamplingRow | None], banned: Sequence[Sequence[int] | None] | None = None,
-                  *, pad_to: int | None = None) -> SamplingTensors:
+                  *, pad_to: int | None = None,
+                  bias: Sequence[Mapping[int, float] | None] | None = None,
+                  penalties: Sequence[PenaltyRow | None] | None = None,
+                  allowed: Sequence[Sequence[int] | None] | None = None) -> SamplingTensors:
         """Build host (numpy) columns from rows made by `SamplingRow.validated`; None is a greedy padding row, and
         so is every row after `len(rows)` up to `pad_to`. banned[i] lists token ids row i may not sample (None or
-        empty: none).
+        empty: none); bias[i] maps token ids to what is added to row i's logits (None or empty: nothing);
+        penalties[i] is row i's repetition/frequency/presence penalties and history (None: none); allowed[i]
+        lists the only token ids row i may sample (None: any).
 
         The engine validates a request's row once and only advances its step, so a step of 256 rows costs
         microseconds here instead of the milliseconds that validating every row every step took.
@@ -79,13 +101,26 @@ class SamplingTensors:
             rows = list(rows) + [None] * (pad_to - len(rows))
         values = [GREEDY_ROW if row is None else row for row in rows]
         columns = [np.array([row[field] for row in values], dtype) for field, dtype in enumerate(_ROW_DTYPES)]
-        widest = max((len(b) for b in banned or () if b), default=0)
-        # Widths in powers of two so that a changing number of banned ids rarely means a new compilation.
-        table = np.full((len(values), 0 if widest == 0 else 1 << (widest - 1).bit_length()), -1, np.int32)
-        for i, ids in enumerate(banned or ()):
-            if ids:
-                table[i, :len(ids)] = ids
-        return cls(*columns, table, mode_of(values))
+        table = _id_table(len(values), banned or ())
+        bias_ids = _id_table(len(values), [list(b) if b else None for b in bias or ()])
+        bias_values = np.zeros(bias_ids.shape, np.float32)
+        for i, row_bias in enumerate(bias or ()):
+            if row_bias:
+                bias_values[i, :len(row_bias)] = list(row_bias.values())
+        penalty_columns = penalty_tables(penalties or (), len(values))
+        return cls(*columns, table, _id_table(len(values), allowed or ()), bias_ids, bias_values, *penalty_columns,
+                   np.full(len(values), -1, np.int32), mode_of(values))
+
+
+def _id_table(num_rows: int, ids: Sequence[Sequence[int] | None]) -> np.ndarray:
+    """[num_rows, W] i32 with row i's ids first and -1 after them; W the next power of two of the longest list
+    (0 when every list is empty), so that a changing number of ids rarely means a new compilation."""
+    widest = max((len(row) for row in ids if row), default=0)
+    table = np.full((num_rows, 0 if widest == 0 else 1 << (widest - 1).bit_length()), -1, np.int32)
+    for i, row in enumerate(ids):
+        if row:
+            table[i, :len(row)] = row
+    return table
 
 
 def mode_of(rows: Sequence[SamplingRow]) -> str:
@@ -117,10 +152,7 @@ def sample(logits: jax.Array, st: SamplingTensors, *, num_logprobs: int = 0) -> 
     if not 0 <= num_logprobs <= vocab:
         raise ValueError(f"num_logprobs must be in [0, {vocab}], got {num_logprobs}")
     raw = logits.astype(jnp.float32)
-    x = raw
-    if st.banned.shape[1]:
-        ids = jnp.where(st.banned >= 0, st.banned, vocab)  # out of range: dropped
-        x = x.at[jnp.arange(batch)[:, None], ids].set(-jnp.inf, mode="drop")
+    x = adjust_logits(raw, st)
     if st.mode not in MODES:
         raise ValueError(f"sampling mode must be one of {MODES}, got {st.mode!r}")
     tokens = jnp.argmax(x, axis=-1).astype(jnp.int32)
@@ -132,6 +164,26 @@ def sample(logits: jax.Array, st: SamplingTensors, *, num_logprobs: int = 0) -> 
     top_logprobs, top_ids = lax.top_k(logprobs, num_logprobs)
     token_logprobs = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     return SampleResult(tokens, token_logprobs, top_ids.astype(jnp.int32), top_logprobs)
+
+
+def adjust_logits(logits: jax.Array, st: SamplingTensors) -> jax.Array:
+    """The logits [B, V] f32 the filters and the draw see: tokens outside a row's allowed ids at -inf, its
+    logit_bias added (as transformers' SequenceBiasLogitsProcessor with one-token sequences), its penalties applied
+    (runner.penalties), then its banned ids at -inf (vLLM's order)."""
+    batch, vocab = logits.shape
+    rows = jnp.arange(batch)[:, None]
+    x = logits
+    if st.allowed.shape[1]:
+        keep = jnp.zeros((batch, vocab + 1), jnp.bool_).at[rows, jnp.where(st.allowed >= 0, st.allowed, vocab)].set(
+            True)[:, :vocab]
+        x = jnp.where(keep | (st.allowed[:, :1] < 0), x, -jnp.inf)
+    if st.bias_ids.shape[1]:
+        x = x.at[rows, jnp.where(st.bias_ids >= 0, st.bias_ids, vocab)].add(st.bias, mode="drop")
+    if st.penalty_ids.shape[1]:
+        x = apply_penalties(x, st.penalty_ids, st.penalty_counts, st.penalties, st.pending)
+    if st.banned.shape[1]:
+        x = x.at[rows, jnp.where(st.banned >= 0, st.banned, vocab)].set(-jnp.inf, mode="drop")  # -1: dropped
+    return x
 
 
 def _sample_rows(x: jax.Array, st: SamplingTensors, greedy_tokens: jax.Array) -> jax.Array:

@@ -15,6 +15,8 @@ from nexus_jax.entrypoints.engine_args import add_engine_args, engine_config_fro
 from nexus_jax.programs.router import ROUTING_POLICIES, RouterConfig
 from nexus_jax.server import TOKEN_ENV
 
+DEFAULT_GRPC_PORT = 50051
+
 if TYPE_CHECKING:
     from nexus_jax.server.grpc_server import ServerOptions
 
@@ -58,7 +60,7 @@ def server_options(args: argparse.Namespace) -> ServerOptions:
 
     _check_readable("--tls-cert", args.tls_cert)
     _check_readable("--tls-key", args.tls_key)
-    return ServerOptions(host=args.host, port=args.port, max_in_flight=args.max_in_flight,
+    return ServerOptions(host=args.host, port=_ports(args)[0] or 0, max_in_flight=args.max_in_flight,
                          max_message_bytes=args.max_message_mb * 1024 * 1024,
                          auth_token=args.auth_token or os.environ.get(TOKEN_ENV) or None,
                          tls_cert=args.tls_cert, tls_key=args.tls_key, grace_s=args.grace,
@@ -93,32 +95,66 @@ def serve_front(args: argparse.Namespace):
     return ReplicatedAsyncLLM.from_config(config, **replicas)
 
 
+def _ports(args: argparse.Namespace) -> tuple[int | None, int | None]:
+    """(gRPC port, HTTP port), None for a server not started: gRPC on 50051 when no port is given at all."""
+    if args.port is None and args.http_port is None:
+        return DEFAULT_GRPC_PORT, None
+    return args.port, args.http_port
+
+
 def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from nexus_jax.server.grpc_server import NexusServer
+    from nexus_jax.server.metrics import EngineMetrics
 
+    grpc_port, http_port = _ports(args)
     try:  # flags that disagree, or a device that does not exist: a usage error, not a traceback
         options = server_options(args)
-        server = NexusServer(serve_front(args), options)
+        llm = serve_front(args)
     except ValueError as e:
         parser.error(str(e))
+    grpc_server = NexusServer(llm, options) if grpc_port is not None else None
+    metrics = grpc_server.metrics if grpc_server is not None else EngineMetrics(llm)
+    http_server = None
+    if http_port is not None:
+        from nexus_jax.server.http.server import HttpServer
+        http_server = HttpServer(llm, options, http_port, metrics)
 
-    async def main() -> None:
-        port = await server.start()
+    async def stop() -> None:
+        if http_server is not None:
+            await http_server.stop()
+        if grpc_server is not None and grpc_server.port:  # a started gRPC server stops the engine with it
+            await grpc_server.stop()
+        else:
+            metrics.stop_http()
+            llm.shutdown()
+
+    async def main() -> int:
         fronts = "" if args.replicas == 1 else f" ({args.replicas} replicas, {args.routing} routing)"
-        print(f"nexus-jax serving {options.model_name}{fronts} on {options.host}:{port}", flush=True)
+        try:
+            if grpc_server is not None:
+                port = await grpc_server.start()
+                print(f"nexus-jax serving {options.model_name}{fronts} on {options.host}:{port}", flush=True)
+            if http_server is not None:
+                port = await http_server.start()
+                print(f"nexus-jax serving {options.model_name}{fronts} (OpenAI-compatible HTTP) on "
+                      f"http://{options.host}:{port}/v1", flush=True)
+        except OSError as e:  # a port in use: say so and exit, never serve part of someone else's traffic
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            await stop()
+            return 1
         if args.metrics_port is not None:
-            mport = server.metrics.serve_http(args.metrics_port, args.host)
+            mport = metrics.serve_http(args.metrics_port, args.host)
             print(f"metrics on http://{args.host}:{mport}/metrics", flush=True)
-        stop = asyncio.Event()
+        stop_requested = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+            loop.add_signal_handler(sig, stop_requested.set)
+        await stop_requested.wait()
         print("draining open streams...", file=sys.stderr, flush=True)
-        await server.stop()
+        await stop()
+        return 0
 
-    asyncio.run(main())
-    return 0
+    return asyncio.run(main())
 
 
 def _client(args: argparse.Namespace) -> int:
@@ -186,11 +222,18 @@ def _batch(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    s = subparsers.add_parser("serve", help="serve the model over gRPC")
+    s = subparsers.add_parser("serve", help="serve the model over gRPC and/or the OpenAI-compatible HTTP API")
     add_engine_args(s, exclude=("device",))  # --devices places the replicas
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    s.add_argument("--port", type=int, default=50051, help="0 picks a free port (printed)")
-    s.add_argument("--max-in-flight", type=int, default=1024)
+    s.add_argument("--port", type=int, default=None,
+                   help=f"gRPC port; 0 picks a free port (printed). Default {DEFAULT_GRPC_PORT} unless only "
+                        "--http-port is given")
+    s.add_argument("--http-port", type=int, default=None,
+                   help="serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...) on this "
+                        "port, next to gRPC when --port is given too; 0 picks a free port (printed)")
+    s.add_argument("--max-in-flight", type=int, default=1024,
+                   help="requests accepted at once per protocol (gRPC streams; HTTP prompts); beyond it gRPC says "
+                        "RESOURCE_EXHAUSTED and HTTP 429 with Retry-After")
     s.add_argument("--max-message-mb", type=int, default=64)
     s.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="longest prompt a request may send (default: the model's context)")
@@ -200,7 +243,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--max-sessions", type=int, default=10000, help="most sessions open at once")
     s.add_argument("--max-id-length", type=int, default=256,
                    help="longest request, program, thread or session id, in characters")
-    s.add_argument("--auth-token", default=None, help=f"require this bearer token (or set {TOKEN_ENV})")
+    s.add_argument("--auth-token", "--api-key", dest="auth_token", default=None,
+                   help=f"require this bearer token on gRPC and HTTP (or set {TOKEN_ENV})")
     s.add_argument("--tls-cert", default=None)
     s.add_argument("--tls-key", default=None)
     s.add_argument("--grace", type=float, default=10.0, help="seconds open streams may finish at shutdown")

@@ -25,6 +25,7 @@ from nexus_jax.core.swap_space import SwapSpace
 from nexus_jax.core.tokenizer import IncrementalDetokenizer, Tokenizer
 from nexus_jax.programs.table import ProgramConfig
 from runner.executor import Executor, ReadyStep, StepHandle, StepInput
+from runner.penalties import PenaltyHistory
 from runner.sampling import SampleResult
 from runner.step_batch import SeqChunk
 
@@ -143,9 +144,11 @@ class LLMEngine:
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"n {params.n} exceeds max_num_seqs {self.config.max_num_seqs}, the most sequences "
                              f"the engine runs at once")
-        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
-        if bad:  # such ids can never be sampled, and the sampler's banned-id table holds only vocabulary ids
-            raise ValueError(f"stop_token_ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        for name, named in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or ()),
+                            ("allowed_token_ids", params.allowed_token_ids or ())):
+            bad = [t for t in named if t >= self.vocab_size]
+            if bad:  # the sampler's id tables hold vocabulary ids only
+                raise ValueError(f"{name} names token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
         metrics = RequestMetrics(time.monotonic() if arrival_time is None else arrival_time)
         drawn = self._rng.getrandbits(31)
         eos = () if params.ignore_eos else self.eos_token_ids
@@ -163,7 +166,9 @@ class LLMEngine:
                           thread_id=thread_id if params.n == 1 else f"{thread_id}#{i}",
                           logprobs=[] if child.logprobs is not None else None,
                           cumulative_logprob=0.0 if child.logprobs is not None else None,
-                          waits_for=seqs[0] if i else None, banned_ids=banned)
+                          waits_for=seqs[0] if i else None, banned_ids=banned,
+                          penalty=PenaltyHistory(child.repetition_penalty, child.frequency_penalty,
+                                                 child.presence_penalty, ids) if child.has_penalties else None)
             seqs.append(seq)
         return RequestGroup(request_id, text, ids, seqs, stream)
 
@@ -314,7 +319,12 @@ class LLMEngine:
         # logprobs=0 still wants the sampled token's log-prob, which the executor returns only when asked for 1+
         num_logprobs = max(max(wanted), 1) if wanted else 0
         banned = [self._banned(c.request) for c in chunks]
-        return StepInput(decodes, prefills, rows, num_logprobs, banned if any(banned) else None, feed=feed)
+        bias = [c.request.params.logit_bias for c in chunks]
+        penalties = [c.request.penalty.row() if c.request.penalty else None for c in chunks]
+        allowed = [c.request.params.allowed_token_ids for c in chunks]
+        return StepInput(decodes, prefills, rows, num_logprobs, banned if any(banned) else None, feed=feed,
+                         bias=bias if any(bias) else None, penalties=penalties if any(penalties) else None,
+                         allowed=allowed if any(allowed) else None)
 
     def _banned(self, seq: Request) -> list[int]:
         """Until min_tokens are out, EOS and the stop ids are not sampled at all (vLLM's behaviour)."""
@@ -327,9 +337,10 @@ class LLMEngine:
         seq.metrics.record_token(now)
         if seq.logprobs is not None:
             n = seq.params.logprobs
-            entry = {int(t): Logprob(float(lp), rank=r + 1)
+            entry = {int(t): Logprob(float(lp), rank=r + 1, decoded_token=self._token_text(int(t)))
                      for r, (t, lp) in enumerate(zip(result.top_ids[row][:n], result.top_logprobs[row][:n]))}
-            entry.setdefault(token, Logprob(float(result.token_logprobs[row])))
+            if token not in entry:
+                entry[token] = Logprob(float(result.token_logprobs[row]), decoded_token=self._token_text(token))
             seq.logprobs.append(entry)
             seq.cumulative_logprob += float(result.token_logprobs[row])
         res = seq.stop.step(token)
@@ -337,6 +348,11 @@ class LLMEngine:
         if res.finished:
             self.scheduler.finish(seq)
             seq.finish(res.finish_reason, res.stop_reason, now)
+
+    def _token_text(self, token: int) -> str | None:
+        """One token's own text for its logprobs (special tokens spelled out, as vLLM does); None without a
+        tokenizer."""
+        return None if self.tokenizer is None else self.tokenizer.decode([token], skip_special_tokens=False)
 
     def _fail(self, plan: SchedulerOutput, message: str, also: Sequence[Request] = ()) -> list[RequestOutput]:
         """Ends with an error the groups of the plan's chunks and of the requests `also` names."""

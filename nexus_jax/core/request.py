@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from nexus_jax.core.outputs import CompletionOutput, PositionLogprobs, RequestMetrics, RequestOutput
 from nexus_jax.core.sampling_params import SamplingParams
 from nexus_jax.core.stop import StopChecker
+from runner.penalties import PenaltyHistory
 from runner.sampling import SamplingRow
 
 # The longest request, program or thread id the engine takes: ids are held for a request's life (a program's for its
@@ -62,6 +63,8 @@ class Request:
     # The ids it may not sample until min_tokens are out (EOS and stop ids, once each): built once, since the
     # engine hands it to every step in that stretch.
     banned_ids: list[int] = field(default_factory=list)
+    # The distinct tokens of prompt and output with their output counts, for penalties; None without penalties.
+    penalty: PenaltyHistory | None = None
     # Set while another sequence computes the shared prompt; this one then starts from the prefix cache.
     waits_for: "Request | None" = None
     # Prompt then output, kept as one list because the scheduler and block manager read it every step.
@@ -73,6 +76,8 @@ class Request:
     def append_token(self, token: int) -> None:
         self.output_token_ids.append(token)
         self.all_token_ids.append(token)
+        if self.penalty is not None:
+            self.penalty.add(token)
 
     @property
     def arrival_time(self) -> float:

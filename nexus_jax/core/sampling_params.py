@@ -1,8 +1,8 @@
 """Per-request generation settings with vLLM's names, defaults and meaning.
 
 Porting vLLM code means changing the import: `from nexus_jax.core.sampling_params import SamplingParams`. Fields
-vLLM has and nexus-jax does not (penalties, logit_bias, guided decoding, ...) raise TypeError rather than being
-silently ignored. Arguments are keyword-only, so a positional call written for vLLM's field order fails loudly.
+vLLM has and nexus-jax does not (bad_words, guided decoding, ...) raise TypeError rather than being silently
+ignored. Arguments are keyword-only, so a positional call written for vLLM's field order fails loudly.
 """
 
 from __future__ import annotations
@@ -22,6 +22,13 @@ MAX_STOP_STRINGS = 128
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 1024
 MAX_CACHE_SALT_CHARS = 256
+# logit_bias: OpenAI's range for a value, and a cap on the entries (each is a slot in the sampler's bias table).
+MAX_LOGIT_BIAS = 100.0
+MAX_LOGIT_BIAS_ENTRIES = 1024
+# OpenAI's range of presence_penalty and frequency_penalty; a repetition_penalty cap that keeps logits finite in
+# float32 however far it scales them.
+MAX_PENALTY = 2.0
+MAX_REPETITION_PENALTY = 1e6
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -35,6 +42,15 @@ class SamplingParams:
     means up to the model's context. min_tokens: no stop (EOS, stop ids, stop strings) can end a completion
     before this many tokens have been generated; the first token that can stop it is token min_tokens + 1.
     logprobs: how many top log-probs to report per generated token (None: none, 0: only the sampled token's).
+    presence_penalty, frequency_penalty (each in [-2, 2]; 0 = off): a token the output already holds c times
+    loses frequency_penalty * c + presence_penalty from its logit. repetition_penalty (> 0; 1 = off): the logit of
+    every token of the prompt or the output is divided by it when positive, multiplied when negative (as
+    transformers' RepetitionPenaltyLogitsProcessor). All are applied on the device, after logit_bias and before
+    temperature and the filters.
+    allowed_token_ids: the only token ids a completion may sample (None: any; duplicates are dropped), applied
+    on the device before everything else; EOS ends it only if listed.
+    logit_bias: token id -> a value in [-100, 100] added to its logit before temperature and filters, every step
+    (OpenAI's logit_bias; at most MAX_LOGIT_BIAS_ENTRIES entries); log-probs stay those of the raw logits.
     Limits: at most MAX_STOP_STRINGS stop strings of at most MAX_STOP_STRING_CHARS characters each, at most
     MAX_STOP_TOKEN_IDS stop_token_ids; duplicates in either list are dropped.
     cache_salt: requests share cached prefix blocks only with requests of the same salt (None: the unsalted
@@ -61,6 +77,11 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     spaces_between_special_tokens: bool = True
     cache_salt: str | None = None
+    logit_bias: dict[int, float] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    allowed_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.n = _integer(self.n, "n", minimum=1)
@@ -87,10 +108,26 @@ class SamplingParams:
                                             or len(self.cache_salt) > MAX_CACHE_SALT_CHARS):
             raise ValueError(f"cache_salt must be None or a non-empty string of at most {MAX_CACHE_SALT_CHARS} "
                              f"characters, got {self.cache_salt!r:.80}")
+        self.logit_bias = _logit_bias(self.logit_bias)
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(dict.fromkeys(
+                _integer(t, "allowed_token_ids entry", minimum=0) for t in _as_list(self.allowed_token_ids,
+                                                                                    "allowed_token_ids")))
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids must not be empty (None allows every token)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            setattr(self, name, _bounded(getattr(self, name), name, -MAX_PENALTY, MAX_PENALTY))
+        self.repetition_penalty = _bounded(self.repetition_penalty, "repetition_penalty", 0.0, MAX_REPETITION_PENALTY)
+        if self.repetition_penalty == 0.0:
+            raise ValueError("repetition_penalty must be > 0, got 0.0")
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
                      "spaces_between_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     @property
     def greedy(self) -> bool:
@@ -145,6 +182,30 @@ def _token_ids(ids: Iterable[int] | None) -> list[int]:
         raise ValueError(f"stop_token_ids has {len(entries)} entries, more than the limit of {MAX_STOP_TOKEN_IDS}")
     # Duplicates would only lengthen the banned-id rows the sampler gets each step while min_tokens holds.
     return list(dict.fromkeys(_integer(token_id, "stop_token_ids entry", minimum=0) for token_id in entries))
+
+
+def _bounded(value: Any, name: str, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not low <= value <= high:
+        raise ValueError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
+def _logit_bias(bias: Mapping[int, float] | None) -> dict[int, float] | None:
+    """{token id: value} checked and as ints and floats; None when empty (no row in the sampler's bias table)."""
+    if bias is None:
+        return None
+    if not isinstance(bias, Mapping):
+        raise ValueError(f"logit_bias must be a mapping of token ids to values, got {bias!r}")
+    if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise ValueError(f"logit_bias has {len(bias)} entries, more than the limit of {MAX_LOGIT_BIAS_ENTRIES}")
+    checked = {}
+    for token_id, value in bias.items():
+        token_id = _integer(token_id, "logit_bias token id", minimum=0)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not abs(value) <= MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                             f"got {value!r} for token {token_id}")
+        checked[token_id] = float(value)
+    return checked or None
 
 
 def _as_list(value: Any, name: str) -> list[Any]:

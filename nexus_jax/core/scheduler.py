@@ -204,17 +204,18 @@ class Scheduler:
 
     def _decode_steps(self, out: SchedulerOutput) -> int:
         """How many decode steps the plan may run back to back: more than one only for a decode-only batch
-        that nothing waiting could join (so no one's first token is delayed), no request wanting logprobs or
-        still under min_tokens, and no request able to finish by length before the last step; it needs the
-        blocks for all of them."""
+        that nothing waiting could join (so no one's first token is delayed), no request wanting logprobs, a
+        logit bias, penalties or allowed ids or still under min_tokens, and no request able to finish by length
+        before the last step; it needs the blocks for all of them."""
         k = self.num_scheduler_steps
         if k == 1 or out.prefills or out.preempted or not out.decodes:
             return 1
         if self.waiting_joins_decodes and self.waiting and len(self.running) < self.max_num_seqs:
             return 1
-        if any(c.request.params.logprobs is not None
+        if any(c.request.params.logprobs is not None or c.request.params.logit_bias or c.request.penalty
+               or c.request.params.allowed_token_ids
                or len(c.request.output_token_ids) < c.request.params.min_tokens for c in out.decodes):
-            return 1  # logprobs and min_tokens' banned ids go through single steps
+            return 1  # logprobs, biases, penalties, allowed and (under min_tokens) banned ids: single steps
         k = min(k, *(c.request.remaining_tokens for c in out.decodes))
         for c in out.decodes:
             if k > 1 and self.block_manager.allocate(c.request.request_id, c.start + k) is None:

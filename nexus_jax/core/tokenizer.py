@@ -43,7 +43,10 @@ class Tokenizer:
         self.special_tokens = {role: tok for role, tok in (special_tokens or {}).items() if tok is not None}
         self.bos_token_id = self._role_id("bos_token", bos_token_id)
         self.pad_token_id = self._role_id("pad_token", pad_token_id)
-        eos_ids = [*extra_eos_token_ids, self._role_id("eos_token", None)]
+        # transformers' eos_token_id: the eos_token's own id; eos_token_ids adds the model configs' (generation stops
+        # at any of them).
+        self.eos_token_id = self._role_id("eos_token", None)
+        eos_ids = [*extra_eos_token_ids, self.eos_token_id]
         self.eos_token_ids: tuple[int, ...] = tuple(dict.fromkeys(i for i in eos_ids if i is not None))
         # What decode(skip_special_tokens=True) drops: added tokens flagged special.
         self.skipped_ids = frozenset(i for i, tok in backend.get_added_tokens_decoder().items() if tok.special)
@@ -84,6 +87,9 @@ class Tokenizer:
         """Number of token ids the tokenizer knows, added tokens included (transformers' `len(tokenizer)`)."""
         return self.backend.get_vocab_size(with_added_tokens=True)
 
+    def __len__(self) -> int:
+        return self.vocab_size
+
     @functools.cached_property
     def max_token_chars(self) -> int:
         """A bound on the characters one token stands for: the longest vocabulary entry (byte-level entries spell
@@ -119,6 +125,10 @@ class Tokenizer:
         except OverflowError:  # what tokenizers raises for an id that is no u32
             bad = [i for i in ids if not 0 <= i < 2**32]
             raise ValueError(f"token ids must be in [0, 2**32), got {bad[:5]}") from None
+
+    def batch_decode(self, sequences: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
+        """decode() of each sequence (skip_special_tokens defaults as decode's does, unlike transformers')."""
+        return [self.decode(ids, skip_special_tokens) for ids in sequences]
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
                             tokenize: bool = False, **kwargs: Any) -> str | list[int]:

@@ -92,6 +92,27 @@ class LLM:
             raise
         return self._run(ids, use_tqdm)
 
+    def chat(self, messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True, chat_template_kwargs: dict[str, Any] | None = None,
+             program_id: str | None = None) -> list[RequestOutput]:
+        """Generates replies to one conversation (a list of {"role", "content"} messages) or to a list of them,
+        rendered with the model's chat template (as vLLM's LLM.chat); outputs in input order. ValueError when the
+        model has no tokenizer or chat template; jinja2.TemplateError when the template refuses the messages (as
+        transformers raises)."""
+        tokenizer = self.get_tokenizer()
+        if tokenizer is None:
+            raise ValueError("the model has no tokenizer, so no chat template: use generate() with token ids")
+        messages = list(messages)
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts: list[PromptType] = []
+        for conversation in conversations:
+            text = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                                 **(chat_template_kwargs or {}))
+            # The template places the special tokens (BOS included): encoding must add none.
+            prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, program_id=program_id)
+
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         wanted = set(ids)
         done: dict[str, RequestOutput] = {}

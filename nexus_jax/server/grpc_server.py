@@ -124,6 +124,13 @@ def prompt_of(request: pb.GenerateRequest, tokenizer: Tokenizer | None,
     raise ValueError("a request needs an input: text or token_ids")
 
 
+def prompt_limit(options: ServerOptions, max_model_len: int) -> tuple[int, str]:
+    """(the most tokens a prompt may have, the setting that says so), for Tokenizer.check_text_length."""
+    if options.max_prompt_tokens:
+        return options.max_prompt_tokens, "max_prompt_tokens"
+    return max_model_len, "max_model_len"
+
+
 def check_limits(options: ServerOptions, prompt: str | dict[str, Any], params: SamplingParams) -> None:
     """Raises ValueError naming the server limit a request goes over."""
     ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
@@ -184,8 +191,7 @@ class NexusServicer(pb_grpc.NexusServicer):
     async def _prompt(self, request: pb.GenerateRequest) -> str | dict[str, Any]:
         """prompt_of, with text encoded on a worker thread: a long text would otherwise stall every other call,
         health checks included."""
-        limit = ((self.options.max_prompt_tokens, "max_prompt_tokens") if self.options.max_prompt_tokens
-                 else (self.llm.engine.max_model_len, "max_model_len"))
+        limit = prompt_limit(self.options, self.llm.engine.max_model_len)
         tokenizer = self.llm.engine.tokenizer
         if request.WhichOneof("input") != "text" or tokenizer is None:
             return prompt_of(request, tokenizer, limit)
@@ -338,22 +344,27 @@ class NexusServer:
 
     async def start(self) -> int:
         o = self.options
-        size = [("grpc.max_send_message_length", o.max_message_bytes),
-                ("grpc.max_receive_message_length", o.max_message_bytes)]
+        # SO_REUSEPORT off: on a port another server holds, binding must fail rather than split the traffic.
+        channel_options = [("grpc.max_send_message_length", o.max_message_bytes),
+                           ("grpc.max_receive_message_length", o.max_message_bytes), ("grpc.so_reuseport", 0)]
         interceptors = ([TokenAuth(o.auth_token)] if o.auth_token else []) + [ParseErrors(SERVICE_NAME)]
-        server = grpc.aio.server(interceptors=interceptors, options=size)
+        server = grpc.aio.server(interceptors=interceptors, options=channel_options)
         pb_grpc.add_NexusServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{o.host}:{o.port}"
-        if o.tls_cert is not None:
-            with open(o.tls_key, "rb") as k, open(o.tls_cert, "rb") as c:
-                credentials = grpc.ssl_server_credentials([(k.read(), c.read())])
-            self.port = server.add_secure_port(address, credentials)
-        else:
-            self.port = server.add_insecure_port(address)
+        try:
+            if o.tls_cert is not None:
+                with open(o.tls_key, "rb") as k, open(o.tls_cert, "rb") as c:
+                    credentials = grpc.ssl_server_credentials([(k.read(), c.read())])
+                self.port = server.add_secure_port(address, credentials)
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError:  # what grpcio raises when it cannot bind; older versions return 0
+            self.port = 0
         if not self.port:
-            raise OSError(f"cannot bind {address}")
+            raise OSError(f"cannot serve gRPC on {address}: the port is already in use (another server?) or the "
+                          "address is not this host's; pick another --port")
         await server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

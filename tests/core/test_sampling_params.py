@@ -13,7 +13,9 @@ from runner.sampling import SamplingRow, SamplingTensors, sample
 
 VLLM_DEFAULTS = dict(n=1, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, seed=None, stop=[], stop_token_ids=[],
                      ignore_eos=False, max_tokens=16, min_tokens=0, logprobs=None, skip_special_tokens=True,
-                     include_stop_str_in_output=False, spaces_between_special_tokens=True)
+                     include_stop_str_in_output=False, spaces_between_special_tokens=True, logit_bias=None,
+                     presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0,
+                     allowed_token_ids=None)
 
 
 def test_defaults_are_vllms():
@@ -67,8 +69,8 @@ def test_min_tokens_above_max_tokens():
 
 
 def test_unknown_and_positional_arguments_are_type_errors():
-    with pytest.raises(TypeError, match="presence_penalty"):
-        SamplingParams(presence_penalty=0.5)
+    with pytest.raises(TypeError, match="bad_words"):
+        SamplingParams(bad_words=["x"])
     with pytest.raises(TypeError):
         SamplingParams(2, 0.5)  # keyword-only: vLLM's positional order differs
 

@@ -145,6 +145,17 @@ def test_special_ids(ours, theirs):
         assert set(theirs[style].all_special_ids) <= set(tok.all_special_ids)
 
 
+def test_hugging_face_surface_matches_transformers(ours, theirs):
+    """What code written for a transformers tokenizer calls: eos_token_id, len(), batch_decode."""
+    for style, tok in ours.items():
+        assert tok.eos_token_id == theirs[style].eos_token_id and len(tok) == len(theirs[style])
+        batch = [tok.encode(sample) for sample in SAMPLES]
+        for skip in (True, False):
+            assert tok.batch_decode(batch, skip_special_tokens=skip) == theirs[style].batch_decode(
+                batch, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+    assert ours["llama3"].eos_token_id == 4 and ours["llama3"].eos_token_ids == (1, 4)
+
+
 @pytest.mark.parametrize("style", STYLES)
 @SETTINGS
 @given(text=st.text(max_size=40))

@@ -319,3 +319,40 @@ def test_banned_tokens_are_never_sampled_but_keep_their_logprobs():
         assert tokens[3] == best[3]
     raw = np.asarray(jax.nn.log_softmax(logits, axis=-1))
     np.testing.assert_allclose(np.asarray(out.top_logprobs)[0, 0], raw[0].max(), rtol=1e-6)
+
+
+def test_logit_bias_matches_transformers_sequence_bias_and_steers_the_draw():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(3, 64)).astype(np.float32) * 3
+    bias = [{5: 100.0, 7: -3.5}, None, {0: -100.0, 63: 2.25, int(np.argmax(logits[2])): -100.0}]
+    rows = [GREEDY_ROW, GREEDY_ROW, SamplingRow.validated(temperature=1.0, seed=4)]
+    st = jax.tree.map(jnp.asarray, SamplingTensors.from_rows(rows, bias=bias))
+    ours = np.asarray(sampling.adjust_logits(jnp.asarray(logits), st))
+    np.testing.assert_array_equal(ours[1], logits[1])
+    for i in (0, 2):  # one processor per row: transformers' bias is per batch
+        processor = transformers.SequenceBiasLogitsProcessor({(t,): b for t, b in bias[i].items()})
+        theirs = processor(torch.zeros((1, 1), dtype=torch.long), torch.from_numpy(logits[i:i + 1].copy()))
+        np.testing.assert_array_equal(ours[i], theirs[0].numpy())
+    tokens = np.asarray(jit_sample(jnp.asarray(logits), st))
+    assert tokens[0] == 5 and tokens[1] == np.argmax(logits[1]) and tokens[2] != np.argmax(logits[2])
+    assert SamplingTensors.from_rows(rows).bias_ids.shape == (3, 0)  # no bias: no table, no scatter
+
+
+def test_allowed_ids_restrict_only_their_rows_and_keep_raw_logprobs():
+    logits = jnp.asarray(np.random.default_rng(7).normal(size=(3, 64)) * 3, jnp.float32)
+    rows = [GREEDY_ROW, SamplingRow.validated(temperature=2.0, seed=1), GREEDY_ROW]
+    allowed = [[3, 40], [1, 2, 5], None]
+    st = jax.tree.map(jnp.asarray, SamplingTensors.from_rows(rows, allowed=allowed))
+    run = jax.jit(lambda st: sample(logits, st, num_logprobs=1))
+    drawn = set()
+    for step in range(40):
+        out = run(st.replace(step=st.step + step))
+        tokens = np.asarray(out.tokens)
+        assert tokens[0] == [3, 40][int(np.argmax(np.asarray(logits)[0, [3, 40]]))]
+        assert tokens[2] == int(jnp.argmax(logits[2]))
+        drawn.add(int(tokens[1]))
+    assert drawn <= {1, 2, 5} and len(drawn) > 1
+    np.testing.assert_allclose(np.asarray(out.top_logprobs)[:, 0], np.asarray(jax.nn.log_softmax(logits)).max(-1),
+                               rtol=1e-6)
