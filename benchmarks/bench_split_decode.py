@@ -97,10 +97,12 @@ def main() -> None:
     ap.add_argument("--prefill-len", type=int, default=4096)
     ap.add_argument("--budget", type=int, default=2048, help="max_num_batched_tokens (chunk of a prefill step)")
     ap.add_argument("--ladder", default="50", help="decode SM shares of the disaggregated modes")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--cache", default="/tmp/nexus-jax-cc", help="compilation cache directory")
     args = ap.parse_args()
     mode = {k: args.disaggregation if k == "disaggregation" else v for k, v in MODES[args.mode].items()}
     settings = dict(mode, max_num_batched_tokens=args.budget, max_num_seqs=max(64, args.batch),
+                    gpu_memory_utilization=args.gpu_memory_utilization,
                     max_model_len=8192 if args.model != "tiny" else 2048, compilation_cache_dir=args.cache, enable_prefix_caching=False,
                     sm_ladder=tuple(int(s) for s in args.ladder.split(",")))
     t = time.monotonic()
