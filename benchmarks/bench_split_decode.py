@@ -103,7 +103,8 @@ def main() -> None:
     mode = {k: args.disaggregation if k == "disaggregation" else v for k, v in MODES[args.mode].items()}
     settings = dict(mode, max_num_batched_tokens=args.budget, max_num_seqs=max(64, args.batch),
                     gpu_memory_utilization=args.gpu_memory_utilization,
-                    max_model_len=8192 if args.model != "tiny" else 2048, compilation_cache_dir=args.cache, enable_prefix_caching=False,
+                    max_model_len=8192 if args.model != "tiny" else 2048, compilation_cache_dir=args.cache,
+                    enable_prefix_caching=False,
                     sm_ladder=tuple(int(s) for s in args.ladder.split(",")))
     t = time.monotonic()
     llm = LLM(None if args.model == "tiny" else args.model, **settings)

@@ -159,9 +159,9 @@ class _Worker:
         """Begins the message's work; the returned callable waits for it and returns the reply's value.
 
         A single step on the GPU is only dispatched here (after checking that its output pool is the shared memory,
-        updated in place); its reply waits for its samples, so for its K/V, written by the same program. Everything else (a
-        multi-step decode, the CPU form, which copies K/V into shared memory after each step) runs to the end
-        here, in message order."""
+        updated in place); its reply waits for its samples, so for its K/V, written by the same program.
+        Everything else (a multi-step decode, the CPU form, which copies K/V into shared memory after each step)
+        runs to the end here, in message order."""
         if isinstance(message, Execute) and self.in_place and message.step.num_steps == 1:
             pending = self.runner.dispatch(message.step)
             # Here, not in the reply: the next step, dispatched before this one's reply, donates this output pool.
