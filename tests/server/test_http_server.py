@@ -51,7 +51,7 @@ def test_a_missing_or_wrong_token_is_401_but_probes_need_none(server):
     base = f"http://127.0.0.1:{server.port}"
     assert httpx.get(f"{base}/v1/models").status_code == 401
     assert httpx.get(f"{base}/health").status_code == 200
-    assert b"nexus:num_requests_running" in httpx.get(f"{base}/metrics").content
+    assert b"nexus_num_requests_running" in httpx.get(f"{base}/metrics").content
 
 
 def test_completion_text_usage_and_logprobs_with_token_text(client, tokenizer):
@@ -204,7 +204,7 @@ def test_tokenize_detokenize_and_metrics(http, tokenizer):
     assert http.post("/tokenize", json={"messages": messages}).json()["tokens"] == chat_ids(tokenizer, messages)
     assert http.post("/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": "hello there"}
     assert http.post("/detokenize", json={"tokens": [10**6]}).json()["error"]["param"] == "tokens"
-    assert b'nexus:request_success_total{finished_reason="length"}' in http.get("/metrics").content
+    assert b'nexus_request_success_total{finished_reason="length"}' in http.get("/metrics").content
 
 
 def test_logit_bias_penalties_and_allowed_ids_reach_the_sampler_of_every_step(client, server):
