@@ -29,7 +29,9 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the disaggreg
 
 import numpy as np  # noqa: E402
 
+from benchmarks.split_timeline import EngineTimeline, summary  # noqa: E402
 from nexus_jax import LLM, SamplingParams  # noqa: E402
+from runner.workers.timeline import TIMELINE_ENV  # noqa: E402
 
 MODES = {
     "agg": {},
@@ -81,7 +83,7 @@ def scenario(engine, args, tag: str, num_prefills: int) -> dict:
         engine.step()
     co_run = window_stats(seqs, t1, t2)
     co_run["prefill_tok_per_s"] = num_prefills * args.prefill_len / (t2 - t1)
-    return {"decode_only": window_stats(seqs, t0, t1), "co_run": co_run}
+    return {"decode_only": window_stats(seqs, t0, t1), "co_run": co_run, "windows": [t0, t1, t2]}
 
 
 def main() -> None:
@@ -99,7 +101,12 @@ def main() -> None:
     ap.add_argument("--ladder", default="50", help="decode SM shares of the disaggregated modes")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--cache", default="/tmp/nexus-jax-cc", help="compilation cache directory")
+    ap.add_argument("--timeline", action="store_true",
+                    help="split modes: record the engine's and the workers' timelines (benchmarks/split_timeline.py)")
     args = ap.parse_args()
+    worker_dir = Path(args.out, f"timeline_{args.mode}")
+    if args.timeline:
+        os.environ[TIMELINE_ENV] = str(worker_dir)
     mode = {k: args.disaggregation if k == "disaggregation" else v for k, v in MODES[args.mode].items()}
     settings = dict(mode, max_num_batched_tokens=args.budget, max_num_seqs=max(64, args.batch),
                     gpu_memory_utilization=args.gpu_memory_utilization,
@@ -110,6 +117,9 @@ def main() -> None:
     llm = LLM(None if args.model == "tiny" else args.model, **settings)
     built = time.monotonic() - t
     engine = llm.llm_engine
+    engine_timeline = EngineTimeline()
+    if args.timeline and hasattr(engine, "pool"):
+        engine_timeline.attach(engine)
     t = time.monotonic()
     scenario(engine, args, "warm", max(2, args.prefills // 4))
     warm = time.monotonic() - t
@@ -117,7 +127,12 @@ def main() -> None:
               "args": vars(args), "build_s": built, "warm_s": warm, **scenario(engine, args, "run", args.prefills),
               "engine": {k: v for k, v in engine.stats().items() if k in ("phase_steps", "pipelined_steps",
                                                                            "controller", "sm_isolation")}}
-    llm.shutdown()
+    llm.shutdown()  # the workers write their timelines as they stop
+    if engine_timeline.records:
+        t0, t1, t2 = result["windows"]
+        result["timeline"] = {"decode_only": summary(engine_timeline.records, worker_dir, t0, t1),
+                              "co_run": summary(engine_timeline.records, worker_dir, t1, t2)}
+        print(json.dumps(result["timeline"], indent=1), file=sys.stderr)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, f"split_decode_{args.mode}.json").write_text(json.dumps(result, indent=1, default=str))
     d, c = result["decode_only"], result["co_run"]

@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 from runner.executor import StepInput
 from runner.step_batch import DEFAULT_SHAPES, SeqChunk, StepShapes
 from runner.workers.messages import Execute, Info, Message, Stop
+from runner.workers.timeline import Timeline
 
 FD_ENV = "NEXUS_WORKER_FD"  # the inherited socket to the engine (see runner.workers.pool)
 
@@ -72,21 +73,27 @@ def worker_main(conn: Any, spec: WorkerSpec, shared: SharedModel | None) -> None
         conn.send(("error", f"worker {spec.name} failed to start: {type(e).__name__}: {e}\n"
                             f"{traceback.format_exc(limit=8)}"))
         return
-    serve(conn, worker.start)
+    timeline = Timeline(spec.name)
+    try:
+        serve(conn, worker.start, timeline)
+    finally:
+        timeline.write()
     worker.close()
 
 
 Reply = Callable[[], Any]  # waits for what a message started and returns the reply's value
 
 
-def serve(conn: Any, start: Callable[[Message], Reply]) -> None:
+def serve(conn: Any, start: Callable[[Message], Reply], timeline: Timeline | None = None) -> None:
     """Replies to each message, in order, with ("ok", value) or ("error", why) until Stop or until the engine
     goes away.
 
     `start` begins a message's work and returns how to wait for it; a sender thread waits and replies, so this
     thread reads and dispatches the next step while the device still runs the current one (the engine sends
-    the next decode step before the current one's reply: the device never waits for that round trip)."""
-    replies: queue.Queue[Reply | None] = queue.Queue()
+    the next decode step before the current one's reply: the device never waits for that round trip).
+    `timeline` records when each message was read, dispatched, ready and answered (see runner.workers.timeline)."""
+    timeline = timeline if timeline is not None else Timeline("", directory="")
+    replies: queue.Queue[tuple[Reply, dict[str, Any] | None] | None] = queue.Queue()
     sender = threading.Thread(target=_send_replies, args=(conn, replies), name="worker-replies", daemon=True)
     sender.start()
     try:
@@ -97,25 +104,31 @@ def serve(conn: Any, start: Callable[[Message], Reply]) -> None:
                 return  # the engine went away
             if isinstance(message, Stop):
                 return
+            record = timeline.read(message)
             try:
-                replies.put(start(message))
+                reply = start(message)
             except Exception as e:  # noqa: BLE001 - a failed step fails its requests, the worker keeps serving
-                replies.put(_raise(e))
+                reply = _raise(e)
+            timeline.stamp(record, "dispatched")
+            replies.put((reply, record))
     finally:
         replies.put(None)
         sender.join()
 
 
-def _send_replies(conn: Any, replies: "queue.Queue[Reply | None]") -> None:
-    while (reply := replies.get()) is not None:
+def _send_replies(conn: Any, replies: "queue.Queue[tuple[Reply, dict[str, Any] | None] | None]") -> None:
+    while (item := replies.get()) is not None:
+        reply, record = item
         try:
             value = ("ok", reply())
         except Exception as e:  # noqa: BLE001
             value = ("error", f"{type(e).__name__}: {e}")
+        Timeline.stamp(record, "ready")
         try:
             conn.send(value)
         except OSError:
             return  # the engine went away
+        Timeline.stamp(record, "sent")
 
 
 def _raise(error: Exception) -> Reply:
