@@ -24,7 +24,8 @@ class StepInput:
     already cover the extra positions); such a step has no prefills, log-probs, biases or banned ids.
 
     feed (the overlapped loop, see `Executor.dispatch`): pairs (i, r): decode chunk i's token is the sample of
-    chunk r of the step dispatched just before this one, still on the device; its token_ids hold a placeholder.
+    chunk r of the step dispatched just before this one (of its last step, when that one ran several), still on
+    the device; its token_ids hold a placeholder.
     """
 
     decodes: Sequence[SeqChunk]
@@ -39,10 +40,12 @@ class StepInput:
     allowed: Sequence[Sequence[int] | None] | None = None
 
     def __post_init__(self) -> None:
-        if self.num_steps > 1 and (self.prefills or self.num_logprobs or self.banned or self.feed or self.bias
-                                   or self.penalties or self.allowed):
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.num_steps > 1 and (self.prefills or self.num_logprobs or self.banned or self.bias or self.penalties
+                                   or self.allowed):
             raise ValueError("a multi-step decode runs decode chunks only, without log-probs, banned or allowed "
-                             "ids, biases, penalties or feed")
+                             "ids, biases or penalties")
         if any(not 0 <= i < len(self.decodes) or r < 0 for i, r in self.feed):
             raise ValueError(f"feed pairs name decode chunks (0..{len(self.decodes) - 1}) and earlier rows, "
                              f"got {list(self.feed)}")
@@ -65,9 +68,9 @@ class Executor(Protocol):
         ...
 
     def dispatch(self, step: StepInput) -> StepHandle:
-        """Starts a single step without waiting for it (the overlapped loop): the caller plans the next step,
-        whose `feed` may name this step's samples, before it reads this one's `result()`. Steps run in the
-        order they were dispatched."""
+        """Starts a step (of one or several decode steps) without waiting for it (the overlapped loop): the caller
+        plans the next step, whose `feed` may name this step's samples, before it reads this one's `result()`.
+        Steps run in the order they were dispatched."""
         ...
 
     # Swap preemption only (EngineConfig.preemption_mode "swap"):
@@ -95,12 +98,11 @@ class ReadyStep:
 
 
 class StepsExecutor:
-    """`Executor.execute` for an executor that dispatches single steps (`dispatch`) and runs multi-step decodes
-    (`decode_steps`): ModelRunner, MockExecutor. `step` is the synchronous single step, which the synchronous
-    loop goes through (tests and benchmarks wrap it to observe steps)."""
+    """`Executor.execute` and multi-step decodes for an executor that dispatches steps (`dispatch`): ModelRunner,
+    MockExecutor. `step` is the synchronous single step, which the synchronous loop goes through (tests and
+    benchmarks wrap it to observe steps)."""
 
     dispatch: Callable[[StepInput], StepHandle]
-    decode_steps: Callable[..., Any]  # (decodes, rows, num_steps) -> tokens [num_steps, len(decodes)]
 
     def step(self, decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk], sampling_rows: Sequence[SamplingRow],
              num_logprobs: int = 0, banned: Sequence[Sequence[int]] | None = None,
@@ -111,10 +113,14 @@ class StepsExecutor:
         return self.dispatch(StepInput(decodes, prefills, sampling_rows, num_logprobs, banned, bias=bias,
                                        penalties=penalties, allowed=allowed)).result()
 
+    def decode_steps(self, decodes: Sequence[SeqChunk], sampling_rows: Sequence[SamplingRow],
+                     num_steps: int) -> Any:
+        """Runs num_steps decode steps without returning to the host; the tokens [num_steps, len(decodes)]. Each
+        block table must already cover start_pos + num_steps tokens."""
+        return self.dispatch(StepInput(decodes, [], sampling_rows, num_steps=num_steps)).result()
+
     def execute(self, step: StepInput) -> Any:
-        if step.num_steps > 1:
-            return self.decode_steps(step.decodes, step.rows, step.num_steps)
-        if step.feed:
+        if step.num_steps > 1 or step.feed:
             return self.dispatch(step).result()
         return self.step(step.decodes, step.prefills, step.rows, step.num_logprobs, step.banned, bias=step.bias,
                          penalties=step.penalties, allowed=step.allowed)

@@ -32,11 +32,13 @@ log = logging.getLogger(__name__)
 class PendingStep:
     """A dispatched step: its samples on the device until `result()` copies the real chunks' rows to the host."""
 
-    def __init__(self, out: Any, rows: np.ndarray, num_logprobs: int):
-        self.out, self.rows, self.num_logprobs = out, rows, num_logprobs
+    def __init__(self, out: Any, rows: np.ndarray, num_logprobs: int, steps: int = 1):
+        self.out, self.rows, self.num_logprobs, self.steps = out, rows, num_logprobs, steps
 
     def result(self) -> Any:
         out = jax.device_get(self.out)
+        if self.steps > 1:  # [num_steps, rows]
+            return out[:, self.rows]
         return jax.tree.map(lambda a: a[self.rows], out) if self.num_logprobs else out[self.rows]
 
 
@@ -140,6 +142,8 @@ class ModelRunner(StepsExecutor):
         decodes, prefills, sampling_rows, banned = step.decodes, step.prefills, step.rows, step.banned
         if len(sampling_rows) != len(decodes) + len(prefills):
             raise ValueError(f"{len(sampling_rows)} sampling rows for {len(decodes) + len(prefills)} chunks")
+        if step.num_steps > 1:
+            return self._dispatch_steps(step)
         batch = build_step_batch(list(decodes), list(prefills), self.block_size, self.shapes)
         rows = self._rows(batch, len(decodes), len(prefills))
         padded: list[SamplingRow | None] = [None] * batch.logits_indices.shape[0]
@@ -159,32 +163,39 @@ class ModelRunner(StepsExecutor):
             raise ValueError(f"{len(padded)} logits rows in one step; at most {FEED_ROWS}")
         feed_src = np.full(batch.num_decode, -1, np.int32)
         pending_src = np.full(len(padded), -1, np.int32)  # the fed token of each logits row, for its penalties
-        fed = self._no_feed
-        if step.feed:
-            if self._last_samples is None:
-                raise RuntimeError("a step feeds on the previous step's samples, but none was dispatched")
-            fed, last_rows = self._last_samples
-            for i, r in step.feed:
-                feed_src[i] = pending_src[rows[i]] = last_rows[r]
+        fed = self._feed(step, feed_src, pending_src, rows)
         logits, self.kv_pool = programs.forward(self.model_def, self.weights, self.kv_pool, batch, fed, feed_src)
         out, fed = programs.sample_step(logits, st, step.num_logprobs, fed, pending_src)
         self._last_samples = (fed, rows)
         return PendingStep(out, rows, step.num_logprobs)
 
-    def decode_steps(self, decodes: Sequence[SeqChunk], sampling_rows: Sequence[SamplingRow],
-                     num_steps: int) -> np.ndarray:
-        """Runs num_steps decode steps without returning to the host; returns the sampled tokens
-        [num_steps, len(decodes)]. Each block table must already cover start_pos + num_steps tokens."""
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        for c in decodes:
-            if len(c.block_table) * self.block_size < c.start_pos + num_steps:
-                raise ValueError(f"block table of {len(c.block_table)} blocks cannot hold {num_steps} steps "
+    def _dispatch_steps(self, step: StepInput) -> "PendingStep":
+        """A multi-step decode (StepInput.num_steps > 1), its first tokens fed like a single step's."""
+        for c in step.decodes:
+            if len(c.block_table) * self.block_size < c.start_pos + step.num_steps:
+                raise ValueError(f"block table of {len(c.block_table)} blocks cannot hold {step.num_steps} steps "
                                  f"from position {c.start_pos}")
-        batch = build_step_batch(list(decodes), [], self.block_size, self.shapes)
-        st = SamplingTensors.from_rows(sampling_rows, pad_to=batch.num_decode)
-        out, self.kv_pool = programs.decode_steps(self.model_def, self.weights, self.kv_pool, batch, st, num_steps)
-        return jax.device_get(out)[:, :len(decodes)]
+        batch = build_step_batch(list(step.decodes), [], self.block_size, self.shapes)
+        st = SamplingTensors.from_rows(step.rows, pad_to=batch.num_decode)
+        rows = np.arange(len(step.decodes))
+        feed_src = np.full(batch.num_decode, -1, np.int32)
+        fed = self._feed(step, feed_src, np.full(batch.num_decode, -1, np.int32), rows)
+        out, fed, self.kv_pool = programs.decode_steps(self.model_def, self.weights, self.kv_pool, batch, st,
+                                                       step.num_steps, fed, feed_src)
+        self._last_samples = (fed, rows)
+        return PendingStep(out, rows, 0, steps=step.num_steps)
+
+    def _feed(self, step: StepInput, feed_src: np.ndarray, pending_src: np.ndarray, rows: np.ndarray) -> Any:
+        """Points the fed decode rows at the previous dispatch's samples (in place); returns the buffer they are
+        read from."""
+        if not step.feed:
+            return self._no_feed
+        if self._last_samples is None:
+            raise RuntimeError("a step feeds on the previous step's samples, but none was dispatched")
+        fed, last_rows = self._last_samples
+        for i, r in step.feed:
+            feed_src[i] = pending_src[rows[i]] = last_rows[r]
+        return fed
 
     def logits(self, decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk]) -> np.ndarray:
         """fp32 logits of each chunk's last token (decodes then prefills), writing the chunks' K/V."""
@@ -255,7 +266,7 @@ class ModelRunner(StepsExecutor):
                 if nd and not tp and num_scheduler_steps > 1:
                     st = SamplingTensors.from_rows([None] * nd)
                     jobs.append((programs.decode_steps, (self.model_def, self.weights, self.kv_pool, batch, st,
-                                                         num_scheduler_steps)))
+                                                         num_scheduler_steps, self._no_feed, no_feed)))
         logits = self._compile_and_run(jobs, threads)
         # The sampler of each logits row count in every mode, on logits as the forward leaves them.
         samplers = [(programs.sample_step, (x, SamplingTensors.from_rows([None] * len(x)).replace(mode=mode), 0,
@@ -275,9 +286,9 @@ class ModelRunner(StepsExecutor):
             if fn is programs.sample_step:
                 fn(*args)
                 continue
-            out, self.kv_pool = fn(*args[:2], self.kv_pool, *args[3:])
+            *out, self.kv_pool = fn(*args[:2], self.kv_pool, *args[3:])
             if fn is programs.forward:
-                logits.setdefault(out.shape[0], out)
+                logits.setdefault(out[0].shape[0], out[0])
         jax.block_until_ready(self.kv_pool)
         return logits
 

@@ -58,13 +58,17 @@ FEED_ROWS = 8192
 MIN_SWAP_BLOCKS = 8
 
 
+def _fed_tokens(batch: StepBatch, fed: jax.Array, feed_src: jax.Array) -> jax.Array:
+    """The step's tokens with decode row i taken from fed[feed_src[i]] where feed_src[i] >= 0."""
+    head = batch.tokens[:feed_src.shape[0]]
+    return batch.tokens.at[:feed_src.shape[0]].set(jnp.where(feed_src >= 0, fed[jnp.maximum(feed_src, 0)], head))
+
+
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
 def forward(model: ModelDef, weights: list[jax.Array], kv_pool, batch: StepBatch, fed: jax.Array, feed_src: jax.Array):
     """Logits [rows, V] of the step and the updated pool. Decode row i with feed_src[i] >= 0 takes its token from
     fed[feed_src[i]] (the previous step's samples, on the device) instead of batch.tokens[i]."""
-    head = batch.tokens[:feed_src.shape[0]]
-    tokens = batch.tokens.at[:feed_src.shape[0]].set(jnp.where(feed_src >= 0, fed[jnp.maximum(feed_src, 0)], head))
-    return model.merge(weights)(kv_pool, batch.replace(tokens=tokens))
+    return model.merge(weights)(kv_pool, batch.replace(tokens=_fed_tokens(batch, fed, feed_src)))
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
@@ -82,8 +86,10 @@ def sample_step(logits: jax.Array, sampling: SamplingTensors, num_logprobs: int,
 
 @functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(2,))
 def decode_steps(model_def: ModelDef, weights: list[jax.Array], kv_pool, batch: StepBatch, sampling: SamplingTensors,
-                 num_steps: int):
-    """num_steps decode steps in one device program: each step's samples are the next step's input tokens.
+                 num_steps: int, fed: jax.Array, feed_src: jax.Array):
+    """num_steps decode steps in one device program: each step's samples are the next step's input tokens, and
+    the first step's are fed as in `forward`. Returns the tokens [num_steps, rows], the last step's samples in a
+    FEED_ROWS buffer (what a next dispatch feeds on) and the pool.
 
     The host pays its per-step costs (planning, batch building, dispatch, transfer) once per num_steps tokens.
     The loop is a fori_loop, so the weights are loop invariants (read in place) and the pool is an in-place carry.
@@ -103,8 +109,9 @@ def decode_steps(model_def: ModelDef, weights: list[jax.Array], kv_pool, batch: 
         return kv, new, positions + 1, out.at[k].set(new)
 
     out = jnp.zeros((num_steps, batch.num_decode), jnp.int32)
-    kv_pool, _, _, out = jax.lax.fori_loop(0, num_steps, body, (kv_pool, batch.tokens, batch.positions, out))
-    return out, kv_pool
+    first = _fed_tokens(batch, fed, feed_src)
+    kv_pool, last, _, out = jax.lax.fori_loop(0, num_steps, body, (kv_pool, first, batch.positions, out))
+    return out, jnp.zeros(FEED_ROWS, jnp.int32).at[:last.shape[0]].set(last), kv_pool
 
 
 @jax.jit

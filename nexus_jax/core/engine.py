@@ -63,9 +63,9 @@ class LLMEngine:
         self.groups: dict[str, RequestGroup] = {}
         self._rng = random.Random(config.seed)
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
-        # The overlapped loop (async_scheduling): step n + 1 is planned and dispatched before step n is read back.
-        # Multi-step decodes already run several steps per dispatch, so they keep the synchronous loop.
-        self.overlap = self.overlaps and config.async_scheduling and config.num_scheduler_steps == 1
+        # The overlapped loop (async_scheduling): step n + 1 is planned and dispatched before step n is read back
+        # (with num_scheduler_steps > 1, either may be a multi-step decode: the look-ahead).
+        self.overlap = self.overlaps and config.async_scheduling
         if self.overlap and not callable(getattr(executor, "dispatch", None)):
             raise ValueError(f"async_scheduling needs an executor with dispatch(); {type(executor).__name__} has "
                              "none: set async_scheduling=False")
@@ -308,13 +308,13 @@ class LLMEngine:
         rows = [c.request.sampling_row.at_step(len(c.request.output_token_ids) + c.request.num_pending)
                 for c in chunks]
         decodes, prefills = seq_chunks[:len(plan.decodes)], seq_chunks[len(plan.decodes):]
-        if plan.num_steps > 1:
-            return StepInput(decodes, prefills, rows, num_steps=plan.num_steps)
         feed: list[tuple[int, int]] = []
         if previous is not None:
             source = {id(c.request): r for r, c in enumerate(previous.plan.chunks) if c.samples}
             feed = [(i, source[id(c.request)]) for i, c in enumerate(plan.decodes)
                     if c.start >= c.request.num_tokens]
+        if plan.num_steps > 1:
+            return StepInput(decodes, prefills, rows, num_steps=plan.num_steps, feed=feed)
         wanted = [c.request.params.logprobs for c in chunks if c.request.params.logprobs is not None]
         # logprobs=0 still wants the sampled token's log-prob, which the executor returns only when asked for 1+
         num_logprobs = max(max(wanted), 1) if wanted else 0

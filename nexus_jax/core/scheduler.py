@@ -154,16 +154,22 @@ class Scheduler:
         """The overlapped loop dispatched `out` and may plan the next step before it lands: its chunks' tokens are
         counted as in flight, and its samples as pending, until `landed`."""
         for c in out.chunks:
-            c.request.num_inflight += c.num_tokens
-            c.request.num_pending += c.samples
+            c.request.num_inflight += self._computes(out, c)
+            c.request.num_pending += c.samples * out.num_steps
+
+    @staticmethod
+    def _computes(out: SchedulerOutput, c: ScheduledChunk) -> int:
+        """Tokens whose K/V the chunk's step computes: a multi-step decode computes its input and all but its
+        last sample."""
+        return c.num_tokens + out.num_steps - 1
 
     def landed(self, out: SchedulerOutput) -> None:
         """A dispatched plan is done (folded or failed): frees the blocks of its requests that finished meanwhile
         and have no other step in flight."""
         for c in out.chunks:
             req = c.request
-            req.num_inflight -= c.num_tokens
-            req.num_pending -= c.samples
+            req.num_inflight -= self._computes(out, c)
+            req.num_pending -= c.samples * out.num_steps
             self._free_if_idle(req)
 
     def record_service(self, out: SchedulerOutput, seconds: float) -> None:
@@ -214,7 +220,8 @@ class Scheduler:
             return 1
         if any(c.request.params.logprobs is not None or c.request.params.logit_bias or c.request.penalty
                or c.request.params.allowed_token_ids
-               or len(c.request.output_token_ids) < c.request.params.min_tokens for c in out.decodes):
+               or len(c.request.output_token_ids) + c.request.num_pending < c.request.params.min_tokens
+               for c in out.decodes):
             return 1  # logprobs, biases, penalties, allowed and (under min_tokens) banned ids: single steps
         k = min(k, *(c.request.remaining_tokens for c in out.decodes))
         for c in out.decodes:
@@ -224,6 +231,8 @@ class Scheduler:
 
     def advance(self, req: Request) -> None:
         """Records that one more token of `req` had its K/V computed inside a multi-step decode."""
+        if not self.block_manager.holds(req.request_id):
+            return  # preempted while the run executed: its progress was set then (see update)
         req.num_computed_tokens += 1
         self.block_manager.commit(req.request_id, req.all_token_ids, req.num_computed_tokens)
 

@@ -7,8 +7,9 @@ Each call of `step()` dispatches work to the idle phases and then folds back wha
   "split" (a decode worker and a prefill worker from the ladder of warm SM shares), or one phase alone;
 - decode is pipelined (async_scheduling): the next decode step goes to the decode worker while its current one
   runs, its input tokens fed on the device from that step's samples, so the worker's device never waits for the
-  engine's round trip; a stopped request costs at most that one extra step, whose token is dropped. (With
-  num_scheduler_steps > 1, decode plans run several steps back to back instead.) Decode never waits for a prefill;
+  engine's round trip; a stopped request costs at most that one extra step, whose token is dropped. With
+  num_scheduler_steps = k > 1 each decode plan runs k steps back to back (the look-ahead), so the engine's round
+  trip is paid once per k tokens, and a stop costs up to 2k - 1 steps of that row. Decode never waits for a prefill;
 - a request moves from prefill to decode by its block table only: the prefill worker replied after its step
   completed, so the K/V it wrote is in the shared pool before any decode worker reads it.
 
@@ -79,7 +80,7 @@ class DisaggEngine(LLMEngine):
         self.device_kind = device_kind
         self.restart_pool = restart_pool
         self.flights: dict[str, list[_Flight]] = {}   # worker name -> the plans it is executing, oldest first
-        self.pipelined = config.async_scheduling and config.num_scheduler_steps == 1
+        self.pipelined = config.async_scheduling
         self.last_decision: Decision | None = None
         self.phase_steps = {"decode": 0, "prefill": 0, "mixed": 0}
         self.pipelined_steps = 0  # decode steps sent while the worker still ran the one before

@@ -41,7 +41,7 @@ class PhaseScheduler(Scheduler):
                 continue
             planned.add(id(req))
             self._plan(out, req, 1)
-        out.num_steps = self._decode_steps(out) if ahead is None else 1
+        out.num_steps = self._decode_steps(out)
         self._hold(out)
         return out
 

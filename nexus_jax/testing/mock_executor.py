@@ -35,7 +35,8 @@ class MockExecutor(StepsExecutor):
         self.block_size = block_size
         self.kv = np.full(num_blocks * block_size, -1, np.int64)   # the token id whose K/V each slot holds
         self.pos = np.full(num_blocks * block_size, -1, np.int64)  # and that token's position
-        self.num_steps = 0
+        self.num_steps = 0  # device steps (a multi-step decode counts each)
+        self.num_dispatches = 0
         self.step_seconds = step_seconds  # None: no sleep at all (0.0 still sleeps, giving up the GIL)
         self.max_batch = 0  # the most chunks one step has had
         self.block_bytes = 16 * block_size  # an int64 token id and position per slot
@@ -50,10 +51,25 @@ class MockExecutor(StepsExecutor):
             decodes = list(decodes)
             for i, r in step.feed:
                 decodes[i] = SeqChunk([int(self.last_tokens[r])], decodes[i].start_pos, decodes[i].block_table)
+        self.num_dispatches += 1
         done_at = None
         if self.step_seconds is not None:
-            self.device_free_at = max(time.monotonic(), self.device_free_at) + self.step_seconds
+            self.device_free_at = max(time.monotonic(), self.device_free_at) + self.step_seconds * step.num_steps
             done_at = self.device_free_at
+        if step.num_steps > 1:
+            return _Done(self._decode_steps(list(decodes), sampling_rows, step.num_steps), done_at)
+        return _Done(self._run(decodes, prefills, sampling_rows, banned, num_logprobs), done_at)
+
+    def _decode_steps(self, chunks: list[SeqChunk], sampling_rows: Sequence[SamplingRow], num_steps: int):
+        out = []
+        for _ in range(num_steps):
+            tokens = self._run(chunks, [], sampling_rows, None, 0)
+            out.append(tokens)
+            chunks = [SeqChunk([int(t)], c.start_pos + 1, c.block_table) for c, t in zip(chunks, tokens)]
+        return np.stack(out)
+
+    def _run(self, decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk], sampling_rows: Sequence[SamplingRow],
+             banned: Sequence[Sequence[int]] | None, num_logprobs: int):
         chunks = list(decodes) + list(prefills)
         self.max_batch = max(self.max_batch, len(chunks))
         if len(sampling_rows) != len(chunks):
@@ -76,20 +92,12 @@ class MockExecutor(StepsExecutor):
         self.num_steps += 1
         tokens = self.last_tokens = np.asarray(tokens, np.int32)
         if not num_logprobs:
-            return _Done(tokens, done_at)
+            return tokens
         # A fixed distribution: the sampled token has log-prob log(1/2); the top list is tokens t, t+1, ...
         top = (tokens[:, None] + np.arange(num_logprobs)[None, :]) % self.vocab_size
         top_lp = np.log(0.5) * (1 + np.arange(num_logprobs))[None, :].repeat(len(tokens), 0)
-        return _Done(SampleResult(tokens, np.full(len(tokens), np.log(0.5), np.float32), top.astype(np.int32),
-                                  top_lp.astype(np.float32)), done_at)
-
-    def decode_steps(self, decodes: Sequence[SeqChunk], sampling_rows: Sequence[SamplingRow], num_steps: int):
-        out, chunks = [], list(decodes)
-        for _ in range(num_steps):
-            tokens = self.step(chunks, [], sampling_rows)
-            out.append(tokens)
-            chunks = [SeqChunk([int(t)], c.start_pos + 1, c.block_table) for c, t in zip(chunks, tokens)]
-        return np.stack(out)
+        return SampleResult(tokens, np.full(len(tokens), np.log(0.5), np.float32), top.astype(np.int32),
+                            top_lp.astype(np.float32))
 
     def allocate_swap_space(self, num_blocks: int) -> None:
         self.host_kv = np.full((num_blocks, self.block_size), -1, np.int64)

@@ -171,11 +171,11 @@ class _Worker:
     def start(self, message: Message) -> Reply:
         """Begins the message's work; the returned callable waits for it and returns the reply's value.
 
-        A single step on the GPU is only dispatched here (after checking that its output pool is the shared memory,
+        A step on the GPU is only dispatched here (after checking that its output pool is the shared memory,
         updated in place); its reply waits for its samples, so for its K/V, written by the same program.
-        Everything else (a multi-step decode, the CPU form, which copies K/V into shared memory after each step)
-        runs to the end here, in message order."""
-        if isinstance(message, Execute) and self.in_place and message.step.num_steps == 1:
+        Everything else (the CPU form, which copies K/V into shared memory after each step) runs to the end here,
+        in message order."""
+        if isinstance(message, Execute) and self.in_place:
             pending = self.runner.dispatch(message.step)
             # Here, not in the reply: the next step, dispatched before this one's reply, donates this output pool.
             # The output's memory is assigned at dispatch, so reading its address does not wait for the step.

@@ -93,9 +93,22 @@ MOCK_WORKLOADS = {
         *[(f"r{i}", ids(range(i, i + 30)), greedy(5)) for i in range(4)]), None),
     "staggered_arrivals": (functools.partial(make_engine, eos=(7, 300)), from_staggered(3), None),
     "staggered_few_seats": (functools.partial(make_engine, num_blocks=40, max_num_seqs=3), from_staggered(8), None),
-    # num_scheduler_steps > 1 keeps the synchronous loop; the switch must not change its outputs either
+    # num_scheduler_steps > 1: the look-ahead, multi-step decodes fed from the step in flight
     "multi_step": (functools.partial(make_engine, num_scheduler_steps=4, eos=(15,)), at_once(
-        ("a", ids([10]), greedy(20)), ("b", ids([50]), greedy(13)), ("c", ids([70, 71]), greedy(9))), None),
+        ("a", ids([10]), greedy(20)), ("b", ids([50]), greedy(13)), ("c", ids([70, 71]), greedy(9))),
+        lambda run: run.engine.executor.num_dispatches < run.steps),
+    "multi_step_staggered_seeded_n": (functools.partial(make_engine, num_scheduler_steps=3, eos=(7, 300)), {
+        **from_staggered(4),
+        2: [("seeded", ids([3, 4]), SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=17)),
+            ("n", ids([40, 41]), SamplingParams(n=2, temperature=0.0, max_tokens=11, stop_token_ids=[47]))]},
+        lambda run: run.engine.executor.num_dispatches < run.steps),
+    "multi_step_recompute_preemption": (functools.partial(make_engine, num_scheduler_steps=4, num_blocks=12,
+                                                          max_num_batched_tokens=64), at_once(
+        *[(f"r{i}", ids([10 * i + j for j in range(6)]), greedy(20)) for i in range(5)]),
+        lambda run: run.engine.scheduler.num_preemptions > 0),
+    "multi_step_swap_preemption": (functools.partial(swap_engine, num_scheduler_steps=4), at_once(
+        *[(f"r{i}", ids(p), greedy(12 + 3 * i)) for i, p in enumerate(SWAP_PROMPTS)]),
+        lambda run: run.engine.stats()["num_swap_outs"] > 0),
 }
 
 
@@ -132,6 +145,17 @@ def test_a_stop_costs_at_most_one_extra_step_and_its_token_is_never_emitted(para
     # prompt K/V to be folded into the prefix cache, which happens one step after its dispatch.
     assert sync.steps <= overlapped.steps <= sync.steps + 1 + (params.n > 1)
     assert all(len(c.token_ids) <= 5 for out in overlapped.streamed.get("r", []) for c in out.outputs)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_a_stop_inside_a_look_ahead_costs_at_most_two_runs_and_is_never_passed(k):
+    # The look-ahead (num_scheduler_steps = k): the host learns of a stop when its k-step run lands, after it
+    # dispatched the next run, so the request's row computes up to 2k - 1 tokens past the stop, never emitted.
+    make = functools.partial(make_engine, eos=(15,), num_scheduler_steps=k)
+    sync, overlapped = compare(make, at_once(("r", ids([3]), greedy(30)), ("s", ids([100]), greedy(30))))
+    assert sync.final["r"].outputs[0].token_ids == list(range(4, 16))
+    assert overlapped.engine.executor.num_steps - sync.engine.executor.num_steps <= 2 * k - 1
+    assert all(len(c.token_ids) <= 12 for out in overlapped.streamed.get("r", []) for c in out.outputs)
 
 
 def test_many_stops_in_one_batch_cost_one_step_in_all():
@@ -218,6 +242,22 @@ def test_tiny_model_outputs_are_the_same_with_and_without_overlap():
     assert sync.final["stop_id"].outputs[0].stop_reason == 332
     assert len(sync.final["stop_id"].outputs[0].token_ids) >= 3
     assert overlapped.engine.block_manager.stats()["prefix_hits"] >= 1
+
+
+def test_tiny_model_look_ahead_is_the_same_with_and_without_overlap():
+    # Multi-step decodes whose first tokens are fed on the device from the run in flight (its last step's samples)
+    workload = {0: [("a", CAPITALS, greedy(13)), ("b", "the quick brown fox", greedy(11, stop=["li"]))],
+                2: [("c", "Once upon a time", SamplingParams(temperature=0.9, seed=7, max_tokens=9))]}
+    def make(**cfg) -> LLMEngine:
+        engine = real_engine(num_scheduler_steps=4, **cfg)
+        real, engine.dispatched = engine.executor.dispatch, []
+        engine.executor.dispatch = lambda step: engine.dispatched.append(step) or real(step)
+        return engine
+
+    sync, overlapped = compare(make, workload, rel=1e-5)
+    assert any(s.num_steps > 1 and s.feed for s in overlapped.engine.dispatched)  # look-ahead fed on the device
+    single, _ = both(real_engine, workload)
+    assert_same_outputs(single, overlapped, rel=1e-5)  # and the same as one step per dispatch
 
 
 def test_llm_generate_is_the_same_with_and_without_overlap():
