@@ -241,8 +241,9 @@ class Scheduler:
         while self.block_manager.allocate(req.request_id, req.num_planned_computed + n) is None:
             # A victim may be in the step in flight: the steps run in dispatch order on one device, so that step
             # writes and reads its blocks before any later step (or swap) can touch them again.
+            # One whose step in flight draws its last token frees its blocks when that lands: never a victim.
             victims = [r for r in order if id(r) not in planned and r is not req and r.status is RequestStatus.RUNNING
-                       and (self.preempt_in_flight or self._idle(r))]
+                       and r.remaining_tokens > 0 and (self.preempt_in_flight or self._idle(r))]
             victim = victims[-1] if victims else req
             if victim is req and not (self.preempt_in_flight or self._idle(req)):
                 return False  # it waits for its step in flight to land, then may give up its blocks

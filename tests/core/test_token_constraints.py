@@ -31,8 +31,9 @@ def test_allowed_token_ids_are_checked_and_deduplicated():
 def test_every_step_of_a_biased_request_carries_its_bias_in_single_steps():
     engine = make_engine(num_scheduler_steps=4)
     steps = []
-    real = engine.executor.execute
-    engine.executor.execute = lambda step: steps.append(step) or real(step)
+    name = "dispatch" if engine.overlap else "execute"
+    real = getattr(engine.executor, name)
+    setattr(engine.executor, name, lambda step: steps.append(step) or real(step))
     bias = {9: 2.5}
     engine.add_request("biased", {"prompt_token_ids": [30]}, SamplingParams(max_tokens=6, logit_bias=bias))
     engine.add_request("plain", {"prompt_token_ids": [50]}, SamplingParams(max_tokens=6))
