@@ -191,6 +191,8 @@ class Scheduler:
                 continue
             if req.remaining_tokens <= 0:
                 continue  # the step in flight draws its last token (the overlapped loop)
+            if req.num_pending and req.constraints is not None and req.constraints.needs_history:
+                continue  # its grammar or bad words need the token in flight first (nexus_jax.core.constraints)
             n = min(req.num_planned_tokens - req.num_planned_computed, budget)
             if not self._allocate_or_preempt(req, n, order, planned, out):
                 continue
@@ -205,15 +207,15 @@ class Scheduler:
     def _decode_steps(self, out: SchedulerOutput) -> int:
         """How many decode steps the plan may run back to back: more than one only for a decode-only batch
         that nothing waiting could join (so no one's first token is delayed), no request wanting logprobs, a
-        logit bias, penalties or allowed ids or still under min_tokens, and no request able to finish by length
-        before the last step; it needs the blocks for all of them."""
+        logit bias, penalties, constraints or prompt log-probs or still under min_tokens, and no request able to
+        finish by length before the last step; it needs the blocks for all of them."""
         k = self.num_scheduler_steps
         if k == 1 or out.prefills or out.preempted or not out.decodes:
             return 1
         if self.waiting_joins_decodes and self.waiting and len(self.running) < self.max_num_seqs:
             return 1
         if any(c.request.params.logprobs is not None or c.request.params.logit_bias or c.request.penalty
-               or c.request.params.allowed_token_ids
+               or c.request.constraints is not None or c.request.prompt_logprobs is not None
                or len(c.request.output_token_ids) < c.request.params.min_tokens for c in out.decodes):
             return 1  # logprobs, biases, penalties, allowed and (under min_tokens) banned ids: single steps
         k = min(k, *(c.request.remaining_tokens for c in out.decodes))
@@ -286,6 +288,8 @@ class Scheduler:
                 req.waits_for = None
             salt = req.params.cache_salt
             prefix = bm.match_prefix(req.all_token_ids, salt)
+            if req.prompt_logprobs is not None and len(req.prompt_logprobs) < req.num_prompt_tokens:
+                prefix = []  # a cache hit would skip prompt positions whose log-probs are still to compute
             swapped = self.swap_space.num_held(req.request_id) if self.swap_space is not None else 0
             # A swapped-out request resumes where it was, or further if the prefix cache holds more.
             start = max(len(prefix) * bm.block_size, req.num_computed_tokens if swapped else 0)
