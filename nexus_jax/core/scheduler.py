@@ -191,8 +191,8 @@ class Scheduler:
                 continue
             if req.remaining_tokens <= 0:
                 continue  # the step in flight draws its last token (the overlapped loop)
-            if req.num_pending and req.constraints is not None and req.constraints.needs_history:
-                continue  # its grammar or bad words need the token in flight first (nexus_jax.core.constraints)
+            if req.num_pending and self.needs_last_token(req):
+                continue
             n = min(req.num_planned_tokens - req.num_planned_computed, budget)
             if not self._allocate_or_preempt(req, n, order, planned, out):
                 continue
@@ -223,6 +223,12 @@ class Scheduler:
             if k > 1 and self.block_manager.allocate(c.request.request_id, c.start + k) is None:
                 return 1
         return max(k, 1)
+
+    @staticmethod
+    def needs_last_token(req: Request) -> bool:
+        """Whether a request's next step needs its latest sample on the host (its grammar or bad words decide
+        what it may sample; nexus_jax.core.constraints): it is not planned while a sample of it is in flight."""
+        return req.constraints is not None and req.constraints.needs_history
 
     def advance(self, req: Request) -> None:
         """Records that one more token of `req` had its K/V computed inside a multi-step decode."""

@@ -50,3 +50,25 @@ def test_the_overlapped_loop_holds_only_the_request_that_needs_its_last_token(to
     # Rows per step: the plain and single-token requests run every step (done in 6, as in the synchronous loop);
     # the multi-token one skips the steps planned while its last sample is in flight.
     assert [len(s.decodes) + len(s.prefills) for s in steps] == [3, 2, 3, 2, 3, 2, 1, 1, 1]
+
+
+def test_the_disaggregated_engine_waits_for_the_last_token_too(tokenizer):
+    from nexus_jax import EngineConfig
+    from nexus_jax.disagg.cost_model import CostModel
+    from nexus_jax.disagg.engine import DisaggEngine
+    from nexus_jax.disagg.partition import PartitionController, Slo
+    from nexus_jax.testing.engines import VOCAB
+    from nexus_jax.testing.mock_pool import MockPool
+    from runner.model.config import ModelConfig
+
+    ladder = (30, 50)
+    controller = PartitionController(CostModel.analytic(ModelConfig.preset("llama-3.1-8b"), 989e12, 3.35e12), ladder,
+                                     Slo(tbt=1e-9))  # nothing meets it: split steps, pipelined decodes
+    engine = DisaggEngine(EngineConfig(block_size=4, sm_ladder=ladder, max_num_batched_tokens=64),
+                          MockPool(ladder, 256, 4, 0), controller, tokenizer, max_model_len=512, vocab_size=VOCAB)
+    greedy = dict(temperature=0.0, max_tokens=6, ignore_eos=True)
+    engine.add_request("multi", ids([5, 101]), SamplingParams(bad_words=["ab"], **greedy))
+    engine.add_request("plain", ids([5, 200]), SamplingParams(**greedy))
+    tokens = {rid: out.outputs[0].token_ids for rid, out in run_all(engine).items()}
+    assert tokens == {"multi": [102, 103, 104, 106, 107, 108], "plain": [201, 202, 203, 204, 205, 206]}
+    assert engine.pipelined_steps > 0
