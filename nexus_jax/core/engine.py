@@ -332,7 +332,7 @@ class LLMEngine:
         banned = [self._banned(c.request) for c in chunks]
         bias = [c.request.params.logit_bias for c in chunks]
         penalties = [c.request.penalty.row() if c.request.penalty else None for c in chunks]
-        allowed = [c.request.constraints.mask() if c.request.constraints and c.samples else None for c in chunks]
+        allowed = self.constraints.masks([c.request.constraints if c.samples else None for c in chunks])
         return StepInput(decodes, prefills, rows, num_logprobs, banned if any(banned) else None, feed=feed,
                          bias=bias if any(bias) else None, penalties=penalties if any(penalties) else None,
                          allowed=allowed if any(a is not None for a in allowed) else None,

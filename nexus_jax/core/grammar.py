@@ -1,6 +1,6 @@
 """Structured output through xgrammar: a request's StructuredOutputsParams compiled once per distinct spec, and a
-matcher per sequence that advances on every accepted token and gives the packed bitmask of the tokens allowed
-next (the sampler's `allowed` layout, runner.sampling.token_mask).
+matcher per sequence that advances on every accepted token; the packed bitmasks of the tokens each allows next
+(the sampler's `allowed` layout, runner.sampling.token_mask) are filled for a whole step at once.
 
 xgrammar is imported on first use: it pulls in torch, seconds of import a server without structured requests
 need not pay. Compiling runs where the request is prepared (the caller's thread for AsyncLLM and the servers),
@@ -17,7 +17,6 @@ from typing import Any, Sequence
 import numpy as np
 
 from nexus_jax.core.structured_outputs import StructuredOutputsParams
-from runner.sampling import mask_words
 
 # Compiled grammars kept per engine: a server sees few distinct schemas, each compiled once.
 CACHE_SIZE = 256
@@ -48,6 +47,7 @@ class GrammarCompiler:
                                  add_prefix_space=meta["add_prefix_space"])
         self.vocab_size = vocab_size
         self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+        self._batch = xgr.BatchGrammarMatcher()
         self._cache: collections.OrderedDict[tuple[str, str], Any] = collections.OrderedDict()
         self._lock = threading.Lock()
 
@@ -92,26 +92,24 @@ class GrammarCompiler:
         return self._compiler.compile_grammar(grammar.replace(_LAX_STRING_CHAR, _JSON_STRING_CHAR))
 
     def matcher(self, compiled: Any) -> GrammarMatcher:
-        return GrammarMatcher(self._xgr.GrammarMatcher(compiled), self.vocab_size)
+        return GrammarMatcher(self._xgr.GrammarMatcher(compiled))
+
+    def fill_masks(self, matchers: Sequence[GrammarMatcher], table: np.ndarray) -> None:
+        """Row i of `table` [len(matchers), ceil(vocab / 32)] i32 := the packed bitmask matchers[i] allows next."""
+        self._batch.batch_fill_next_token_bitmask([m.matcher for m in matchers], table)
 
 
 class GrammarMatcher:
     """One sequence's position in its grammar."""
 
-    def __init__(self, matcher: Any, vocab_size: int):
-        self._matcher = matcher
-        self._mask = np.zeros((1, mask_words(vocab_size)), np.int32)
+    def __init__(self, matcher: Any):
+        self.matcher = matcher  # xgrammar's (GrammarCompiler.fill_masks fills many at once)
 
     def accept(self, token: int) -> bool:
         """Advances over a sampled token; False when the grammar refuses it (it was not in the last mask)."""
-        return self._matcher.is_terminated() or bool(self._matcher.accept_token(token))
-
-    def mask(self) -> np.ndarray:
-        """The packed bitmask of the tokens the grammar allows next (a copy: the step keeps it)."""
-        self._matcher.fill_next_token_bitmask(self._mask)
-        return self._mask[0].copy()
+        return self.matcher.is_terminated() or bool(self.matcher.accept_token(token))
 
     @property
     def terminated(self) -> bool:
         """The grammar is complete and its stop token was accepted: the completion ends here."""
-        return self._matcher.is_terminated()
+        return self.matcher.is_terminated()
