@@ -24,7 +24,8 @@ class StepInput:
 
     prompt_logprobs[i] = (k, first, targets) asks for the log-probs of chunk i's logits rows first, first + 1, ...
     (its tokens' positions from start_pos), each row's of its target token and its top k; they come back in the
-    SampleResult's prompt_logprobs[i] as (target log-probs [n], top ids [n, k], top log-probs [n, k]).
+    SampleResult's prompt_logprobs[i] as (target log-probs [n], their ranks [n], top ids [n, k], top log-probs
+    [n, k]).
 
     num_steps > 1 runs that many decode steps back to back, each step's samples feeding the next (block tables
     already cover the extra positions); such a step has no prefills, log-probs, biases or banned ids.

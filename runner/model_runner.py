@@ -43,10 +43,11 @@ class PendingStep:
         out = jax.tree.map(lambda a: a[self.rows], out)
         if self.prompt is None:
             return out
-        (token_logprobs, top_ids, top_logprobs), segments = jax.device_get(self.prompt[0]), self.prompt[1]
+        (token_logprobs, ranks, top_ids, top_logprobs), segments = jax.device_get(self.prompt[0]), self.prompt[1]
         tables: list[tuple | None] = [None] * len(self.rows)
         for i, at, n, k in segments:
-            tables[i] = (token_logprobs[at:at + n], top_ids[at:at + n, :k], top_logprobs[at:at + n, :k])
+            tables[i] = (token_logprobs[at:at + n], ranks[at:at + n], top_ids[at:at + n, :k],
+                         top_logprobs[at:at + n, :k])
         return out._replace(prompt_logprobs=tables)
 
 

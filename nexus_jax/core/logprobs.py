@@ -12,12 +12,13 @@ TokenText = Callable[[int], "str | None"]
 
 
 def position_logprobs(token: int, token_logprob: float, top_ids: Sequence[int], top_logprobs: Sequence[float],
-                      num: int, text: TokenText) -> PositionLogprobs:
-    """The top `num` tokens with their ranks, plus `token` (unranked) when it is not among them."""
+                      num: int, text: TokenText, token_rank: int | None = None) -> PositionLogprobs:
+    """The top `num` tokens with their ranks, plus `token` (with token_rank, None: unknown) when it is not among
+    them."""
     entry = {int(t): Logprob(float(lp), rank=r + 1, decoded_token=text(int(t)))
              for r, (t, lp) in enumerate(zip(top_ids[:num], top_logprobs[:num]))}
     if token not in entry:
-        entry[token] = Logprob(float(token_logprob), decoded_token=text(token))
+        entry[token] = Logprob(float(token_logprob), rank=token_rank, decoded_token=text(token))
     return entry
 
 
@@ -35,16 +36,16 @@ def prompt_targets(seq: Request, start: int, num_tokens: int) -> tuple[int, int,
 
 
 def record_prompt_logprobs(seq: Request, start: int, num_tokens: int, table: tuple, text: TokenText) -> None:
-    """Files a chunk's prompt log-probs (the runner's (token log-probs, top ids, top log-probs) of its
+    """Files a chunk's prompt log-probs (the runner's (token log-probs, their ranks, top ids, top log-probs) of its
     prompt_targets rows) at their positions."""
-    token_logprobs, top_ids, top_logprobs = table
+    token_logprobs, ranks, top_ids, top_logprobs = table
     last = min(start + num_tokens, seq.num_prompt_tokens - 1)
     first = last - len(token_logprobs) + 1
     recorded = seq.prompt_logprobs
     for j in range(len(token_logprobs)):
         q = first + j
         entry = position_logprobs(seq.prompt_token_ids[q], token_logprobs[j], top_ids[j], top_logprobs[j],
-                                  seq.params.prompt_logprobs, text)
+                                  seq.params.prompt_logprobs, text, int(ranks[j]))
         if q < len(recorded):
             recorded[q] = entry  # computed again (a chunk that ran beside a preemption)
         elif q == len(recorded):
