@@ -52,3 +52,17 @@ def test_vllm_fields_reach_the_engine(client):
     r = client.chat.completions.create(model="default", messages=[{"role": "user", "content": "JSON"}], seed=3,
                                        max_tokens=60, extra_body={"guided_json": SCHEMA, "bad_words": ["the"]})
     _check(json.loads(r.choices[0].message.content))
+
+
+def test_prompt_logprobs_in_chat_and_in_streams(client):
+    chat = client.chat.completions.create(model="default", messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=2, extra_body={"prompt_logprobs": 0})
+    whole = chat.model_extra["prompt_logprobs"]
+    assert whole[0] is None and len(whole) > 2 and all(len(p) == 1 for p in whole[1:])
+    chunks = list(client.chat.completions.create(model="default", messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=2, stream=True, extra_body={"prompt_logprobs": 0}))
+    assert chunks[0].model_extra["prompt_logprobs"] == whole
+    assert all("prompt_logprobs" not in c.model_extra for c in chunks[1:])
+    text = list(client.completions.create(model="default", prompt="Hi there", max_tokens=2, stream=True,
+                                          extra_body={"prompt_logprobs": 1}))
+    assert text[0].choices[0].model_extra["prompt_logprobs"][0] is None

@@ -2,8 +2,9 @@
 
 Choice i of prompt p has index p * n + i, as OpenAI numbers the choices of a request with several prompts. Token
 text in logprobs is the engine's decoded token (`Logprob.decoded_token`), or `token_id:<id>` without a tokenizer
-(vLLM's spelling). prompt_logprobs (vLLM's extra field) come in the whole body only: per choice for completions, at
-the top for chat (one prompt), each position None or {token id: {logprob, rank, decoded_token}}.
+(vLLM's spelling). prompt_logprobs (vLLM's extra field) come per choice for completions and at the top for chat (one
+prompt), in the whole body or a stream's first chunk of each choice; each position None or {token id: {logprob,
+rank, decoded_token}}.
 """
 
 from __future__ import annotations
@@ -56,15 +57,21 @@ class Shaper:
             return None
         choice = self._choice(p * self.n + delta.index, delta.text, delta.token_ids, delta.logprobs or (),
                               delta.finish_reason, delta.stop_reason, whole=False, first=first)
-        return self._event([choice], None)
+        prompt_logprobs = _prompt_logprobs(self.gen.prompt_logprobs[p]) if first else None
+        if prompt_logprobs is not None and not self.chat:
+            choice["prompt_logprobs"] = prompt_logprobs
+        return self._event([choice], None, prompt_logprobs if self.chat else None)
 
     def usage_chunk(self) -> str:
         return self._event([], self.usage())
 
-    def _event(self, choices: list[dict[str, Any]], usage: dict[str, int] | None) -> str:
+    def _event(self, choices: list[dict[str, Any]], usage: dict[str, int] | None,
+               prompt_logprobs: list | None = None) -> str:
         kind = "chat.completion.chunk" if self.chat else self.object
         body: dict[str, Any] = {"id": self.id, "object": kind, "created": self.created, "model": self.model,
                                 "choices": choices}
+        if prompt_logprobs is not None:
+            body["prompt_logprobs"] = prompt_logprobs
         if self.include_usage:
             body["usage"] = usage
         return sse(body)
