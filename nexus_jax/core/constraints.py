@@ -8,6 +8,7 @@ Scheduler.schedule), so the overlapped loop runs it every other step and its bat
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any, Callable, Sequence
 
@@ -17,6 +18,8 @@ from nexus_jax.core.bad_words import BadWords
 from nexus_jax.core.grammar import GrammarCompiler, GrammarMatcher
 from nexus_jax.core.sampling_params import SamplingParams
 from runner.sampling import mask_words, token_mask
+
+log = logging.getLogger(__name__)
 
 
 class TokenConstraints:
@@ -30,6 +33,9 @@ class TokenConstraints:
 
     def accept(self, token: int) -> None:
         if self.grammar is not None and not self.grammar.accept(token):
+            # Only a token the mask allowed is sampled, unless every token was masked out (min_tokens banning the
+            # EOS that a complete grammar requires): the completion ends rather than leave its grammar.
+            log.warning("the grammar refused sampled token %d; the completion ends", token)
             self.rejected = True
 
     @property
