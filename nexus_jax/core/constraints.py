@@ -56,7 +56,11 @@ class ConstraintFactory:
     def compiler(self) -> GrammarCompiler:
         with self._lock:
             if self._compiler is None:
-                self._compiler = GrammarCompiler(self.tokenizer, self.vocab_size, self.stop_token_ids)
+                try:
+                    self._compiler = GrammarCompiler(self.tokenizer, self.vocab_size, self.stop_token_ids)
+                except ImportError as e:  # a machine without the wheel: refuse the request, keep serving
+                    raise ValueError(f"structured_outputs needs the xgrammar package, which this server lacks "
+                                     f"({e})") from None
             return self._compiler
 
     def masks(self, rows: Sequence[TokenConstraints | None]) -> list[np.ndarray | None]:

@@ -4,6 +4,7 @@ synchronous loops give the same tokens; specs are checked and compiled once."""
 
 import json
 import re
+import sys
 
 import pytest
 
@@ -94,3 +95,13 @@ def test_specs_are_checked_and_compiled_once(llm):
     compiler = engine.constraints.compiler
     spec = StructuredOutputsParams(json=SCHEMA)
     assert compiler.compile(spec) is compiler.compile(StructuredOutputsParams(json=json.dumps(SCHEMA)))
+
+
+def test_without_xgrammar_a_structured_request_is_refused_with_the_reason(tokenizer, monkeypatch):
+    from nexus_jax.core.constraints import ConstraintFactory
+
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # what importing it gives on a machine without the wheel
+    factory = ConstraintFactory(tokenizer, 512, (2,))
+    with pytest.raises(ValueError, match="structured_outputs needs the xgrammar package"):
+        factory.prepare(SamplingParams(structured_outputs={"regex": "a+"}))
+    assert factory.prepare(SamplingParams(allowed_token_ids=[3]))() is not None  # the rest works without it
