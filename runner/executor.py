@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
+import numpy as np
+
 from runner.penalties import PenaltyRow
 from runner.sampling import SamplingRow
 from runner.step_batch import SeqChunk
@@ -17,8 +19,13 @@ from runner.step_batch import SeqChunk
 @dataclasses.dataclass(frozen=True)
 class StepInput:
     """One planned step: chunk i of decodes then prefills samples with rows[i], adds bias[i] (token id -> value)
-    to its logits, applies penalties[i] (runner.penalties), samples only among allowed[i] (None: any) and never
-    samples banned[i].
+    to its logits, applies penalties[i] (runner.penalties), samples only among the ids allowed[i] allows (a packed
+    bitmask, runner.sampling.token_mask; None: any) and never samples banned[i].
+
+    prompt_logprobs[i] = (k, first, targets) asks for the log-probs of chunk i's logits rows first, first + 1, ...
+    (its tokens' positions from start_pos), each row's of its target token and its top k; they come back in the
+    SampleResult's prompt_logprobs[i] as (target log-probs [n], their ranks [n], top ids [n, k], top log-probs
+    [n, k]).
 
     num_steps > 1 runs that many decode steps back to back, each step's samples feeding the next (block tables
     already cover the extra positions); such a step has no prefills, log-probs, biases or banned ids.
@@ -37,15 +44,16 @@ class StepInput:
     feed: Sequence[tuple[int, int]] = ()
     bias: Sequence[Mapping[int, float] | None] | None = None
     penalties: Sequence[PenaltyRow | None] | None = None
-    allowed: Sequence[Sequence[int] | None] | None = None
+    allowed: Sequence[np.ndarray | None] | None = None
+    prompt_logprobs: Sequence[tuple[int, int, Sequence[int]] | None] | None = None
 
     def __post_init__(self) -> None:
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
         if self.num_steps > 1 and (self.prefills or self.num_logprobs or self.banned or self.bias or self.penalties
-                                   or self.allowed):
+                                   or self.allowed or self.prompt_logprobs):
             raise ValueError("a multi-step decode runs decode chunks only, without log-probs, banned or allowed "
-                             "ids, biases or penalties")
+                             "ids, biases, penalties or prompt log-probs")
         if any(not 0 <= i < len(self.decodes) or r < 0 for i, r in self.feed):
             raise ValueError(f"feed pairs name decode chunks (0..{len(self.decodes) - 1}) and earlier rows, "
                              f"got {list(self.feed)}")
@@ -108,10 +116,12 @@ class StepsExecutor:
              num_logprobs: int = 0, banned: Sequence[Sequence[int]] | None = None,
              bias: Sequence[Mapping[int, float] | None] | None = None,
              penalties: Sequence[PenaltyRow | None] | None = None,
-             allowed: Sequence[Sequence[int] | None] | None = None) -> Any:
+             allowed: Sequence[np.ndarray | None] | None = None,
+             prompt_logprobs: Sequence[tuple[int, int, Sequence[int]] | None] | None = None) -> Any:
         """Runs one step and returns the sample of each chunk, decodes first, then prefills."""
         return self.dispatch(StepInput(decodes, prefills, sampling_rows, num_logprobs, banned, bias=bias,
-                                       penalties=penalties, allowed=allowed)).result()
+                                       penalties=penalties, allowed=allowed,
+                                       prompt_logprobs=prompt_logprobs)).result()
 
     def decode_steps(self, decodes: Sequence[SeqChunk], sampling_rows: Sequence[SamplingRow],
                      num_steps: int) -> Any:
@@ -123,4 +133,4 @@ class StepsExecutor:
         if step.num_steps > 1 or step.feed:
             return self.dispatch(step).result()
         return self.step(step.decodes, step.prefills, step.rows, step.num_logprobs, step.banned, bias=step.bias,
-                         penalties=step.penalties, allowed=step.allowed)
+                         penalties=step.penalties, allowed=step.allowed, prompt_logprobs=step.prompt_logprobs)

@@ -32,14 +32,25 @@ log = logging.getLogger(__name__)
 class PendingStep:
     """A dispatched step: its samples on the device until `result()` copies the real chunks' rows to the host."""
 
-    def __init__(self, out: Any, rows: np.ndarray, num_logprobs: int, steps: int = 1):
+    def __init__(self, out: Any, rows: np.ndarray, num_logprobs: int, prompt: tuple | None = None, steps: int = 1):
         self.out, self.rows, self.num_logprobs, self.steps = out, rows, num_logprobs, steps
+        self.prompt = prompt  # (the prompt_logprobs program's outputs, their segments), or None
 
     def result(self) -> Any:
         out = jax.device_get(self.out)
         if self.steps > 1:  # [num_steps, rows]
             return out[:, self.rows]
-        return jax.tree.map(lambda a: a[self.rows], out) if self.num_logprobs else out[self.rows]
+        if not self.num_logprobs:
+            return out[self.rows]
+        out = jax.tree.map(lambda a: a[self.rows], out)
+        if self.prompt is None:
+            return out
+        (token_logprobs, ranks, top_ids, top_logprobs), segments = jax.device_get(self.prompt[0]), self.prompt[1]
+        tables: list[tuple | None] = [None] * len(self.rows)
+        for i, at, n, k in segments:
+            tables[i] = (token_logprobs[at:at + n], ranks[at:at + n], top_ids[at:at + n, :k],
+                         top_logprobs[at:at + n, :k])
+        return out._replace(prompt_logprobs=tables)
 
 
 def fit_num_blocks(config: ModelConfig, block_size: int, dtype: Any, memory_utilization: float,
@@ -150,7 +161,7 @@ class ModelRunner(StepsExecutor):
         padded_banned: list[Sequence[int] | None] = [None] * len(padded)
         padded_bias: list[Mapping[int, float] | None] = [None] * len(padded)
         padded_penalties: list[PenaltyRow | None] = [None] * len(padded)
-        padded_allowed: list[Sequence[int] | None] = [None] * len(padded)
+        padded_allowed: list[np.ndarray | None] = [None] * len(padded)
         for i, (r, row) in enumerate(zip(rows, sampling_rows)):
             padded[r] = row
             padded_banned[r] = banned[i] if banned else None
@@ -164,10 +175,43 @@ class ModelRunner(StepsExecutor):
         feed_src = np.full(batch.num_decode, -1, np.int32)
         pending_src = np.full(len(padded), -1, np.int32)  # the fed token of each logits row, for its penalties
         fed = self._feed(step, feed_src, pending_src, rows)
+        prompt = self._prompt_rows(step, batch) if step.prompt_logprobs else None
+        sampled_rows = batch.logits_indices.shape[0]
+        if prompt is not None:  # the prompt rows' logits too, after the sampled ones
+            batch = batch.replace(logits_indices=np.concatenate([batch.logits_indices, prompt[0]]))
         logits, self.kv_pool = programs.forward(self.model_def, self.weights, self.kv_pool, batch, fed, feed_src)
-        out, fed = programs.sample_step(logits, st, step.num_logprobs, fed, pending_src)
+        if prompt is not None:
+            prompt = (programs.prompt_logprobs(logits[sampled_rows:], prompt[1], prompt[2]), prompt[3])
+            logits = logits[:sampled_rows]
+        num_logprobs = step.num_logprobs or (1 if prompt else 0)  # prompt log-probs travel in a SampleResult
+        out, fed = programs.sample_step(logits, st, num_logprobs, fed, pending_src)
         self._last_samples = (fed, rows)
-        return PendingStep(out, rows, step.num_logprobs)
+        return PendingStep(out, rows, num_logprobs, prompt)
+
+    @staticmethod
+    def _prompt_rows(step: StepInput, batch: StepBatch) -> tuple[np.ndarray, np.ndarray, int, list] | None:
+        """The token rows whose logits give step.prompt_logprobs and their targets, padded to a power of two (one
+        program per bucket), the largest top count, and per chunk (chunk, first output row, rows, top count)."""
+        rows: list[np.ndarray] = []
+        targets: list[int] = []
+        segments = []
+        num_decodes = len(step.decodes)
+        for i, spec in enumerate(step.prompt_logprobs or ()):
+            if spec is None or not len(spec[2]):
+                continue
+            k, first, wanted = spec
+            base = i if i < num_decodes else batch.num_decode + int(batch.prefill_q_start[i - num_decodes])
+            segments.append((i, len(targets), len(wanted), k))
+            rows.append(base + first + np.arange(len(wanted)))
+            targets.extend(wanted)
+        if not segments:
+            return None
+        size = bucket(len(targets), 16)
+        indices = np.zeros(size, np.int32)
+        indices[:len(targets)] = np.concatenate(rows)
+        padded = np.zeros(size, np.int32)
+        padded[:len(targets)] = targets
+        return indices, padded, max(1, max(s[3] for s in segments)), segments
 
     def _dispatch_steps(self, step: StepInput) -> "PendingStep":
         """A multi-step decode (StepInput.num_steps > 1), its first tokens fed like a single step's."""

@@ -84,6 +84,17 @@ def sample_step(logits: jax.Array, sampling: SamplingTensors, num_logprobs: int,
     return out, jnp.zeros(FEED_ROWS, jnp.int32).at[:tokens.shape[0]].set(tokens)
 
 
+@functools.partial(jax.jit, static_argnums=(2,))
+def prompt_logprobs(logits: jax.Array, targets: jax.Array, num: int):
+    """Per logits row [n, V]: the log-prob of its target token [n], its rank [n] (1: the most likely) and the top
+    `num` (ids, log-probs) [n, num], under the raw distribution (as sampled tokens' log-probs)."""
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    top_logprobs, top_ids = jax.lax.top_k(logprobs, num)
+    target = jnp.take_along_axis(logprobs, targets[:, None], axis=-1)[:, 0]
+    rank = jnp.sum(logprobs > target[:, None], axis=-1, dtype=jnp.int32) + 1
+    return target, rank, top_ids.astype(jnp.int32), top_logprobs
+
+
 @functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(2,))
 def decode_steps(model_def: ModelDef, weights: list[jax.Array], kv_pool, batch: StepBatch, sampling: SamplingTensors,
                  num_steps: int, fed: jax.Array, feed_src: jax.Array):

@@ -64,8 +64,9 @@ class SamplingTensors:
     # [B, M] i32 token ids this row may not sample (-1 = unused); M is 0 when no row bans anything. The engine
     # bans EOS and stop ids until min_tokens is reached, as vLLM does.
     banned: jax.Array
-    # [B, A] i32: the only token ids a row may sample (vLLM's allowed_token_ids; -1 = unused, a row of -1 only
-    # is unrestricted); A is 0 when no row is restricted.
+    # [B, ceil(V / 32)] i32 packed bitmask of the token ids a row may sample: bit j of word i allows token 32 i + j
+    # (xgrammar's layout, so a grammar's mask travels as it is made; vLLM's allowed_token_ids go through
+    # `token_mask`); a row of -1 only is unrestricted; 0 columns when no row is restricted.
     allowed: jax.Array
     # [B, N] i32 token ids and [B, N] f32 values added to their logits (OpenAI's logit_bias; -1 = unused); N is 0
     # when no row has a bias.
@@ -85,12 +86,12 @@ class SamplingTensors:
                   *, pad_to: int | None = None,
                   bias: Sequence[Mapping[int, float] | None] | None = None,
                   penalties: Sequence[PenaltyRow | None] | None = None,
-                  allowed: Sequence[Sequence[int] | None] | None = None) -> SamplingTensors:
+                  allowed: Sequence[np.ndarray | None] | None = None) -> SamplingTensors:
         """Build host (numpy) columns from rows made by `SamplingRow.validated`; None is a greedy padding row, and
         so is every row after `len(rows)` up to `pad_to`. banned[i] lists token ids row i may not sample (None or
         empty: none); bias[i] maps token ids to what is added to row i's logits (None or empty: nothing);
         penalties[i] is row i's repetition/frequency/presence penalties and history (None: none); allowed[i]
-        lists the only token ids row i may sample (None: any).
+        is row i's packed bitmask of the token ids it may sample (`token_mask`; None: any).
 
         The engine validates a request's row once and only advances its step, so a step of 256 rows costs
         microseconds here instead of the milliseconds that validating every row every step took.
@@ -108,8 +109,35 @@ class SamplingTensors:
             if row_bias:
                 bias_values[i, :len(row_bias)] = list(row_bias.values())
         penalty_columns = penalty_tables(penalties or (), len(values))
-        return cls(*columns, table, _id_table(len(values), allowed or ()), bias_ids, bias_values, *penalty_columns,
+        return cls(*columns, table, _mask_table(len(values), allowed or ()), bias_ids, bias_values, *penalty_columns,
                    np.full(len(values), -1, np.int32), mode_of(values))
+
+
+def token_mask(ids: Sequence[int], vocab_size: int) -> np.ndarray:
+    """The packed bitmask [ceil(vocab_size / 32)] i32 that allows exactly `ids` (ids below vocab_size)."""
+    bits = np.zeros(mask_words(vocab_size) * 32, np.bool_)
+    bits[np.asarray(ids, np.int64)] = True
+    return np.packbits(bits.reshape(-1, 32), axis=-1, bitorder="little").view(np.int32).reshape(-1)
+
+
+def mask_ids(mask: np.ndarray) -> list[int]:
+    """The token ids a packed bitmask allows (tests and logs)."""
+    bits = np.unpackbits(np.ascontiguousarray(mask, np.int32).view(np.uint8), bitorder="little")
+    return np.flatnonzero(bits).tolist()
+
+
+def mask_words(vocab_size: int) -> int:
+    return -(-vocab_size // 32)
+
+
+def _mask_table(num_rows: int, masks: Sequence[np.ndarray | None]) -> np.ndarray:
+    """[num_rows, W] i32 of the rows' packed masks, -1 (all allowed) for rows without; W 0 when none has one."""
+    width = max((len(m) for m in masks if m is not None), default=0)
+    table = np.full((num_rows, width), -1, np.int32)
+    for i, mask in enumerate(masks):
+        if mask is not None:
+            table[i, :len(mask)] = mask
+    return table
 
 
 def _id_table(num_rows: int, ids: Sequence[Sequence[int] | None]) -> np.ndarray:
@@ -136,6 +164,8 @@ class SampleResult(NamedTuple):
     token_logprobs: jax.Array  # [B] f32, log-prob of the sampled token under the raw distribution
     top_ids: jax.Array  # [B, n] i32, most likely tokens of the raw distribution, best first
     top_logprobs: jax.Array  # [B, n] f32
+    # Per chunk, the prompt log-probs a step was asked for (runner.executor.StepInput.prompt_logprobs), else None.
+    prompt_logprobs: Any = None
 
 
 def sample(logits: jax.Array, st: SamplingTensors, *, num_logprobs: int = 0) -> jax.Array | SampleResult:
@@ -174,9 +204,12 @@ def adjust_logits(logits: jax.Array, st: SamplingTensors) -> jax.Array:
     rows = jnp.arange(batch)[:, None]
     x = logits
     if st.allowed.shape[1]:
-        keep = jnp.zeros((batch, vocab + 1), jnp.bool_).at[rows, jnp.where(st.allowed >= 0, st.allowed, vocab)].set(
-            True)[:, :vocab]
-        x = jnp.where(keep | (st.allowed[:, :1] < 0), x, -jnp.inf)
+        if st.allowed.shape[1] < mask_words(vocab):  # made for a smaller vocabulary: it cannot say what is allowed
+            raise ValueError(f"allowed masks of {st.allowed.shape[1]} words do not cover a vocabulary of {vocab}")
+        token = jnp.arange(vocab, dtype=jnp.int32)
+        words = st.allowed[:, token // 32]
+        keep = (lax.shift_right_logical(words, jnp.broadcast_to(token % 32, words.shape)) & 1) == 1
+        x = jnp.where(keep, x, -jnp.inf)
     if st.bias_ids.shape[1]:
         x = x.at[rows, jnp.where(st.bias_ids >= 0, st.bias_ids, vocab)].add(st.bias, mode="drop")
     if st.penalty_ids.shape[1]:

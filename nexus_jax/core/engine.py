@@ -16,7 +16,9 @@ import numpy as np
 
 from nexus_jax.core.block_manager import BlockManager
 from nexus_jax.core.config import EngineConfig
-from nexus_jax.core.outputs import Logprob, RequestMetrics, RequestOutput
+from nexus_jax.core.constraints import ConstraintFactory
+from nexus_jax.core.logprobs import position_logprobs, prompt_targets, record_prompt_logprobs
+from nexus_jax.core.outputs import RequestMetrics, RequestOutput
 from nexus_jax.core.request import Request, RequestGroup, check_id_length
 from nexus_jax.core.sampling_params import SamplingParams
 from nexus_jax.core.scheduler import Scheduler, SchedulerOutput
@@ -58,6 +60,7 @@ class LLMEngine:
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
         self.eos_token_ids = tuple(eos_token_ids)
+        self.constraints = ConstraintFactory(tokenizer, vocab_size, self.eos_token_ids)
         self.block_manager = BlockManager(executor.num_blocks, executor.block_size, config.enable_prefix_caching)
         self.scheduler = self._make_scheduler(config, executor)
         self.groups: dict[str, RequestGroup] = {}
@@ -149,6 +152,7 @@ class LLMEngine:
             bad = [t for t in named if t >= self.vocab_size]
             if bad:  # the sampler's id tables hold vocabulary ids only
                 raise ValueError(f"{name} names token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        make_constraints = self.constraints.prepare(params)  # compiles a grammar here, off the engine thread
         metrics = RequestMetrics(time.monotonic() if arrival_time is None else arrival_time)
         drawn = self._rng.getrandbits(31)
         eos = () if params.ignore_eos else self.eos_token_ids
@@ -166,7 +170,8 @@ class LLMEngine:
                           thread_id=thread_id if params.n == 1 else f"{thread_id}#{i}",
                           logprobs=[] if child.logprobs is not None else None,
                           cumulative_logprob=0.0 if child.logprobs is not None else None,
-                          waits_for=seqs[0] if i else None, banned_ids=banned,
+                          waits_for=seqs[0] if i else None, banned_ids=banned, constraints=make_constraints(),
+                          prompt_logprobs=[None] if child.prompt_logprobs is not None and not i else None,
                           penalty=PenaltyHistory(child.repetition_penalty, child.frequency_penalty,
                                                  child.presence_penalty, ids) if child.has_penalties else None)
             seqs.append(seq)
@@ -282,6 +287,10 @@ class LLMEngine:
         sampled = result.tokens if isinstance(result, SampleResult) else result
         token_rows = sampled if plan.num_steps > 1 else [sampled]  # [num_steps, chunks]
         samples = [chunk.samples for chunk in plan.chunks]  # before appending changes the requests' lengths
+        prompt = getattr(result, "prompt_logprobs", None) or [None] * len(plan.chunks)
+        for table, chunk in zip(prompt, plan.chunks):
+            if table is not None:
+                record_prompt_logprobs(chunk.request, chunk.start, chunk.num_tokens, table, self._token_text)
         for k, tokens in enumerate(token_rows):
             for i, chunk in enumerate(plan.chunks):
                 seq = chunk.request
@@ -315,39 +324,39 @@ class LLMEngine:
                     if c.start >= c.request.num_tokens]
         if plan.num_steps > 1:
             return StepInput(decodes, prefills, rows, num_steps=plan.num_steps, feed=feed)
+        prompt = [prompt_targets(c.request, c.start, c.num_tokens) for c in chunks]
         wanted = [c.request.params.logprobs for c in chunks if c.request.params.logprobs is not None]
-        # logprobs=0 still wants the sampled token's log-prob, which the executor returns only when asked for 1+
-        num_logprobs = max(max(wanted), 1) if wanted else 0
+        # logprobs=0 still wants the sampled token's log-prob, which the executor returns only when asked for 1+;
+        # prompt log-probs come back in the SampleResult that log-probs make
+        num_logprobs = max(max(wanted), 1) if wanted else 1 if any(prompt) else 0
         banned = [self._banned(c.request) for c in chunks]
         bias = [c.request.params.logit_bias for c in chunks]
         penalties = [c.request.penalty.row() if c.request.penalty else None for c in chunks]
-        allowed = [c.request.params.allowed_token_ids for c in chunks]
+        allowed = self.constraints.masks([c.request.constraints if c.samples else None for c in chunks])
         return StepInput(decodes, prefills, rows, num_logprobs, banned if any(banned) else None, feed=feed,
                          bias=bias if any(bias) else None, penalties=penalties if any(penalties) else None,
-                         allowed=allowed if any(allowed) else None)
+                         allowed=allowed if any(a is not None for a in allowed) else None,
+                         prompt_logprobs=prompt if any(prompt) else None)
 
     def _banned(self, seq: Request) -> list[int]:
-        """Until min_tokens are out, EOS and the stop ids are not sampled at all (vLLM's behaviour)."""
+        """Until min_tokens are out, EOS and the stop ids are not sampled at all (vLLM's behaviour); bad words."""
+        words = seq.constraints.banned(seq.output_token_ids) if seq.constraints else []
         if len(seq.output_token_ids) + seq.num_pending >= seq.params.min_tokens:
-            return []
-        return seq.banned_ids
+            return words
+        return seq.banned_ids + words if words else seq.banned_ids
 
     def _append(self, seq: Request, token: int, result: Any, row: int, now: float) -> None:
         seq.append_token(token)
         seq.metrics.record_token(now)
         if seq.logprobs is not None:
-            n = seq.params.logprobs
-            entry = {int(t): Logprob(float(lp), rank=r + 1, decoded_token=self._token_text(int(t)))
-                     for r, (t, lp) in enumerate(zip(result.top_ids[row][:n], result.top_logprobs[row][:n]))}
-            if token not in entry:
-                entry[token] = Logprob(float(result.token_logprobs[row]), decoded_token=self._token_text(token))
-            seq.logprobs.append(entry)
+            seq.logprobs.append(position_logprobs(token, result.token_logprobs[row], result.top_ids[row],
+                                                  result.top_logprobs[row], seq.params.logprobs, self._token_text))
             seq.cumulative_logprob += float(result.token_logprobs[row])
         res = seq.stop.step(token)
         seq.text += res.text
-        if res.finished:
+        if res.finished or (seq.constraints is not None and seq.constraints.finished):  # the grammar is complete
             self.scheduler.finish(seq)
-            seq.finish(res.finish_reason, res.stop_reason, now)
+            seq.finish(res.finish_reason or "stop", res.stop_reason, now)
 
     def _token_text(self, token: int) -> str | None:
         """One token's own text for its logprobs (special tokens spelled out, as vLLM does); None without a

@@ -113,6 +113,8 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     error: str | None = None
+    # SamplingParams.prompt_logprobs: per prompt position its token's log-prob and the top ones (first None).
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
 
 
 def _since(start: float, end: float | None) -> float | None:

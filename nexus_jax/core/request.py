@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from nexus_jax.core.constraints import TokenConstraints
 from nexus_jax.core.outputs import CompletionOutput, PositionLogprobs, RequestMetrics, RequestOutput
 from nexus_jax.core.sampling_params import SamplingParams
 from nexus_jax.core.stop import StopChecker
@@ -65,6 +66,11 @@ class Request:
     banned_ids: list[int] = field(default_factory=list)
     # The distinct tokens of prompt and output with their output counts, for penalties; None without penalties.
     penalty: PenaltyHistory | None = None
+    # allowed ids, bad words, grammar (nexus_jax.core.constraints); None when the request sets none of them.
+    constraints: TokenConstraints | None = None
+    # Per prompt position the log-probs prompt_logprobs asked for, filled as the prompt's chunks run (the first
+    # position None); None when not asked for.
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
     # Set while another sequence computes the shared prompt; this one then starts from the prefix cache.
     waits_for: "Request | None" = None
     # Prompt then output, kept as one list because the scheduler and block manager read it every step.
@@ -78,6 +84,8 @@ class Request:
         self.all_token_ids.append(token)
         if self.penalty is not None:
             self.penalty.add(token)
+        if self.constraints is not None:
+            self.constraints.accept(token)
 
     @property
     def arrival_time(self) -> float:
@@ -146,5 +154,7 @@ class RequestGroup:
         return all(s.is_finished for s in self.seqs)
 
     def output(self) -> RequestOutput:
+        first = self.seqs[0]  # the sequence that computes the whole prompt (the others may reuse its cache)
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
-                             [s.completion() for s in self.seqs], self.finished, self.seqs[0].metrics, self.error)
+                             [s.completion() for s in self.seqs], self.finished, self.seqs[0].metrics, self.error,
+                             None if first.prompt_logprobs is None else list(first.prompt_logprobs))

@@ -1,8 +1,8 @@
 """Per-request generation settings with vLLM's names, defaults and meaning.
 
 Porting vLLM code means changing the import: `from nexus_jax.core.sampling_params import SamplingParams`. Fields
-vLLM has and nexus-jax does not (bad_words, guided decoding, ...) raise TypeError rather than being silently
-ignored. Arguments are keyword-only, so a positional call written for vLLM's field order fails loudly.
+vLLM has and nexus-jax does not (logits_processors, guided_decoding's legacy name, ...) raise TypeError rather than
+being silently ignored. Arguments are keyword-only, so a positional call written for vLLM's field order fails loudly.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from nexus_jax.core.structured_outputs import StructuredOutputsParams
 from runner.sampling import GREEDY_TEMPERATURE, SamplingRow
 
 # vLLM's default `max_logprobs`: the most top log-probs one request may ask for per token.
@@ -29,6 +30,9 @@ MAX_LOGIT_BIAS_ENTRIES = 1024
 # float32 however far it scales them.
 MAX_PENALTY = 2.0
 MAX_REPETITION_PENALTY = 1e6
+# bad_words: each word is a few banned-id entries every step, checked on the host per token.
+MAX_BAD_WORDS = 128
+MAX_BAD_WORD_CHARS = 256
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -57,6 +61,14 @@ class SamplingParams:
     ones), as vLLM's cache_salt: give each tenant its own, and no tenant can learn from the time to first token
     which prompts another sent. A non-empty string of at most MAX_CACHE_SALT_CHARS characters. (vLLM takes it
     in the prompt dict; here it is a setting, so the gRPC API and batch lines carry it with the others.)
+    bad_words: words the completion must not contain (vLLM's: each tokenized with and without a leading space; a
+    one-token word is banned always, a longer one bans its last token right after the rest; only generated
+    tokens count), at most MAX_BAD_WORDS of at most MAX_BAD_WORD_CHARS characters.
+    prompt_logprobs: per prompt token, its log-prob given the tokens before it plus the top prompt_logprobs
+    tokens (0: the prompt token's only), in RequestOutput.prompt_logprobs (the first position is None). Such a
+    request computes its whole prompt: it takes no prefix-cache hit (which would skip positions).
+    structured_outputs: a StructuredOutputsParams (or a dict of its fields): JSON schema, any JSON object, regex,
+    choice or EBNF grammar the completion follows; it ends when the grammar is complete (its EOS is sampled).
     spaces_between_special_tokens: accepted for compatibility and has no effect; the tokenizer.json decoder
     decides spacing (as in transformers' fast tokenizers, which ignore the flag as well).
     """
@@ -82,6 +94,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    prompt_logprobs: int | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         self.n = _integer(self.n, "n", minimum=1)
@@ -115,6 +130,12 @@ class SamplingParams:
                                                                                     "allowed_token_ids")))
             if not self.allowed_token_ids:
                 raise ValueError("allowed_token_ids must not be empty (None allows every token)")
+        self.bad_words = _bad_words(self.bad_words)
+        if self.prompt_logprobs is not None:
+            self.prompt_logprobs = _integer(self.prompt_logprobs, "prompt_logprobs", minimum=0)
+            if self.prompt_logprobs > MAX_LOGPROBS:
+                raise ValueError(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}")
+        self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)
         for name in ("presence_penalty", "frequency_penalty"):
             setattr(self, name, _bounded(getattr(self, name), name, -MAX_PENALTY, MAX_PENALTY))
         self.repetition_penalty = _bounded(self.repetition_penalty, "repetition_penalty", 0.0, MAX_REPETITION_PENALTY)
@@ -182,6 +203,17 @@ def _token_ids(ids: Iterable[int] | None) -> list[int]:
         raise ValueError(f"stop_token_ids has {len(entries)} entries, more than the limit of {MAX_STOP_TOKEN_IDS}")
     # Duplicates would only lengthen the banned-id rows the sampler gets each step while min_tokens holds.
     return list(dict.fromkeys(_integer(token_id, "stop_token_ids entry", minimum=0) for token_id in entries))
+
+
+def _bad_words(words: Iterable[str] | None) -> list[str] | None:
+    entries = [] if words is None else _as_list(words, "bad_words")
+    if len(entries) > MAX_BAD_WORDS:
+        raise ValueError(f"bad_words has {len(entries)} entries, more than the limit of {MAX_BAD_WORDS}")
+    for word in entries:
+        if not isinstance(word, str) or not word.strip() or len(word) > MAX_BAD_WORD_CHARS:
+            raise ValueError(f"bad_words entries must be non-blank strings of at most {MAX_BAD_WORD_CHARS} "
+                             f"characters, got {word!r:.80}")
+    return list(dict.fromkeys(entries)) or None
 
 
 def _bounded(value: Any, name: str, low: float, high: float) -> float:

@@ -197,6 +197,8 @@ class Scheduler:
                 continue
             if req.remaining_tokens <= 0:
                 continue  # the step in flight draws its last token (the overlapped loop)
+            if req.num_pending and self.needs_last_token(req):
+                continue
             n = min(req.num_planned_tokens - req.num_planned_computed, budget)
             if not self._allocate_or_preempt(req, n, order, planned, out):
                 continue
@@ -211,15 +213,16 @@ class Scheduler:
     def _decode_steps(self, out: SchedulerOutput) -> int:
         """How many decode steps the plan may run back to back: more than one only for a decode-only batch
         that nothing waiting could join (so no one's first token is delayed), no request wanting logprobs, a
-        logit bias, penalties or allowed ids or still under min_tokens, and no request able to finish by length
-        before the last step; it needs the blocks for all of them."""
+        logit bias, penalties, constraints or prompt log-probs or still under min_tokens, and no request able to
+        finish by length before the last step; it needs the blocks for all of them."""
         k = self.num_scheduler_steps
         if k == 1 or out.prefills or out.preempted or not out.decodes:
             return 1
         if self.waiting_joins_decodes and self.waiting and len(self.running) < self.max_num_seqs:
             return 1
         if any(c.request.params.logprobs is not None or c.request.params.logit_bias or c.request.penalty
-               or c.request.params.allowed_token_ids
+               or c.request.params.allowed_token_ids or c.request.constraints is not None
+               or c.request.prompt_logprobs is not None
                or len(c.request.output_token_ids) + c.request.num_pending < c.request.params.min_tokens
                for c in out.decodes):
             return 1  # logprobs, biases, penalties, allowed and (under min_tokens) banned ids: single steps
@@ -228,6 +231,12 @@ class Scheduler:
             if k > 1 and self.block_manager.allocate(c.request.request_id, c.start + k) is None:
                 return 1
         return max(k, 1)
+
+    @staticmethod
+    def needs_last_token(req: Request) -> bool:
+        """Whether a request's next step needs its latest sample on the host (its grammar or bad words decide
+        what it may sample; nexus_jax.core.constraints): it is not planned while a sample of it is in flight."""
+        return req.constraints is not None and req.constraints.needs_history
 
     def advance(self, req: Request) -> None:
         """Records that one more token of `req` had its K/V computed inside a multi-step decode."""
@@ -296,6 +305,8 @@ class Scheduler:
                 req.waits_for = None
             salt = req.params.cache_salt
             prefix = bm.match_prefix(req.all_token_ids, salt)
+            if req.prompt_logprobs is not None and len(req.prompt_logprobs) < req.num_prompt_tokens:
+                prefix = []  # a cache hit would skip prompt positions whose log-probs are still to compute
             swapped = self.swap_space.num_held(req.request_id) if self.swap_space is not None else 0
             # A swapped-out request resumes where it was, or further if the prefix cache holds more.
             start = max(len(prefix) * bm.block_size, req.num_computed_tokens if swapped else 0)

@@ -37,6 +37,8 @@ class PhaseScheduler(Scheduler):
                 continue
             if req.remaining_tokens <= 0:
                 continue  # the step in flight draws its last token
+            if (id(req) in flying or req.num_pending) and self.needs_last_token(req):
+                continue  # planned once its sample in flight is on the host
             if not self._allocate_or_preempt(req, 1, order, planned, out):
                 continue
             planned.add(id(req))

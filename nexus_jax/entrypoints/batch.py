@@ -130,10 +130,18 @@ def _result(rid: Any, out: RequestOutput) -> dict:
     record = {"id": rid, "text": first.text, "token_ids": first.token_ids, "finish_reason": first.finish_reason,
               "stop_reason": first.stop_reason, "prompt_tokens": len(out.prompt_token_ids),
               "ttft_s": m.ttft if m else None, "e2e_s": m.e2e if m else None}
+    if first.logprobs is not None:  # asked for: written, never dropped ({token id: log-prob} per position)
+        record["logprobs"] = [_logprobs(p) for p in first.logprobs]
+    if out.prompt_logprobs is not None:
+        record["prompt_logprobs"] = [_logprobs(p) for p in out.prompt_logprobs]
     if len(out.outputs) > 1:
         record["outputs"] = [{"index": c.index, "text": c.text, "token_ids": c.token_ids,
                               "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in out.outputs]
     return record
+
+
+def _logprobs(position: dict | None) -> dict[str, float] | None:
+    return None if position is None else {str(t): lp.logprob for t, lp in position.items()}
 
 
 class _Progress:

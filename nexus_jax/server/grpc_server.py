@@ -35,8 +35,8 @@ from grpc_reflection.v1alpha import reflection
 from nexus_jax.core.outputs import RequestOutput
 from nexus_jax.core.request import MAX_ID_LENGTH, check_id_length
 from nexus_jax.core.sampling_params import SamplingParams
-from nexus_jax.core.tokenizer import Tokenizer
 from nexus_jax.entrypoints.async_llm import AsyncLLM, EngineDeadError
+from nexus_jax.server.grpc_requests import prompt_of, sampling_params
 from nexus_jax.server.interceptors import ParseErrors, TokenAuth
 from nexus_jax.server.metrics import EngineMetrics, replica_stats, replicas_of, totals
 from nexus_jax.server.proto import nexus_pb2 as pb
@@ -46,10 +46,6 @@ from nexus_jax.server.sessions import SessionLimitError, Sessions
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Nexus"].full_name
 VERSION = "0.1.0"
 RETRY_AFTER_KEY = "retry-after-ms"
-# Proto fields copied to SamplingParams when set; unset ones keep vLLM's defaults.
-_SCALAR_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "ignore_eos", "min_tokens", "n",
-                  "logprobs", "skip_special_tokens", "include_stop_str_in_output", "cache_salt")
-_DEFAULT_MAX_TOKENS = SamplingParams().max_tokens
 log = logging.getLogger(__name__)
 
 
@@ -89,39 +85,6 @@ class ServerOptions:
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                     or not 0 < timeout < float("inf")):
             raise ValueError(f"write_timeout_s must be positive seconds or None, got {timeout!r}")
-
-
-def sampling_params(msg: pb.SamplingParams, max_tokens_limit: int | None = None) -> SamplingParams:
-    """The request's SamplingParams; raises ValueError/TypeError as SamplingParams does on bad values. An unset
-    max_tokens takes the default, lowered to max_tokens_limit where that is smaller."""
-    kwargs: dict[str, Any] = {f: getattr(msg, f) for f in _SCALAR_FIELDS if msg.HasField(f)}
-    if max_tokens_limit is not None and not msg.HasField("max_tokens"):
-        kwargs["max_tokens"] = min(_DEFAULT_MAX_TOKENS, max_tokens_limit)
-    if msg.stop:
-        kwargs["stop"] = list(msg.stop)
-    if msg.stop_token_ids:
-        kwargs["stop_token_ids"] = list(msg.stop_token_ids)
-    return SamplingParams(**kwargs)
-
-
-def prompt_of(request: pb.GenerateRequest, tokenizer: Tokenizer | None,
-              max_tokens: tuple[int, str] | None = None) -> str | dict[str, Any]:
-    """The engine's prompt; text is tokenized here (once: the engine takes the ids) so its length can be checked.
-    Without a tokenizer, text goes to the engine as it is, which rejects it. max_tokens: (the most prompt tokens,
-    the setting's name); text too long to fit is refused before it is encoded. Encoding blocks for as long as
-    the text is long: the server calls this on a worker thread for text."""
-    kind = request.WhichOneof("input")
-    if kind == "text":
-        if not request.text:  # tokenized, "" would be a prompt of one BOS token
-            raise ValueError("prompt is empty")
-        if tokenizer is None:
-            return request.text
-        if max_tokens is not None:
-            tokenizer.check_text_length(request.text, *max_tokens)
-        return {"prompt": request.text, "prompt_token_ids": tokenizer.encode(request.text)}
-    if kind == "token_ids":
-        return {"prompt_token_ids": list(request.token_ids.ids)}
-    raise ValueError("a request needs an input: text or token_ids")
 
 
 def prompt_limit(options: ServerOptions, max_model_len: int) -> tuple[int, str]:
@@ -189,11 +152,11 @@ class NexusServicer(pb_grpc.NexusServicer):
             await context.abort(*failure)
 
     async def _prompt(self, request: pb.GenerateRequest) -> str | dict[str, Any]:
-        """prompt_of, with text encoded on a worker thread: a long text would otherwise stall every other call,
-        health checks included."""
+        """prompt_of, with text and chat encoded on a worker thread: a long text would otherwise stall every other
+        call, health checks included."""
         limit = prompt_limit(self.options, self.llm.engine.max_model_len)
         tokenizer = self.llm.engine.tokenizer
-        if request.WhichOneof("input") != "text" or tokenizer is None:
+        if request.WhichOneof("input") == "token_ids" or tokenizer is None:
             return prompt_of(request, tokenizer, limit)
         return await asyncio.to_thread(prompt_of, request, tokenizer, limit)
 
@@ -224,8 +187,11 @@ class NexusServicer(pb_grpc.NexusServicer):
                                                                        error=pb.Error(message=out.error)))
                         return None
                     for c in out.outputs:
-                        await self._write(context, pb.GenerateResponse(request_id=rid, complete=_complete(
-                            request, out, c, ids[c.index], "".join(texts[c.index]), logprobs.get(c.index))))
+                        complete = _complete(request, out, c, ids[c.index], "".join(texts[c.index]),
+                                             logprobs.get(c.index))
+                        if c.index == 0:  # one prompt, so its log-probs once
+                            _add_logprobs(complete.prompt_logprobs, out.prompt_logprobs or ())
+                        await self._write(context, pb.GenerateResponse(request_id=rid, complete=complete))
         except (ValueError, TypeError) as e:  # validation runs on the stream's first step
             counted = True  # refused: never a request
             return grpc.StatusCode.INVALID_ARGUMENT, str(e)
@@ -323,10 +289,15 @@ def _complete(request: pb.GenerateRequest, out: RequestOutput, c, ids: list[int]
         msg.stop_token_id = int(c.stop_reason)
     if c.cumulative_logprob is not None:
         msg.cumulative_logprob = c.cumulative_logprob
-    for position in logprobs or ():
-        msg.logprobs.add(entries=[pb.TokenLogprob(token_id=t, logprob=lp.logprob, rank=lp.rank or 0)
-                                  for t, lp in position.items()])
+    _add_logprobs(msg.logprobs, logprobs or ())
     return msg
+
+
+def _add_logprobs(field: Any, positions: Any) -> None:
+    """Appends PositionLogprobs to a repeated field; a position without log-probs (a prompt's first) is empty."""
+    for position in positions:
+        field.add(entries=[pb.TokenLogprob(token_id=t, logprob=lp.logprob, rank=lp.rank or 0)
+                           for t, lp in (position or {}).items()])
 
 
 class NexusServer:

@@ -15,7 +15,7 @@ VLLM_DEFAULTS = dict(n=1, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, seed=N
                      ignore_eos=False, max_tokens=16, min_tokens=0, logprobs=None, skip_special_tokens=True,
                      include_stop_str_in_output=False, spaces_between_special_tokens=True, logit_bias=None,
                      presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0,
-                     allowed_token_ids=None)
+                     allowed_token_ids=None, bad_words=None, prompt_logprobs=None, structured_outputs=None)
 
 
 def test_defaults_are_vllms():
@@ -40,6 +40,9 @@ BAD_VALUES = [
     ("stop_token_ids", 3), ("stop_token_ids", "12"),
     ("ignore_eos", 1), ("skip_special_tokens", None), ("include_stop_str_in_output", "yes"),
     ("spaces_between_special_tokens", 0),
+    ("bad_words", "word"),
+    ("prompt_logprobs", -1), ("prompt_logprobs", 21), ("prompt_logprobs", 1.0),
+    ("structured_outputs", "json"),
 ]
 
 
@@ -53,6 +56,7 @@ def test_validation_names_field_and_value(field, value):
 
 @pytest.mark.parametrize("field,value,shown", [
     ("stop", ["ok", ""], "''"), ("stop", ["ok", 3], "3"), ("stop", ("a", None), "None"),
+    ("bad_words", ["ok", " "], "' '"), ("bad_words", [3], "3"),
     ("stop_token_ids", [1, -1], "-1"), ("stop_token_ids", [1, 2.0], "2.0"), ("stop_token_ids", [True], "True"),
 ])
 def test_validation_of_list_entries(field, value, shown):
@@ -69,8 +73,8 @@ def test_min_tokens_above_max_tokens():
 
 
 def test_unknown_and_positional_arguments_are_type_errors():
-    with pytest.raises(TypeError, match="bad_words"):
-        SamplingParams(bad_words=["x"])
+    with pytest.raises(TypeError, match="logits_processors"):
+        SamplingParams(logits_processors=[print])
     with pytest.raises(TypeError):
         SamplingParams(2, 0.5)  # keyword-only: vLLM's positional order differs
 

@@ -111,3 +111,14 @@ def test_cli_on_the_default_model(tmp_path, capsys):
     assert args.func(args) == 1
     assert "error:" in capsys.readouterr().err
     assert not (tmp_path / "r2.jsonl").exists() or read_jsonl(tmp_path / "r2.jsonl") == []
+
+
+def test_logprobs_a_line_asks_for_are_written(tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_lines(inp, [{"id": "lp", "prompt_token_ids": [5, 6], "max_tokens": 2, "logprobs": 1,
+                       "prompt_logprobs": 0}, {"id": "plain", "prompt_token_ids": [5], "max_tokens": 2}])
+    run_batch(batch_engine(), str(inp), str(out), None, progress=False, min_available_mb=None)
+    records = {r["id"]: r for r in read_jsonl(out)}
+    assert [sorted(p) for p in records["lp"]["logprobs"]] == [["7"], ["8"]]
+    assert records["lp"]["prompt_logprobs"][0] is None  # the mock computes no prompt log-probs beyond
+    assert "logprobs" not in records["plain"] and "prompt_logprobs" not in records["plain"]

@@ -6,7 +6,17 @@ import numpy as np
 import pytest
 
 from runner import sampling
-from runner.sampling import FILTERED, GREEDY, GREEDY_ROW, RANDOM, SamplingRow, SamplingTensors, sample
+from runner.sampling import (
+    FILTERED,
+    GREEDY,
+    GREEDY_ROW,
+    RANDOM,
+    SamplingRow,
+    SamplingTensors,
+    mask_ids,
+    sample,
+    token_mask,
+)
 
 jit_sample = jax.jit(sample, static_argnames="num_logprobs")
 # 99.9% quantiles of chi-square with 1..7 degrees of freedom.
@@ -343,7 +353,8 @@ def test_logit_bias_matches_transformers_sequence_bias_and_steers_the_draw():
 def test_allowed_ids_restrict_only_their_rows_and_keep_raw_logprobs():
     logits = jnp.asarray(np.random.default_rng(7).normal(size=(3, 64)) * 3, jnp.float32)
     rows = [GREEDY_ROW, SamplingRow.validated(temperature=2.0, seed=1), GREEDY_ROW]
-    allowed = [[3, 40], [1, 2, 5], None]
+    allowed = [token_mask([3, 40], 64), token_mask([1, 2, 5], 64), None]
+    assert mask_ids(allowed[0]) == [3, 40] and allowed[0].shape == (2,)
     st = jax.tree.map(jnp.asarray, SamplingTensors.from_rows(rows, allowed=allowed))
     run = jax.jit(lambda st: sample(logits, st, num_logprobs=1))
     drawn = set()
@@ -356,3 +367,13 @@ def test_allowed_ids_restrict_only_their_rows_and_keep_raw_logprobs():
     assert drawn <= {1, 2, 5} and len(drawn) > 1
     np.testing.assert_allclose(np.asarray(out.top_logprobs)[:, 0], np.asarray(jax.nn.log_softmax(logits)).max(-1),
                                rtol=1e-6)
+
+
+def test_an_unrestricted_row_beside_a_mask_samples_anything_and_a_short_mask_is_refused():
+    logits = jnp.zeros((2, 100), jnp.float32).at[:, 90].set(5.0).at[:, 7].set(1.0)
+    st = SamplingTensors.from_rows([GREEDY_ROW, GREEDY_ROW], allowed=[token_mask([7, 30], 100), None])
+    assert st.allowed.shape == (2, 4) and (st.allowed[1] == -1).all()
+    assert np.asarray(jit_sample(logits, jax.tree.map(jnp.asarray, st))).tolist() == [7, 90]
+    short = SamplingTensors.from_rows([GREEDY_ROW], allowed=[token_mask([7], 40)])
+    with pytest.raises(ValueError, match="do not cover a vocabulary of 100"):
+        jit_sample(logits[:1], jax.tree.map(jnp.asarray, short))

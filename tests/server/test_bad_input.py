@@ -105,7 +105,7 @@ def test_sampling_params_fields(engine):
         SamplingParams(1)  # keyword-only: vLLM's positional order does not silently apply
     with pytest.raises(ValueError, match="stop must be a list"):
         SamplingParams(stop={"a": 1})  # a mapping is no list, though iterating it gives strings
-    for unknown in ("bad_words", "bogus"):  # vLLM fields nexus-jax lacks are not silently ignored
+    for unknown in ("logits_processors", "bogus"):  # vLLM fields nexus-jax lacks are not silently ignored
         with pytest.raises(TypeError, match=unknown):
             SamplingParams(**{unknown: 1})
     assert_serves(engine)

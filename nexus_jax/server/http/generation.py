@@ -69,12 +69,13 @@ class Generation:
 
     def __init__(self, llm: Any, admission: Admission, metrics: EngineMetrics, prompts: list[Any],
                  params: SamplingParams, *, priority: int, program_id: str | None, thread_id: str,
-                 prompt_param: str = "prompt"):
+                 prompt_param: str = "prompt", structured_param: str | None = None):
         """Takes one admission slot per prompt (APIError 429/503 when it cannot) and a 400 for a prompt over the
         server's limits; `prompt_param` names the field the prompts came from, in errors."""
         admission.take(len(prompts))
         self._admission, self._metrics, self._held = admission, metrics, len(prompts)
         self._prompt_param = prompt_param
+        self._structured_param = structured_param  # the field structured output came in, for compile errors
         for prompt in prompts:
             try:
                 check_limits(admission.options, prompt, params)
@@ -86,6 +87,7 @@ class Generation:
         self.id = base
         self.prompt_tokens = [len(p.get("prompt_token_ids", ())) for p in prompts]
         self.completions = [{i: Completion(i) for i in range(params.n)} for _ in prompts]
+        self.prompt_logprobs: list[list | None] = [None] * len(prompts)  # per prompt, once its prompt ran
         self._streams = [llm.generate(prompt, params, f"http-{base}-{p}", priority=priority, program_id=program_id,
                                       thread_id=thread_id) for p, prompt in enumerate(prompts)]
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -105,6 +107,8 @@ class Generation:
                 raise self._error(item)
             for c in item.outputs:
                 self.completions[p][c.index].add(c)
+            if item.prompt_logprobs is not None:
+                self.prompt_logprobs[p] = item.prompt_logprobs
             if item.finished:
                 self._observe(p, item)
                 if item.error is not None:  # the engine failed running it (and kept serving the others)
@@ -132,7 +136,9 @@ class Generation:
         if isinstance(error, EngineDeadError):
             return APIError(503, str(error), type="service_unavailable")
         if isinstance(error, (ValueError, TypeError)):
-            named = field_of(str(error), {"logit_bias", "stop_token_ids", "allowed_token_ids"})
+            named = field_of(str(error), {"logit_bias", "stop_token_ids", "allowed_token_ids", "bad_words"})
+            if str(error).startswith("structured_outputs"):  # a grammar that does not compile
+                named = self._structured_param or "structured_outputs"
             return bad_request(str(error), named or self._prompt_param)
         return APIError(500, f"generation failed: {error!r}", type="internal_server_error")
 

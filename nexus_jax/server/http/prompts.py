@@ -6,9 +6,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import jinja2
-
 from nexus_jax.core.tokenizer import Tokenizer
+from nexus_jax.server import chat
 from nexus_jax.server.http.errors import bad_request
 from nexus_jax.server.http.protocol import ChatMessage
 
@@ -43,14 +42,11 @@ async def completion_prompts(tokenizer: Tokenizer | None, prompt: str | list[Any
 def render_chat(tokenizer: Tokenizer | None, messages: list[ChatMessage], add_generation_prompt: bool,
                 template_kwargs: dict[str, Any] | None) -> str:
     """The conversation as the model's chat template writes it; 400 naming `messages` when it cannot."""
-    if tokenizer is None:
-        raise bad_request("the served model has no tokenizer, so no chat template", "messages")
     try:
-        return tokenizer.apply_chat_template([m.for_template() for m in messages],
-                                             add_generation_prompt=add_generation_prompt, tokenize=False,
-                                             **(template_kwargs or {}))
-    except (ValueError, TypeError, jinja2.TemplateError) as e:
-        raise bad_request(f"the chat template refused the messages: {e}", "messages") from None
+        return chat.render_chat(tokenizer, [m.for_template() for m in messages], add_generation_prompt,
+                                template_kwargs)
+    except ValueError as e:
+        raise bad_request(str(e), "messages") from None
 
 
 async def chat_prompt(tokenizer: Tokenizer | None, messages: list[ChatMessage], add_generation_prompt: bool,

@@ -1,8 +1,9 @@
 """Request bodies of the OpenAI API (with vLLM's extra fields) and their SamplingParams.
 
-Unknown fields are refused (400 naming them), as OpenAI does. Fields of features the engine does not have yet
-(structured output, tools, echo, suffix, best_of) are refused with a 400 naming the field when they ask for
-anything other than their neutral value, never silently ignored.
+Unknown fields are refused (400 naming them), as OpenAI does. Structured output comes as OpenAI's response_format
+or vLLM's structured_outputs / guided_json, guided_regex, guided_choice, guided_grammar (one of them per request).
+Fields of features the engine does not have yet (tools, echo, suffix, best_of) are refused with a 400 naming the
+field when they ask for anything other than their neutral value, never silently ignored.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from nexus_jax.core.sampling_params import SamplingParams
+from nexus_jax.core.structured_outputs import StructuredOutputsParams
 from nexus_jax.server.http.errors import bad_request, field_of
 
 
@@ -22,6 +24,16 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None  # OpenAI's {"name", "schema", "strict", "description"}
+
+
+# vLLM's older request fields for structured output, and the StructuredOutputsParams field each sets.
+GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                 "guided_grammar": "grammar"}
 
 
 class SamplingFields(_Body):
@@ -47,6 +59,14 @@ class SamplingFields(_Body):
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    prompt_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     skip_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     priority: int = 0
@@ -72,14 +92,48 @@ class SamplingFields(_Body):
                                                         "stop_token_ids", "min_tokens", "ignore_eos",
                                                         "skip_special_tokens", "include_stop_str_in_output",
                                                         "presence_penalty", "frequency_penalty",
-                                                        "repetition_penalty", "allowed_token_ids")}
+                                                        "repetition_penalty", "allowed_token_ids", "bad_words",
+                                                        "prompt_logprobs")}
         kwargs = {name: value for name, value in given.items() if value is not None}
+        structured = self.structured_outputs_params()
         try:
-            return SamplingParams(n=self.n, max_tokens=max_tokens, logprobs=logprobs,
+            return SamplingParams(n=self.n, max_tokens=max_tokens, logprobs=logprobs, structured_outputs=structured,
                                   logit_bias=_token_keys(self.logit_bias), **kwargs)
         except ValueError as e:
             param = field_of(str(e), set(type(self).model_fields) | {"max_tokens", "logprobs"})
             raise bad_request(str(e), (renamed or {}).get(param, param)) from None
+
+
+    def structured_source(self) -> str | None:
+        """The field that asks for structured output (400 when several do), for errors about it."""
+        given = [name for name in ("structured_outputs", *GUIDED_FIELDS) if getattr(self, name) is not None]
+        if self.response_format is not None and self.response_format.type != "text":
+            given.append("response_format")
+        if len(given) > 1:
+            raise bad_request(f"ask for one kind of structured output; got {', '.join(given)}", given[1])
+        return given[0] if given else None
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """What the structured-output field asks for, checked (400 naming that field)."""
+        source = self.structured_source()
+        if source is None:
+            return None
+        if source == "structured_outputs":
+            spec = self.structured_outputs
+        elif source in GUIDED_FIELDS:
+            spec = {GUIDED_FIELDS[source]: getattr(self, source)}
+        elif self.response_format.type == "json_object":
+            spec = {"json_object": True}
+        else:
+            schema = (self.response_format.json_schema or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise bad_request("response_format of type json_schema needs json_schema.schema, a JSON schema "
+                                  "object", "response_format")
+            spec = {"json": schema}
+        try:
+            return StructuredOutputsParams.coerce(spec)
+        except (ValueError, TypeError) as e:
+            raise bad_request(str(e), source) from None
 
 
 class CompletionRequest(SamplingFields):
@@ -116,17 +170,11 @@ class ChatMessage(_Body):
         return {"role": self.role, "content": text or "", **({"name": self.name} if self.name else {})}
 
 
-class ResponseFormat(_Body):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
-
-
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     add_generation_prompt: bool = True
@@ -134,9 +182,6 @@ class ChatCompletionRequest(SamplingFields):
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.response_format is not None and self.response_format.type != "text":
-            raise _unsupported("response_format", f"response_format {self.response_format.type!r} (structured "
-                               "output)")
         if self.tools:
             raise _unsupported("tools")
         if self.tool_choice not in (None, "none"):

@@ -2,7 +2,9 @@
 
 Choice i of prompt p has index p * n + i, as OpenAI numbers the choices of a request with several prompts. Token
 text in logprobs is the engine's decoded token (`Logprob.decoded_token`), or `token_id:<id>` without a tokenizer
-(vLLM's spelling).
+(vLLM's spelling). prompt_logprobs (vLLM's extra field) come per choice for completions and at the top for chat (one
+prompt), in the whole body or a stream's first chunk of each choice; each position None or {token id: {logprob,
+rank, decoded_token}}.
 """
 
 from __future__ import annotations
@@ -37,8 +39,16 @@ class Shaper:
         choices = [self._choice(p * self.n + c.index, "".join(c.text), c.token_ids, c.logprobs, c.finish_reason,
                                 c.stop_reason, whole=True)
                    for p, per_prompt in enumerate(self.gen.completions) for c in per_prompt.values()]
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+        body = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                 "choices": choices, "usage": self.usage()}
+        prompt_logprobs = [_prompt_logprobs(p) for p in self.gen.prompt_logprobs]
+        if any(p is not None for p in prompt_logprobs):
+            if self.chat:
+                body["prompt_logprobs"] = prompt_logprobs[0]
+            else:
+                for choice in choices:
+                    choice["prompt_logprobs"] = prompt_logprobs[choice["index"] // self.n]
+        return body
 
     def chunk(self, p: int, delta: CompletionOutput, first: bool) -> str | None:
         """The SSE event of one completion's delta (None when it carries nothing); first: the completion's first
@@ -47,15 +57,21 @@ class Shaper:
             return None
         choice = self._choice(p * self.n + delta.index, delta.text, delta.token_ids, delta.logprobs or (),
                               delta.finish_reason, delta.stop_reason, whole=False, first=first)
-        return self._event([choice], None)
+        prompt_logprobs = _prompt_logprobs(self.gen.prompt_logprobs[p]) if first else None
+        if prompt_logprobs is not None and not self.chat:
+            choice["prompt_logprobs"] = prompt_logprobs
+        return self._event([choice], None, prompt_logprobs if self.chat else None)
 
     def usage_chunk(self) -> str:
         return self._event([], self.usage())
 
-    def _event(self, choices: list[dict[str, Any]], usage: dict[str, int] | None) -> str:
+    def _event(self, choices: list[dict[str, Any]], usage: dict[str, int] | None,
+               prompt_logprobs: list | None = None) -> str:
         kind = "chat.completion.chunk" if self.chat else self.object
         body: dict[str, Any] = {"id": self.id, "object": kind, "created": self.created, "model": self.model,
                                 "choices": choices}
+        if prompt_logprobs is not None:
+            body["prompt_logprobs"] = prompt_logprobs
         if self.include_usage:
             body["usage"] = usage
         return sse(body)
@@ -101,6 +117,13 @@ class Shaper:
 def _text(token: int, position: PositionLogprobs) -> str:
     decoded = position[token].decoded_token
     return decoded if decoded is not None else f"token_id:{token}"
+
+
+def _prompt_logprobs(positions: Sequence[PositionLogprobs | None] | None) -> list | None:
+    if positions is None:
+        return None
+    return [None if p is None else {str(t): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+                                    for t, lp in p.items()} for p in positions]
 
 
 def sse(body: Any) -> str:

@@ -66,7 +66,7 @@ def build_app(llm: Any, options: ServerOptions, metrics: EngineMetrics, admissio
                       *, chat: bool, top: int | None, program: str | None, thread: str | None) -> Response:
         gen = Generation(llm, admission, metrics, prompts, params, priority=body.priority,
                          program_id=body.program_id or program, thread_id=body.thread_id or thread or "",
-                         prompt_param="messages" if chat else "prompt")
+                         prompt_param="messages" if chat else "prompt", structured_param=body.structured_source())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         shaper = Shaper(gen, options.model_name, params.n, chat=chat, top=top, include_usage=include_usage)
         events = gen.events() if body.stream else None

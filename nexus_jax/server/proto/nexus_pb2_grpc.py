@@ -2,7 +2,7 @@
 """Client and server classes corresponding to protobuf-defined services."""
 import grpc
 
-from nexus_jax.server.proto import nexus_pb2 as nexus__jax_dot_proto_dot_nexus__pb2
+from nexus_jax.server.proto import nexus_pb2 as nexus__jax_dot_server_dot_proto_dot_nexus__pb2
 
 
 class NexusStub(object):
@@ -16,33 +16,33 @@ class NexusStub(object):
         """
         self.Generate = channel.unary_stream(
                 '/nexus.v1.Nexus/Generate',
-                request_serializer=nexus__jax_dot_proto_dot_nexus__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=nexus__jax_dot_proto_dot_nexus__pb2.GenerateResponse.FromString,
+                request_serializer=nexus__jax_dot_server_dot_proto_dot_nexus__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=nexus__jax_dot_server_dot_proto_dot_nexus__pb2.GenerateResponse.FromString,
                 )
         self.Abort = channel.unary_unary(
                 '/nexus.v1.Nexus/Abort',
-                request_serializer=nexus__jax_dot_proto_dot_nexus__pb2.AbortRequest.SerializeToString,
-                response_deserializer=nexus__jax_dot_proto_dot_nexus__pb2.AbortResponse.FromString,
+                request_serializer=nexus__jax_dot_server_dot_proto_dot_nexus__pb2.AbortRequest.SerializeToString,
+                response_deserializer=nexus__jax_dot_server_dot_proto_dot_nexus__pb2.AbortResponse.FromString,
                 )
         self.GetModelInfo = channel.unary_unary(
                 '/nexus.v1.Nexus/GetModelInfo',
-                request_serializer=nexus__jax_dot_proto_dot_nexus__pb2.GetModelInfoRequest.SerializeToString,
-                response_deserializer=nexus__jax_dot_proto_dot_nexus__pb2.ModelInfo.FromString,
+                request_serializer=nexus__jax_dot_server_dot_proto_dot_nexus__pb2.GetModelInfoRequest.SerializeToString,
+                response_deserializer=nexus__jax_dot_server_dot_proto_dot_nexus__pb2.ModelInfo.FromString,
                 )
         self.GetServerInfo = channel.unary_unary(
                 '/nexus.v1.Nexus/GetServerInfo',
-                request_serializer=nexus__jax_dot_proto_dot_nexus__pb2.GetServerInfoRequest.SerializeToString,
-                response_deserializer=nexus__jax_dot_proto_dot_nexus__pb2.ServerInfo.FromString,
+                request_serializer=nexus__jax_dot_server_dot_proto_dot_nexus__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=nexus__jax_dot_server_dot_proto_dot_nexus__pb2.ServerInfo.FromString,
                 )
         self.StartSession = channel.unary_unary(
                 '/nexus.v1.Nexus/StartSession',
-                request_serializer=nexus__jax_dot_proto_dot_nexus__pb2.StartSessionRequest.SerializeToString,
-                response_deserializer=nexus__jax_dot_proto_dot_nexus__pb2.StartSessionResponse.FromString,
+                request_serializer=nexus__jax_dot_server_dot_proto_dot_nexus__pb2.StartSessionRequest.SerializeToString,
+                response_deserializer=nexus__jax_dot_server_dot_proto_dot_nexus__pb2.StartSessionResponse.FromString,
                 )
         self.EndSession = channel.unary_unary(
                 '/nexus.v1.Nexus/EndSession',
-                request_serializer=nexus__jax_dot_proto_dot_nexus__pb2.EndSessionRequest.SerializeToString,
-                response_deserializer=nexus__jax_dot_proto_dot_nexus__pb2.EndSessionResponse.FromString,
+                request_serializer=nexus__jax_dot_server_dot_proto_dot_nexus__pb2.EndSessionRequest.SerializeToString,
+                response_deserializer=nexus__jax_dot_server_dot_proto_dot_nexus__pb2.EndSessionResponse.FromString,
                 )
 
 
@@ -95,33 +95,33 @@ def add_NexusServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=nexus__jax_dot_proto_dot_nexus__pb2.GenerateRequest.FromString,
-                    response_serializer=nexus__jax_dot_proto_dot_nexus__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=nexus__jax_dot_server_dot_proto_dot_nexus__pb2.GenerateRequest.FromString,
+                    response_serializer=nexus__jax_dot_server_dot_proto_dot_nexus__pb2.GenerateResponse.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
-                    request_deserializer=nexus__jax_dot_proto_dot_nexus__pb2.AbortRequest.FromString,
-                    response_serializer=nexus__jax_dot_proto_dot_nexus__pb2.AbortResponse.SerializeToString,
+                    request_deserializer=nexus__jax_dot_server_dot_proto_dot_nexus__pb2.AbortRequest.FromString,
+                    response_serializer=nexus__jax_dot_server_dot_proto_dot_nexus__pb2.AbortResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
-                    request_deserializer=nexus__jax_dot_proto_dot_nexus__pb2.GetModelInfoRequest.FromString,
-                    response_serializer=nexus__jax_dot_proto_dot_nexus__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=nexus__jax_dot_server_dot_proto_dot_nexus__pb2.GetModelInfoRequest.FromString,
+                    response_serializer=nexus__jax_dot_server_dot_proto_dot_nexus__pb2.ModelInfo.SerializeToString,
             ),
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerInfo,
-                    request_deserializer=nexus__jax_dot_proto_dot_nexus__pb2.GetServerInfoRequest.FromString,
-                    response_serializer=nexus__jax_dot_proto_dot_nexus__pb2.ServerInfo.SerializeToString,
+                    request_deserializer=nexus__jax_dot_server_dot_proto_dot_nexus__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=nexus__jax_dot_server_dot_proto_dot_nexus__pb2.ServerInfo.SerializeToString,
             ),
             'StartSession': grpc.unary_unary_rpc_method_handler(
                     servicer.StartSession,
-                    request_deserializer=nexus__jax_dot_proto_dot_nexus__pb2.StartSessionRequest.FromString,
-                    response_serializer=nexus__jax_dot_proto_dot_nexus__pb2.StartSessionResponse.SerializeToString,
+                    request_deserializer=nexus__jax_dot_server_dot_proto_dot_nexus__pb2.StartSessionRequest.FromString,
+                    response_serializer=nexus__jax_dot_server_dot_proto_dot_nexus__pb2.StartSessionResponse.SerializeToString,
             ),
             'EndSession': grpc.unary_unary_rpc_method_handler(
                     servicer.EndSession,
-                    request_deserializer=nexus__jax_dot_proto_dot_nexus__pb2.EndSessionRequest.FromString,
-                    response_serializer=nexus__jax_dot_proto_dot_nexus__pb2.EndSessionResponse.SerializeToString,
+                    request_deserializer=nexus__jax_dot_server_dot_proto_dot_nexus__pb2.EndSessionRequest.FromString,
+                    response_serializer=nexus__jax_dot_server_dot_proto_dot_nexus__pb2.EndSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -145,8 +145,8 @@ class Nexus(object):
             timeout=None,
             metadata=None):
         return grpc.experimental.unary_stream(request, target, '/nexus.v1.Nexus/Generate',
-            nexus__jax_dot_proto_dot_nexus__pb2.GenerateRequest.SerializeToString,
-            nexus__jax_dot_proto_dot_nexus__pb2.GenerateResponse.FromString,
+            nexus__jax_dot_server_dot_proto_dot_nexus__pb2.GenerateRequest.SerializeToString,
+            nexus__jax_dot_server_dot_proto_dot_nexus__pb2.GenerateResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 
@@ -162,8 +162,8 @@ class Nexus(object):
             timeout=None,
             metadata=None):
         return grpc.experimental.unary_unary(request, target, '/nexus.v1.Nexus/Abort',
-            nexus__jax_dot_proto_dot_nexus__pb2.AbortRequest.SerializeToString,
-            nexus__jax_dot_proto_dot_nexus__pb2.AbortResponse.FromString,
+            nexus__jax_dot_server_dot_proto_dot_nexus__pb2.AbortRequest.SerializeToString,
+            nexus__jax_dot_server_dot_proto_dot_nexus__pb2.AbortResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 
@@ -179,8 +179,8 @@ class Nexus(object):
             timeout=None,
             metadata=None):
         return grpc.experimental.unary_unary(request, target, '/nexus.v1.Nexus/GetModelInfo',
-            nexus__jax_dot_proto_dot_nexus__pb2.GetModelInfoRequest.SerializeToString,
-            nexus__jax_dot_proto_dot_nexus__pb2.ModelInfo.FromString,
+            nexus__jax_dot_server_dot_proto_dot_nexus__pb2.GetModelInfoRequest.SerializeToString,
+            nexus__jax_dot_server_dot_proto_dot_nexus__pb2.ModelInfo.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 
@@ -196,8 +196,8 @@ class Nexus(object):
             timeout=None,
             metadata=None):
         return grpc.experimental.unary_unary(request, target, '/nexus.v1.Nexus/GetServerInfo',
-            nexus__jax_dot_proto_dot_nexus__pb2.GetServerInfoRequest.SerializeToString,
-            nexus__jax_dot_proto_dot_nexus__pb2.ServerInfo.FromString,
+            nexus__jax_dot_server_dot_proto_dot_nexus__pb2.GetServerInfoRequest.SerializeToString,
+            nexus__jax_dot_server_dot_proto_dot_nexus__pb2.ServerInfo.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 
@@ -213,8 +213,8 @@ class Nexus(object):
             timeout=None,
             metadata=None):
         return grpc.experimental.unary_unary(request, target, '/nexus.v1.Nexus/StartSession',
-            nexus__jax_dot_proto_dot_nexus__pb2.StartSessionRequest.SerializeToString,
-            nexus__jax_dot_proto_dot_nexus__pb2.StartSessionResponse.FromString,
+            nexus__jax_dot_server_dot_proto_dot_nexus__pb2.StartSessionRequest.SerializeToString,
+            nexus__jax_dot_server_dot_proto_dot_nexus__pb2.StartSessionResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 
@@ -230,7 +230,7 @@ class Nexus(object):
             timeout=None,
             metadata=None):
         return grpc.experimental.unary_unary(request, target, '/nexus.v1.Nexus/EndSession',
-            nexus__jax_dot_proto_dot_nexus__pb2.EndSessionRequest.SerializeToString,
-            nexus__jax_dot_proto_dot_nexus__pb2.EndSessionResponse.FromString,
+            nexus__jax_dot_server_dot_proto_dot_nexus__pb2.EndSessionRequest.SerializeToString,
+            nexus__jax_dot_server_dot_proto_dot_nexus__pb2.EndSessionResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
