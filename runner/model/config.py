@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +13,8 @@ from configs import CONFIGS_DIR
 from runner.model.activations import ACTIVATIONS
 from runner.model.hf_config import SUPPORTED_ARCHITECTURES, model_fields
 
-# dynamic NTK and longrope are not here: transformers switches their frequencies by the length of the sequences
-# in the current forward pass, which a continuously batched engine cannot reproduce.
-ROPE_TYPES = ("default", "llama3", "linear", "yarn")
+# The frequencies of each type are computed in runner/model/rope.py.
+ROPE_TYPES = ("default", "llama3", "linear", "yarn", "dynamic", "longrope")
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 DTYPE_NAMES = ("auto", *DTYPES)
 
@@ -76,11 +74,15 @@ class ModelConfig:
         object.__setattr__(self, "layer_windows", tuple(self.layer_windows))  # JSON gives a list
         if self.layer_windows and (len(self.layer_windows) != self.num_layers or min(self.layer_windows) < 0):
             raise ValueError(f"layer_windows must hold {self.num_layers} sizes >= 0, got {self.layer_windows}")
-        if isinstance(self.rope_scaling, dict):
-            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+        if isinstance(self.rope_scaling, dict):  # lists (longrope's factors) as tuples, to stay hashable
+            items = ((k, tuple(v) if isinstance(v, list) else v) for k, v in self.rope_scaling.items())
+            object.__setattr__(self, "rope_scaling", tuple(sorted(items)))
         rope_type = rope_type_of(self.rope_scaling)
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+        for key in ("short_factor", "long_factor") if rope_type == "longrope" else ():
+            if len(dict(self.rope_scaling).get(key) or ()) != self.head_dim // 2:
+                raise ValueError(f"rope_scaling {key} must hold head_dim / 2 = {self.head_dim // 2} factors")
 
     def window(self, layer: int) -> int:
         """The sliding-window size of `layer`, 0 when it attends the whole context."""
@@ -130,68 +132,3 @@ def rope_type_of(rope_scaling: tuple | dict | None) -> str:
         return "default"
     rope_scaling = dict(rope_scaling)
     return rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-
-
-def rope_inv_freq(config: ModelConfig) -> "list[float]":
-    """Inverse frequencies per rotary pair, scaled as the config's rope_scaling type says (as transformers does)."""
-    d = config.head_dim
-    inv = [1.0 / (config.rope_theta ** (2 * i / d)) for i in range(d // 2)]
-    rope_type = rope_type_of(config.rope_scaling)
-    s = dict(config.rope_scaling or ())
-    if rope_type == "linear":
-        return [f / s["factor"] for f in inv]
-    if rope_type == "yarn":
-        return _yarn_inv_freq(inv, s, config.rope_theta)
-    if rope_type != "llama3":
-        return inv
-    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
-    old_ctx = s["original_max_position_embeddings"]
-    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
-    out = []
-    for f in inv:
-        wavelen = 2 * math.pi / f
-        if wavelen < high_wavelen:
-            out.append(f)
-        elif wavelen > low_wavelen:
-            out.append(f / factor)
-        else:
-            smooth = (old_ctx / wavelen - low) / (high - low)
-            out.append((1 - smooth) * f / factor + smooth * f)
-    return out
-
-
-def _yarn_inv_freq(inv: list[float], s: dict[str, Any], base: float) -> list[float]:
-    """YaRN: extrapolated (unscaled) frequencies for the fast dimensions, interpolated (divided by factor) for the
-    slow ones, with a linear ramp between the dimensions that rotate beta_fast and beta_slow times over the
-    original context."""
-    dim, factor, old_ctx = 2 * len(inv), s["factor"], s["original_max_position_embeddings"]
-
-    def correction_dim(rotations: float) -> float:
-        return dim * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(base))
-
-    low, high = correction_dim(s.get("beta_fast") or 32), correction_dim(s.get("beta_slow") or 1)
-    if s.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    high = high + 0.001 if low == high else high  # transformers' guard against a zero-width ramp
-    out = []
-    for i, f in enumerate(inv):
-        extrapolate = 1 - min(max((i - low) / (high - low), 0.0), 1.0)
-        out.append(f / factor * (1 - extrapolate) + f * extrapolate)
-    return out
-
-
-def rope_attention_factor(config: ModelConfig) -> float:
-    """What cos and sin are multiplied by: YaRN's attention temperature, 1 for every other type."""
-    if rope_type_of(config.rope_scaling) != "yarn":
-        return 1.0
-    s = dict(config.rope_scaling)
-    if s.get("attention_factor") is not None:
-        return float(s["attention_factor"])
-
-    def mscale(scale: float, m: float = 1.0) -> float:
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-    if s.get("mscale") and s.get("mscale_all_dim"):
-        return mscale(s["factor"], s["mscale"]) / mscale(s["factor"], s["mscale_all_dim"])
-    return mscale(s["factor"])

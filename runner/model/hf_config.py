@@ -56,6 +56,7 @@ def model_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     # Llama and Qwen3 put a bias on all four attention projections when attention_bias is set; Qwen2 always has
     # q/k/v biases and no o_proj bias; Mistral has none.
     attention_bias = bool(cfg.get("attention_bias", False)) and arch in (LLAMA, QWEN3)
+    rope_scaling = _rope_scaling(cfg, arch)
     return dict(
         architecture=arch,
         vocab_size=_required(cfg, "vocab_size"),
@@ -67,8 +68,8 @@ def model_fields(cfg: dict[str, Any]) -> dict[str, Any]:
         head_dim=cfg.get("head_dim") or hidden // num_heads,
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
         rope_theta=_rope_theta(cfg),
-        rope_scaling=_rope_scaling(cfg, arch),
-        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        rope_scaling=rope_scaling,
+        max_position_embeddings=_context_length(cfg, rope_scaling),
         tie_word_embeddings=cfg.get("tie_word_embeddings", False),
         qkv_bias=arch == QWEN2 or attention_bias,
         o_bias=attention_bias,
@@ -145,6 +146,20 @@ def _refuse_partial_rotary(cfg: dict[str, Any]) -> None:
         raise ValueError(f"partial_rotary_factor={factor} (RoPE on part of each head) is not supported")
 
 
+def _context_length(cfg: dict[str, Any], rope_scaling: dict | None) -> int:
+    """The longest sequence served by default: max_position_embeddings, except for the length-dependent RoPE types.
+    Dynamic NTK exists to stretch a model past max_position_embeddings (its original context), by its factor.
+    Longrope stops at original_max_position_embeddings: past it transformers' Phi-3 recomputes the whole KV cache
+    with the long factors (Phi3ForCausalLM.prepare_inputs_for_generation), which this engine does not do."""
+    context = cfg.get("max_position_embeddings", 4096)
+    rope_type = (rope_scaling or {}).get("rope_type")
+    if rope_type == "dynamic":
+        return int(context * rope_scaling["factor"])
+    if rope_type == "longrope":
+        return min(context, rope_scaling["original_max_position_embeddings"])
+    return context
+
+
 def _rope_theta(cfg: dict[str, Any]) -> float:
     # transformers 5 moved rope_theta into rope_parameters; accept both spellings.
     params = cfg.get("rope_parameters") or {}
@@ -161,10 +176,36 @@ def _rope_scaling(cfg: dict[str, Any], arch: str) -> dict | None:
     if arch == PHI3 and rope_type in ("su", "yarn"):
         rope_type = "longrope"  # what transformers reads these old Phi-3 spellings as
     scaling["rope_type"] = rope_type
+    if rope_type == "dynamic":
+        scaling["original_max_position_embeddings"] = cfg.get("max_position_embeddings", 4096)
     if rope_type in ("llama3", "yarn", "longrope"):
         if "original_max_position_embeddings" in cfg:  # a top-level value wins, as in transformers
             scaling["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
         scaling.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings", 4096))
     if rope_type == "yarn" and scaling.get("factor") is None:
         scaling["factor"] = cfg.get("max_position_embeddings", 4096) / scaling["original_max_position_embeddings"]
+    if rope_type == "longrope" and scaling.get("factor") is None:  # before the context is capped at the original
+        scaling["factor"] = cfg.get("max_position_embeddings", 4096) / scaling["original_max_position_embeddings"]
+    if rope_type in ("dynamic", "longrope"):
+        _warn_length_dependent_rope(scaling, cfg)
     return scaling
+
+
+def _warn_length_dependent_rope(scaling: dict, cfg: dict[str, Any]) -> None:
+    """Says where per-token frequencies (runner/model/rope.py) part from transformers' per-forward-pass ones."""
+    if scaling["rope_type"] == "dynamic":
+        if scaling.get("factor") is None:
+            raise ValueError("rope_scaling type 'dynamic' needs a 'factor'")
+        warnings.warn(f"rope_scaling type 'dynamic': served up to {scaling['factor']} x max_position_embeddings; each "
+                      "token is rotated with the NTK base of its own position, as transformers' generate does token "
+                      "by token, but a prompt longer than max_position_embeddings is rotated by transformers with the "
+                      "base of the whole prompt's length", stacklevel=4)
+        return
+    for key in ("short_factor", "long_factor"):
+        if not isinstance(scaling.get(key), list):
+            raise ValueError(f"rope_scaling type 'longrope' needs a {key!r} list")
+    old_ctx = scaling["original_max_position_embeddings"]
+    if cfg.get("max_position_embeddings", old_ctx) > old_ctx:
+        warnings.warn(f"rope_scaling type 'longrope': served up to original_max_position_embeddings ({old_ctx} "
+                      "tokens) with the short factors, as transformers; past it transformers recomputes the whole "
+                      "KV cache with long_factor, which this engine does not do", stacklevel=4)

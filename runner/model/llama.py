@@ -18,7 +18,8 @@ from flax import nnx
 
 import pallas_kernels as pk
 from runner.model.activations import ACTIVATIONS
-from runner.model.config import ModelConfig, rope_attention_factor, rope_inv_freq
+from runner.model.config import ModelConfig
+from runner.model.rope import rope_cos_sin
 from runner.step_batch import StepBatch
 
 
@@ -76,7 +77,6 @@ class Transformer(nnx.Module):
         self.layers = nnx.List([LayerWeights(layer) for layer in per_layer])
         self.final_norm = nnx.Param(params["final_norm"])
         self.lm_head = None if config.tie_word_embeddings else nnx.Param(params["lm_head"])
-        self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(config), jnp.float32))
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -89,9 +89,7 @@ class Transformer(nnx.Module):
         """
         cfg = self.config
         x = self.embed[...][batch.tokens]
-        freqs = batch.positions.astype(jnp.float32)[:, None] * self.inv_freq[...][None, :]
-        attention_factor = rope_attention_factor(cfg)
-        cos, sin = attention_factor * jnp.cos(freqs), attention_factor * jnp.sin(freqs)
+        cos, sin = rope_cos_sin(cfg, batch.positions)
         scale = cfg.head_dim ** -0.5
         num_decode = batch.num_decode
         impl = self.kernel_impl

@@ -119,14 +119,20 @@ def test_missing_required_field_is_named():
 
 
 def test_rope_scaling_types():
-    for rope_type in ("dynamic", "longrope"):
-        with pytest.raises(ValueError, match=f"rope_scaling type '{rope_type}'"):
-            ModelConfig.from_hf_dict({**_saved(transformers.LlamaConfig),
-                                      "rope_scaling": {"rope_type": rope_type, "factor": 2.0}})
-    # Old Phi-3 configs spell longrope "yarn"; transformers reads them as longrope.
-    phi = {**_saved(transformers.Phi3Config, sliding_window=None), "rope_scaling": {"type": "yarn", "factor": 2.0}}
-    with pytest.raises(ValueError, match="rope_scaling type 'longrope'"):
-        ModelConfig.from_hf_dict(phi)
+    for rope_type in ("dynamic", "longrope"):  # what each needs is named
+        with pytest.raises(ValueError, match=f"'{rope_type}' needs a"):
+            ModelConfig.from_hf_dict({**_saved(transformers.LlamaConfig), "rope_scaling": {"rope_type": rope_type}})
+    with pytest.raises(ValueError, match="rope_scaling type 'su'"):
+        ModelConfig.from_hf_dict({**_saved(transformers.LlamaConfig), "rope_scaling": {"type": "su", "factor": 2.0}})
+    # Old Phi-3 configs spell longrope "su" or "yarn"; transformers reads them as longrope.
+    phi = {**_saved(transformers.Phi3Config, sliding_window=None), "max_position_embeddings": 1024,
+           "original_max_position_embeddings": 256,
+           "rope_scaling": {"type": "su", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}}
+    with pytest.warns(UserWarning, match="longrope.*served up to original_max_position_embeddings"):
+        config = ModelConfig.from_hf_dict(phi)
+    assert dict(config.rope_scaling)["rope_type"] == "longrope" and config.max_position_embeddings == 256
+    with pytest.raises(ValueError, match="long_factor must hold head_dim / 2 = 8"):
+        ModelConfig.from_hf_dict({**phi, "rope_scaling": {**phi["rope_scaling"], "long_factor": [2.0] * 3}})
     # Missing original context lengths default to max_position_embeddings, and YaRN's factor to their ratio.
     yarn = _parse({**_saved(transformers.Qwen3Config, max_position_embeddings=4096),
                    "rope_scaling": {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 1024}})

@@ -46,6 +46,16 @@ def _hf_config(kind: str):
                                                       "original_max_position_embeddings": 16})
     if kind == "phi3_window":  # fused qkv_proj and gate_up_proj, a window on every layer
         return transformers.Phi3Config(**common, sliding_window=10)
+    # Dynamic NTK switches at 48 tokens: prompts fit within it, generation runs past it.
+    if kind == "llama_dynamic":
+        return transformers.LlamaConfig(**{**common, "max_position_embeddings": 48},
+                                        rope_scaling={"rope_type": "dynamic", "factor": 4.0})
+    if kind == "phi3_longrope":  # short factors per rotary pair and the attention factor of 512 / 80 (the long
+        # factors are past the context served, see test_rope.py)
+        factors = np.random.default_rng(7).uniform(1.0, 6.0, (2, 8)).round(3).tolist()
+        return transformers.Phi3Config(**common, sliding_window=None, original_max_position_embeddings=80,
+                                       rope_scaling={"rope_type": "longrope", "short_factor": factors[0],
+                                                     "long_factor": factors[1]})
     raise ValueError(kind)
 
 
@@ -60,7 +70,8 @@ def _perturb_biases_and_norms(hf):
 
 
 @pytest.fixture(scope="module", params=["llama", "llama3", "llama_biased", "qwen2", "qwen3_window",
-                                                 "mistral_window", "phi3_window"])
+                                                 "mistral_window", "phi3_window", "llama_dynamic",
+                                         "phi3_longrope"])
 def model_pair(request, tmp_path_factory):
     torch.manual_seed(zlib.crc32(request.param.encode()))  # hash() of a str changes with PYTHONHASHSEED
     cfg = _hf_config(request.param)
