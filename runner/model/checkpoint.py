@@ -38,6 +38,8 @@ def param_shapes(config: ModelConfig) -> dict[str, Any]:
         layers |= {"gate_up_bias": (n, 2 * i), "down_bias": (n, h)}
     if config.qk_norm:
         layers |= {"q_norm": (n, config.head_dim), "k_norm": (n, config.head_dim)}
+    if config.sandwich_norm:
+        layers |= {"post_attn_norm": (n, h), "post_mlp_norm": (n, h)}
     shapes = {"embed": (v, h), "layers": layers, "final_norm": (h,)}
     if not config.tie_word_embeddings:
         shapes["lm_head"] = (h, v)
@@ -69,9 +71,14 @@ def _slots(config: ModelConfig) -> dict[str, _Slot]:
         slots |= {
             p + "input_layernorm.weight": _Slot("attn_norm", n, 0, False, (h,)),
             p + "self_attn.o_proj.weight": _Slot("o", n, 0, True, (h, q)),
-            p + "post_attention_layernorm.weight": _Slot("mlp_norm", n, 0, False, (h,)),
             p + "mlp.down_proj.weight": _Slot("down", n, 0, True, (h, i)),
         }
+        if config.sandwich_norm:  # Gemma: post_attention_layernorm norms the attention output, not the MLP input
+            slots |= {p + "post_attention_layernorm.weight": _Slot("post_attn_norm", n, 0, False, (h,)),
+                      p + "pre_feedforward_layernorm.weight": _Slot("mlp_norm", n, 0, False, (h,)),
+                      p + "post_feedforward_layernorm.weight": _Slot("post_mlp_norm", n, 0, False, (h,))}
+        else:
+            slots[p + "post_attention_layernorm.weight"] = _Slot("mlp_norm", n, 0, False, (h,))
         if config.architecture == PHI3:  # already fused, in our order: q|k|v and gate|up
             slots |= {p + "self_attn.qkv_proj.weight": _Slot("qkv", n, 0, True, (q + 2 * kv, h)),
                       p + "mlp.gate_up_proj.weight": _Slot("gate_up", n, 0, True, (2 * i, h))}

@@ -56,6 +56,14 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
     # Sliding-window size of each layer, 0 for full attention; empty when no layer has a window.
     layer_windows: tuple[int, ...] = ()
+    # Gemma 2/3 options (runner/model/hf_gemma.py).
+    norm_plus_one: bool = False   # RMSNorm scales by (1 + w), multiplied in fp32
+    sandwich_norm: bool = False   # attention and MLP outputs normed too, before each residual add
+    embed_scale: bool = False     # embeddings times sqrt(hidden_size), rounded to the weights' dtype
+    attn_scale: float = 0.0       # scale of the attention scores; 0: head_dim ** -0.5
+    attn_logit_softcap: float = 0.0   # 0: none; else scores x -> cap * tanh(x / cap)
+    final_logit_softcap: float = 0.0  # the same on the output logits
+    rope_local_theta: float = 0.0     # RoPE base of the sliding-window layers, default type; 0: the global RoPE
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -100,7 +108,7 @@ class ModelConfig:
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
         per_layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i + 2 * h
         per_layer += self.qkv_bias * (self.q_size + 2 * self.kv_size) + self.o_bias * h
-        per_layer += self.mlp_bias * (2 * i + h) + self.qk_norm * 2 * self.head_dim
+        per_layer += self.mlp_bias * (2 * i + h) + self.qk_norm * 2 * self.head_dim + self.sandwich_norm * 2 * h
         return v * h * (1 if self.tie_word_embeddings else 2) + self.num_layers * per_layer + h
 
     @classmethod

@@ -8,11 +8,14 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from runner.model.hf_gemma import GEMMA2, GEMMA3, GEMMA_MODEL_TYPES, GEMMA_READ, gemma_config, gemma_fields
+
 LLAMA, MISTRAL, QWEN2, QWEN3 = "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"
 PHI3 = "Phi3ForCausalLM"  # Llama with fused qkv_proj and gate_up_proj tensors
-SUPPORTED_ARCHITECTURES = (LLAMA, MISTRAL, QWEN2, QWEN3, PHI3)
+SUPPORTED_ARCHITECTURES = (LLAMA, MISTRAL, QWEN2, QWEN3, PHI3, GEMMA2, GEMMA3)
 # A nested text_config names its language model by model_type only.
-_ARCHITECTURE_OF_MODEL_TYPE = {"llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "phi3": PHI3}
+_ARCHITECTURE_OF_MODEL_TYPE = {"llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "phi3": PHI3,
+                               **GEMMA_MODEL_TYPES}
 
 # The fields each architecture's transformers model reads (all implemented here or refused below).
 _SHARED = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -23,7 +26,8 @@ _READ = {LLAMA: _SHARED | {"attention_bias", "mlp_bias"},
          MISTRAL: _SHARED | {"sliding_window"},
          QWEN2: _SHARED | _QWEN_WINDOW,
          QWEN3: _SHARED | _QWEN_WINDOW | {"attention_bias"},
-         PHI3: _SHARED | {"sliding_window", "partial_rotary_factor", "original_max_position_embeddings"}}
+         PHI3: _SHARED | {"sliding_window", "partial_rotary_factor", "original_max_position_embeddings"},
+         **{arch: _SHARED - {"hidden_act"} | read for arch, read in GEMMA_READ.items()}}
 # Fields that never change a forward pass: bookkeeping, training-only settings, generation defaults.
 # pretraining_tp only split the GEMMs of old Llama code into slices with the same sum.
 _INERT = {"architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
@@ -46,6 +50,8 @@ def model_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     arch = archs[0]
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if arch in (GEMMA2, GEMMA3):
+        cfg = gemma_config(cfg, arch)
     _refuse_partial_rotary(cfg)
     unknown = sorted(k for k, v in cfg.items() if k not in _READ[arch] | _INERT and v is not None)
     if unknown:
@@ -57,7 +63,7 @@ def model_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     # q/k/v biases and no o_proj bias; Mistral has none.
     attention_bias = bool(cfg.get("attention_bias", False)) and arch in (LLAMA, QWEN3)
     rope_scaling = _rope_scaling(cfg, arch)
-    return dict(
+    fields = dict(
         architecture=arch,
         vocab_size=_required(cfg, "vocab_size"),
         hidden_size=hidden,
@@ -80,6 +86,9 @@ def model_fields(cfg: dict[str, Any]) -> dict[str, Any]:
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
     )
+    if arch in (GEMMA2, GEMMA3):
+        fields |= gemma_fields(cfg, arch, fields["num_layers"])
+    return fields
 
 
 def _required(cfg: dict[str, Any], name: str) -> Any:
@@ -115,6 +124,11 @@ def _language_model(cfg: dict[str, Any]) -> dict[str, Any]:
     # Token ids often live at the top level only. transformers ties the output projection by the top-level
     # tie_word_embeddings of a composite model when it has one (Mistral 3 saves its text_config's as false and
     # still ties).
+    if outer == "Gemma3ForConditionalGeneration" and text.get("final_logit_softcapping"):
+        # Its forward never applies it (transformers 5.25; Google's checkpoints have null there anyway).
+        warnings.warn(f"final_logit_softcapping={text['final_logit_softcapping']} is ignored, as "
+                      "transformers' Gemma3ForConditionalGeneration ignores it", stacklevel=4)
+        text = {**text, "final_logit_softcapping": None}
     ids = {k: cfg[k] for k in ("bos_token_id", "eos_token_id") if cfg.get(k) is not None}
     tied = {"tie_word_embeddings": cfg["tie_word_embeddings"]} if "tie_word_embeddings" in cfg else {}
     return {**ids, **{k: v for k, v in text.items() if v is not None}, **tied, "architectures": [arch]}

@@ -17,7 +17,7 @@ SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_la
 def _saved(config_class, **kwargs) -> dict:
     """The config.json that transformers writes for this config's model."""
     architecture = config_class.__name__.replace("Config", "ForCausalLM")
-    return {"architectures": [architecture], **json.loads(config_class(**SMALL, **kwargs).to_json_string())}
+    return {"architectures": [architecture], **json.loads(config_class(**{**SMALL, **kwargs}).to_json_string())}
 
 
 def _parse(cfg: dict) -> ModelConfig:
@@ -33,6 +33,35 @@ def test_configs_saved_by_transformers_parse_without_warnings(config_class):
     kwargs = {"sliding_window": None} if config_class in windowed else {}
     config = _parse(_saved(config_class, **kwargs))
     assert config.num_layers == 2 and config.hidden_act == "silu"
+
+
+def _gemma3(**kwargs) -> dict:
+    return {**_saved(transformers.Gemma3TextConfig, **kwargs), "architectures": ["Gemma3ForCausalLM"]}
+
+
+def test_gemma_options():
+    gemma2 = _parse(_saved(transformers.Gemma2Config, num_hidden_layers=3, head_dim=16, sliding_window=32))
+    assert gemma2.layer_windows == (32, 0, 32) and gemma2.attn_logit_softcap == 50.0
+    assert (gemma2.final_logit_softcap, gemma2.attn_scale, gemma2.rope_local_theta) == (30.0, 256 ** -0.5, 0.0)
+    assert gemma2.norm_plus_one and gemma2.sandwich_norm and gemma2.embed_scale and not gemma2.qk_norm
+    assert gemma2.hidden_act == "gelu_pytorch_tanh" and gemma2.tie_word_embeddings
+    gemma3 = _parse(_gemma3(num_hidden_layers=7, sliding_window=16))
+    assert gemma3.layer_windows == (16,) * 5 + (0, 16) and gemma3.qk_norm and gemma3.rope_local_theta == 10000.0
+    assert gemma3.rope_theta == 1e6 and gemma3.attn_logit_softcap == 0.0
+    with pytest.warns(UserWarning, match="attn_logit_softcapping=3.0 is ignored for Gemma 3"):
+        assert ModelConfig.from_hf_dict(_gemma3(attn_logit_softcapping=3.0)).attn_logit_softcap == 0.0
+    with pytest.raises(ValueError, match="use_bidirectional_attention"):
+        ModelConfig.from_hf_dict(_gemma3(use_bidirectional_attention=True))
+    # A Gemma 3 image-text config.json (transformers 4.x) keeps only the text fields that differ from the defaults.
+    nested = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "eos_token_id": [1, 106],
+              "text_config": {"model_type": "gemma3_text", "hidden_size": 2560, "intermediate_size": 10240,
+                              "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                              "sliding_window": 1024}, "vision_config": {}}
+    with pytest.warns(UserWarning, match="serving its gemma3_text language model only"):
+        config = ModelConfig.from_hf_dict(nested)
+    assert (config.num_heads, config.num_kv_heads, config.head_dim, config.vocab_size) == (8, 4, 256, 262208)
+    assert dict(config.rope_scaling)["factor"] == 8.0 and config.rope_local_theta == 10000.0
+    assert config.layer_windows[4:7] == (1024, 0, 1024) and config.eos_token_ids == (1, 106)
 
 
 def test_llama_options_become_config_fields():
@@ -98,10 +127,10 @@ def test_quantized_checkpoints_are_refused(key):
 
 
 def test_nested_text_config():
-    gemma = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
-             "text_config": {"model_type": "gemma3_text", "hidden_size": 64}, "vision_config": {}}
-    with pytest.raises(ValueError, match="text_config.*'gemma3_text'.*not supported.*images, audio.*not served"):
-        ModelConfig.from_hf_dict(gemma)
+    llama4 = {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4",
+              "text_config": {"model_type": "llama4_text", "hidden_size": 64}, "vision_config": {}}
+    with pytest.raises(ValueError, match="text_config.*'llama4_text'.*not supported.*images, audio.*not served"):
+        ModelConfig.from_hf_dict(llama4)
     llava = {"architectures": ["LlavaForConditionalGeneration"], "eos_token_id": 7, "tie_word_embeddings": False,
              "text_config": {**_saved(transformers.Qwen2Config), "eos_token_id": None}, "vision_config": {}}
     with pytest.warns(UserWarning, match="LlavaForConditionalGeneration: serving its qwen2 language model only"):

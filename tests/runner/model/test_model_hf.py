@@ -56,6 +56,16 @@ def _hf_config(kind: str):
         return transformers.Phi3Config(**common, sliding_window=None, original_max_position_embeddings=80,
                                        rope_scaling={"rope_type": "longrope", "short_factor": factors[0],
                                                      "long_factor": factors[1]})
+    if kind == "gemma2":  # layer 0 slides (window 10), layer 1 is global; caps small enough to bend the scores
+        return transformers.Gemma2Config(**common, head_dim=16, query_pre_attn_scalar=24, sliding_window=10,
+                                         attn_logit_softcapping=2.0, final_logit_softcapping=3.0)
+    if kind == "gemma3":  # q/k norms, linear RoPE on the global layer and a base of its own on the local one
+        # (transformers' Gemma 3 ignores attn_logit_softcapping, see test_hf_config.py)
+        return transformers.Gemma3TextConfig(
+            **common, head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=4.0,
+            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})
     raise ValueError(kind)
 
 
@@ -71,11 +81,13 @@ def _perturb_biases_and_norms(hf):
 
 @pytest.fixture(scope="module", params=["llama", "llama3", "llama_biased", "qwen2", "qwen3_window",
                                                  "mistral_window", "phi3_window", "llama_dynamic",
-                                         "phi3_longrope"])
+                                         "phi3_longrope", "gemma2", "gemma3"])
 def model_pair(request, tmp_path_factory):
     torch.manual_seed(zlib.crc32(request.param.encode()))  # hash() of a str changes with PYTHONHASHSEED
     cfg = _hf_config(request.param)
-    hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    # Gemma's soft-capped attention runs in transformers' eager attention only.
+    eager = {"attn_implementation": "eager"} if request.param.startswith("gemma") else {}
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, **eager).eval()
     _perturb_biases_and_norms(hf)
     path = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(path)
@@ -179,6 +191,29 @@ def test_language_model_of_an_image_text_checkpoint(tmp_path):
         config = ModelConfig.from_json(tmp_path)
     assert config.architecture == "MistralForCausalLM"
     with pytest.warns(UserWarning, match="multi_modal_projector"):  # the vision weights are left unread
+        params = load_hf_params(tmp_path, config, dtype=jnp.float32)
+    ids = np.random.default_rng(5).integers(0, VOCAB, 20).tolist()
+    got = _runner(config, params).logits([], [SeqChunk(ids, 0, [0, 1])])[0]
+    assert _rel(got, _hf_logits(hf, ids)[-1]) < 1e-3
+
+
+def test_gemma3_language_model_of_an_image_text_checkpoint(tmp_path):
+    """Gemma 3 4B+ nests a gemma3_text model under text_config and its weights under model.language_model.*;
+    transformers' Gemma3ForConditionalGeneration never applies final_logit_softcapping, so neither do we."""
+    torch.manual_seed(6)
+    text = _hf_config("gemma3")
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=32, patch_size=16)
+    hf = transformers.Gemma3ForConditionalGeneration(
+        transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4),
+    ).eval()
+    _perturb_biases_and_norms(hf)
+    hf.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="serving its gemma3_text language model only"):
+        with pytest.warns(UserWarning, match="final_logit_softcapping=4.0 is ignored"):
+            config = ModelConfig.from_json(tmp_path)
+    assert config.architecture == "Gemma3ForCausalLM" and config.final_logit_softcap == 0.0
+    with pytest.warns(UserWarning, match="multi_modal_projector"):
         params = load_hf_params(tmp_path, config, dtype=jnp.float32)
     ids = np.random.default_rng(5).integers(0, VOCAB, 20).tolist()
     got = _runner(config, params).logits([], [SeqChunk(ids, 0, [0, 1])])[0]
