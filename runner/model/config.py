@@ -64,6 +64,11 @@ class ModelConfig:
     attn_logit_softcap: float = 0.0   # 0: none; else scores x -> cap * tanh(x / cap)
     final_logit_softcap: float = 0.0  # the same on the output logits
     rope_local_theta: float = 0.0     # RoPE base of the sliding-window layers, default type; 0: the global RoPE
+    # Mixture of experts on every layer's MLP (runner/model/moe.py); num_experts 0: a dense MLP.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # renormalise the top-k router probabilities to sum to 1
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -79,6 +84,10 @@ class ModelConfig:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok must be in 1..{self.num_experts}, got {self.num_experts_per_tok}")
+        if self.num_experts and self.moe_intermediate_size <= 0:
+            raise ValueError(f"moe_intermediate_size must be positive, got {self.moe_intermediate_size}")
         object.__setattr__(self, "layer_windows", tuple(self.layer_windows))  # JSON gives a list
         if self.layer_windows and (len(self.layer_windows) != self.num_layers or min(self.layer_windows) < 0):
             raise ValueError(f"layer_windows must hold {self.num_layers} sizes >= 0, got {self.layer_windows}")
@@ -106,7 +115,8 @@ class ModelConfig:
 
     def num_params(self) -> int:
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
-        per_layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i + 2 * h
+        mlp = 3 * h * i if not self.num_experts else self.num_experts * (3 * h * self.moe_intermediate_size + h)
+        per_layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + mlp + 2 * h
         per_layer += self.qkv_bias * (self.q_size + 2 * self.kv_size) + self.o_bias * h
         per_layer += self.mlp_bias * (2 * i + h) + self.qk_norm * 2 * self.head_dim + self.sandwich_norm * 2 * h
         return v * h * (1 if self.tie_word_embeddings else 2) + self.num_layers * per_layer + h

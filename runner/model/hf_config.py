@@ -9,13 +9,14 @@ import warnings
 from typing import Any
 
 from runner.model.hf_gemma import GEMMA2, GEMMA3, GEMMA_MODEL_TYPES, GEMMA_READ, gemma_config, gemma_fields
+from runner.model.hf_moe import MIXTRAL, MOE_MODEL_TYPES, MOE_READ, QWEN3_MOE, moe_fields
 
 LLAMA, MISTRAL, QWEN2, QWEN3 = "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"
 PHI3 = "Phi3ForCausalLM"  # Llama with fused qkv_proj and gate_up_proj tensors
-SUPPORTED_ARCHITECTURES = (LLAMA, MISTRAL, QWEN2, QWEN3, PHI3, GEMMA2, GEMMA3)
+SUPPORTED_ARCHITECTURES = (LLAMA, MISTRAL, QWEN2, QWEN3, PHI3, GEMMA2, GEMMA3, MIXTRAL, QWEN3_MOE)
 # A nested text_config names its language model by model_type only.
 _ARCHITECTURE_OF_MODEL_TYPE = {"llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "phi3": PHI3,
-                               **GEMMA_MODEL_TYPES}
+                               **GEMMA_MODEL_TYPES, **MOE_MODEL_TYPES}
 
 # The fields each architecture's transformers model reads (all implemented here or refused below).
 _SHARED = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -27,6 +28,8 @@ _READ = {LLAMA: _SHARED | {"attention_bias", "mlp_bias"},
          QWEN2: _SHARED | _QWEN_WINDOW,
          QWEN3: _SHARED | _QWEN_WINDOW | {"attention_bias"},
          PHI3: _SHARED | {"sliding_window", "partial_rotary_factor", "original_max_position_embeddings"},
+         MIXTRAL: _SHARED | MOE_READ[MIXTRAL],
+         QWEN3_MOE: _SHARED | {"use_sliding_window", "sliding_window"} | MOE_READ[QWEN3_MOE],
          **{arch: _SHARED - {"hidden_act"} | read for arch, read in GEMMA_READ.items()}}
 # Fields that never change a forward pass: bookkeeping, training-only settings, generation defaults.
 # pretraining_tp only split the GEMMs of old Llama code into slices with the same sum.
@@ -61,7 +64,7 @@ def model_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     eos = cfg.get("eos_token_id")
     # Llama and Qwen3 put a bias on all four attention projections when attention_bias is set; Qwen2 always has
     # q/k/v biases and no o_proj bias; Mistral has none.
-    attention_bias = bool(cfg.get("attention_bias", False)) and arch in (LLAMA, QWEN3)
+    attention_bias = bool(cfg.get("attention_bias", False)) and arch in (LLAMA, QWEN3, QWEN3_MOE)
     rope_scaling = _rope_scaling(cfg, arch)
     fields = dict(
         architecture=arch,
@@ -81,13 +84,15 @@ def model_fields(cfg: dict[str, Any]) -> dict[str, Any]:
         o_bias=attention_bias,
         mlp_bias=arch == LLAMA and bool(cfg.get("mlp_bias", False)),
         hidden_act=cfg.get("hidden_act") or "silu",
-        qk_norm=arch == QWEN3,
+        qk_norm=arch in (QWEN3, QWEN3_MOE),
         layer_windows=_layer_windows(cfg, arch, _required(cfg, "num_hidden_layers")),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
     )
     if arch in (GEMMA2, GEMMA3):
         fields |= gemma_fields(cfg, arch, fields["num_layers"])
+    if arch in (MIXTRAL, QWEN3_MOE):
+        fields |= moe_fields(cfg, arch, fields["num_layers"])
     return fields
 
 
@@ -139,7 +144,9 @@ def _layer_windows(cfg: dict[str, Any], arch: str, num_layers: int) -> tuple[int
     of Mistral; to the layers that layer_types marks (else those from max_window_layers on) of Qwen2/Qwen3, and
     only with use_sliding_window."""
     window = cfg.get("sliding_window") or 0
-    if arch in (MISTRAL, PHI3):
+    if arch == QWEN3_MOE and not cfg.get("use_sliding_window"):
+        return ()  # its config drops sliding_window then; with it, every layer slides
+    if arch in (MISTRAL, PHI3, MIXTRAL, QWEN3_MOE):
         return (window,) * num_layers if window else ()
     if arch not in (QWEN2, QWEN3) or not cfg.get("use_sliding_window") or not window:
         return ()

@@ -1,6 +1,7 @@
-"""Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2/3) over a paged KV pool: optional
-biases, q/k norms, per-layer sliding windows and RoPE bases, and Gemma's (1 + w) and sandwich norms, scaled
-embeddings and soft-capped logits, as runner/model/hf_config.py reads them from config.json.
+"""Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2/3, Mixtral, Qwen3-MoE) over a paged
+KV pool: optional biases, q/k norms, per-layer sliding windows and RoPE bases, Gemma's (1 + w) and sandwich norms,
+scaled embeddings and soft-capped logits, and mixture-of-experts MLPs (runner/model/moe.py), as
+runner/model/hf_config.py reads them from config.json.
 
 The layers are unrolled over per-layer weight arrays. Under `lax.scan` over stacked weights, XLA on a GPU copies
 each layer's dynamic slice of a weight before its GEMM, which doubled the weight traffic of a decode step
@@ -21,6 +22,7 @@ from flax import nnx
 import pallas_kernels as pk
 from runner.model.activations import ACTIVATIONS
 from runner.model.config import ModelConfig
+from runner.model.moe import moe_mlp
 from runner.model.rope import rope_cos_sin
 from runner.step_batch import StepBatch
 
@@ -50,9 +52,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class LayerWeights(nnx.Module):
     """One decoder layer's weights; the optional ones are None where the config has none."""
 
-    REQUIRED = ("attn_norm", "qkv", "o", "mlp_norm", "gate_up", "down")
-    OPTIONAL = ("qkv_bias", "o_bias", "gate_up_bias", "down_bias", "q_norm", "k_norm", "post_attn_norm",
-                "post_mlp_norm")
+    REQUIRED = ("attn_norm", "qkv", "o", "mlp_norm")
+    OPTIONAL = ("gate_up", "down", "router", "experts_gate_up", "experts_down", "qkv_bias", "o_bias",
+                "gate_up_bias", "down_bias", "q_norm", "k_norm", "post_attn_norm", "post_mlp_norm")
 
     def __init__(self, layers: dict[str, jax.Array]):
         for name in self.REQUIRED + self.OPTIONAL:
@@ -139,8 +141,11 @@ class Transformer(nnx.Module):
             h = _linear(attn.reshape(x.shape[0], cfg.q_size), w, "o")
             x = x + (norm(h, w["post_attn_norm"]) if cfg.sandwich_norm else h)
             h = norm(x, w["mlp_norm"])
-            gate, up = jnp.split(_linear(h, w, "gate_up"), 2, axis=-1)
-            h = _linear(act(gate) * up, w, "down")
+            if cfg.num_experts:
+                h = moe_mlp(h, w, cfg.num_experts_per_tok, cfg.norm_topk_prob, act)
+            else:
+                gate, up = jnp.split(_linear(h, w, "gate_up"), 2, axis=-1)
+                h = _linear(act(gate) * up, w, "down")
             x = x + (norm(h, w["post_mlp_norm"]) if cfg.sandwich_norm else h)
             return x, kv
 

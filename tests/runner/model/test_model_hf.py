@@ -66,14 +66,22 @@ def _hf_config(kind: str):
             layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=4.0,
             rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
                              "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})
+    if kind == "mixtral":  # 4 experts, top 2, renormalised
+        return transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
+    if kind == "qwen3_moe":  # 6 experts, top 3, not renormalised, q/k norms
+        return transformers.Qwen3MoeConfig(**common, head_dim=32, num_experts=6, num_experts_per_tok=3,
+                                           moe_intermediate_size=32, norm_topk_prob=False)
     raise ValueError(kind)
 
 
 def _perturb_biases_and_norms(hf):
-    """transformers initialises biases to 0 and norm weights to 1, where dropping one changes nothing."""
+    """transformers initialises biases to 0 and norm weights to 1, where dropping one changes nothing; routers
+    get large weights so that no two experts tie for a token."""
     with torch.no_grad():
         for name, p in hf.named_parameters():
-            if name.endswith(".bias"):
+            if name.endswith(".gate.weight"):
+                p.normal_(0.0, 0.5)
+            elif name.endswith(".bias"):
                 p.normal_(0.0, 0.1)
             elif "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
@@ -81,7 +89,8 @@ def _perturb_biases_and_norms(hf):
 
 @pytest.fixture(scope="module", params=["llama", "llama3", "llama_biased", "qwen2", "qwen3_window",
                                                  "mistral_window", "phi3_window", "llama_dynamic",
-                                         "phi3_longrope", "gemma2", "gemma3"])
+                                         "phi3_longrope", "gemma2", "gemma3", "mixtral",
+                                         "qwen3_moe"])
 def model_pair(request, tmp_path_factory):
     torch.manual_seed(zlib.crc32(request.param.encode()))  # hash() of a str changes with PYTHONHASHSEED
     cfg = _hf_config(request.param)
