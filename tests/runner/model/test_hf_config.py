@@ -178,3 +178,12 @@ def test_presets_parse_without_warnings():
         for path in CONFIGS_DIR.glob("*.json"):
             ModelConfig.preset(path.stem)
     assert qwen3.qk_norm and qwen3.head_dim == 128 and round(qwen3.num_params() / 1e9, 1) == 8.2
+    moe = ModelConfig.preset("qwen3-30b-a3b")
+    assert (moe.num_experts, moe.num_experts_per_tok, moe.norm_topk_prob) == (128, 8, True)
+    assert round(moe.num_params() / 1e9, 1) == 30.5  # "30B", as Qwen's model card says 30.5B in all
+    mixtral = ModelConfig.preset("mixtral-8x7b")
+    assert round(mixtral.num_params() / 1e9, 1) == 46.7 and mixtral.norm_topk_prob  # Mistral's 46.7B
+    gemma = ModelConfig.preset("gemma-3-12b")
+    assert gemma.layer_windows[:6] == (1024,) * 5 + (0,) and gemma.rope_local_theta == 10000.0
+    assert dict(gemma.rope_scaling)["factor"] == 8.0 and gemma.sandwich_norm and gemma.qk_norm
+    assert round(gemma.num_params() / 1e9, 1) == 11.8  # the language model of Gemma 3 12B
