@@ -30,9 +30,11 @@ def _hf_config(kind: str):
             **common, head_dim=32, rope_theta=500000.0, tie_word_embeddings=True,
             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                           "original_max_position_embeddings": 64})
-    if kind == "llama_biased":  # biases on all four attention projections and the MLP, a GELU MLP, linear RoPE
-        return transformers.LlamaConfig(**common, attention_bias=True, mlp_bias=True, hidden_act="gelu",
-                                        rope_scaling={"rope_type": "linear", "factor": 3.0})
+    if kind == "llama_biased":  # biases on all four attention projections and the MLP, a GELU MLP, and dynamic
+        # NTK RoPE switching at 48 tokens: prompts fit within it, generation runs past it
+        return transformers.LlamaConfig(**{**common, "max_position_embeddings": 48}, attention_bias=True,
+                                        mlp_bias=True, hidden_act="gelu",
+                                        rope_scaling={"rope_type": "dynamic", "factor": 4.0})
     if kind == "qwen2":
         return transformers.Qwen2Config(**{**common, "num_attention_heads": 8}, rope_theta=1000000.0,
                                         use_sliding_window=False)
@@ -44,16 +46,11 @@ def _hf_config(kind: str):
                                         use_sliding_window=True, sliding_window=8, max_window_layers=1,
                                         rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                                       "original_max_position_embeddings": 16})
-    if kind == "phi3_window":  # fused qkv_proj and gate_up_proj, a window on every layer
-        return transformers.Phi3Config(**common, sliding_window=10)
-    # Dynamic NTK switches at 48 tokens: prompts fit within it, generation runs past it.
-    if kind == "llama_dynamic":
-        return transformers.LlamaConfig(**{**common, "max_position_embeddings": 48},
-                                        rope_scaling={"rope_type": "dynamic", "factor": 4.0})
-    if kind == "phi3_longrope":  # short factors per rotary pair and the attention factor of 512 / 80 (the long
-        # factors are past the context served, see test_rope.py)
+    if kind == "phi3_window":  # fused qkv_proj and gate_up_proj, a window on every layer, and longrope: short
+        # factors per rotary pair and the attention factor of 512 / 80 (the long factors lie past the context
+        # served, see test_rope.py)
         factors = np.random.default_rng(7).uniform(1.0, 6.0, (2, 8)).round(3).tolist()
-        return transformers.Phi3Config(**common, sliding_window=None, original_max_position_embeddings=80,
+        return transformers.Phi3Config(**common, sliding_window=10, original_max_position_embeddings=80,
                                        rope_scaling={"rope_type": "longrope", "short_factor": factors[0],
                                                      "long_factor": factors[1]})
     if kind == "gemma2":  # layer 0 slides (window 10), layer 1 is global; caps small enough to bend the scores
@@ -88,9 +85,7 @@ def _perturb_biases_and_norms(hf):
 
 
 @pytest.fixture(scope="module", params=["llama", "llama3", "llama_biased", "qwen2", "qwen3_window",
-                                                 "mistral_window", "phi3_window", "llama_dynamic",
-                                         "phi3_longrope", "gemma2", "gemma3", "mixtral",
-                                         "qwen3_moe"])
+                                        "mistral_window", "phi3_window", "gemma2", "gemma3", "mixtral", "qwen3_moe"])
 def model_pair(request, tmp_path_factory):
     torch.manual_seed(zlib.crc32(request.param.encode()))  # hash() of a str changes with PYTHONHASHSEED
     cfg = _hf_config(request.param)
