@@ -45,6 +45,9 @@ def param_shapes(config: ModelConfig) -> dict[str, Any]:
         e, m = config.num_experts, config.moe_intermediate_size
         del layers["gate_up"], layers["down"]
         layers |= {"router": (n, h, e), "experts_gate_up": (n, e, h, 2 * m), "experts_down": (n, e, m, h)}
+    if config.shared_expert_intermediate_size:
+        s = config.shared_expert_intermediate_size
+        layers |= {"shared_gate_up": (n, h, 2 * s), "shared_down": (n, s, h), "shared_gate": (n, h, 1)}
     shapes = {"embed": (v, h), "layers": layers, "final_norm": (h,)}
     if not config.tie_word_embeddings:
         shapes["lm_head"] = (h, v)
@@ -129,6 +132,12 @@ def _expert_slots(config: ModelConfig, n: int, p: str) -> dict[str, _Slot]:
         slots |= {x + gate + ".weight": _Slot("experts_gate_up", n, 0, True, (m, h), e),
                   x + up + ".weight": _Slot("experts_gate_up", n, m, True, (m, h), e),
                   x + down + ".weight": _Slot("experts_down", n, 0, True, (h, m), e)}
+    if s := config.shared_expert_intermediate_size:
+        x = moe + "shared_expert."
+        slots |= {x + "gate_proj.weight": _Slot("shared_gate_up", n, 0, True, (s, h)),
+                  x + "up_proj.weight": _Slot("shared_gate_up", n, s, True, (s, h)),
+                  x + "down_proj.weight": _Slot("shared_down", n, 0, True, (h, s)),
+                  moe + "shared_expert_gate.weight": _Slot("shared_gate", n, 0, True, (1, h))}
     return slots
 
 

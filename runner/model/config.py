@@ -69,6 +69,7 @@ class ModelConfig:
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False  # renormalise the top-k router probabilities to sum to 1
+    shared_expert_intermediate_size: int = 0  # a shared expert every token goes through, sigmoid-gated (Qwen2-MoE)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -116,6 +117,7 @@ class ModelConfig:
     def num_params(self) -> int:
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
         mlp = 3 * h * i if not self.num_experts else self.num_experts * (3 * h * self.moe_intermediate_size + h)
+        mlp += (3 * h * self.shared_expert_intermediate_size + h) if self.shared_expert_intermediate_size else 0
         per_layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + mlp + 2 * h
         per_layer += self.qkv_bias * (self.q_size + 2 * self.kv_size) + self.o_bias * h
         per_layer += self.mlp_bias * (2 * i + h) + self.qk_norm * 2 * self.head_dim + self.sandwich_norm * 2 * h

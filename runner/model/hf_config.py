@@ -9,11 +9,12 @@ import warnings
 from typing import Any
 
 from runner.model.hf_gemma import GEMMA2, GEMMA3, GEMMA_MODEL_TYPES, GEMMA_READ, gemma_config, gemma_fields
-from runner.model.hf_moe import MIXTRAL, MOE_MODEL_TYPES, MOE_READ, QWEN3_MOE, moe_fields
+from runner.model.hf_moe import MIXTRAL, MOE_MODEL_TYPES, MOE_READ, QWEN2_MOE, QWEN3_MOE, moe_fields
 
 LLAMA, MISTRAL, QWEN2, QWEN3 = "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"
 PHI3 = "Phi3ForCausalLM"  # Llama with fused qkv_proj and gate_up_proj tensors
-SUPPORTED_ARCHITECTURES = (LLAMA, MISTRAL, QWEN2, QWEN3, PHI3, GEMMA2, GEMMA3, MIXTRAL, QWEN3_MOE)
+SUPPORTED_ARCHITECTURES = (LLAMA, MISTRAL, QWEN2, QWEN3, PHI3, GEMMA2, GEMMA3, MIXTRAL, QWEN3_MOE,
+                           QWEN2_MOE)
 # A nested text_config names its language model by model_type only.
 _ARCHITECTURE_OF_MODEL_TYPE = {"llama": LLAMA, "mistral": MISTRAL, "qwen2": QWEN2, "qwen3": QWEN3, "phi3": PHI3,
                                **GEMMA_MODEL_TYPES, **MOE_MODEL_TYPES}
@@ -30,6 +31,7 @@ _READ = {LLAMA: _SHARED | {"attention_bias", "mlp_bias"},
          PHI3: _SHARED | {"sliding_window", "partial_rotary_factor", "original_max_position_embeddings"},
          MIXTRAL: _SHARED | MOE_READ[MIXTRAL],
          QWEN3_MOE: _SHARED | {"use_sliding_window", "sliding_window"} | MOE_READ[QWEN3_MOE],
+         QWEN2_MOE: _SHARED | MOE_READ[QWEN2_MOE],
          **{arch: _SHARED - {"hidden_act"} | read for arch, read in GEMMA_READ.items()}}
 # Fields that never change a forward pass: bookkeeping, training-only settings, generation defaults.
 # pretraining_tp only split the GEMMs of old Llama code into slices with the same sum.
@@ -80,7 +82,8 @@ def model_fields(cfg: dict[str, Any]) -> dict[str, Any]:
         rope_scaling=rope_scaling,
         max_position_embeddings=_context_length(cfg, rope_scaling),
         tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-        qkv_bias=arch == QWEN2 or attention_bias,
+        # Qwen2-MoE: q/k/v biases unless qkv_bias (transformers 5.25's field) says otherwise.
+        qkv_bias=arch == QWEN2 or attention_bias or (arch == QWEN2_MOE and bool(cfg.get("qkv_bias", True))),
         o_bias=attention_bias,
         mlp_bias=arch == LLAMA and bool(cfg.get("mlp_bias", False)),
         hidden_act=cfg.get("hidden_act") or "silu",
@@ -91,7 +94,7 @@ def model_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     )
     if arch in (GEMMA2, GEMMA3):
         fields |= gemma_fields(cfg, arch, fields["num_layers"])
-    if arch in (MIXTRAL, QWEN3_MOE):
+    if arch in (MIXTRAL, QWEN3_MOE, QWEN2_MOE):
         fields |= moe_fields(cfg, arch, fields["num_layers"])
     return fields
 

@@ -1,5 +1,5 @@
-"""Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2/3, Mixtral, Qwen3-MoE) over a paged
-KV pool: optional biases, q/k norms, per-layer sliding windows and RoPE bases, Gemma's (1 + w) and sandwich norms,
+"""Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2/3, Mixtral, Qwen2/3-MoE) over a
+paged KV pool: optional biases, q/k norms, per-layer sliding windows and RoPE bases, Gemma's (1 + w) and sandwich norms,
 scaled embeddings and soft-capped logits, and mixture-of-experts MLPs (runner/model/moe.py), as
 runner/model/hf_config.py reads them from config.json.
 
@@ -53,7 +53,8 @@ class LayerWeights(nnx.Module):
     """One decoder layer's weights; the optional ones are None where the config has none."""
 
     REQUIRED = ("attn_norm", "qkv", "o", "mlp_norm")
-    OPTIONAL = ("gate_up", "down", "router", "experts_gate_up", "experts_down", "qkv_bias", "o_bias",
+    OPTIONAL = ("gate_up", "down", "router", "experts_gate_up", "experts_down", "shared_gate_up", "shared_down",
+                "shared_gate", "qkv_bias", "o_bias",
                 "gate_up_bias", "down_bias", "q_norm", "k_norm", "post_attn_norm", "post_mlp_norm")
 
     def __init__(self, layers: dict[str, jax.Array]):

@@ -54,6 +54,11 @@ def moe_dense(x: jax.Array, weights: jax.Array, experts: jax.Array, gate_up: jax
 
 def moe_mlp(x: jax.Array, w: dict[str, jax.Array], top_k: int, norm_topk_prob: bool,
             act: Callable[[jax.Array], jax.Array]) -> jax.Array:
-    """One layer's sparse MLP from its weights (router, experts_gate_up, experts_down)."""
+    """One layer's sparse MLP from its weights (router, experts_gate_up, experts_down, and a shared expert's
+    shared_gate_up, shared_down and sigmoid gate shared_gate when it has one)."""
     weights, experts = route(x, w["router"], top_k, norm_topk_prob)
-    return moe_ragged(x, weights, experts, w["experts_gate_up"], w["experts_down"], act)
+    out = moe_ragged(x, weights, experts, w["experts_gate_up"], w["experts_down"], act)
+    if "shared_gate" in w:
+        gate, up = jnp.split(x @ w["shared_gate_up"], 2, axis=-1)
+        out = out + jax.nn.sigmoid(x @ w["shared_gate"]) * ((act(gate) * up) @ w["shared_down"])
+    return out

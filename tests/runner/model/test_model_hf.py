@@ -68,6 +68,9 @@ def _hf_config(kind: str):
     if kind == "qwen3_moe":  # 6 experts, top 3, not renormalised, q/k norms
         return transformers.Qwen3MoeConfig(**common, head_dim=32, num_experts=6, num_experts_per_tok=3,
                                            moe_intermediate_size=32, norm_topk_prob=False)
+    if kind == "qwen2_moe":  # 4 experts, top 2, and a sigmoid-gated shared expert; q/k/v biases
+        return transformers.Qwen2MoeConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                           shared_expert_intermediate_size=48, norm_topk_prob=False)
     raise ValueError(kind)
 
 
@@ -85,7 +88,8 @@ def _perturb_biases_and_norms(hf):
 
 
 @pytest.fixture(scope="module", params=["llama", "llama3", "llama_biased", "qwen2", "qwen3_window",
-                                        "mistral_window", "phi3_window", "gemma2", "gemma3", "mixtral", "qwen3_moe"])
+                                        "mistral_window", "phi3_window", "gemma2", "gemma3", "mixtral", "qwen3_moe",
+                                        "qwen2_moe"])
 def model_pair(request, tmp_path_factory):
     torch.manual_seed(zlib.crc32(request.param.encode()))  # hash() of a str changes with PYTHONHASHSEED
     cfg = _hf_config(request.param)

@@ -69,6 +69,15 @@ def test_moe_config_fields():
     assert (mixtral.num_experts, mixtral.num_experts_per_tok, mixtral.norm_topk_prob) == (8, 2, True)
     assert mixtral.moe_intermediate_size == 48 and not mixtral.qk_norm
     assert (qwen.num_experts, qwen.num_experts_per_tok, qwen.moe_intermediate_size, qwen.qk_norm) == (16, 4, 8, True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qwen2 = ModelConfig.from_hf_dict(_saved(transformers.Qwen2MoeConfig, num_experts=4, num_experts_per_tok=2,
+                                                moe_intermediate_size=8, shared_expert_intermediate_size=40))
+    assert (qwen2.shared_expert_intermediate_size, qwen2.qkv_bias, qwen2.o_bias, qwen2.qk_norm) == (40, True, False,
+                                                                                                      False)
+    with pytest.raises(ValueError, match="use_sliding_window=true is not supported for Qwen2-MoE"):
+        ModelConfig.from_hf_dict({**_saved(transformers.Qwen2MoeConfig, num_experts=4, moe_intermediate_size=8),
+                                  "use_sliding_window": True})
     windowed = ModelConfig.from_hf_dict(_saved(transformers.Qwen3MoeConfig, num_experts=4, num_experts_per_tok=2,
                                                moe_intermediate_size=8, use_sliding_window=True, sliding_window=16))
     assert windowed.layer_windows == (16,) * 4  # transformers' Qwen3-MoE slides on every layer
