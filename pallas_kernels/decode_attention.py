@@ -35,19 +35,20 @@ _MIN_ROWS = 16
 
 
 def paged_decode_attention(q: jax.Array, kv_pool: jax.Array, layer: jax.Array | int, block_tables: jax.Array,
-                           context_lens: jax.Array, *, scale: float, window: int = 0,
+                           context_lens: jax.Array, *, scale: float, window: int = 0, logit_softcap: float = 0.0,
                            impl: str | None = None) -> jax.Array:
     """q [B, Hq, D] attends the first context_lens[b] tokens of its pages, only the last `window` of them when
-    window > 0 (sliding-window attention); returns [B, Hq, D] in q's dtype. context_lens[b] == 0 marks a
-    padding row and gives zeros."""
+    window > 0 (sliding-window attention), each scaled score x capped at logit_softcap * tanh(x / logit_softcap)
+    when logit_softcap > 0; returns [B, Hq, D] in q's dtype. context_lens[b] == 0 marks a padding row and gives
+    zeros."""
     _check_args(q, kv_pool, block_tables, context_lens)
     impl = resolve_impl(impl, q.shape[-1])
     if impl == "xla":
         return paged_decode_attention_reference(q, kv_pool, layer, block_tables, context_lens, scale=scale,
-                                                window=window)
+                                                window=window, logit_softcap=logit_softcap)
     return decode_pallas(q, kv_pool, jnp.asarray(layer, jnp.int32).reshape(1), block_tables.astype(jnp.int32),
                          context_lens.astype(jnp.int32), scale=float(scale), window=int(window),
-                         interpret=impl == "interpret")
+                         logit_softcap=float(logit_softcap), interpret=impl == "interpret")
 
 
 def _check_args(q, kv_pool, block_tables, context_lens) -> None:
@@ -67,10 +68,10 @@ def choose_splits(batch: int, num_kv_heads: int, max_tokens: int, block_tokens: 
     return max(1, min(wanted, max_tokens // (2 * block_tokens)))
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "window", "interpret", "num_splits", "block_tokens",
-                                             "num_warps", "num_stages"))
+@functools.partial(jax.jit, static_argnames=("scale", "window", "logit_softcap", "interpret", "num_splits",
+                                             "block_tokens", "num_warps", "num_stages"))
 def decode_pallas(q, kv_pool, layer, block_tables, context_lens, *, scale: float, window: int = 0,
-                  interpret: bool = False,
+                  logit_softcap: float = 0.0, interpret: bool = False,
                   num_splits: int | None = None, block_tokens: int = 64, num_warps: int = 4,
                   num_stages: int = 3) -> jax.Array:
     """The Pallas path; the tuning knobs are exposed for the benchmark sweep."""
@@ -92,7 +93,7 @@ def decode_pallas(q, kv_pool, layer, block_tables, context_lens, *, scale: float
     part_dtype = q.dtype if num_splits == 1 else jnp.float32
     kernel = functools.partial(_decode_kernel, scale_log2=scale * LOG2E, block_size=block_size,
                                max_blocks=max_blocks, block_tokens=block_tokens, split_tokens=split_tokens,
-                               window=window)
+                               window=window, softcap=logit_softcap)
     out, lse = pl.pallas_call(
         kernel,
         grid=(batch, num_kv_heads, num_splits),
@@ -122,7 +123,7 @@ def _merge_splits(out: jax.Array, lse: jax.Array) -> jax.Array:
 
 def _decode_kernel(layer_ref, block_tables_ref, context_lens_ref, q_ref, pool_ref, out_ref, lse_ref, *,
                    scale_log2: float, block_size: int, max_blocks: int, block_tokens: int, split_tokens: int,
-                   window: int):
+                   window: int, softcap: float):
     seq, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     layer = layer_ref[0]
     context_len = context_lens_ref[seq]
@@ -141,7 +142,7 @@ def _decode_kernel(layer_ref, block_tables_ref, context_lens_ref, q_ref, pool_re
         valid = pos < end
         k = gather(which=0, pos=pos, valid=valid)
         v = gather(which=1, pos=pos, valid=valid)
-        return online_softmax_step(q, k, v, carry, scale_log2, mask=valid[None, :])
+        return online_softmax_step(q, k, v, carry, scale_log2, mask=valid[None, :], softcap=softcap)
 
     steps = lax.div(jnp.maximum(end - start, 0) + block_tokens - 1, block_tokens)
     acc, m, l = lax.fori_loop(0, steps, step, init_carry(q.shape[0], q.shape[1]))

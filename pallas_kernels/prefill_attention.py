@@ -35,19 +35,22 @@ from pallas_kernels.triton_utils import (
 
 def paged_prefill_attention(q: jax.Array, kv_pool: jax.Array, layer: jax.Array | int, block_tables: jax.Array,
                             q_start: jax.Array, q_lens: jax.Array, kv_lens: jax.Array, *, scale: float,
-                            max_q_len: int, window: int = 0, impl: str | None = None) -> jax.Array:
+                            max_q_len: int, window: int = 0, logit_softcap: float = 0.0,
+                            impl: str | None = None) -> jax.Array:
     """Sequence s owns rows [q_start[s], q_start[s] + q_lens[s]) of q [T, Hq, D]; row i sits at position
-    p = kv_lens[s] - q_lens[s] + i and attends KV positions up to p (only those > p - window when window > 0).
+    p = kv_lens[s] - q_lens[s] + i and attends KV positions up to p (only those > p - window when window > 0),
+    each scaled score x capped at logit_softcap * tanh(x / logit_softcap) when logit_softcap > 0.
     Returns [T, Hq, D]; unowned rows are 0."""
     _check_args(q, kv_pool, block_tables, q_start, q_lens, kv_lens, max_q_len)
     impl = resolve_impl(impl, q.shape[-1])
     if impl == "xla":
         return paged_prefill_attention_reference(q, kv_pool, layer, block_tables, q_start, q_lens, kv_lens,
-                                                 scale=scale, max_q_len=max_q_len, window=window)
+                                                 scale=scale, max_q_len=max_q_len, window=window,
+                                                 logit_softcap=logit_softcap)
     i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
     return prefill_pallas(q, kv_pool, i32(layer).reshape(1), i32(block_tables), i32(q_start), i32(q_lens),
                           i32(kv_lens), scale=float(scale), max_q_len=max_q_len, window=int(window),
-                          interpret=impl == "interpret")
+                          logit_softcap=float(logit_softcap), interpret=impl == "interpret")
 
 
 def _check_args(q, kv_pool, block_tables, q_start, q_lens, kv_lens, max_q_len) -> None:
@@ -80,10 +83,11 @@ def _work_list(q_lens, kv_lens, num_items: int, block_q: int):
     return seq[order].astype(jnp.int32), jnp.where(used, blk, -1)[order].astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "max_q_len", "window", "interpret", "block_q", "block_kv",
-                                             "num_warps", "num_stages"))
+@functools.partial(jax.jit, static_argnames=("scale", "max_q_len", "window", "logit_softcap", "interpret",
+                                             "block_q", "block_kv", "num_warps", "num_stages"))
 def prefill_pallas(q, kv_pool, layer, block_tables, q_start, q_lens, kv_lens, *, scale: float, max_q_len: int,
-                   window: int = 0, interpret: bool = False, block_q: int | None = None, block_kv: int = 64,
+                   window: int = 0, logit_softcap: float = 0.0, interpret: bool = False,
+                   block_q: int | None = None, block_kv: int = 64,
                    num_warps: int = 4, num_stages: int = 3) -> jax.Array:
     """The Pallas path; the tuning knobs are exposed for the benchmark sweep. block_q defaults to 128 rows,
     fewer when no sequence has that many new tokens (Triton's dot needs at least 16)."""
@@ -97,7 +101,8 @@ def prefill_pallas(q, kv_pool, layer, block_tables, q_start, q_lens, kv_lens, *,
     num_items = min(num_seqs * pl.cdiv(max_q_len, block_q), pl.cdiv(num_tokens, block_q) + num_seqs)
     work_seq, work_blk = _work_list(q_lens, kv_lens, num_items, block_q)
     kernel = functools.partial(_prefill_kernel, scale_log2=scale * LOG2E, group=group, block_size=block_size,
-                               max_blocks=max_blocks, block_q=block_q, block_kv=block_kv, window=window)
+                               max_blocks=max_blocks, block_q=block_q, block_kv=block_kv, window=window,
+                               softcap=logit_softcap)
     return pl.pallas_call(
         kernel,
         grid=(num_q_heads, num_items),
@@ -112,7 +117,7 @@ def prefill_pallas(q, kv_pool, layer, block_tables, q_start, q_lens, kv_lens, *,
 
 def _prefill_kernel(layer_ref, work_seq_ref, work_blk_ref, block_tables_ref, q_start_ref, q_lens_ref,
                     kv_lens_ref, q_ref, pool_ref, _zeros_ref, out_ref, *, scale_log2: float, group: int,
-                    block_size: int, max_blocks: int, block_q: int, block_kv: int, window: int):
+                    block_size: int, max_blocks: int, block_q: int, block_kv: int, window: int, softcap: float):
     head, item = pl.program_id(0), pl.program_id(1)
     seq, blk = work_seq_ref[item], work_blk_ref[item]
 
@@ -134,14 +139,15 @@ def _prefill_kernel(layer_ref, work_seq_ref, work_blk_ref, block_tables_ref, q_s
 
         def full_step(i, carry):
             pos = i * block_kv + offsets
-            return online_softmax_step(q, gather(which=0, pos=pos), gather(which=1, pos=pos), carry, scale_log2)
+            return online_softmax_step(q, gather(which=0, pos=pos), gather(which=1, pos=pos), carry, scale_log2,
+                                       softcap=softcap)
 
         def masked_step(i, carry):
             pos = i * block_kv + offsets
             valid = pos < kv_len
             mask = visible(q_pos[:, None], pos[None, :], window) & valid[None, :]
             k, v = gather(which=0, pos=pos, valid=valid), gather(which=1, pos=pos, valid=valid)
-            return online_softmax_step(q, k, v, carry, scale_log2, mask=mask)
+            return online_softmax_step(q, k, v, carry, scale_log2, mask=mask, softcap=softcap)
 
         # KV blocks whose every position is <= first_pos (and, with a window, > last_pos - window) are visible
         # to all rows and run without a mask; the blocks around them that some rows see are masked.

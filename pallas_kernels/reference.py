@@ -66,9 +66,13 @@ def gather_sequence_kv(kv_pool: jax.Array, layer: jax.Array | int,
     return pages[0], pages[1]
 
 
-def _masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
-    """q [S, Hkv, G, Q, D], k/v [S, Hkv, N, D], mask [S, Q, N] -> fp32 [S, Hkv, G, Q, D]; fully masked rows -> 0."""
+def _masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+                      logit_softcap: float = 0.0) -> jax.Array:
+    """q [S, Hkv, G, Q, D], k/v [S, Hkv, N, D], mask [S, Q, N] -> fp32 [S, Hkv, G, Q, D]; fully masked rows -> 0.
+    logit_softcap > 0 caps each scaled score x at logit_softcap * tanh(x / logit_softcap) before the mask."""
     scores = jnp.einsum("shgqd,shnd->shgqn", q, k, preferred_element_type=jnp.float32) * scale
+    if logit_softcap:
+        scores = logit_softcap * jnp.tanh(scores / logit_softcap)
     mask = mask[:, None, None]
     scores = jnp.where(mask, scores, _NEG_INF)
     probs = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
@@ -87,9 +91,9 @@ def visible(query_pos: jax.Array, kv_pos: jax.Array, window: int) -> jax.Array:
 
 def paged_decode_attention_reference(q: jax.Array, kv_pool: jax.Array, layer: jax.Array | int,
                                      block_tables: jax.Array, context_lens: jax.Array, *,
-                                     scale: float, window: int = 0) -> jax.Array:
+                                     scale: float, window: int = 0, logit_softcap: float = 0.0) -> jax.Array:
     """One query token per sequence: q [B, Hq, D] attends the first context_lens[b] tokens of its pages (the
-    last `window` of them when window > 0)."""
+    last `window` of them when window > 0), scores soft-capped at logit_softcap when > 0."""
     _, _, num_kv_heads, block_size, head_dim = check_pool(kv_pool)
     batch, num_q_heads, _ = q.shape
     group = check_heads(num_q_heads, num_kv_heads)
@@ -97,14 +101,14 @@ def paged_decode_attention_reference(q: jax.Array, kv_pool: jax.Array, layer: ja
     positions = jnp.arange(k.shape[2])
     mask = visible(context_lens[:, None] - 1, positions[None, :], window)[:, None, :]  # [B, 1, N]
     qg = q.reshape(batch, num_kv_heads, group, 1, head_dim)
-    out = _masked_attention(qg, k, v, mask, scale)
+    out = _masked_attention(qg, k, v, mask, scale, logit_softcap)
     return out.reshape(batch, num_q_heads, head_dim).astype(q.dtype)
 
 
 def paged_prefill_attention_reference(q: jax.Array, kv_pool: jax.Array, layer: jax.Array | int,
                                       block_tables: jax.Array, q_start: jax.Array, q_lens: jax.Array,
                                       kv_lens: jax.Array, *, scale: float, max_q_len: int,
-                                      window: int = 0) -> jax.Array:
+                                      window: int = 0, logit_softcap: float = 0.0) -> jax.Array:
     """Causal attention of packed new tokens q [T, Hq, D] over their sequences' cached prefix and themselves
     (over the last `window` positions up to each token when window > 0)."""
     _, _, num_kv_heads, block_size, head_dim = check_pool(kv_pool)
@@ -121,7 +125,7 @@ def paged_prefill_attention_reference(q: jax.Array, kv_pool: jax.Array, layer: j
     query_pos = (kv_lens - q_lens)[:, None] + local[None, :]  # absolute position of each row
     kv_pos = jnp.arange(k.shape[2])
     mask = visible(query_pos[:, :, None], kv_pos[None, None, :], window) & valid_row[:, :, None]
-    out = _masked_attention(qs, k, v, mask, scale)  # [S, Hkv, G, Q, D]
+    out = _masked_attention(qs, k, v, mask, scale, logit_softcap)  # [S, Hkv, G, Q, D]
     out = out.transpose(0, 3, 1, 2, 4).reshape(num_seqs * max_q_len, num_q_heads, head_dim)
     result = jnp.zeros((num_tokens, num_q_heads, head_dim), q.dtype)
     return result.at[rows.reshape(-1)].set(out.astype(q.dtype), mode="drop")

@@ -54,10 +54,14 @@ def gather_pages(pool_ref, layer, which: int, head, block_table_ref, seq, pos, *
     return pool_ref[layer, which, block, head, lax.rem(pos, block_size), :]
 
 
-def online_softmax_step(q, k, v, carry, scale_log2: float, mask=None):
-    """One flash-attention step: q [M, D], k/v [N, D], carry (acc [M, D] f32, m [M], l [M]) in log2 units."""
+def online_softmax_step(q, k, v, carry, scale_log2: float, mask=None, softcap: float = 0.0):
+    """One flash-attention step: q [M, D], k/v [N, D], carry (acc [M, D] f32, m [M], l [M]) in log2 units.
+    softcap > 0 caps each scaled score x at softcap * tanh(x / softcap) (Gemma 2's attention soft-capping)."""
     acc, m, l = carry
     s = plgpu.dot(q, k, trans_b=True) * scale_log2
+    if softcap:
+        # s is x * log2(e), so capping x is capping s at softcap * log2(e).
+        s = (softcap * LOG2E) * jnp.tanh(s / (softcap * LOG2E))
     if mask is not None:
         s = jnp.where(mask, s, MASK_VALUE)
     m_new = jnp.maximum(m, s.max(axis=1))

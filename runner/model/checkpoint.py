@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 
 from runner.model.config import ModelConfig
 from runner.model.hf_config import PHI3
+from runner.model.hf_moe import MIXTRAL
 from runner.model.safetensors_io import CheckpointReader, checkpoint_files, numpy_dtype
 
 _CACHE_META = "nexus_params.json"
@@ -38,6 +39,15 @@ def param_shapes(config: ModelConfig) -> dict[str, Any]:
         layers |= {"gate_up_bias": (n, 2 * i), "down_bias": (n, h)}
     if config.qk_norm:
         layers |= {"q_norm": (n, config.head_dim), "k_norm": (n, config.head_dim)}
+    if config.sandwich_norm:
+        layers |= {"post_attn_norm": (n, h), "post_mlp_norm": (n, h)}
+    if config.num_experts:  # every layer's MLP is a mixture of experts, stacked [E, ...] per layer
+        e, m = config.num_experts, config.moe_intermediate_size
+        del layers["gate_up"], layers["down"]
+        layers |= {"router": (n, h, e), "experts_gate_up": (n, e, h, 2 * m), "experts_down": (n, e, m, h)}
+    if config.shared_expert_intermediate_size:
+        s = config.shared_expert_intermediate_size
+        layers |= {"shared_gate_up": (n, h, 2 * s), "shared_down": (n, s, h), "shared_gate": (n, h, 1)}
     shapes = {"embed": (v, h), "layers": layers, "final_norm": (h,)}
     if not config.tie_word_embeddings:
         shapes["lm_head"] = (h, v)
@@ -49,12 +59,14 @@ def _is_shape(x: Any) -> bool:
 
 
 class _Slot(NamedTuple):
-    """Where one HF tensor goes: params[key] (or params["layers"][key][layer]), from column `col` of the last axis."""
+    """Where one HF tensor goes: params[key] (or params["layers"][key][layer], or [layer][expert] for an expert's
+    weight), from column `col` of the last axis."""
     key: str
     layer: int | None
     col: int
     transpose: bool  # HF Linear weights are [out, in]; ours are [in, out]
     hf_shape: tuple[int, ...]
+    expert: int | None = None
 
 
 def _slots(config: ModelConfig) -> dict[str, _Slot]:
@@ -69,17 +81,26 @@ def _slots(config: ModelConfig) -> dict[str, _Slot]:
         slots |= {
             p + "input_layernorm.weight": _Slot("attn_norm", n, 0, False, (h,)),
             p + "self_attn.o_proj.weight": _Slot("o", n, 0, True, (h, q)),
-            p + "post_attention_layernorm.weight": _Slot("mlp_norm", n, 0, False, (h,)),
-            p + "mlp.down_proj.weight": _Slot("down", n, 0, True, (h, i)),
         }
+        if not config.num_experts:
+            slots[p + "mlp.down_proj.weight"] = _Slot("down", n, 0, True, (h, i))
+        if config.sandwich_norm:  # Gemma: post_attention_layernorm norms the attention output, not the MLP input
+            slots |= {p + "post_attention_layernorm.weight": _Slot("post_attn_norm", n, 0, False, (h,)),
+                      p + "pre_feedforward_layernorm.weight": _Slot("mlp_norm", n, 0, False, (h,)),
+                      p + "post_feedforward_layernorm.weight": _Slot("post_mlp_norm", n, 0, False, (h,))}
+        else:
+            slots[p + "post_attention_layernorm.weight"] = _Slot("mlp_norm", n, 0, False, (h,))
         if config.architecture == PHI3:  # already fused, in our order: q|k|v and gate|up
             slots |= {p + "self_attn.qkv_proj.weight": _Slot("qkv", n, 0, True, (q + 2 * kv, h)),
                       p + "mlp.gate_up_proj.weight": _Slot("gate_up", n, 0, True, (2 * i, h))}
         else:
             slots |= {p + "self_attn.q_proj.weight": _Slot("qkv", n, 0, True, (q, h)),
                       p + "self_attn.k_proj.weight": _Slot("qkv", n, q, True, (kv, h)),
-                      p + "self_attn.v_proj.weight": _Slot("qkv", n, q + kv, True, (kv, h)),
-                      p + "mlp.gate_proj.weight": _Slot("gate_up", n, 0, True, (i, h)),
+                      p + "self_attn.v_proj.weight": _Slot("qkv", n, q + kv, True, (kv, h))}
+        if config.num_experts:
+            slots |= _expert_slots(config, n, p)
+        elif config.architecture != PHI3:
+            slots |= {p + "mlp.gate_proj.weight": _Slot("gate_up", n, 0, True, (i, h)),
                       p + "mlp.up_proj.weight": _Slot("gate_up", n, i, True, (i, h))}
         if config.qkv_bias:
             slots |= {p + "self_attn.q_proj.bias": _Slot("qkv_bias", n, 0, False, (q,)),
@@ -95,6 +116,28 @@ def _slots(config: ModelConfig) -> dict[str, _Slot]:
             d = config.head_dim
             slots |= {p + "self_attn.q_norm.weight": _Slot("q_norm", n, 0, False, (d,)),
                       p + "self_attn.k_norm.weight": _Slot("k_norm", n, 0, False, (d,))}
+    return slots
+
+
+def _expert_slots(config: ModelConfig, n: int, p: str) -> dict[str, _Slot]:
+    """Layer n's router and per-expert tensors, each written into its expert's row of the stacked arrays."""
+    h, m = config.hidden_size, config.moe_intermediate_size
+    if config.architecture == MIXTRAL:  # w1 gate, w3 up, w2 down
+        moe, gate, up, down = p + "block_sparse_moe.", "w1", "w3", "w2"
+    else:
+        moe, gate, up, down = p + "mlp.", "gate_proj", "up_proj", "down_proj"
+    slots = {moe + "gate.weight": _Slot("router", n, 0, True, (config.num_experts, h))}
+    for e in range(config.num_experts):
+        x = f"{moe}experts.{e}."
+        slots |= {x + gate + ".weight": _Slot("experts_gate_up", n, 0, True, (m, h), e),
+                  x + up + ".weight": _Slot("experts_gate_up", n, m, True, (m, h), e),
+                  x + down + ".weight": _Slot("experts_down", n, 0, True, (h, m), e)}
+    if s := config.shared_expert_intermediate_size:
+        x = moe + "shared_expert."
+        slots |= {x + "gate_proj.weight": _Slot("shared_gate_up", n, 0, True, (s, h)),
+                  x + "up_proj.weight": _Slot("shared_gate_up", n, s, True, (s, h)),
+                  x + "down_proj.weight": _Slot("shared_down", n, 0, True, (h, s)),
+                  moe + "shared_expert_gate.weight": _Slot("shared_gate", n, 0, True, (1, h))}
     return slots
 
 
@@ -136,16 +179,14 @@ def _check_tensors(tensors: dict, slots: dict[str, _Slot], config: ModelConfig) 
 
 
 @functools.partial(jax.jit, static_argnames="transpose", donate_argnums=0)
-def _write(dest: jax.Array, src: jax.Array, layer: jax.Array, col: jax.Array, *, transpose: bool) -> jax.Array:
-    """dest with src (converted to dest's layout and dtype) written in place at [layer, ..., col:]."""
+def _write(dest: jax.Array, src: jax.Array, lead: jax.Array, col: jax.Array, *, transpose: bool) -> jax.Array:
+    """dest with src (converted to dest's layout and dtype) written in place at [*lead, ..., col:], where lead
+    (layer, expert) indexes as many leading axes as dest has more than src."""
     update = (src.T if transpose else src).astype(dest.dtype)
-    stacked = update.ndim < dest.ndim
-    if stacked:
-        update = update[None]
-    starts = [jnp.zeros((), jnp.int32)] * dest.ndim
+    stacked = dest.ndim - update.ndim
+    update = update.reshape((1,) * stacked + update.shape)
+    starts = [lead[i] for i in range(stacked)] + [jnp.zeros((), jnp.int32)] * (dest.ndim - stacked)
     starts[-1] = col
-    if stacked:
-        starts[0] = layer
     return jax.lax.dynamic_update_slice(dest, update, starts)
 
 
@@ -171,8 +212,8 @@ def load_hf_params(model_dir: str | Path, config: ModelConfig | None = None,
         for name, slot in slots.items():
             parent = params["layers"] if slot.layer is not None else params
             src = jax.device_put(reader.read(name))
-            parent[slot.key] = _write(parent[slot.key], src, jnp.int32(slot.layer or 0), jnp.int32(slot.col),
-                                      transpose=slot.transpose)
+            lead = jnp.asarray([slot.layer or 0, slot.expert or 0], jnp.int32)
+            parent[slot.key] = _write(parent[slot.key], src, lead, jnp.int32(slot.col), transpose=slot.transpose)
             # One tensor in flight at a time: `src` may alias the file mapping (CPU) or still be copying from
             # it (GPU), and the mapping must be free of both before the reader closes it.
             parent[slot.key].block_until_ready()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +13,8 @@ from configs import CONFIGS_DIR
 from runner.model.activations import ACTIVATIONS
 from runner.model.hf_config import SUPPORTED_ARCHITECTURES, model_fields
 
-# dynamic NTK and longrope are not here: transformers switches their frequencies by the length of the sequences
-# in the current forward pass, which a continuously batched engine cannot reproduce.
-ROPE_TYPES = ("default", "llama3", "linear", "yarn")
+# The frequencies of each type are computed in runner/model/rope.py.
+ROPE_TYPES = ("default", "llama3", "linear", "yarn", "dynamic", "longrope")
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 DTYPE_NAMES = ("auto", *DTYPES)
 
@@ -58,6 +56,20 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
     # Sliding-window size of each layer, 0 for full attention; empty when no layer has a window.
     layer_windows: tuple[int, ...] = ()
+    # Gemma 2/3 options (runner/model/hf_gemma.py).
+    norm_plus_one: bool = False   # RMSNorm scales by (1 + w), multiplied in fp32
+    sandwich_norm: bool = False   # attention and MLP outputs normed too, before each residual add
+    embed_scale: bool = False     # embeddings times sqrt(hidden_size), rounded to the weights' dtype
+    attn_scale: float = 0.0       # scale of the attention scores; 0: head_dim ** -0.5
+    attn_logit_softcap: float = 0.0   # 0: none; else scores x -> cap * tanh(x / cap)
+    final_logit_softcap: float = 0.0  # the same on the output logits
+    rope_local_theta: float = 0.0     # RoPE base of the sliding-window layers, default type; 0: the global RoPE
+    # Mixture of experts on every layer's MLP (runner/model/moe.py); num_experts 0: a dense MLP.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # renormalise the top-k router probabilities to sum to 1
+    shared_expert_intermediate_size: int = 0  # a shared expert every token goes through, sigmoid-gated (Qwen2-MoE)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -73,14 +85,22 @@ class ModelConfig:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"unsupported hidden_act {self.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok must be in 1..{self.num_experts}, got {self.num_experts_per_tok}")
+        if self.num_experts and self.moe_intermediate_size <= 0:
+            raise ValueError(f"moe_intermediate_size must be positive, got {self.moe_intermediate_size}")
         object.__setattr__(self, "layer_windows", tuple(self.layer_windows))  # JSON gives a list
         if self.layer_windows and (len(self.layer_windows) != self.num_layers or min(self.layer_windows) < 0):
             raise ValueError(f"layer_windows must hold {self.num_layers} sizes >= 0, got {self.layer_windows}")
-        if isinstance(self.rope_scaling, dict):
-            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+        if isinstance(self.rope_scaling, dict):  # lists (longrope's factors) as tuples, to stay hashable
+            items = ((k, tuple(v) if isinstance(v, list) else v) for k, v in self.rope_scaling.items())
+            object.__setattr__(self, "rope_scaling", tuple(sorted(items)))
         rope_type = rope_type_of(self.rope_scaling)
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"unsupported rope_scaling type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+        for key in ("short_factor", "long_factor") if rope_type == "longrope" else ():
+            if len(dict(self.rope_scaling).get(key) or ()) != self.head_dim // 2:
+                raise ValueError(f"rope_scaling {key} must hold head_dim / 2 = {self.head_dim // 2} factors")
 
     def window(self, layer: int) -> int:
         """The sliding-window size of `layer`, 0 when it attends the whole context."""
@@ -96,9 +116,11 @@ class ModelConfig:
 
     def num_params(self) -> int:
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
-        per_layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i + 2 * h
+        mlp = 3 * h * i if not self.num_experts else self.num_experts * (3 * h * self.moe_intermediate_size + h)
+        mlp += (3 * h * self.shared_expert_intermediate_size + h) if self.shared_expert_intermediate_size else 0
+        per_layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + mlp + 2 * h
         per_layer += self.qkv_bias * (self.q_size + 2 * self.kv_size) + self.o_bias * h
-        per_layer += self.mlp_bias * (2 * i + h) + self.qk_norm * 2 * self.head_dim
+        per_layer += self.mlp_bias * (2 * i + h) + self.qk_norm * 2 * self.head_dim + self.sandwich_norm * 2 * h
         return v * h * (1 if self.tie_word_embeddings else 2) + self.num_layers * per_layer + h
 
     @classmethod
@@ -130,68 +152,3 @@ def rope_type_of(rope_scaling: tuple | dict | None) -> str:
         return "default"
     rope_scaling = dict(rope_scaling)
     return rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-
-
-def rope_inv_freq(config: ModelConfig) -> "list[float]":
-    """Inverse frequencies per rotary pair, scaled as the config's rope_scaling type says (as transformers does)."""
-    d = config.head_dim
-    inv = [1.0 / (config.rope_theta ** (2 * i / d)) for i in range(d // 2)]
-    rope_type = rope_type_of(config.rope_scaling)
-    s = dict(config.rope_scaling or ())
-    if rope_type == "linear":
-        return [f / s["factor"] for f in inv]
-    if rope_type == "yarn":
-        return _yarn_inv_freq(inv, s, config.rope_theta)
-    if rope_type != "llama3":
-        return inv
-    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
-    old_ctx = s["original_max_position_embeddings"]
-    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
-    out = []
-    for f in inv:
-        wavelen = 2 * math.pi / f
-        if wavelen < high_wavelen:
-            out.append(f)
-        elif wavelen > low_wavelen:
-            out.append(f / factor)
-        else:
-            smooth = (old_ctx / wavelen - low) / (high - low)
-            out.append((1 - smooth) * f / factor + smooth * f)
-    return out
-
-
-def _yarn_inv_freq(inv: list[float], s: dict[str, Any], base: float) -> list[float]:
-    """YaRN: extrapolated (unscaled) frequencies for the fast dimensions, interpolated (divided by factor) for the
-    slow ones, with a linear ramp between the dimensions that rotate beta_fast and beta_slow times over the
-    original context."""
-    dim, factor, old_ctx = 2 * len(inv), s["factor"], s["original_max_position_embeddings"]
-
-    def correction_dim(rotations: float) -> float:
-        return dim * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(base))
-
-    low, high = correction_dim(s.get("beta_fast") or 32), correction_dim(s.get("beta_slow") or 1)
-    if s.get("truncate", True):
-        low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, dim - 1)
-    high = high + 0.001 if low == high else high  # transformers' guard against a zero-width ramp
-    out = []
-    for i, f in enumerate(inv):
-        extrapolate = 1 - min(max((i - low) / (high - low), 0.0), 1.0)
-        out.append(f / factor * (1 - extrapolate) + f * extrapolate)
-    return out
-
-
-def rope_attention_factor(config: ModelConfig) -> float:
-    """What cos and sin are multiplied by: YaRN's attention temperature, 1 for every other type."""
-    if rope_type_of(config.rope_scaling) != "yarn":
-        return 1.0
-    s = dict(config.rope_scaling)
-    if s.get("attention_factor") is not None:
-        return float(s["attention_factor"])
-
-    def mscale(scale: float, m: float = 1.0) -> float:
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-    if s.get("mscale") and s.get("mscale_all_dim"):
-        return mscale(s["factor"], s["mscale"]) / mscale(s["factor"], s["mscale_all_dim"])
-    return mscale(s["factor"])

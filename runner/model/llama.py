@@ -1,5 +1,7 @@
-"""Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2, Qwen3, Phi-3) over a paged KV pool: optional biases,
-q/k norms and per-layer sliding windows, as runner/model/hf_config.py reads them from config.json.
+"""Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2/3, Mixtral, Qwen2/3-MoE) over a
+paged KV pool: optional biases, q/k norms, per-layer sliding windows and RoPE bases, Gemma's (1 + w) and sandwich norms,
+scaled embeddings and soft-capped logits, and mixture-of-experts MLPs (runner/model/moe.py), as
+runner/model/hf_config.py reads them from config.json.
 
 The layers are unrolled over per-layer weight arrays. Under `lax.scan` over stacked weights, XLA on a GPU copies
 each layer's dynamic slice of a weight before its GEMM, which doubled the weight traffic of a decode step
@@ -10,6 +12,7 @@ index the layer inside it, so no layer slice of the pool is ever copied.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -18,15 +21,24 @@ from flax import nnx
 
 import pallas_kernels as pk
 from runner.model.activations import ACTIVATIONS
-from runner.model.config import ModelConfig, rope_attention_factor, rope_inv_freq
+from runner.model.config import ModelConfig
+from runner.model.moe import moe_mlp
+from runner.model.rope import rope_cos_sin
 from runner.step_batch import StepBatch
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    # Normalise in fp32 and cast back before the weight, as transformers does, so bf16 results agree.
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, plus_one: bool = False) -> jax.Array:
+    """RMSNorm as transformers computes it, so bf16 results agree: Llama casts back to x's dtype before the
+    weight; Gemma scales by (1 + w) in fp32 and casts after."""
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if plus_one:
+        return (xf * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
     return weight * xf.astype(x.dtype)
+
+
+def softcap(x: jax.Array, cap: float) -> jax.Array:
+    return cap * jnp.tanh(x / cap) if cap else x
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -40,8 +52,10 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class LayerWeights(nnx.Module):
     """One decoder layer's weights; the optional ones are None where the config has none."""
 
-    REQUIRED = ("attn_norm", "qkv", "o", "mlp_norm", "gate_up", "down")
-    OPTIONAL = ("qkv_bias", "o_bias", "gate_up_bias", "down_bias", "q_norm", "k_norm")
+    REQUIRED = ("attn_norm", "qkv", "o", "mlp_norm")
+    OPTIONAL = ("gate_up", "down", "router", "experts_gate_up", "experts_down", "shared_gate_up", "shared_down",
+                "shared_gate", "qkv_bias", "o_bias",
+                "gate_up_bias", "down_bias", "q_norm", "k_norm", "post_attn_norm", "post_mlp_norm")
 
     def __init__(self, layers: dict[str, jax.Array]):
         for name in self.REQUIRED + self.OPTIONAL:
@@ -76,7 +90,6 @@ class Transformer(nnx.Module):
         self.layers = nnx.List([LayerWeights(layer) for layer in per_layer])
         self.final_norm = nnx.Param(params["final_norm"])
         self.lm_head = None if config.tie_word_embeddings else nnx.Param(params["lm_head"])
-        self.inv_freq = nnx.Variable(jnp.asarray(rope_inv_freq(config), jnp.float32))
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -89,44 +102,57 @@ class Transformer(nnx.Module):
         """
         cfg = self.config
         x = self.embed[...][batch.tokens]
-        freqs = batch.positions.astype(jnp.float32)[:, None] * self.inv_freq[...][None, :]
-        attention_factor = rope_attention_factor(cfg)
-        cos, sin = attention_factor * jnp.cos(freqs), attention_factor * jnp.sin(freqs)
-        scale = cfg.head_dim ** -0.5
+        if cfg.embed_scale:  # transformers rounds sqrt(hidden_size) to the embeddings' dtype first
+            x = x * jnp.asarray(cfg.hidden_size ** 0.5, x.dtype)
+        rope = {False: rope_cos_sin(cfg, batch.positions)}
+        if cfg.rope_local_theta:  # sliding-window layers rotate with their own base and no scaling (Gemma 3)
+            local = dataclasses.replace(cfg, rope_theta=cfg.rope_local_theta, rope_scaling=None)
+            rope[True] = rope_cos_sin(local, batch.positions)
+        scale = cfg.attn_scale or cfg.head_dim ** -0.5
+        softcap_attn = cfg.attn_logit_softcap
         num_decode = batch.num_decode
         impl = self.kernel_impl
         act = ACTIVATIONS[cfg.hidden_act]
 
+        def norm(x, weight):
+            return rms_norm(x, weight, cfg.rms_norm_eps, cfg.norm_plus_one)
+
         def layer(x, kv, li, w):
-            h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
+            h = norm(x, w["attn_norm"])
             qkv = _linear(h, w, "qkv")
             q = qkv[:, :cfg.q_size].reshape(-1, cfg.num_heads, cfg.head_dim)
             k = qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].reshape(-1, cfg.num_kv_heads, cfg.head_dim)
             v = qkv[:, cfg.q_size + cfg.kv_size:].reshape(-1, cfg.num_kv_heads, cfg.head_dim)
             if cfg.qk_norm:
-                q, k = rms_norm(q, w["q_norm"], cfg.rms_norm_eps), rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
+                q, k = norm(q, w["q_norm"]), norm(k, w["k_norm"])
+            cos, sin = rope[bool(cfg.rope_local_theta and cfg.window(li))]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             kv = pk.write_kv(kv, li, k, v, batch.slot_mapping, impl=impl)
             parts = []
             if num_decode:
                 parts.append(pk.paged_decode_attention(
                     q[:num_decode], kv, li, batch.decode_block_tables, batch.decode_context_lens,
-                    scale=scale, window=cfg.window(li), impl=impl))
+                    scale=scale, window=cfg.window(li), logit_softcap=softcap_attn, impl=impl))
             if batch.num_prefill_tokens:
                 parts.append(pk.paged_prefill_attention(
                     q[num_decode:], kv, li, batch.prefill_block_tables, batch.prefill_q_start,
                     batch.prefill_q_lens, batch.prefill_kv_lens, scale=scale, max_q_len=batch.max_q_len,
-                    window=cfg.window(li), impl=impl))
+                    window=cfg.window(li), logit_softcap=softcap_attn, impl=impl))
             attn = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
-            x = x + _linear(attn.reshape(x.shape[0], cfg.q_size), w, "o")
-            h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
-            gate, up = jnp.split(_linear(h, w, "gate_up"), 2, axis=-1)
-            x = x + _linear(act(gate) * up, w, "down")
+            h = _linear(attn.reshape(x.shape[0], cfg.q_size), w, "o")
+            x = x + (norm(h, w["post_attn_norm"]) if cfg.sandwich_norm else h)
+            h = norm(x, w["mlp_norm"])
+            if cfg.num_experts:
+                h = moe_mlp(h, w, cfg.num_experts_per_tok, cfg.norm_topk_prob, act)
+            else:
+                gate, up = jnp.split(_linear(h, w, "gate_up"), 2, axis=-1)
+                h = _linear(act(gate) * up, w, "down")
+            x = x + (norm(h, w["post_mlp_norm"]) if cfg.sandwich_norm else h)
             return x, kv
 
         for li, weights in enumerate(self.layers):
             x, kv_pool = layer(x, kv_pool, li, weights.arrays())
-        h = rms_norm(x[batch.logits_indices], self.final_norm[...], cfg.rms_norm_eps)
+        h = rms_norm(x[batch.logits_indices], self.final_norm[...], cfg.rms_norm_eps, cfg.norm_plus_one)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         logits = jnp.dot(h, head, preferred_element_type=jnp.float32)
-        return logits, kv_pool
+        return softcap(logits, cfg.final_logit_softcap), kv_pool

@@ -31,9 +31,9 @@ def tolerance(dtype):
     return {"rtol": 1e-5, "atol": 1e-5} if dtype == jnp.float32 else {"rtol": 2e-2, "atol": 2e-2}
 
 
-def naive_attention(q_row, pool, layer, table, num_kv, scale, group, window=0):
+def naive_attention(q_row, pool, layer, table, num_kv, scale, group, window=0, softcap=0.0):
     """Attention of one query token [Hq, D] over the first num_kv tokens of a page table (the last `window` of
-    them if window > 0), per token in f64."""
+    them if window > 0, scores soft-capped at `softcap` if > 0), per token in f64."""
     pool = np.asarray(pool, np.float64)
     block_size = pool.shape[4]
     out = np.zeros(q_row.shape)
@@ -42,22 +42,24 @@ def naive_attention(q_row, pool, layer, table, num_kv, scale, group, window=0):
         keys = np.stack([pool[layer, 0, table[p // block_size], h // group, p % block_size] for p in seen])
         vals = np.stack([pool[layer, 1, table[p // block_size], h // group, p % block_size] for p in seen])
         scores = keys @ np.asarray(q_row[h], np.float64) * scale
+        if softcap:
+            scores = softcap * np.tanh(scores / softcap)
         probs = np.exp(scores - scores.max())
         out[h] = probs @ vals / probs.sum()
     return out
 
 
-def naive_decode(q, pool, layer, tables, context_lens, scale, window=0):
+def naive_decode(q, pool, layer, tables, context_lens, scale, window=0, softcap=0.0):
     q, tables, context_lens = np.asarray(q, np.float64), np.asarray(tables), np.asarray(context_lens)
     group = q.shape[1] // pool.shape[3]
     out = np.zeros(q.shape)
     for b in range(q.shape[0]):
         if context_lens[b]:
-            out[b] = naive_attention(q[b], pool, layer, tables[b], context_lens[b], scale, group, window)
+            out[b] = naive_attention(q[b], pool, layer, tables[b], context_lens[b], scale, group, window, softcap)
     return out
 
 
-def naive_prefill(q, pool, layer, tables, q_start, q_lens, kv_lens, scale, window=0):
+def naive_prefill(q, pool, layer, tables, q_start, q_lens, kv_lens, scale, window=0, softcap=0.0):
     q, tables = np.asarray(q, np.float64), np.asarray(tables)
     group = q.shape[1] // pool.shape[3]
     out = np.zeros(q.shape)
@@ -65,7 +67,8 @@ def naive_prefill(q, pool, layer, tables, q_start, q_lens, kv_lens, scale, windo
         prefix = int(kv_lens[s]) - int(q_lens[s])
         for i in range(int(q_lens[s])):
             row = int(q_start[s]) + i
-            out[row] = naive_attention(q[row], pool, layer, tables[s], prefix + i + 1, scale, group, window)
+            out[row] = naive_attention(q[row], pool, layer, tables[s], prefix + i + 1, scale, group, window,
+                                       softcap)
     return out
 
 
@@ -237,6 +240,58 @@ def test_prefill_pallas_sliding_window(window, blocks):
                                       window=window, impl="xla")
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert not np.any(np.asarray(got[sum(q_lens):]))
+
+
+# Soft-capping: scale 0.5 on unit-normal q and k of 64 dims makes scores of about +-4, so a cap of 3 bends most.
+SOFTCAP_SCALE, SOFTCAP = 0.5, 3.0
+
+
+@pytest.mark.parametrize("window", [0, 21])
+def test_softcap_reference_matches_naive(window):
+    rng = np.random.default_rng(77 + window)
+    q, pool, tables, lens = decode_case(rng, batch=5, group=2, kv_heads=2, head_dim=64, block_size=16,
+                                        max_blocks=4, dtype=jnp.float32)
+    out = pk.paged_decode_attention(q, pool, 0, tables, lens, scale=SOFTCAP_SCALE, window=window,
+                                    logit_softcap=SOFTCAP, impl="xla")
+    want = naive_decode(q, pool, 0, tables, lens, SOFTCAP_SCALE, window, SOFTCAP)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    uncapped = naive_decode(q, pool, 0, tables, lens, SOFTCAP_SCALE, window)
+    assert not np.allclose(want, uncapped, atol=1e-2), "the cap must matter at these scores"
+    case = prefill_case(rng, group=2, kv_heads=2, head_dim=64, block_size=8, dtype=jnp.float32,
+                        q_lens=[7, 20, 0], prefixes=[0, 13, 0], tail=2)
+    q, pool, tables, q_start, q_lens, kv_lens = case
+    out = pk.paged_prefill_attention(q, pool, 1, tables, q_start, q_lens, kv_lens, scale=SOFTCAP_SCALE, max_q_len=20,
+                                     window=window, logit_softcap=SOFTCAP, impl="xla")
+    want = naive_prefill(q, pool, 1, tables, q_start, q_lens, kv_lens, SOFTCAP_SCALE, window, SOFTCAP)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window,num_splits", [(0, 3), (21, 2)])
+def test_decode_pallas_softcap(window, num_splits):
+    rng = np.random.default_rng(window + 5)
+    q, pool, tables, lens = decode_case(rng, batch=4, group=4, kv_heads=2, head_dim=64, block_size=16,
+                                        max_blocks=6, dtype=jnp.float32)
+    got = decode_pallas(q, pool, jnp.asarray([1], jnp.int32), tables, lens, scale=SOFTCAP_SCALE, window=window,
+                        logit_softcap=SOFTCAP, interpret=True, num_splits=num_splits, block_tokens=16)
+    want = pk.paged_decode_attention(q, pool, 1, tables, lens, scale=SOFTCAP_SCALE, window=window,
+                                     logit_softcap=SOFTCAP, impl="xla")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [0, 13])
+def test_prefill_pallas_softcap(window):
+    """Both the unmasked and the masked KV blocks cap their scores (block_kv 16 over prompts of 40 and 59 tokens)."""
+    rng = np.random.default_rng(window + 9)
+    q_lens, prefixes = [40, 9, 0], [30, 50, 0]
+    q, pool, tables, q_start, q_lens_a, kv_lens = prefill_case(
+        rng, group=2, kv_heads=2, head_dim=64, block_size=16, dtype=jnp.float32, q_lens=q_lens,
+        prefixes=prefixes, tail=3)
+    i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
+    got = prefill_pallas(q, pool, i32([2]), tables, q_start, q_lens_a, kv_lens, scale=SOFTCAP_SCALE, max_q_len=40,
+                         window=window, logit_softcap=SOFTCAP, interpret=True, block_q=16, block_kv=16)
+    want = pk.paged_prefill_attention(q, pool, 2, tables, q_start, q_lens_a, kv_lens, scale=SOFTCAP_SCALE,
+                                      max_q_len=40, window=window, logit_softcap=SOFTCAP, impl="xla")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 # ---- backend choice and argument checks ------------------------------------------------------------------------

@@ -17,7 +17,7 @@ SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_la
 def _saved(config_class, **kwargs) -> dict:
     """The config.json that transformers writes for this config's model."""
     architecture = config_class.__name__.replace("Config", "ForCausalLM")
-    return {"architectures": [architecture], **json.loads(config_class(**SMALL, **kwargs).to_json_string())}
+    return {"architectures": [architecture], **json.loads(config_class(**{**SMALL, **kwargs}).to_json_string())}
 
 
 def _parse(cfg: dict) -> ModelConfig:
@@ -33,6 +33,35 @@ def test_configs_saved_by_transformers_parse_without_warnings(config_class):
     kwargs = {"sliding_window": None} if config_class in windowed else {}
     config = _parse(_saved(config_class, **kwargs))
     assert config.num_layers == 2 and config.hidden_act == "silu"
+
+
+def _gemma3(**kwargs) -> dict:
+    return {**_saved(transformers.Gemma3TextConfig, **kwargs), "architectures": ["Gemma3ForCausalLM"]}
+
+
+def test_gemma_options():
+    gemma2 = _parse(_saved(transformers.Gemma2Config, num_hidden_layers=3, head_dim=16, sliding_window=32))
+    assert gemma2.layer_windows == (32, 0, 32) and gemma2.attn_logit_softcap == 50.0
+    assert (gemma2.final_logit_softcap, gemma2.attn_scale, gemma2.rope_local_theta) == (30.0, 256 ** -0.5, 0.0)
+    assert gemma2.norm_plus_one and gemma2.sandwich_norm and gemma2.embed_scale and not gemma2.qk_norm
+    assert gemma2.hidden_act == "gelu_pytorch_tanh" and gemma2.tie_word_embeddings
+    gemma3 = _parse(_gemma3(num_hidden_layers=7, sliding_window=16))
+    assert gemma3.layer_windows == (16,) * 5 + (0, 16) and gemma3.qk_norm and gemma3.rope_local_theta == 10000.0
+    assert gemma3.rope_theta == 1e6 and gemma3.attn_logit_softcap == 0.0
+    with pytest.warns(UserWarning, match="attn_logit_softcapping=3.0 is ignored for Gemma 3"):
+        assert ModelConfig.from_hf_dict(_gemma3(attn_logit_softcapping=3.0)).attn_logit_softcap == 0.0
+    with pytest.raises(ValueError, match="use_bidirectional_attention"):
+        ModelConfig.from_hf_dict(_gemma3(use_bidirectional_attention=True))
+    # A Gemma 3 image-text config.json (transformers 4.x) keeps only the text fields that differ from the defaults.
+    nested = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "eos_token_id": [1, 106],
+              "text_config": {"model_type": "gemma3_text", "hidden_size": 2560, "intermediate_size": 10240,
+                              "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                              "sliding_window": 1024}, "vision_config": {}}
+    with pytest.warns(UserWarning, match="serving its gemma3_text language model only"):
+        config = ModelConfig.from_hf_dict(nested)
+    assert (config.num_heads, config.num_kv_heads, config.head_dim, config.vocab_size) == (8, 4, 256, 262208)
+    assert dict(config.rope_scaling)["factor"] == 8.0 and config.rope_local_theta == 10000.0
+    assert config.layer_windows[4:7] == (1024, 0, 1024) and config.eos_token_ids == (1, 106)
 
 
 def test_llama_options_become_config_fields():
@@ -98,10 +127,10 @@ def test_quantized_checkpoints_are_refused(key):
 
 
 def test_nested_text_config():
-    gemma = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
-             "text_config": {"model_type": "gemma3_text", "hidden_size": 64}, "vision_config": {}}
-    with pytest.raises(ValueError, match="text_config.*'gemma3_text'.*not supported.*images, audio.*not served"):
-        ModelConfig.from_hf_dict(gemma)
+    llama4 = {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4",
+              "text_config": {"model_type": "llama4_text", "hidden_size": 64}, "vision_config": {}}
+    with pytest.raises(ValueError, match="text_config.*'llama4_text'.*not supported.*images, audio.*not served"):
+        ModelConfig.from_hf_dict(llama4)
     llava = {"architectures": ["LlavaForConditionalGeneration"], "eos_token_id": 7, "tie_word_embeddings": False,
              "text_config": {**_saved(transformers.Qwen2Config), "eos_token_id": None}, "vision_config": {}}
     with pytest.warns(UserWarning, match="LlavaForConditionalGeneration: serving its qwen2 language model only"):
@@ -119,14 +148,20 @@ def test_missing_required_field_is_named():
 
 
 def test_rope_scaling_types():
-    for rope_type in ("dynamic", "longrope"):
-        with pytest.raises(ValueError, match=f"rope_scaling type '{rope_type}'"):
-            ModelConfig.from_hf_dict({**_saved(transformers.LlamaConfig),
-                                      "rope_scaling": {"rope_type": rope_type, "factor": 2.0}})
-    # Old Phi-3 configs spell longrope "yarn"; transformers reads them as longrope.
-    phi = {**_saved(transformers.Phi3Config, sliding_window=None), "rope_scaling": {"type": "yarn", "factor": 2.0}}
-    with pytest.raises(ValueError, match="rope_scaling type 'longrope'"):
-        ModelConfig.from_hf_dict(phi)
+    for rope_type in ("dynamic", "longrope"):  # what each needs is named
+        with pytest.raises(ValueError, match=f"'{rope_type}' needs a"):
+            ModelConfig.from_hf_dict({**_saved(transformers.LlamaConfig), "rope_scaling": {"rope_type": rope_type}})
+    with pytest.raises(ValueError, match="rope_scaling type 'su'"):
+        ModelConfig.from_hf_dict({**_saved(transformers.LlamaConfig), "rope_scaling": {"type": "su", "factor": 2.0}})
+    # Old Phi-3 configs spell longrope "su" or "yarn"; transformers reads them as longrope.
+    phi = {**_saved(transformers.Phi3Config, sliding_window=None), "max_position_embeddings": 1024,
+           "original_max_position_embeddings": 256,
+           "rope_scaling": {"type": "su", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}}
+    with pytest.warns(UserWarning, match="longrope.*served up to original_max_position_embeddings"):
+        config = ModelConfig.from_hf_dict(phi)
+    assert dict(config.rope_scaling)["rope_type"] == "longrope" and config.max_position_embeddings == 256
+    with pytest.raises(ValueError, match="long_factor must hold head_dim / 2 = 8"):
+        ModelConfig.from_hf_dict({**phi, "rope_scaling": {**phi["rope_scaling"], "long_factor": [2.0] * 3}})
     # Missing original context lengths default to max_position_embeddings, and YaRN's factor to their ratio.
     yarn = _parse({**_saved(transformers.Qwen3Config, max_position_embeddings=4096),
                    "rope_scaling": {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 1024}})
@@ -143,3 +178,12 @@ def test_presets_parse_without_warnings():
         for path in CONFIGS_DIR.glob("*.json"):
             ModelConfig.preset(path.stem)
     assert qwen3.qk_norm and qwen3.head_dim == 128 and round(qwen3.num_params() / 1e9, 1) == 8.2
+    moe = ModelConfig.preset("qwen3-30b-a3b")
+    assert (moe.num_experts, moe.num_experts_per_tok, moe.norm_topk_prob) == (128, 8, True)
+    assert round(moe.num_params() / 1e9, 1) == 30.5  # "30B", as Qwen's model card says 30.5B in all
+    mixtral = ModelConfig.preset("mixtral-8x7b")
+    assert round(mixtral.num_params() / 1e9, 1) == 46.7 and mixtral.norm_topk_prob  # Mistral's 46.7B
+    gemma = ModelConfig.preset("gemma-3-12b")
+    assert gemma.layer_windows[:6] == (1024,) * 5 + (0,) and gemma.rope_local_theta == 10000.0
+    assert dict(gemma.rope_scaling)["factor"] == 8.0 and gemma.sandwich_norm and gemma.qk_norm
+    assert round(gemma.num_params() / 1e9, 1) == 11.8  # the language model of Gemma 3 12B

@@ -30,9 +30,11 @@ def _hf_config(kind: str):
             **common, head_dim=32, rope_theta=500000.0, tie_word_embeddings=True,
             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                           "original_max_position_embeddings": 64})
-    if kind == "llama_biased":  # biases on all four attention projections and the MLP, a GELU MLP, linear RoPE
-        return transformers.LlamaConfig(**common, attention_bias=True, mlp_bias=True, hidden_act="gelu",
-                                        rope_scaling={"rope_type": "linear", "factor": 3.0})
+    if kind == "llama_biased":  # biases on all four attention projections and the MLP, a GELU MLP, and dynamic
+        # NTK RoPE switching at 48 tokens: prompts fit within it, generation runs past it
+        return transformers.LlamaConfig(**{**common, "max_position_embeddings": 48}, attention_bias=True,
+                                        mlp_bias=True, hidden_act="gelu",
+                                        rope_scaling={"rope_type": "dynamic", "factor": 4.0})
     if kind == "qwen2":
         return transformers.Qwen2Config(**{**common, "num_attention_heads": 8}, rope_theta=1000000.0,
                                         use_sliding_window=False)
@@ -44,27 +46,56 @@ def _hf_config(kind: str):
                                         use_sliding_window=True, sliding_window=8, max_window_layers=1,
                                         rope_scaling={"rope_type": "yarn", "factor": 4.0,
                                                       "original_max_position_embeddings": 16})
-    if kind == "phi3_window":  # fused qkv_proj and gate_up_proj, a window on every layer
-        return transformers.Phi3Config(**common, sliding_window=10)
+    if kind == "phi3_window":  # fused qkv_proj and gate_up_proj, a window on every layer, and longrope: short
+        # factors per rotary pair and the attention factor of 512 / 80 (the long factors lie past the context
+        # served, see test_rope.py)
+        factors = np.random.default_rng(7).uniform(1.0, 6.0, (2, 8)).round(3).tolist()
+        return transformers.Phi3Config(**common, sliding_window=10, original_max_position_embeddings=80,
+                                       rope_scaling={"rope_type": "longrope", "short_factor": factors[0],
+                                                     "long_factor": factors[1]})
+    if kind == "gemma2":  # layer 0 slides (window 10), layer 1 is global; caps small enough to bend the scores
+        return transformers.Gemma2Config(**common, head_dim=16, query_pre_attn_scalar=24, sliding_window=10,
+                                         attn_logit_softcapping=2.0, final_logit_softcapping=3.0)
+    if kind == "gemma3":  # q/k norms, linear RoPE on the global layer and a base of its own on the local one
+        # (transformers' Gemma 3 ignores attn_logit_softcapping, see test_hf_config.py)
+        return transformers.Gemma3TextConfig(
+            **common, head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=4.0,
+            rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})
+    if kind == "mixtral":  # 4 experts, top 2, renormalised
+        return transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
+    if kind == "qwen3_moe":  # 6 experts, top 3, not renormalised, q/k norms
+        return transformers.Qwen3MoeConfig(**common, head_dim=32, num_experts=6, num_experts_per_tok=3,
+                                           moe_intermediate_size=32, norm_topk_prob=False)
+    if kind == "qwen2_moe":  # 4 experts, top 2, and a sigmoid-gated shared expert; q/k/v biases
+        return transformers.Qwen2MoeConfig(**common, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                           shared_expert_intermediate_size=48, norm_topk_prob=False)
     raise ValueError(kind)
 
 
 def _perturb_biases_and_norms(hf):
-    """transformers initialises biases to 0 and norm weights to 1, where dropping one changes nothing."""
+    """transformers initialises biases to 0 and norm weights to 1, where dropping one changes nothing; routers
+    get large weights so that no two experts tie for a token."""
     with torch.no_grad():
         for name, p in hf.named_parameters():
-            if name.endswith(".bias"):
+            if name.endswith(".gate.weight"):
+                p.normal_(0.0, 0.5)
+            elif name.endswith(".bias"):
                 p.normal_(0.0, 0.1)
             elif "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
 
 
 @pytest.fixture(scope="module", params=["llama", "llama3", "llama_biased", "qwen2", "qwen3_window",
-                                                 "mistral_window", "phi3_window"])
+                                        "mistral_window", "phi3_window", "gemma2", "gemma3", "mixtral", "qwen3_moe",
+                                        "qwen2_moe"])
 def model_pair(request, tmp_path_factory):
     torch.manual_seed(zlib.crc32(request.param.encode()))  # hash() of a str changes with PYTHONHASHSEED
     cfg = _hf_config(request.param)
-    hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    # Gemma's soft-capped attention runs in transformers' eager attention only.
+    eager = {"attn_implementation": "eager"} if request.param.startswith("gemma") else {}
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, **eager).eval()
     _perturb_biases_and_norms(hf)
     path = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(path)
@@ -168,6 +199,29 @@ def test_language_model_of_an_image_text_checkpoint(tmp_path):
         config = ModelConfig.from_json(tmp_path)
     assert config.architecture == "MistralForCausalLM"
     with pytest.warns(UserWarning, match="multi_modal_projector"):  # the vision weights are left unread
+        params = load_hf_params(tmp_path, config, dtype=jnp.float32)
+    ids = np.random.default_rng(5).integers(0, VOCAB, 20).tolist()
+    got = _runner(config, params).logits([], [SeqChunk(ids, 0, [0, 1])])[0]
+    assert _rel(got, _hf_logits(hf, ids)[-1]) < 1e-3
+
+
+def test_gemma3_language_model_of_an_image_text_checkpoint(tmp_path):
+    """Gemma 3 4B+ nests a gemma3_text model under text_config and its weights under model.language_model.*;
+    transformers' Gemma3ForConditionalGeneration never applies final_logit_softcapping, so neither do we."""
+    torch.manual_seed(6)
+    text = _hf_config("gemma3")
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=32, patch_size=16)
+    hf = transformers.Gemma3ForConditionalGeneration(
+        transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4),
+    ).eval()
+    _perturb_biases_and_norms(hf)
+    hf.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="serving its gemma3_text language model only"):
+        with pytest.warns(UserWarning, match="final_logit_softcapping=4.0 is ignored"):
+            config = ModelConfig.from_json(tmp_path)
+    assert config.architecture == "Gemma3ForCausalLM" and config.final_logit_softcap == 0.0
+    with pytest.warns(UserWarning, match="multi_modal_projector"):
         params = load_hf_params(tmp_path, config, dtype=jnp.float32)
     ids = np.random.default_rng(5).integers(0, VOCAB, 20).tolist()
     got = _runner(config, params).logits([], [SeqChunk(ids, 0, [0, 1])])[0]
