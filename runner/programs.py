@@ -140,3 +140,9 @@ def scatter_blocks(kv_pool, blocks, values):
 def compiled_programs() -> int:
     """How many forward and sampler programs this process has compiled (a test that serving compiles none)."""
     return forward._cache_size() + sample_step._cache_size()
+
+
+def pool_programs() -> int:
+    """How many programs that donate the KV pool this process has compiled. Whether XLA updates the pool in
+    place is fixed when a program is compiled, so a check of it is due only when this count grows."""
+    return forward._cache_size() + decode_steps._cache_size() + scatter_blocks._cache_size()

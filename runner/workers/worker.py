@@ -142,6 +142,7 @@ class _Worker:
         import jax
 
         from runner.model_runner import ModelRunner
+        from runner.programs import pool_programs
         from runner.workers.shared_arena import SharedArena, import_arrays
 
         self.spec = spec
@@ -160,6 +161,7 @@ class _Worker:
         self.runner = ModelRunner(shared.config, None, block_size=spec.block_size, shapes=spec.shapes,
                                   model=(graphdef, state), kv_pool=self._pool_view())
         self.pool_pointer = self.runner.kv_pool.unsafe_buffer_pointer()
+        self.pool_programs, self.checked_programs = pool_programs, -1
         if spec.warmup:
             self.warmup(spec.warmup)
 
@@ -177,9 +179,12 @@ class _Worker:
         in message order."""
         if isinstance(message, Execute) and self.in_place:
             pending = self.runner.dispatch(message.step)
-            # Here, not in the reply: the next step, dispatched before this one's reply, donates this output pool.
-            # The output's memory is assigned at dispatch, so reading its address does not wait for the step.
-            self._check_in_place(self.runner.kv_pool)
+            # Reading a pool's address waits for the step that defines it (PJRT's external reference blocks on
+            # the buffer's definition event), so it is read only after a new program ran: in-place donation is a
+            # property of the compiled program. Here, not in the reply: the next step donates this output pool.
+            if self.pool_programs() != self.checked_programs:
+                self._check_in_place(self.runner.kv_pool)
+                self.checked_programs = self.pool_programs()
             return pending.result
         if isinstance(message, Execute):
             value = self.execute(message.step)

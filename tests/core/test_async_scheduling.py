@@ -270,3 +270,18 @@ def test_llm_generate_is_the_same_with_and_without_overlap():
     for a, b in zip(*results):
         assert exact_fields(b) == exact_fields(a)
         assert float_fields(b) == pytest.approx(float_fields(a), rel=1e-5, abs=0.0)
+
+
+def test_pool_programs_count_grows_only_with_a_new_program():
+    # The disaggregated worker reads its pool's address (which waits for the step) only when this count grows.
+    from runner.programs import pool_programs
+
+    def run(steps: int) -> None:
+        drive(real_engine(num_scheduler_steps=steps), {0: [("a", {"prompt_token_ids": list(range(5, 25))}, greedy(9))]})
+
+    run(1)
+    compiled = pool_programs()
+    run(1)
+    assert pool_programs() == compiled  # the same shapes again: nothing to check
+    run(7)  # a 7-step decode program is new to this process
+    assert pool_programs() > compiled
