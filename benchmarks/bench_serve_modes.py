@@ -1,21 +1,29 @@
-"""The serving comparison of the modes: aggregated chunked prefill (token budget 2048 and 8192), a static 50/50 SM split
-and the dynamic split, on the same mixed workload and rate sweep; then one table with the sustainable rate of each.
+"""The whole split-against-baseline comparison (issue 16): aggregated chunked prefill at every token budget, in
+arrival and shortest-prompt-first order, against the static and the dynamic SM split, on two workloads, over rate
+sweeps from light load to past the baseline's capacity; then, per workload, the best baseline and every mode
+against it.
 
-  PYTHONPATH=. python3 benchmarks/bench_serve_modes.py run agg-2048 --out $OUT/serve   # one mode per device call
-  python3 benchmarks/bench_serve_modes.py summarize benchmarks/results/serve-modes --out RESULTS-part.md
+  python3 benchmarks/bench_serve_modes.py plan                                   # modes, rates, device minutes
+  PYTHONPATH=. python3 benchmarks/bench_serve_modes.py run mix agg-512-arrival dynamic --out $OUT/serve
+  python3 benchmarks/bench_serve_modes.py summarize benchmarks/results/serve-modes --out part.md
 
-`run` calls `nexus-jax bench serve` with the mode's arguments (printed, and stored as MODE.cmd beside the results),
-so every figure can be re-run by hand. Every mode compiles its whole closed set of step shapes before measuring
-(`warmup=true`: the aggregated engine's mixed shapes too, on parallel threads), so no run pays compilation.
-`--scale tiny` runs the same commands on the embedded model with small prompts (a CPU dry run).
+`run` calls `nexus-jax bench serve` once per mode (the command is printed and stored as WORKLOAD/MODE.cmd, so every
+figure can be re-run by hand); results land in WORKLOAD/MODE.{json,md,png}. Every mode compiles its closed set of
+step shapes before measuring (`warmup=true`). Modes can run in separate device calls: `summarize` reads whatever
+is there and says what is missing. `--scale tiny` runs the same commands on the embedded model (a CPU dry run).
 
-Sustainable rate: the highest swept rate at which P99 TBT (inter-token latency over all requests) and P90 TTFT
-meet their bounds, with every lower swept rate meeting them too, and no request failed.
+Workloads: `mix` (60% ShareGPT-like chat, 40% long documents; TTFT <= 2 s, TBT <= 50 ms) and `tight` (90% chat,
+10% long documents; TTFT <= 2 s, TBT <= 30 ms): a per-request SLO on the largest gap between its tokens.
+Sustainable rate: the highest swept rate whose P90 TTFT and P99 TBT meet the SLOs, every lower rate meeting them
+too, nothing failed. The best baseline of a workload is the aggregated mode with the highest sustainable rate (ties:
+more goodput there). A sweep is saturated when the achieved request rate of its top two rates differs by < 10%:
+then the engine, not the run, set the throughput; `summarize` flags sweeps that are not.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import subprocess
 import sys
@@ -23,101 +31,172 @@ from pathlib import Path
 
 from nexus_jax.benchmark import report
 
-TARGETS = {"p99_itl": 0.05, "p90_ttft": 2.0}
-RATES = ("1", "1.5", "2", "2.5", "3", "4")
-SPLIT = ("--engine-arg", "disaggregation=auto")
-MODES = {
-    "agg-2048": ("--max-num-batched-tokens", "2048"),
-    "agg-8192": ("--max-num-batched-tokens", "8192"),
-    "static-50": ("--max-num-batched-tokens", "2048", *SPLIT, "--engine-arg", "sm_ladder=50",
-                  "--engine-arg", "aggregate_when_safe=false"),
-    "dynamic": ("--max-num-batched-tokens", "2048", *SPLIT, "--engine-arg", "sm_ladder=30,50"),
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    dataset: str
+    ttft: float    # seconds, per request and as the P90 target
+    tbt: float     # seconds, per request (largest gap) and as the P99 target
+    rates: tuple[float, ...]
+
+    @property
+    def targets(self) -> dict[str, float]:
+        return {"p90_ttft": self.ttft, "p99_itl": self.tbt}
+
+
+WORKLOADS = {
+    "mix": Workload("mix", 2.0, 0.05, (1, 2, 3, 4, 5, 6, 8)),
+    "tight": Workload("chat-long", 2.0, 0.03, (2, 4, 6, 8, 10, 12, 16)),
+}
+BUDGETS = (256, 512, 1024, 2048, 8192)
+SPLIT = ("--max-num-batched-tokens", "2048", "--engine-arg", "disaggregation=auto")
+MODES: dict[str, tuple[str, ...]] = {
+    **{f"agg-{b}-{order}": ("--max-num-batched-tokens", str(b), "--engine-arg", f"prefill_order={order}")
+       for b in BUDGETS for order in ("arrival", "spf")},
+    "static-50": (*SPLIT, "--engine-arg", "sm_ladder=50", "--engine-arg", "aggregate_when_safe=false"),
+    "dynamic": (*SPLIT, "--engine-arg", "sm_ladder=30,50"),
+    "dynamic-arrival": (*SPLIT, "--engine-arg", "sm_ladder=30,50", "--engine-arg", "prefill_order=arrival"),
 }
 SCALES = {
     # 8B shape on the GPU; block tables one width wide (768 blocks of 16 = 12288 tokens fit in 1024 columns).
-    "8b": ("--model", "llama-3.1-8b", "--dataset", "mix", "--num-prompts", "60", "--max-model-len", "12288",
-           "--max-num-seqs", "128", "--engine-arg", "min_table_blocks=1024"),
-    "tiny": ("--dataset", "random", "--input-len", "48", "--output-len", "8", "--num-prompts", "6",
-             "--max-model-len", "256", "--max-num-seqs", "8", "--engine-arg", "min_table_blocks=16",
-             "--engine-arg", "max_prefill_seqs=4"),
+    "8b": ("--model", "llama-3.1-8b", "--num-prompts", "200", "--max-model-len", "12288", "--max-num-seqs", "128",
+           "--engine-arg", "min_table_blocks=1024", "--warmup-requests", "8"),
+    "tiny": ("--num-prompts", "6", "--max-model-len", "256", "--max-num-seqs", "8", "--engine-arg",
+             "min_table_blocks=16", "--engine-arg", "max_prefill_seqs=4", "--warmup-requests", "2"),
 }
+WARMUP_MINUTES = 2.0  # per mode on the GPU: engine build and compiling its shapes (measured 1-2 min on the H100)
+SATURATED = 0.10
 
 
-def command(mode: str, scale: str, out: str, rates: tuple[str, ...] = RATES) -> list[str]:
-    args = list(MODES[mode])
+def command(workload: str, mode: str, scale: str, out: str, rates: tuple[float, ...] | None = None) -> list[str]:
+    w, args = WORKLOADS[workload], list(MODES[mode])
+    data = ["--dataset", w.dataset]
     if scale == "tiny":
-        # Token budgets scaled down with the model; disaggregation "on" runs the worker processes without MPS.
-        args = [{"2048": "64", "8192": "128", "disaggregation=auto": "disaggregation=on"}.get(a, a) for a in args]
-    return [sys.executable, "-m", "nexus_jax.cli.main", "bench", "serve", *SCALES[scale], *args,
-            "--engine-arg", "warmup=true", "--warmup-requests", "8" if scale == "8b" else "2",
-            "--slo", "ttft=2", "--slo", "tbt=0.05", "--request-rate", *rates, "--label", mode, "--out-dir", out]
+        # Budgets scaled down with the model; disaggregation "on" runs the worker processes without MPS.
+        args = [{"256": "16", "512": "32", "1024": "48", "2048": "64", "8192": "128",
+                 "disaggregation=auto": "disaggregation=on"}.get(a, a) for a in args]
+        data = ["--dataset", "random", "--input-len", "48", "--output-len", "8"]
+    return [sys.executable, "-m", "nexus_jax.cli.main", "bench", "serve", *SCALES[scale], *data, *args,
+            "--engine-arg", "warmup=true", "--engine-arg", f"slo_ttft={w.ttft}", "--engine-arg", f"slo_tbt={w.tbt}",
+            "--slo", f"ttft={w.ttft}", "--slo", f"tbt={w.tbt}",
+            "--request-rate", *[f"{r:g}" for r in (rates or w.rates)], "--label", mode,
+            "--out-dir", str(Path(out, workload))]
 
 
-def sustainable_rate(doc: dict) -> float | None:
+def device_minutes(workload: str, modes: list[str], num_prompts: int = 200) -> float:
+    """Arrival time of the sweeps' requests plus each mode's warm-up: a floor, as the last requests drain."""
+    return len(modes) * (WARMUP_MINUTES + sum(num_prompts / r for r in WORKLOADS[workload].rates) / 60)
+
+
+def sweep(doc: dict) -> list[dict]:
+    return sorted((r for r in doc["runs"] if r["phase"] == "sweep"), key=lambda r: float(r["request_rate"]))
+
+
+def sustainable_rate(doc: dict, targets: dict[str, float]) -> float | None:
     best = None
-    for run in sorted((r for r in doc["runs"] if r["phase"] == "sweep"), key=lambda r: float(r["request_rate"])):
-        if not report.meets_targets(run["summary"], TARGETS):
+    for run in sweep(doc):
+        if not report.meets_targets(run["summary"], targets):
             break
         best = float(run["request_rate"])
     return best
 
 
-def summarize(docs: dict[str, dict]) -> str:
-    lines = ["| mode | rate | achieved req/s | TTFT mean | TTFT P90 | TTFT P99 | TBT median | TBT P99 | meets |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    by_rate: dict[str, dict[float, dict]] = {}
+def saturated(doc: dict) -> bool:
+    runs = sweep(doc)
+    if len(runs) < 2:
+        return False
+    a, b = (r["summary"]["request_throughput"] for r in runs[-2:])
+    return b < (1 + SATURATED) * a
+
+
+def best_baseline(docs: dict[str, dict], targets: dict[str, float]) -> str | None:
+    def key(mode: str) -> tuple[float, float]:
+        rate = sustainable_rate(docs[mode], targets)
+        at = [r for r in sweep(docs[mode]) if rate is not None and float(r["request_rate"]) == rate]
+        return (rate or 0.0, at[0]["summary"].get("goodput", 0.0) if at else 0.0)
+    baselines = [m for m in docs if m.startswith("agg-")]
+    return max(baselines, key=key) if baselines else None
+
+
+def _ms(d: dict, stat: str) -> str:
+    return f"{d[stat] * 1e3:.0f}" if d[stat] is not None else "-"
+
+
+def summarize(workload: str, docs: dict[str, dict]) -> str:
+    w = WORKLOADS[workload]
+    lines = [f"### {workload}: dataset {w.dataset}, SLO TTFT <= {w.ttft:g} s (P90), TBT <= {w.tbt * 1e3:g} ms (P99)",
+             "", "| mode | rate | achieved req/s | goodput | TTFT mean | P90 | P99 | TBT median | P99 | meets |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for mode, doc in docs.items():
-        for run in doc["runs"]:
-            s, rate = run["summary"], float(run["request_rate"])
-            by_rate.setdefault(mode, {})[rate] = s
-            ms = lambda d, k: f"{d[k] * 1e3:.0f}" if d[k] is not None else "-"  # noqa: E731
-            lines.append(f"| {mode} | {rate:g} | {s['request_throughput']:.2f} | {ms(s['ttft'], 'mean')} | "
-                         f"{ms(s['ttft'], 'p90')} | {ms(s['ttft'], 'p99')} | {ms(s['itl'], 'median')} | "
-                         f"{ms(s['itl'], 'p99')} | {'yes' if report.meets_targets(s, TARGETS) else 'no'} |")
-    lines += ["", "| mode | sustainable rate (req/s) |", "|---|---|"]
-    rates = {mode: sustainable_rate(doc) for mode, doc in docs.items()}
-    lines += [f"| {mode} | {'below the lowest rate' if r is None else f'{r:g}'} |" for mode, r in rates.items()]
-    aggregated = [m for m in docs if m.startswith("agg")]
-    if "dynamic" in docs and aggregated:
-        lines.append("")
-        for base in aggregated:
-            common = sorted(set(by_rate["dynamic"]) & set(by_rate[base]))
-            for rate in common:
-                d, a = by_rate["dynamic"][rate], by_rate[base][rate]
-                ratio = lambda k, st: a[k][st] / d[k][st] if d[k][st] else float("nan")  # noqa: E731
-                lines.append(f"- {base} / dynamic at {rate:g} req/s: mean TTFT {ratio('ttft', 'mean'):.2f}, "
-                             f"P99 TBT {ratio('itl', 'p99'):.2f} (above 1: dynamic lower)")
+        for run in sweep(doc):
+            s = run["summary"]
+            lines.append(f"| {mode} | {float(run['request_rate']):g} | {s['request_throughput']:.2f} | "
+                         f"{s.get('goodput', 0.0):.2f} | {_ms(s['ttft'], 'mean')} | {_ms(s['ttft'], 'p90')} | "
+                         f"{_ms(s['ttft'], 'p99')} | {_ms(s['itl'], 'median')} | {_ms(s['itl'], 'p99')} | "
+                         f"{'yes' if report.meets_targets(s, w.targets) else 'no'} |")
+    base = best_baseline(docs, w.targets)
+    base_rate = sustainable_rate(docs[base], w.targets) if base else None
+    lines += ["", f"Best baseline: **{base or 'none run'}** (sustainable {base_rate if base_rate else '-'} req/s)",
+              "", "| mode | sustainable req/s | / best baseline | goodput / baseline's, per common rate | saturated |",
+              "|---|---|---|---|---|"]
+    for mode, doc in docs.items():
+        rate = sustainable_rate(doc, w.targets)
+        ratio = f"{rate / base_rate:.2f}" if rate and base_rate else "-"
+        goodput = "-"
+        if base and mode != base:
+            theirs = {float(r["request_rate"]): r["summary"].get("goodput", 0.0) for r in sweep(docs[base])}
+            ours = [(float(r["request_rate"]), r["summary"].get("goodput", 0.0)) for r in sweep(doc)]
+            goodput = ", ".join(f"{x:g}: {g / theirs[x]:.2f}" for x, g in ours if theirs.get(x))
+        lines.append(f"| {mode} | {'-' if rate is None else f'{rate:g}'} | {ratio} | {goodput} | "
+                     f"{'yes' if saturated(doc) else '**no**'} |")
+    missing = sorted(set(MODES) - set(docs))
+    if missing:
+        lines += ["", f"Not run: {', '.join(missing)}."]
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("plan")
+    p.add_argument("modes", nargs="*", default=list(MODES))
     r = sub.add_parser("run")
+    r.add_argument("workload", choices=sorted(WORKLOADS))
     r.add_argument("modes", nargs="+", choices=sorted(MODES))
     r.add_argument("--out", required=True)
     r.add_argument("--scale", default="8b", choices=sorted(SCALES))
-    r.add_argument("--rates", nargs="+", default=list(RATES))
+    r.add_argument("--rates", nargs="+", type=float, default=None, help="instead of the workload's sweep")
     s = sub.add_parser("summarize")
-    s.add_argument("dir")
+    s.add_argument("dir", help="holds one folder per workload, as `run --out` writes them")
     s.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.cmd == "plan":
+        for name, w in WORKLOADS.items():
+            print(f"{name}: rates {', '.join(f'{x:g}' for x in w.rates)}; {len(args.modes)} modes, "
+                  f">= {device_minutes(name, args.modes):.0f} device minutes")
+        return
     if args.cmd == "run":
-        Path(args.out).mkdir(parents=True, exist_ok=True)
         for mode in args.modes:
-            cmd = command(mode, args.scale, args.out, tuple(args.rates))
+            cmd = command(args.workload, mode, args.scale, args.out, tuple(args.rates) if args.rates else None)
             text = shlex.join(["python3", *cmd[1:]])
             print(text, flush=True)
-            (Path(args.out) / f"{mode}.cmd").write_text(text + "\n")
+            Path(args.out, args.workload).mkdir(parents=True, exist_ok=True)
+            Path(args.out, args.workload, f"{mode}.cmd").write_text(text + "\n")
             subprocess.run(cmd, check=True)
         return
-    docs = {p.stem: report.load_json(p) for p in sorted(Path(args.dir).glob("*.json")) if p.stem in MODES}
-    if not docs:
-        raise SystemExit(f"no results of {', '.join(MODES)} in {args.dir}")
-    table = summarize(docs)
-    print(table)
+    parts = []
+    for workload in WORKLOADS:
+        folder = Path(args.dir, workload)
+        docs = {f.stem: report.load_json(f) for f in sorted(folder.glob("*.json")) if f.stem in MODES}
+        if docs:
+            parts.append(summarize(workload, docs))
+            report.plot_runs([{**doc, "label": mode} for mode, doc in docs.items()], folder / "all-modes.png")
+    if not parts:
+        raise SystemExit(f"no results of any mode under {args.dir}/{{{','.join(WORKLOADS)}}}")
+    text = "\n\n".join(parts)
+    print(text)
     if args.out:
-        Path(args.out).write_text(table + "\n")
+        Path(args.out).write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ WORKLOADS = {
     "long-doc": Workload("long-doc", LogNormal.fit(5905, 9817), LogNormal.fit(180)),
     "arxiv": Workload("arxiv", LogNormal.fit(3832, 6894), LogNormal.fit(200)),
 }
-MIXES = {"mix": (("sharegpt", 0.6), ("long-doc", 0.4))}
+MIXES = {"mix": (("sharegpt", 0.6), ("long-doc", 0.4)),
+         "chat-long": (("sharegpt", 0.9), ("long-doc", 0.1))}  # chat with a few long prompts: a tight-TBT test
 DATASETS = ("random", *WORKLOADS, *MIXES, "jsonl")
 
 

@@ -208,7 +208,8 @@ def plot_runs(docs: list[dict[str, Any]], out: str | Path) -> None:
             xs = [x for x, _ in points]
             for stat, style in (("median", "-"), ("p99", "--")):
                 ys = [np.nan if d[stat] is None else d[stat] * 1e3 for _, d in points]
-                ax.plot(xs, ys, style, marker="o", color=f"C{k}", label=f"{label} {stat}")
+                color = f"C{k}" if len(docs) <= 10 else plt.cm.tab20(k % 20)  # 10 colors of the cycle, then 20
+                ax.plot(xs, ys, style, marker="o", color=color, label=f"{label} {stat}")
         ax.set_title(f"{metric.upper()} (median solid, P99 dashed)")
         ax.set_xlabel("request rate (req/s)")
         ax.set_ylabel("ms")

@@ -1,0 +1,58 @@
+"""The comparison's bookkeeping (benchmarks/bench_serve_modes.py): which baseline is the best, which rate is
+sustainable, which sweep saturated, and the commands it runs."""
+
+from benchmarks import bench_serve_modes as bsm
+
+MIX = bsm.WORKLOADS["mix"]
+
+
+def run(rate: float, achieved: float, p90_ttft: float, p99_itl: float, goodput: float, failed: int = 0) -> dict:
+    return {"phase": "sweep", "request_rate": str(rate),
+            "summary": {"completed": 200, "failed": failed, "request_throughput": achieved, "goodput": goodput,
+                        "ttft": {"mean": p90_ttft / 2, "median": p90_ttft / 2, "p90": p90_ttft, "p99": p90_ttft},
+                        "itl": {"mean": 0.01, "median": 0.01, "p90": p99_itl, "p99": p99_itl}}}
+
+
+DOCS = {
+    # meets up to 3, fails at 4, flattens past it
+    "agg-512-arrival": {"runs": [run(1, 1, 0.3, 0.02, 1), run(2, 2, 0.4, 0.03, 2), run(3, 2.9, 0.9, 0.04, 2.8),
+                                 run(4, 3.3, 3.0, 0.04, 1.0), run(5, 3.4, 9.0, 0.04, 0.2)]},
+    # meets up to 3 too, with less goodput there: not the best
+    "agg-2048-spf": {"runs": [run(1, 1, 0.2, 0.04, 1), run(2, 2, 0.3, 0.045, 1.9), run(3, 2.9, 0.5, 0.049, 2.5),
+                              run(4, 3.8, 0.9, 0.08, 0.5)]},
+    # fails at 2 although 3 would pass: sustainable is 1, and still climbing at the top: not saturated
+    "dynamic": {"runs": [run(1, 1, 0.2, 0.02, 1), run(2, 2, 0.2, 0.06, 1), run(3, 3, 0.3, 0.02, 3)]},
+}
+
+
+def test_sustainable_rate_stops_at_the_first_failing_rate():
+    assert bsm.sustainable_rate(DOCS["agg-512-arrival"], MIX.targets) == 3
+    assert bsm.sustainable_rate(DOCS["dynamic"], MIX.targets) == 1
+    failed = {"runs": [run(1, 1, 0.2, 0.02, 1, failed=1)]}
+    assert bsm.sustainable_rate(failed, MIX.targets) is None
+
+
+def test_best_baseline_breaks_ties_by_goodput_and_ignores_split_modes():
+    assert bsm.best_baseline(DOCS, MIX.targets) == "agg-512-arrival"
+    assert bsm.best_baseline({"dynamic": DOCS["dynamic"]}, MIX.targets) is None
+
+
+def test_saturation_needs_the_top_rates_to_flatten():
+    assert bsm.saturated(DOCS["agg-512-arrival"]) and not bsm.saturated(DOCS["dynamic"])
+
+
+def test_summary_compares_every_mode_with_the_best_baseline():
+    text = bsm.summarize("mix", DOCS)
+    assert "Best baseline: **agg-512-arrival** (sustainable 3.0 req/s)" in text
+    assert "| dynamic | 1 | 0.33 | 1: 1.00, 2: 0.50, 3: 1.07 | **no** |" in text
+    assert "Not run:" in text and "static-50" in text
+
+
+def test_commands_carry_the_mode_and_the_workloads_slos():
+    cmd = bsm.command("tight", "agg-256-spf", "8b", "/o")
+    joined = " ".join(cmd)
+    assert "--max-num-batched-tokens 256" in joined and "prefill_order=spf" in joined
+    assert "--slo tbt=0.03" in joined and "slo_tbt=0.03" in joined and "--dataset chat-long" in joined
+    assert "--num-prompts 200" in joined and cmd[-1] == "/o/tight"
+    assert "disaggregation=on" in " ".join(bsm.command("mix", "dynamic", "tiny", "/o"))
+    assert len(bsm.MODES) == 2 * len(bsm.BUDGETS) + 3
