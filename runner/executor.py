@@ -33,6 +33,10 @@ class StepInput:
     feed (the overlapped loop, see `Executor.dispatch`): pairs (i, r): decode chunk i's token is the sample of
     chunk r of the step dispatched just before this one (of its last step, when that one ran several), still on
     the device; its token_ids hold a placeholder.
+
+    late (executors with `takes_late_limits`): called once the forward pass is dispatched, returns (banned,
+    allowed) in place of those fields: ids that depend on the samples of the step in flight (a grammar, bad
+    words), which the caller learns while this step's forward pass runs (vLLM computes grammar bitmasks so).
     """
 
     decodes: Sequence[SeqChunk]
@@ -46,12 +50,13 @@ class StepInput:
     penalties: Sequence[PenaltyRow | None] | None = None
     allowed: Sequence[np.ndarray | None] | None = None
     prompt_logprobs: Sequence[tuple[int, int, Sequence[int]] | None] | None = None
+    late: Callable[[], tuple[Any, Any]] | None = None
 
     def __post_init__(self) -> None:
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
         if self.num_steps > 1 and (self.prefills or self.num_logprobs or self.banned or self.bias or self.penalties
-                                   or self.allowed or self.prompt_logprobs):
+                                   or self.allowed or self.prompt_logprobs or self.late):
             raise ValueError("a multi-step decode runs decode chunks only, without log-probs, banned or allowed "
                              "ids, biases, penalties or prompt log-probs")
         if any(not 0 <= i < len(self.decodes) or r < 0 for i, r in self.feed):
@@ -111,6 +116,7 @@ class StepsExecutor:
     benchmarks wrap it to observe steps)."""
 
     dispatch: Callable[[StepInput], StepHandle]
+    takes_late_limits = True  # calls StepInput.late between its forward pass and its sampling
 
     def step(self, decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk], sampling_rows: Sequence[SamplingRow],
              num_logprobs: int = 0, banned: Sequence[Sequence[int]] | None = None,
@@ -130,7 +136,7 @@ class StepsExecutor:
         return self.dispatch(StepInput(decodes, [], sampling_rows, num_steps=num_steps)).result()
 
     def execute(self, step: StepInput) -> Any:
-        if step.num_steps > 1 or step.feed:
+        if step.num_steps > 1 or step.feed or step.late:
             return self.dispatch(step).result()
         return self.step(step.decodes, step.prefills, step.rows, step.num_logprobs, step.banned, bias=step.bias,
                          penalties=step.penalties, allowed=step.allowed, prompt_logprobs=step.prompt_logprobs)

@@ -150,30 +150,18 @@ class ModelRunner(StepsExecutor):
     def dispatch(self, step: StepInput) -> "PendingStep":
         """Starts one step on the device and returns at once; `result()` waits for its samples. Feeds (see
         StepInput.feed) take tokens from the previous dispatch's samples on the device, with no host round trip."""
-        decodes, prefills, sampling_rows, banned = step.decodes, step.prefills, step.rows, step.banned
+        decodes, prefills, sampling_rows = step.decodes, step.prefills, step.rows
         if len(sampling_rows) != len(decodes) + len(prefills):
             raise ValueError(f"{len(sampling_rows)} sampling rows for {len(decodes) + len(prefills)} chunks")
         if step.num_steps > 1:
             return self._dispatch_steps(step)
         batch = build_step_batch(list(decodes), list(prefills), self.block_size, self.shapes)
         rows = self._rows(batch, len(decodes), len(prefills))
-        padded: list[SamplingRow | None] = [None] * batch.logits_indices.shape[0]
-        padded_banned: list[Sequence[int] | None] = [None] * len(padded)
-        padded_bias: list[Mapping[int, float] | None] = [None] * len(padded)
-        padded_penalties: list[PenaltyRow | None] = [None] * len(padded)
-        padded_allowed: list[np.ndarray | None] = [None] * len(padded)
-        for i, (r, row) in enumerate(zip(rows, sampling_rows)):
-            padded[r] = row
-            padded_banned[r] = banned[i] if banned else None
-            padded_bias[r] = step.bias[i] if step.bias else None
-            padded_penalties[r] = step.penalties[i] if step.penalties else None
-            padded_allowed[r] = step.allowed[i] if step.allowed else None
-        st = SamplingTensors.from_rows(padded, padded_banned, bias=padded_bias, penalties=padded_penalties,
-                                       allowed=padded_allowed)
-        if len(padded) > FEED_ROWS:
-            raise ValueError(f"{len(padded)} logits rows in one step; at most {FEED_ROWS}")
+        num_rows = batch.logits_indices.shape[0]
+        if num_rows > FEED_ROWS:
+            raise ValueError(f"{num_rows} logits rows in one step; at most {FEED_ROWS}")
         feed_src = np.full(batch.num_decode, -1, np.int32)
-        pending_src = np.full(len(padded), -1, np.int32)  # the fed token of each logits row, for its penalties
+        pending_src = np.full(num_rows, -1, np.int32)  # the fed token of each logits row, for its penalties
         fed = self._feed(step, feed_src, pending_src, rows)
         prompt = self._prompt_rows(step, batch) if step.prompt_logprobs else None
         sampled_rows = batch.logits_indices.shape[0]
@@ -183,10 +171,30 @@ class ModelRunner(StepsExecutor):
         if prompt is not None:
             prompt = (programs.prompt_logprobs(logits[sampled_rows:], prompt[1], prompt[2]), prompt[3])
             logits = logits[:sampled_rows]
+        banned, allowed = step.late() if step.late is not None else (step.banned, step.allowed)
+        st = self._sampling(step, rows, num_rows, banned, allowed)
         num_logprobs = step.num_logprobs or (1 if prompt else 0)  # prompt log-probs travel in a SampleResult
         out, fed = programs.sample_step(logits, st, num_logprobs, fed, pending_src)
         self._last_samples = (fed, rows)
         return PendingStep(out, rows, num_logprobs, prompt)
+
+    @staticmethod
+    def _sampling(step: StepInput, rows: np.ndarray, num_rows: int, banned: Sequence[Sequence[int]] | None,
+                  allowed: Sequence[np.ndarray | None] | None) -> SamplingTensors:
+        """The step's sampling parameters on its logits rows (padding rows: None)."""
+        padded: list[SamplingRow | None] = [None] * num_rows
+        padded_banned: list[Sequence[int] | None] = [None] * num_rows
+        padded_bias: list[Mapping[int, float] | None] = [None] * num_rows
+        padded_penalties: list[PenaltyRow | None] = [None] * num_rows
+        padded_allowed: list[np.ndarray | None] = [None] * num_rows
+        for i, (r, row) in enumerate(zip(rows, step.rows)):
+            padded[r] = row
+            padded_banned[r] = banned[i] if banned else None
+            padded_bias[r] = step.bias[i] if step.bias else None
+            padded_penalties[r] = step.penalties[i] if step.penalties else None
+            padded_allowed[r] = allowed[i] if allowed else None
+        return SamplingTensors.from_rows(padded, padded_banned, bias=padded_bias, penalties=padded_penalties,
+                                         allowed=padded_allowed)
 
     @staticmethod
     def _prompt_rows(step: StepInput, batch: StepBatch) -> tuple[np.ndarray, np.ndarray, int, list] | None:

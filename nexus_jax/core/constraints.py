@@ -2,8 +2,9 @@
 output grammar, turned into the plain per-step tables the runner takes (a packed allowed mask, banned ids).
 
 A grammar or a bad word of several tokens needs the sequence's latest token on the host to say what the next may
-be; such a sequence is never planned while a sample of it is still in flight (`needs_history`, see
-Scheduler.schedule), so the overlapped loop runs it every other step and its batch-mates every step.
+be (`needs_history`). The overlapped loop plans such a sequence every step anyway and hands its limits to the
+executor late (StepInput.late): computed once the step in flight has landed, while the next forward pass runs.
+Executors that cannot take them late (the disaggregated workers) never see it planned while a sample is in flight.
 """
 
 from __future__ import annotations
@@ -63,6 +64,12 @@ class ConstraintFactory:
                                      f"({e})") from None
             return self._compiler
 
+    def limits(self, seqs: Sequence[Any]) -> tuple[list[list[int]], list[np.ndarray | None]]:
+        """Per sampling row, a Request (None: the row samples nothing that will be kept): the ids it must not
+        sample and the packed mask of those it may sample (None: any)."""
+        return ([banned_ids(s) if s is not None else [] for s in seqs],
+                self.masks([s.constraints if s is not None else None for s in seqs]))
+
     def masks(self, rows: Sequence[TokenConstraints | None]) -> list[np.ndarray | None]:
         """Each row's packed bitmask of the ids its next token may be (None: any). The grammars' masks are filled
         in one batched call, on xgrammar's threads: a step of 64 structured rows costs one call, not 64."""
@@ -92,3 +99,12 @@ class ConstraintFactory:
             return lambda: None
         return lambda: TokenConstraints(allowed, bad_words,
                                         None if compiled is None else self.compiler.matcher(compiled))
+
+
+def banned_ids(seq: Any) -> list[int]:
+    """Until min_tokens are out, EOS and the stop ids are not sampled at all (vLLM's behaviour); bad words. A
+    request's samples in flight count as out."""
+    words = seq.constraints.banned(seq.output_token_ids) if seq.constraints else []
+    if len(seq.output_token_ids) + seq.num_pending >= seq.params.min_tokens:
+        return words
+    return seq.banned_ids + words if words else seq.banned_ids

@@ -7,18 +7,18 @@ failure finishes the requests of the failed step with finish_reason "error" and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import random
 import time
 from typing import Any, Sequence
-
-import numpy as np
 
 from nexus_jax.core.block_manager import BlockManager
 from nexus_jax.core.config import EngineConfig
 from nexus_jax.core.constraints import ConstraintFactory
 from nexus_jax.core.logprobs import position_logprobs, prompt_targets, record_prompt_logprobs
 from nexus_jax.core.outputs import RequestMetrics, RequestOutput
+from nexus_jax.core.prompts import prompt_ids
 from nexus_jax.core.request import Request, RequestGroup, check_id_length
 from nexus_jax.core.sampling_params import SamplingParams
 from nexus_jax.core.scheduler import Scheduler, SchedulerOutput
@@ -46,6 +46,7 @@ class _Flight:
     plan: SchedulerOutput
     handle: StepHandle
     started: float
+    outputs: list[RequestOutput] | None = None  # set once folded early, by the next step's late inputs
 
 
 class LLMEngine:
@@ -77,11 +78,13 @@ class LLMEngine:
     def _make_scheduler(self, config: EngineConfig, executor: Executor) -> Scheduler:
         """One scheduler plans every step (the disaggregated engine plans its phases apart instead)."""
         swap_space = self._swap_space(config, executor) if config.preemption_mode == "swap" else None
-        return Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
+        scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
                          max_num_batched_tokens=config.max_num_batched_tokens, policy=config.scheduling_policy,
                          num_scheduler_steps=config.num_scheduler_steps, max_prefill_seqs=config.max_prefill_seqs,
                          swap_space=swap_space, program_config=program_config(config),
                          prefill_order=self.prefill_order(config), prefill_aging=config.prefill_aging)
+        scheduler.late_limits = getattr(executor, "takes_late_limits", False)
+        return scheduler
 
     def prefill_order(self, config: EngineConfig) -> str:
         return self.auto_prefill_order if config.prefill_order == "auto" else config.prefill_order
@@ -133,7 +136,7 @@ class LLMEngine:
             raise ValueError(f"thread_id must be a string, got {thread_id!r}")
         for name, value in (("request_id", request_id), ("program_id", program_id or ""), ("thread_id", thread_id)):
             check_id_length(name, value)
-        text, ids = self._prompt_ids(prompt)
+        text, ids = prompt_ids(prompt, self.tokenizer, self.vocab_size, self.max_model_len)
         room = self.max_model_len - len(ids)
         if room < 1:
             raise ValueError(f"prompt of {len(ids)} tokens leaves no room in the model's context of "
@@ -177,38 +180,6 @@ class LLMEngine:
             seqs.append(seq)
         return RequestGroup(request_id, text, ids, seqs, stream)
 
-    def _prompt_ids(self, prompt: str | dict[str, Any]) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict):
-            unknown = set(prompt) - {"prompt", "prompt_token_ids"}
-            if unknown:
-                raise ValueError(f"unknown prompt fields: {', '.join(sorted(unknown))}")
-            if "prompt_token_ids" in prompt:
-                ids = prompt["prompt_token_ids"]
-                if not isinstance(ids, (list, tuple)) or not all(
-                        isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in ids):
-                    raise ValueError("prompt_token_ids must be a list of integers")
-                bad = [int(t) for t in ids if not 0 <= t < self.vocab_size]
-                if bad:
-                    raise ValueError(f"prompt_token_ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
-                if not ids:
-                    raise ValueError("prompt is empty")
-                text = prompt.get("prompt")
-                if text is not None and not isinstance(text, str):
-                    raise ValueError(f"the prompt beside prompt_token_ids must be a string, got {type(text).__name__}")
-                return text, [int(t) for t in ids]
-            prompt = prompt.get("prompt")
-        if not isinstance(prompt, str):
-            raise ValueError(f"a prompt is a string or a dict with prompt_token_ids, got {type(prompt).__name__}")
-        if not prompt:  # a tokenizer that adds BOS would turn "" into a prompt of one token, and serve it
-            raise ValueError("prompt is empty")
-        if self.tokenizer is None:
-            raise ValueError("text prompts need a tokenizer, and this model has none: give prompt_token_ids")
-        self.tokenizer.check_text_length(prompt, self.max_model_len, "max_model_len")
-        ids = self.tokenizer.encode(prompt)
-        if not ids:
-            raise ValueError("prompt is empty")
-        return prompt, ids
-
     def abort_request(self, request_id: str) -> bool:
         """Aborts a request that has not finished; its final output (finish_reason "abort") comes from the next
         step(). Returns False for an unknown or already finished request."""
@@ -222,6 +193,11 @@ class LLMEngine:
                 seq.finish("abort", None, now)
         self._pending.append(self._retire(group))
         return True
+
+    def settle(self) -> list[RequestOutput]:
+        """Lands what is still in flight once no request is left to run (the wasted step after a stop), so that a
+        caller that stops stepping leaves no blocks held."""
+        return self.step() if self.has_unfinished_requests() and not self.scheduler.has_work() else []
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work() or bool(self._pending) or self._flight is not None
@@ -267,6 +243,8 @@ class LLMEngine:
 
     def _land(self, flight: _Flight) -> list[RequestOutput]:
         """Reads a dispatched step's samples back and folds them in, or fails its requests."""
+        if flight.outputs is not None:
+            return flight.outputs
         try:
             result = flight.handle.result()
         except Exception as e:
@@ -329,21 +307,26 @@ class LLMEngine:
         # logprobs=0 still wants the sampled token's log-prob, which the executor returns only when asked for 1+;
         # prompt log-probs come back in the SampleResult that log-probs make
         num_logprobs = max(max(wanted), 1) if wanted else 1 if any(prompt) else 0
-        banned = [self._banned(c.request) for c in chunks]
         bias = [c.request.params.logit_bias for c in chunks]
         penalties = [c.request.penalty.row() if c.request.penalty else None for c in chunks]
-        allowed = self.constraints.masks([c.request.constraints if c.samples else None for c in chunks])
-        return StepInput(decodes, prefills, rows, num_logprobs, banned if any(banned) else None, feed=feed,
-                         bias=bias if any(bias) else None, penalties=penalties if any(penalties) else None,
-                         allowed=allowed if any(a is not None for a in allowed) else None,
-                         prompt_logprobs=prompt if any(prompt) else None)
+        # A grammar or bad words need the sample in flight: the executor asks for them after the forward pass.
+        late = previous is not None and any(c.request.num_pending and self.scheduler.needs_last_token(c.request)
+                                            for c in chunks)
+        banned, allowed = (None, None) if late else self._limits(plan)
+        return StepInput(decodes, prefills, rows, num_logprobs, banned, feed=feed, bias=bias if any(bias) else None,
+                         penalties=penalties if any(penalties) else None, allowed=allowed,
+                         prompt_logprobs=prompt if any(prompt) else None,
+                         late=functools.partial(self._late_limits, plan, previous) if late else None)
 
-    def _banned(self, seq: Request) -> list[int]:
-        """Until min_tokens are out, EOS and the stop ids are not sampled at all (vLLM's behaviour); bad words."""
-        words = seq.constraints.banned(seq.output_token_ids) if seq.constraints else []
-        if len(seq.output_token_ids) + seq.num_pending >= seq.params.min_tokens:
-            return words
-        return seq.banned_ids + words if words else seq.banned_ids
+    def _limits(self, plan: SchedulerOutput) -> tuple[list | None, list | None]:
+        banned, allowed = self.constraints.limits([c.request if c.samples and not c.request.is_finished else None
+                                                   for c in plan.chunks])
+        return banned if any(banned) else None, allowed if any(a is not None for a in allowed) else None
+
+    def _late_limits(self, plan: SchedulerOutput, previous: _Flight) -> tuple[list | None, list | None]:
+        """Folds the step in flight (its samples advance grammars and bad words), then limits the plan's rows."""
+        previous.outputs = self._land(previous)
+        return self._limits(plan)
 
     def _append(self, seq: Request, token: int, result: Any, row: int, now: float) -> None:
         seq.append_token(token)

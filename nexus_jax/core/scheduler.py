@@ -94,6 +94,9 @@ class Scheduler:
         # disaggregated mode, where another worker may take them while the step still runs).
         self.preempt_in_flight = True
         self.waiting_joins_decodes = True  # aggregated steps admit waiting prompts beside the decodes
+        # Whether the executor takes the limits that the step in flight decides (StepInput.late): else a request
+        # whose grammar or bad words need its last sample waits for that sample to land.
+        self.late_limits = False
         self._deferred_free: set[str] = set()
 
     def set_policy(self, policy: str) -> None:
@@ -197,7 +200,7 @@ class Scheduler:
                 continue
             if req.remaining_tokens <= 0:
                 continue  # the step in flight draws its last token (the overlapped loop)
-            if req.num_pending and self.needs_last_token(req):
+            if req.num_pending and self.needs_last_token(req) and not self.late_limits:
                 continue
             n = min(req.num_planned_tokens - req.num_planned_computed, budget)
             if not self._allocate_or_preempt(req, n, order, planned, out):

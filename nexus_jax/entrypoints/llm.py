@@ -123,6 +123,7 @@ class LLM:
                     done[out.request_id] = out
                     if progress:
                         progress.update(out)
+        self.llm_engine.settle()
         if progress:
             progress.close()
         return [done[i] for i in ids]

@@ -58,6 +58,8 @@ class MockExecutor(StepsExecutor):
             done_at = self.device_free_at
         if step.num_steps > 1:
             return _Done(self._decode_steps(list(decodes), sampling_rows, step.num_steps), done_at)
+        if step.late is not None:  # asked while the simulated forward pass runs, as the model runner does
+            banned, _ = step.late()
         return _Done(self._run(decodes, prefills, sampling_rows, banned, num_logprobs), done_at)
 
     def _decode_steps(self, chunks: list[SeqChunk], sampling_rows: Sequence[SamplingRow], num_steps: int):

@@ -73,9 +73,19 @@ def test_the_grammar_ends_the_completion_even_with_ignore_eos_and_children_keep_
 def test_the_overlapped_and_synchronous_loops_give_the_same_tokens(llm):
     params = [_params(s, json=SCHEMA) for s in range(2)] + [
         _params(2, regex=r"[a-z]{3,6}"), SamplingParams(temperature=1.0, seed=3, max_tokens=24, bad_words=["ab"])]
-    ours = llm.generate([PROMPT] * 4, params, use_tqdm=False)
+    executor, steps = llm.llm_engine.executor, []
+    dispatch = executor.dispatch
+    executor.dispatch = lambda step: steps.append(step) or dispatch(step)
+    try:
+        ours = llm.generate([PROMPT] * 4, params, use_tqdm=False)
+    finally:
+        del executor.dispatch
     sync = LLM(dtype="float32", async_scheduling=False).generate([PROMPT] * 4, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in ours] == [o.outputs[0].token_ids for o in sync]
+    # The grammars took their masks late (after the step in flight landed), and no request skipped a step: each
+    # step runs every request still going, so there are as many steps as the longest completion has tokens + 1.
+    assert sum(s.late is not None for s in steps) >= len(steps) - 2
+    assert len(steps) <= max(len(o.outputs[0].token_ids) for o in ours) + 1
 
 
 def test_specs_are_checked_and_compiled_once(llm):
