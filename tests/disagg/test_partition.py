@@ -186,3 +186,19 @@ def test_bad_slo_and_state_raise():
         LoadState(-1, 10, [], 0.5)
     with pytest.raises(ValueError, match="waiting"):
         LoadState(1, 10, [], 0.5, [(10, -1.0)])
+
+
+def test_the_engine_config_sets_both_slos():
+    from nexus_jax import EngineConfig
+    from nexus_jax.disagg.ladder import SmLadder
+    from nexus_jax.disagg.setup import make_controller
+
+    config = EngineConfig(slo_ttft=0.7, slo_tbt=0.03, aggregate_when_safe=False)
+    c = make_controller(config, Fake(), SmLadder(LADDER))
+    assert (c.slo, c.allow_aggregate) == (Slo(ttft=0.7, tbt=0.03), False)
+    # A TTFT SLO of 0.7 s: of 30 queued prompts (waited 0.45 s), d30's 50 ms prefill serves 5 in time
+    # (0.45 + 5 * 0.05 = 0.70), d50's and d70's only 3 and 2; d30's 30 ms decode meets 30 ms too.
+    assert c.decide(load(queue())).goodput == 8 + 5
+    for bad in (0, -1.0, float("inf"), float("nan"), True, "2"):
+        with pytest.raises(ValueError, match="slo_ttft"):
+            EngineConfig(slo_ttft=bad)
