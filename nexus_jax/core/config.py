@@ -98,7 +98,8 @@ class EngineConfig:
     sm_ladder: tuple[int, ...] = _option(
         (30, 50), DISAGGREGATION, "decode SM shares (%) of the warm workers; prefill gets the rest")
     aggregate_when_safe: bool = _option(
-        True, DISAGGREGATION, "one mixed step on all SMs while it meets the TBT SLO (DuetServe)")
+        True, DISAGGREGATION, "one mixed step on all SMs unless a split is predicted to serve more requests "
+                              "within both SLOs (DuetServe)")
     slo_ttft: float = _option(
         2.0, DISAGGREGATION, "seconds: time to first token; the partition controller counts waiting prompts within it")
     slo_tbt: float = _option(

@@ -2,8 +2,9 @@
 its own share of the SMs, over one shared KV pool (Nexus, DuetServe).
 
 Each call of `step()` dispatches work to the idle phases and then folds back whatever finished first:
-- the partition controller sees the next prefill plan and the decode batch and picks "aggregate" (one mixed
-  chunked-prefill step on all SMs, when its predicted latency meets the TBT SLO and nothing is executing),
+- the partition controller sees the next prefill plan, the decode batch and the prompts waiting for their first
+  token, predicts each candidate's TTFT and TBT against both SLOs, and picks "aggregate" (one mixed
+  chunked-prefill step on all SMs, unless a split is predicted to beat it; only while nothing is executing),
   "split" (a decode worker and a prefill worker from the ladder of warm SM shares), or one phase alone;
 - decode is pipelined (async_scheduling): the next decode step goes to the decode worker while its current one
   runs, its input tokens fed on the device from that step's samples, so the worker's device never waits for the
