@@ -256,3 +256,15 @@ def test_a_step_that_fails_after_one_of_its_requests_was_aborted_fails_only_the_
     assert done["gone"].outputs[0].finish_reason == "abort"
     assert done["kept"].outputs[0].finish_reason == "error"
     assert engine.block_manager.usage == 0.0
+
+
+def test_the_controller_sees_the_prompts_waiting_for_their_first_token():
+    engine = make_engine(tbt=10.0)
+    engine.add_request("long", {"prompt_token_ids": list(range(1, 41))}, SamplingParams(max_tokens=2))
+    engine.add_request("short", {"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=2))
+    waiting = engine._waiting_prompts()
+    assert [n for n, _ in waiting] == [3, 40]   # prefill order: shortest prompt first
+    assert all(0 <= waited < 60 for _, waited in waiting)
+    done = run_all(engine)
+    assert done["long"].outputs[0].token_ids == expected(list(range(1, 41)), 2)
+    assert engine._waiting_prompts() == []
