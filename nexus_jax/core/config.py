@@ -98,9 +98,12 @@ class EngineConfig:
     sm_ladder: tuple[int, ...] = _option(
         (30, 50), DISAGGREGATION, "decode SM shares (%) of the warm workers; prefill gets the rest")
     aggregate_when_safe: bool = _option(
-        True, DISAGGREGATION, "one mixed step on all SMs while it meets the TBT SLO (DuetServe)")
-    slo_ttft: float = _option(2.0, DISAGGREGATION, "seconds: time to first token the partition controller aims for")
-    slo_tbt: float = _option(0.05, DISAGGREGATION, "seconds: time between tokens the partition controller aims for")
+        True, DISAGGREGATION, "one mixed step on all SMs unless a split is predicted to serve more requests "
+                              "within both SLOs (DuetServe)")
+    slo_ttft: float = _option(
+        2.0, DISAGGREGATION, "seconds: time to first token; the partition controller counts waiting prompts within it")
+    slo_tbt: float = _option(
+        0.05, DISAGGREGATION, "seconds: time between tokens; the partition controller counts decodes within it")
     prefill_aging: float = _option(
         15.0, SCHEDULING, "prefill_order spf: remaining prompt tokens - this * seconds waited")
     cost_model_path: str | None = _option(
@@ -139,9 +142,10 @@ class EngineConfig:
         if not ladder or any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= 99 for s in ladder):
             raise ValueError(f"sm_ladder must be decode SM percentages in 1..99, got {self.sm_ladder!r}")
         object.__setattr__(self, "sm_ladder", tuple(sorted(set(ladder))))
-        for name in ("slo_ttft", "slo_tbt"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive seconds, got {getattr(self, name)!r}")
+        for name in ("slo_ttft", "slo_tbt"):  # the partition controller divides by them and counts requests within
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be positive finite seconds, got {value!r}")
         if not self.prefill_aging >= 0:
             raise ValueError(f"prefill_aging must be >= 0, got {self.prefill_aging!r}")
         if not isinstance(self.seed, int):

@@ -2,8 +2,9 @@
 its own share of the SMs, over one shared KV pool (Nexus, DuetServe).
 
 Each call of `step()` dispatches work to the idle phases and then folds back whatever finished first:
-- the partition controller sees the next prefill plan and the decode batch and picks "aggregate" (one mixed
-  chunked-prefill step on all SMs, when its predicted latency meets the TBT SLO and nothing is executing),
+- the partition controller sees the next prefill plan, the decode batch and the prompts waiting for their first
+  token, predicts each candidate's TTFT and TBT against both SLOs, and picks "aggregate" (one mixed
+  chunked-prefill step on all SMs, unless a split is predicted to beat it; only while nothing is executing),
   "split" (a decode worker and a prefill worker from the ladder of warm SM shares), or one phase alone;
 - decode is pipelined (async_scheduling): the next decode step goes to the decode worker while its current one
   runs, its input tokens fed on the device from that step's samples, so the worker's device never waits for the
@@ -139,7 +140,7 @@ class DisaggEngine(LLMEngine):
         state = LoadState(decode_batch=len(running_decodes),
                           decode_sum_kv=sum(r.num_tokens for r in running_decodes),
                           prefill_chunks=[(c.num_tokens, c.start) for c in prefill.prefills] if has_prefill else [],
-                          kv_usage=self.block_manager.usage)
+                          kv_usage=self.block_manager.usage, waiting=self._waiting_prompts())
         decision = self.controller.decide(state)
         self.last_decision = decision
         outputs: list[RequestOutput] = []
@@ -173,6 +174,14 @@ class DisaggEngine(LLMEngine):
         elif prefill is not None:
             self._unhold(prefill)
         return outputs
+
+    def _waiting_prompts(self) -> list[tuple[int, float]]:
+        """(prompt tokens left, seconds waited) of each request before its first token, in prefill order: the
+        queue whose TTFT the controller predicts."""
+        sched, now = self.scheduler, time.monotonic()
+        before_first = [r for r in (*sched.running, *sched.waiting) if r.in_prefill and not r.output_token_ids]
+        return [(r.num_tokens - r.num_planned_computed, now - r.arrival_time)
+                for r in sorted(before_first, key=sched.admission_key)]
 
     def _free_worker(self, wanted: str, phase: str) -> str:
         """The wanted worker, or if it is executing (the other phase holds it), this phase's worker with the fewest
@@ -293,7 +302,9 @@ class DisaggEngine(LLMEngine):
                 "phase_steps": dict(self.phase_steps), "pipelined_steps": self.pipelined_steps,
                 "in_flight": sorted(n for n, flights in self.flights.items() if flights),
                 "partition": None if d is None else {"mode": d.mode, "decode_share": d.decode_share,
-                                                     "prefill_share": d.prefill_share, "objective": d.objective},
+                                                     "prefill_share": d.prefill_share, "objective": d.objective,
+                                                     "predicted_tbt": d.predicted_decode,
+                                                     "predicted_ttft": d.predicted_ttft, "goodput": d.goodput},
                 "controller": self.controller.stats(), "worker_startup_s": dict(self.pool.startup_seconds),
                 "faults": dict(self.faults)}
 

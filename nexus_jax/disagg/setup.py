@@ -17,7 +17,7 @@ from nexus_jax.core.loading import load_checked, model_facts
 from nexus_jax.disagg.cost_model import CostModel, profile_path
 from nexus_jax.disagg.engine import DisaggEngine
 from nexus_jax.disagg.ladder import AGGREGATE, HOLDER, SmLadder
-from nexus_jax.disagg.partition import PartitionController, Slo
+from nexus_jax.disagg.partition import LatencyModel, PartitionController, Slo
 from runner.step_batch import StepShapes
 from runner.workers.mps import MpsControl, try_start_mps
 from runner.workers.pool import WorkerError, WorkerPool
@@ -64,6 +64,12 @@ def worker_specs(config: EngineConfig, ladder: SmLadder, mps: MpsControl | None)
     return specs
 
 
+def make_controller(config: EngineConfig, cost_model: LatencyModel, ladder: SmLadder) -> PartitionController:
+    """The partition controller of `config`: its SLOs (both count in every decision) and whether it may aggregate."""
+    return PartitionController(cost_model, ladder, Slo(ttft=config.slo_ttft, tbt=config.slo_tbt),
+                               allow_aggregate=config.aggregate_when_safe)
+
+
 def build_disaggregated(config: EngineConfig) -> DisaggEngine | None:
     # If anything in this process starts a JAX GPU client later, it must not take 75% of the memory up front.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -91,9 +97,7 @@ def build_disaggregated(config: EngineConfig) -> DisaggEngine | None:
     try:
         loaded = load_checked(config, with_params=False)
         device = pool.workers[AGGREGATE].info()["device_kind"]
-        controller = PartitionController(_cost_model(config, loaded.config, device, loaded.name), ladder,
-                                         Slo(ttft=config.slo_ttft, tbt=config.slo_tbt),
-                                         allow_aggregate=config.aggregate_when_safe)
+        controller = make_controller(config, _cost_model(config, loaded.config, device, loaded.name), ladder)
         facts = model_facts(config, loaded, pool.shared.kv_shape[2])
         return DisaggEngine(config, pool, controller, facts.tokenizer, max_model_len=facts.max_model_len,
                             vocab_size=facts.vocab_size, eos_token_ids=facts.eos_token_ids, mps=mps,

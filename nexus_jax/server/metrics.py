@@ -122,8 +122,25 @@ class _EngineCollector(Collector):
             c = CounterMetricFamily(f"nexus_{name}", f"{name.replace('_', ' ')} since start")
             c.add_metric([], float(value))
             yield c
+        yield from _decision_families(per_engine)
         if self.replicated:
             yield from _replica_families(per_engine)
+
+
+def _decision_families(per_engine: list[tuple[bool, dict[str, Any]]]) -> Iterator[Any]:
+    """What each live engine's partition controller predicted for every candidate at its last decision (its
+    `controller.last`), so a dashboard shows why the split is what it is."""
+    families = {key: GaugeMetricFamily(f"nexus_partition_predicted_{name}", doc, labels=["replica", "candidate"])
+                for key, name, doc in (
+                    ("ttft", "ttft_seconds", "Predicted TTFT of the worst waiting prompt, per candidate partition"),
+                    ("tbt", "tbt_seconds", "Predicted time between tokens, per candidate partition"),
+                    ("goodput", "goodput", "Requests predicted to meet both SLOs, per candidate partition"))}
+    for i, (live, stats) in enumerate(per_engine):
+        last = (stats.get("controller") or {}).get("last") if live else None
+        for candidate in (last or {}).get("candidates", []):
+            for key, family in families.items():
+                family.add_metric([str(i), candidate["candidate"]], float(candidate[key]))
+    yield from families.values()
 
 
 def _replica_families(per_engine: list[tuple[bool, dict[str, Any]]]) -> Iterator[Any]:

@@ -60,12 +60,14 @@ def test_the_disaggregated_engine_waits_for_the_last_token_too(tokenizer):
     from nexus_jax.disagg.engine import DisaggEngine
     from nexus_jax.disagg.partition import PartitionController, Slo
     from nexus_jax.testing.engines import VOCAB
+    from nexus_jax.testing.latency import force_split
     from nexus_jax.testing.mock_pool import MockPool
     from runner.model.config import ModelConfig
 
     ladder = (30, 50)
     controller = PartitionController(CostModel.analytic(ModelConfig.preset("llama-3.1-8b"), 989e12, 3.35e12), ladder,
-                                     Slo(tbt=1e-9))  # nothing meets it: split steps, pipelined decodes
+                                     Slo(tbt=1e-9))
+    force_split(controller)  # split steps, pipelined decodes
     engine = DisaggEngine(EngineConfig(block_size=4, sm_ladder=ladder, max_num_batched_tokens=64),
                           MockPool(ladder, 256, 4, 0), controller, tokenizer, max_model_len=512, vocab_size=VOCAB)
     greedy = dict(temperature=0.0, max_tokens=6, ignore_eos=True)

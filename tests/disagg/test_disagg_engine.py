@@ -16,6 +16,7 @@ from nexus_jax.disagg.ladder import AGGREGATE, decode_worker, prefill_worker
 from nexus_jax.disagg.partition import PartitionController, Slo
 from nexus_jax.disagg.phase_scheduler import PhaseScheduler
 from nexus_jax.testing.engines import VOCAB, expected
+from nexus_jax.testing.latency import force_split
 from nexus_jax.testing.mock_pool import MockPool
 from nexus_jax.testing.runs import run_all, staggered
 from runner.model.config import ModelConfig
@@ -25,6 +26,7 @@ def make_engine(ladder=(30, 50), tbt=0.05, seed=0, num_blocks=256, restart_pool=
     config = EngineConfig(block_size=4, sm_ladder=ladder, max_num_batched_tokens=64, **cfg)
     model = ModelConfig.preset("llama-3.1-8b")
     controller = PartitionController(CostModel.analytic(model, 989e12, 3.35e12), ladder, Slo(tbt=tbt))
+    force_split(controller, tbt < 1)  # nothing meets a 1 ns TBT, but the goodput controller would aggregate then
     return DisaggEngine(config, MockPool(ladder, num_blocks, 4, seed), controller, None, max_model_len=512,
                         vocab_size=VOCAB, restart_pool=restart_pool)
 
@@ -52,7 +54,7 @@ def test_outputs_follow_the_rule_under_split_and_aggregate(seed, tbt, steps):
         for rid, prompt, n in reqs:
             assert done[rid].outputs[0].token_ids == expected(prompt, n), rid
     modes = engine.controller.stats()["modes"]
-    if tbt < 1:  # nothing meets a 1 ns TBT: every step with both phases splits
+    if tbt < 1:  # the mixed step never fits: every step with both phases splits
         assert modes.get("split", 0) > 0 and engine.phase_steps["mixed"] == 0
     else:        # everything meets 10 s: both phases together run as one mixed step
         assert modes.get("aggregate", 0) > 0 and engine.phase_steps["mixed"] > 0
@@ -228,6 +230,17 @@ def test_partition_decisions_are_exported_as_metrics():
     assert 'nexus_partition_decisions_total{mode="split"}' in text
     assert f'nexus_sm_split{{split="{engine.controller.stats()["current"]}"}} 1.0' in text
     assert "nexus_worker_replacements_total 0.0" in text and "nexus_pool_restarts_total 0.0" in text
+    # Every decision is in the engine's stats (a bounded log), with each candidate's predictions.
+    controller = engine.stats()["controller"]
+    assert 0 < len(controller["log"]) <= engine.controller.log.maxlen
+    assert any(entry["load"]["waiting"] > 0 for entry in controller["log"])   # the engine passes its queue
+    assert any(entry["candidates"] for entry in controller["log"])
+    for candidate in controller["last"]["candidates"]:  # none when the last step ran one phase alone
+        labels = f'replica="0",candidate="{candidate["candidate"]}"'
+        assert f"nexus_partition_predicted_goodput{{{labels}}} {float(candidate['goodput'])}" in text
+        assert f"nexus_partition_predicted_tbt_seconds{{{labels}}}" in text
+        assert f"nexus_partition_predicted_ttft_seconds{{{labels}}}" in text
+    assert engine.stats()["partition"]["goodput"] == engine.controller.current.goodput
 
 
 def test_a_step_that_fails_after_one_of_its_requests_was_aborted_fails_only_the_others():
@@ -243,3 +256,15 @@ def test_a_step_that_fails_after_one_of_its_requests_was_aborted_fails_only_the_
     assert done["gone"].outputs[0].finish_reason == "abort"
     assert done["kept"].outputs[0].finish_reason == "error"
     assert engine.block_manager.usage == 0.0
+
+
+def test_the_controller_sees_the_prompts_waiting_for_their_first_token():
+    engine = make_engine(tbt=10.0)
+    engine.add_request("long", {"prompt_token_ids": list(range(1, 41))}, SamplingParams(max_tokens=2))
+    engine.add_request("short", {"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=2))
+    waiting = engine._waiting_prompts()
+    assert [n for n, _ in waiting] == [3, 40]   # prefill order: shortest prompt first
+    assert all(0 <= waited < 60 for _, waited in waiting)
+    done = run_all(engine)
+    assert done["long"].outputs[0].token_ids == expected(list(range(1, 41)), 2)
+    assert engine._waiting_prompts() == []

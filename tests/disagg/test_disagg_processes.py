@@ -12,6 +12,7 @@ import pytest
 
 from nexus_jax import LLM, SamplingParams
 from nexus_jax.disagg.partition import Slo
+from nexus_jax.testing.latency import force_split
 from nexus_jax.testing.runs import one_by_one, run_all
 from runner.workers.pool import WorkerError
 
@@ -52,6 +53,7 @@ def tokens(outs):
 def test_greedy_outputs_equal_the_aggregated_engine(llm, reference, tbt):
     engine = llm.llm_engine
     engine.controller.slo = Slo(tbt=tbt)
+    force_split(engine.controller, tbt < 1)
     before, pipelined = dict(engine.phase_steps), engine.pipelined_steps
     assert tokens(staggered_run(engine, seed=int(tbt > 1))) == reference
     steps = {k: engine.phase_steps[k] - before[k] for k in before}
@@ -90,7 +92,8 @@ def run_killing(engine, seed, victim: str, after_steps: int):
 @pytest.mark.parametrize("victim, after_steps", [("aggregate", 0), ("decode-50", 6), ("prefill-50", 2)])
 def test_a_killed_worker_is_replaced_and_its_requests_recomputed(llm, reference, victim, after_steps):
     engine = llm.llm_engine
-    engine.controller.slo = Slo(tbt=1e-9)  # splits: both phase workers get steps
+    engine.controller.slo = Slo(tbt=1e-9)
+    force_split(engine.controller)  # splits: both phase workers get steps
     old_pid = engine.pool.workers[victim].process.pid
     before = dict(engine.stats()["faults"])
     outs = run_killing(engine, seed=5, victim=victim, after_steps=after_steps)
@@ -105,6 +108,7 @@ def test_a_killed_worker_is_replaced_and_its_requests_recomputed(llm, reference,
 def test_a_killed_holder_restarts_the_pool_and_recomputes_everything(llm, reference):
     engine = llm.llm_engine
     engine.controller.slo = Slo(tbt=1e-9)
+    force_split(engine.controller)
     old = engine.pool
     shm_names = [f"/dev/shm/{a.name}" for a in (old.shared.weights, old.shared.kv)]
     before = engine.stats()["faults"]["pool_restarts"]

@@ -1,0 +1,125 @@
+"""Goodput prediction: for one candidate partition (the aggregated mixed step, or one rung of the split), how many
+of the current requests would meet both SLOs.
+
+- TBT of the running decodes: the decode step time under the candidate, i.e. the mixed step for the aggregate (its
+  decodes wait for the chunk budget's prefill), or the decode worker's step at its share with the co-run
+  contention of the prefill beside it (HBM bandwidth is not partitioned: up to +36% on decode, DESIGN.md §8).
+- TTFT of each waiting prompt, in prefill order: the time it has waited plus the queue ahead of it and its own
+  tokens drained at the candidate's prefill rate (the next prefill step's tokens over that step's time).
+
+A request counts when it meets both: a running decode when the step meets TBT; a waiting prompt when its TTFT
+meets the TTFT SLO and the candidate's step meets TBT (it will decode at that pace). Pure functions over a latency
+model, so the controller (partition.py) and its tests can call them with hand-computable fakes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol, Sequence
+
+
+class LatencyModel(Protocol):
+    def predict_decode(self, share: float, batch: int, sum_kv: int, corun: bool = False) -> float: ...
+    def predict_prefill(self, share: float, chunks: Sequence[tuple[int, int]], corun: bool = False) -> float: ...
+    def predict_mixed(self, decode_batch: int, sum_kv: int, chunks: Sequence[tuple[int, int]]) -> float: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Slo:
+    ttft: float = 2.0   # seconds
+    tbt: float = 0.05   # seconds between tokens of one sequence
+
+    def __post_init__(self) -> None:
+        if not (self.ttft > 0 and self.tbt > 0):
+            raise ValueError(f"SLO targets must be positive seconds, got ttft={self.ttft} tbt={self.tbt}")
+
+    def scaled(self, factor: float) -> "Slo":
+        return Slo(self.ttft * factor, self.tbt * factor)
+
+
+@dataclasses.dataclass
+class LoadState:
+    decode_batch: int
+    decode_sum_kv: int
+    prefill_chunks: list[tuple[int, int]]   # the next prefill step's (new_tokens, prefix_len)
+    kv_usage: float                         # 0..1
+    # Prompts still before their first token, in prefill order: (prompt tokens left, seconds waited so far).
+    # None: just the next step's chunks, waited 0 s.
+    waiting: list[tuple[int, float]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.decode_batch < 0 or self.decode_sum_kv < 0 or not 0 <= self.kv_usage <= 1:
+            raise ValueError(f"bad load state: batch {self.decode_batch}, sum_kv {self.decode_sum_kv}, "
+                             f"kv_usage {self.kv_usage} (need >= 0, >= 0, within [0, 1])")
+        if self.waiting is None:
+            self.waiting = [(n, 0.0) for n, _ in self.prefill_chunks]
+        if any(n < 0 or waited < 0 for n, waited in self.waiting):
+            raise ValueError(f"waiting prompts need tokens >= 0 and seconds waited >= 0, got {self.waiting}")
+
+    @property
+    def num_requests(self) -> int:
+        return self.decode_batch + len(self.waiting)
+
+    def summary(self) -> dict[str, float]:
+        return {"decode_batch": self.decode_batch, "sum_kv": self.decode_sum_kv,
+                "prefill_tokens": sum(n for n, _ in self.prefill_chunks), "waiting": len(self.waiting),
+                "waiting_tokens": sum(n for n, _ in self.waiting),
+                "max_waited_s": max((w for _, w in self.waiting), default=0.0), "kv_usage": self.kv_usage}
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    mode: str                  # "aggregate" or "split"
+    decode_share: int          # percent of the SMs; 100 for the aggregate
+    decode_batch: int          # running decodes
+    tbt: float                 # predicted seconds per decode step
+    t_prefill: float           # predicted seconds per prefill step
+    ttfts: tuple[float, ...]   # predicted TTFT of each waiting prompt
+
+    @property
+    def label(self) -> str:
+        return f"split d{self.decode_share}/p{100 - self.decode_share}" if self.mode == "split" else self.mode
+
+    @property
+    def ttft(self) -> float:
+        """The worst waiting prompt's predicted TTFT (0 when none waits)."""
+        return max(self.ttfts, default=0.0)
+
+    def goodput(self, slo: Slo) -> int:
+        """Requests predicted to meet both SLOs."""
+        return (self.tbt <= slo.tbt) * (self.decode_batch + sum(t <= slo.ttft for t in self.ttfts))
+
+    def risk(self, slo: Slo) -> float:
+        """The worst of tbt / SLO and ttft / SLO: <= 1 when every request meets both."""
+        return max(self.tbt / slo.tbt, self.ttft / slo.ttft)
+
+    def as_dict(self, slo: Slo) -> dict[str, object]:
+        return {"candidate": self.label, "tbt": self.tbt, "ttft": self.ttft, "t_prefill": self.t_prefill,
+                "goodput": self.goodput(slo), "risk": self.risk(slo)}
+
+
+def predict(model: LatencyModel, state: LoadState, decode_share: int | None) -> Candidate:
+    """The candidate's step times and TTFTs; decode_share None is the aggregated mixed step. Both phases must
+    have work (the controller handles a phase alone without candidates)."""
+    chunks = state.prefill_chunks
+    if decode_share is None:
+        t_decode = t_prefill = model.predict_mixed(state.decode_batch, state.decode_sum_kv, chunks)
+    else:
+        t_decode = model.predict_decode(decode_share, state.decode_batch, state.decode_sum_kv, corun=True)
+        t_prefill = model.predict_prefill(100 - decode_share, chunks, corun=True)
+    return Candidate("aggregate" if decode_share is None else "split", 100 if decode_share is None else decode_share,
+                     state.decode_batch, t_decode, t_prefill,
+                     tuple(queue_ttfts(state.waiting, sum(n for n, _ in chunks), t_prefill)))
+
+
+def queue_ttfts(waiting: Sequence[tuple[int, float]], step_tokens: int, step_seconds: float) -> list[float]:
+    """Each waiting prompt's predicted TTFT: its wait so far plus the tokens ahead of it and its own, drained at
+    step_tokens per step_seconds."""
+    if step_tokens <= 0:
+        return [float("inf") for _ in waiting]
+    per_token = step_seconds / step_tokens
+    ttfts, queued = [], 0
+    for tokens, waited in waiting:
+        queued += tokens
+        ttfts.append(waited + queued * per_token)
+    return ttfts
