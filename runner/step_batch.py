@@ -198,7 +198,7 @@ def pack_step(d: DecodeRows, prefills: Sequence[SeqChunk], block_size: int,
     # The longest chunk is bounded by the token bucket: one shape per bucket instead of one per chunk length.
     return StepBatch(
         tokens=tokens, positions=positions, slot_mapping=slots,
-        decode_block_tables=d_tables, decode_context_lens=d.context_lens.copy(),
+        decode_block_tables=d_tables, decode_context_lens=d.context_lens,
         prefill_block_tables=p_tables, prefill_q_start=q_start, prefill_q_lens=q_lens,
         prefill_kv_lens=kv_lens, logits_indices=logits_idx,
         num_decode=nd, num_prefill_tokens=tp, max_q_len=tp)
