@@ -22,6 +22,9 @@ from runner.step_batch import DecodeRows, SeqChunk, StepBatch, StepShapes, build
 
 
 class DecodeState:
+    """One runner's decode rows; `build` makes each step from them. `rows` and `blocks` are the initial capacity
+    (it grows to the largest bucket and table seen)."""
+
     def __init__(self, block_size: int, shapes: StepShapes, rows: int = 8, blocks: int = 64):
         self.block_size, self.shapes = block_size, shapes
         self._row_of: dict[Hashable, int] = {}
