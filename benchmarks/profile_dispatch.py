@@ -3,7 +3,7 @@
   PYTHONPATH=. python3 benchmarks/profile_dispatch.py --out $OUT [--preset llama-3.1-8b] [--variants]
 
 On one ModelRunner (random weights), per step, medians over back-to-back steps:
-- sync: `dispatch` then `result()`, with the host time of each part of `dispatch` (build_step_batch,
+- sync: `dispatch` then `result()`, with the host time of each part of `dispatch` (DecodeState.build,
   SamplingTensors.from_rows, the forward call, the sampler call) and the whole step;
 - chained: steps dispatched back to back, each fed the previous one's samples on the device, read once at the end:
   the host time per dispatch against the device time per step (the pace of the chain);
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from runner import model_runner, programs
+from runner import batch_state, programs
 from runner.executor import StepInput
 from runner.model.checkpoint import random_params
 from runner.model.config import ModelConfig
@@ -123,7 +123,7 @@ def profile(preset: str, batch: int, ctx: int, steps: int) -> dict:
     for _ in range(3):
         runner.dispatch(step_input(ctx - 1, False)).result()
 
-    parts = [(model_runner, "build_step_batch"), (SamplingTensors, "from_rows"), (programs, "forward"),
+    parts = [(batch_state.DecodeState, "build"), (SamplingTensors, "from_rows"), (programs, "forward"),
              (programs, "sample_step")]
     spans, restore = timed_parts(parts)
     dispatch, whole = [], []

@@ -18,13 +18,14 @@ import numpy as np
 from flax import nnx
 
 from runner import programs
+from runner.batch_state import DecodeState
 from runner.executor import StepInput, StepsExecutor
 from runner.model.config import ModelConfig
 from runner.model.llama import Transformer
 from runner.penalties import PenaltyRow
 from runner.programs import FEED_ROWS, MIN_SWAP_BLOCKS
 from runner.sampling import MODES, SamplingRow, SamplingTensors
-from runner.step_batch import DEFAULT_SHAPES, SeqChunk, StepBatch, StepShapes, bucket, build_step_batch, padding_batch
+from runner.step_batch import DEFAULT_SHAPES, SeqChunk, StepBatch, StepShapes, bucket, padding_batch
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class ModelRunner(StepsExecutor):
         self.block_size = block_size
         self.shapes = shapes
         self.device = device
+        self._decode_state = DecodeState(block_size, shapes)
         with on_device(device):
             # Committed arrays make jit run on their device; device_put of an array already there copies nothing.
             if model is None:
@@ -155,15 +157,14 @@ class ModelRunner(StepsExecutor):
             raise ValueError(f"{len(sampling_rows)} sampling rows for {len(decodes) + len(prefills)} chunks")
         if step.num_steps > 1:
             return self._dispatch_steps(step)
-        batch = build_step_batch(list(decodes), list(prefills), self.block_size, self.shapes)
-        rows = self._rows(batch, len(decodes), len(prefills))
+        batch, rows = self._decode_state.build(decodes, prefills)
         num_rows = batch.logits_indices.shape[0]
         if num_rows > FEED_ROWS:
             raise ValueError(f"{num_rows} logits rows in one step; at most {FEED_ROWS}")
         feed_src = np.full(batch.num_decode, -1, np.int32)
         pending_src = np.full(num_rows, -1, np.int32)  # the fed token of each logits row, for its penalties
         fed = self._feed(step, feed_src, pending_src, rows)
-        prompt = self._prompt_rows(step, batch) if step.prompt_logprobs else None
+        prompt = self._prompt_rows(step, batch, rows) if step.prompt_logprobs else None
         sampled_rows = batch.logits_indices.shape[0]
         if prompt is not None:  # the prompt rows' logits too, after the sampled ones
             batch = batch.replace(logits_indices=np.concatenate([batch.logits_indices, prompt[0]]))
@@ -197,7 +198,8 @@ class ModelRunner(StepsExecutor):
                                          allowed=padded_allowed)
 
     @staticmethod
-    def _prompt_rows(step: StepInput, batch: StepBatch) -> tuple[np.ndarray, np.ndarray, int, list] | None:
+    def _prompt_rows(step: StepInput, batch: StepBatch, chunk_rows: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray, int, list] | None:
         """The token rows whose logits give step.prompt_logprobs and their targets, padded to a power of two (one
         program per bucket), the largest top count, and per chunk (chunk, first output row, rows, top count)."""
         rows: list[np.ndarray] = []
@@ -208,7 +210,9 @@ class ModelRunner(StepsExecutor):
             if spec is None or not len(spec[2]):
                 continue
             k, first, wanted = spec
-            base = i if i < num_decodes else batch.num_decode + int(batch.prefill_q_start[i - num_decodes])
+            # A decode's token row is its logits row; a prefill's rows start at its segment.
+            base = int(chunk_rows[i]) if i < num_decodes else (batch.num_decode
+                                                                + int(batch.prefill_q_start[i - num_decodes]))
             segments.append((i, len(targets), len(wanted), k))
             rows.append(base + first + np.arange(len(wanted)))
             targets.extend(wanted)
@@ -227,9 +231,11 @@ class ModelRunner(StepsExecutor):
             if len(c.block_table) * self.block_size < c.start_pos + step.num_steps:
                 raise ValueError(f"block table of {len(c.block_table)} blocks cannot hold {step.num_steps} steps "
                                  f"from position {c.start_pos}")
-        batch = build_step_batch(list(step.decodes), [], self.block_size, self.shapes)
-        st = SamplingTensors.from_rows(step.rows, pad_to=batch.num_decode)
-        rows = np.arange(len(step.decodes))
+        batch, rows = self._decode_state.build(step.decodes, [])
+        padded: list[SamplingRow | None] = [None] * batch.num_decode
+        for r, row in zip(rows, step.rows):
+            padded[r] = row
+        st = SamplingTensors.from_rows(padded)
         feed_src = np.full(batch.num_decode, -1, np.int32)
         fed = self._feed(step, feed_src, np.full(batch.num_decode, -1, np.int32), rows)
         out, fed, self.kv_pool = programs.decode_steps(self.model_def, self.weights, self.kv_pool, batch, st,
@@ -246,16 +252,16 @@ class ModelRunner(StepsExecutor):
             raise RuntimeError("a step feeds on the previous step's samples, but none was dispatched")
         fed, last_rows = self._last_samples
         for i, r in step.feed:
-            feed_src[i] = pending_src[rows[i]] = last_rows[r]
+            feed_src[rows[i]] = pending_src[rows[i]] = last_rows[r]
         return fed
 
     def logits(self, decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk]) -> np.ndarray:
         """fp32 logits of each chunk's last token (decodes then prefills), writing the chunks' K/V."""
-        batch = build_step_batch(list(decodes), list(prefills), self.block_size, self.shapes)
+        batch, rows = self._decode_state.build(decodes, prefills)
         no_feed = np.full(batch.num_decode, -1, np.int32)
         logits, self.kv_pool = programs.forward(self.model_def, self.weights, self.kv_pool, batch, self._no_feed,
                                                 no_feed)
-        return np.asarray(logits)[self._rows(batch, len(decodes), len(prefills))]
+        return np.asarray(logits)[rows]
 
     @property
     def block_bytes(self) -> int:
@@ -343,11 +349,6 @@ class ModelRunner(StepsExecutor):
                 logits.setdefault(out[0].shape[0], out[0])
         jax.block_until_ready(self.kv_pool)
         return logits
-
-    @staticmethod
-    def _rows(batch: StepBatch, num_decodes: int, num_prefills: int) -> np.ndarray:
-        # Logits rows of the real chunks: decode rows first, prefill rows after the padded decode bucket.
-        return np.asarray(list(range(num_decodes)) + [batch.num_decode + s for s in range(num_prefills)])
 
 
 def _pad(blocks: np.ndarray, fill: int) -> np.ndarray:

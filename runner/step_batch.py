@@ -10,6 +10,8 @@ longest chunk tied to the prefill token bucket, and block-table widths in powers
 from __future__ import annotations
 
 import dataclasses
+import itertools
+from typing import Hashable, Sequence
 
 import jax
 import numpy as np
@@ -39,6 +41,9 @@ class SeqChunk:
     token_ids: list[int]
     start_pos: int          # tokens of this sequence already in the KV pool
     block_table: list[int]  # blocks covering at least start_pos + len(token_ids) tokens
+    # Names the sequence across steps, so that a runner keeps its decode row (runner.batch_state) and copies only
+    # the blocks its table gained; None: the row is rebuilt every step.
+    seq_id: Hashable | None = None
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -106,55 +111,83 @@ def padding_batch(num_decode: int, num_prefill_tokens: int, table_width: int,
         num_decode=num_decode, num_prefill_tokens=num_prefill_tokens, max_q_len=num_prefill_tokens)
 
 
-def build_step_batch(decodes: list[SeqChunk], prefills: list[SeqChunk], block_size: int,
-                     shapes: StepShapes = DEFAULT_SHAPES) -> StepBatch:
-    """Packs the chunks into padded numpy arrays. Logits row i belongs to decodes[i] for i < len(decodes) and to
-    prefills[i - num_decode] after the padded decode rows (the last token of that chunk)."""
+def check_chunks(decodes: Sequence[SeqChunk], prefills: Sequence[SeqChunk], block_size: int,
+                 shapes: StepShapes) -> None:
     if len(prefills) > shapes.prefill_seqs:
         raise ValueError(f"{len(prefills)} prefill chunks in one step; the step shapes allow "
                          f"{shapes.prefill_seqs}")
     for c in decodes:
         if len(c.token_ids) != 1:
             raise ValueError(f"a decode chunk carries exactly one token, got {len(c.token_ids)}")
-    chunks = decodes + prefills
-    for c in chunks:
+    for c in itertools.chain(decodes, prefills):
         if not c.token_ids:
             raise ValueError("empty chunk")
         if len(c.block_table) * block_size < c.start_pos + len(c.token_ids):
             raise ValueError(f"block table of {len(c.block_table)} blocks cannot hold "
                              f"{c.start_pos + len(c.token_ids)} tokens")
+
+
+@dataclasses.dataclass
+class DecodeRows:
+    """The decode part of a step, one row per padded decode slot; a padding row has context length 0."""
+    tokens: np.ndarray        # [num_decode]
+    positions: np.ndarray     # [num_decode]
+    slots: np.ndarray         # [num_decode], -1 for padding rows
+    tables: np.ndarray        # [num_decode, >= the blocks any row uses]
+    context_lens: np.ndarray  # [num_decode]
+    table_blocks: int         # the longest row's blocks
+
+
+def build_step_batch(decodes: list[SeqChunk], prefills: list[SeqChunk], block_size: int,
+                     shapes: StepShapes = DEFAULT_SHAPES) -> StepBatch:
+    """Packs the chunks into padded numpy arrays. Logits row i belongs to decodes[i] for i < len(decodes) and to
+    prefills[i - num_decode] after the padded decode rows (the last token of that chunk)."""
+    check_chunks(decodes, prefills, block_size, shapes)
     nd = shapes.decode_rows(len(decodes))
+    n = len(decodes)
+    blocks = max((len(c.block_table) for c in decodes), default=1)
+    tables = np.zeros((nd, blocks), np.int32)
+    # Decodes in bulk: with 256 of them a step, per-chunk numpy calls cost milliseconds of host time.
+    for i, c in enumerate(decodes):
+        tables[i, :len(c.block_table)] = c.block_table
+    tokens, positions, ctx = np.zeros(nd, np.int32), np.zeros(nd, np.int32), np.zeros(nd, np.int32)
+    slots = np.full(nd, -1, np.int32)
+    tokens[:n] = [c.token_ids[0] for c in decodes]
+    positions[:n] = [c.start_pos for c in decodes]
+    d_pos = positions[:n]
+    slots[:n] = tables[np.arange(n), d_pos // block_size] * block_size + d_pos % block_size
+    ctx[:n] = d_pos + 1
+    return pack_step(DecodeRows(tokens, positions, slots, tables, ctx, blocks), prefills, block_size, shapes)
+
+
+def pack_step(d: DecodeRows, prefills: Sequence[SeqChunk], block_size: int,
+              shapes: StepShapes = DEFAULT_SHAPES) -> StepBatch:
+    """The step of decode rows `d` (already padded to their bucket) followed by the prefill chunks."""
+    nd = len(d.tokens)
     tp = shapes.prefill_tokens(sum(len(c.token_ids) for c in prefills))
     sp = shapes.prefill_seqs if prefills else 0
-    max_blocks = shapes.table_width(max((len(c.block_table) for c in chunks), default=1))
+    max_blocks = shapes.table_width(max([d.table_blocks] + [len(c.block_table) for c in prefills]))
     total = nd + tp
 
     tokens = np.zeros(total, np.int32)
     positions = np.zeros(total, np.int32)
     slots = np.full(total, -1, np.int32)
-    tables = np.zeros((nd + sp, max_blocks), np.int32)
-    d_ctx = np.zeros(nd, np.int32)
+    d_tables = np.zeros((nd, max_blocks), np.int32)
+    used = min(max_blocks, d.tables.shape[1])
+    d_tables[:, :used] = d.tables[:, :used]
+    p_tables = np.zeros((sp, max_blocks), np.int32)
     q_start = np.zeros(sp, np.int32)
     q_lens = np.zeros(sp, np.int32)
     kv_lens = np.zeros(sp, np.int32)
     logits_idx = np.zeros(nd + sp, np.int32)
-
-    # Decodes in bulk: with 256 of them a step, per-chunk numpy calls cost milliseconds of host time.
-    n = len(decodes)
-    for i, c in enumerate(decodes):
-        tables[i, :len(c.block_table)] = c.block_table
-    tokens[:n] = [c.token_ids[0] for c in decodes]
-    positions[:n] = [c.start_pos for c in decodes]
-    d_pos = positions[:n]
-    slots[:n] = tables[np.arange(n), d_pos // block_size] * block_size + d_pos % block_size
-    d_ctx[:n] = d_pos + 1
-    logits_idx[:n] = np.arange(n)
+    tokens[:nd], positions[:nd], slots[:nd] = d.tokens, d.positions, d.slots
+    logits_idx[:nd] = np.arange(nd)
     row = nd
     for s, c in enumerate(prefills):
         n = len(c.token_ids)
         pos = np.arange(c.start_pos, c.start_pos + n)
         table = np.asarray(c.block_table, np.int32)
-        tables[nd + s, :len(table)] = table
+        p_tables[s, :len(table)] = table
         tokens[row:row + n] = c.token_ids
         positions[row:row + n] = pos
         slots[row:row + n] = table[pos // block_size] * block_size + pos % block_size
@@ -165,7 +198,7 @@ def build_step_batch(decodes: list[SeqChunk], prefills: list[SeqChunk], block_si
     # The longest chunk is bounded by the token bucket: one shape per bucket instead of one per chunk length.
     return StepBatch(
         tokens=tokens, positions=positions, slot_mapping=slots,
-        decode_block_tables=tables[:nd], decode_context_lens=d_ctx,
-        prefill_block_tables=tables[nd:], prefill_q_start=q_start, prefill_q_lens=q_lens,
+        decode_block_tables=d_tables, decode_context_lens=d.context_lens,
+        prefill_block_tables=p_tables, prefill_q_start=q_start, prefill_q_lens=q_lens,
         prefill_kv_lens=kv_lens, logits_indices=logits_idx,
         num_decode=nd, num_prefill_tokens=tp, max_q_len=tp)

@@ -290,7 +290,9 @@ class LLMEngine:
         flight (`previous`) still samples carries a placeholder, fed on the device from that step's sample."""
         chunks = plan.chunks
         seq_chunks = [SeqChunk(c.request.all_token_ids[c.start:c.start + c.num_tokens] or [0], c.start,
-                               self.block_manager.block_table(c.request.request_id)) for c in chunks]
+                               self.block_manager.block_table(c.request.request_id),
+                               # a resumed request's table is new: its preemption count keys a new runner row
+                               (c.request.request_id, c.request.num_preemptions)) for c in chunks]
         # A request's step index counts its samples in flight: seeded draws and min_tokens do not lag.
         rows = [c.request.sampling_row.at_step(len(c.request.output_token_ids) + c.request.num_pending)
                 for c in chunks]
