@@ -11,12 +11,16 @@ import random
 import pytest
 from prometheus_client import generate_latest
 
+from nexus_jax import EngineConfig, LLMEngine
 from nexus_jax.core.block_manager import block_key
 from nexus_jax.core.host_cache import HostCache
 from nexus_jax.server.metrics import EngineMetrics
 from nexus_jax.testing import engines
 from nexus_jax.testing.engines import VOCAB, expected
 from nexus_jax.testing.runs import greedy, run_all
+from runner.model.loader import load_model
+from runner.model_runner import ModelRunner
+from runner.step_batch import StepShapes
 
 BLOCK = 4
 MOCK_BLOCK_GIB = 16 * BLOCK / 2**30  # one mock block in GiB: host_cache_gib = k * this gives k host blocks
@@ -47,18 +51,18 @@ def prompt(seed, length):
     return [rng.randrange(VOCAB) for _ in range(length)]
 
 
-def flood_and_return(engine, context, others=6, n=4):
+def flood_and_return(engine, context, others=6, n=4, **params):
     """Program "a" runs a call, programs "b0".. flood the pool with contexts of their own, then "a" calls again
     with its context, its answer and a new turn; returns the outputs of every call."""
     done = {}
-    engine.add_request("a0", {"prompt_token_ids": context}, greedy(n), program_id="a")
+    engine.add_request("a0", {"prompt_token_ids": context}, greedy(n, **params), program_id="a")
     done.update(run_all(engine))
     for i in range(others):
-        engine.add_request(f"b{i}", {"prompt_token_ids": prompt(100 + i, len(context))}, greedy(n),
+        engine.add_request(f"b{i}", {"prompt_token_ids": prompt(100 + i, len(context))}, greedy(n, **params),
                            program_id=f"b{i}")
         done.update(run_all(engine))
     second = context + done["a0"].outputs[0].token_ids + [7, 8, 9]
-    engine.add_request("a1", {"prompt_token_ids": second}, greedy(n), program_id="a")
+    engine.add_request("a1", {"prompt_token_ids": second}, greedy(n, **params), program_id="a")
     done.update(run_all(engine))
     return done, second
 
@@ -186,7 +190,6 @@ def test_a_full_host_tier_evicts_the_lowest_ranked_program_first():
     ({"host_cache_gib": 1.0, "disaggregation": "on"}, "host cache tier is for the aggregated mode"),
 ])
 def test_bad_host_cache_config_is_named(kwargs, message):
-    from nexus_jax import EngineConfig
     with pytest.raises(ValueError, match=message):
         EngineConfig(**kwargs)
 
@@ -194,3 +197,21 @@ def test_bad_host_cache_config_is_named(kwargs, message):
 def test_a_host_tier_smaller_than_a_block_is_refused():
     with pytest.raises(ValueError, match="host_cache_gib .* holds no KV block"):
         engines.make_engine(16, BLOCK, host_cache_gib=MOCK_BLOCK_GIB / 2)
+
+
+@ASYNC
+def test_the_model_runner_restores_a_flooded_context_with_outputs_unchanged(overlap):
+    loaded = load_model(None, dtype="float32")
+    results = {}
+    for host_gib in (1e-2, 0.0):
+        config = EngineConfig(dtype="float32", block_size=BLOCK, max_num_seqs=4, max_num_batched_tokens=64,
+                              max_prefill_seqs=4, host_cache_gib=host_gib, async_scheduling=overlap)
+        runner = ModelRunner(loaded.config, loaded.params, num_blocks=16, block_size=BLOCK,
+                             shapes=StepShapes(prefill_seqs=4, min_table_blocks=16))
+        engine = LLMEngine(config, runner, None, max_model_len=96, vocab_size=loaded.config.vocab_size)
+        done, _ = flood_and_return(engine, prompt(1, 33), others=3, ignore_eos=True)
+        results[host_gib] = {rid: out.outputs[0].token_ids for rid, out in done.items()}, done["a1"], engine
+    (with_tier, a1, engine), (without, plain, _) = results[1e-2], results[0.0]
+    assert with_tier == without
+    assert a1.num_cached_tokens >= 32 and plain.num_cached_tokens == 0
+    assert engine.stats()["prefix_cache_host_hit_tokens"] >= 32
