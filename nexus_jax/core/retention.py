@@ -3,7 +3,8 @@
 Plain LRU by default. With a program-aware policy the blocks are grouped by the program that released them last
 (PLAS/ATLAS applied to the cache, after Autellix): the groups of programs with no entry in the process table (ended
 sessions, expired, one-call requests) go first, then those of the programs with the most attained service, and
-the contexts of the programs with the least service are kept longest; LRU within a group. An agent's context thus
+the contexts of the programs with the least service are kept longest; LRU within a group, and between groups of
+equal rank by their least recent block. An agent's context thus
 stays cached while it thinks or waits for a tool, for as long as it ranks above what else the cache holds.
 
 Ranks change only as steps land, so the order of the groups is computed once per plan that evicts (`invalidate`
@@ -24,7 +25,9 @@ class EvictionOrder:
 
     def __init__(self, rank: Rank | None = None):
         self.rank = rank
-        self._groups: dict[Hashable, OrderedDict[Hashable, None]] = {}  # owner -> items, least recent first
+        # owner -> {item: when it was added}, least recent first
+        self._groups: dict[Hashable, OrderedDict[Hashable, int]] = {}
+        self._clock = 0
         self._owner_of: dict[Hashable, Hashable] = {}
         self._victims: list[Hashable] | None = None  # owners, kept longest first; None: to rank again
 
@@ -44,7 +47,8 @@ class EvictionOrder:
         if group is None:
             group = self._groups[owner] = OrderedDict()
             self._victims = None  # a new group is ranked with the others at the next eviction
-        group[item] = None
+        group[item] = self._clock
+        self._clock += 1
         self._owner_of[item] = owner
 
     def remove(self, item: Hashable) -> Hashable:
@@ -69,14 +73,17 @@ class EvictionOrder:
         """Removes the next item to evict; returns it and its owner."""
         if not self._owner_of:
             raise KeyError("nothing to evict")
-        if self._victims is None:
-            self._victims = sorted(self._groups, key=self.rank, reverse=True) if self.rank else [None]
+        if self._victims is None:  # equal ranks (the ownerless): the group holding the least recent item first
+            self._victims = sorted(self._groups, key=self._key, reverse=True) if self.rank else [None]
         while self._victims[-1] not in self._groups:
             self._victims.pop()  # its last item went
         owner = self._victims[-1]
         item = next(iter(self._groups[owner]))
         self.remove(item)
         return item, owner
+
+    def _key(self, owner: Hashable) -> tuple:
+        return self.rank(owner), next(iter(self._groups[owner].values()))
 
     def invalidate(self) -> None:
         """The ranks changed (service accrued, a session ended): the next eviction ranks the groups again."""

@@ -122,3 +122,12 @@ def test_preemption_takes_the_running_call_of_the_most_served_program(mode):
     assert calls["heavy.1"].num_preemptions > 0 and calls["light.1"].num_preemptions == 0
     for rid, seed in (("heavy.1", 1), ("light.1", 2)):
         assert done[rid].outputs[0].token_ids == expected(context(seed, 5), 30)
+
+
+def test_groups_of_equal_rank_go_by_their_least_recent_block():
+    order = EvictionOrder(lambda owner: (0, 0.0))  # every owner ended
+    for item, owner in ((0, "x"), (1, "y"), (2, "x")):
+        order.add(item, owner)
+    order.add(3, "y")
+    order.remove(0)  # x's least recent block is now younger than y's
+    assert [order.pop()[0] for _ in range(3)] == [1, 3, 2]  # y's group is ranked first, once for the plan
