@@ -83,7 +83,7 @@ class Scheduler:
         self.swap_space = swap_space  # None: preemption by recompute only
         self.host_cache = host_cache  # None: blocks evicted from the device pool are lost
         block_manager.host = host_cache
-        # Prompt tokens served from the prefix cache at admission, from the device pool and from the host tier.
+        # Tokens served from the prefix cache at admissions (resumptions too), from the device pool and the host tier.
         self.cached_tokens = {"device": 0, "host": 0}
         self.programs = make_policy("fcfs", program_config)
         self.set_policy(policy)
@@ -342,14 +342,13 @@ class Scheduler:
             if keys:
                 self.host_cache.restore(taken, table[len(prefix):len(prefix) + len(keys)])
                 bm.commit(req.request_id, req.all_token_ids, start)  # the restored blocks are matchable again
-            if req.metrics.first_scheduled_time is None:
-                req.num_cached_tokens = start
-                self.cached_tokens["device"] += len(prefix) * bm.block_size
-                self.cached_tokens["host"] += len(keys) * bm.block_size
+            self.cached_tokens["device"] += len(prefix) * bm.block_size
+            self.cached_tokens["host"] += len(keys) * bm.block_size
             req.num_computed_tokens = start
             req.status = RequestStatus.RUNNING
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = time.monotonic()
+                req.num_cached_tokens = start  # vLLM reports the first admission's
             self.waiting.remove(req)
             self.running.append(req)
             self._plan(out, req, n)
