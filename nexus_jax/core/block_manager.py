@@ -100,12 +100,21 @@ class BlockManager:
             self._hit_tokens += len(blocks) * size
         return blocks
 
-    def key_of(self, block: int) -> bytes:
-        """The key of a cached block (from match_prefix), the parent of the block after it."""
-        key = self._key_of[block]
-        if key is None:
-            raise ValueError(f"block {block} holds no cached prefix")
-        return key
+    def match_host(self, token_ids: Sequence[int], prefix: Sequence[int], salt: str | None = None) -> list[bytes]:
+        """Keys of the blocks of the host tier that continue `prefix` (what match_prefix returned for `token_ids`
+        and `salt`), up to the first miss, leaving the last token out as match_prefix does."""
+        if self.host is None:
+            return []
+        size = self.block_size
+        keys: list[bytes] = []
+        parent = self._key_of[prefix[-1]] if prefix else prefix_root(salt)
+        for i in range(len(prefix), (len(token_ids) - 1) // size):
+            key = block_key(parent, token_ids[i * size:(i + 1) * size])
+            if not self.host.readable(key):
+                break
+            keys.append(key)
+            parent = key
+        return keys
 
     def set_retention(self, rank: Rank | None) -> None:
         """Ranks the cached blocks no sequence holds, in the pool and the host tier, by the program that released

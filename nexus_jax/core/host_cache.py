@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Any, Hashable, Sequence
 
-from nexus_jax.core.block_manager import block_key
 from nexus_jax.core.retention import EvictionOrder
 from nexus_jax.core.swap_space import SwapSpace
 
@@ -69,19 +68,9 @@ class HostCache:
         self._out.append((device_block, host))
         self.num_stores += 1
 
-    def match(self, token_ids: Sequence[int], parent: bytes, first: int, block_size: int) -> list[bytes]:
-        """Keys held here of the full blocks of `token_ids` from block `first` on (whose parent key is `parent`),
-        up to the first miss, leaving the last token out as BlockManager.match_prefix does."""
-        keys: list[bytes] = []
-        if not self._entries:
-            return keys
-        for i in range(first, (len(token_ids) - 1) // block_size):
-            key = block_key(parent, token_ids[i * block_size:(i + 1) * block_size])
-            if key not in self._entries or key in self._pending:
-                break
-            keys.append(key)
-            parent = key
-        return keys
+    def readable(self, key: bytes) -> bool:
+        """Whether a block of this key can be copied back by the plan being built."""
+        return key in self._entries and key not in self._pending
 
     def take(self, keys: Sequence[bytes]) -> list[tuple[int, Hashable]]:
         """Removes matched entries before their device blocks are allocated (which may store, and so evict, here);

@@ -17,7 +17,7 @@ import collections
 import dataclasses
 import time
 
-from nexus_jax.core.block_manager import BlockManager, prefix_root
+from nexus_jax.core.block_manager import BlockManager
 from nexus_jax.core.host_cache import HostCache
 from nexus_jax.core.request import Request, RequestStatus
 from nexus_jax.core.swap_space import SwapSpace
@@ -322,10 +322,7 @@ class Scheduler:
             if not hits:
                 prefix = []
             swapped = self.swap_space.num_held(req.request_id) if self.swap_space is not None else 0
-            keys: list[bytes] = []
-            if self.host_cache is not None and hits and not swapped:  # the match may go on in the host tier
-                parent = bm.key_of(prefix[-1]) if prefix else prefix_root(salt)
-                keys = self.host_cache.match(req.all_token_ids, parent, len(prefix), bm.block_size)
+            keys = bm.match_host(req.all_token_ids, prefix, salt) if hits and not swapped else []
             # Taken before allocating, whose evictions may store in the host tier and so evict from it.
             taken = self.host_cache.take(keys) if keys else []
             # A swapped-out request resumes where it was, or further if the prefix cache holds more.

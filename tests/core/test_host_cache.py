@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from nexus_jax import EngineConfig, LLMEngine
-from nexus_jax.core.block_manager import block_key
+from nexus_jax.core.block_manager import BlockManager
 from nexus_jax.core.host_cache import HostCache
 from nexus_jax.server.metrics import EngineMetrics
 from nexus_jax.testing import engines
@@ -146,17 +146,14 @@ def test_many_programs_with_shared_prefixes_under_a_small_pool_match_a_roomy_one
 
 
 def test_host_cache_bookkeeping():
-    tokens = list(range(9))
-    k0 = block_key(b"", tokens[:4])
-    k1 = block_key(k0, tokens[4:8])
     cache = HostCache(2, first_block=5)
-    cache.store(0, k0)
-    cache.store(1, k1)
-    assert cache.match(tokens, b"", 0, 4) == []  # pending: the plan being built copies them out
+    cache.store(0, b"k0")
+    cache.store(1, b"k1")
+    assert not cache.readable(b"k0")  # pending: the plan being built copies it out
     assert cache.flush() == ([(0, 5), (1, 6)], [])
-    assert cache.match(tokens, b"", 0, 4) == [k0, k1] and cache.match(tokens, k0, 1, 4) == [k1]
+    assert cache.readable(b"k0") and cache.readable(b"k1")
     cache.store(2, b"k2")  # full: the least recent entry goes
-    assert cache.flush() == ([(2, 5)], []) and cache.match(tokens, b"", 0, 4) == []
+    assert cache.flush() == ([(2, 5)], []) and not cache.readable(b"k0")
     cache.store(3, b"k3")
     cache.store(4, b"k4")
     cache.store(5, b"k5")  # evicts k3, stored by this plan: its copy-out is cancelled, its host block reused
@@ -170,6 +167,21 @@ def test_host_cache_bookkeeping():
     cache.store(7, b"k7")
     cache.clear()
     assert cache.num_used_blocks == 0 and cache.flush() == ([], [])
+
+
+def test_the_host_match_continues_the_device_prefix_with_the_same_salt():
+    bm = BlockManager(8, 4)
+    bm.host = HostCache(4)
+    tokens = list(range(13))
+    bm.allocate("s", 13)
+    bm.commit("s", tokens, 13)
+    bm.free("s")  # 3 cached blocks
+    bm.allocate("t", 32)  # the whole pool: the 3 cached blocks are evicted to the host tier
+    assert bm.host.flush()[0] == [(2, 0), (1, 1), (0, 2)]  # released tail first, so evicted tail first
+    bm.free("t")
+    assert bm.match_prefix(tokens) == [] and len(bm.match_host(tokens, [])) == 3
+    assert bm.match_host(tokens, [], salt="tenant") == []
+    assert bm.match_host(tokens[:8], []) == bm.match_host(tokens, [])[:1]  # the last token is left out
 
 
 def test_a_full_host_tier_evicts_the_lowest_ranked_program_first():
