@@ -86,7 +86,7 @@ class Executor(Protocol):
         Steps run in the order they were dispatched."""
         ...
 
-    # Swap preemption only (EngineConfig.preemption_mode "swap"):
+    # Swap preemption (EngineConfig.preemption_mode "swap") and the prefix cache's host tier (host_cache_gib):
     block_bytes: int  # host bytes one KV block takes
 
     def allocate_swap_space(self, num_blocks: int) -> None:

@@ -2,8 +2,10 @@
 
 A full block whose K/V is in the pool is named by a chained key (its parent block's key and its own token ids), so
 sequences with a common prefix share the blocks that hold it. A block released by its last sequence keeps its K/V and
-its key until the pool needs it for something else, least recently released first. Every call costs O(blocks it
-touches); nothing scans the pool, which can hold ~100k blocks and is consulted every step.
+its key until the pool needs it for something else, least recently released first (or, under a program-aware
+policy, by its program's rank: nexus_jax.core.retention); with a host tier (nexus_jax.core.host_cache) an evicted
+block's K/V moves to host memory. Every call costs O(blocks it touches); nothing scans the pool, which can hold
+~100k blocks and is consulted every step.
 
 A request with a cache salt (vLLM's `cache_salt`, CVE-2025-46570) chains its keys from a root of its salt instead of
 the common one, so it shares cached blocks only with requests of the same salt: another tenant cannot tell from the
@@ -14,8 +16,12 @@ from __future__ import annotations
 
 import array
 import hashlib
-from collections import OrderedDict
-from typing import Hashable, Sequence
+from typing import TYPE_CHECKING, Hashable, Sequence
+
+from nexus_jax.core.retention import EvictionOrder, Rank
+
+if TYPE_CHECKING:
+    from nexus_jax.core.host_cache import HostCache
 
 _ROOT = b""  # parent key of a sequence's first block, when the request has no cache salt
 
@@ -49,8 +55,9 @@ class BlockManager:
         # Free blocks without a key, popped from the end so that low ids go first; these are used before any cached
         # block is evicted.
         self._free = list(range(num_blocks - 1, -1, -1))
-        # Blocks with a key that no sequence holds, least recently released first.
-        self._evictable: OrderedDict[int, None] = OrderedDict()
+        # Blocks with a key that no sequence holds, by the program that released them (nexus_jax.core.retention).
+        self._evictable = EvictionOrder()
+        self._owners: dict[Hashable, Hashable] = {}  # the program of each sequence that has one
         self._key_of: list[bytes | None] = [None] * num_blocks
         self._parent_of: list[bytes | None] = [None] * num_blocks  # lets allocate check that prefix_blocks chain
         self._block_of: dict[bytes, int] = {}
@@ -58,6 +65,7 @@ class BlockManager:
         self._keys: dict[Hashable, list[bytes]] = {}  # chained keys of each sequence's committed full blocks
         self._roots: dict[Hashable, bytes] = {}  # the root keys of salted sequences (others chain from _ROOT)
         self._queries = self._hits = self._query_tokens = self._hit_tokens = 0
+        self.host: HostCache | None = None  # where evicted cached blocks go; None: they are lost
 
     @property
     def num_free_blocks(self) -> int:
@@ -92,11 +100,41 @@ class BlockManager:
             self._hit_tokens += len(blocks) * size
         return blocks
 
+    def match_host(self, token_ids: Sequence[int], prefix: Sequence[int], salt: str | None = None) -> list[bytes]:
+        """Keys of the blocks of the host tier that continue `prefix` (what match_prefix returned for `token_ids`
+        and `salt`), up to the first miss, leaving the last token out as match_prefix does."""
+        if self.host is None:
+            return []
+        size = self.block_size
+        keys: list[bytes] = []
+        parent = self._key_of[prefix[-1]] if prefix else prefix_root(salt)
+        for i in range(len(prefix), (len(token_ids) - 1) // size):
+            key = block_key(parent, token_ids[i * size:(i + 1) * size])
+            if not self.host.readable(key):
+                break
+            keys.append(key)
+            parent = key
+        return keys
+
+    def set_retention(self, rank: Rank | None) -> None:
+        """Ranks the cached blocks no sequence holds, in the pool and the host tier, by the program that released
+        them (None: plain LRU)."""
+        self._evictable.set_rank(rank)
+        if self.host is not None:
+            self.host.order.set_rank(rank)
+
+    def rerank(self) -> None:
+        """The programs' ranks changed: the next eviction, in the pool or the host tier, ranks them again."""
+        self._evictable.invalidate()
+        if self.host is not None:
+            self.host.order.invalidate()
+
     def allocate(self, seq_id: Hashable, num_tokens: int, prefix_blocks: Sequence[int] = (),
-                 salt: str | None = None) -> list[int] | None:
+                 salt: str | None = None, owner: Hashable = None) -> list[int] | None:
         """Grows the block table of `seq_id` to cover `num_tokens` tokens and returns a copy of it; on the first call
-        `prefix_blocks` (from match_prefix with the same salt) become its head, and `salt`, its request's cache
-        salt, keys the blocks it commits. Returns None, changing nothing, when the pool is short."""
+        `prefix_blocks` (from match_prefix with the same salt) become its head, `salt`, its request's cache salt,
+        keys the blocks it commits, and `owner` (its program) owns its blocks once released. Returns None,
+        changing nothing, when the pool is short."""
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be non-negative, got {num_tokens}")
         table = self._tables.get(seq_id)
@@ -115,12 +153,14 @@ class BlockManager:
         if table is None:
             for block in prefix_blocks:
                 if self._ref_counts[block] == 0:
-                    del self._evictable[block]
+                    self._evictable.remove(block)
                 self._ref_counts[block] += 1
             table = self._tables[seq_id] = list(prefix_blocks)
             self._keys[seq_id] = [self._key_of[block] for block in prefix_blocks]
             if root != _ROOT:
                 self._roots[seq_id] = root
+            if owner is not None:
+                self._owners[seq_id] = owner
         for _ in range(need):
             table.append(self._take_free_block())
         return list(table)
@@ -154,13 +194,14 @@ class BlockManager:
         table = self._table(seq_id)
         del self._tables[seq_id], self._keys[seq_id]
         self._roots.pop(seq_id, None)
+        owner = self._owners.pop(seq_id, None)
         for block in reversed(table):
             self._ref_counts[block] -= 1
             if self._ref_counts[block] == 0:
                 if self._key_of[block] is None:
                     self._free.append(block)
                 else:
-                    self._evictable[block] = None
+                    self._evictable.add(block, owner)
 
     def holds(self, seq_id: Hashable) -> bool:
         """Whether seq_id has a block table (allocated and not freed)."""
@@ -185,14 +226,19 @@ class BlockManager:
         self._keys[child_id] = self._keys[parent_id][:len(shared)]
         if parent_id in self._roots:
             self._roots[child_id] = self._roots[parent_id]
+        if parent_id in self._owners:
+            self._owners[child_id] = self._owners[parent_id]
         return list(shared)
 
     def reset_prefix_cache(self) -> None:
-        """Forgets the keys of all blocks no sequence holds; blocks held by live sequences stay matchable."""
+        """Forgets the keys of all blocks no sequence holds, and the host tier; blocks held by live sequences stay
+        matchable."""
         for block in self._evictable:
             self._forget(block)
             self._free.append(block)
         self._evictable.clear()
+        if self.host is not None:
+            self.host.clear()
 
     def stats(self) -> dict:
         return {"num_free": self.num_free_blocks, "num_cached": len(self._block_of),
@@ -220,7 +266,9 @@ class BlockManager:
         if self._free:
             block = self._free.pop()
         else:
-            block, _ = self._evictable.popitem(last=False)
+            block, owner = self._evictable.pop()
+            if self.host is not None:
+                self.host.store(block, self._key_of[block], owner)
             self._forget(block)
         self._ref_counts[block] = 1
         return block

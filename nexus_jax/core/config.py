@@ -86,6 +86,10 @@ class EngineConfig:
         "recompute", SCHEDULING, "how a preempted request gives up its KV: recompute later, or swap to host "
                                  "memory (aggregated mode only)", choices=PREEMPTION_MODES)
     swap_space_gib: float = _option(4.0, SCHEDULING, "host memory (GiB) for swapped-out KV blocks")
+    # Agents re-send their context on every call: cached blocks evicted from the device pool are kept in host
+    # memory and copied back on a hit instead of recomputed (aggregated mode only).
+    host_cache_gib: float = _option(0.0, SCHEDULING, "host memory (GiB) for prefix-cache blocks evicted from the "
+                                                     "device pool (0: off)")
     seed: int = _option(0, SCHEDULING, "draws the seeds of requests that bring none (and the embedded model's weights)")
 
     # --- disaggregation -----------------------------------------------------------------------------------------
@@ -159,6 +163,12 @@ class EngineConfig:
         gib = self.swap_space_gib
         if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not 0 < gib < float("inf"):
             raise ValueError(f"swap_space_gib must be a positive number of GiB, got {gib!r}")
+        gib = self.host_cache_gib
+        if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not 0 <= gib < float("inf"):
+            raise ValueError(f"host_cache_gib must be a non-negative number of GiB (0: off), got {gib!r}")
+        if gib and self.disaggregation != "off":
+            raise ValueError(f"the host cache tier is for the aggregated mode: set host_cache_gib=0 with "
+                             f"disaggregation={self.disaggregation!r}")
         if self.device is not None and (not isinstance(self.device, int) or isinstance(self.device, bool)
                                         or self.device < 0):
             raise ValueError(f"device must be a non-negative index into jax.devices() or None, got {self.device!r}")

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 from nexus_jax.core.block_manager import BlockManager
 from nexus_jax.core.config import EngineConfig
 from nexus_jax.core.constraints import ConstraintFactory
+from nexus_jax.core.host_cache import host_memory
 from nexus_jax.core.logprobs import position_logprobs, prompt_targets, record_prompt_logprobs
 from nexus_jax.core.outputs import RequestMetrics, RequestOutput
 from nexus_jax.core.prompts import prompt_ids
@@ -23,7 +24,6 @@ from nexus_jax.core.request import Request, RequestGroup, check_id_length
 from nexus_jax.core.sampling_params import SamplingParams
 from nexus_jax.core.scheduler import Scheduler, SchedulerOutput
 from nexus_jax.core.stop import StopChecker
-from nexus_jax.core.swap_space import SwapSpace
 from nexus_jax.core.tokenizer import IncrementalDetokenizer, Tokenizer
 from nexus_jax.programs.table import ProgramConfig
 from runner.executor import Executor, ReadyStep, StepHandle, StepInput
@@ -77,27 +77,17 @@ class LLMEngine:
 
     def _make_scheduler(self, config: EngineConfig, executor: Executor) -> Scheduler:
         """One scheduler plans every step (the disaggregated engine plans its phases apart instead)."""
-        swap_space = self._swap_space(config, executor) if config.preemption_mode == "swap" else None
+        swap_space, host_cache = host_memory(config, executor)
         scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
                          max_num_batched_tokens=config.max_num_batched_tokens, policy=config.scheduling_policy,
                          num_scheduler_steps=config.num_scheduler_steps, max_prefill_seqs=config.max_prefill_seqs,
-                         swap_space=swap_space, program_config=program_config(config),
+                         swap_space=swap_space, program_config=program_config(config), host_cache=host_cache,
                          prefill_order=self.prefill_order(config), prefill_aging=config.prefill_aging)
         scheduler.late_limits = getattr(executor, "takes_late_limits", False)
         return scheduler
 
     def prefill_order(self, config: EngineConfig) -> str:
         return self.auto_prefill_order if config.prefill_order == "auto" else config.prefill_order
-
-    @staticmethod
-    def _swap_space(config: EngineConfig, executor: Executor) -> SwapSpace:
-        """Books swap_space_gib of host memory in the executor and the matching host blocks for the scheduler."""
-        num_blocks = int(config.swap_space_gib * 2**30) // executor.block_bytes
-        if num_blocks < 1:
-            raise ValueError(f"swap_space_gib {config.swap_space_gib} holds no KV block "
-                             f"({executor.block_bytes} bytes each)")
-        executor.allocate_swap_space(num_blocks)
-        return SwapSpace(num_blocks)
 
     # ---- requests in
 
@@ -215,8 +205,8 @@ class LLMEngine:
                 self.executor.swap_blocks(plan.swap_out, plan.swap_in)
             except Exception as e:  # the swapped-out requests lost their K/V, the step's requests their room
                 log.exception("swap failed; failing its requests and the step's")
-                swapped = [r for r in plan.preempted if self.scheduler.swap_space.holds(r.request_id)]
-                outputs += self._fail(plan, f"{type(e).__name__}: {e}", swapped)
+                outputs += self._fail(plan, f"{type(e).__name__}: {e}", self.scheduler.swapped_out(plan))
+                self.block_manager.reset_prefix_cache()  # what the copies were to move or restore is unknown
                 plan = SchedulerOutput([], [], [])
         previous, self._flight = self._flight, None
         if plan.chunks:  # else nothing to run, though a request that preempted itself may have swapped out
@@ -379,4 +369,4 @@ class LLMEngine:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "kv_usage": self.block_manager.usage, "num_preemptions": self.scheduler.num_preemptions,
                 **self.block_manager.stats(),
-                **(self.scheduler.swap_space.stats() if self.scheduler.swap_space is not None else {})}
+                **self.scheduler.cache_stats()}

@@ -115,6 +115,8 @@ class RequestOutput:
     error: str | None = None
     # SamplingParams.prompt_logprobs: per prompt position its token's log-prob and the top ones (first None).
     prompt_logprobs: list[PositionLogprobs | None] | None = None
+    # Prompt tokens served from the prefix cache, device pool or host tier (vLLM's field), when first scheduled.
+    num_cached_tokens: int = 0
 
 
 def _since(start: float, end: float | None) -> float | None:

@@ -61,6 +61,7 @@ class Request:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int = 0      # prompt tokens served from the prefix cache (device or host) at admission
     # The ids it may not sample until min_tokens are out (EOS and stop ids, once each): built once, since the
     # engine hands it to every step in that stretch.
     banned_ids: list[int] = field(default_factory=list)
@@ -157,4 +158,5 @@ class RequestGroup:
         first = self.seqs[0]  # the sequence that computes the whole prompt (the others may reuse its cache)
         return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
                              [s.completion() for s in self.seqs], self.finished, self.seqs[0].metrics, self.error,
-                             None if first.prompt_logprobs is None else list(first.prompt_logprobs))
+                             None if first.prompt_logprobs is None else list(first.prompt_logprobs),
+                             first.num_cached_tokens)

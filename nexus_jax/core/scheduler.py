@@ -18,6 +18,7 @@ import dataclasses
 import time
 
 from nexus_jax.core.block_manager import BlockManager
+from nexus_jax.core.host_cache import HostCache
 from nexus_jax.core.request import Request, RequestStatus
 from nexus_jax.core.swap_space import SwapSpace
 from nexus_jax.programs.policies import PROGRAM_POLICIES, REQUEST_ORDERS, SCHEDULING_POLICIES, make_policy
@@ -63,7 +64,7 @@ class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
                  policy: str = "fcfs", num_scheduler_steps: int = 1, program_config: ProgramConfig | None = None,
                  max_prefill_seqs: int = 16, swap_space: SwapSpace | None = None, prefill_order: str = "arrival",
-                 prefill_aging: float = 15.0):
+                 prefill_aging: float = 15.0, host_cache: HostCache | None = None):
         """prefill_order: "arrival" admits and continues prompts in policy order; "spf" shortest remaining
         prompt first with aging (Nexus), `remaining_prompt_tokens - prefill_aging * waited_seconds`, so short
         prompts get their first token quickly and a long one's score falls until it runs: it cannot starve.
@@ -80,6 +81,10 @@ class Scheduler:
         self.num_scheduler_steps = num_scheduler_steps
         self.max_prefill_seqs = max_prefill_seqs  # prefill chunks per step: the step shapes' fixed slot count
         self.swap_space = swap_space  # None: preemption by recompute only
+        self.host_cache = host_cache  # None: blocks evicted from the device pool are lost
+        block_manager.host = host_cache
+        # Tokens served from the prefix cache at admissions (resumptions too), from the device pool and the host tier.
+        self.cached_tokens = {"device": 0, "host": 0}
         self.programs = make_policy("fcfs", program_config)
         self.set_policy(policy)
         self.waiting: list[Request] = []
@@ -113,6 +118,8 @@ class Scheduler:
         self.programs.table = table
         self.policy_name = policy
         self.policy = REQUEST_ORDERS.get(policy) or (lambda r: self.programs.priority(r.request_id))
+        # Program-aware policies rank cached contexts too: least attained service kept longest.
+        self.block_manager.set_retention(None if policy in REQUEST_ORDERS else self.programs.retention)
 
     def add(self, request: Request) -> None:
         self.programs.on_arrival(Call(request.request_id, request.program_id, request.arrival_time,
@@ -185,6 +192,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
         out = SchedulerOutput([], [], [])
+        self.block_manager.rerank()  # service accrued and sessions ended since the last plan
         order = sorted(self.running, key=self.policy)
         planned: set[int] = set()
         # Decodes before prompt chunks, so a long prompt never delays a token that is due.
@@ -211,6 +219,10 @@ class Scheduler:
         if not out.preempted:
             budget = self._admit(budget, out)
         out.num_steps = self._decode_steps(out)
+        if self.host_cache is not None:  # after every allocation of this plan, each of which may evict
+            copies_out, copies_in = self.host_cache.flush()
+            out.swap_out.extend(copies_out)
+            out.swap_in.extend(copies_in)
         return out
 
     def _decode_steps(self, out: SchedulerOutput) -> int:
@@ -308,27 +320,53 @@ class Scheduler:
                 req.waits_for = None
             salt = req.params.cache_salt
             prefix = bm.match_prefix(req.all_token_ids, salt)
-            if req.prompt_logprobs is not None and len(req.prompt_logprobs) < req.num_prompt_tokens:
-                prefix = []  # a cache hit would skip prompt positions whose log-probs are still to compute
+            # A cache hit would skip prompt positions whose log-probs are still to compute.
+            hits = req.prompt_logprobs is None or len(req.prompt_logprobs) >= req.num_prompt_tokens
+            if not hits:
+                prefix = []
             swapped = self.swap_space.num_held(req.request_id) if self.swap_space is not None else 0
+            keys = bm.match_host(req.all_token_ids, prefix, salt) if hits and not swapped else []
+            # Taken before allocating, whose evictions may store in the host tier and so evict from it.
+            taken = self.host_cache.take(keys) if keys else []
             # A swapped-out request resumes where it was, or further if the prefix cache holds more.
-            start = max(len(prefix) * bm.block_size, req.num_computed_tokens if swapped else 0)
+            start = max((len(prefix) + len(keys)) * bm.block_size, req.num_computed_tokens if swapped else 0)
             n = min(req.num_tokens - start, budget)
-            table = bm.allocate(req.request_id, start + n, prefix, salt)
+            table = bm.allocate(req.request_id, start + n, prefix, salt, owner=req.program_id)
             if table is None:
+                if keys:
+                    self.host_cache.put_back(keys, taken)
                 break  # no room: later requests wait too, so the queue order is kept
             if swapped:
                 skip = min(len(prefix), swapped)  # host blocks whose tokens the prefix cache holds on the device
                 out.swap_in.extend(self.swap_space.swap_in(req.request_id, table[skip:swapped], skip))
+            if keys:
+                self.host_cache.restore(taken, table[len(prefix):len(prefix) + len(keys)])
+                bm.commit(req.request_id, req.all_token_ids, start)  # the restored blocks are matchable again
+            self.cached_tokens["device"] += len(prefix) * bm.block_size
+            self.cached_tokens["host"] += len(keys) * bm.block_size
             req.num_computed_tokens = start
             req.status = RequestStatus.RUNNING
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = time.monotonic()
+                req.num_cached_tokens = start  # vLLM reports the first admission's
             self.waiting.remove(req)
             self.running.append(req)
             self._plan(out, req, n)
             budget -= n
         return budget
+
+    def swapped_out(self, out: SchedulerOutput) -> list[Request]:
+        """The requests that a plan preempted to the swap space (lost if its copies fail)."""
+        space = self.swap_space
+        return [r for r in out.preempted if space is not None and space.holds(r.request_id)]
+
+    def cache_stats(self) -> dict[str, int]:
+        """Counters of the swap space and the host tier, when configured, and the prompt tokens served from each
+        cache tier."""
+        return {"prefix_cache_device_hit_tokens": self.cached_tokens["device"],
+                "prefix_cache_host_hit_tokens": self.cached_tokens["host"],
+                **(self.swap_space.stats() if self.swap_space is not None else {}),
+                **(self.host_cache.stats() if self.host_cache is not None else {})}
 
     def admission_key(self, req: Request) -> tuple:
         """Order of the waiting queue, and with "spf" of the prompts being computed."""

@@ -61,10 +61,11 @@ def _aggregated(config: EngineConfig) -> LLMEngine:
         _warmup(config, runner, facts.max_model_len)
     engine = LLMEngine(config, runner, facts.tokenizer, max_model_len=facts.max_model_len,
                        vocab_size=facts.vocab_size, eos_token_ids=facts.eos_token_ids)
-    swap = engine.scheduler.swap_space
-    if config.warmup and swap is not None:  # one step moves at most what the pool or the swap space holds
-        log.info("compiled %d swap programs ahead of time",
-                 runner.warmup_swap(min(runner.num_blocks, swap.num_blocks)))
+    # One step moves at most what the pool or the host memory (swap space and host tier) holds.
+    host_blocks = sum(space.num_blocks for space in (engine.scheduler.swap_space, engine.scheduler.host_cache)
+                      if space is not None)
+    if config.warmup and host_blocks:
+        log.info("compiled %d swap programs ahead of time", runner.warmup_swap(min(runner.num_blocks, host_blocks)))
     return engine
 
 

@@ -20,7 +20,7 @@ import dataclasses
 import itertools
 import math
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Hashable, Iterator
 
 from nexus_jax.programs.table import Call, ProcessTable, Program, ProgramConfig
 
@@ -101,6 +101,18 @@ class ProgramPolicy:
     def entry_queue(self, program: Program) -> int:
         return 0
 
+    def attained(self, program: Program) -> float:
+        """The program's attained service, as this policy ranks it."""
+        return program.service
+
+    def retention(self, program_id: Hashable) -> tuple:
+        """Rank of the cached blocks a program's calls left (higher: kept longer). A program with no entry (its
+        session ended, it expired, a one-call request) ranks lowest; then more attained service ranks lower."""
+        prog = self.table.programs.get(program_id) if program_id is not None else None
+        if prog is None or prog.ended or prog.implicit:
+            return (0, 0.0)
+        return (1, -self.attained(prog))
+
     def priority(self, call_id: str) -> tuple:
         state = self._state(call_id)
         return (state.call.arrival, state.order)
@@ -133,14 +145,17 @@ class PLAS(MLFQ):
     name = "plas"
 
     def entry_queue(self, program: Program) -> int:
-        return self.config.queue_of(program.service)
+        return self.config.queue_of(self.attained(program))
 
 
 class ATLAS(MLFQ):
     name = "atlas"
 
     def entry_queue(self, program: Program) -> int:
-        return self.config.queue_of(program.critical)
+        return self.config.queue_of(self.attained(program))
+
+    def attained(self, program: Program) -> float:
+        return program.critical
 
 
 PROGRAM_POLICIES: dict[str, type[ProgramPolicy]] = {p.name: p for p in (ProgramPolicy, MLFQ, PLAS, ATLAS)}

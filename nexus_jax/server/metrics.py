@@ -81,6 +81,9 @@ def totals(per_engine: list[tuple[bool, dict[str, Any]]], sm_split: str = "aggre
         counters.update({k[4:]: stats[k] for k in ("num_swap_outs", "num_swap_ins", "num_swap_fallbacks")
                          if k in stats})
         counters.update(stats.get("faults") or {})
+        # Prompt tokens served from the prefix cache, split by tier (the host tier: EngineConfig.host_cache_gib).
+        counters.update({k: stats[k] for k in ("prefix_cache_device_hit_tokens", "prefix_cache_host_hit_tokens")
+                         if k in stats})
     t.splits, t.modes, t.counters = dict(splits), dict(modes), dict(counters)
     return t
 
