@@ -231,3 +231,13 @@ def test_logit_bias_penalties_and_allowed_ids_reach_the_sampler_of_every_step(cl
     assert all([mask_ids(m) for m in step.allowed] == [[9, 10, 300]] for step in steps)
     (row,) = steps[0].penalties
     assert (row.repetition, row.frequency, row.presence) == (1.5, 0.25, 0.5) and list(row.ids)[:2] == [7, 8]
+
+
+def test_usage_reports_the_prompt_tokens_served_from_the_prefix_cache(client, server):
+    prompt = list(range(100, 150))  # several full blocks
+    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    again = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    block = server.llm.engine.block_manager.block_size
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < len(prompt) and cached % block == 0

@@ -86,6 +86,7 @@ class Generation:
         base = uuid.uuid4().hex
         self.id = base
         self.prompt_tokens = [len(p.get("prompt_token_ids", ())) for p in prompts]
+        self.cached_tokens = [0] * len(prompts)  # of each prompt, served from the prefix cache (either tier)
         self.completions = [{i: Completion(i) for i in range(params.n)} for _ in prompts]
         self.prompt_logprobs: list[list | None] = [None] * len(prompts)  # per prompt, once its prompt ran
         self._streams = [llm.generate(prompt, params, f"http-{base}-{p}", priority=priority, program_id=program_id,
@@ -109,6 +110,7 @@ class Generation:
                 self.completions[p][c.index].add(c)
             if item.prompt_logprobs is not None:
                 self.prompt_logprobs[p] = item.prompt_logprobs
+            self.cached_tokens[p] = max(self.cached_tokens[p], item.num_cached_tokens)
             if item.finished:
                 self._observe(p, item)
                 if item.error is not None:  # the engine failed running it (and kept serving the others)

@@ -29,10 +29,11 @@ class Shaper:
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         prompt = sum(self.gen.prompt_tokens)
         completion = sum(len(c.token_ids) for per_prompt in self.gen.completions for c in per_prompt.values())
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": sum(self.gen.cached_tokens)}}
 
     def whole(self) -> dict[str, Any]:
         """The non-streaming body, once every completion has ended."""
@@ -65,7 +66,7 @@ class Shaper:
     def usage_chunk(self) -> str:
         return self._event([], self.usage())
 
-    def _event(self, choices: list[dict[str, Any]], usage: dict[str, int] | None,
+    def _event(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None,
                prompt_logprobs: list | None = None) -> str:
         kind = "chat.completion.chunk" if self.chat else self.object
         body: dict[str, Any] = {"id": self.id, "object": kind, "created": self.created, "model": self.model,
