@@ -92,7 +92,8 @@ def on_device(device: jax.Device | None) -> contextlib.AbstractContextManager:
 
 
 class ModelRunner(StepsExecutor):
-    host_kv: np.ndarray | None = None  # the swap space, once allocate_swap_space made it
+    _host_kv: np.ndarray | None = None  # the swap space, once allocate_swap_space made it
+    _swapped_out: Sequence = ()  # swap-outs dispatched whose blocks may still be on their way to host memory
     _last_samples: tuple[jax.Array, np.ndarray] | None = None  # the last step's FEED_ROWS tokens (device), rows
 
     def __init__(self, config: ModelConfig, params: dict[str, Any] | None, *, num_blocks: int | None = None,
@@ -270,22 +271,38 @@ class ModelRunner(StepsExecutor):
     def allocate_swap_space(self, num_blocks: int) -> None:
         """Host memory for num_blocks swapped-out KV blocks, laid out like the pool (block axis 2). The OS commits
         its pages as swaps first touch them."""
-        self.host_kv = np.empty(self.kv_pool_shape(self.config, num_blocks, self.block_size), self.dtype)
+        self._host_kv = np.empty(self.kv_pool_shape(self.config, num_blocks, self.block_size), self.dtype)
+        self._swapped_out = []
+
+    @property
+    def host_kv(self) -> np.ndarray | None:
+        """The swap space, with every swap-out dispatched so far landed in it."""
+        for gathered, host in self._swapped_out:  # in dispatch order: a later copy to a block wins
+            self._host_kv[:, :, host] = np.asarray(gathered)[:, :, :len(host)]
+        self._swapped_out = []
+        return self._host_kv
 
     def swap_blocks(self, swap_out: Sequence[tuple[int, int]], swap_in: Sequence[tuple[int, int]]) -> None:
         """Copies (device, host) block pairs to the swap space and (host, device) pairs back into the pool: one
         gather and one scatter per call, dispatched before the caller's next step. The scatter donates the pool,
-        which stays in place; the gather was dispatched first, so it reads the blocks before the scatter writes."""
-        if self.host_kv is None:
+        which stays in place; the gather was dispatched first, so it reads the blocks before the scatter writes.
+        Swap-outs land in host memory before anything reads it (`host_kv`)."""
+        if self._host_kv is None:
             raise RuntimeError("no swap space: call allocate_swap_space first")
+        # The last call's swap-outs ran before the step dispatched after them, so they are (all but) done: landing
+        # them now bounds the device memory their gathered blocks hold to one call's.
+        host_kv = self.host_kv
         src, dst = np.asarray(swap_in, np.int32).reshape(-1, 2).T
         dev, host = np.asarray(swap_out, np.int32).reshape(-1, 2).T
-        values = self.host_kv[:, :, _pad(src, 0)] if len(src) else None  # a copy, read before swap-out writes
+        values = host_kv[:, :, _pad(src, 0)] if len(src) else None  # a copy, read before swap-out writes
         gathered = programs.gather_blocks(self.kv_pool, _pad(dev, 0)) if len(dev) else None
         if values is not None:
             self.kv_pool = programs.scatter_blocks(self.kv_pool, _pad(dst, self.num_blocks), values)
         if gathered is not None:
-            self.host_kv[:, :, host] = jax.device_get(gathered)[:, :, :len(dev)]
+            # Not waited for here: the gather runs after the step in flight, and the host reads the blocks only
+            # when something reads the swap space (a later swap-in, by then long done), so planning goes on.
+            gathered.copy_to_host_async()
+            self._swapped_out.append((gathered, host))
 
     def warmup_swap(self, max_blocks: int) -> int:
         """Compiles the swap transfers of every block-count bucket up to max_blocks (without running them);
