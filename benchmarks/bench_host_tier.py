@@ -1,0 +1,88 @@
+"""Restoring a context from the host tier against recomputing it (issue 20's target: >= 5x faster for 4K tokens).
+
+  PYTHONPATH=. python3 benchmarks/bench_host_tier.py [--model llama-3.1-8b] [--context 4096] [--out DIR]
+  PYTHONPATH=. python3 benchmarks/bench_host_tier.py --model tiny --context 256 --pool-tokens 1024   # CPU smoke
+
+One engine with a small device pool (--pool-tokens) and a host tier. For each of --trials distinct prompts P of
+--context tokens (one output token each, so the time is the prefill's, i.e. TTFT):
+1. P cold: nothing cached, the whole context is computed (recompute);
+2. P again: its blocks are in the device pool (device hit, for reference);
+3. other prompts fill the pool until P's blocks were evicted to the host tier; then P again (host hit: the blocks
+   are copied back and only the last partial block is computed).
+Every phase is run once beforehand on throwaway prompts, so no timed request compiles. Reports the median time of
+each phase, num_cached_tokens of the hits, and restore vs recompute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from nexus_jax import EngineConfig, SamplingParams
+from nexus_jax.entrypoints.build import build_engine
+
+ONE = SamplingParams(max_tokens=1, ignore_eos=True)
+
+
+def timed(engine, rid: str, prompt: list[int]) -> tuple[float, int]:
+    """Seconds from add_request to the request's end, and its num_cached_tokens."""
+    t = time.perf_counter()
+    engine.add_request(rid, {"prompt_token_ids": prompt}, ONE)
+    while True:
+        for out in engine.step():
+            if out.request_id == rid and out.finished:
+                engine.settle()
+                return time.perf_counter() - t, out.num_cached_tokens
+
+
+def trial(engine, rng, tag: str, args, vocab: int) -> dict:
+    prompt = rng.integers(3, vocab, args.context).tolist()
+    cold, _ = timed(engine, f"{tag}-cold", prompt)
+    device, device_cached = timed(engine, f"{tag}-device", prompt)
+    # Each flood prompt is as long as the pool holds in free blocks, so a few of them evict everything older.
+    for i in range(max(2, 2 * args.pool_tokens // args.context)):
+        timed(engine, f"{tag}-flood{i}", rng.integers(3, vocab, args.context).tolist())
+    host, host_cached = timed(engine, f"{tag}-host", prompt)
+    return {"recompute_s": cold, "device_hit_s": device, "device_cached": device_cached,
+            "host_hit_s": host, "host_cached": host_cached}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="llama-3.1-8b")
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--pool-tokens", type=int, default=16384, help="device pool size in tokens (small, to evict)")
+    ap.add_argument("--host-gib", type=float, default=8.0)
+    ap.add_argument("--budget", type=int, default=8192, help="max_num_batched_tokens: the context in one step")
+    ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--cache", default="/tmp/nexus-jax-cc", help="compilation cache directory")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    config = EngineConfig(model=None if args.model == "tiny" else args.model, num_kv_blocks=args.pool_tokens // 16,
+                          host_cache_gib=args.host_gib, max_num_batched_tokens=args.budget,
+                          max_model_len=args.context + 16, compilation_cache_dir=args.cache)
+    engine = build_engine(config)
+    rng = np.random.default_rng(0)
+    vocab = engine.vocab_size
+    trial(engine, rng, "warm", args, vocab)  # compiles every phase's shapes
+    rows = [trial(engine, rng, f"t{i}", args, vocab) for i in range(args.trials)]
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    result = {"args": vars(args), "trials": rows, "median": med, "stats": engine.stats(),
+              "restore_vs_recompute": med["recompute_s"] / med["host_hit_s"]}
+    print(f"context {args.context}: recompute {1e3 * med['recompute_s']:.1f} ms, device hit "
+          f"{1e3 * med['device_hit_s']:.1f} ms ({med['device_cached']:.0f} cached), host hit "
+          f"{1e3 * med['host_hit_s']:.1f} ms ({med['host_cached']:.0f} cached); restore is "
+          f"{result['restore_vs_recompute']:.2f}x faster than recompute")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "host_tier.json").write_text(json.dumps(result, indent=1, default=str))
+    engine.close()
+
+
+if __name__ == "__main__":
+    main()
