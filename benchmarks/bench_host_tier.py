@@ -52,6 +52,37 @@ def trial(engine, rng, tag: str, args, vocab: int) -> dict:
             "host_hit_s": host, "host_cached": host_cached}
 
 
+def transfer_probe(engine, blocks: int) -> dict:
+    """Where a host hit's time goes: the host gather of `blocks` blocks out of the host tier's layout, and a
+    host-to-device copy of that many bytes from pageable memory, and from pinned memory (jax's pinned_host)."""
+    import jax
+
+    host_kv = engine.executor.host_kv  # the ModelRunner's swap space, which the host tier lives in
+    if host_kv is None:
+        return {}
+    src = np.arange(blocks, dtype=np.int32)
+    out: dict = {"bytes": int(host_kv[:, :, :blocks].nbytes)}
+    t = time.perf_counter()
+    gathered = host_kv[:, :, src]
+    out["host_gather_ms"] = 1e3 * (time.perf_counter() - t)
+    device = jax.devices()[0]
+    for name, source in (("pageable", gathered),):
+        jax.device_put(source, device).block_until_ready()
+        t = time.perf_counter()
+        jax.device_put(source, device).block_until_ready()
+        out[f"h2d_{name}_ms"] = 1e3 * (time.perf_counter() - t)
+    try:
+        pinned = jax.device_put(gathered, jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host"))
+        pinned.block_until_ready()
+        for _ in range(2):
+            t = time.perf_counter()
+            jax.device_put(pinned, jax.sharding.SingleDeviceSharding(device, memory_kind="device")).block_until_ready()
+        out["h2d_pinned_ms"] = 1e3 * (time.perf_counter() - t)
+    except Exception as e:  # noqa: BLE001 - a platform without pinned_host memory
+        out["h2d_pinned_error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llama-3.1-8b")
@@ -73,11 +104,13 @@ def main() -> None:
     rows = [trial(engine, rng, f"t{i}", args, vocab) for i in range(args.trials)]
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     result = {"args": vars(args), "trials": rows, "median": med, "stats": engine.stats(),
-              "restore_vs_recompute": med["recompute_s"] / med["host_hit_s"]}
+              "restore_vs_recompute": med["recompute_s"] / med["host_hit_s"],
+              "transfer": transfer_probe(engine, args.context // 16)}
     print(f"context {args.context}: recompute {1e3 * med['recompute_s']:.1f} ms, device hit "
           f"{1e3 * med['device_hit_s']:.1f} ms ({med['device_cached']:.0f} cached), host hit "
           f"{1e3 * med['host_hit_s']:.1f} ms ({med['host_cached']:.0f} cached); restore is "
           f"{result['restore_vs_recompute']:.2f}x faster than recompute")
+    print("transfer probe:", json.dumps(result["transfer"]))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "host_tier.json").write_text(json.dumps(result, indent=1, default=str))
