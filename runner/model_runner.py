@@ -23,6 +23,7 @@ from runner.executor import StepInput, StepsExecutor
 from runner.model.config import ModelConfig
 from runner.model.llama import Transformer
 from runner.penalties import PenaltyRow
+from runner.host_blocks import HostBlocks, pad_blocks
 from runner.programs import FEED_ROWS, MIN_SWAP_BLOCKS
 from runner.sampling import MODES, SamplingRow, SamplingTensors
 from runner.step_batch import DEFAULT_SHAPES, SeqChunk, StepBatch, StepShapes, bucket, padding_batch
@@ -92,8 +93,7 @@ def on_device(device: jax.Device | None) -> contextlib.AbstractContextManager:
 
 
 class ModelRunner(StepsExecutor):
-    _host_kv: np.ndarray | None = None  # the swap space, once allocate_swap_space made it
-    _swapped_out: Sequence = ()  # swap-outs dispatched whose blocks may still be on their way to host memory
+    host_blocks: HostBlocks | None = None  # the swap space (and host tier), once allocate_swap_space made it
     _last_samples: tuple[jax.Array, np.ndarray] | None = None  # the last step's FEED_ROWS tokens (device), rows
 
     def __init__(self, config: ModelConfig, params: dict[str, Any] | None, *, num_blocks: int | None = None,
@@ -269,40 +269,35 @@ class ModelRunner(StepsExecutor):
         return self.kv_bytes_per_block(self.config, self.block_size, self.dtype)
 
     def allocate_swap_space(self, num_blocks: int) -> None:
-        """Host memory for num_blocks swapped-out KV blocks, laid out like the pool (block axis 2). The OS commits
-        its pages as swaps first touch them."""
-        self._host_kv = np.empty(self.kv_pool_shape(self.config, num_blocks, self.block_size), self.dtype)
-        self._swapped_out = []
+        """Host memory for num_blocks KV blocks (swapped out, or the prefix cache's host tier), in pinned memory
+        taken as copy-outs fill it (runner.host_blocks)."""
+        self.host_blocks = HostBlocks(num_blocks, self._block_shape(), self.dtype, next(iter(self.kv_pool.devices())))
+
+    def _block_shape(self) -> tuple[int, ...]:
+        """One block of the pool, the block axis dropped: [L, 2, Hkv, block_size, D]."""
+        shape = self.kv_pool_shape(self.config, 1, self.block_size)
+        return shape[:2] + shape[3:]
 
     @property
     def host_kv(self) -> np.ndarray | None:
-        """The swap space, with every swap-out dispatched so far landed in it."""
-        for gathered, host in self._swapped_out:  # in dispatch order: a later copy to a block wins
-            self._host_kv[:, :, host] = np.asarray(gathered)[:, :, :len(host)]
-        self._swapped_out = []
-        return self._host_kv
+        """The whole host memory as one array, laid out like the pool (tests and debugging: it waits for every
+        copy-out)."""
+        return None if self.host_blocks is None else self.host_blocks.read(range(self.host_blocks.num_blocks))
 
     def swap_blocks(self, swap_out: Sequence[tuple[int, int]], swap_in: Sequence[tuple[int, int]]) -> None:
-        """Copies (device, host) block pairs to the swap space and (host, device) pairs back into the pool: one
-        gather and one scatter per call, dispatched before the caller's next step. The scatter donates the pool,
-        which stays in place; the gather was dispatched first, so it reads the blocks before the scatter writes.
-        Swap-outs land in host memory before anything reads it (`host_kv`)."""
-        if self._host_kv is None:
+        """Copies (device, host) block pairs out to host memory and (host, device) pairs back into the pool,
+        dispatched before the caller's next step, none waited for. The copy-ins are taken before the copy-outs
+        replace host blocks, and the split that feeds the copy-outs is dispatched before the scatter donates the
+        pool (which stays in place), so it reads the blocks before the scatter writes."""
+        if self.host_blocks is None:
             raise RuntimeError("no swap space: call allocate_swap_space first")
-        # The last call's swap-outs ran before the step dispatched after them, so they are (all but) done: landing
-        # them now bounds the device memory their gathered blocks hold to one call's.
-        host_kv = self.host_kv
         src, dst = np.asarray(swap_in, np.int32).reshape(-1, 2).T
         dev, host = np.asarray(swap_out, np.int32).reshape(-1, 2).T
-        values = host_kv[:, :, _pad(src, 0)] if len(src) else None  # a copy, read before swap-out writes
-        gathered = programs.gather_blocks(self.kv_pool, _pad(dev, 0)) if len(dev) else None
+        values = self.host_blocks.load(src) if len(src) else None
+        if len(dev):
+            self.host_blocks.store(self.kv_pool, dev, host)
         if values is not None:
-            self.kv_pool = programs.scatter_blocks(self.kv_pool, _pad(dst, self.num_blocks), values)
-        if gathered is not None:
-            # Not waited for here: the gather runs after the step in flight, and the host reads the blocks only
-            # when something reads the swap space (a later swap-in, by then long done), so planning goes on.
-            gathered.copy_to_host_async()
-            self._swapped_out.append((gathered, host))
+            self.kv_pool = programs.scatter_blocks(self.kv_pool, pad_blocks(dst, self.num_blocks), values)
 
     def warmup_swap(self, max_blocks: int) -> int:
         """Compiles the swap transfers of every block-count bucket up to max_blocks (without running them);
@@ -310,8 +305,8 @@ class ModelRunner(StepsExecutor):
         count, n = 0, MIN_SWAP_BLOCKS
         while n <= bucket(max_blocks, MIN_SWAP_BLOCKS):
             blocks = np.zeros(n, np.int32)
-            values = jax.ShapeDtypeStruct(self.kv_pool_shape(self.config, n, self.block_size), self.dtype)
-            programs.gather_blocks.lower(self.kv_pool, blocks).compile()
+            values = (jax.ShapeDtypeStruct(self._block_shape(), self.dtype),) * n
+            programs.split_blocks.lower(self.kv_pool, blocks).compile()
             programs.scatter_blocks.lower(self.kv_pool, blocks, values).compile()
             count, n = count + 2, n * 2
         return count
@@ -366,8 +361,3 @@ class ModelRunner(StepsExecutor):
                 logits.setdefault(out[0].shape[0], out[0])
         jax.block_until_ready(self.kv_pool)
         return logits
-
-
-def _pad(blocks: np.ndarray, fill: int) -> np.ndarray:
-    """Block ids padded with `fill` to the next power-of-two bucket."""
-    return np.pad(blocks, (0, bucket(len(blocks), MIN_SWAP_BLOCKS) - len(blocks)), constant_values=fill)

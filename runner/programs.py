@@ -126,15 +126,18 @@ def decode_steps(model_def: ModelDef, weights: list[jax.Array], kv_pool, batch: 
 
 
 @jax.jit
-def gather_blocks(kv_pool, blocks):
-    """K and V of the given blocks in every layer: [L, 2, len(blocks), Hkv, block_size, D]."""
-    return kv_pool[:, :, blocks]
+def split_blocks(kv_pool, blocks):
+    """K and V of each given block in every layer, one array per block: [L, 2, Hkv, block_size, D] each (what the
+    host keeps per block, see runner.host_blocks)."""
+    gathered = kv_pool[:, :, blocks]
+    return tuple(gathered[:, :, i] for i in range(blocks.shape[0]))
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def scatter_blocks(kv_pool, blocks, values):
-    # Padding entries name block num_blocks, past the pool's end, so mode="drop" skips them.
-    return kv_pool.at[:, :, blocks].set(values, mode="drop")
+    """Writes one block array per entry of `blocks` into the pool. Padding entries name block num_blocks, past the
+    pool's end, so mode="drop" skips them."""
+    return kv_pool.at[:, :, blocks].set(jnp.stack(values, axis=2), mode="drop")
 
 
 def compiled_programs() -> int:
