@@ -53,33 +53,25 @@ def trial(engine, rng, tag: str, args, vocab: int) -> dict:
 
 
 def transfer_probe(engine, blocks: int) -> dict:
-    """Where a host hit's time goes: the host gather of `blocks` blocks out of the host tier's layout, and a
-    host-to-device copy of that many bytes from pageable memory, and from pinned memory (jax's pinned_host)."""
+    """The copy a host hit makes, alone: `blocks` blocks' bytes to the device from pageable memory and from pinned
+    memory (jax's pinned_host, where the host tier keeps its blocks: runner.host_blocks)."""
     import jax
 
-    host_kv = engine.executor.host_kv  # the ModelRunner's swap space, which the host tier lives in
-    if host_kv is None:
-        return {}
-    src = np.arange(blocks, dtype=np.int32)
-    out: dict = {"bytes": int(host_kv[:, :, :blocks].nbytes)}
-    t = time.perf_counter()
-    gathered = host_kv[:, :, src]
-    out["host_gather_ms"] = 1e3 * (time.perf_counter() - t)
+    runner = engine.executor
+    shape = runner.kv_pool_shape(runner.config, blocks, runner.block_size)
+    source = np.ones(shape, runner.dtype)
     device = jax.devices()[0]
-    for name, source in (("pageable", gathered),):
-        jax.device_put(source, device).block_until_ready()
+    out: dict = {"bytes": int(source.nbytes)}
+    jax.device_put(source, device).block_until_ready()
+    t = time.perf_counter()
+    jax.device_put(source, device).block_until_ready()
+    out["h2d_pageable_ms"] = 1e3 * (time.perf_counter() - t)
+    pinned = jax.device_put(source, jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host"))
+    pinned.block_until_ready()
+    for _ in range(2):
         t = time.perf_counter()
-        jax.device_put(source, device).block_until_ready()
-        out[f"h2d_{name}_ms"] = 1e3 * (time.perf_counter() - t)
-    try:
-        pinned = jax.device_put(gathered, jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host"))
-        pinned.block_until_ready()
-        for _ in range(2):
-            t = time.perf_counter()
-            jax.device_put(pinned, jax.sharding.SingleDeviceSharding(device, memory_kind="device")).block_until_ready()
-        out["h2d_pinned_ms"] = 1e3 * (time.perf_counter() - t)
-    except Exception as e:  # noqa: BLE001 - a platform without pinned_host memory
-        out["h2d_pinned_error"] = f"{type(e).__name__}: {e}"
+        jax.device_put(pinned, jax.sharding.SingleDeviceSharding(device)).block_until_ready()
+    out["h2d_pinned_ms"] = 1e3 * (time.perf_counter() - t)
     return out
 
 

@@ -29,9 +29,12 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # the disaggreg
 
 import numpy as np  # noqa: E402
 
+from benchmarks import gpu_trace  # noqa: E402
 from benchmarks.split_timeline import EngineTimeline, summary  # noqa: E402
 from nexus_jax import LLM, SamplingParams  # noqa: E402
-from runner.workers.timeline import TIMELINE_ENV  # noqa: E402
+from runner.workers.timeline import TIMELINE_ENV, TRACE_ENV  # noqa: E402
+
+TRACE_STEPS = 30  # --trace: decode steps in the GPU trace
 
 MODES = {
     "agg": {},
@@ -65,6 +68,14 @@ def scenario(engine, args, tag: str, num_prefills: int) -> dict:
         engine.step()
     t0 = time.monotonic()
     start_tokens = sum(len(s.output_token_ids) for s in seqs)
+    traced = None
+    if args.trace and tag == "run" and not hasattr(engine, "pool"):  # the in-process engine: trace it here
+        for _ in range(10):
+            engine.step()
+        with gpu_trace.capture(Path(args.out, f"trace_{args.mode}")) as trace:
+            for _ in range(TRACE_STEPS):
+                engine.step()
+        traced = trace
     while sum(len(s.output_token_ids) for s in seqs) < start_tokens + args.window * args.batch:
         engine.step()
     t1 = time.monotonic()
@@ -83,7 +94,15 @@ def scenario(engine, args, tag: str, num_prefills: int) -> dict:
         engine.step()
     co_run = window_stats(seqs, t1, t2)
     co_run["prefill_tok_per_s"] = num_prefills * args.prefill_len / (t2 - t1)
-    return {"decode_only": window_stats(seqs, t0, t1), "co_run": co_run, "windows": [t0, t1, t2]}
+    out = {"decode_only": window_stats(seqs, t0, t1), "co_run": co_run, "windows": [t0, t1, t2]}
+    if traced is not None:
+        out["trace"] = trace_report(traced)
+    return out
+
+
+def trace_report(trace: gpu_trace.Trace) -> dict:
+    events = trace.events()
+    return {"gaps": gpu_trace.idle_gaps(events, TRACE_STEPS), "kernels": gpu_trace.kernel_totals(events, TRACE_STEPS)}
 
 
 def main() -> None:
@@ -101,12 +120,17 @@ def main() -> None:
     ap.add_argument("--ladder", default="50", help="decode SM shares of the disaggregated modes")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--cache", default="/tmp/nexus-jax-cc", help="compilation cache directory")
+    ap.add_argument("--trace", action="store_true",
+                    help=f"GPU trace of {TRACE_STEPS} decode-only steps: in-process (agg), or the workers' step "
+                         "messages 80.. (split modes; the warm-up pass's decode window)")
     ap.add_argument("--timeline", action="store_true",
                     help="split modes: record the engine's and the workers' timelines (benchmarks/split_timeline.py)")
     args = ap.parse_args()
     worker_dir = Path(args.out, f"timeline_{args.mode}")
-    if args.timeline:
+    if args.timeline or args.trace:
         os.environ[TIMELINE_ENV] = str(worker_dir)
+    if args.trace:
+        os.environ[TRACE_ENV] = f"80:{TRACE_STEPS}"
     mode = {k: args.disaggregation if k == "disaggregation" else v for k, v in MODES[args.mode].items()}
     settings = dict(mode, max_num_batched_tokens=args.budget, max_num_seqs=max(64, args.batch),
                     gpu_memory_utilization=args.gpu_memory_utilization,
@@ -128,6 +152,10 @@ def main() -> None:
               "engine": {k: v for k, v in engine.stats().items() if k in ("phase_steps", "pipelined_steps",
                                                                            "controller", "sm_isolation")}}
     llm.shutdown()  # the workers write their timelines as they stop
+    if args.trace and hasattr(engine, "pool"):
+        result["trace"] = {d.name[len("trace_"):]: trace_report(gpu_trace.Trace(d))
+                           for d in sorted(worker_dir.glob("trace_*")) if any(d.rglob("*.json.gz"))}
+        print(json.dumps(result["trace"], indent=1), file=sys.stderr)
     if engine_timeline.records:
         t0, t1, t2 = result["windows"]
         result["timeline"] = {"decode_only": summary(engine_timeline.records, worker_dir, t0, t1),

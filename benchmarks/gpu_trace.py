@@ -74,3 +74,15 @@ def idle_gaps(events: list[dict], num_steps: int) -> dict:
             "idle_ms": (window - busy) / 1e3, "steps": num_steps,
             "step_gap_median_us": float(np.median(between)), "step_gap_p90_us": float(np.percentile(between, 90)),
             "step_gap_max_us": float(between.max()), "idle_per_step_us": (window - busy) / max(num_steps, 1)}
+
+
+def kernel_totals(events: list[dict], num_steps: int, top: int = 25) -> list[dict]:
+    """The kernels that took the most GPU time in the window: name, calls and milliseconds per step."""
+    totals: dict[str, list[float]] = {}
+    for e in events:
+        entry = totals.setdefault(str(e.get("name", "?"))[:120], [0, 0.0])
+        entry[0] += 1
+        entry[1] += float(e["dur"])
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][1])[:top]
+    return [{"kernel": name, "calls_per_step": calls / num_steps, "ms_per_step": us / 1e3 / num_steps}
+            for name, (calls, us) in ranked]

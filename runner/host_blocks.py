@@ -49,7 +49,8 @@ class HostBlocks:
             self._check(host)
         held = [self._blocks[h] if self._blocks[h] is not None else self._zero for h in host_blocks]
         on_device = jax.device_put(held, self._device)
-        return tuple(on_device) + (self._zero,) * (bucket(len(host_blocks), programs.MIN_SWAP_BLOCKS) - len(host_blocks))
+        padding = bucket(len(host_blocks), programs.MIN_SWAP_BLOCKS) - len(host_blocks)
+        return tuple(on_device) + (self._zero,) * padding
 
     def read(self, host_blocks: Sequence[int]) -> np.ndarray:
         """The host blocks as one numpy array [L, 2, n, Hkv, block_size, D] (tests and debugging: it waits)."""

@@ -20,13 +20,20 @@ from flax import nnx
 from runner import programs
 from runner.batch_state import DecodeState
 from runner.executor import StepInput, StepsExecutor
+from runner.host_blocks import HostBlocks, pad_blocks
 from runner.model.config import ModelConfig
 from runner.model.llama import Transformer
 from runner.penalties import PenaltyRow
-from runner.host_blocks import HostBlocks, pad_blocks
 from runner.programs import FEED_ROWS, MIN_SWAP_BLOCKS
 from runner.sampling import MODES, SamplingRow, SamplingTensors
-from runner.step_batch import DEFAULT_SHAPES, SeqChunk, StepBatch, StepShapes, bucket, padding_batch
+from runner.step_batch import (
+    DEFAULT_SHAPES,
+    SeqChunk,
+    StepBatch,
+    StepShapes,
+    bucket,
+    padding_batch,
+)
 
 log = logging.getLogger(__name__)
 
