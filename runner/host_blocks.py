@@ -37,10 +37,11 @@ class HostBlocks:
 
     def store(self, kv_pool: jax.Array, device_blocks: Sequence[int], host_blocks: Sequence[int]) -> None:
         """Copies pool blocks out to host blocks (pairs in order: a later pair to the same host block wins)."""
+        for host in host_blocks:
+            self._check(host)
         split = programs.split_blocks(kv_pool, pad_blocks(device_blocks, 0))
         moved = jax.device_put(list(split[:len(device_blocks)]), self._host)
         for host, block in zip(host_blocks, moved):
-            self._check(host)
             self._blocks[host] = block
 
     def load(self, host_blocks: Sequence[int]) -> tuple[jax.Array, ...]:
