@@ -12,6 +12,7 @@ from nexus_jax import AsyncLLM
 from nexus_jax.core.output_processor import ThreadedOutputProcessor
 from nexus_jax.core.sampling_params import SamplingParams
 from nexus_jax.core.tokenizer import Tokenizer
+from nexus_jax.entrypoints.async_llm import EngineDeadError
 from nexus_jax.testing.engines import expected, make_engine
 from runner.model.default_model import default_model_dir
 
@@ -202,3 +203,19 @@ def test_async_llm_streams_agree_with_the_engine(tokenizer):
         assert "".join(p.text for p in parts) == c[1]
         assert [t for p in parts for t in p.token_ids] == c[2]
         assert [lp for p in parts for lp in p.logprobs] == c[6]
+
+
+def test_a_failed_output_thread_ends_every_stream(tokenizer):
+    llm = AsyncLLM(make_engine(tokenizer=tokenizer))
+
+    def broken(*args):
+        raise ValueError("decoder broke")
+    llm._outputs._token = broken
+    try:
+        async def main():
+            with pytest.raises(EngineDeadError, match="output processor"):
+                async for _ in llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(max_tokens=50)):
+                    pass
+        asyncio.run(main())
+    finally:
+        llm.shutdown()
