@@ -9,7 +9,7 @@ the engine thread's time handing events over, waits on a full queue included). "
 until the last output was built (for threaded, until its thread has handled every event). Prints a table of median
 microseconds per step. CPU only; no model runs.
 
-    PYTHONPATH=. python benchmarks/bench_output_path.py [--steps 100] [--batches 64 256]
+    PYTHONPATH=. python benchmarks/bench_output_path.py [--steps 100] [--batches 64 256] [--device-ms 10]
 """
 
 from __future__ import annotations
@@ -66,13 +66,13 @@ def _patch_text(engine: Any, timer: Timer) -> None:
 
 
 def run(tokenizer: Tokenizer, batch: int, steps: int, stream: bool, stop: bool, logprobs: bool,
-        threaded: bool) -> tuple[float, float, float]:
+        threaded: bool, device_s: float | None = None) -> tuple[float, float, float]:
     """(median step us, median text us per step, e2e us per step) over `steps` decode steps of `batch` requests."""
     vocab = tokenizer.backend.get_vocab_size()
     total = PROMPT + steps + 64
     engine = make_engine(num_blocks=batch * (total // 16 + 2), block_size=16, tokenizer=tokenizer,
                          max_model_len=total + 16, vocab_size=vocab, max_num_seqs=batch,
-                         max_num_batched_tokens=batch * PROMPT)
+                         max_num_batched_tokens=batch * PROMPT, step_seconds=device_s)
     timer = Timer()
     processor = None
     if threaded:
@@ -103,6 +103,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batches", type=int, nargs="+", default=[64, 256])
+    # A simulated device step (the mock sleeps, releasing the GIL, as a device wait does): the host work hides
+    # behind it, and the output thread runs while the engine thread waits.
+    parser.add_argument("--device-ms", type=float, default=None)
     parser.add_argument("--modes", nargs="+", default=["inline", "threaded"], choices=["inline", "threaded"])
     args = parser.parse_args()
     tokenizer = Tokenizer.from_dir(default_model_dir())
@@ -110,7 +113,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for mode, batch, stream, stop, logprobs in itertools.product(args.modes, args.batches, (False, True),
                                                                  (False, True), (False, True)):
-        step, text, e2e = run(tokenizer, batch, args.steps, stream, stop, logprobs, mode == "threaded")
+        step, text, e2e = run(tokenizer, batch, args.steps, stream, stop, logprobs, mode == "threaded",
+                              None if args.device_ms is None else args.device_ms / 1e3)
         print(f"| {mode} | {batch} | {stream} | {stop} | {logprobs} | {step:.0f} | "
               f"{text:.0f} | {step - text:.0f} | {text / step:.0%} | {e2e:.0f} |", flush=True)
 
