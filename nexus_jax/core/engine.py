@@ -2,6 +2,8 @@
 
 Every accepted request ends with output (finish_reason "stop"/"length"), an abort, or an error: an executor
 failure finishes the requests of the failed step with finish_reason "error" and the engine keeps serving.
+The fold decides token-level stops; the text, stop strings and outputs are the output processor's
+(nexus_jax.core.output_processor), which runs in step() unless a caller (AsyncLLM) gives it a thread.
 """
 
 from __future__ import annotations
@@ -17,14 +19,15 @@ from nexus_jax.core.block_manager import BlockManager
 from nexus_jax.core.config import EngineConfig
 from nexus_jax.core.constraints import ConstraintFactory
 from nexus_jax.core.host_cache import host_memory
-from nexus_jax.core.logprobs import position_logprobs, prompt_targets, record_prompt_logprobs
+from nexus_jax.core.logprobs import prompt_targets, record_prompt_logprobs
+from nexus_jax.core.output_processor import OutputProcessor
 from nexus_jax.core.outputs import RequestMetrics, RequestOutput
 from nexus_jax.core.prompts import prompt_ids
-from nexus_jax.core.request import Request, RequestGroup, check_id_length
+from nexus_jax.core.request import Request, RequestGroup, check_id_length, check_ids
 from nexus_jax.core.sampling_params import SamplingParams
 from nexus_jax.core.scheduler import Scheduler, SchedulerOutput
-from nexus_jax.core.stop import StopChecker
-from nexus_jax.core.tokenizer import IncrementalDetokenizer, Tokenizer
+from nexus_jax.core.stop import TokenStop
+from nexus_jax.core.tokenizer import Tokenizer
 from nexus_jax.programs.table import ProgramConfig
 from runner.executor import Executor, ReadyStep, StepHandle, StepInput
 from runner.penalties import PenaltyHistory
@@ -67,6 +70,7 @@ class LLMEngine:
         self.groups: dict[str, RequestGroup] = {}
         self._rng = random.Random(config.seed)
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
+        self.output = OutputProcessor(tokenizer)  # AsyncLLM swaps in a ThreadedOutputProcessor
         # The overlapped loop (async_scheduling): step n + 1 is planned and dispatched before step n is read back
         # (with num_scheduler_steps > 1, either may be a multi-step decode: the look-ahead).
         self.overlap = self.overlaps and config.async_scheduling
@@ -113,19 +117,10 @@ class LLMEngine:
                         *, priority: int = 0, arrival_time: float | None = None, stream: bool = False,
                         program_id: str | None = None, thread_id: str = "") -> RequestGroup:
         """Validates a request and builds its sequences; touches no engine state but the seed generator."""
-        if not isinstance(request_id, str) or not request_id:
-            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+        check_ids(request_id, priority, program_id, thread_id)
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise ValueError(f"priority must be an integer, got {priority!r}")
-        if program_id is not None and (not isinstance(program_id, str) or not program_id):
-            raise ValueError(f"program_id must be a non-empty string or None, got {program_id!r}")
-        if not isinstance(thread_id, str):
-            raise ValueError(f"thread_id must be a string, got {thread_id!r}")
-        for name, value in (("request_id", request_id), ("program_id", program_id or ""), ("thread_id", thread_id)):
-            check_id_length(name, value)
         text, ids = prompt_ids(prompt, self.tokenizer, self.vocab_size, self.max_model_len)
         room = self.max_model_len - len(ids)
         if room < 1:
@@ -153,16 +148,12 @@ class LLMEngine:
         seqs: list[Request] = []
         for i in range(params.n):
             child = params.clone_for_child(i, drawn)
-            detok = (IncrementalDetokenizer(self.tokenizer, skip_special_tokens=child.skip_special_tokens)
-                     if self.tokenizer is not None else None)
             seq = Request(request_id if params.n == 1 else f"{request_id}#{i}", ids, child,
                           child.to_row(child.seed),
-                          StopChecker(child, detok, self.eos_token_ids, max_new_tokens=room),
+                          TokenStop(child, self.eos_token_ids, max_new_tokens=room),
                           metrics if i == 0 else RequestMetrics(metrics.arrival_time), priority,
                           group_id=request_id, index=i, program_id=program_id,
                           thread_id=thread_id if params.n == 1 else f"{thread_id}#{i}",
-                          logprobs=[] if child.logprobs is not None else None,
-                          cumulative_logprob=0.0 if child.logprobs is not None else None,
                           waits_for=seqs[0] if i else None, banned_ids=banned, constraints=make_constraints(),
                           prompt_logprobs=[None] if child.prompt_logprobs is not None and not i else None,
                           penalty=PenaltyHistory(child.repetition_penalty, child.frequency_penalty,
@@ -181,7 +172,8 @@ class LLMEngine:
             if not seq.is_finished:
                 self.scheduler.finish(seq)
                 seq.finish("abort", None, now)
-        self._pending.append(self._retire(group))
+        self._retire(group)
+        self._pending += self.output.flush()
         return True
 
     def settle(self) -> list[RequestOutput]:
@@ -190,14 +182,16 @@ class LLMEngine:
         return self.step() if self.has_unfinished_requests() and not self.scheduler.has_work() else []
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work() or bool(self._pending) or self._flight is not None
+        return (self.scheduler.has_work() or bool(self._pending) or self.output.has_pending()
+                or self._flight is not None)
 
     # ---- the loop
 
     def step(self) -> list[RequestOutput]:
         """Runs one step; returns the final output of every request that ended, and a progress output of every
         streamed request that made progress. With the overlapped loop, it plans and dispatches the next step, then
-        folds the one dispatched by the previous call (the device runs one while the host prepares the other)."""
+        folds the one dispatched by the previous call (the device runs one while the host prepares the other).
+        With a ThreadedOutputProcessor as `output`, the outputs go out on its thread instead and this returns []."""
         outputs, self._pending = self._pending, []
         plan = self.scheduler.schedule()
         if plan.swap_out or plan.swap_in:
@@ -247,7 +241,6 @@ class LLMEngine:
 
     def _fold(self, plan: SchedulerOutput, result: Any, started: float) -> list[RequestOutput]:
         """Folds an executed plan back: K/V now computed, sampled tokens appended, finished requests retired."""
-        outputs: list[RequestOutput] = []
         touched: dict[str, RequestGroup] = {}
         self.scheduler.update(plan)
         now = time.monotonic()
@@ -258,7 +251,8 @@ class LLMEngine:
         prompt = getattr(result, "prompt_logprobs", None) or [None] * len(plan.chunks)
         for table, chunk in zip(prompt, plan.chunks):
             if table is not None:
-                record_prompt_logprobs(chunk.request, chunk.start, chunk.num_tokens, table, self._token_text)
+                record_prompt_logprobs(chunk.request, chunk.start, chunk.num_tokens, table, self.output.token_text)
+        self._stop_matched()
         for k, tokens in enumerate(token_rows):
             for i, chunk in enumerate(plan.chunks):
                 seq = chunk.request
@@ -266,14 +260,26 @@ class LLMEngine:
                     continue
                 if k:  # the token appended at step k - 1 was this step's input, so its K/V now exists
                     self.scheduler.advance(seq)
-                self._append(seq, int(tokens[i]), result, i, now)
-                touched[seq.group_id] = self.groups[seq.group_id]
+                group = touched[seq.group_id] = self.groups[seq.group_id]
+                self._append(group, seq, int(tokens[i]), result, i, now)
         for group in touched.values():
             if group.finished:
-                outputs.append(self._retire(group))
+                self._retire(group)
             elif group.stream:
-                outputs.append(group.output())
-        return outputs
+                self.output.progress(group)
+        return self.output.flush()
+
+    def _stop_matched(self) -> None:
+        """Ends the sequences whose stop string the output processor's thread matched (their outputs have ended
+        there): a finish like any other, which frees their blocks."""
+        for seq, stop, now in self.output.stopped():
+            if seq.is_finished:
+                continue
+            self.scheduler.finish(seq)
+            seq.finish("stop", stop, now)
+            group = self.groups[seq.group_id]
+            if group.finished:
+                self._retire(group)
 
     def _step_input(self, plan: SchedulerOutput, previous: _Flight | None = None) -> StepInput:
         """What runs `plan`, for an executor here or a worker process. A decode whose input token the step in
@@ -320,23 +326,18 @@ class LLMEngine:
         previous.outputs = self._land(previous)
         return self._limits(plan)
 
-    def _append(self, seq: Request, token: int, result: Any, row: int, now: float) -> None:
+    def _append(self, group: RequestGroup, seq: Request, token: int, result: Any, row: int, now: float) -> None:
         seq.append_token(token)
-        seq.metrics.record_token(now)
-        if seq.logprobs is not None:
-            seq.logprobs.append(position_logprobs(token, result.token_logprobs[row], result.top_ids[row],
-                                                  result.top_logprobs[row], seq.params.logprobs, self._token_text))
-            seq.cumulative_logprob += float(result.token_logprobs[row])
+        logprobs = (None if seq.params.logprobs is None else
+                    (result.token_logprobs[row], result.top_ids[row], result.top_logprobs[row]))
         res = seq.stop.step(token)
-        seq.text += res.text
-        if res.finished or (seq.constraints is not None and seq.constraints.finished):  # the grammar is complete
+        matched = self.output.token(group, seq, token, logprobs, now, res)
+        if matched is not None:
+            self.scheduler.finish(seq)
+            seq.finish("stop", matched, now)
+        elif res.finished or (seq.constraints is not None and seq.constraints.finished):  # the grammar is complete
             self.scheduler.finish(seq)
             seq.finish(res.finish_reason or "stop", res.stop_reason, now)
-
-    def _token_text(self, token: int) -> str | None:
-        """One token's own text for its logprobs (special tokens spelled out, as vLLM does); None without a
-        tokenizer."""
-        return None if self.tokenizer is None else self.tokenizer.decode([token], skip_special_tokens=False)
 
     def _fail(self, plan: SchedulerOutput, message: str, also: Sequence[Request] = ()) -> list[RequestOutput]:
         """Ends with an error the groups of the plan's chunks and of the requests `also` names."""
@@ -350,11 +351,14 @@ class LLMEngine:
                 if not seq.is_finished:
                     self.scheduler.finish(seq)
                     seq.finish("error", None, now)
-        return [self._retire(g) for g in groups.values()]
+            self._retire(group)
+        return self.output.flush()
 
-    def _retire(self, group: RequestGroup) -> RequestOutput:
+    def _retire(self, group: RequestGroup) -> None:
+        """The group's final output (or, done already on the processor's thread, nothing) goes out at the next
+        flush."""
         del self.groups[group.request_id]
-        return group.output()
+        self.output.retire(group)
 
     def session(self, program_id: str):
         """A context manager around an agentic program's calls: its process-table record lives until it ends.

@@ -1,4 +1,5 @@
-"""Per-sequence state on the host: tokens, progress through the KV pool, text, status and timings.
+"""Per-sequence state on the host: tokens, progress through the KV pool, status and timings (the text and the
+outputs are the output processor's, nexus_jax.core.output_processor).
 
 Progress is one number, `num_computed_tokens` (tokens whose K/V is in the pool), as in vLLM v1: a step runs the
 tokens between it and `num_tokens`; when a step reaches `num_tokens` the model's sample is appended. A prefill,
@@ -11,9 +12,9 @@ import enum
 from dataclasses import dataclass, field
 
 from nexus_jax.core.constraints import TokenConstraints
-from nexus_jax.core.outputs import CompletionOutput, PositionLogprobs, RequestMetrics, RequestOutput
+from nexus_jax.core.outputs import PositionLogprobs, RequestMetrics
 from nexus_jax.core.sampling_params import SamplingParams
-from nexus_jax.core.stop import StopChecker
+from nexus_jax.core.stop import TokenStop
 from runner.penalties import PenaltyHistory
 from runner.sampling import SamplingRow
 
@@ -26,6 +27,20 @@ def check_id_length(name: str, value: str, limit: int = MAX_ID_LENGTH, setting: 
     """Raises ValueError naming `setting` when the id `value` is longer than `limit` characters."""
     if len(value) > limit:
         raise ValueError(f"{name} of {len(value)} characters exceeds the limit of {limit} ({setting})")
+
+
+def check_ids(request_id: str, priority: int, program_id: str | None, thread_id: str) -> None:
+    """Raises ValueError on a request's malformed request id, priority, program id or thread id."""
+    if not isinstance(request_id, str) or not request_id:
+        raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ValueError(f"priority must be an integer, got {priority!r}")
+    if program_id is not None and (not isinstance(program_id, str) or not program_id):
+        raise ValueError(f"program_id must be a non-empty string or None, got {program_id!r}")
+    if not isinstance(thread_id, str):
+        raise ValueError(f"thread_id must be a string, got {thread_id!r}")
+    for name, value in (("request_id", request_id), ("program_id", program_id or ""), ("thread_id", thread_id)):
+        check_id_length(name, value)
 
 
 class RequestStatus(enum.Enum):
@@ -41,7 +56,7 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams          # this sequence's own (n == 1, seed set)
     sampling_row: SamplingRow       # params as the device sampler's row at step 0, validated once (see to_row)
-    stop: StopChecker
+    stop: TokenStop
     metrics: RequestMetrics
     priority: int = 0               # lower runs first under the priority policy (vLLM's convention)
     group_id: str = ""              # the user's request id (request_id differs when n > 1)
@@ -49,9 +64,6 @@ class Request:
     program_id: str | None = None   # the agentic program of this call; None: a one-call program
     thread_id: str = ""             # tells parallel calls of one program apart
     output_token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    logprobs: list[PositionLogprobs] | None = None
-    cumulative_logprob: float | None = None
     num_computed_tokens: int = 0
     # The overlapped loop: tokens whose K/V the step in flight computes, and samples it draws for this sequence
     # (on the device until the step is folded). Both 0 in the synchronous loop whenever a step is planned.
@@ -131,12 +143,6 @@ class Request:
         self.stop_reason = stop_reason
         self.metrics.finished_time = now
 
-    def completion(self) -> CompletionOutput:
-        # Copies: outputs cross to other threads (AsyncLLM) while the engine keeps appending.
-        return CompletionOutput(self.index, self.text, list(self.output_token_ids), self.cumulative_logprob,
-                                None if self.logprobs is None else list(self.logprobs), self.finish_reason,
-                                self.stop_reason)
-
 
 class RequestGroup:
     """A user request: its prompt and its n sequences."""
@@ -153,10 +159,3 @@ class RequestGroup:
     @property
     def finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
-
-    def output(self) -> RequestOutput:
-        first = self.seqs[0]  # the sequence that computes the whole prompt (the others may reuse its cache)
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids,
-                             [s.completion() for s in self.seqs], self.finished, self.seqs[0].metrics, self.error,
-                             None if first.prompt_logprobs is None else list(first.prompt_logprobs),
-                             first.num_cached_tokens)

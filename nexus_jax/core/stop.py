@@ -1,8 +1,11 @@
 """When a completion ends, and exactly which text it emits: EOS, stop token ids, stop strings, max_tokens.
 
-The engine makes one StopChecker per sequence and calls `step(token_id)` after each sampled token. The checker
-runs the sequence's detokenizer itself, because a stop token must never be decoded: its text is not part of the
-output, yet the detokenizer may hand back earlier text (a held-back character) in the same delta as the token.
+StopChecker applies them all to one sequence: `step(token_id)` after each sampled token. The engine splits it, as
+vLLM v1 does: TokenStop (rules 1-3, no text) runs in the engine's fold, where a sequence that ends must free its
+blocks at once; TextStop (rule 4, the text and its holdback) runs in the output processor, given each token's
+TokenStop result. TextStop runs the sequence's detokenizer itself, because a stop token must never be decoded: its
+text is not part of the output, yet the detokenizer may hand back earlier text (a held-back character) in the same
+delta as the token.
 
 Rules, checked in vLLM's order for each token (number n of the completion, counting from 1):
 1. No stop of any kind while n <= min_tokens (vLLM: min_tokens tokens come before EOS can be generated); the
@@ -54,13 +57,16 @@ class StopResult:
         return self.finish_reason is not None
 
 
-class StopChecker:
-    """Stop decisions and emitted text of one sequence (see the module docstring for the rules)."""
+_GOES_ON, _EOS, _LENGTH = StopResult(""), StopResult("", "stop"), StopResult("", "length")  # immutable: shared
 
-    def __init__(self, params: SamplingParams, detokenizer: Detokenizer | None, eos_token_ids: Iterable[int] = (),
+
+class TokenStop:
+    """The token-level stop decisions of one sequence (rules 1-3): what the engine needs to free a sequence's blocks
+    as soon as it ends, without any text."""
+
+    def __init__(self, params: SamplingParams, eos_token_ids: Iterable[int] = (),
                  max_new_tokens: int | None = None) -> None:
-        """detokenizer: None for a token-only sequence (no text, so no stop strings).
-        eos_token_ids: the tokenizer's (Tokenizer.eos_token_ids). max_new_tokens: the room the model's context
+        """eos_token_ids: the tokenizer's (Tokenizer.eos_token_ids). max_new_tokens: the room the model's context
         leaves for the completion; the smaller of it and params.max_tokens applies.
         """
         limits = [limit for limit in (params.max_tokens, max_new_tokens) if limit is not None]
@@ -69,36 +75,44 @@ class StopChecker:
                              "would have no length limit (pass the room left in the model's context)")
         if min(limits) < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if detokenizer is None and params.stop:
-            raise ValueError(f"stop strings {params.stop} need a detokenizer (the sequence has no text)")
         self._params = params
-        self._detokenizer = detokenizer
         self._eos_ids = frozenset(() if params.ignore_eos else eos_token_ids)
         self._stop_ids = frozenset(params.stop_token_ids or ())
         self.max_tokens = min(limits)
-        self._strings = StopStringScanner(params.stop or [], params.include_stop_str_in_output)
         self.num_generated = 0
         self.finish_reason: FinishReason | None = None
 
     def step(self, token_id: int) -> StopResult:
-        """Account for one sampled token; return the text it releases and whether the sequence has ended."""
+        """Account for one sampled token; return whether the sequence has ended (the result carries no text)."""
         if self.finish_reason is not None:
             raise RuntimeError(f"step() after the sequence finished ({self.finish_reason})")
         self.num_generated += 1
         can_stop = self.num_generated > self._params.min_tokens
-        result = StopResult("")
+        result = _GOES_ON
         if can_stop and token_id in self._eos_ids:
-            result = StopResult("", "stop")
+            result = _EOS
         elif can_stop and token_id in self._stop_ids:
             result = StopResult("", "stop", token_id)
         elif self.num_generated >= self.max_tokens:
-            result = StopResult("", "length")
-        if self._detokenizer is not None:
-            result = self._with_text(token_id, result, can_stop)
+            result = _LENGTH
         self.finish_reason = result.finish_reason
         return result
 
-    def _with_text(self, token_id: int, result: StopResult, can_stop: bool) -> StopResult:
+
+class TextStop:
+    """The text of one sequence (rule 4 and the holdback), given each token's token-level result: the output
+    processor's half of the rules, which may run on another thread than the engine's TokenStop."""
+
+    def __init__(self, params: SamplingParams, detokenizer: Detokenizer) -> None:
+        self._params = params
+        self._detokenizer = detokenizer
+        self._strings = StopStringScanner(params.stop or [], params.include_stop_str_in_output)
+        self._num_generated = 0
+
+    def step(self, token_id: int, result: StopResult) -> StopResult:
+        """The token's text to emit, and `result` or, when a stop string completes, the stop string's result."""
+        self._num_generated += 1
+        can_stop = self._num_generated > self._params.min_tokens
         stopped_by_token = result.finish_reason == "stop"
         if stopped_by_token and not self._params.include_stop_str_in_output:
             delta = self._detokenizer.finish()
@@ -110,6 +124,28 @@ class StopChecker:
         if matched is not None:
             return StopResult(text, "stop", matched)
         return dataclasses.replace(result, text=text)
+
+
+class StopChecker(TokenStop):
+    """Stop decisions and emitted text of one sequence (see the module docstring for the rules), both halves at
+    once."""
+
+    def __init__(self, params: SamplingParams, detokenizer: Detokenizer | None, eos_token_ids: Iterable[int] = (),
+                 max_new_tokens: int | None = None) -> None:
+        """detokenizer: None for a token-only sequence (no text, so no stop strings); the other arguments as
+        TokenStop's."""
+        super().__init__(params, eos_token_ids, max_new_tokens)
+        if detokenizer is None and params.stop:
+            raise ValueError(f"stop strings {params.stop} need a detokenizer (the sequence has no text)")
+        self._text = None if detokenizer is None else TextStop(params, detokenizer)
+
+    def step(self, token_id: int) -> StopResult:
+        """Account for one sampled token; return the text it releases and whether the sequence has ended."""
+        result = super().step(token_id)
+        if self._text is not None:
+            result = self._text.step(token_id, result)
+            self.finish_reason = result.finish_reason
+        return result
 
 
 class StopStringScanner:

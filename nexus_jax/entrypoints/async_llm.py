@@ -2,17 +2,18 @@
 
 The engine runs on its own thread (a device step blocks for milliseconds, which must not stall the event loop).
 Requests are validated on the caller's thread (text prompts on a worker thread: encoding a long text would stall
-the event loop), so bad input raises right at `generate`, then handed to the engine thread through an inbox;
-outputs travel back through each request's `_Latest`, which keeps only the newest (each output holds all before
-it), so a consumer that lags behind holds one output, not one per step. A consumer that stops iterating (break,
-cancellation, a dropped client) aborts its request, which frees its KV blocks.
+the event loop), so bad input raises right at `generate`, then handed to the engine thread through an inbox.
+Output processing (text, stop strings, the outputs) runs on a thread of its own (ThreadedOutputProcessor), fed
+by the engine thread through a bounded queue, off the engine's critical path; outputs travel from it through each
+request's `_Latest`, which keeps only the newest (each output holds all before it), so a consumer that lags behind
+holds one output, not one per step, and builds the RequestOutput it reads itself. A consumer that stops iterating
+(break, cancellation, a dropped client) aborts its request, which frees its KV blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import functools
 import itertools
 import threading
@@ -20,6 +21,7 @@ from typing import Any, AsyncIterator, Callable
 
 from nexus_jax.core.config import EngineConfig
 from nexus_jax.core.engine import LLMEngine
+from nexus_jax.core.output_processor import OutputProcessor, OutputView, ThreadedOutputProcessor
 from nexus_jax.core.outputs import RequestOutput
 from nexus_jax.core.sampling_params import SamplingParams
 from nexus_jax.entrypoints.build import build_engine
@@ -30,8 +32,12 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncLLM:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, *, max_queued_steps: int = 4):
+        """max_queued_steps: the steps' output events that may wait for the output processor's thread before the
+        engine thread waits for it (a stop string costs the engine up to that many wasted steps)."""
         self.engine = engine
+        self._outputs = ThreadedOutputProcessor(engine.tokenizer, self._deliver_view, max_queued_steps)
+        engine.output = self._outputs
         # ("add", group), ("abort", request_id) or ("call", (fn, loop, future))
         self._inbox: collections.deque = collections.deque()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, _Latest]] = {}
@@ -69,7 +75,7 @@ class AsyncLLM:
                 self._streams.pop(request_id, None)
             raise EngineDeadError(f"engine stopped: {self.dead_error!r}")
         self._send(("add", group))
-        sent: dict[int, tuple[int, int]] = {}  # completion index -> (text chars, token ids) already yielded
+        sent: dict[int, tuple[int, int]] = {}  # completion index -> (token ids, text pieces) already yielded
         finished = False
         try:
             while not finished:
@@ -77,7 +83,7 @@ class AsyncLLM:
                 if isinstance(out, BaseException):
                     raise out
                 finished = out.finished
-                yield _delta(out, sent) if delta else out
+                yield out.build(sent if delta else None)
         finally:
             if not finished:
                 self.abort(request_id)
@@ -110,29 +116,13 @@ class AsyncLLM:
         self._wake.set()
 
     def _run(self) -> None:
-        engine = self.engine
         try:
-            while not self._stopped:
-                while self._inbox:
-                    kind, arg = self._inbox.popleft()
-                    if kind == "add":
-                        try:
-                            engine.add_prepared(arg)
-                        except ValueError as e:
-                            self._deliver(arg.request_id, e, True)
-                    elif kind == "call":
-                        _settle(*arg)
-                    else:
-                        engine.abort_request(arg)
-                if not engine.has_unfinished_requests():
-                    self._wake.wait()
-                    self._wake.clear()
-                    continue
-                for out in engine.step():
-                    self._deliver(out.request_id, out, out.finished)
+            self._serve()
             self.dead_error = EngineDeadError("engine shut down")
         except BaseException as e:  # the loop must never die silently: every open stream learns why
             self.dead_error = e
+        self._outputs.close()  # what the engine sent reaches its streams before they end
+        self.engine.output = OutputProcessor(self.engine.tokenizer)  # the engine may serve LLM.generate next
         with self._lock:
             streams, self._streams = self._streams, {}
         dead = EngineDeadError(f"engine stopped: {self.dead_error!r}")
@@ -144,6 +134,29 @@ class AsyncLLM:
                 _, loop, future = arg
                 _post(loop, _resolve, future, None, dead)
 
+    def _serve(self) -> None:
+        engine = self.engine
+        while not self._stopped:
+            while self._inbox:
+                kind, arg = self._inbox.popleft()
+                if kind == "add":
+                    try:
+                        engine.add_prepared(arg)
+                    except ValueError as e:
+                        self._deliver(arg.request_id, e, True)
+                elif kind == "call":
+                    _settle(*arg)
+                else:
+                    engine.abort_request(arg)
+            if not engine.has_unfinished_requests():
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            engine.step()  # its outputs go out on the output processor's thread
+
+    def _deliver_view(self, view: OutputView) -> None:
+        self._deliver(view.request_id, view, view.finished)
+
     def _deliver(self, request_id: str, item: Any, last: bool) -> None:
         with self._lock:
             stream = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
@@ -151,7 +164,7 @@ class AsyncLLM:
             # The consumer's event loop closed without ending the stream: nobody reads it any more.
             with self._lock:
                 self._streams.pop(request_id, None)
-            self._inbox.append(("abort", request_id))
+            self._send(("abort", request_id))
 
 
 class _Latest:
@@ -160,20 +173,20 @@ class _Latest:
     memory, and reads the progress it missed in one piece. An error is read after the output before it."""
 
     def __init__(self) -> None:
-        self._output: RequestOutput | None = None
+        self._output: OutputView | None = None
         self._error: BaseException | None = None
         self._ready = asyncio.Event()
 
-    def put(self, item: RequestOutput | BaseException) -> None:
+    def put(self, item: OutputView | BaseException) -> None:
         if isinstance(item, BaseException):
             self._error = item
         else:
             self._output = item
         self._ready.set()
 
-    async def get(self) -> RequestOutput | BaseException:
+    async def get(self) -> OutputView | BaseException:
         await self._ready.wait()
-        item: RequestOutput | BaseException | None
+        item: OutputView | BaseException | None
         if self._output is not None:
             item, self._output = self._output, None
         else:
@@ -212,13 +225,3 @@ def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -
 
 def _needs_encoding(prompt: Any) -> bool:
     return isinstance(prompt, str) or isinstance(prompt, dict) and "prompt_token_ids" not in prompt
-
-
-def _delta(out: RequestOutput, sent: dict[int, tuple[int, int]]) -> RequestOutput:
-    outputs = []
-    for c in out.outputs:
-        chars, toks = sent.get(c.index, (0, 0))
-        sent[c.index] = (len(c.text), len(c.token_ids))
-        outputs.append(dataclasses.replace(c, text=c.text[chars:], token_ids=c.token_ids[toks:],
-                                           logprobs=None if c.logprobs is None else c.logprobs[toks:]))
-    return dataclasses.replace(out, outputs=outputs)
