@@ -122,10 +122,14 @@ class WorkerLoop:
         # Unmarks the request as busy; frees the blocks of one that finished meanwhile.
         sched.release(SchedulerOutput([ScheduledChunk(req, req.num_computed_tokens, 1)], [], []))
         if held.releasing == "preempt" and not req.is_finished:
-            sched.requeue(req)  # recomputed later, its generated tokens kept
-            req.num_preemptions += 1
-            sched.num_preemptions += 1
-            self.counts["preempted"] += 1
+            self._preempt(req)
+
+    def _preempt(self, req: Request) -> None:
+        """Back to waiting, recomputed later with its generated tokens kept; no step may hold it."""
+        self.engine.scheduler.requeue(req)
+        req.num_preemptions += 1
+        self.engine.scheduler.num_preemptions += 1
+        self.counts["preempted"] += 1
 
     # ---- rows in and out
 
@@ -144,8 +148,12 @@ class WorkerLoop:
         rows = []
         for req in ready:
             position = req.num_tokens - 1
-            table = bm.allocate(req.request_id, min(position + self.reserve, self._end(req)))
+            table = (bm.allocate(req.request_id, min(position + self.reserve, self._end(req)))
+                     or bm.allocate(req.request_id, position + 1))
             if table is None:
+                if not self.held and not rows:
+                    # Nothing in the loop gives blocks back: the idle requests holding them would wait forever.
+                    self._preempt(ready[-1])
                 break  # no room: later ones wait too, so the policy order is kept
             limit = min(len(table) * bm.block_size, self._end(req))
             held = _Held(req, (req.request_id, req.num_preemptions), limit)
