@@ -370,10 +370,10 @@ def _check_loop_params(group: RequestGroup) -> None:
     per-step inputs the loop does not send) is refused rather than silently ignored."""
     params = group.seqs[0].params
     refused = [name for name, on in (
-        ("logprobs", params.logprobs is not None), ("logit_bias", bool(params.logit_bias)),
+        ("logit_bias", bool(params.logit_bias)),
         ("penalties", params.has_penalties), ("allowed_token_ids", params.allowed_token_ids is not None),
         ("min_tokens", params.min_tokens > 0), ("bad_words", bool(params.bad_words)),
         ("structured_outputs", params.structured_outputs is not None)) if on]
     if refused:
         raise ValueError(f"decode_loop='worker' runs decode steps without the engine, which {', '.join(refused)} "
-                         "need every step (host limits, per-step inputs or log-probs): use decode_loop='engine'")
+                         "need every step (host limits or per-step inputs): use decode_loop='engine'")

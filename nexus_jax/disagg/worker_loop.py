@@ -30,6 +30,7 @@ from nexus_jax.core.block_manager import BlockManager
 from nexus_jax.core.outputs import RequestOutput
 from nexus_jax.core.request import Request
 from nexus_jax.core.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
+from runner.sampling import SampleResult
 from runner.workers.messages import Admit, Extend, LoopFailed, LoopRow, Release, Released, Tokens
 from runner.workers.pool import WorkerError
 
@@ -100,8 +101,8 @@ class WorkerLoop:
 
     def _fold(self, event: Tokens) -> list[RequestOutput]:
         self.counts["loop_steps"] += 1
-        chunks, tokens = [], []
-        for key, token in zip(event.seq_ids, event.tokens):
+        chunks, tokens, kept = [], [], []
+        for i, (key, token) in enumerate(zip(event.seq_ids, event.tokens)):
             held = self.by_key.get(key)
             if held is None or held.releasing is not None or held.request.is_finished:
                 self.counts["dropped_tokens"] += 1
@@ -109,10 +110,14 @@ class WorkerLoop:
             req = held.request
             chunks.append(ScheduledChunk(req, req.num_tokens - 1, 1))  # its last token in, its next one out
             tokens.append(token)
+            kept.append(i)
         started, self.last_event = self.last_event, time.monotonic()
         if not chunks:
             return []
-        return self.engine._fold(SchedulerOutput(chunks, [], []), np.asarray(tokens, np.int64), started)
+        result: Any = np.asarray(tokens, np.int64)
+        if event.logprobs is not None:
+            result = SampleResult(result, *(np.asarray(a)[kept] for a in event.logprobs))
+        return self.engine._fold(SchedulerOutput(chunks, [], []), result, started)
 
     def _forget(self, held: _Held) -> None:
         """The loop acknowledged a release: nothing of it writes the row's blocks any more."""
@@ -159,8 +164,10 @@ class WorkerLoop:
             held = _Held(req, (req.request_id, req.num_preemptions), limit)
             self.held[req.request_id] = self.by_key[held.key] = held
             sched.busy[req.request_id] += 1
+            # logprobs=0 still wants the sampled token's log-prob, which the executor returns only when asked for 1+
+            wanted = req.params.logprobs
             rows.append(LoopRow(held.key, req.all_token_ids[position], position, table, limit, req.sampling_row,
-                                len(req.output_token_ids)))
+                                len(req.output_token_ids), 0 if wanted is None else max(wanted, 1)))
         if rows:
             self._post(Admit(rows))
             self.counts["admitted"] += len(rows)

@@ -24,7 +24,7 @@ import threading
 from typing import Any, Callable, Hashable, Sequence
 
 from runner.executor import StepHandle, StepInput
-from runner.sampling import SamplingRow
+from runner.sampling import SampleResult, SamplingRow
 from runner.step_batch import SeqChunk
 from runner.workers.messages import Admit, Extend, LoopFailed, LoopMessage, Release, Released, Tokens
 
@@ -38,6 +38,7 @@ class _Row:
     limit: int
     sampling: SamplingRow
     step: int
+    num_logprobs: int
     source: tuple[int, int] | None = None  # (step number, chunk index) whose sample is the next input
 
 
@@ -113,7 +114,7 @@ class DecodeLoop:
             if isinstance(message, Admit):
                 for r in message.rows:
                     self.rows[r.seq_id] = _Row(r.seq_id, r.token, r.position, list(r.block_table), r.limit,
-                                               r.sampling, r.step)
+                                               r.sampling, r.step, r.num_logprobs)
             elif isinstance(message, Extend):
                 row = self.rows.get(message.seq_id)
                 if row is not None:  # else released meanwhile
@@ -136,7 +137,8 @@ class DecodeLoop:
                 feed.append((i, row.source[1]))
             chunks.append(SeqChunk([row.token or 0], row.position, row.table, row.seq_id))
             samplings.append(row.sampling.at_step(row.step))
-        handle = self.executor.dispatch(StepInput(chunks, [], samplings, feed=feed))
+        num_logprobs = max(r.num_logprobs for r in rows)
+        handle = self.executor.dispatch(StepInput(chunks, [], samplings, num_logprobs, feed=feed))
         self.num_steps += 1
         self.dispatched()
         for i, row in enumerate(rows):
@@ -146,12 +148,16 @@ class DecodeLoop:
         self.flights.append(_Flight(self.num_steps, handle, rows, chunks))
 
     def _land(self, flight: _Flight) -> None:
-        tokens = [int(t) for t in flight.handle.result()]
+        out = flight.handle.result()
+        logprobs = None
+        if isinstance(out, SampleResult):
+            out, logprobs = out.tokens, (out.token_logprobs, out.top_ids, out.top_logprobs)
+        tokens = [int(t) for t in out]
         self.publish(flight.chunks)
         for i, row in enumerate(flight.rows):
             if row.source == (flight.number, i):  # not dispatched again since: the host holds its next input
                 row.token, row.source = tokens[i], None
-        self.emit(Tokens([r.seq_id for r in flight.rows], tokens))
+        self.emit(Tokens([r.seq_id for r in flight.rows], tokens, logprobs))
         self._ack(flight.number)
 
     def _ack(self, landed: int) -> None:

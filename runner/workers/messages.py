@@ -11,7 +11,7 @@ LoopFailed), interleaved with the replies in the order they happened.
 from __future__ import annotations
 
 import dataclasses
-from typing import Hashable, Sequence
+from typing import Any, Hashable, Sequence
 
 from runner.executor import StepInput
 from runner.sampling import SamplingRow
@@ -38,7 +38,8 @@ class Stop:
 class LoopRow:
     """A sequence the decode loop runs: `token` at `position` is its next input (its K/V not yet in the pool);
     `block_table` covers the positions below `limit`, the most the loop may write before an Extend; its n-th
-    sample draws with `sampling.at_step(step + n)` (seeded draws do not depend on where the step ran)."""
+    sample draws with `sampling.at_step(step + n)` (seeded draws do not depend on where the step ran);
+    num_logprobs > 0: the top log-probs its samples report (runner.executor.StepInput.num_logprobs)."""
     seq_id: Hashable
     token: int
     position: int
@@ -46,6 +47,7 @@ class LoopRow:
     limit: int
     sampling: SamplingRow
     step: int
+    num_logprobs: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +73,10 @@ class Release:
 @dataclasses.dataclass(frozen=True)
 class Tokens:
     """Event: one decode step of the loop completed (its K/V in the shared pool): row seq_ids[i] sampled
-    tokens[i]."""
+    tokens[i]; `logprobs`, when a row asked for them: (token log-probs [n], top ids [n, k], top log-probs [n, k])."""
     seq_ids: Sequence[Hashable]
     tokens: Sequence[int]
+    logprobs: tuple[Any, Any, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -79,6 +79,22 @@ def test_outputs_equal_the_engine_loop(seed):
     assert sampled_run(make_engine("engine", seed=seed), seed) == sampled_run(make_engine(seed=seed), seed)
 
 
+def logprobs_run(engine):
+    engine.add_request("lp", {"prompt_token_ids": [5, 6]}, SamplingParams(max_tokens=12, logprobs=2))
+    engine.add_request("lp0", {"prompt_token_ids": [9, 10, 11]}, SamplingParams(max_tokens=7, logprobs=0))
+    engine.add_request("plain", {"prompt_token_ids": [30, 31]}, SamplingParams(max_tokens=9))
+    done = run_all(engine)
+    return {rid: (o.outputs[0].token_ids, o.outputs[0].logprobs, o.outputs[0].cumulative_logprob)
+            for rid, o in done.items()}
+
+
+def test_logprobs_come_back_with_the_streamed_tokens_as_in_the_engine_loop():
+    worker = logprobs_run(make_engine())
+    assert worker == logprobs_run(make_engine("engine"))
+    assert len(worker["lp"][1]) == 12 and all(len(p) == 2 for p in worker["lp"][1])
+    assert worker["plain"][1] is None
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_a_stop_mid_loop_emits_nothing_after_it_and_frees_the_blocks(seed):
     engine = make_engine(seed=seed)
@@ -186,7 +202,7 @@ def test_configurations_the_loop_cannot_apply_to_are_refused(cfg, why):
 
 
 @pytest.mark.parametrize("params, named", [
-    (dict(logprobs=2), "logprobs"), (dict(logit_bias={3: 1.0}), "logit_bias"),
+    (dict(logit_bias={3: 1.0}), "logit_bias"),
     (dict(presence_penalty=0.5), "penalties"), (dict(min_tokens=3), "min_tokens"),
     (dict(allowed_token_ids=[1, 2]), "allowed_token_ids"),
 ])

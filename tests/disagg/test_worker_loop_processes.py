@@ -15,10 +15,11 @@ MAX_TOKENS = [PROMPT_RNG.randint(1, 24) for _ in PROMPTS]
 
 
 def params(i: int) -> SamplingParams:
-    """Even requests greedy, odd ones seeded at temperature 0.8."""
+    """Even requests greedy, odd ones seeded at temperature 0.8; two of them want log-probs."""
+    logprobs = 2 if i in (1, 2) else None
     if i % 2 == 0:
-        return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS[i])
-    return SamplingParams(temperature=0.8, seed=1000 + i, max_tokens=MAX_TOKENS[i])
+        return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS[i], logprobs=logprobs)
+    return SamplingParams(temperature=0.8, seed=1000 + i, max_tokens=MAX_TOKENS[i], logprobs=logprobs)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,14 @@ def llm():
     llm.shutdown()
 
 
-def staggered_run(engine, seed, fault=None):
+@pytest.fixture(scope="module")
+def engine_loop():
+    llm = LLM(None, disaggregation="on", sm_ladder=(50,), max_num_batched_tokens=64, aggregate_when_safe=False)
+    yield llm
+    llm.shutdown()
+
+
+def staggered_run(engine, seed, fault=None, outputs=False):
     """PROMPTS arriving one by one; fault(), if given, runs before each step until it returns True."""
     arrivals = one_by_one(PROMPTS, MAX_TOKENS, seed, prefix=f"s{seed}-")
     done, k = {}, 0
@@ -48,7 +56,8 @@ def staggered_run(engine, seed, fault=None):
             fault = None
         done.update({o.request_id: o for o in engine.step() if o.finished})
         k += 1
-    return [done[f"s{seed}-{i}"].outputs[0].token_ids for i in range(len(PROMPTS))]
+    outs = [done[f"s{seed}-{i}"].outputs[0] for i in range(len(PROMPTS))]
+    return outs if outputs else [o.token_ids for o in outs]
 
 
 def test_outputs_equal_the_aggregated_engine_and_decode_runs_without_plans(llm, reference):
@@ -59,6 +68,19 @@ def test_outputs_equal_the_aggregated_engine_and_decode_runs_without_plans(llm, 
     assert engine.phase_steps["decode"] == 0 and counts["loop_steps"] > before["loop_steps"]
     assert counts["messages"] - before["messages"] < counts["loop_steps"] - before["loop_steps"]
     assert engine.block_manager.usage == 0.0 and not engine.loop.held
+
+
+def test_outputs_equal_the_engine_loop_on_the_same_workers(llm, engine_loop):
+    """The two loops side by side on the same staggered run, greedy and seeded."""
+    worker_loop = staggered_run(llm.llm_engine, seed=3, outputs=True)
+    engine_loop_outs = staggered_run(engine_loop.llm_engine, seed=3, outputs=True)
+    assert [o.token_ids for o in engine_loop_outs] == [o.token_ids for o in worker_loop]
+    for a, b in zip(engine_loop_outs, worker_loop):
+        assert (a.logprobs is None) == (b.logprobs is None)
+        for x, y in zip(a.logprobs or (), b.logprobs or ()):  # batches differ between the loops: float noise only
+            assert x.keys() == y.keys()
+            assert all(x[t].logprob == pytest.approx(y[t].logprob, abs=1e-4) for t in x)
+    assert engine_loop.llm_engine.phase_steps["decode"] > 0 and engine_loop.llm_engine.loop is None
 
 
 def test_a_killed_decode_worker_is_replaced_and_its_rows_recomputed(llm, reference):
