@@ -3,8 +3,10 @@
   PYTHONPATH=. python3 benchmarks/bench_split_decode.py MODE --out $OUT [--model llama-3.1-8b]
 
 MODE: agg (the in-process aggregated engine, overlapped loop), split (disaggregated, a fixed split: decode on the
---ladder share, prefill on the rest, never aggregated), dynamic (disaggregated, the partition controller decides).
-One engine per process, so run the modes one after another (each writes split_decode_MODE.json under --out).
+--ladder share, prefill on the rest, never aggregated), split-loop (split, the decode worker running its own loop:
+decode_loop="worker"), dynamic (disaggregated, the partition controller decides). One engine per process, so run
+the modes one after another (each writes split_decode_MODE.json under --out); `loop-compare` runs split and
+split-loop so, each in a process of its own, and writes split_decode_loop-compare.json with both.
 
 Each mode runs the scenario twice, the first time only to compile its step shapes (same buckets, fewer prefills):
 1. `--batch` requests with `--context`-token prompts are prefilled; once all have their first token, a decode-only
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,6 +42,7 @@ TRACE_STEPS = 30  # --trace: decode steps in the GPU trace
 MODES = {
     "agg": {},
     "split": {"disaggregation": "auto", "aggregate_when_safe": False},
+    "split-loop": {"disaggregation": "auto", "aggregate_when_safe": False, "decode_loop": "worker"},
     "dynamic": {"disaggregation": "auto"},
 }
 
@@ -105,9 +109,27 @@ def trace_report(trace: gpu_trace.Trace) -> dict:
     return {"gaps": gpu_trace.idle_gaps(events, TRACE_STEPS), "kernels": gpu_trace.kernel_totals(events, TRACE_STEPS)}
 
 
+COMPARED = ("split", "split-loop")
+
+
+def compare(argv: list[str], out: str) -> None:
+    """Runs each of COMPARED in a fresh process with the same arguments; their ITLs side by side."""
+    results = {}
+    for mode in COMPARED:
+        subprocess.run([sys.executable, __file__, mode, *argv], check=True)
+        results[mode] = json.loads(Path(out, f"split_decode_{mode}.json").read_text())
+    ratio = {w: results["split"][w].get("itl_median_ms", float("nan"))
+             / results["split-loop"][w].get("itl_median_ms", float("nan")) for w in ("decode_only", "co_run")}
+    Path(out, "split_decode_loop-compare.json").write_text(json.dumps(
+        {"engine_over_worker_itl": ratio, **{m: {w: r[w] for w in ("decode_only", "co_run")}
+                                             for m, r in results.items()}}, indent=1, default=str))
+    print(f"decode ITL, engine loop / worker loop: decode-only {ratio['decode_only']:.2f}x, with prefill "
+          f"{ratio['co_run']:.2f}x", file=sys.stderr)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("mode", choices=sorted(MODES))
+    ap.add_argument("mode", choices=sorted([*MODES, "loop-compare"]))
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default="llama-3.1-8b", help="preset, checkpoint, or 'tiny' (the embedded model)")
     ap.add_argument("--disaggregation", default="auto", help="of the split modes; 'on' runs workers without MPS")
@@ -126,6 +148,9 @@ def main() -> None:
     ap.add_argument("--timeline", action="store_true",
                     help="split modes: record the engine's and the workers' timelines (benchmarks/split_timeline.py)")
     args = ap.parse_args()
+    if args.mode == "loop-compare":
+        compare([a for a in sys.argv[1:] if a != "loop-compare"], args.out)
+        return
     worker_dir = Path(args.out, f"timeline_{args.mode}")
     if args.timeline or args.trace:
         os.environ[TIMELINE_ENV] = str(worker_dir)
@@ -150,7 +175,8 @@ def main() -> None:
     result = {"mode": args.mode, "settings": {k: v for k, v in settings.items() if k != "compilation_cache_dir"},
               "args": vars(args), "build_s": built, "warm_s": warm, **scenario(engine, args, "run", args.prefills),
               "engine": {k: v for k, v in engine.stats().items() if k in ("phase_steps", "pipelined_steps",
-                                                                           "controller", "sm_isolation")}}
+                                                                           "controller", "sm_isolation",
+                                                                           "decode_loop")}}
     llm.shutdown()  # the workers write their timelines as they stop
     if args.trace and hasattr(engine, "pool"):
         result["trace"] = {d.name[len("trace_"):]: trace_report(gpu_trace.Trace(d))

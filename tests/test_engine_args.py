@@ -17,6 +17,8 @@ COMMANDS = {"serve": ["serve"], "batch": ["batch", "--input", "in.jsonl", "--out
 # Fields deliberately without a generated flag: serve places each replica with --devices; generate's --seed is
 # the prompts' sampling seed (the engine's seed also draws the embedded model's weights).
 EXCLUDED = {"serve": {"device"}, "batch": set(), "generate": {"seed"}, "bench serve": set()}
+# Flags a field's sample value needs beside it to make a valid configuration.
+COMPANIONS = {"decode_loop": ["--disaggregation", "on", "--no-aggregate-when-safe"]}
 EXAMPLE = ["--disaggregation", "auto", "--sm-ladder", "30,50", "--scheduling-policy", "plas", "--warmup",
            "--max-num-batched-tokens", "512"]
 
@@ -72,7 +74,8 @@ def test_every_field_takes_a_value_from_its_flag():
             continue
         value = sample(f)
         text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-        assert getattr(config_of("batch", [flag_name(f.name), text]), f.name) == value, f.name
+        argv = [flag_name(f.name), text, *COMPANIONS.get(f.name, [])]
+        assert getattr(config_of("batch", argv), f.name) == value, f.name
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -92,6 +95,7 @@ def test_bool_flags_round_trip(command):
     (["--max-num-seqs", "two"], "--max-num-seqs"), (["--dtype", "int8"], "--dtype"),
     (["--gpu-memory-utilization", "1.5"], "gpu_memory_utilization"), (["--slo-tbt", "0"], "slo_tbt"),
     (["--disaggregation", "on", "--preemption-mode", "swap"], "preemption_mode"),
+    (["--disaggregation", "on", "--decode-loop", "worker"], "aggregate_when_safe"),
 ])
 def test_bad_values_are_usage_errors_naming_the_field(command, argv, named, capsys):
     with pytest.raises(SystemExit) as e:

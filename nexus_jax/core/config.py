@@ -17,6 +17,7 @@ KERNEL_IMPLS = (None, "pallas", "interpret", "xla")
 DISAGGREGATION_MODES = ("off", "auto", "on")
 PREEMPTION_MODES = ("recompute", "swap")
 PREFILL_ORDER_CHOICES = ("auto", "arrival", "spf")
+DECODE_LOOPS = ("engine", "worker")
 
 MODEL_AND_CACHE = "model and cache"
 SCHEDULING = "scheduling"
@@ -110,6 +111,12 @@ class EngineConfig:
         0.05, DISAGGREGATION, "seconds: time between tokens; the partition controller counts decodes within it")
     prefill_aging: float = _option(
         15.0, SCHEDULING, "prefill_order spf: remaining prompt tokens - this * seconds waited")
+    # "worker": the decode worker keeps its batch and runs steps back to back, the engine only admitting and
+    # releasing rows (nexus_jax.disagg.worker_loop); "engine" until measured on a GPU.
+    decode_loop: str = _option(
+        "engine", DISAGGREGATION, "who runs decode steps in the disaggregated mode: the engine plans each one, or "
+                                  "the decode worker loops on its own (fixed split on the widest sm_ladder rung)",
+        choices=DECODE_LOOPS)
     cost_model_path: str | None = _option(
         None, DISAGGREGATION, "profiled latency table of `nexus-jax profile` (default: found by GPU name)")
 
@@ -176,6 +183,21 @@ class EngineConfig:
             raise ValueError(f"device is for the aggregated mode (disaggregation='off'), got disaggregation="
                              f"{self.disaggregation!r}: the disaggregated workers are processes of their own, so "
                              f"run one server per GPU")
+        self._check_decode_loop()
         if self.preemption_mode == "swap" and self.disaggregation != "off":
             raise ValueError("swap preemption is for the aggregated mode: use preemption_mode='recompute' with "
                              f"disaggregation={self.disaggregation!r}")
+
+    def _check_decode_loop(self) -> None:
+        if self.decode_loop not in DECODE_LOOPS:
+            raise ValueError(f"decode_loop must be one of {', '.join(DECODE_LOOPS)}, got {self.decode_loop!r}")
+        if self.decode_loop == "engine":
+            return
+        why = ("it needs disaggregation 'on' or 'auto'" if self.disaggregation == "off" else
+               "it needs async_scheduling (its steps feed on the device)" if not self.async_scheduling else
+               "it needs aggregate_when_safe=False (a mixed step would take the decode batch back from the "
+               "worker)" if self.aggregate_when_safe else
+               "num_scheduler_steps > 1 does not apply (the loop itself runs steps back to back)"
+               if self.num_scheduler_steps > 1 else None)
+        if why is not None:
+            raise ValueError(f"decode_loop='worker': {why}")

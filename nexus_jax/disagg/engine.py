@@ -14,6 +14,11 @@ Each call of `step()` dispatches work to the idle phases and then folds back wha
 - a request moves from prefill to decode by its block table only: the prefill worker replied after its step
   completed, so the K/V it wrote is in the shared pool before any decode worker reads it.
 
+With decode_loop "worker" the engine plans no decode step at all: the decode worker of the ladder's widest rung
+keeps its batch and runs steps back to back (runner.workers.decode_loop), the engine admitting, extending and
+releasing its rows and folding the tokens it streams back (nexus_jax.disagg.worker_loop); prefill runs on that
+rung's prefill worker, so the partition is fixed and nothing aggregates.
+
 A worker that dies mid-step costs no request: the step's requests go back to waiting and are recomputed (their
 generated tokens kept), and a new process replaces the worker. If the holder died (the shared memory with it) or
 the replacement does not start (the MPS daemon died, for one), the whole pool restarts through `restart_pool`
@@ -30,10 +35,13 @@ from typing import Any, Callable
 from nexus_jax.core.config import EngineConfig
 from nexus_jax.core.engine import LLMEngine, program_config
 from nexus_jax.core.outputs import RequestOutput
+from nexus_jax.core.request import RequestGroup
+from nexus_jax.core.sampling_params import SamplingParams
 from nexus_jax.core.scheduler import SchedulerOutput
 from nexus_jax.disagg.ladder import AGGREGATE
 from nexus_jax.disagg.partition import Decision, LoadState, PartitionController
 from nexus_jax.disagg.phase_scheduler import PhaseScheduler
+from nexus_jax.disagg.worker_loop import WorkerLoop
 from runner.executor import Executor
 from runner.workers.messages import Execute
 from runner.workers.mps import MpsControl
@@ -87,6 +95,11 @@ class DisaggEngine(LLMEngine):
         self.pipelined_steps = 0  # decode steps sent while the worker still ran the one before
         self.poll_interval = 0.005
         self.faults = {"worker_replacements": 0, "pool_restarts": 0, "requeued_requests": 0}
+        self.loop: WorkerLoop | None = None
+        if config.decode_loop == "worker":
+            share = max(self.ladder.shares)
+            self.loop = WorkerLoop(self, self.ladder.worker("decode", share))
+            self.loop_prefill = self.ladder.worker("prefill", share)
 
     def _make_scheduler(self, config: EngineConfig, executor: Executor) -> PhaseScheduler:
         return PhaseScheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
@@ -96,25 +109,49 @@ class DisaggEngine(LLMEngine):
                               prefill_aging=config.prefill_aging)
 
     def has_unfinished_requests(self) -> bool:
-        return super().has_unfinished_requests() or any(self.flights.values())
+        return (super().has_unfinished_requests() or any(self.flights.values())
+                or (self.loop is not None and bool(self.loop.held)))
+
+    def prepare_request(self, request_id: str, prompt: str | dict[str, Any], params: SamplingParams | None = None,
+                        **kwargs: Any) -> RequestGroup:
+        group = super().prepare_request(request_id, prompt, params, **kwargs)
+        if self.loop is not None:
+            _check_loop_params(group)
+        return group
 
     def step(self) -> list[RequestOutput]:
         outputs, self._pending = self._pending, []
         outputs += self._dispatch()
+        if self.loop is not None:
+            outputs += self._sync_loop()
         executing = [name for name, flights in self.flights.items() if flights]
+        if self.loop is not None and self.loop.held:
+            executing.append(self.loop.worker)
         if not executing:
             return outputs
         # A short wait, so that the caller can queue new arrivals (and this dispatch them to an idle phase)
         # while a long step runs.
         ready = self.pool.wait([self.pool.workers[name] for name in executing], timeout=self.poll_interval)
         for handle in ready:
-            if self.pool.workers.get(handle.name) is handle and self.flights.get(handle.name):  # not restarted since
+            if self.pool.workers.get(handle.name) is not handle:  # restarted since
+                continue
+            if self.flights.get(handle.name):
                 outputs += self._collect(handle)
+            elif self.loop is not None and handle.name == self.loop.worker:
+                outputs += self._sync_loop()
         return outputs
+
+    def _sync_loop(self) -> list[RequestOutput]:
+        try:
+            return self.loop.sync()
+        except WorkerError as e:
+            return self._recover(self.loop.worker, e)
 
     # ---- dispatch
 
     def _dispatch(self) -> list[RequestOutput]:
+        if self.loop is not None:
+            return self._dispatch_prefill()
         busy_phases = {f.phase for flights in self.flights.values() for f in flights}
         if "mixed" in busy_phases:
             return []
@@ -174,6 +211,16 @@ class DisaggEngine(LLMEngine):
         elif prefill is not None:
             self._unhold(prefill)
         return outputs
+
+    def _dispatch_prefill(self) -> list[RequestOutput]:
+        """With the decode loop on the worker, the engine plans prefills only, for its rung's prefill worker."""
+        if self.flights.get(self.loop_prefill):
+            return []
+        prefill = self.scheduler.schedule_prefill()
+        if not prefill.chunks:
+            self._unhold(prefill)
+            return []
+        return self._submit(self.loop_prefill, prefill, "prefill")
 
     def _waiting_prompts(self) -> list[tuple[int, float]]:
         """(prompt tokens left, seconds waited) of each request before its first token, in prefill order: the
@@ -256,6 +303,8 @@ class DisaggEngine(LLMEngine):
             self._drop(undispatched, dispatched=False)
             plans.append(undispatched)
         self._requeue(c.request for plan in plans for c in plan.chunks)
+        if self.loop is not None and name == self.loop.worker:
+            self._requeue(self.loop.lost())
         if self.pool.workers[self.pool.holder_name].alive() and not self._mps_lost():
             try:
                 start = time.monotonic()
@@ -281,6 +330,8 @@ class DisaggEngine(LLMEngine):
             for flight in flights:
                 self._drop(flight.plan)
         self.flights.clear()
+        if self.loop is not None:
+            self.loop.lost()  # its requests are running: requeued with the others
         self._requeue(list(self.scheduler.running))
         self.block_manager.reset_prefix_cache()  # the cached blocks' K/V went with the old pool
         self.pool.close()
@@ -306,9 +357,23 @@ class DisaggEngine(LLMEngine):
                                                      "predicted_tbt": d.predicted_decode,
                                                      "predicted_ttft": d.predicted_ttft, "goodput": d.goodput},
                 "controller": self.controller.stats(), "worker_startup_s": dict(self.pool.startup_seconds),
-                "faults": dict(self.faults)}
+                "faults": dict(self.faults), "decode_loop": None if self.loop is None else self.loop.stats()}
 
     def close(self) -> None:
         self.pool.close()
         if self.mps is not None:
             self.mps.stop()
+
+
+def _check_loop_params(group: RequestGroup) -> None:
+    """The decode loop samples every row from its sampling row alone; what needs the host between steps (or
+    per-step inputs the loop does not send) is refused rather than silently ignored."""
+    params = group.seqs[0].params
+    refused = [name for name, on in (
+        ("logit_bias", bool(params.logit_bias)),
+        ("penalties", params.has_penalties), ("allowed_token_ids", params.allowed_token_ids is not None),
+        ("min_tokens", params.min_tokens > 0), ("bad_words", bool(params.bad_words)),
+        ("structured_outputs", params.structured_outputs is not None)) if on]
+    if refused:
+        raise ValueError(f"decode_loop='worker' runs decode steps without the engine, which {', '.join(refused)} "
+                         "need every step (host limits or per-step inputs): use decode_loop='engine'")

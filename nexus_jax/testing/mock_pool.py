@@ -1,6 +1,8 @@
 """In-process stand-ins for runner/workers/pool.py's WorkerPool and WorkerHandle, for the disaggregated engine's
 tests: every worker runs its requests on one shared MockExecutor, and `wait` returns a random subset of the busy
-handles (maybe none), so results are folded back in a random order that interleaves the phases.
+handles (maybe none), so results are folded back in a random order that interleaves the phases. A handle sent
+decode-loop messages runs the real loop (runner.workers.decode_loop, depth 2: its feeds on the mock's samples),
+a random number of steps each time the pool is waited on.
 
 tests/disagg/test_mock_pool.py checks that these classes have every public method of the real ones, with the same
 parameters, so a change to the pool's protocol fails there before it silently passes here.
@@ -15,8 +17,9 @@ from typing import Any, Sequence
 from nexus_jax.disagg.ladder import AGGREGATE, decode_worker, prefill_worker
 from nexus_jax.testing.engines import VOCAB
 from nexus_jax.testing.mock_executor import MockExecutor
+from runner.workers.decode_loop import DecodeLoop
 from runner.workers.messages import Execute, Message
-from runner.workers.pool import MAX_OUTSTANDING
+from runner.workers.pool import MAX_OUTSTANDING, WorkerError
 
 
 class MockHandle:
@@ -29,6 +32,10 @@ class MockHandle:
         self.results: collections.deque = collections.deque()
         self.last_tokens = mock.last_tokens
         self.stopped = False
+        self.dead = False
+        self.loop: DecodeLoop | None = None
+        self._events: list = []
+        self.posted = 0  # decode-loop messages received
 
     @property
     def outstanding(self) -> int:
@@ -36,7 +43,11 @@ class MockHandle:
 
     @property
     def busy(self) -> bool:
-        return bool(self.results)
+        return bool(self.results) or self.loop is not None
+
+    @property
+    def unread(self) -> bool:
+        return bool(self._events)
 
     def submit(self, message: Message) -> None:
         assert self.outstanding < MAX_OUTSTANDING, f"{self.name} got a request while holding {self.outstanding}"
@@ -47,7 +58,34 @@ class MockHandle:
         self.last_tokens = self.mock.last_tokens
 
     def result(self) -> Any:
+        if self.dead:
+            raise WorkerError(f"worker {self.name} died")
         return self.results.popleft()
+
+    def post(self, message: Message) -> None:
+        if self.dead:
+            raise WorkerError(f"worker {self.name} is gone")
+        if self.loop is None:
+            self.loop = DecodeLoop(self.mock, lambda event: self._events.append(event), depth=2)
+        self.posted += 1
+        self.loop.post(message)
+
+    def events(self) -> list[Any]:
+        if self.dead:
+            raise WorkerError(f"worker {self.name} died")
+        events, self._events = self._events, []
+        return events
+
+    def run_loop(self, steps: int) -> None:
+        """Lets the loop pass `steps` step boundaries, on this worker's own device samples."""
+        for _ in range(steps if self.loop is not None and not self.dead else 0):
+            self.mock.last_tokens = self.last_tokens
+            self.loop.advance()
+            self.last_tokens = self.mock.last_tokens
+
+    def kill(self) -> None:
+        """The process dies: what it holds is lost, and it answers nothing more."""
+        self.dead = self.stopped = True
 
     def drop_result(self) -> None:
         """Forgets the oldest reply, for a test that makes it fail instead."""
@@ -87,7 +125,10 @@ class MockPool:
 
     def wait(self, handles: Sequence[MockHandle], timeout: float | None = None) -> list[MockHandle]:
         # Sometimes none, as a wait that times out before any step is done: the engine then plans ahead.
-        busy = [h for h in handles if h.busy]
+        for h in handles:
+            if h.loop is not None:
+                h.run_loop(self.rng.randint(0, 3))
+        busy = [h for h in handles if h.busy or h.unread]
         return self.rng.sample(busy, self.rng.randint(0, len(busy))) if busy else []
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ persistent compilation cache, so that workers after the first load their program
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -44,10 +45,13 @@ class WorkerHandle:
         self.process = process
         self.conn = conn
         self.outstanding = 0  # requests sent and not yet answered
+        self.streams = False  # runs a decode loop, whose events come unasked (see post and events)
+        self._replies: collections.deque = collections.deque()  # read while looking for events
+        self._events: list = []
 
     @property
     def busy(self) -> bool:
-        return self.outstanding > 0
+        return self.outstanding > 0 or self.streams
 
     def submit(self, message: Message) -> None:
         """Sends one message; its reply comes from result(), replies in the order the requests were sent."""
@@ -59,13 +63,43 @@ class WorkerHandle:
             raise WorkerError(f"worker {self.name} is gone ({self._exit()}): {e}") from e
         self.outstanding += 1
 
-    def result(self) -> Any:
-        """Waits for the oldest request's reply; raises WorkerError for a failure or a dead worker."""
+    def post(self, message: Message) -> None:
+        """Sends a decode-loop message (runner.workers.messages.Admit, Extend, Release): no reply; what the loop
+        does comes back through events()."""
         try:
-            status, value = self.conn.recv()
+            self.conn.send(message)
+        except (OSError, EOFError) as e:
+            raise WorkerError(f"worker {self.name} is gone ({self._exit()}): {e}") from e
+        self.streams = True
+
+    def events(self) -> list[Any]:
+        """The events the worker sent so far, without waiting; raises WorkerError once it died."""
+        while self.conn.poll(0):
+            self._receive()
+        events, self._events = self._events, []
+        return events
+
+    def _receive(self) -> None:
+        try:
+            item = self.conn.recv()
         except (EOFError, OSError) as e:
             self.outstanding = 0  # a dead worker answers nothing more
             raise WorkerError(f"worker {self.name} died ({self._exit()})") from e
+        if item[0] == "event":
+            self._events.append(item[1])
+        else:
+            self._replies.append(item)
+
+    @property
+    def unread(self) -> bool:
+        """Whether a reply or an event was read off the socket (looking for events) and not yet taken."""
+        return bool(self._replies or self._events)
+
+    def result(self) -> Any:
+        """Waits for the oldest request's reply; raises WorkerError for a failure or a dead worker."""
+        while not self._replies:
+            self._receive()
+        status, value = self._replies.popleft()
         self.outstanding -= 1
         if status == "error":
             raise WorkerError(f"worker {self.name}: {value}")
@@ -176,10 +210,11 @@ class WorkerPool:
         return handle
 
     def wait(self, handles: Sequence[WorkerHandle], timeout: float | None = None) -> list[WorkerHandle]:
-        """The busy handles among `handles` whose oldest reply (or death) is ready."""
+        """The busy handles among `handles` whose oldest reply, an event (a decode loop's), or death is ready."""
         by_conn = {h.conn: h for h in handles if h.busy}
-        if not by_conn:
-            return []
+        read = [h for h in by_conn.values() if h.unread]
+        if read or not by_conn:
+            return read
         return [by_conn[c] for c in wait(list(by_conn), timeout)]
 
     def close(self) -> None:

@@ -14,7 +14,8 @@ The holder itself runs no steps (it loads, publishes, and keeps the memory alive
 map the same arenas.
 
 A worker replies to each request only after the step completed on the device, which is what makes a block table
-safe to hand from the prefill worker to a decode worker.
+safe to hand from the prefill worker to a decode worker. A decode worker may instead run its own loop
+(runner.workers.decode_loop), which reports each completed step as an event, with the same ordering.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from typing import Any, Callable, Sequence
 
 from runner.executor import StepInput
 from runner.step_batch import DEFAULT_SHAPES, SeqChunk, StepShapes
-from runner.workers.messages import Execute, Info, Message, Stop
+from runner.workers.decode_loop import DecodeLoop, start_thread
+from runner.workers.messages import Admit, Execute, Extend, Info, Message, Release, Stop
 from runner.workers.timeline import Timeline
 
 FD_ENV = "NEXUS_WORKER_FD"  # the inherited socket to the engine (see runner.workers.pool)
@@ -74,8 +76,10 @@ def worker_main(conn: Any, spec: WorkerSpec, shared: SharedModel | None) -> None
                             f"{traceback.format_exc(limit=8)}"))
         return
     timeline = Timeline(spec.name)
+    outbox: queue.Queue = queue.Queue()
+    worker.emit = lambda value: outbox.put((Event(value), None))
     try:
-        serve(conn, worker.start, timeline)
+        serve(conn, worker.start, timeline, outbox)
     finally:
         timeline.write()
     worker.close()
@@ -84,16 +88,24 @@ def worker_main(conn: Any, spec: WorkerSpec, shared: SharedModel | None) -> None
 Reply = Callable[[], Any]  # waits for what a message started and returns the reply's value
 
 
-def serve(conn: Any, start: Callable[[Message], Reply], timeline: Timeline | None = None) -> None:
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """What a worker sends unasked (the decode loop's events), as ("event", value), in order with the replies."""
+    value: Any
+
+
+def serve(conn: Any, start: Callable[[Message], Reply | None], timeline: Timeline | None = None,
+          outbox: "queue.Queue | None" = None) -> None:
     """Replies to each message, in order, with ("ok", value) or ("error", why) until Stop or until the engine
-    goes away.
+    goes away; a message whose `start` returns None gets no reply. `outbox`: the queue the reply thread sends
+    from, where the worker also puts its `Event`s.
 
     `start` begins a message's work and returns how to wait for it; a sender thread waits and replies, so this
     thread reads and dispatches the next step while the device still runs the current one (the engine sends
     the next decode step before the current one's reply: the device never waits for that round trip).
     `timeline` records when each message was read, dispatched, ready and answered (see runner.workers.timeline)."""
     timeline = timeline if timeline is not None else Timeline("", directory="")
-    replies: queue.Queue[tuple[Reply, dict[str, Any] | None] | None] = queue.Queue()
+    replies: queue.Queue[tuple[Reply | Event, dict[str, Any] | None] | None] = outbox or queue.Queue()
     sender = threading.Thread(target=_send_replies, args=(conn, replies), name="worker-replies", daemon=True)
     sender.start()
     try:
@@ -109,6 +121,8 @@ def serve(conn: Any, start: Callable[[Message], Reply], timeline: Timeline | Non
                 reply = start(message)
             except Exception as e:  # noqa: BLE001 - a failed step fails its requests, the worker keeps serving
                 reply = _raise(e)
+            if reply is None:
+                continue
             timeline.stamp(record, "dispatched")
             replies.put((reply, record))
     finally:
@@ -116,9 +130,15 @@ def serve(conn: Any, start: Callable[[Message], Reply], timeline: Timeline | Non
         sender.join()
 
 
-def _send_replies(conn: Any, replies: "queue.Queue[tuple[Reply, dict[str, Any] | None] | None]") -> None:
+def _send_replies(conn: Any, replies: "queue.Queue[tuple[Reply | Event, dict[str, Any] | None] | None]") -> None:
     while (item := replies.get()) is not None:
         reply, record = item
+        if isinstance(reply, Event):
+            try:
+                conn.send(("event", reply.value))
+            except OSError:
+                return
+            continue
         try:
             value = ("ok", reply())
         except Exception as e:  # noqa: BLE001
@@ -147,6 +167,9 @@ class _Worker:
 
         self.spec = spec
         self.runner = None
+        self.loop: DecodeLoop | None = None
+        self.loop_thread: Any = None
+        self.emit: Callable[[Any], None] = lambda value: None  # set by worker_main: sends an Event
         self.in_place = jax.devices()[0].platform == "gpu"
         if shared is None:
             # The holder only loads and keeps the arenas alive; it runs no steps, so the memory it used to load
@@ -170,21 +193,22 @@ class _Worker:
 
     # ---- operations (handle dispatches the messages)
 
-    def start(self, message: Message) -> Reply:
-        """Begins the message's work; the returned callable waits for it and returns the reply's value.
+    def start(self, message: Message) -> Reply | None:
+        """Begins the message's work; the returned callable waits for it and returns the reply's value (None for
+        the decode loop's messages, which get no reply: the loop reports through events).
 
         A step on the GPU is only dispatched here (after checking that its output pool is the shared memory,
         updated in place); its reply waits for its samples, so for its K/V, written by the same program.
         Everything else (the CPU form, which copies K/V into shared memory after each step) runs to the end here,
         in message order."""
+        if isinstance(message, (Admit, Extend, Release)):
+            self._decode_loop().post(message)
+            return None
+        if isinstance(message, Execute) and self.loop is not None and self.loop.rows:
+            raise RuntimeError(f"worker {self.spec.name} runs a decode loop: its steps would break the loop's feeds")
         if isinstance(message, Execute) and self.in_place:
             pending = self.runner.dispatch(message.step)
-            # Reading a pool's address waits for the step that defines it (PJRT's external reference blocks on
-            # the buffer's definition event), so it is read only after a new program ran: in-place donation is a
-            # property of the compiled program. Here, not in the reply: the next step donates this output pool.
-            if self.pool_programs() != self.checked_programs:
-                self._check_in_place(self.runner.kv_pool)
-                self.checked_programs = self.pool_programs()
+            self._after_dispatch()
             return pending.result
         if isinstance(message, Execute):
             value = self.execute(message.step)
@@ -193,6 +217,24 @@ class _Worker:
         else:
             raise TypeError(f"worker {self.spec.name} does not take a {type(message).__name__} message")
         return lambda: value
+
+    def _after_dispatch(self) -> None:
+        # Reading a pool's address waits for the step that defines it (PJRT's external reference blocks on the
+        # buffer's definition event), so it is read only after a new program ran: in-place donation is a property
+        # of the compiled program. At dispatch, not in the reply: the next step donates this output pool.
+        if self.in_place and self.pool_programs() != self.checked_programs:
+            self._check_in_place(self.runner.kv_pool)
+            self.checked_programs = self.pool_programs()
+
+    def _decode_loop(self) -> DecodeLoop:
+        """The loop, started on its first message; depth 1 on CPU, where each step's K/V is copied into shared
+        memory (replacing the runner's pool) before the next step may run."""
+        if self.loop is None:
+            publish = (lambda chunks: None) if self.in_place else (lambda chunks: self._publish(chunks, 0))
+            self.loop = DecodeLoop(self.runner, self.emit, depth=2 if self.in_place else 1, publish=publish,
+                                   dispatched=self._after_dispatch)
+            self.loop_thread = start_thread(self.loop)
+        return self.loop
 
     def execute(self, step: StepInput) -> Any:
         out = self.runner.execute(step)
@@ -238,6 +280,9 @@ class _Worker:
             raise RuntimeError("XLA moved the shared KV pool instead of updating it in place")
 
     def close(self) -> None:
+        if self.loop is not None:
+            self.loop.post(None)
+            self.loop_thread.join()
         self.runner = None
         for arena in self.arenas:
             arena.close()
