@@ -43,14 +43,15 @@ def test_leaving_a_stream_aborts_its_request_and_frees_blocks():
                 got += 1
                 if got == 3:
                     break
-            for _ in range(200):  # the abort is processed on the engine thread
-                if not engine.has_unfinished_requests():
-                    return got
+            for _ in range(500):  # the abort is processed on the engine thread; its state is read there too
+                if await llm.run_on_engine(lambda: not engine.has_unfinished_requests()):
+                    break
                 await asyncio.sleep(0.01)
-            return got
-        assert run(main()) == 3
-        assert engine.block_manager.usage == 0.0
-        assert not engine.groups
+            return got, await llm.run_on_engine(lambda: (engine.block_manager.usage, dict(engine.groups)))
+        got, (usage, groups) = run(main())
+        assert got == 3
+        assert usage == 0.0
+        assert not groups
     finally:
         llm.shutdown()
 
@@ -66,11 +67,13 @@ def test_a_closed_client_loop_aborts_its_requests_and_the_engine_keeps_serving()
         loop = asyncio.new_event_loop()
         kept = loop.run_until_complete(start())
         loop.close()  # unlike asyncio.run, close() does not finalize the open stream: nobody aborts it
+        def idle():  # read on the engine thread, between its steps
+            return not engine.has_unfinished_requests() and engine.block_manager.usage == 0.0
         for _ in range(500):
-            if not engine.has_unfinished_requests():
+            if run(llm.run_on_engine(idle)):
                 break
             asyncio.run(asyncio.sleep(0.01))
-        assert not engine.has_unfinished_requests() and engine.block_manager.usage == 0.0
+        assert run(llm.run_on_engine(idle))
         assert llm.dead_error is None
         tokens, _, reason = run(collect(llm, {"prompt_token_ids": [5, 6]}, greedy(4), request_id="after"))
         assert tokens == expected([5, 6], 4) and reason == "length"
