@@ -54,7 +54,8 @@ def trial(engine, rng, tag: str, args, vocab: int) -> dict:
 
 def transfer_probe(engine, blocks: int) -> dict:
     """The copy a host hit makes, alone: `blocks` blocks' bytes to the device from pageable memory and from pinned
-    memory (jax's pinned_host, where the host tier keeps its blocks: runner.host_blocks)."""
+    memory (jax's pinned_host, where the host tier keeps its blocks: runner.host_blocks), as one array and as one
+    array per block each way (what the host tier does: the difference is the per-array cost)."""
     import jax
 
     runner = engine.executor
@@ -72,6 +73,17 @@ def transfer_probe(engine, blocks: int) -> dict:
         t = time.perf_counter()
         jax.device_put(pinned, jax.sharding.SingleDeviceSharding(device)).block_until_ready()
     out["h2d_pinned_ms"] = 1e3 * (time.perf_counter() - t)
+    # The host tier moves one array per block: the same bytes as `blocks` arrays, each way (host time included).
+    shape = runner.kv_pool_shape(runner.config, 1, runner.block_size)
+    parts = jax.device_put([np.ones(shape[:2] + shape[3:], runner.dtype) for _ in range(blocks)], device)
+    pinned_parts = jax.device_put(parts, jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host"))
+    jax.block_until_ready(pinned_parts)
+    t = time.perf_counter()
+    jax.block_until_ready(jax.device_put(parts, jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")))
+    out["d2h_pinned_per_block_arrays_ms"] = 1e3 * (time.perf_counter() - t)
+    t = time.perf_counter()
+    jax.block_until_ready(jax.device_put(pinned_parts, jax.sharding.SingleDeviceSharding(device)))
+    out["h2d_pinned_per_block_arrays_ms"] = 1e3 * (time.perf_counter() - t)
     return out
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The next device calls of the split investigation, each sized for one 10-minute call of the device tool:
-#   bash benchmarks/gpu_calls.sh trace   # GPU trace: the split's decode worker vs in-process decode; split without MPS
+#   bash benchmarks/gpu_calls.sh trace   # GPU trace: the split's decode worker vs in-process decode; split without
+#                                        # MPS; the host tier's restore and its per-array transfer cost
 #   bash benchmarks/gpu_calls.sh loop    # decode_loop engine vs worker (split, split-loop), and the aggregated baseline
 # Everything goes under $OUT (JSON per run, the logs filtered of XLA's chatter). Predictions: benchmarks/RESULTS.md.
 set -uo pipefail
@@ -22,6 +23,8 @@ case "${1:-}" in
     bench 140 split split --trace --prefills 4 --gpu-memory-utilization 0.5
     bench 120 agg agg --trace --prefills 4 --gpu-memory-utilization 0.5
     bench 120 nomps split --disaggregation on --prefills 4 --gpu-memory-utilization 0.5
+    mkdir -p "$OUT/host"  # and the host tier's per-array transfer cost (RESULTS.md, issue 20)
+    timeout 120 python3 benchmarks/bench_host_tier.py --out "$OUT/host" 2>&1 | grep -Ev "$NOISE" | tail -2
     ;;
   loop)
     bench 300 loop loop-compare --prefills 4 --gpu-memory-utilization 0.5
