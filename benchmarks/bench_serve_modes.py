@@ -1,5 +1,6 @@
 """The whole split-against-baseline comparison (issue 16): aggregated chunked prefill at every token budget, in
-arrival and shortest-prompt-first order, against the static and the dynamic SM split, on two workloads, over rate
+arrival and shortest-prompt-first order, against the static SM split (engine-driven decode and the worker's own
+decode loop) and the dynamic one, on two workloads, over rate
 sweeps from light load to past the baseline's capacity; then, per workload, the best baseline and every mode
 against it.
 
@@ -54,6 +55,9 @@ MODES: dict[str, tuple[str, ...]] = {
     **{f"agg-{b}-{order}": ("--max-num-batched-tokens", str(b), "--engine-arg", f"prefill_order={order}")
        for b in BUDGETS for order in ("arrival", "spf")},
     "static-50": (*SPLIT, "--engine-arg", "sm_ladder=50", "--engine-arg", "aggregate_when_safe=false"),
+    # the same split with the decode worker running its own loop (decode_loop=worker): the loop's ablation
+    "static-50-loop": (*SPLIT, "--engine-arg", "sm_ladder=50", "--engine-arg", "aggregate_when_safe=false",
+                       "--engine-arg", "decode_loop=worker"),
     "dynamic": (*SPLIT, "--engine-arg", "sm_ladder=30,50"),
     "dynamic-arrival": (*SPLIT, "--engine-arg", "sm_ladder=30,50", "--engine-arg", "prefill_order=arrival"),
 }

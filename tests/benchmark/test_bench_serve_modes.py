@@ -55,4 +55,4 @@ def test_commands_carry_the_mode_and_the_workloads_slos():
     assert "--slo tbt=0.03" in joined and "slo_tbt=0.03" in joined and "--dataset chat-long" in joined
     assert "--num-prompts 200" in joined and cmd[-1] == "/o/tight"
     assert "disaggregation=on" in " ".join(bsm.command("mix", "dynamic", "tiny", "/o"))
-    assert len(bsm.MODES) == 2 * len(bsm.BUDGETS) + 3
+    assert len(bsm.MODES) == 2 * len(bsm.BUDGETS) + 4  # static-50, static-50-loop, dynamic, dynamic-arrival
