@@ -20,6 +20,7 @@ bench() {  # bench SECONDS DIR ARGS...: one bench_split_decode run, its JSON und
 
 case "${1:-}" in
   trace)
+    timeout 90 python3 benchmarks/probe_mps_kernels.py --out "$OUT" 2>&1 | grep -Ev "$NOISE" | tail -7
     bench 140 split split --trace --prefills 4 --gpu-memory-utilization 0.5
     bench 120 agg agg --trace --prefills 4 --gpu-memory-utilization 0.5
     bench 120 nomps split --disaggregation on --prefills 4 --gpu-memory-utilization 0.5
