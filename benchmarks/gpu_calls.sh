@@ -3,6 +3,8 @@
 #   bash benchmarks/gpu_calls.sh trace   # GPU trace: the split's decode worker vs in-process decode; split without
 #                                        # MPS; the host tier's restore and its per-array transfer cost
 #   bash benchmarks/gpu_calls.sh loop    # decode_loop engine vs worker (split, split-loop), and the aggregated baseline
+#   bash benchmarks/gpu_calls.sh compile   # the GEMMs compiled under MPS vs without, and the split on programs
+#                                          # compiled without MPS
 # Everything goes under $OUT (JSON per run, the logs filtered of XLA's chatter). Predictions: benchmarks/RESULTS.md.
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -31,8 +33,15 @@ case "${1:-}" in
     bench 300 loop loop-compare --prefills 4 --gpu-memory-utilization 0.5
     bench 120 agg agg --prefills 4 --gpu-memory-utilization 0.5
     ;;
+  compile)
+    timeout 150 python3 benchmarks/probe_mps_kernels.py --out "$OUT" 2>&1 | grep -Ev "$NOISE" | tail -6
+    # Fresh compilation cache, filled by the workers without MPS; the MPS split then runs those programs.
+    rm -rf /tmp/nexus-cc-nomps
+    bench 170 nomps-fresh split --disaggregation on --prefills 4 --gpu-memory-utilization 0.5 --cache /tmp/nexus-cc-nomps
+    bench 150 split-nomps-cache split --trace --prefills 4 --gpu-memory-utilization 0.5 --cache /tmp/nexus-cc-nomps
+    ;;
   *)
-    echo "usage: OUT=dir bash benchmarks/gpu_calls.sh trace|loop" >&2
+    echo "usage: OUT=dir bash benchmarks/gpu_calls.sh trace|loop|compile" >&2
     exit 2
     ;;
 esac

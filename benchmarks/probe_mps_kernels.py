@@ -6,7 +6,9 @@ step at every SM share, where the in-process engine takes 7.8 ms; a step is ~700
 Starts a private MPS daemon (runner/workers/mps.py), then times the same two programs in a fresh process each:
 without MPS, and as an MPS client capped at 100%, 90% and 50% of the SMs. `tiny`: a chain of --kernels small
 elementwise kernels (an optimization barrier between them keeps XLA from fusing them), so its time is per-kernel
-cost; `stream`: one pass over 4 GiB, so its time is bandwidth. Medians of 20 calls, ms. A per-kernel MPS cost shows
+cost; `stream`: one pass over 4 GiB, so its time is bandwidth; `gemm`: the decode step's largest GEMM, compiled (and
+autotuned) inside each process, so a slower time under MPS with fewer SMs seen means XLA tuned for the cap.
+Medians of 20 calls, ms. A per-kernel MPS cost shows
 as `tiny` slower under MPS at every cap while `stream` is not.
 """
 
@@ -38,10 +40,15 @@ def child(kernels: int) -> dict:
     def stream(x):
         return x * 1.0001
 
+    @jax.jit
+    def gemm(w):  # the 8B decode step's largest GEMM (batch 32 x the MLP's gate/up), compiled in this process
+        return jnp.ones((32, 4096), w.dtype) @ w
+
     small = jnp.ones((32, 4096), jnp.float32)
     big = jnp.ones((1 << 30,), jnp.float32)  # 4 GiB
-    out = {}
-    for name, fn, arg in (("tiny", tiny, small), ("stream", stream, big)):
+    weight = jnp.ones((4096, 28672), jnp.bfloat16)
+    out = {"core_count": getattr(jax.devices()[0], "core_count", None)}
+    for name, fn, arg in (("tiny", tiny, small), ("stream", stream, big), ("gemm", gemm, weight)):
         fn(arg).block_until_ready()
         times = []
         for _ in range(20):
@@ -80,10 +87,12 @@ def main() -> None:
     finally:
         if mps is not None:
             mps.stop()
-    print("| run | tiny chain ms (us per kernel) | 4 GiB stream ms |\n|---|---|---|")
+    print("| run | SMs seen | tiny chain ms (us per kernel) | 4 GiB stream ms | 32x4096x28672 GEMM ms |")
+    print("|---|---|---|---|---|")
     for name, r in rows.items():
         if "tiny_ms" in r:
-            print(f"| {name} | {r['tiny_ms']:.2f} ({1e3 * r['tiny_ms'] / args.kernels:.1f}) | {r['stream_ms']:.2f} |")
+            print(f"| {name} | {r['core_count']} | {r['tiny_ms']:.2f} ({1e3 * r['tiny_ms'] / args.kernels:.1f}) "
+                  f"| {r['stream_ms']:.2f} | {r['gemm_ms']:.3f} |")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         Path(args.out, "mps_kernels.json").write_text(json.dumps({"kernels": args.kernels, "runs": rows}, indent=1))
