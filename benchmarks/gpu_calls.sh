@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu_calls.sh loop    # decode_loop engine vs worker (split, split-loop), and the aggregated baseline
 #   bash benchmarks/gpu_calls.sh compile   # the GEMMs compiled under MPS vs without, and the split on programs
 #                                          # compiled without MPS
+#   bash benchmarks/gpu_calls.sh autotune  # the GEMM configurations the split's workers choose vs the aggregated
+#                                          # engine's, and the split running the engine's
 # Everything goes under $OUT (JSON per run, the logs filtered of XLA's chatter). Predictions: benchmarks/RESULTS.md.
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -40,8 +42,25 @@ case "${1:-}" in
     bench 170 nomps-fresh split --disaggregation on --prefills 4 --gpu-memory-utilization 0.5 --cache /tmp/nexus-cc-nomps
     bench 150 split-nomps-cache split --trace --prefills 4 --gpu-memory-utilization 0.5 --cache /tmp/nexus-cc-nomps
     ;;
+  autotune)
+    # XLA's per-fusion autotune cache records each GEMM's chosen configuration; it needs the directory to exist.
+    # Fresh compilation caches throughout: a cached executable would carry its earlier autotuning.
+    tune() {  # tune NAME AUTOTUNE_DIR ARGS...: one bench run that reads and writes AUTOTUNE_DIR
+      local name=$1 dir=$2
+      shift 2
+      mkdir -p "$dir" && rm -rf "/tmp/nexus-cc-$name"
+      XLA_FLAGS="--xla_gpu_per_fusion_autotune_cache_dir=$dir" bench 170 "$name" "$@" --prefills 4 \
+        --gpu-memory-utilization 0.5 --cache "/tmp/nexus-cc-$name"
+      mkdir -p "$OUT/tuned-$name" && cp -r "$dir/." "$OUT/tuned-$name/"
+      echo "$name: $(find "$dir" -type f | wc -l) autotune entries"
+    }
+    rm -rf /tmp/nexus-at-*
+    tune split-own /tmp/nexus-at-split split
+    tune agg-own /tmp/nexus-at-agg agg
+    tune split-agg-tuned /tmp/nexus-at-agg split --trace
+    ;;
   *)
-    echo "usage: OUT=dir bash benchmarks/gpu_calls.sh trace|loop|compile" >&2
+    echo "usage: OUT=dir bash benchmarks/gpu_calls.sh trace|loop|compile|autotune" >&2
     exit 2
     ;;
 esac
