@@ -5,8 +5,8 @@
 #   bash benchmarks/gpu_calls.sh loop    # decode_loop engine vs worker (split, split-loop), and the aggregated baseline
 #   bash benchmarks/gpu_calls.sh compile   # the GEMMs compiled under MPS vs without, and the split on programs
 #                                          # compiled without MPS
-#   bash benchmarks/gpu_calls.sh autotune  # the GEMM configurations the split's workers choose vs the aggregated
-#                                          # engine's, and the split running the engine's
+#   bash benchmarks/gpu_calls.sh hlo       # the GEMMs (configuration, library) in the optimized programs of the
+#                                          # split's workers vs the aggregated engine
 # Everything goes under $OUT (JSON per run, the logs filtered of XLA's chatter). Predictions: benchmarks/RESULTS.md.
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -42,25 +42,18 @@ case "${1:-}" in
     bench 170 nomps-fresh split --disaggregation on --prefills 4 --gpu-memory-utilization 0.5 --cache /tmp/nexus-cc-nomps
     bench 150 split-nomps-cache split --trace --prefills 4 --gpu-memory-utilization 0.5 --cache /tmp/nexus-cc-nomps
     ;;
-  autotune)
-    # XLA's per-fusion autotune cache records each GEMM's chosen configuration; it needs the directory to exist.
-    # Fresh compilation caches throughout: a cached executable would carry its earlier autotuning.
-    tune() {  # tune NAME AUTOTUNE_DIR ARGS...: one bench run that reads and writes AUTOTUNE_DIR
-      local name=$1 dir=$2
-      shift 2
-      mkdir -p "$dir" && rm -rf "/tmp/nexus-cc-$name"
-      XLA_FLAGS="--xla_gpu_per_fusion_autotune_cache_dir=$dir" bench 170 "$name" "$@" --prefills 4 \
-        --gpu-memory-utilization 0.5 --cache "/tmp/nexus-cc-$name"
-      mkdir -p "$OUT/tuned-$name" && cp -r "$dir/." "$OUT/tuned-$name/"
-      echo "$name: $(find "$dir" -type f | wc -l) autotune entries"
-    }
-    rm -rf /tmp/nexus-at-*
-    tune split-own /tmp/nexus-at-split split
-    tune agg-own /tmp/nexus-at-agg agg
-    tune split-agg-tuned /tmp/nexus-at-agg split --trace
+  hlo)
+    # Every module's optimized HLO is dumped, then only its GEMM instructions (shape, Triton tiling or cuBLAS) kept.
+    for mode in split agg; do
+      rm -rf "/tmp/nexus-hlo-$mode" "/tmp/nexus-cc-hlo-$mode"
+      XLA_FLAGS="--xla_dump_to=/tmp/nexus-hlo-$mode --xla_dump_hlo_as_text --xla_dump_hlo_pass_re=^$" \
+        bench 200 "hlo-$mode" "$mode" --prefills 2 --gpu-memory-utilization 0.5 --cache "/tmp/nexus-cc-hlo-$mode"
+      python3 benchmarks/hlo_gemms.py "/tmp/nexus-hlo-$mode" > "$OUT/hlo-$mode/gemms.txt"
+      echo "$mode: $(wc -l < "$OUT/hlo-$mode/gemms.txt") GEMM lines"
+    done
     ;;
   *)
-    echo "usage: OUT=dir bash benchmarks/gpu_calls.sh trace|loop|compile|autotune" >&2
+    echo "usage: OUT=dir bash benchmarks/gpu_calls.sh trace|loop|compile|hlo" >&2
     exit 2
     ;;
 esac
