@@ -181,6 +181,8 @@ class _Worker:
         self.arenas = [weights, self.kv_arena]
         graphdef, abstract_state = abstract_model(shared.config, shared.dtype, shared.kernel_impl)
         state = jax.tree.unflatten(jax.tree.structure(abstract_state), import_arrays(weights, shared.weight_specs))
+        if os.environ.get("NEXUS_WORKER_COPY_WEIGHTS"):  # diagnostic: the worker's own copy, not the shared arena
+            state = jax.tree.map(lambda a: a.copy(), state)
         self.runner = ModelRunner(shared.config, None, block_size=spec.block_size, shapes=spec.shapes,
                                   model=(graphdef, state), kv_pool=self._pool_view())
         self.pool_pointer = self.runner.kv_pool.unsafe_buffer_pointer()
