@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_calls.sh loop    # decode_loop engine vs worker (split, split-loop), and the aggregated baseline
 #   bash benchmarks/gpu_calls.sh compile   # the GEMMs compiled under MPS vs without, and the split on programs
 #                                          # compiled without MPS
+#   bash benchmarks/gpu_calls.sh copy      # the split with the decode worker on its own copy of the weights
 #   bash benchmarks/gpu_calls.sh hlo       # the GEMMs (configuration, library) in the optimized programs of the
 #                                          # split's workers vs the aggregated engine
 # Everything goes under $OUT (JSON per run, the logs filtered of XLA's chatter). Predictions: benchmarks/RESULTS.md.
@@ -42,6 +43,13 @@ case "${1:-}" in
     bench 170 nomps-fresh split --disaggregation on --prefills 4 --gpu-memory-utilization 0.5 --cache /tmp/nexus-cc-nomps
     bench 150 split-nomps-cache split --trace --prefills 4 --gpu-memory-utilization 0.5 --cache /tmp/nexus-cc-nomps
     ;;
+  copy)
+    # The decode worker's own weight copy costs another 16 GB: a smaller pool (0.3) keeps three copies in an H100.
+    rm -rf /tmp/nexus-cc-copy /tmp/nexus-cc-shared
+    NEXUS_WORKER_COPY_WEIGHTS=decode bench 200 copy split --trace --prefills 2 --gpu-memory-utilization 0.3 \
+      --cache /tmp/nexus-cc-copy
+    bench 200 shared split --prefills 2 --gpu-memory-utilization 0.3 --cache /tmp/nexus-cc-shared
+    ;;
   hlo)
     # Every module's optimized HLO is dumped, then only its GEMM instructions (shape, Triton tiling or cuBLAS) kept.
     for mode in split agg; do
@@ -53,7 +61,7 @@ case "${1:-}" in
     done
     ;;
   *)
-    echo "usage: OUT=dir bash benchmarks/gpu_calls.sh trace|loop|compile|hlo" >&2
+    echo "usage: OUT=dir bash benchmarks/gpu_calls.sh trace|loop|compile|copy|hlo" >&2
     exit 2
     ;;
 esac

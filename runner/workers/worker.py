@@ -181,7 +181,9 @@ class _Worker:
         self.arenas = [weights, self.kv_arena]
         graphdef, abstract_state = abstract_model(shared.config, shared.dtype, shared.kernel_impl)
         state = jax.tree.unflatten(jax.tree.structure(abstract_state), import_arrays(weights, shared.weight_specs))
-        if os.environ.get("NEXUS_WORKER_COPY_WEIGHTS"):  # diagnostic: the worker's own copy, not the shared arena
+        # Diagnostic (RESULTS.md, 2026-12-06): workers whose name starts with this value compute on their own copy
+        # of the weights in XLA's memory instead of the shared arena, to tell whether that memory slows the GEMMs.
+        if (copy := os.environ.get("NEXUS_WORKER_COPY_WEIGHTS")) and spec.name.startswith(copy):
             state = jax.tree.map(lambda a: a.copy(), state)
         self.runner = ModelRunner(shared.config, None, block_size=spec.block_size, shapes=spec.shapes,
                                   model=(graphdef, state), kv_pool=self._pool_view())
