@@ -8,6 +8,8 @@
 #   bash benchmarks/gpu_calls.sh copy      # the split with the decode worker on its own copy of the weights
 #   bash benchmarks/gpu_calls.sh hlo       # the GEMMs (configuration, library) in the optimized programs of the
 #                                          # split's workers vs the aggregated engine
+#   bash benchmarks/gpu_calls.sh cublas    # the split and the aggregated engine with XLA's Triton GEMMs off (cuBLAS),
+#                                          # against the aggregated engine as it is
 # Everything goes under $OUT (JSON per run, the logs filtered of XLA's chatter). Predictions: benchmarks/RESULTS.md.
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -60,8 +62,19 @@ case "${1:-}" in
       echo "$mode: $(wc -l < "$OUT/hlo-$mode/gemms.txt") GEMM lines"
     done
     ;;
+  cublas)
+    # An unknown XLA flag kills every process that reads it, so check the flag before spending the call on it.
+    XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python3 -c 'import jax; jax.numpy.zeros(1).block_until_ready()' \
+      || { echo "this jaxlib has no --xla_gpu_enable_triton_gemm"; exit 3; }
+    rm -rf /tmp/nexus-cc-cublas /tmp/nexus-cc-cublas-agg /tmp/nexus-cc-agg  # XLA_FLAGS are not all in the cache key
+    XLA_FLAGS=--xla_gpu_enable_triton_gemm=false bench 220 split-cublas split --trace --prefills 2 \
+      --gpu-memory-utilization 0.5 --cache /tmp/nexus-cc-cublas
+    XLA_FLAGS=--xla_gpu_enable_triton_gemm=false bench 150 agg-cublas agg --trace --prefills 2 \
+      --gpu-memory-utilization 0.5 --cache /tmp/nexus-cc-cublas-agg
+    bench 150 agg agg --prefills 2 --gpu-memory-utilization 0.5 --cache /tmp/nexus-cc-agg
+    ;;
   *)
-    echo "usage: OUT=dir bash benchmarks/gpu_calls.sh trace|loop|compile|copy|hlo" >&2
+    echo "usage: OUT=dir bash benchmarks/gpu_calls.sh trace|loop|compile|copy|hlo|cublas" >&2
     exit 2
     ;;
 esac
