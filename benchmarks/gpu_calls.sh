@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_calls.sh copy      # the split with the decode worker on its own copy of the weights
 #   bash benchmarks/gpu_calls.sh hlo       # the GEMMs (configuration, library) in the optimized programs of the
 #                                          # split's workers vs the aggregated engine
+#   bash benchmarks/gpu_calls.sh arena     # decode GEMMs on JAX's memory, the arena in its owner, over IPC, a copy
 #   bash benchmarks/gpu_calls.sh cublas    # the split and the aggregated engine with XLA's Triton GEMMs off (cuBLAS),
 #                                          # against the aggregated engine as it is
 # Everything goes under $OUT (JSON per run, the logs filtered of XLA's chatter). Predictions: benchmarks/RESULTS.md.
@@ -46,11 +47,11 @@ case "${1:-}" in
     bench 150 split-nomps-cache split --trace --prefills 4 --gpu-memory-utilization 0.5 --cache /tmp/nexus-cc-nomps
     ;;
   copy)
-    # The decode worker's own weight copy costs another 16 GB: a smaller pool (0.3) keeps three copies in an H100.
+    # The decode worker's own weight copy costs another 16 GB: the holder keeps 0.45 x 80 GB - 16 GB - 9 GB for its pool.
     rm -rf /tmp/nexus-cc-copy /tmp/nexus-cc-shared
-    NEXUS_WORKER_COPY_WEIGHTS=decode bench 200 copy split --trace --prefills 2 --gpu-memory-utilization 0.3 \
+    NEXUS_WORKER_COPY_WEIGHTS=decode bench 200 copy split --trace --prefills 2 --gpu-memory-utilization 0.45 \
       --cache /tmp/nexus-cc-copy
-    bench 200 shared split --prefills 2 --gpu-memory-utilization 0.3 --cache /tmp/nexus-cc-shared
+    bench 200 shared split --prefills 2 --gpu-memory-utilization 0.45 --cache /tmp/nexus-cc-shared
     ;;
   hlo)
     # Every module's optimized HLO is dumped, then only its GEMM instructions (shape, Triton tiling or cuBLAS) kept.
@@ -73,8 +74,11 @@ case "${1:-}" in
       --gpu-memory-utilization 0.5 --cache /tmp/nexus-cc-cublas-agg
     bench 150 agg agg --prefills 2 --gpu-memory-utilization 0.5 --cache /tmp/nexus-cc-agg
     ;;
+  arena)
+    timeout 200 python3 benchmarks/probe_arena_read.py --out "$OUT" 2>&1 | grep -Ev "$NOISE" | tail -5
+    ;;
   *)
-    echo "usage: OUT=dir bash benchmarks/gpu_calls.sh trace|loop|compile|copy|hlo|cublas" >&2
+    echo "usage: OUT=dir bash benchmarks/gpu_calls.sh trace|loop|compile|copy|hlo|cublas|arena" >&2
     exit 2
     ;;
 esac
