@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 import statistics
 import subprocess
@@ -30,31 +31,42 @@ from runner.workers.shared_arena import SharedArena
 SHAPE = (4096, 28672)
 
 
-def chain(x, w):
-    def layer(h, wl):
-        y = jnp.dot(h, wl, preferred_element_type=jnp.float32)
-        return (y[:, :SHAPE[0]] * 1e-3).astype(h.dtype), None
-    return jax.lax.scan(layer, x, w)[0]
+def chain(x, ws):
+    # One argument per layer, as the engine's weights are: a scan over a stacked array slices by copy.
+    for w in ws:
+        y = jnp.dot(x, w, preferred_element_type=jnp.float32)
+        x = (y[:, :SHAPE[0]] * 1e-3).astype(x.dtype)
+    return x
 
 
-def timed(w: jax.Array) -> dict:
+def timed(ws: list[jax.Array]) -> dict:
     fn = jax.jit(chain)
     x = jnp.ones((32, SHAPE[0]), jnp.bfloat16)
-    fn(x, w).block_until_ready()
+    try:
+        fn(x, ws).block_until_ready()
+    except Exception as e:  # noqa: BLE001 - the failure is the finding
+        return {"error": str(e)[:300]}
     times = []
     for _ in range(20):
         t = time.perf_counter()
-        fn(x, w).block_until_ready()
+        fn(x, ws).block_until_ready()
         times.append(1e3 * (time.perf_counter() - t))
     ms = statistics.median(times)
-    return {"ms": ms, "tb_per_s": w.nbytes / ms / 1e9, "pointer_mod_2mib": w.unsafe_buffer_pointer() % (2 << 20)}
+    nbytes = sum(w.nbytes for w in ws)
+    return {"ms": ms, "tb_per_s": nbytes / ms / 1e9, "pointer_mod_2mib": ws[0].unsafe_buffer_pointer() % (2 << 20)}
+
+
+def views(arena: SharedArena, layers: int) -> list[jax.Array]:
+    size = 2 * SHAPE[0] * SHAPE[1]
+    return [arena.jax_array(i * size, SHAPE, jnp.bfloat16) for i in range(layers)]
 
 
 def child() -> None:
     handle, layers = pickle.loads(sys.stdin.buffer.read())
     arena = SharedArena.open(handle)
-    view = arena.jax_array(0, (layers, *SHAPE), jnp.bfloat16)
-    out = {"c_ipc_view": timed(view), "d_own_copy": timed(jnp.array(view, copy=True))}
+    ws = views(arena, layers)
+    tag = "_graphs_off" if "command_buffer=" in os.environ.get("XLA_FLAGS", "") else ""
+    out = {f"c_ipc_view{tag}": timed(ws), f"d_own_copy{tag}": timed([jnp.array(w, copy=True) for w in ws])}
     print(json.dumps(out))
 
 
@@ -66,22 +78,39 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--kind", default="cuda", help="arena kind; 'shm' runs the probe on CPU")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--mps", type=int, default=None, metavar="SM_PERCENT",
+                    help="run everything as clients of a private MPS daemon (as the split's workers run), the "
+                         "second process capped at this share of the SMs")
     args = ap.parse_args()
-    shape = (args.layers, *SHAPE)
-    own = jax.random.normal(jax.random.key(0), shape, jnp.bfloat16)
+    if args.mps is not None and "CUDA_MPS_PIPE_DIRECTORY" not in os.environ:
+        from runner.workers.mps import MpsControl
+        mps = MpsControl.start()
+        env = {**os.environ, **mps.client_env(None), "NEXUS_PROBE_CHILD_SM": str(args.mps)}
+        try:
+            sys.exit(subprocess.run([sys.executable, *sys.argv], env=env).returncode)
+        finally:
+            mps.stop()
+    own = [jax.random.normal(jax.random.key(i), SHAPE, jnp.bfloat16) for i in range(args.layers)]
     rows = {"a_jax_owned": timed(own)}
-    arena = SharedArena.create(own.nbytes, args.kind)
-    arena.write(0, own)
-    rows["b_arena_owner"] = timed(arena.jax_array(0, shape, jnp.bfloat16))
-    done = subprocess.run([sys.executable, __file__, "--child"], input=pickle.dumps((arena.handle, args.layers)),
-                          capture_output=True, timeout=300)
-    lines = [line for line in done.stdout.decode().splitlines() if line.startswith("{")]
-    rows |= json.loads(lines[-1]) if lines else {"child_error": done.stderr.decode()[-800:]}
+    arena = SharedArena.create(sum(w.nbytes for w in own), args.kind)
+    for i, w in enumerate(own):
+        arena.write(i * w.nbytes, w)
+    rows["b_arena_owner"] = timed(views(arena, args.layers))
+    # The second child runs without XLA's command buffers (CUDA graphs), in case IPC memory is what they reject.
+    for flags in ("", "--xla_gpu_enable_command_buffer="):
+        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
+        if "NEXUS_PROBE_CHILD_SM" in env:
+            env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = env["NEXUS_PROBE_CHILD_SM"]
+        done = subprocess.run([sys.executable, __file__, "--child"], input=pickle.dumps((arena.handle, args.layers)),
+                              capture_output=True, timeout=300, env=env)
+        lines = [line for line in done.stdout.decode().splitlines() if line.startswith("{")]
+        rows |= json.loads(lines[-1]) if lines else {f"child_error{flags[-1:]}": done.stderr.decode()[-800:]}
     for name, r in rows.items():
         print(name, r, flush=True)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        Path(args.out, "arena_read.json").write_text(json.dumps({"layers": args.layers, "runs": rows}, indent=1))
+        name = "arena_read.json" if args.mps is None else f"arena_read_mps{args.mps}.json"
+        Path(args.out, name).write_text(json.dumps({"layers": args.layers, "runs": rows}, indent=1))
 
 
 if __name__ == "__main__":
