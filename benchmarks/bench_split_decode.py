@@ -141,6 +141,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=2048, help="max_num_batched_tokens (chunk of a prefill step)")
     ap.add_argument("--ladder", default="50", help="decode SM shares of the disaggregated modes")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--decode-weights", default="auto", help="of the split modes: shared, private or auto")
     ap.add_argument("--cache", default="/tmp/nexus-jax-cc", help="compilation cache directory")
     ap.add_argument("--trace", action="store_true",
                     help=f"GPU trace of {TRACE_STEPS} decode-only steps: in-process (agg), or the workers' step "
@@ -160,7 +161,7 @@ def main() -> None:
     settings = dict(mode, max_num_batched_tokens=args.budget, max_num_seqs=max(64, args.batch),
                     gpu_memory_utilization=args.gpu_memory_utilization,
                     max_model_len=8192 if args.model != "tiny" else 2048, compilation_cache_dir=args.cache,
-                    enable_prefix_caching=False,
+                    enable_prefix_caching=False, decode_weights=args.decode_weights,
                     sm_ladder=tuple(int(s) for s in args.ladder.split(",")))
     t = time.monotonic()
     llm = LLM(None if args.model == "tiny" else args.model, **settings)
@@ -177,6 +178,8 @@ def main() -> None:
               "engine": {k: v for k, v in engine.stats().items() if k in ("phase_steps", "pipelined_steps",
                                                                            "controller", "sm_isolation",
                                                                            "decode_loop")}}
+    if hasattr(engine, "pool"):  # a split mode that fell back to the aggregated engine has none
+        result["private_weights"] = {n: h.info()["private_weights"] for n, h in engine.pool.workers.items()}
     llm.shutdown()  # the workers write their timelines as they stop
     if args.trace and hasattr(engine, "pool"):
         result["trace"] = {d.name[len("trace_"):]: trace_report(gpu_trace.Trace(d))
@@ -192,7 +195,8 @@ def main() -> None:
     d, c = result["decode_only"], result["co_run"]
     print(f"{args.mode}: decode-only ITL median {d.get('itl_median_ms', float('nan')):.2f} ms; with prefill "
           f"co-running {c.get('itl_median_ms', float('nan')):.2f} ms (p99 {c.get('itl_p99_ms', float('nan')):.1f}), "
-          f"prefill {c['prefill_tok_per_s']:.0f} tok/s; built {built:.0f} s, warm-up {warm:.0f} s", file=sys.stderr)
+          f"prefill {c['prefill_tok_per_s']:.0f} tok/s; built {built:.0f} s, warm-up {warm:.0f} s; private weights "
+          f"{result.get('private_weights', 'none: aggregated engine')}", file=sys.stderr)
 
 
 if __name__ == "__main__":

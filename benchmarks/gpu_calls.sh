@@ -47,11 +47,13 @@ case "${1:-}" in
     bench 150 split-nomps-cache split --trace --prefills 4 --gpu-memory-utilization 0.5 --cache /tmp/nexus-cc-nomps
     ;;
   copy)
-    # The decode worker's own weight copy costs another 16 GB: the holder keeps 0.45 x 80 GB - 16 GB - 9 GB for its pool.
-    rm -rf /tmp/nexus-cc-copy /tmp/nexus-cc-shared
-    NEXUS_WORKER_COPY_WEIGHTS=decode bench 200 copy split --trace --prefills 2 --gpu-memory-utilization 0.45 \
+    # The aggregate and decode workers' own weight copies cost 2 x 16 GB: the holder's pool gets what is left of
+    # 0.9 x 80 GB - 16 GB - 9 GB.
+    rm -rf /tmp/nexus-cc-copy  # both runs compile the same programs: the second reads the first's
+    bench 200 copy split --trace --prefills 2 --gpu-memory-utilization 0.9 --decode-weights private \
       --cache /tmp/nexus-cc-copy
-    bench 200 shared split --prefills 2 --gpu-memory-utilization 0.45 --cache /tmp/nexus-cc-shared
+    bench 200 shared split --prefills 2 --gpu-memory-utilization 0.9 --decode-weights shared \
+      --cache /tmp/nexus-cc-copy
     ;;
   hlo)
     # Every module's optimized HLO is dumped, then only its GEMM instructions (shape, Triton tiling or cuBLAS) kept.

@@ -18,6 +18,7 @@ DISAGGREGATION_MODES = ("off", "auto", "on")
 PREEMPTION_MODES = ("recompute", "swap")
 PREFILL_ORDER_CHOICES = ("auto", "arrival", "spf")
 DECODE_LOOPS = ("engine", "worker")
+DECODE_WEIGHTS = ("auto", "shared", "private")
 
 MODEL_AND_CACHE = "model and cache"
 SCHEDULING = "scheduling"
@@ -117,6 +118,12 @@ class EngineConfig:
         "engine", DISAGGREGATION, "who runs decode steps in the disaggregated mode: the engine plans each one, or "
                                   "the decode worker loops on its own (fixed split on the widest sm_ladder rung)",
         choices=DECODE_LOOPS)
+    # Weights read over CUDA IPC from the holder's arena made 8B decode 1.6x slower on an H100 (RESULTS.md,
+    # 2026-12-06: 12.9 ms shared, 8.1 ms on a copy): the decode-bound workers can hold a copy of their own.
+    decode_weights: str = _option(
+        "auto", DISAGGREGATION, "weights of the disaggregated mode's decode-bound workers (aggregate, decode): "
+                                "shared (the holder's), private (a copy each, taken from the KV pool), auto "
+                                "(private while the KV pool keeps at least half its size)", choices=DECODE_WEIGHTS)
     cost_model_path: str | None = _option(
         None, DISAGGREGATION, "profiled latency table of `nexus-jax profile` (default: found by GPU name)")
 
@@ -189,6 +196,9 @@ class EngineConfig:
                              f"disaggregation={self.disaggregation!r}")
 
     def _check_decode_loop(self) -> None:
+        if self.decode_weights not in DECODE_WEIGHTS:
+            raise ValueError(f"decode_weights must be one of {', '.join(DECODE_WEIGHTS)}, "
+                             f"got {self.decode_weights!r}")
         if self.decode_loop not in DECODE_LOOPS:
             raise ValueError(f"decode_loop must be one of {', '.join(DECODE_LOOPS)}, got {self.decode_loop!r}")
         if self.decode_loop == "engine":

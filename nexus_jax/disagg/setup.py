@@ -53,14 +53,20 @@ def worker_specs(config: EngineConfig, ladder: SmLadder, mps: MpsControl | None)
                 block_size=config.block_size, num_blocks=config.num_kv_blocks,
                 memory_utilization=config.gpu_memory_utilization, cpu_kv_tokens=config.cpu_kv_cache_tokens,
                 kernel_impl=config.kernel_impl, shapes=shapes)
+    # Decode reads every weight each step, from the arena over IPC 1.6x slower than from XLA's own memory
+    # (RESULTS.md): the workers that decode may copy them; prefill is compute-bound and keeps the shared ones.
+    copiers = {AGGREGATE, "decode"}
     specs = []
     for w in ladder.workers:
         env = tuple(ladder.env(w.name, mps).items())
         if w.role == HOLDER:  # the platform allocator returns what loading used; the pool leaves the others room
             specs.append(WorkerSpec(w.name, env=(("XLA_PYTHON_CLIENT_ALLOCATOR", "platform"), *env),
-                                    reserve_bytes=(len(ladder.workers) - 1) * WORKER_RESERVE_BYTES, **base))
+                                    reserve_bytes=(len(ladder.workers) - 1) * WORKER_RESERVE_BYTES,
+                                    decode_weights=config.decode_weights,
+                                    weight_copies=sum(v.role in copiers for v in ladder.workers), **base))
         else:
-            specs.append(WorkerSpec(w.name, warmup=warmups[w.role], env=env, **base))
+            specs.append(WorkerSpec(w.name, warmup=warmups[w.role], env=env, copy_weights=w.role in copiers,
+                                    **base))
     return specs
 
 

@@ -52,6 +52,9 @@ class WorkerSpec:
     warmup: dict[str, Any] | None = None  # ModelRunner.warmup arguments, or None to compile lazily
     env: tuple[tuple[str, str], ...] = ()  # extra environment of the process
     reserve_bytes: int = 0                # holder: device memory left to the workers when sizing the KV pool
+    decode_weights: str = "shared"        # holder: shared, private or auto (EngineConfig.decode_weights)
+    weight_copies: int = 0                # holder: the workers that copy the weights if it decides "private"
+    copy_weights: bool = False            # a worker: computes on its own copy if the holder decided "private"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +67,7 @@ class SharedModel:
     kv_shape: tuple[int, ...]
     dtype: str
     kernel_impl: str
+    private_weights: bool = False  # the workers with copy_weights copy the weights (room was left for them)
 
 
 def worker_main(conn: Any, spec: WorkerSpec, shared: SharedModel | None) -> None:
@@ -181,9 +185,8 @@ class _Worker:
         self.arenas = [weights, self.kv_arena]
         graphdef, abstract_state = abstract_model(shared.config, shared.dtype, shared.kernel_impl)
         state = jax.tree.unflatten(jax.tree.structure(abstract_state), import_arrays(weights, shared.weight_specs))
-        # Diagnostic (RESULTS.md, 2026-12-06): workers whose name starts with this value compute on their own copy
-        # of the weights in XLA's memory instead of the shared arena, to tell whether that memory slows the GEMMs.
-        if (copy := os.environ.get("NEXUS_WORKER_COPY_WEIGHTS")) and spec.name.startswith(copy):
+        self.private_weights = shared.private_weights and spec.copy_weights
+        if self.private_weights:  # GEMMs on XLA's own memory, not the arena's IPC mapping (EngineConfig)
             state = jax.tree.map(lambda a: a.copy(), state)
         self.runner = ModelRunner(shared.config, None, block_size=spec.block_size, shapes=spec.shapes,
                                   model=(graphdef, state), kv_pool=self._pool_view())
@@ -256,7 +259,8 @@ class _Worker:
         return {"name": self.spec.name, "pid": os.getpid(), "device": str(jax.devices()[0]),
                 "device_kind": jax.devices()[0].device_kind,
                 "sm_percent": os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"),
-                "num_blocks": self.shared.kv_shape[2], "in_place": self.in_place, "holder": self.runner is None}
+                "num_blocks": self.shared.kv_shape[2], "in_place": self.in_place, "holder": self.runner is None,
+                "private_weights": self.runner is not None and self.private_weights}
 
     def _publish(self, chunks: Sequence[SeqChunk], extra: int) -> None:
         """Makes the step's K/V visible to the other workers (device_get of the samples already waited for the
@@ -310,17 +314,41 @@ def _load_into_arenas(spec: WorkerSpec, kind: str) -> tuple[SharedModel, list[An
     dtype, kernel_impl, config = str(runner.dtype), runner.kernel_impl, loaded.config
     del leaves, runner
     per_block = ModelRunner.kv_bytes_per_block(config, spec.block_size, dtype)
-    num_blocks = spec.num_blocks
-    if num_blocks is None and kind == "cuda":
+    num_blocks, private = spec.num_blocks, spec.decode_weights == "private" and spec.weight_copies > 0
+    if kind == "cuda":
         import cupy as cp
         free, total = cp.cuda.runtime.memGetInfo()
-        num_blocks = kv_blocks_in_budget(total, total - free, spec.memory_utilization, spec.reserve_bytes, per_block)
+        private = _private_weights(spec, total, total - free, weights.nbytes, per_block)
+        copies = spec.weight_copies * weights.nbytes if private else 0
+        if num_blocks is None:
+            num_blocks = kv_blocks_in_budget(total, total - free, spec.memory_utilization,
+                                             spec.reserve_bytes + copies, per_block)
     elif num_blocks is None:
         num_blocks = max(1, spec.cpu_kv_tokens // spec.block_size)
     kv_shape = ModelRunner.kv_pool_shape(config, num_blocks, spec.block_size)
     kv = SharedArena.create(num_blocks * per_block, kind)
-    shared = SharedModel(config, weights.handle, specs, kv.handle, kv_shape, dtype, kernel_impl)
+    shared = SharedModel(config, weights.handle, specs, kv.handle, kv_shape, dtype, kernel_impl, private)
     return shared, [weights, kv]
+
+
+def _private_weights(spec: WorkerSpec, total: int, used: int, weight_bytes: int, per_block: int) -> bool:
+    """Whether the decode-bound workers get weight copies: always for "private" (an error if that leaves no KV
+    pool), for "auto" while the pool keeps at least half the blocks it would have on shared weights."""
+    from runner.model_runner import kv_blocks_in_budget
+
+    if spec.decode_weights == "shared" or spec.weight_copies == 0:
+        return False
+    copies = spec.weight_copies * weight_bytes
+    if spec.decode_weights == "private":
+        try:
+            kv_blocks_in_budget(total, used, spec.memory_utilization, spec.reserve_bytes + copies, per_block)
+        except ValueError as e:
+            raise ValueError(f"decode_weights='private': {spec.weight_copies} weight copies of "
+                             f"{weight_bytes / 2**30:.1f} GiB do not fit: {e}; or use decode_weights='shared' "
+                             "or 'auto'") from e
+        return True
+    budget = total * spec.memory_utilization - used - spec.reserve_bytes
+    return budget - copies >= budget / 2 and budget - copies >= per_block
 
 
 def abstract_model(config: Any, dtype: str, kernel_impl: str):

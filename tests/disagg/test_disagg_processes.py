@@ -1,6 +1,7 @@
 """The disaggregated mode's real multi-process path on CPU (the CPU form): a holder worker owning the weights
 and KV pool in shared memory, a decode and a prefill worker mapping them, steps of the two phases in flight at
-once. Greedy outputs must equal the aggregated engine's, under forced splits and under aggregation.
+once. Greedy outputs must equal the aggregated engine's, under forced splits and under aggregation, with the aggregate
+and decode workers on their own copies of the weights (decode_weights="private").
 
 What differs from the GPU: no MPS (SM shares are not enforced) and XLA on CPU does not write a donated external
 buffer in place, so workers copy the slots a step wrote back into shared memory (runner/workers/worker.py).
@@ -31,7 +32,8 @@ def reference():
 
 @pytest.fixture(scope="module")
 def llm():
-    llm = LLM(None, disaggregation="on", sm_ladder=(50,), max_num_batched_tokens=64)
+    # private weights: the decode-bound workers compute on copies (on a GPU, XLA's memory instead of the arena's)
+    llm = LLM(None, disaggregation="on", sm_ladder=(50,), max_num_batched_tokens=64, decode_weights="private")
     yield llm
     llm.shutdown()
 
@@ -74,6 +76,7 @@ def test_workers_share_one_pool_and_report_their_roles(llm):
     assert [n for n, i in infos.items() if i["holder"]] == ["holder"]
     assert {i["num_blocks"] for i in infos.values()} == {engine.block_manager.num_blocks}
     assert not any(i["in_place"] for i in infos.values())  # the CPU form copies written slots back
+    assert [n for n, i in infos.items() if i["private_weights"]] == ["aggregate", "decode-50"]
     assert engine.stats()["sm_isolation"] is False
 
 

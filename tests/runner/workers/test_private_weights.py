@@ -1,0 +1,47 @@
+"""EngineConfig.decode_weights: which workers copy the shared weights, and when the holder makes room for them."""
+
+import pytest
+
+from nexus_jax.core.config import EngineConfig
+from nexus_jax.disagg.ladder import SmLadder
+from nexus_jax.disagg.setup import WORKER_RESERVE_BYTES, worker_specs
+from runner.workers.worker import WorkerSpec, _private_weights
+
+GIB = 2**30
+
+
+def holder(policy: str, copies: int = 3, reserve: int = 9 * GIB) -> WorkerSpec:
+    return WorkerSpec("holder", memory_utilization=0.9, reserve_bytes=reserve, decode_weights=policy,
+                      weight_copies=copies)
+
+
+def test_decode_bound_workers_copy_and_the_holder_reserves_a_copy_for_each():
+    config = EngineConfig(disaggregation="on", sm_ladder=(30, 50), decode_weights="private")
+    specs = {s.name: s for s in worker_specs(config, SmLadder(config.sm_ladder), None)}
+    assert {n for n, s in specs.items() if s.copy_weights} == {"aggregate", "decode-30", "decode-50"}
+    assert specs["holder"].weight_copies == 3 and specs["holder"].decode_weights == "private"
+    assert specs["holder"].reserve_bytes == 5 * WORKER_RESERVE_BYTES
+
+
+@pytest.mark.parametrize("total_gib, policy, expected", [
+    (141, "auto", True),     # H200, 8B: 126.9 - 16 - 9 = 101.9 GiB of pool; 3 copies leave 53.9, more than half
+    (80, "auto", False),     # H100: 72 - 25 = 47; 3 copies leave ~0
+    (141, "shared", False),
+    (80, "private", None),   # does not fit: an error that says so
+])
+def test_the_holder_copies_when_asked_or_while_the_pool_keeps_half(total_gib, policy, expected):
+    total, used = total_gib * GIB, 16 * GIB
+    if expected is None:
+        with pytest.raises(ValueError, match="decode_weights='private': 3 weight copies of 16.0 GiB do not fit"):
+            _private_weights(holder(policy), total, used, 16 * GIB, per_block=2 * 2**20)
+        return
+    assert _private_weights(holder(policy), total, used, 16 * GIB, per_block=2 * 2**20) is expected
+
+
+def test_no_copies_when_no_worker_decodes():
+    assert _private_weights(holder("private", copies=0), 141 * GIB, GIB, GIB, 2**20) is False
+
+
+def test_decode_weights_is_validated():
+    with pytest.raises(ValueError, match="decode_weights must be one of auto, shared, private, got 'copy'"):
+        EngineConfig(decode_weights="copy")
