@@ -78,6 +78,7 @@ def test_workers_share_one_pool_and_report_their_roles(llm):
     assert not any(i["in_place"] for i in infos.values())  # the CPU form copies written slots back
     assert [n for n, i in infos.items() if i["private_weights"]] == ["aggregate", "decode-50"]
     assert engine.stats()["sm_isolation"] is False
+    assert engine.stats()["private_weights"] == ["aggregate", "decode-50"]
 
 
 def test_a_worker_answers_a_message_it_does_not_take_with_an_error(llm):
