@@ -72,8 +72,9 @@ WARMUP_MINUTES = 2.0  # per mode on the GPU: engine build and compiling its shap
 SATURATED = 0.10
 
 
-def command(workload: str, mode: str, scale: str, out: str, rates: tuple[float, ...] | None = None) -> list[str]:
-    w, args = WORKLOADS[workload], list(MODES[mode])
+def command(workload: str, mode: str, scale: str, out: str, rates: tuple[float, ...] | None = None,
+            engine_args: tuple[str, ...] = ()) -> list[str]:
+    w, args = WORKLOADS[workload], [*MODES[mode], *(a for kv in engine_args for a in ("--engine-arg", kv))]
     data = ["--dataset", w.dataset]
     if scale == "tiny":
         # Budgets scaled down with the model; disaggregation "on" runs the worker processes without MPS.
@@ -170,6 +171,8 @@ def main() -> None:
     r.add_argument("--out", required=True)
     r.add_argument("--scale", default="8b", choices=sorted(SCALES))
     r.add_argument("--rates", nargs="+", type=float, default=None, help="instead of the workload's sweep")
+    r.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="added to every mode's command (e.g. decode_weights=private on an 80 GB GPU)")
     s = sub.add_parser("summarize")
     s.add_argument("dir", help="holds one folder per workload, as `run --out` writes them")
     s.add_argument("--out", default=None)
@@ -181,7 +184,8 @@ def main() -> None:
         return
     if args.cmd == "run":
         for mode in args.modes:
-            cmd = command(args.workload, mode, args.scale, args.out, tuple(args.rates) if args.rates else None)
+            cmd = command(args.workload, mode, args.scale, args.out, tuple(args.rates) if args.rates else None,
+                          tuple(args.engine_arg))
             text = shlex.join(["python3", *cmd[1:]])
             print(text, flush=True)
             Path(args.out, args.workload).mkdir(parents=True, exist_ok=True)

@@ -56,3 +56,9 @@ def test_commands_carry_the_mode_and_the_workloads_slos():
     assert "--num-prompts 200" in joined and cmd[-1] == "/o/tight"
     assert "disaggregation=on" in " ".join(bsm.command("mix", "dynamic", "tiny", "/o"))
     assert len(bsm.MODES) == 2 * len(bsm.BUDGETS) + 4  # static-50, static-50-loop, dynamic, dynamic-arrival
+
+
+def test_engine_args_reach_every_mode_after_its_own():
+    cmd = bsm.command("mix", "static-50", "8b", "/o", engine_args=("decode_weights=private",))
+    assert cmd[cmd.index("decode_weights=private") - 1] == "--engine-arg"
+    assert cmd.index("aggregate_when_safe=false") < cmd.index("decode_weights=private")
