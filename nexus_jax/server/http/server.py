@@ -31,9 +31,17 @@ class _Uvicorn(uvicorn.Server):
 def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket; OSError saying so when the port is taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto IPPROTO_TCP, not create_server's 0: asyncio turns Nagle off only on accepted sockets whose proto says
+    # TCP, and with Nagle on a response's body waited for the client's delayed ACK (40 ms per keep-alive request).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
-        return socket.create_server((host, port), family=family, reuse_port=False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, port))
+        sock.listen()
+        return sock
     except OSError as e:
+        sock.close()
         if e.errno == errno.EADDRINUSE:
             raise OSError(e.errno, f"cannot serve HTTP on {host}:{port}: the port is already in use (another "
                                    "server?); pick another --http-port") from None
