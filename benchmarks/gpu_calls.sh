@@ -22,7 +22,9 @@ bench() {  # bench SECONDS DIR ARGS...: one bench_split_decode run, its JSON und
   local seconds=$1 dir=$OUT/$2
   shift 2
   mkdir -p "$dir"
-  timeout "$seconds" python3 benchmarks/bench_split_decode.py "$@" --out "$dir" 2>&1 | grep -Ev "$NOISE" | tail -3
+  # The whole filtered log stays beside the JSON: a failing run's cause is rarely in its last lines.
+  timeout "$seconds" python3 benchmarks/bench_split_decode.py "$@" --out "$dir" 2>&1 | grep -Ev "$NOISE" \
+    | tee "$dir/log.txt" | tail -3
   rm -rf "$dir"/timeline_*/*.jsonl "$dir"/timeline_*/trace_* "$dir"/trace_*  # summarized in the JSON; too many files
 }
 
