@@ -179,7 +179,9 @@ def main() -> None:
                                                                            "controller", "sm_isolation",
                                                                            "decode_loop")}}
     if hasattr(engine, "pool"):  # a split mode that fell back to the aggregated engine has none
-        result["private_weights"] = {n: h.info()["private_weights"] for n, h in engine.pool.workers.items()}
+        infos = {n: h.info() for n, h in engine.pool.workers.items()}
+        result["private_weights"] = {n: i["private_weights"] for n, i in infos.items()}
+        result["worker_memory"] = {n: i["memory"] for n, i in infos.items()}  # XLA's heap per worker, peak included
     llm.shutdown()  # the workers write their timelines as they stop
     if args.trace and hasattr(engine, "pool"):
         result["trace"] = {d.name[len("trace_"):]: trace_report(gpu_trace.Trace(d))

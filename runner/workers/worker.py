@@ -260,7 +260,8 @@ class _Worker:
                 "device_kind": jax.devices()[0].device_kind,
                 "sm_percent": os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"),
                 "num_blocks": self.shared.kv_shape[2], "in_place": self.in_place, "holder": self.runner is None,
-                "private_weights": self.runner is not None and self.private_weights}
+                "private_weights": self.runner is not None and self.private_weights,
+                "memory": _memory_stats(jax.devices()[0])}
 
     def _publish(self, chunks: Sequence[SeqChunk], extra: int) -> None:
         """Makes the step's K/V visible to the other workers (device_get of the samples already waited for the
@@ -294,6 +295,14 @@ class _Worker:
         self.runner = None
         for arena in self.arenas:
             arena.close()
+
+
+def _memory_stats(device: Any) -> dict[str, int] | None:
+    """XLA's allocator use on the device (what WORKER_RESERVE_BYTES must cover besides the arenas); None where
+    the platform keeps none (CPU)."""
+    stats = device.memory_stats()
+    keys = ("bytes_in_use", "peak_bytes_in_use", "bytes_limit", "largest_alloc_size")
+    return {k: int(stats[k]) for k in keys if k in stats} if stats else None
 
 
 def _load_into_arenas(spec: WorkerSpec, kind: str) -> tuple[SharedModel, list[Any]]:

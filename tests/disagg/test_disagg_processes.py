@@ -77,6 +77,7 @@ def test_workers_share_one_pool_and_report_their_roles(llm):
     assert {i["num_blocks"] for i in infos.values()} == {engine.block_manager.num_blocks}
     assert not any(i["in_place"] for i in infos.values())  # the CPU form copies written slots back
     assert [n for n, i in infos.items() if i["private_weights"]] == ["aggregate", "decode-50"]
+    assert {i["memory"] for i in infos.values()} == {None}  # XLA keeps no allocator stats on CPU
     assert engine.stats()["sm_isolation"] is False
     assert engine.stats()["private_weights"] == ["aggregate", "decode-50"]
 
