@@ -25,9 +25,9 @@ from runner.workers.worker import WorkerSpec
 
 log = logging.getLogger(__name__)
 
-# Used to rank splits when no profile of this GPU and model exists (H100 SXM datasheet bf16 and HBM3 figures).
-_DEFAULT_PEAK_FLOPS = 989e12
-_DEFAULT_HBM_BW = 3.35e12
+# Used to rank splits when no profile of this GPU and model exists: datasheet dense bf16 FLOP/s and HBM bytes/s,
+# by a name the device kind contains (first match); unknown GPUs get the H100 SXM's.
+DATASHEETS = (("H200", 989e12, 4.8e12), ("H100", 989e12, 3.35e12), ("A100", 312e12, 2.0e12))
 
 
 # Device memory each step-running worker needs besides the shared weights and pool: its CUDA/MPS context, XLA's
@@ -145,6 +145,16 @@ def _cost_model(config: EngineConfig, model_config, device: str, model_name: str
         return CostModel.load(path)
     if config.cost_model_path:
         raise FileNotFoundError(f"cost_model_path {config.cost_model_path} does not exist")
+    name, flops, bandwidth = datasheet(device)
     log.warning("no latency profile at %s (run `nexus-jax profile`); the partition controller uses an unprofiled "
-                "roofline estimate", path)
-    return CostModel.analytic(model_config, _DEFAULT_PEAK_FLOPS, _DEFAULT_HBM_BW)
+                "roofline estimate from the %s datasheet (%.0f TFLOP/s bf16, %.2f TB/s) for %s", path, name,
+                flops / 1e12, bandwidth / 1e12, device)
+    return CostModel.analytic(model_config, flops, bandwidth)
+
+
+def datasheet(device_kind: str) -> tuple[str, float, float]:
+    """(name, peak dense bf16 FLOP/s, HBM bytes/s) of the GPU `device_kind` names, or the H100's."""
+    for entry in DATASHEETS:
+        if entry[0].lower() in device_kind.lower():
+            return entry
+    return DATASHEETS[1]

@@ -181,3 +181,10 @@ def test_bad_input_raises():
         CostModel(DECODE, {})
     with pytest.raises(ValueError):
         CostModel.analytic(ModelConfig.preset("tiny"), 0, 1e12)
+
+
+def test_an_unprofiled_gpu_gets_its_own_datasheet_and_an_unknown_one_the_h100s():
+    from nexus_jax.disagg.setup import datasheet
+    assert datasheet("NVIDIA H200")[2] == 4.8e12 and datasheet("NVIDIA H100 80GB HBM3")[2] == 3.35e12
+    assert datasheet("NVIDIA H200 NVL")[0] == "H200"  # the H200's name contains no "H100"
+    assert datasheet("some new GPU")[0] == "H100"
