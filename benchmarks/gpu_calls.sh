@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_calls.sh copy      # the split with the decode worker on its own copy of the weights
 #   bash benchmarks/gpu_calls.sh hlo       # the GEMMs (configuration, library) in the optimized programs of the
 #                                          # split's workers vs the aggregated engine
+#   bash benchmarks/gpu_calls.sh sampler   # each sampler program's scratch memory on this GPU
 #   bash benchmarks/gpu_calls.sh arena     # decode GEMMs on JAX's memory, the arena in its owner, over IPC, a copy
 #   bash benchmarks/gpu_calls.sh cublas    # the split and the aggregated engine with XLA's Triton GEMMs off (cuBLAS),
 #                                          # against the aggregated engine as it is
@@ -49,12 +50,14 @@ case "${1:-}" in
     bench 150 split-nomps-cache split --trace --prefills 4 --gpu-memory-utilization 0.5 --cache /tmp/nexus-cc-nomps
     ;;
   copy)
-    # The aggregate and decode workers' own weight copies cost 2 x 16 GB: the holder's pool gets what is left of
-    # 0.9 x 80 GB - 16 GB - 9 GB.
+    # The aggregate and decode workers' own weight copies cost 2 x 16 GB on top of the holder's 16 GB. At 0.9 of
+    # an H100 the sampler's scratch no longer fit beside them (34.46 GiB asked, RESULTS.md), so UTIL defaults to
+    # what leaves ~50 GB to XLA: 0.6 of an H200; an H100 has no such setting that also leaves a pool.
+    util=${UTIL:-0.6}
     rm -rf /tmp/nexus-cc-copy  # both runs compile the same programs: the second reads the first's
-    bench 200 copy split --trace --prefills 2 --gpu-memory-utilization 0.9 --decode-weights private \
+    bench 200 copy split --trace --prefills 2 --gpu-memory-utilization "$util" --decode-weights private \
       --cache /tmp/nexus-cc-copy
-    bench 200 shared split --prefills 2 --gpu-memory-utilization 0.9 --decode-weights shared \
+    bench 200 shared split --prefills 2 --gpu-memory-utilization "$util" --decode-weights shared \
       --cache /tmp/nexus-cc-copy
     ;;
   hlo)
@@ -78,12 +81,16 @@ case "${1:-}" in
       --gpu-memory-utilization 0.5 --cache /tmp/nexus-cc-cublas-agg
     bench 150 agg agg --prefills 2 --gpu-memory-utilization 0.5 --cache /tmp/nexus-cc-agg
     ;;
+  sampler)  # each sampler program's scratch on this GPU (the 34.46 GiB OOM)
+    timeout 150 python3 benchmarks/probe_sampler_memory.py --rows 16,80,272 --out "$OUT/sampler" 2>&1 \
+      | grep -Ev "$NOISE" | tail -16
+    ;;
   arena)
     timeout 150 python3 benchmarks/probe_arena_read.py --out "$OUT" 2>&1 | grep -Ev "$NOISE" | tail -6
     timeout 150 python3 benchmarks/probe_arena_read.py --mps 50 --out "$OUT" 2>&1 | grep -Ev "$NOISE" | tail -6
     ;;
   *)
-    echo "usage: OUT=dir bash benchmarks/gpu_calls.sh trace|loop|compile|copy|hlo|cublas|arena" >&2
+    echo "usage: OUT=dir bash benchmarks/gpu_calls.sh trace|loop|compile|copy|hlo|cublas|arena|sampler" >&2
     exit 2
     ;;
 esac
