@@ -82,7 +82,7 @@ case "${1:-}" in
     bench 150 agg agg --prefills 2 --gpu-memory-utilization 0.5 --cache /tmp/nexus-cc-agg
     ;;
   sampler)  # each sampler program's scratch on this GPU (the 34.46 GiB OOM)
-    timeout 150 python3 benchmarks/probe_sampler_memory.py --rows 16,80,272 --out "$OUT/sampler" 2>&1 \
+    timeout 150 python3 benchmarks/probe_step_memory.py --rows 16,80,272 --out "$OUT/sampler" 2>&1 \
       | grep -Ev "$NOISE" | tail -16
     ;;
   arena)

@@ -18,7 +18,7 @@ from nexus_jax.server import TOKEN_ENV
 DEFAULT_GRPC_PORT = 50051
 
 if TYPE_CHECKING:
-    from nexus_jax.server.grpc_server import ServerOptions
+    from nexus_jax.server.options import ServerOptions
 
 
 def _int_at_least(minimum: int):
@@ -56,7 +56,7 @@ def _check_readable(flag: str, path: str | None) -> None:
 
 def server_options(args: argparse.Namespace) -> ServerOptions:
     """The ServerOptions of the `serve` flags; ValueError naming the flag for a TLS file that cannot be read."""
-    from nexus_jax.server.grpc_server import ServerOptions
+    from nexus_jax.server.options import ServerOptions
 
     _check_readable("--tls-cert", args.tls_cert)
     _check_readable("--tls-key", args.tls_key)

@@ -11,8 +11,8 @@ from typing import Any, Iterator
 
 from nexus_jax.core.engine import LLMEngine
 from nexus_jax.entrypoints.async_llm import AsyncLLM
-from nexus_jax.server.grpc_server import ServerOptions
 from nexus_jax.server.http.server import HttpServer
+from nexus_jax.server.options import ServerOptions
 
 
 @contextlib.contextmanager

@@ -324,11 +324,12 @@ def _load_into_arenas(spec: WorkerSpec, kind: str) -> tuple[SharedModel, list[An
     del leaves, runner
     per_block = ModelRunner.kv_bytes_per_block(config, spec.block_size, dtype)
     num_blocks, private = spec.num_blocks, spec.decode_weights == "private" and spec.weight_copies > 0
+    weight_bytes = weights.handle.nbytes  # read here, not in the branch: CPU tests then run this line too
     if kind == "cuda":
         import cupy as cp
         free, total = cp.cuda.runtime.memGetInfo()
-        private = _private_weights(spec, total, total - free, weights.nbytes, per_block)
-        copies = spec.weight_copies * weights.nbytes if private else 0
+        private = _private_weights(spec, total, total - free, weight_bytes, per_block)
+        copies = spec.weight_copies * weight_bytes if private else 0
         if num_blocks is None:
             num_blocks = kv_blocks_in_budget(total, total - free, spec.memory_utilization,
                                              spec.reserve_bytes + copies, per_block)

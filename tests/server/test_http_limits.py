@@ -133,3 +133,12 @@ def test_serve_command_serves_grpc_and_http_on_one_engine_and_drains_on_sigterm(
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_the_http_front_runs_without_grpc_extras():
+    """The GPU machine has no grpc_health / grpc_reflection: the HTTP server and its test harness must not need
+    them (they import the server options from nexus_jax.server.options, not the gRPC server)."""
+    code = ("import sys; sys.modules['grpc_health'] = sys.modules['grpc_reflection'] = None\n"
+            "import nexus_jax.testing.http, nexus_jax.server.http.server\n"
+            "assert 'nexus_jax.server.grpc_server' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

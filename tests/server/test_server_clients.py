@@ -15,7 +15,7 @@ from nexus_jax.cli.service import register, server_options
 from nexus_jax.core.request import MAX_ID_LENGTH
 from nexus_jax.server import interceptors
 from nexus_jax.server.client import Client
-from nexus_jax.server.grpc_server import ServerOptions
+from nexus_jax.server.options import ServerOptions
 from nexus_jax.testing.serving import collect, engine_idle, rejected, server_engine, serving
 
 

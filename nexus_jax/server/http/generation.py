@@ -17,9 +17,9 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 from nexus_jax.core.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from nexus_jax.core.sampling_params import SamplingParams
 from nexus_jax.entrypoints.async_llm import EngineDeadError
-from nexus_jax.server.grpc_server import ServerOptions, check_limits
 from nexus_jax.server.http.errors import APIError, bad_request, field_of
 from nexus_jax.server.metrics import EngineMetrics
+from nexus_jax.server.options import ServerOptions, check_limits
 
 T = TypeVar("T")
 

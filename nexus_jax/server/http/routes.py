@@ -13,7 +13,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import Receive, Scope, Send
 
 from nexus_jax.core.sampling_params import SamplingParams
-from nexus_jax.server.grpc_server import ServerOptions, prompt_limit
 from nexus_jax.server.http.errors import APIError, bad_request, install_handlers
 from nexus_jax.server.http.generation import Admission, Generation, unless_disconnected
 from nexus_jax.server.http.prompts import chat_prompt, completion_prompts, encode_text, render_chat
@@ -26,6 +25,7 @@ from nexus_jax.server.http.protocol import (
 )
 from nexus_jax.server.http.responses import DONE, Shaper, sse
 from nexus_jax.server.metrics import EngineMetrics, replicas_of
+from nexus_jax.server.options import ServerOptions, prompt_limit
 
 # OpenAI's default max_tokens of a text completion; a chat completion runs to the end of the context by default.
 COMPLETION_MAX_TOKENS = 16

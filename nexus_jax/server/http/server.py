@@ -15,10 +15,10 @@ from typing import Any, Iterator
 
 import uvicorn
 
-from nexus_jax.server.grpc_server import ServerOptions
 from nexus_jax.server.http.generation import Admission
 from nexus_jax.server.http.routes import build_app
 from nexus_jax.server.metrics import EngineMetrics
+from nexus_jax.server.options import ServerOptions
 
 
 class _Uvicorn(uvicorn.Server):
