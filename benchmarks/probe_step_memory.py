@@ -56,6 +56,8 @@ def forward_programs(args: argparse.Namespace):
     for blocks in (int(b) for b in args.blocks.split(",")):
         pool = jax.ShapeDtypeStruct(ModelRunner.kv_pool_shape(config, blocks, 16), jnp.bfloat16)
         for name, rows, tokens in (("decode", 128, 0), ("prefill", 0, 2048), ("mixed", 128, 2048)):
+            if name not in args.shapes.split(","):
+                continue
             batch = padding_batch(rows, tokens, args.width, shapes)
             no_feed = np.full(rows, -1, np.int32)
             fed = np.zeros(programs.FEED_ROWS, np.int32)
@@ -80,6 +82,7 @@ def main() -> None:
     ap.add_argument("--forward", action="store_true", help="the forward step instead of the sampler")
     ap.add_argument("--model", default="llama-3.1-8b")
     ap.add_argument("--blocks", default="4096,8192", help="pool sizes (blocks of 16 tokens) for --forward")
+    ap.add_argument("--shapes", default="decode,prefill,mixed", help="forward shapes to compile, of these three")
     ap.add_argument("--width", type=int, default=1024, help="block-table width for --forward")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
