@@ -1,6 +1,7 @@
-"""Mixture-of-experts MLP on a GPU: the ragged_dot grouped GEMM (runner/model/moe.py) against computing every
-expert for every token with einsums, for one layer of the Qwen3-30B-A3B shape (hidden 2048, 128 experts of 768,
-top 8) at decode (batch 64) and prefill (8192 tokens), random bf16 weights and random (near-uniform) routing.
+"""Mixture-of-experts MLP on a GPU: the grouped GEMM of runner/model/moe.py as the Pallas kernel
+(pallas_kernels/grouped_matmul.py, "pallas") and as jax.lax.ragged_dot ("ragged_dot"), against computing every
+expert for every token with einsums ("dense"), for one layer of the Qwen3-30B-A3B shape (hidden 2048, 128 experts
+of 768, top 8) at decode (batch 64) and prefill (8192 tokens), random bf16 weights and random (near-uniform) routing.
 
   PYTHONPATH=. python3 benchmarks/bench_moe.py [--json PATH]      # on the GPU
   PYTHONPATH=. python3 benchmarks/bench_moe.py --quick            # tiny shapes, a CPU smoke run (CI)
@@ -9,7 +10,8 @@ Each row is one layer (router + experts), the median of --iters runs. Decode is 
 the bytes of the experts the batch actually routes to (counted from its routing) plus the router, over the HBM
 bandwidth measured in the same run. Prefill is judged by MFU on the active FLOPs (2 x tokens x top_k x 3 x hidden x
 expert size, plus the router) against the bf16 peak. The dense rows do E / top_k times the active work; their
-MFU is quoted on the same active FLOPs, so it says how much of the device the useful work got.
+MFU is quoted on the same active FLOPs, so it says how much of the device the useful work got. Every row's
+output is checked against the dense one ("max rel err": largest |difference| over the largest |dense value|).
 """
 
 from __future__ import annotations
@@ -54,19 +56,24 @@ def make_layer(shape: Shape, dtype, seed: int = 0):
     return router, gate_up, down
 
 
-def layer_fn(shape: Shape, impl: str):
+IMPLS = ("pallas", "ragged_dot", "dense")
+
+
+def layer_fn(shape: Shape, impl: str, kernel: str):
+    """impl: one of IMPLS; kernel: the Pallas implementation "pallas" runs ("pallas" on a GPU, "interpret" on CPU)."""
     act = ACTIVATIONS["silu"]
-    combine = moe_ragged if impl == "ragged_dot" else moe_dense
 
     @jax.jit
     def run(x, router, gate_up, down):
         weights, experts = route(x, router, shape.top_k, True)
-        return combine(x, weights, experts, gate_up, down, act)
+        if impl == "dense":
+            return moe_dense(x, weights, experts, gate_up, down, act)
+        return moe_ragged(x, weights, experts, gate_up, down, act, kernel if impl == "pallas" else "xla")
 
     return run
 
 
-def bench_case(shape: Shape, tokens: int, dtype, iters: int, tbps: float, impls) -> list[dict]:
+def bench_case(shape: Shape, tokens: int, dtype, iters: int, tbps: float, impls, kernel: str) -> list[dict]:
     router, gate_up, down = make_layer(shape, dtype)
     x = jax.random.normal(jax.random.key(tokens), (tokens, shape.hidden), jnp.float32).astype(dtype)
     _, experts = route(x, router, shape.top_k, True)
@@ -76,10 +83,12 @@ def bench_case(shape: Shape, tokens: int, dtype, iters: int, tbps: float, impls)
     floor_s = floor_bytes / (tbps * 1e12)
     active_flops = 2 * tokens * (shape.top_k * 3 * shape.hidden * shape.inter + shape.hidden * shape.experts)
     rows = []
+    dense = np.asarray(layer_fn(shape, "dense", kernel)(x, router, gate_up, down), np.float32)
     for impl in impls:
-        fn = layer_fn(shape, impl)
+        fn = layer_fn(shape, impl, kernel)
+        err = float(np.abs(np.asarray(fn(x, router, gate_up, down), np.float32) - dense).max() / np.abs(dense).max())
         t = timed(lambda: fn(x, router, gate_up, down).block_until_ready(), iters)
-        rows.append({"shape": shape.name, "tokens": tokens, "impl": impl, "ms_per_layer": t * 1e3,
+        rows.append({"shape": shape.name, "tokens": tokens, "impl": impl, "max_rel_err": err, "ms_per_layer": t * 1e3,
                      "ms_model": t * 1e3 * shape.layers, "routed_experts": routed, "floor_ms": floor_s * 1e3,
                      "x_floor": t / floor_s, "tflops": active_flops / t / 1e12,
                      "mfu": active_flops / t / 1e12 / PEAK_BF16_TFLOPS})
@@ -88,12 +97,12 @@ def bench_case(shape: Shape, tokens: int, dtype, iters: int, tbps: float, impls)
 
 def table(rows: list[dict]) -> str:
     head = ("| shape | tokens | impl | ms / layer | ms x layers | routed experts | bytes floor ms | x floor | "
-            "active TF/s | MFU (active) |")
-    lines = [head, "|" + "---|" * 10]
+            "active TF/s | MFU (active) | max rel err |")
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         lines.append(f"| {r['shape']} | {r['tokens']} | {r['impl']} | {r['ms_per_layer']:.3f} | {r['ms_model']:.2f} "
                      f"| {r['routed_experts']} | {r['floor_ms']:.3f} | {r['x_floor']:.2f} | {r['tflops']:.1f} "
-                     f"| {r['mfu']:.1%} |")
+                     f"| {r['mfu']:.1%} | {r['max_rel_err']:.1e} |")
     return "\n".join(lines)
 
 
@@ -103,7 +112,7 @@ def main() -> None:
     ap.add_argument("--decode-batch", type=int, default=64)
     ap.add_argument("--prefill-tokens", type=int, default=8192)
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--no-dense", action="store_true", help="skip the dense all-experts baseline")
+    ap.add_argument("--impls", default=",".join(IMPLS), help=f"which of {', '.join(IMPLS)} to time")
     ap.add_argument("--copy-mb", type=int, default=8192, help="size of the HBM copy that measures bandwidth")
     ap.add_argument("--json", help="write the rows and the measured bandwidth here")
     args = ap.parse_args()
@@ -111,8 +120,12 @@ def main() -> None:
     cases = (4, 64) if args.quick else (args.decode_batch, args.prefill_tokens)
     iters = 2 if args.quick else args.iters
     tbps = hbm_copy_tbps((1 << 20) if args.quick else args.copy_mb << 20)
-    impls = ("ragged_dot",) if args.no_dense else ("ragged_dot", "dense")
-    rows = [row for tokens in cases for row in bench_case(shape, tokens, dtype, iters, tbps, impls)]
+    impls = args.impls.split(",")
+    unknown = set(impls) - set(IMPLS)
+    if unknown:
+        ap.error(f"unknown --impls {sorted(unknown)}; choose from {', '.join(IMPLS)}")
+    kernel = "pallas" if jax.devices()[0].platform == "gpu" else "interpret"
+    rows = [row for tokens in cases for row in bench_case(shape, tokens, dtype, iters, tbps, impls, kernel)]
     print(f"device: {jax.devices()[0].device_kind}; copy bandwidth {tbps:.2f} TB/s; MFU against "
           f"{PEAK_BF16_TFLOPS:.0f} TF/s (bf16 dense peak)")
     print(table(rows))

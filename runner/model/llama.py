@@ -143,7 +143,7 @@ class Transformer(nnx.Module):
             x = x + (norm(h, w["post_attn_norm"]) if cfg.sandwich_norm else h)
             h = norm(x, w["mlp_norm"])
             if cfg.num_experts:
-                h = moe_mlp(h, w, cfg.num_experts_per_tok, cfg.norm_topk_prob, act)
+                h = moe_mlp(h, w, cfg.num_experts_per_tok, cfg.norm_topk_prob, act, impl)
             else:
                 gate, up = jnp.split(_linear(h, w, "gate_up"), 2, axis=-1)
                 h = _linear(act(gate) * up, w, "down")

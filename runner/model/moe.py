@@ -1,7 +1,9 @@
 """Mixture-of-experts MLP: top-k routing as transformers' Mixtral and Qwen3-MoE routers do it, and the experts'
-grouped GEMM through jax.lax.ragged_dot (tokens sorted by expert, one ragged GEMM per projection, unsorted and
-weighted by their router probabilities). `moe_dense` computes every expert for every token with plain einsums;
-it is the reference the grouped path is tested against and the baseline benchmarks/bench_moe.py times.
+grouped GEMM (tokens sorted by expert, one grouped GEMM per projection, unsorted and weighted by their router
+probabilities) through `pallas_kernels.grouped_matmul`: the Pallas kernel on a GPU, jax.lax.ragged_dot on the
+"xla" path (which XLA's GPU backend runs as if every token met every expert: 7x slower than dense in prefill,
+benchmarks/RESULTS.md). `moe_dense` computes every expert for every token with plain einsums; it is the reference
+the grouped path is tested against and a baseline benchmarks/bench_moe.py times.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.grouped_matmul import grouped_matmul
 
 
 def route(x: jax.Array, router: jax.Array, top_k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array]:
@@ -24,11 +28,12 @@ def route(x: jax.Array, router: jax.Array, top_k: int, norm_topk_prob: bool) -> 
 
 
 def moe_ragged(x: jax.Array, weights: jax.Array, experts: jax.Array, gate_up: jax.Array, down: jax.Array,
-               act: Callable[[jax.Array], jax.Array]) -> jax.Array:
+               act: Callable[[jax.Array], jax.Array], impl: str | None = None) -> jax.Array:
     """x [T, H] through the routed experts: gate_up [E, H, 2I], down [E, I, H]; returns [T, H] in x's dtype.
 
     The T * k (token, expert) pairs are sorted by expert so each expert's rows are contiguous; ragged_dot then
-    multiplies each group by its own expert's weights, reading each routed expert's weights once."""
+    multiplies each group by its own expert's weights, reading each routed expert's weights once. `impl`: the
+    kernel implementation (pallas_kernels.resolve_impl)."""
     num_tokens, top_k = experts.shape
     num_experts = gate_up.shape[0]
     flat = experts.reshape(-1)
@@ -36,8 +41,8 @@ def moe_ragged(x: jax.Array, weights: jax.Array, experts: jax.Array, gate_up: ja
     token = order // top_k
     group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
     rows = x[token]  # [T * k, H], grouped by expert
-    gate, up = jnp.split(jax.lax.ragged_dot(rows, gate_up, group_sizes), 2, axis=-1)
-    out = jax.lax.ragged_dot(act(gate) * up, down, group_sizes)  # [T * k, H]
+    gate, up = jnp.split(grouped_matmul(rows, gate_up, group_sizes, impl=impl), 2, axis=-1)
+    out = grouped_matmul(act(gate) * up, down, group_sizes, impl=impl)  # [T * k, H]
     out = out * weights.reshape(-1)[order][:, None].astype(out.dtype)
     return jnp.zeros((num_tokens, x.shape[1]), out.dtype).at[token].add(out).astype(x.dtype)
 
@@ -53,11 +58,11 @@ def moe_dense(x: jax.Array, weights: jax.Array, experts: jax.Array, gate_up: jax
 
 
 def moe_mlp(x: jax.Array, w: dict[str, jax.Array], top_k: int, norm_topk_prob: bool,
-            act: Callable[[jax.Array], jax.Array]) -> jax.Array:
+            act: Callable[[jax.Array], jax.Array], impl: str | None = None) -> jax.Array:
     """One layer's sparse MLP from its weights (router, experts_gate_up, experts_down, and a shared expert's
     shared_gate_up, shared_down and sigmoid gate shared_gate when it has one)."""
     weights, experts = route(x, w["router"], top_k, norm_topk_prob)
-    out = moe_ragged(x, weights, experts, w["experts_gate_up"], w["experts_down"], act)
+    out = moe_ragged(x, weights, experts, w["experts_gate_up"], w["experts_down"], act, impl)
     if "shared_gate" in w:
         gate, up = jnp.split(x @ w["shared_gate_up"], 2, axis=-1)
         out = out + jax.nn.sigmoid(x @ w["shared_gate"]) * ((act(gate) * up) @ w["shared_down"])

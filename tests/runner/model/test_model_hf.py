@@ -131,6 +131,17 @@ def test_logits_through_prefill_then_decode(model_pair):
         assert _rel(got, ref[pos]) < 1e-3, pos
 
 
+@pytest.mark.parametrize("model_pair", ["mixtral", "qwen3_moe"], indirect=True)
+def test_moe_logits_through_the_pallas_kernels(model_pair):
+    """The experts' grouped GEMM (and attention) as Pallas kernels, in interpret mode: prefill then decode."""
+    hf, config, params = model_pair
+    ids = np.random.default_rng(1).integers(0, VOCAB, 20).tolist()
+    ref = _hf_logits(hf, ids)
+    runner = ModelRunner(config, params, num_blocks=64, block_size=BLOCK, kernel_impl="interpret")
+    assert _rel(runner.logits([], [SeqChunk(ids[:19], 0, [3, 1])])[0], ref[18]) < 1e-3
+    assert _rel(runner.logits([SeqChunk([ids[19]], 19, [3, 1])], [])[0], ref[19]) < 1e-3
+
+
 def test_logits_through_chunked_prefill(model_pair):
     hf, config, params = model_pair
     ids = np.random.default_rng(1).integers(0, VOCAB, 41).tolist()

@@ -42,13 +42,14 @@ def test_route_matches_numpy(norm):
     np.testing.assert_allclose(weights, want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["xla", "interpret"])  # jax.lax.ragged_dot; the Pallas grouped GEMM
 @pytest.mark.parametrize("tokens,top_k", [(37, 3), (1, 1), (64, 8)])
-def test_ragged_matches_dense(tokens, top_k):
+def test_ragged_matches_dense(tokens, top_k, impl):
     """Including experts no token picks (empty groups) and every expert for every token (top_k = E)."""
     x, router, gate_up, down, _ = _case(tokens, tokens=tokens, top_k=top_k)
     act = ACTIVATIONS["silu"]
     weights, experts = route(x, router, top_k, True)
-    got = jax.jit(moe_ragged, static_argnums=5)(x, weights, experts, gate_up, down, act)
+    got = jax.jit(moe_ragged, static_argnums=(5, 6))(x, weights, experts, gate_up, down, act, impl)
     want = moe_dense(x, weights, experts, gate_up, down, act)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
@@ -94,4 +95,4 @@ def test_bench_moe_quick_runs_on_cpu():
                          text=True, timeout=300, env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin",
                                                       "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "ragged_dot" in out.stdout and "dense" in out.stdout and "MFU" in out.stdout
+    assert all(f"| {impl} |" in out.stdout for impl in ("pallas", "ragged_dot", "dense")) and "MFU" in out.stdout

@@ -1,0 +1,131 @@
+"""Grouped GEMM for mixture-of-experts layers: `jax.lax.ragged_dot` semantics as a Pallas (Triton) kernel.
+
+lhs [M, K] holds its rows sorted by group (group g owns the next group_sizes[g] rows); rhs [G, K, N] holds one
+matrix per group; row m of the output is lhs[m] @ rhs[group of m], and rows past sum(group_sizes) are zero.
+
+Why a kernel: XLA on the GPU (jaxlib 0.11) lowers ragged_dot as if every row met every group, so an 8192-token
+prefill of a 128-expert layer ran 7x slower than computing all experts densely (benchmarks/RESULTS.md, H200).
+
+The rows are cut into tiles of `block_rows` that never straddle two groups: group g takes cdiv(size_g, block_rows)
+tiles, so at most cdiv(M, block_rows) + G tiles exist, a static bound that sizes the grid. A small jnp prologue
+maps each tile to (group, first row, end row); a program of the grid (tile, column block) then multiplies its rows
+by its group's matrix, reading that matrix's column block once per tile. Tiles past the last group's end do nothing,
+and so write nothing: the output starts as zeros (aliased in), so uncovered rows stay zero.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.backend import resolve_impl
+from pallas_kernels.triton_utils import compiler_params, next_pow2, plgpu
+
+_BLOCK_COLS = 128
+_BLOCK_INNER = 64
+_MAX_BLOCK_ROWS = 128
+_MIN_BLOCK = 16  # Triton's tensor-core dot needs at least 16 along every axis
+
+
+def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, impl: str | None = None,
+                   preferred_element_type=None) -> jax.Array:
+    """lhs [M, K] (rows sorted by group) times rhs [G, K, N] per group -> [M, N], as jax.lax.ragged_dot; the result
+    is in preferred_element_type (default: lhs's dtype), accumulated in float32."""
+    _check_args(lhs, rhs, group_sizes)
+    out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+    impl = resolve_impl(impl)
+    if impl == "xla":
+        return lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32), preferred_element_type=out_dtype)
+    return _grouped_pallas(lhs, rhs.astype(lhs.dtype), group_sizes.astype(jnp.int32), out_dtype=out_dtype,
+                           interpret=impl == "interpret")
+
+
+def _check_args(lhs, rhs, group_sizes) -> None:
+    if lhs.ndim != 2 or rhs.ndim != 3 or rhs.shape[1] != lhs.shape[1]:
+        raise ValueError(f"grouped_matmul needs lhs [M, K] and rhs [G, K, N], got {lhs.shape} and {rhs.shape}")
+    if group_sizes.shape != (rhs.shape[0],):
+        raise ValueError(f"group_sizes must be [{rhs.shape[0]}] (one per group), got {group_sizes.shape}")
+
+
+def block_rows_for(num_rows: int, num_groups: int) -> int:
+    """Rows per tile: about one group's average share, so small batches (decode) pad little, within
+    [16, 128]."""
+    return max(_MIN_BLOCK, min(_MAX_BLOCK_ROWS, next_pow2(max(1, num_rows // max(1, num_groups)))))
+
+
+def tile_schedule(group_sizes: jax.Array, num_rows: int, block_rows: int) -> tuple[jax.Array, jax.Array,
+                                                                                    jax.Array]:
+    """Per tile of the static bound cdiv(num_rows, block_rows) + G: (its group, its first row, the row its group
+    ends at). A tile past the last one in use gets an empty row range. Groups beyond num_rows are clipped as
+    ragged_dot clips them."""
+    sizes = group_sizes.astype(jnp.int32)
+    ends = jnp.minimum(jnp.cumsum(sizes), num_rows)
+    starts = jnp.concatenate([jnp.zeros(1, jnp.int32), ends[:-1]])
+    tiles = pl.cdiv(ends - starts, block_rows)
+    tile_ends = jnp.cumsum(tiles)
+    num_tiles = pl.cdiv(num_rows, block_rows) + sizes.shape[0]
+    t = jnp.arange(num_tiles, dtype=jnp.int32)
+    group = jnp.minimum(jnp.searchsorted(tile_ends, t, side="right"), sizes.shape[0] - 1).astype(jnp.int32)
+    first = starts[group] + (t - (tile_ends[group] - tiles[group])) * block_rows
+    used = t < tile_ends[-1]
+    return group, jnp.where(used, first, 0), jnp.where(used, ends[group], 0)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret"))
+def _grouped_pallas(lhs, rhs, group_sizes, *, out_dtype, interpret: bool):
+    num_rows, inner = lhs.shape
+    cols = rhs.shape[2]
+    if num_rows == 0 or cols == 0:
+        return jnp.zeros((num_rows, cols), out_dtype)
+    block_rows = block_rows_for(num_rows, rhs.shape[0])
+    block_cols = min(_BLOCK_COLS, max(_MIN_BLOCK, next_pow2(cols)))
+    block_inner = min(_BLOCK_INNER, max(_MIN_BLOCK, next_pow2(inner)))
+    group, first, end = tile_schedule(group_sizes, num_rows, block_rows)
+    kernel = functools.partial(_kernel, num_rows=num_rows, inner=inner, cols=cols, block_rows=block_rows,
+                               block_cols=block_cols, block_inner=block_inner)
+    return pl.pallas_call(
+        kernel,
+        grid=(group.shape[0], pl.cdiv(cols, block_cols)),
+        out_shape=jax.ShapeDtypeStruct((num_rows, cols), out_dtype),
+        input_output_aliases={5: 0},
+        compiler_params=compiler_params(num_warps=4 if block_rows <= 64 else 8, num_stages=3),
+        interpret=interpret,
+        name="nexus_grouped_matmul",
+    )(group, first, end, lhs, rhs, jnp.zeros((num_rows, cols), out_dtype))
+
+
+def _kernel(group_ref, first_ref, end_ref, lhs_ref, rhs_ref, _zeros_ref, out_ref, *, num_rows: int, inner: int,
+            cols: int, block_rows: int, block_cols: int, block_inner: int):
+    tile, col_block = pl.program_id(0), pl.program_id(1)  # read outside pl.when: interpret mode needs that
+    group, first, end = group_ref[tile], first_ref[tile], end_ref[tile]
+
+    @pl.when(first < end)
+    def _():
+        rows = first + jnp.arange(block_rows)
+        row_ok = rows < end
+        rows = jnp.minimum(rows, num_rows - 1)  # masked lanes still form addresses: keep them inside lhs
+        col = col_block * block_cols + jnp.arange(block_cols)
+        col_ok = col < cols
+        col = jnp.minimum(col, cols - 1)
+
+        def step(i, acc):
+            k = i * block_inner + jnp.arange(block_inner)
+            k_ok = k < inner
+            k = jnp.minimum(k, inner - 1)
+            x = plgpu.load(lhs_ref.at[rows[:, None], k[None, :]], mask=row_ok[:, None] & k_ok[None, :], other=0)
+            w = plgpu.load(rhs_ref.at[group, k[:, None], col[None, :]], mask=k_ok[:, None] & col_ok[None, :],
+                           other=0)
+            return acc + plgpu.dot(x, w)
+
+        acc = lax.fori_loop(0, pl.cdiv(inner, block_inner), step,
+                            jnp.zeros((block_rows, block_cols), jnp.float32))
+        # Masked lanes point past the output: the GPU never touches them and interpret mode drops them, where a
+        # clamped address would let it write a stale value over a real element.
+        store_rows = jnp.where(row_ok, rows, num_rows)[:, None]
+        store_cols = jnp.where(col_ok, col, cols)[None, :]
+        plgpu.store(out_ref.at[store_rows, store_cols], acc.astype(out_ref.dtype),
+                    mask=row_ok[:, None] & col_ok[None, :])
