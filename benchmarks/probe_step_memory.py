@@ -55,14 +55,14 @@ def forward_programs(args: argparse.Namespace):
     shapes = StepShapes(min_table_blocks=args.width)
     for blocks in (int(b) for b in args.blocks.split(",")):
         pool = jax.ShapeDtypeStruct(ModelRunner.kv_pool_shape(config, blocks, 16), jnp.bfloat16)
-        for name, rows, tokens in (("decode", 128, 0), ("prefill", 0, 2048), ("mixed", 128, 2048)):
+        for name, rows, tokens in (("decode", 128, 0), ("prefill", 0, args.tokens), ("mixed", 128, args.tokens)):
             if name not in args.shapes.split(","):
                 continue
             batch = padding_batch(rows, tokens, args.width, shapes)
             no_feed = np.full(rows, -1, np.int32)
             fed = np.zeros(programs.FEED_ROWS, np.int32)
             compiled = programs.forward.lower(model_def, weights, pool, batch, fed, no_feed).compile()
-            yield f"{name} pool {blocks} blocks ({pool.size * 2 / 2**30:.2f} GiB)", compiled
+            yield f"{name} {tokens} tok pool {blocks} blocks ({pool.size * 2 / 2**30:.2f} GiB)", compiled
 
 
 def sampler_programs(args: argparse.Namespace):
@@ -83,6 +83,7 @@ def main() -> None:
     ap.add_argument("--model", default="llama-3.1-8b")
     ap.add_argument("--blocks", default="4096,8192", help="pool sizes (blocks of 16 tokens) for --forward")
     ap.add_argument("--shapes", default="decode,prefill,mixed", help="forward shapes to compile, of these three")
+    ap.add_argument("--tokens", type=int, default=2048, help="prefill tokens of the prefill and mixed shapes")
     ap.add_argument("--width", type=int, default=1024, help="block-table width for --forward")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
