@@ -147,7 +147,12 @@ class ModelRunner(StepsExecutor):
                                                                cpu_kv_tokens, device)
                 self.kv_pool = jnp.zeros(self.kv_pool_shape(config, self.num_blocks, block_size), self.dtype,
                                          device=device)
-            self._no_feed = jnp.zeros(FEED_ROWS, jnp.int32, device=device)  # what a step that feeds on nothing reads
+            # What a step that feeds on nothing reads. jit compiles apart for committed and uncommitted arguments,
+            # so it must be placed as the samples a pipelined step feeds on (outputs of programs on the pool): a
+            # worker's pool is committed, and an uncommitted one made its first pipelined step of each decode
+            # size recompile after warm-up (3 s stalls of the 8B split's decode, RESULTS.md).
+            no_feed = jnp.zeros(FEED_ROWS, jnp.int32, device=device)
+            self._no_feed = jax.device_put(no_feed, self.kv_pool.sharding) if self.kv_pool.committed else no_feed
 
     @staticmethod
     def kv_pool_shape(config: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:

@@ -256,11 +256,14 @@ class _Worker:
 
     def info(self) -> dict[str, Any]:
         import jax
+
+        from runner.programs import compiled_programs
         return {"name": self.spec.name, "pid": os.getpid(), "device": str(jax.devices()[0]),
                 "device_kind": jax.devices()[0].device_kind,
                 "sm_percent": os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"),
                 "num_blocks": self.shared.kv_shape[2], "in_place": self.in_place, "holder": self.runner is None,
                 "private_weights": self.runner is not None and self.private_weights,
+                "compiled": compiled_programs(),  # step programs compiled so far: warm-up should leave none to do
                 "memory": _memory_stats(jax.devices()[0])}
 
     def _publish(self, chunks: Sequence[SeqChunk], extra: int) -> None:
