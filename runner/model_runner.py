@@ -362,7 +362,12 @@ class ModelRunner(StepsExecutor):
         returns one logits output of each row count."""
         with concurrent.futures.ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
             # A jitted call after lower().compile() of the same arguments reuses the compiled executable.
-            list(pool.map(lambda job: job[0].lower(*job[1]).compile(), jobs))
+            compiled = list(pool.map(lambda job: job[0].lower(*job[1]).compile(), jobs))
+        stats = (self.device or jax.devices()[0]).memory_stats() or {}
+        if "bytes_limit" in stats:  # a device that keeps no allocator statistics (CPU) has nothing to run out of
+            programs.check_scratch([(programs.describe(*job), programs.scratch_bytes(c))
+                                    for job, c in zip(jobs, compiled)],
+                                   stats["bytes_limit"] - stats.get("bytes_in_use", 0))
         logits = {}
         for fn, args in jobs:
             if fn is programs.sample_step:

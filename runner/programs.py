@@ -14,7 +14,7 @@ on the device (see runner.sampling), so a dispatch returns as soon as its kernel
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -149,3 +149,34 @@ def pool_programs() -> int:
     """How many programs that donate the KV pool this process has compiled. Whether XLA updates the pool in
     place is fixed when a program is compiled, so a check of it is due only when this count grows."""
     return forward._cache_size() + decode_steps._cache_size() + scatter_blocks._cache_size()
+
+
+def scratch_bytes(compiled: Any) -> int:
+    """Device memory a compiled program allocates when it runs, besides its arguments: its temporaries and the
+    outputs that do not reuse a donated argument (0 where the backend does not say)."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return 0
+    return m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+
+
+def describe(fn: Any, args: tuple) -> str:
+    """A step program and the padded shape it was compiled for, as an error message names it."""
+    if fn is sample_step:
+        return f"sampler of {args[0].shape[0]} rows ({args[1].mode})"
+    batch = args[3]
+    return (f"{fn.__name__} of {batch.num_decode} decode rows + {batch.num_prefill_tokens} prefill tokens, "
+            f"tables of {batch.decode_block_tables.shape[1]} blocks")
+
+
+def check_scratch(needs: Sequence[tuple[str, int]], free: int) -> None:
+    """Raises MemoryError naming the program whose scratch (scratch_bytes) exceeds the `free` device bytes: it
+    would fail with RESOURCE_EXHAUSTED the first time a step of that shape ran, mid-serving."""
+    if not needs:
+        return
+    name, need = max(needs, key=lambda n: n[1])
+    if need > free:
+        gib = 2**30
+        raise MemoryError(f"the step program {name} needs {need / gib:.2f} GiB of device memory when it runs, and "
+                          f"{free / gib:.2f} GiB are left beside the weights and the KV pool: lower "
+                          f"gpu_memory_utilization (or set num_kv_blocks) or max_num_batched_tokens")
