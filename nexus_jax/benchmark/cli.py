@@ -57,10 +57,18 @@ async def run_suite(backend: Backend, workload: list[BenchRequest] | list[Progra
     if warmup:
         await run_requests(backend, warmup, max_concurrency=settings.max_concurrency, seed=settings.seed)
 
+    # A backend that can count its engine's compiled programs (in-process) says whether a run timed compilation.
+    compiled = getattr(backend, "compiled_programs", None)
+
     async def measure(rate: float, phase: str) -> dict[str, Any]:
+        before = await compiled() if compiled else None
         result = await _run_once(backend, workload, settings, rate, salt=len(runs))
         summary = report.summarize(result, settings.slos)
-        runs.append({"phase": phase, **report.run_to_json(result, summary)})
+        new = None if compiled is None else await compiled() - before
+        runs.append({"phase": phase, **report.run_to_json(result, summary), "compiled_while_measuring": new})
+        if new:
+            print(f"[bench serve] {phase} rate {rate}: {new} step programs compiled while measuring: its latencies "
+                  f"include compilation (warm-up did not cover them)", file=sys.stderr, flush=True)
         programs = summary.get("programs")
         extra = f", {programs['program_throughput']:.3f} programs/s" if programs else ""
         print(f"[bench serve] {phase} rate {rate}: {summary['completed']} done, {summary['failed']} failed, "

@@ -103,6 +103,10 @@ class InProcessBackend:
     def describe(self) -> dict[str, Any]:
         return {**self._description, "max_model_len": self.max_model_len, "vocab_size": self.vocab_size}
 
+    async def compiled_programs(self) -> int:
+        """The engine's compiled step programs so far (on the engine thread, which owns the workers' pipes)."""
+        return await self.llm.run_on_engine(self.llm.engine.compiled_programs)
+
     def close(self) -> None:
         self.llm.shutdown()
 

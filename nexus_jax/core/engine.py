@@ -29,6 +29,7 @@ from nexus_jax.core.scheduler import Scheduler, SchedulerOutput
 from nexus_jax.core.stop import TokenStop
 from nexus_jax.core.tokenizer import Tokenizer
 from nexus_jax.programs.table import ProgramConfig
+from runner import programs
 from runner.executor import Executor, ReadyStep, StepHandle, StepInput
 from runner.penalties import PenaltyHistory
 from runner.sampling import SampleResult
@@ -368,6 +369,11 @@ class LLMEngine:
 
     def close(self) -> None:
         """Releases what the engine started (worker processes, MPS); nothing for the in-process engine."""
+
+    def compiled_programs(self) -> int:
+        """Step programs this engine's device code has compiled so far (this process's jit caches; a benchmark
+        that sees the count grow while it measures timed compilation, not serving)."""
+        return programs.compiled_programs()
 
     def stats(self) -> dict[str, Any]:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),

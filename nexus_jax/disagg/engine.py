@@ -347,6 +347,10 @@ class DisaggEngine(LLMEngine):
                 self.scheduler.requeue(req)
                 self.faults["requeued_requests"] += 1
 
+    def compiled_programs(self) -> int:
+        """The step programs every worker compiled so far (a round trip to each: call it on the engine thread)."""
+        return sum(handle.info()["compiled"] for handle in self.pool.workers.values())
+
     def stats(self) -> dict[str, Any]:
         d = self.last_decision
         return {**super().stats(), "mode": "disaggregated", "sm_isolation": self.sm_enforced,

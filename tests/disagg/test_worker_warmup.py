@@ -32,5 +32,6 @@ def test_serving_after_warmup_compiles_nothing(split):
         assert len(done) == len(PROMPTS)
         assert engine.phase_steps["decode" if split else "mixed"] > 0
         assert compiled() == warm
+        assert engine.compiled_programs() == sum(warm.values())  # what `bench serve` counts around each run
     finally:
         llm.shutdown()
