@@ -141,7 +141,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=2048, help="max_num_batched_tokens (chunk of a prefill step)")
     ap.add_argument("--ladder", default="50", help="decode SM shares of the disaggregated modes")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    ap.add_argument("--decode-weights", default="shared", help="of the split modes: shared, private or auto")
+    ap.add_argument("--decode-weights", default="auto", help="of the split modes: shared, private or auto")
     ap.add_argument("--cache", default="/tmp/nexus-jax-cc", help="compilation cache directory")
     ap.add_argument("--trace", action="store_true",
                     help=f"GPU trace of {TRACE_STEPS} decode-only steps: in-process (agg), or the workers' step "

@@ -120,10 +120,10 @@ class EngineConfig:
         choices=DECODE_LOOPS)
     # Weights read over CUDA IPC from the holder's arena made 8B decode 1.6x slower on an H100 (RESULTS.md,
     # 2026-12-06: 12.9 ms shared, 8.1 ms on a copy): the decode-bound workers can hold a copy of their own.
-    # "shared" by default until copies are measured at a full pool: the first such run (H100, utilization 0.9, two
-    # copies) ran out of device memory, cause not yet found.
+    # "auto" by default: on copies the split's decode ran 1.79x faster (H200, 12.19 -> 6.82 ms), and two copies ran
+    # at utilization 0.9 (RESULTS.md); the earlier "out of memory" was the in-process fallback, not the copies.
     decode_weights: str = _option(
-        "shared", DISAGGREGATION, "weights of the disaggregated mode's decode-bound workers (aggregate, decode): "
+        "auto", DISAGGREGATION, "weights of the disaggregated mode's decode-bound workers (aggregate, decode): "
                                 "shared (the holder's), private (a copy each, taken from the KV pool), auto "
                                 "(private while the KV pool keeps at least half its size)", choices=DECODE_WEIGHTS)
     cost_model_path: str | None = _option(
