@@ -11,14 +11,14 @@ from nexus_jax.testing.latency import force_split
 from nexus_jax.testing.runs import one_by_one, run_all
 
 RNG = random.Random(3)
-PROMPTS = [[RNG.randrange(3, 500) for _ in range(RNG.randint(2, 120))] for _ in range(24)]
-MAX_TOKENS = [RNG.randint(1, 40) for _ in PROMPTS]
+PROMPTS = [[RNG.randrange(3, 500) for _ in range(RNG.randint(2, 60))] for _ in range(16)]
+MAX_TOKENS = [RNG.randint(1, 30) for _ in PROMPTS]
 
 
 @pytest.mark.parametrize("split", [True, False])  # forced split; the controller's choice (mixed steps included)
 def test_serving_after_warmup_compiles_nothing(split):
-    llm = LLM(None, disaggregation="on", sm_ladder=(50,), max_num_batched_tokens=64, max_num_seqs=16,
-              max_model_len=256, warmup=True, aggregate_when_safe=not split, decode_weights="private")
+    llm = LLM(None, disaggregation="on", sm_ladder=(50,), max_num_batched_tokens=64, max_num_seqs=8,
+              max_model_len=128, warmup=True, aggregate_when_safe=not split, decode_weights="private")
     try:
         engine = llm.llm_engine
         force_split(engine.controller, split)
