@@ -127,7 +127,9 @@ def _ms(d: dict, stat: str) -> str:
     return f"{d[stat] * 1e3:.0f}" if d[stat] is not None else "-"
 
 
-def summarize(workload: str, docs: dict[str, dict]) -> str:
+def summarize(workload: str, docs: dict[str, dict], failed: tuple[str, ...] = ()) -> str:
+    """The workload's table of every mode's runs and each against the best baseline; `failed` names modes whose
+    run exited with an error and left no results."""
     w = WORKLOADS[workload]
     lines = [f"### {workload}: dataset {w.dataset}, SLO TTFT <= {w.ttft:g} s (P90), TBT <= {w.tbt * 1e3:g} ms (P99)",
              "", "| mode | rate | achieved req/s | goodput | TTFT mean | P90 | P99 | TBT median | P99 | meets |",
@@ -154,7 +156,9 @@ def summarize(workload: str, docs: dict[str, dict]) -> str:
             goodput = ", ".join(f"{x:g}: {g / theirs[x]:.2f}" for x, g in ours if theirs.get(x))
         lines.append(f"| {mode} | {'-' if rate is None else f'{rate:g}'} | {ratio} | {goodput} | "
                      f"{'yes' if saturated(doc) else '**no**'} |")
-    missing = sorted(set(MODES) - set(docs))
+    if failed:
+        lines += ["", f"Failed (see their logs): {', '.join(failed)}."]
+    missing = sorted(set(MODES) - set(docs) - set(failed))
     if missing:
         lines += ["", f"Not run: {', '.join(missing)}."]
     return "\n".join(lines)
@@ -183,21 +187,30 @@ def main() -> None:
                   f">= {device_minutes(name, args.modes):.0f} device minutes")
         return
     if args.cmd == "run":
+        failed = []
         for mode in args.modes:
             cmd = command(args.workload, mode, args.scale, args.out, tuple(args.rates) if args.rates else None,
                           tuple(args.engine_arg))
             text = shlex.join(["python3", *cmd[1:]])
             print(text, flush=True)
-            Path(args.out, args.workload).mkdir(parents=True, exist_ok=True)
-            Path(args.out, args.workload, f"{mode}.cmd").write_text(text + "\n")
-            subprocess.run(cmd, check=True)
+            folder = Path(args.out, args.workload)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{mode}.cmd").write_text(text + "\n")
+            # One mode failing (an out-of-memory at warm-up) must not cost the device call the modes after it.
+            rc = subprocess.run(cmd).returncode
+            if rc:
+                (folder / f"{mode}.failed").write_text(f"exit status {rc}\n")
+                failed.append(f"{mode} (exit status {rc})")
+        if failed:
+            raise SystemExit(f"failed: {', '.join(failed)}")
         return
     parts = []
     for workload in WORKLOADS:
         folder = Path(args.dir, workload)
         docs = {f.stem: report.load_json(f) for f in sorted(folder.glob("*.json")) if f.stem in MODES}
-        if docs:
-            parts.append(summarize(workload, docs))
+        failed = tuple(sorted(f.stem for f in folder.glob("*.failed") if f.stem not in docs))
+        if docs or failed:
+            parts.append(summarize(workload, docs, failed))
             report.plot_runs([{**doc, "label": mode} for mode, doc in docs.items()], folder / "all-modes.png")
     if not parts:
         raise SystemExit(f"no results of any mode under {args.dir}/{{{','.join(WORKLOADS)}}}")

@@ -1,6 +1,10 @@
 """The comparison's bookkeeping (benchmarks/bench_serve_modes.py): which baseline is the best, which rate is
 sustainable, which sweep saturated, and the commands it runs."""
 
+import sys
+
+import pytest
+
 from benchmarks import bench_serve_modes as bsm
 
 MIX = bsm.WORKLOADS["mix"]
@@ -62,3 +66,22 @@ def test_engine_args_reach_every_mode_after_its_own():
     cmd = bsm.command("mix", "static-50", "8b", "/o", engine_args=("decode_weights=private",))
     assert cmd[cmd.index("decode_weights=private") - 1] == "--engine-arg"
     assert cmd.index("aggregate_when_safe=false") < cmd.index("decode_weights=private")
+
+
+def test_a_failing_mode_does_not_stop_the_modes_after_it(tmp_path, monkeypatch):
+    ran = []
+
+    def command(workload, mode, *args, **kwargs):
+        ran.append(mode)
+        code = "raise SystemExit(3)" if mode == "static-50" else "pass"
+        return [sys.executable, "-c", code]
+    monkeypatch.setattr(bsm, "command", command)
+    monkeypatch.setattr(sys, "argv", ["bsm", "run", "mix", "static-50", "agg-512-arrival", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="failed: static-50 \\(exit status 3\\)"):
+        bsm.main()
+    assert ran == ["static-50", "agg-512-arrival"]
+    assert (tmp_path / "mix" / "static-50.failed").read_text() == "exit status 3\n"
+    assert not (tmp_path / "mix" / "agg-512-arrival.failed").exists()
+    text = bsm.summarize("mix", DOCS, failed=("static-50",))
+    assert "Failed (see their logs): static-50." in text
+    assert "static-50" not in text.split("Not run: ")[1].rstrip(".").split(", ")
