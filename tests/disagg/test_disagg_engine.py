@@ -25,7 +25,9 @@ from runner.model.config import ModelConfig
 def make_engine(ladder=(30, 50), tbt=0.05, seed=0, num_blocks=256, restart_pool=None, **cfg):
     config = EngineConfig(block_size=4, sm_ladder=ladder, max_num_batched_tokens=64, **cfg)
     model = ModelConfig.preset("llama-3.1-8b")
-    controller = PartitionController(CostModel.analytic(model, 989e12, 3.35e12), ladder, Slo(tbt=tbt))
+    # a TTFT nothing misses: the predicted TTFT counts wall-clock waiting, which a loaded box would let decide
+    controller = PartitionController(CostModel.analytic(model, 989e12, 3.35e12), ladder,
+                                     Slo(ttft=3600.0, tbt=tbt))
     force_split(controller, tbt < 1)  # nothing meets a 1 ns TBT, but the goodput controller would aggregate then
     return DisaggEngine(config, MockPool(ladder, num_blocks, 4, seed), controller, None, max_model_len=512,
                         vocab_size=VOCAB, restart_pool=restart_pool)
