@@ -139,6 +139,7 @@ class ModelRunner(StepsExecutor):
             self.dtype = jnp.dtype(jax.tree.leaves(self.state["embed"])[0].dtype)
             self.kernel_impl = nnx.merge(self.graphdef, self.state).kernel_impl
             self.model_def, self.weights = programs.ModelDef.split(self.graphdef, self.state)
+            self._owns_pool = kv_pool is None
             if kv_pool is not None:
                 self.num_blocks = kv_pool.shape[2]
                 self.kv_pool = kv_pool if device is None else jax.device_put(kv_pool, device)
@@ -275,6 +276,24 @@ class ModelRunner(StepsExecutor):
         logits, self.kv_pool = programs.forward(self.model_def, self.weights, self.kv_pool, batch, self._no_feed,
                                                 no_feed)
         return np.asarray(logits)[rows]
+
+    def recover(self) -> bool:
+        """After a failed step: forgets the samples a later step would feed on (in error too), and replaces the KV
+        pool with a zeroed one if the failure left it in error or deleted (a program that fails after taking the
+        donated pool). Returns whether the pool's contents were lost."""
+        self._last_samples = None
+        try:
+            jax.block_until_ready(self.kv_pool)
+            return False
+        except Exception as e:  # the runtime's error, which every program reading the pool would raise again
+            log.error("the KV pool is lost after a failed step (%s: %s); starting a zeroed one", type(e).__name__,
+                      str(e).splitlines()[0] if str(e) else "")
+        if not self._owns_pool:
+            raise RuntimeError("the KV pool shared with other processes is lost after a failed step")
+        self.kv_pool = None  # its memory, if it still holds any, is free before the new pool is made
+        self.kv_pool = jnp.zeros(self.kv_pool_shape(self.config, self.num_blocks, self.block_size), self.dtype,
+                                 device=self.device)
+        return True
 
     @property
     def block_bytes(self) -> int:

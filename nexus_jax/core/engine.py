@@ -13,7 +13,7 @@ import functools
 import logging
 import random
 import time
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from nexus_jax.core.block_manager import BlockManager
 from nexus_jax.core.config import EngineConfig
@@ -79,6 +79,8 @@ class LLMEngine:
             raise ValueError(f"async_scheduling needs an executor with dispatch(); {type(executor).__name__} has "
                              "none: set async_scheduling=False")
         self._flight: _Flight | None = None  # the step dispatched and not yet folded
+        self._failed = False  # a step failed: the device state it left is checked at the end of step()
+        self.recoveries = {"dropped_steps": 0, "pool_losses": 0, "requeued_requests": 0}
 
     def _make_scheduler(self, config: EngineConfig, executor: Executor) -> Scheduler:
         """One scheduler plans every step (the disaggregated engine plans its phases apart instead)."""
@@ -211,6 +213,9 @@ class LLMEngine:
         if not self.overlap and self._flight is not None:
             flight, self._flight = self._flight, None
             outputs += self._land(flight)
+        if self._failed:
+            self._failed = False
+            self._recover_device()
         return outputs
 
     def _dispatch(self, plan: SchedulerOutput, previous: _Flight | None) -> list[RequestOutput]:
@@ -221,6 +226,7 @@ class LLMEngine:
             handle = self.executor.dispatch(step) if self.overlap else ReadyStep(self.executor.execute(step))
         except Exception as e:  # a failed step must not lose its requests: they end with an error
             log.exception("step failed; failing its %d requests", len(plan.chunks))
+            self._failed = True
             return self._fail(plan, f"{type(e).__name__}: {e}")
         self.scheduler.dispatched(plan)
         self._flight = _Flight(plan, handle, started)
@@ -235,10 +241,36 @@ class LLMEngine:
         except Exception as e:
             log.exception("step failed; failing its %d requests", len(flight.plan.chunks))
             self.scheduler.landed(flight.plan)
+            self._failed = True
             return self._fail(flight.plan, f"{type(e).__name__}: {e}")
         outputs = self._fold(flight.plan, result, flight.started)
         self.scheduler.landed(flight.plan)
         return outputs
+
+    def _recover_device(self) -> None:
+        """After a failed step, whose outputs on the device (its samples, the KV pool it updated) are in error:
+        every step that reads them fails the same way, so one out-of-memory used to fail every later step. The
+        step dispatched on top of the failed one is dropped and its requests recomputed; the executor then
+        replaces what is in error, and when that is the KV pool, every running request is recomputed and the
+        prefix cache forgets its blocks."""
+        recover = getattr(self.executor, "recover", None)
+        if recover is None:
+            return
+        if self._flight is not None:
+            flight, self._flight = self._flight, None
+            self.scheduler.landed(flight.plan)
+            self.recoveries["dropped_steps"] += 1
+            self._recompute(c.request for c in flight.plan.chunks)
+        if recover():
+            self.recoveries["pool_losses"] += 1
+            self._recompute(list(self.scheduler.running))
+            self.block_manager.reset_prefix_cache()
+
+    def _recompute(self, requests: Iterable[Request]) -> None:
+        for req in dict.fromkeys(requests):  # a multi-step plan may list a request twice
+            if not req.is_finished and req in self.scheduler.running:
+                self.scheduler.requeue(req)
+                self.recoveries["requeued_requests"] += 1
 
     def _fold(self, plan: SchedulerOutput, result: Any, started: float) -> list[RequestOutput]:
         """Folds an executed plan back: K/V now computed, sampled tokens appended, finished requests retired."""
@@ -378,5 +410,5 @@ class LLMEngine:
     def stats(self) -> dict[str, Any]:
         return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 "kv_usage": self.block_manager.usage, "num_preemptions": self.scheduler.num_preemptions,
-                **self.block_manager.stats(),
+                "recoveries": dict(self.recoveries), **self.block_manager.stats(),
                 **self.scheduler.cache_stats()}

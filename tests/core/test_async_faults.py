@@ -146,3 +146,28 @@ def test_a_failing_step_with_streams_and_stops_fails_only_its_requests():
     assert early.token_ids == [14, 15] or early.finish_reason == "error"
     assert early.token_ids == [14, 15][:len(early.token_ids)]
     assert run.final["third"].outputs[0].token_ids == expected([80], 6)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_failed_step_that_lost_the_pool_recomputes_every_other_request(overlap):
+    # An executor with recover() (the real runner) says after a failure whether its KV pool was lost. Then the
+    # step dispatched on top of the failed one is dropped, and every running request is recomputed from its
+    # tokens: none but the failed step's ends with an error, and none notices in its output.
+    engine = make_engine(async_scheduling=overlap)
+    plans = record_plans(engine)
+    fail_step(engine, FAIL_AT)
+    lost = []
+    engine.executor.recover = lambda: lost.append(True) or True
+    prompts = {f"r{k}": [10 * k + 1] for k in range(8)}
+    run = drive(engine, {k: [(f"r{k}", ids(prompts[f"r{k}"]), greedy(8))] for k in range(8)})
+    failed = plans[FAIL_AT]
+    assert lost == [True]
+    for rid, out in run.final.items():
+        if rid in failed:
+            assert out.outputs[0].finish_reason == "error", rid
+        else:
+            assert out.error is None and out.outputs[0].token_ids == expected(prompts[rid], 8), rid
+    stats = engine.recoveries
+    assert stats["pool_losses"] == 1 and stats["dropped_steps"] == int(overlap), stats
+    if overlap:  # the step in flight beside the failed one ran requests not in it: they were recomputed
+        assert stats["requeued_requests"] >= len(set(plans[FAIL_AT + 1]) - failed) > 0, stats
