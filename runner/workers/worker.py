@@ -92,6 +92,11 @@ def worker_main(conn: Any, spec: WorkerSpec, shared: SharedModel | None) -> None
 Reply = Callable[[], Any]  # waits for what a message started and returns the reply's value
 
 
+class WorkerLost(BaseException):
+    """Raised out of serve() (which turns an Exception into an error reply and serves on): this worker's device
+    state cannot be recovered, so the process ends and the engine replaces it."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Event:
     """What a worker sends unasked (the decode loop's events), as ("event", value), in order with the replies."""
@@ -171,6 +176,7 @@ class _Worker:
 
         self.spec = spec
         self.runner = None
+        self.step_failed = False  # a step's reply raised: its device outputs may be in error (see start)
         self.loop: DecodeLoop | None = None
         self.loop_thread: Any = None
         self.emit: Callable[[Any], None] = lambda value: None  # set by worker_main: sends an Event
@@ -214,9 +220,15 @@ class _Worker:
         if isinstance(message, Execute) and self.loop is not None and self.loop.rows:
             raise RuntimeError(f"worker {self.spec.name} runs a decode loop: its steps would break the loop's feeds")
         if isinstance(message, Execute) and self.in_place:
+            if self.step_failed:  # its outputs on the device are in error: every step reading them would fail
+                self.step_failed = False
+                try:
+                    self.runner.recover()
+                except RuntimeError as e:  # the shared pool is lost here: the engine replaces this worker
+                    raise WorkerLost(f"worker {self.spec.name}: {e}") from e
             pending = self.runner.dispatch(message.step)
             self._after_dispatch()
-            return pending.result
+            return self._watched(pending.result)
         if isinstance(message, Execute):
             value = self.execute(message.step)
         elif isinstance(message, Info):
@@ -224,6 +236,16 @@ class _Worker:
         else:
             raise TypeError(f"worker {self.spec.name} does not take a {type(message).__name__} message")
         return lambda: value
+
+    def _watched(self, reply: Reply) -> Reply:
+        """`reply`, noting when it fails (on the sender thread) so the next step recovers first."""
+        def watched() -> Any:
+            try:
+                return reply()
+            except Exception:
+                self.step_failed = True
+                raise
+        return watched
 
     def _after_dispatch(self) -> None:
         # Reading a pool's address waits for the step that defines it (PJRT's external reference blocks on the
