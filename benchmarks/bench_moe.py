@@ -5,6 +5,9 @@ of 768, top 8) at decode (batch 64) and prefill (8192 tokens), random bf16 weigh
 
   PYTHONPATH=. python3 benchmarks/bench_moe.py [--json PATH]      # on the GPU
   PYTHONPATH=. python3 benchmarks/bench_moe.py --quick            # tiny shapes, a CPU smoke run (CI)
+  PYTHONPATH=. python3 benchmarks/bench_moe.py --tilings auto:128:64:3,128:256:64:3,64:128:128:4
+                                          # also the Pallas kernel's tile shapes (rows:cols:inner:stages) on the
+                                          # layer's gate/up grouped GEMM alone, at each size
 
 Each row is one layer (router + experts), the median of --iters runs. Decode is judged against its memory floor:
 the bytes of the experts the batch actually routes to (counted from its routing) plus the router, over the HBM
@@ -26,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.bench_model import PEAK_BF16_TFLOPS, hbm_copy_tbps, timed
+from pallas_kernels.grouped_matmul import Tiling, grouped_matmul
 from runner.model.activations import ACTIVATIONS
 from runner.model.moe import moe_dense, moe_ragged, route
 
@@ -95,6 +99,49 @@ def bench_case(shape: Shape, tokens: int, dtype, iters: int, tbps: float, impls,
     return rows
 
 
+def parse_tilings(text: str) -> list[Tiling]:
+    """"rows:cols:inner:stages,..." (rows "auto": the kernel's own choice) as Tilings."""
+    tilings = []
+    for item in text.split(","):
+        parts = item.split(":")
+        if len(parts) != 4:
+            raise ValueError(f"{item!r} is not rows:cols:inner:stages")
+        rows, cols, inner, stages = parts
+        tilings.append(Tiling(None if rows == "auto" else int(rows), int(cols), int(inner), int(stages)))
+    return tilings
+
+
+def bench_tilings(shape: Shape, tokens: int, dtype, iters: int, tilings: list[Tiling], kernel: str) -> list[dict]:
+    """The gate/up grouped GEMM of one layer (tokens x top_k rows sorted by expert, times [E, H, 2I]) under each
+    tiling: ms, MFU on its FLOPs, and its largest difference from ragged_dot's result."""
+    router, gate_up, _ = make_layer(shape, dtype)
+    x = jax.random.normal(jax.random.key(tokens), (tokens, shape.hidden), jnp.float32).astype(dtype)
+    _, experts = route(x, router, shape.top_k, True)
+    flat = experts.reshape(-1)
+    lhs = x[jnp.argsort(flat, stable=True) // shape.top_k]
+    sizes = jnp.bincount(flat, length=shape.experts).astype(jnp.int32)
+    ref = np.asarray(jax.lax.ragged_dot(lhs, gate_up, sizes), np.float32)
+    flops = 2 * lhs.shape[0] * shape.hidden * 2 * shape.inter
+    rows = []
+    for tiling in tilings:
+        fn = jax.jit(lambda a, b, c, t=tiling: grouped_matmul(a, b, c, impl=kernel, tiling=t))
+        err = float(np.abs(np.asarray(fn(lhs, gate_up, sizes), np.float32) - ref).max() / np.abs(ref).max())
+        t = timed(lambda: fn(lhs, gate_up, sizes).block_until_ready(), iters)
+        rows.append({"tokens": tokens, "tiling": dataclasses.asdict(tiling), "ms": t * 1e3,
+                     "tflops": flops / t / 1e12, "mfu": flops / t / 1e12 / PEAK_BF16_TFLOPS, "max_rel_err": err})
+    return rows
+
+
+def tiling_table(rows: list[dict]) -> str:
+    lines = ["| tokens | rows | cols | inner | stages | gate/up GEMM ms | TF/s | MFU | max rel err vs ragged_dot |",
+             "|" + "---|" * 9]
+    for r in rows:
+        t = r["tiling"]
+        lines.append(f"| {r['tokens']} | {t['rows'] or 'auto'} | {t['cols']} | {t['inner']} | {t['stages']} "
+                     f"| {r['ms']:.3f} | {r['tflops']:.1f} | {r['mfu']:.1%} | {r['max_rel_err']:.1e} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     head = ("| shape | tokens | impl | ms / layer | ms x layers | routed experts | bytes floor ms | x floor | "
             "active TF/s | MFU (active) | max rel err |")
@@ -115,6 +162,7 @@ def main() -> None:
     ap.add_argument("--impls", default=",".join(IMPLS), help=f"which of {', '.join(IMPLS)} to time")
     ap.add_argument("--copy-mb", type=int, default=8192, help="size of the HBM copy that measures bandwidth")
     ap.add_argument("--json", help="write the rows and the measured bandwidth here")
+    ap.add_argument("--tilings", default=None, help="rows:cols:inner:stages,... of the Pallas kernel to sweep")
     args = ap.parse_args()
     shape, dtype = (TINY, jnp.float32) if args.quick else (QWEN3_30B_A3B, jnp.bfloat16)
     cases = (4, 64) if args.quick else (args.decode_batch, args.prefill_tokens)
@@ -124,16 +172,23 @@ def main() -> None:
     unknown = set(impls) - set(IMPLS)
     if unknown:
         ap.error(f"unknown --impls {sorted(unknown)}; choose from {', '.join(IMPLS)}")
+    try:
+        tilings = parse_tilings(args.tilings) if args.tilings else []
+    except ValueError as e:
+        ap.error(f"--tilings: {e}")
     kernel = "pallas" if jax.devices()[0].platform == "gpu" else "interpret"
     rows = [row for tokens in cases for row in bench_case(shape, tokens, dtype, iters, tbps, impls, kernel)]
     print(f"device: {jax.devices()[0].device_kind}; copy bandwidth {tbps:.2f} TB/s; MFU against "
           f"{PEAK_BF16_TFLOPS:.0f} TF/s (bf16 dense peak)")
     print(table(rows))
+    swept = [row for tokens in cases for row in bench_tilings(shape, tokens, dtype, iters, tilings, kernel)]
+    if swept:
+        print(tiling_table(swept))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "device":
                        jax.devices()[0].device_kind, "hbm_copy_tbps": tbps, "peak_bf16_tflops": PEAK_BF16_TFLOPS,
-                       "rows": rows}, f, indent=1)
+                       "rows": rows, "tilings": swept}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@
 #   bash benchmarks/gpu_calls.sh sampler   # each sampler program's scratch memory on this GPU
 #   bash benchmarks/gpu_calls.sh front     # bench_structured (HTTP, json_schema) and bench_moe; carry wheels/
 #   bash benchmarks/gpu_calls.sh pool      # the forward programs' memory at budgets 512/2048; the engine at 0.9
+#   bash benchmarks/gpu_calls.sh moe-tiles # the MoE grouped GEMM kernel's tile shapes
 #   bash benchmarks/gpu_calls.sh arena     # decode GEMMs on JAX's memory, the arena in its owner, over IPC, a copy
 #   bash benchmarks/gpu_calls.sh cublas    # the split and the aggregated engine with XLA's Triton GEMMs off (cuBLAS),
 #                                          # against the aggregated engine as it is
@@ -93,6 +94,11 @@ case "${1:-}" in
     timeout 150 python3 benchmarks/bench_moe.py --json "$OUT/moe.json" 2>&1 | grep -Ev "$NOISE" | tail -8
     timeout 300 python3 benchmarks/bench_structured.py --json "$OUT/structured.json" 2>&1 | grep -Ev "$NOISE" | tail -14
     ;;
+  moe-tiles)  # the Pallas grouped GEMM's tile shapes (rows:cols:inner:stages) on one layer's gate/up GEMM
+    timeout 400 python3 benchmarks/bench_moe.py --impls pallas --json "$OUT/moe_tiles.json" --tilings \
+      auto:128:64:3,auto:256:64:3,auto:128:128:3,auto:64:64:4,64:128:64:3,128:256:64:4,auto:256:128:3 2>&1 \
+      | grep -Ev "$NOISE" | tail -20
+    ;;
   pool)  # what asks for a second pool-sized buffer (34.46 GiB on the H100, 71.29 GiB on the H200; RESULTS.md)
     for tokens in 512 2048; do  # the in-process engine ran out at budget 2048 and not at 512
       timeout 150 python3 benchmarks/probe_step_memory.py --forward --tokens $tokens --blocks 4096,8192 \
@@ -105,7 +111,7 @@ case "${1:-}" in
     timeout 150 python3 benchmarks/probe_arena_read.py --mps 50 --out "$OUT" 2>&1 | grep -Ev "$NOISE" | tail -6
     ;;
   *)
-    echo "usage: OUT=dir bash benchmarks/gpu_calls.sh trace|loop|compile|copy|hlo|cublas|arena|sampler|pool|front" >&2
+    echo "usage: OUT=dir bash benchmarks/gpu_calls.sh trace|loop|compile|copy|hlo|cublas|arena|sampler|pool|front|moe-tiles" >&2
     exit 2
     ;;
 esac

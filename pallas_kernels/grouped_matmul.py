@@ -15,6 +15,7 @@ and so write nothing: the output starts as zeros (aliased in), so uncovered rows
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -25,23 +26,42 @@ from jax.experimental import pallas as pl
 from pallas_kernels.backend import resolve_impl
 from pallas_kernels.triton_utils import compiler_params, next_pow2, plgpu
 
-_BLOCK_COLS = 128
-_BLOCK_INNER = 64
 _MAX_BLOCK_ROWS = 128
 _MIN_BLOCK = 16  # Triton's tensor-core dot needs at least 16 along every axis
 
 
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """The kernel's tile shape: `rows` per tile (None: about one group's average share, see block_rows_for),
+    `cols` and `inner` (the K step) per program, Triton's software-pipelining `stages` and `warps` (None: 4 for
+    tiles of up to 64 rows, else 8). Each of rows, cols and inner is a power of two of at least 16."""
+    rows: int | None = None
+    cols: int = 128
+    inner: int = 64
+    stages: int = 3
+    warps: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("rows", "cols", "inner"):
+            v = getattr(self, name)
+            if v is not None and (v < _MIN_BLOCK or v & (v - 1)):
+                raise ValueError(f"Tiling.{name} must be a power of two >= {_MIN_BLOCK}, got {v}")
+        if self.stages < 1 or self.warps not in (None, 1, 2, 4, 8, 16):
+            raise ValueError(f"Tiling needs stages >= 1 and warps in 1, 2, 4, 8, 16; got {self.stages}, {self.warps}")
+
+
 def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, impl: str | None = None,
-                   preferred_element_type=None) -> jax.Array:
+                   preferred_element_type=None, tiling: Tiling = Tiling()) -> jax.Array:
     """lhs [M, K] (rows sorted by group) times rhs [G, K, N] per group -> [M, N], as jax.lax.ragged_dot; the result
-    is in preferred_element_type (default: lhs's dtype), accumulated in float32."""
+    is in preferred_element_type (default: lhs's dtype), accumulated in float32. `tiling`: the Pallas kernel's
+    tile shape (benchmarks/bench_moe.py --tilings sweeps it)."""
     _check_args(lhs, rhs, group_sizes)
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
     impl = resolve_impl(impl)
     if impl == "xla":
         return lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32), preferred_element_type=out_dtype)
     return _grouped_pallas(lhs, rhs.astype(lhs.dtype), group_sizes.astype(jnp.int32), out_dtype=out_dtype,
-                           interpret=impl == "interpret")
+                           interpret=impl == "interpret", tiling=tiling)
 
 
 def _check_args(lhs, rhs, group_sizes) -> None:
@@ -75,15 +95,16 @@ def tile_schedule(group_sizes: jax.Array, num_rows: int, block_rows: int) -> tup
     return group, jnp.where(used, first, 0), jnp.where(used, ends[group], 0)
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret"))
-def _grouped_pallas(lhs, rhs, group_sizes, *, out_dtype, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "tiling"))
+def _grouped_pallas(lhs, rhs, group_sizes, *, out_dtype, interpret: bool, tiling: Tiling):
     num_rows, inner = lhs.shape
     cols = rhs.shape[2]
     if num_rows == 0 or cols == 0:
         return jnp.zeros((num_rows, cols), out_dtype)
-    block_rows = block_rows_for(num_rows, rhs.shape[0])
-    block_cols = min(_BLOCK_COLS, max(_MIN_BLOCK, next_pow2(cols)))
-    block_inner = min(_BLOCK_INNER, max(_MIN_BLOCK, next_pow2(inner)))
+    block_rows = tiling.rows or block_rows_for(num_rows, rhs.shape[0])
+    block_cols = min(tiling.cols, max(_MIN_BLOCK, next_pow2(cols)))
+    block_inner = min(tiling.inner, max(_MIN_BLOCK, next_pow2(inner)))
+    warps = tiling.warps or (4 if block_rows <= 64 else 8)
     group, first, end = tile_schedule(group_sizes, num_rows, block_rows)
     kernel = functools.partial(_kernel, num_rows=num_rows, inner=inner, cols=cols, block_rows=block_rows,
                                block_cols=block_cols, block_inner=block_inner)
@@ -92,7 +113,7 @@ def _grouped_pallas(lhs, rhs, group_sizes, *, out_dtype, interpret: bool):
         grid=(group.shape[0], pl.cdiv(cols, block_cols)),
         out_shape=jax.ShapeDtypeStruct((num_rows, cols), out_dtype),
         input_output_aliases={5: 0},
-        compiler_params=compiler_params(num_warps=4 if block_rows <= 64 else 8, num_stages=3),
+        compiler_params=compiler_params(num_warps=warps, num_stages=tiling.stages),
         interpret=interpret,
         name="nexus_grouped_matmul",
     )(group, first, end, lhs, rhs, jnp.zeros((num_rows, cols), out_dtype))

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.grouped_matmul import block_rows_for, grouped_matmul, tile_schedule
+from pallas_kernels.grouped_matmul import Tiling, block_rows_for, grouped_matmul, tile_schedule
 
 
 def oracle(lhs, rhs, sizes):
@@ -88,3 +88,23 @@ def test_block_rows_follow_the_average_group():
     assert block_rows_for(512, 128) == 16      # decode: 64 tokens x top 8 over 128 experts
     assert block_rows_for(65536, 128) == 128   # prefill: capped
     assert block_rows_for(3, 8) == 16          # never below Triton's minimum
+
+
+@pytest.mark.parametrize("tiling", [Tiling(rows=16, cols=16, inner=16, stages=1, warps=4),
+                                    Tiling(rows=32, cols=64, inner=32), Tiling(cols=256, inner=128)])
+def test_every_tiling_computes_the_same_product(tiling):
+    rows, inner, cols, sizes = 300, 40, 24, [0, 290, 10]
+    rng = np.random.default_rng(5)
+    lhs = jnp.asarray(rng.standard_normal((rows, inner)), jnp.float32)
+    rhs = jnp.asarray(rng.standard_normal((len(sizes), inner, cols)), jnp.float32)
+    got = grouped_matmul(lhs, rhs, jnp.asarray(sizes, jnp.int32), impl="interpret", tiling=tiling)
+    np.testing.assert_allclose(got, oracle(lhs, rhs, sizes), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_tilings_are_refused():
+    with pytest.raises(ValueError, match="Tiling.cols must be a power of two >= 16"):
+        Tiling(cols=48)
+    with pytest.raises(ValueError, match="Tiling.rows must be a power of two >= 16"):
+        Tiling(rows=8)
+    with pytest.raises(ValueError, match="stages >= 1 and warps"):
+        Tiling(warps=3)

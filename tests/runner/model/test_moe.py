@@ -91,8 +91,11 @@ def test_moe_config_fields():
 
 
 def test_bench_moe_quick_runs_on_cpu():
-    out = subprocess.run([sys.executable, "benchmarks/bench_moe.py", "--quick"], cwd=REPO_ROOT, capture_output=True,
-                         text=True, timeout=300, env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin",
-                                                      "JAX_PLATFORMS": "cpu"})
+    out = subprocess.run([sys.executable, "benchmarks/bench_moe.py", "--quick", "--tilings", "auto:16:16:1,16:32:16:2"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                         env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert all(f"| {impl} |" in out.stdout for impl in ("pallas", "ragged_dot", "dense")) and "MFU" in out.stdout
+    # both tilings at both sizes, each matching ragged_dot
+    swept = [line for line in out.stdout.splitlines() if line.startswith(("| 4 |", "| 64 |")) and "e-" in line]
+    assert len(swept) == 4 and all(float(line.split("|")[-2]) < 1e-4 for line in swept), out.stdout
