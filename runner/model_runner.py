@@ -278,9 +278,8 @@ class ModelRunner(StepsExecutor):
         return np.asarray(logits)[rows]
 
     def recover(self) -> bool:
-        """After a failed step: forgets the samples a later step would feed on (in error too), and replaces the KV
-        pool with a zeroed one if the failure left it in error or deleted (a program that fails after taking the
-        donated pool). Returns whether the pool's contents were lost."""
+        """After a failed step: forgets the samples a later step would feed on, and replaces a KV pool the failure
+        left in error or deleted with a zeroed one. Returns whether the pool's contents were lost."""
         self._last_samples = None
         try:
             jax.block_until_ready(self.kv_pool)

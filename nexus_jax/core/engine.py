@@ -13,25 +13,23 @@ import functools
 import logging
 import random
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from nexus_jax.core.block_manager import BlockManager
 from nexus_jax.core.config import EngineConfig
 from nexus_jax.core.constraints import ConstraintFactory
 from nexus_jax.core.host_cache import host_memory
 from nexus_jax.core.logprobs import prompt_targets, record_prompt_logprobs
+from nexus_jax.core.new_request import build_group
 from nexus_jax.core.output_processor import OutputProcessor
-from nexus_jax.core.outputs import RequestMetrics, RequestOutput
-from nexus_jax.core.prompts import prompt_ids
-from nexus_jax.core.request import Request, RequestGroup, check_id_length, check_ids
+from nexus_jax.core.outputs import RequestOutput
+from nexus_jax.core.request import Request, RequestGroup, check_id_length
 from nexus_jax.core.sampling_params import SamplingParams
 from nexus_jax.core.scheduler import Scheduler, SchedulerOutput
-from nexus_jax.core.stop import TokenStop
 from nexus_jax.core.tokenizer import Tokenizer
 from nexus_jax.programs.table import ProgramConfig
 from runner import programs
 from runner.executor import Executor, ReadyStep, StepHandle, StepInput
-from runner.penalties import PenaltyHistory
 from runner.sampling import SampleResult
 from runner.step_batch import SeqChunk
 
@@ -69,7 +67,7 @@ class LLMEngine:
         self.block_manager = BlockManager(executor.num_blocks, executor.block_size, config.enable_prefix_caching)
         self.scheduler = self._make_scheduler(config, executor)
         self.groups: dict[str, RequestGroup] = {}
-        self._rng = random.Random(config.seed)
+        self.seed_rng = random.Random(config.seed)  # draws the seeds of requests that give none
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
         self.output = OutputProcessor(tokenizer)  # AsyncLLM swaps in a ThreadedOutputProcessor
         # The overlapped loop (async_scheduling): step n + 1 is planned and dispatched before step n is read back
@@ -120,49 +118,8 @@ class LLMEngine:
                         *, priority: int = 0, arrival_time: float | None = None, stream: bool = False,
                         program_id: str | None = None, thread_id: str = "") -> RequestGroup:
         """Validates a request and builds its sequences; touches no engine state but the seed generator."""
-        check_ids(request_id, priority, program_id, thread_id)
-        params = SamplingParams() if params is None else params
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        text, ids = prompt_ids(prompt, self.tokenizer, self.vocab_size, self.max_model_len)
-        room = self.max_model_len - len(ids)
-        if room < 1:
-            raise ValueError(f"prompt of {len(ids)} tokens leaves no room in the model's context of "
-                             f"{self.max_model_len} tokens")
-        if params.max_tokens is not None and params.max_tokens > room:
-            raise ValueError(f"prompt of {len(ids)} tokens + max_tokens {params.max_tokens} exceeds the model's "
-                             f"context of {self.max_model_len} tokens")
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer, and this model has none")
-        # Each of the n sequences is built right here: an unbounded n would stall the caller and fill memory.
-        if params.n > self.config.max_num_seqs:
-            raise ValueError(f"n {params.n} exceeds max_num_seqs {self.config.max_num_seqs}, the most sequences "
-                             f"the engine runs at once")
-        for name, named in (("stop_token_ids", params.stop_token_ids), ("logit_bias", params.logit_bias or ()),
-                            ("allowed_token_ids", params.allowed_token_ids or ())):
-            bad = [t for t in named if t >= self.vocab_size]
-            if bad:  # the sampler's id tables hold vocabulary ids only
-                raise ValueError(f"{name} names token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
-        make_constraints = self.constraints.prepare(params)  # compiles a grammar here, off the engine thread
-        metrics = RequestMetrics(time.monotonic() if arrival_time is None else arrival_time)
-        drawn = self._rng.getrandbits(31)
-        eos = () if params.ignore_eos else self.eos_token_ids
-        banned = list(dict.fromkeys([*eos, *params.stop_token_ids])) if params.min_tokens else []
-        seqs: list[Request] = []
-        for i in range(params.n):
-            child = params.clone_for_child(i, drawn)
-            seq = Request(request_id if params.n == 1 else f"{request_id}#{i}", ids, child,
-                          child.to_row(child.seed),
-                          TokenStop(child, self.eos_token_ids, max_new_tokens=room),
-                          metrics if i == 0 else RequestMetrics(metrics.arrival_time), priority,
-                          group_id=request_id, index=i, program_id=program_id,
-                          thread_id=thread_id if params.n == 1 else f"{thread_id}#{i}",
-                          waits_for=seqs[0] if i else None, banned_ids=banned, constraints=make_constraints(),
-                          prompt_logprobs=[None] if child.prompt_logprobs is not None and not i else None,
-                          penalty=PenaltyHistory(child.repetition_penalty, child.frequency_penalty,
-                                                 child.presence_penalty, ids) if child.has_penalties else None)
-            seqs.append(seq)
-        return RequestGroup(request_id, text, ids, seqs, stream)
+        return build_group(self, request_id, prompt, params, priority=priority, arrival_time=arrival_time,
+                           stream=stream, program_id=program_id, thread_id=thread_id)
 
     def abort_request(self, request_id: str) -> bool:
         """Aborts a request that has not finished; its final output (finish_reason "abort") comes from the next
@@ -248,29 +205,26 @@ class LLMEngine:
         return outputs
 
     def _recover_device(self) -> None:
-        """After a failed step, whose outputs on the device (its samples, the KV pool it updated) are in error:
-        every step that reads them fails the same way, so one out-of-memory used to fail every later step. The
-        step dispatched on top of the failed one is dropped and its requests recomputed; the executor then
-        replaces what is in error, and when that is the KV pool, every running request is recomputed and the
-        prefix cache forgets its blocks."""
+        """After a failed step, whose device outputs (samples, the pool it updated) every later step would read and
+        fail on: the step dispatched on it is dropped and its requests recomputed; the executor replaces what is in
+        error, and a lost pool sends every running request back to be recomputed."""
         recover = getattr(self.executor, "recover", None)
         if recover is None:
             return
+        lost: list[Request] = []
         if self._flight is not None:
             flight, self._flight = self._flight, None
             self.scheduler.landed(flight.plan)
             self.recoveries["dropped_steps"] += 1
-            self._recompute(c.request for c in flight.plan.chunks)
-        if recover():
-            self.recoveries["pool_losses"] += 1
-            self._recompute(list(self.scheduler.running))
-            self.block_manager.reset_prefix_cache()
-
-    def _recompute(self, requests: Iterable[Request]) -> None:
-        for req in dict.fromkeys(requests):  # a multi-step plan may list a request twice
+            lost = [c.request for c in flight.plan.chunks]
+        pool_lost = recover()
+        for req in dict.fromkeys(list(self.scheduler.running) if pool_lost else lost):  # a request may repeat
             if not req.is_finished and req in self.scheduler.running:
                 self.scheduler.requeue(req)
                 self.recoveries["requeued_requests"] += 1
+        if pool_lost:  # after the requeues freed their blocks: none of the pool's cached blocks holds its K/V now
+            self.recoveries["pool_losses"] += 1
+            self.block_manager.reset_prefix_cache()
 
     def _fold(self, plan: SchedulerOutput, result: Any, started: float) -> list[RequestOutput]:
         """Folds an executed plan back: K/V now computed, sampled tokens appended, finished requests retired."""

@@ -12,7 +12,7 @@ from nexus_jax.testing.mock_executor import MockExecutor
 from runner.sampling import GREEDY_ROW
 from runner.workers.decode_loop import DecodeLoop
 from runner.workers.messages import Admit, Extend, LoopFailed, LoopRow, Release, Released, Stop, Tokens
-from runner.workers.worker import Event, serve
+from runner.workers.serve import Event, serve
 
 
 class Recorder:

@@ -8,8 +8,8 @@ from runner.executor import StepInput
 from runner.sampling import SamplingRow
 from runner.step_batch import SeqChunk
 from runner.workers.messages import Execute, Info, Stop
+from runner.workers.serve import serve
 from runner.workers.timeline import Timeline
-from runner.workers.worker import serve
 
 
 def _step(n: int) -> StepInput:

@@ -14,7 +14,8 @@ from multiprocessing import Pipe
 import pytest
 
 from runner.workers.messages import Execute
-from runner.workers.worker import WorkerLost, _Worker, serve
+from runner.workers.serve import WorkerLost, serve
+from runner.workers.worker import _Worker
 
 
 class FakeRunner:
