@@ -93,9 +93,10 @@ def main() -> None:
     ap.add_argument("--warmup", action="store_true")
     ap.add_argument("--cache", default="/tmp/nexus-jax-cc-probe")
     args = ap.parse_args()
-    llm = LLM(None if args.model == "tiny" else args.model, gpu_memory_utilization=args.util, max_num_batched_tokens=args.budget, max_num_seqs=64,
-              max_model_len=2048 if args.model == "tiny" else 8192, enable_prefix_caching=False, warmup=args.warmup,
-              compilation_cache_dir=args.cache)
+    tiny = args.model == "tiny"
+    llm = LLM(None if tiny else args.model, gpu_memory_utilization=args.util, max_num_batched_tokens=args.budget,
+              max_num_seqs=64, max_model_len=2048 if tiny else 8192, enable_prefix_caching=False,
+              warmup=args.warmup, compilation_cache_dir=args.cache)
     runner = getattr(llm.llm_engine.executor, "runner", llm.llm_engine.executor)
     result: dict[str, Any] = {"args": vars(args), "free_gib_after_build": free_gib(),
                               "pool": describe_array(getattr(runner, "kv_pool", None)),
@@ -104,7 +105,7 @@ def main() -> None:
     try:
         outs = llm.generate(["hello " * 300, "world " * 40], SamplingParams(max_tokens=4, ignore_eos=True))
         result["outputs"] = [o.outputs[0].finish_reason for o in outs]
-    except Exception as e:  # noqa: BLE001
+    except Exception:  # noqa: BLE001
         result["error"] = traceback.format_exc()[-1500:]
     result["programs"] = SEEN
     result["stats"] = {k: v for k, v in llm.llm_engine.stats().items() if k in ("recoveries",)}

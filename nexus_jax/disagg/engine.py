@@ -38,10 +38,11 @@ from nexus_jax.core.outputs import RequestOutput
 from nexus_jax.core.request import RequestGroup
 from nexus_jax.core.sampling_params import SamplingParams
 from nexus_jax.core.scheduler import SchedulerOutput
+from nexus_jax.disagg.handoff import HandoffTimer
 from nexus_jax.disagg.ladder import AGGREGATE
 from nexus_jax.disagg.partition import Decision, LoadState, PartitionController
 from nexus_jax.disagg.phase_scheduler import PhaseScheduler
-from nexus_jax.disagg.worker_loop import WorkerLoop
+from nexus_jax.disagg.worker_loop import WorkerLoop, check_loop_params
 from runner.executor import Executor
 from runner.workers.messages import Execute
 from runner.workers.mps import MpsControl
@@ -58,6 +59,7 @@ class _Flight:
     plan: SchedulerOutput
     phase: str           # "decode", "prefill" or "mixed"
     started: float
+    device_start: float | None = None  # a decode step's predicted start on the device (see HandoffTimer)
 
 
 class PoolView:
@@ -94,6 +96,7 @@ class DisaggEngine(LLMEngine):
         self.phase_steps = {"decode": 0, "prefill": 0, "mixed": 0}
         self.pipelined_steps = 0  # decode steps sent while the worker still ran the one before
         self.poll_interval = 0.005
+        self.handoff = HandoffTimer()
         self.faults = {"worker_replacements": 0, "pool_restarts": 0, "requeued_requests": 0}
         self.loop: WorkerLoop | None = None
         if config.decode_loop == "worker":
@@ -116,7 +119,7 @@ class DisaggEngine(LLMEngine):
                         **kwargs: Any) -> RequestGroup:
         group = super().prepare_request(request_id, prompt, params, **kwargs)
         if self.loop is not None:
-            _check_loop_params(group)
+            check_loop_params(group)
         return group
 
     def step(self) -> list[RequestOutput]:
@@ -131,7 +134,8 @@ class DisaggEngine(LLMEngine):
             return outputs
         # A short wait, so that the caller can queue new arrivals (and this dispatch them to an idle phase)
         # while a long step runs.
-        ready = self.pool.wait([self.pool.workers[name] for name in executing], timeout=self.poll_interval)
+        ready = self.pool.wait([self.pool.workers[name] for name in executing],
+                               timeout=self.handoff.wait_timeout(self.poll_interval))
         for handle in ready:
             if self.pool.workers.get(handle.name) is not handle:  # restarted since
                 continue
@@ -163,7 +167,7 @@ class DisaggEngine(LLMEngine):
         ahead = None
         if decode_at is None:
             decode = sched.schedule_decode()
-        elif self.pipelined and len(self.flights[decode_at]) == 1:
+        elif self.pipelined and len(self.flights[decode_at]) == 1 and not self._defer_ahead(decode_at):
             ahead = self.flights[decode_at][-1]
             decode = sched.schedule_decode(ahead.plan)
         else:
@@ -222,6 +226,12 @@ class DisaggEngine(LLMEngine):
             return []
         return self._submit(self.loop_prefill, prefill, "prefill")
 
+    def _defer_ahead(self, decode_at: str) -> bool:
+        """Whether the step to queue behind decode_at's running one waits, for a prefill in flight to join it."""
+        join_coming = any(f.phase == "prefill" and any(c.samples for c in f.plan.prefills)
+                          for flights in self.flights.values() for f in flights)
+        return self.handoff.plan_at(self.flights[decode_at][0].device_start, join_coming) > 0.0
+
     def _waiting_prompts(self) -> list[tuple[int, float]]:
         """(prompt tokens left, seconds waited) of each request before its first token, in prefill order: the
         queue whose TTFT the controller predicts."""
@@ -251,7 +261,9 @@ class DisaggEngine(LLMEngine):
             return self._end_flight(plan, lambda: self._fail(plan, message), dispatched=False)
         self.scheduler.dispatched(plan)
         self.pipelined_steps += ahead is not None
-        self.flights.setdefault(name, []).append(_Flight(plan, phase, time.monotonic()))
+        flights = self.flights.setdefault(name, [])
+        start = self.handoff.sent(queued=bool(flights)) if phase == "decode" else None
+        flights.append(_Flight(plan, phase, time.monotonic(), start))
         return []
 
     def _unhold(self, *plans: SchedulerOutput | None) -> None:
@@ -273,6 +285,10 @@ class DisaggEngine(LLMEngine):
             message = f"{type(e).__name__}: {e}"
             return self._end_flight(flight.plan, lambda: self._fail(flight.plan, message))
         self.phase_steps[flight.phase] += 1
+        if flight.phase == "decode":
+            landed = self.handoff.landed(flight.device_start)
+            if self.flights[handle.name]:  # queued behind it: starts now
+                self.flights[handle.name][0].device_start = landed
         return self._end_flight(flight.plan, lambda: self._fold(flight.plan, result, flight.started))
 
     def _end_flight(self, plan: SchedulerOutput, fold, dispatched: bool = True) -> list[RequestOutput]:
@@ -297,6 +313,7 @@ class DisaggEngine(LLMEngine):
         fails."""
         log.error("worker %s died (%s); its requests will be recomputed", name, error)
         plans = [f.plan for f in self.flights.pop(name, [])]
+        self.handoff.forget()
         for plan in plans:
             self._drop(plan)
         if undispatched is not None:
@@ -363,23 +380,11 @@ class DisaggEngine(LLMEngine):
                 "controller": self.controller.stats(), "worker_startup_s": dict(self.pool.startup_seconds),
                 "private_weights": sorted(n for n, h in self.pool.workers.items()
                                           if self.pool.shared.private_weights and h.spec.copy_weights),
-                "faults": dict(self.faults), "decode_loop": None if self.loop is None else self.loop.stats()}
+                "faults": dict(self.faults), "handoff": self.handoff.stats(),
+                "decode_loop": None if self.loop is None else self.loop.stats()}
 
     def close(self) -> None:
         self.pool.close()
         if self.mps is not None:
             self.mps.stop()
 
-
-def _check_loop_params(group: RequestGroup) -> None:
-    """The decode loop samples every row from its sampling row alone; what needs the host between steps (or
-    per-step inputs the loop does not send) is refused rather than silently ignored."""
-    params = group.seqs[0].params
-    refused = [name for name, on in (
-        ("logit_bias", bool(params.logit_bias)),
-        ("penalties", params.has_penalties), ("allowed_token_ids", params.allowed_token_ids is not None),
-        ("min_tokens", params.min_tokens > 0), ("bad_words", bool(params.bad_words)),
-        ("structured_outputs", params.structured_outputs is not None)) if on]
-    if refused:
-        raise ValueError(f"decode_loop='worker' runs decode steps without the engine, which {', '.join(refused)} "
-                         "need every step (host limits or per-step inputs): use decode_loop='engine'")

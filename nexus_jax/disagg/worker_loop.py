@@ -28,7 +28,7 @@ import numpy as np
 
 from nexus_jax.core.block_manager import BlockManager
 from nexus_jax.core.outputs import RequestOutput
-from nexus_jax.core.request import Request
+from nexus_jax.core.request import Request, RequestGroup
 from nexus_jax.core.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from runner.sampling import SampleResult
 from runner.workers.messages import Admit, Extend, LoopFailed, LoopRow, Release, Released, Tokens
@@ -220,3 +220,17 @@ class WorkerLoop:
 
     def stats(self) -> dict[str, Any]:
         return {"worker": self.worker, "rows": len(self.held), "reserve": self.reserve, **self.counts}
+
+
+def check_loop_params(group: RequestGroup) -> None:
+    """The decode loop samples every row from its sampling row alone; what needs the host between steps (or
+    per-step inputs the loop does not send) is refused rather than silently ignored."""
+    params = group.seqs[0].params
+    refused = [name for name, on in (
+        ("logit_bias", bool(params.logit_bias)),
+        ("penalties", params.has_penalties), ("allowed_token_ids", params.allowed_token_ids is not None),
+        ("min_tokens", params.min_tokens > 0), ("bad_words", bool(params.bad_words)),
+        ("structured_outputs", params.structured_outputs is not None)) if on]
+    if refused:
+        raise ValueError(f"decode_loop='worker' runs decode steps without the engine, which {', '.join(refused)} "
+                         "need every step (host limits or per-step inputs): use decode_loop='engine'")

@@ -1,0 +1,83 @@
+"""When the engine plans the decode worker's queued step, so that a finished prefill joins decode one step sooner.
+
+The decode worker runs its steps back to back: while step n runs, step n+1 waits queued behind it, its input
+tokens fed on the device from n's samples (the pipelined loop). A request whose prefill just landed can only join a
+step not planned yet. Planned the moment n starts, n+1 is fixed a whole step early, so the new row waits for the
+rest of n, for n+1 and for its own step: U[0, T] + 2T for a step of T. On the H200's 8B split that first gap was
+20-36 ms, and it alone made the split miss a 30 ms TBT SLO that its later gaps (~15 ms) met easily
+(benchmarks/RESULTS.md, 2026-12-07). Planned when n is nearly done, n+1 takes in every prefill that landed before:
+the first gap becomes U[0, T] + T + lead.
+
+So while a prefill that samples its prompt's first token is in flight (a join is coming), the queued step is
+planned `lead` before the running step is predicted to end; otherwise at once, as before. The prediction: the
+running step started when its predecessor landed (queued behind it) or when it was sent (the worker was idle), and
+takes the smoothed duration of the decode steps measured that way. If a step lands before the queued one was
+planned, the device idled between them: the lead grows; each step planned in time shrinks it a little.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+
+class HandoffTimer:
+    """Decode step durations, and when to plan the step queued behind a running one (see the module doc)."""
+
+    def __init__(self, lead: float = 0.3, min_lead: float = 0.002, smoothing: float = 0.2,
+                 clock: Callable[[], float] = time.monotonic):
+        """lead: the share of a step planned ahead of its predicted end (adapted between 0.1 and 0.9);
+        min_lead: at least this many seconds ahead; smoothing: the weight of each new duration in the average."""
+        self.lead, self.min_lead, self.smoothing, self.clock = lead, min_lead, smoothing, clock
+        self.step_time: float | None = None
+        self.deadline: float | None = None  # a queued step waits to be planned until then
+        self.counts = {"deferred": 0, "late": 0}
+
+    def sent(self, queued: bool) -> float | None:
+        """A decode step was sent; `queued` if the worker still runs another. Its start on the device: now, or
+        None until the step ahead of it lands (`landed` then gives it)."""
+        self.deadline = None
+        return None if queued else self.clock()
+
+    def landed(self, start: float | None) -> float:
+        """A decode step that started at `start` (None: unknown) landed now; returns now, the start of the step
+        queued behind it. A landing before the deadline means that step was planned too late."""
+        now = self.clock()
+        if start is not None and now > start:
+            sample = now - start
+            self.step_time = sample if self.step_time is None else (
+                (1 - self.smoothing) * self.step_time + self.smoothing * sample)
+        if self.deadline is not None:  # the worker went idle before its next step was sent
+            self.counts["late"] += 1
+            self.lead = min(0.9, self.lead + 0.1)
+            self.deadline = None
+        return now
+
+    def plan_at(self, running_start: float | None, join_coming: bool) -> float:
+        """When to plan the step queued behind the running one: at once (0.0) unless a join is coming and the
+        running step's end can be predicted; the time is kept as `deadline` for the engine's wait."""
+        if not join_coming or running_start is None or self.step_time is None:
+            return 0.0
+        at = running_start + self.step_time - max(self.min_lead, self.lead * self.step_time)
+        if at <= self.clock():
+            if self.deadline is not None:  # deferred, and planned in time
+                self.lead = max(0.1, self.lead - 0.01)
+            return 0.0
+        if self.deadline is None:
+            self.counts["deferred"] += 1
+        self.deadline = at
+        return at
+
+    def wait_timeout(self, poll: float) -> float:
+        """How long the engine may wait for results before it must plan a deferred step."""
+        if self.deadline is None:
+            return poll
+        return min(poll, max(0.0, self.deadline - self.clock()))
+
+    def forget(self) -> None:
+        """The decode worker's steps were dropped (a fault): nothing is deferred."""
+        self.deadline = None
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.counts, "lead": round(self.lead, 3),
+                "step_ms": None if self.step_time is None else round(self.step_time * 1e3, 3)}
