@@ -8,7 +8,8 @@ of the current requests would meet both SLOs.
   tokens drained at the candidate's prefill rate (the next prefill step's tokens over that step's time).
 
 A request counts when it meets both: a running decode when the step meets TBT; a waiting prompt when its TTFT
-meets the TTFT SLO and the candidate's step meets TBT (it will decode at that pace). Pure functions over a latency
+meets the TTFT SLO and both the candidate's step and its first gap meet TBT (it will decode at that pace, after a
+handoff to the decode worker under a split: `handoff_gap`). Pure functions over a latency
 model, so the controller (partition.py) and its tests can call them with hand-computable fakes.
 """
 
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Protocol, Sequence
+
+from nexus_jax.disagg.handoff import HANDOFF_LEAD
 
 
 class LatencyModel(Protocol):
@@ -75,6 +78,9 @@ class Candidate:
     tbt: float                 # predicted seconds per decode step
     t_prefill: float           # predicted seconds per prefill step
     ttfts: tuple[float, ...]   # predicted TTFT of each waiting prompt
+    # A waiting prompt's gap between its first and second token: one mixed step when aggregated; under a split
+    # the handoff's, up to 2 + lead decode steps (nexus_jax.disagg.handoff), which alone failed the H200 split.
+    first_gap: float = 0.0
 
     @property
     def label(self) -> str:
@@ -86,12 +92,15 @@ class Candidate:
         return max(self.ttfts, default=0.0)
 
     def goodput(self, slo: Slo) -> int:
-        """Requests predicted to meet both SLOs."""
-        return (self.tbt <= slo.tbt) * (self.decode_batch + sum(t <= slo.ttft for t in self.ttfts))
+        """Requests predicted to meet both SLOs (a waiting prompt's TBT counts its first gap too)."""
+        waiting = sum(t <= slo.ttft for t in self.ttfts) if self.first_gap <= slo.tbt else 0
+        return (self.tbt <= slo.tbt) * (self.decode_batch + waiting)
 
     def risk(self, slo: Slo) -> float:
-        """The worst of tbt / SLO and ttft / SLO: <= 1 when every request meets both."""
-        return max(self.tbt / slo.tbt, self.ttft / slo.ttft)
+        """The worst of tbt / SLO (first gap included while prompts wait) and ttft / SLO: <= 1 when every request
+        meets both."""
+        gap = max(self.tbt, self.first_gap if self.ttfts else 0.0)
+        return max(gap / slo.tbt, self.ttft / slo.ttft)
 
     def as_dict(self, slo: Slo) -> dict[str, object]:
         return {"candidate": self.label, "tbt": self.tbt, "ttft": self.ttft, "t_prefill": self.t_prefill,
@@ -109,7 +118,14 @@ def predict(model: LatencyModel, state: LoadState, decode_share: int | None) -> 
         t_prefill = model.predict_prefill(100 - decode_share, chunks, corun=True)
     return Candidate("aggregate" if decode_share is None else "split", 100 if decode_share is None else decode_share,
                      state.decode_batch, t_decode, t_prefill,
-                     tuple(queue_ttfts(state.waiting, sum(n for n, _ in chunks), t_prefill)))
+                     tuple(queue_ttfts(state.waiting, sum(n for n, _ in chunks), t_prefill)),
+                     t_decode if decode_share is None else handoff_gap(t_decode))
+
+
+def handoff_gap(t_decode: float) -> float:
+    """The longest first gap of a prompt that joins a split's decode worker: it lands just after the queued step
+    was planned, so it waits for the rest of the running step, the queued one and its own (HandoffTimer)."""
+    return (2 + HANDOFF_LEAD) * t_decode
 
 
 def queue_ttfts(waiting: Sequence[tuple[int, float]], step_tokens: int, step_seconds: float) -> list[float]:

@@ -20,11 +20,14 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
+# The share of a decode step by which the queued step is planned ahead of the running one's predicted end, at first.
+HANDOFF_LEAD = 0.3
+
 
 class HandoffTimer:
     """Decode step durations, and when to plan the step queued behind a running one (see the module doc)."""
 
-    def __init__(self, lead: float = 0.3, min_lead: float = 0.002, smoothing: float = 0.2,
+    def __init__(self, lead: float = HANDOFF_LEAD, min_lead: float = 0.002, smoothing: float = 0.2,
                  clock: Callable[[], float] = time.monotonic):
         """lead: the share of a step planned ahead of its predicted end (adapted between 0.1 and 0.9);
         min_lead: at least this many seconds ahead; smoothing: the weight of each new duration in the average."""

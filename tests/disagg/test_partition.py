@@ -61,7 +61,10 @@ def test_splits_when_the_mixed_step_breaks_tbt_and_the_split_meets_both():
 
 
 def test_a_long_queue_moves_toward_prefill_and_a_tbt_at_risk_toward_decode():
-    c = PartitionController(Fake(), LADDER, Slo(ttft=2.0, tbt=0.05))
+    # Decode steps of 30, 10 and 8 ms on 30, 50 and 70% of the SMs: first gaps (the handoff, 2.3 steps) of 69, 23
+    # and 18.4 ms, all within an 80 ms TBT.
+    c = PartitionController(Fake(mixed=0.1, decode={30: 0.03, 50: 0.010, 70: 0.008, 100: 0.006}), LADDER,
+                            Slo(ttft=2.0, tbt=0.08))
     assert c.decide(load()).decode_share == 70
     # 30 prompts of one chunk each, waited 0.45 s: prompt k's TTFT is 0.45 + k * t_prefill. d30 (prefill 50 ms)
     # serves all 30 by 1.95 s; d50 (70 ms) 22 of them; d70 (100 ms) 15. Goodput 8 + 30 beats 8 + 22 by far more
@@ -69,10 +72,22 @@ def test_a_long_queue_moves_toward_prefill_and_a_tbt_at_risk_toward_decode():
     d = c.decide(load(queue()))
     assert (d.decode_share, d.goodput) == (30, 38)
     assert d.predicted_ttft == pytest.approx(0.45 + 30 * 0.05)
-    # A 25 ms TBT: d30's decode (30 ms) misses it, so its 38 requests count for nothing; d50 keeps 8 + 22.
-    c.slo = Slo(ttft=2.0, tbt=0.025)
+    # A 28 ms TBT: d30's decode (30 ms) misses it, so its 38 requests count for nothing; d50 keeps 8 + 22 (its
+    # first gap, 23 ms, meets even the SLO the hysteresis tightens to 25.2 ms).
+    c.slo = Slo(ttft=2.0, tbt=0.028)
     d = c.decide(load(queue()))
     assert (d.decode_share, d.goodput) == (50, 30)
+
+
+def test_a_first_gap_over_tbt_costs_the_waiting_prompts_of_a_split():
+    # d50's step (20 ms) meets a 40 ms TBT, but a prompt that joins its decode waits up to 2.3 steps (46 ms) for
+    # its second token: only the 8 running decodes count. The mixed step (35 ms) meets both: 9.
+    c = PartitionController(Fake(mixed=0.035), (50,), Slo(ttft=2.0, tbt=0.04))
+    split = predict(c.cost_model, load(), 50)
+    assert split.first_gap == pytest.approx(0.046) and split.goodput(c.slo) == 8
+    assert split.risk(c.slo) == pytest.approx(0.046 / 0.04)
+    assert c.decide(load()).mode == "aggregate"
+    assert predict(c.cost_model, load(waiting=()), 50).risk(c.slo) == pytest.approx(0.5)  # nobody joins
 
 
 def test_co_run_contention_is_counted():
@@ -133,7 +148,9 @@ def test_queue_ttfts():
 
 
 def test_the_decision_log_is_bounded_and_exported(caplog):
-    c = PartitionController(Fake(), LADDER, Slo(ttft=2.0, tbt=0.05), log_size=5)
+    # decode steps whose first gaps (2.3 steps, at most 41.4 ms) meet even the hysteresis' 45 ms
+    fake = Fake(decode={30: 0.018, 50: 0.015, 70: 0.012, 100: 0.01})
+    c = PartitionController(fake, LADDER, Slo(ttft=2.0, tbt=0.05), log_size=5)
     with caplog.at_level(logging.DEBUG, logger="nexus_jax.disagg.partition"):
         for i in range(12):
             c.decide(load(queue() if i % 4 == 3 else ((512, 0.0),)))
@@ -194,10 +211,10 @@ def test_the_engine_config_sets_both_slos():
     from nexus_jax.disagg.setup import make_controller
 
     config = EngineConfig(slo_ttft=0.7, slo_tbt=0.03, aggregate_when_safe=False)
-    c = make_controller(config, Fake(), SmLadder(LADDER))
+    c = make_controller(config, Fake(decode={30: 0.012, 50: 0.010, 70: 0.008, 100: 0.006}), SmLadder(LADDER))
     assert (c.slo, c.allow_aggregate) == (Slo(ttft=0.7, tbt=0.03), False)
     # A TTFT SLO of 0.7 s: of 30 queued prompts (waited 0.45 s), d30's 50 ms prefill serves 5 in time
-    # (0.45 + 5 * 0.05 = 0.70), d50's and d70's only 3 and 2; d30's 30 ms decode meets 30 ms too.
+    # (0.45 + 5 * 0.05 = 0.70), d50's and d70's only 3 and 2; d30's 12 ms decode (first gap 27.6 ms) meets 30 ms.
     assert c.decide(load(queue())).goodput == 8 + 5
     for bad in (0, -1.0, float("inf"), float("nan"), True, "2"):
         with pytest.raises(ValueError, match="slo_ttft"):
