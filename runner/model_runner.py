@@ -45,6 +45,9 @@ class PendingStep:
         self.out, self.rows, self.num_logprobs, self.steps = out, rows, num_logprobs, steps
         self.prompt = prompt  # (the prompt_logprobs program's outputs, their segments), or None
 
+    def ready(self) -> bool:  # whether the step finished on the device: result() would not wait
+        return all(x.is_ready() for x in jax.tree.leaves(self.out))
+
     def result(self) -> Any:
         out = jax.device_get(self.out)
         if self.steps > 1:  # [num_steps, rows]
@@ -122,10 +125,7 @@ class ModelRunner(StepsExecutor):
             raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks} and {block_size}")
         if (params is None) == (model is None):
             raise ValueError("give either params or model=(graphdef, state)")
-        self.config = config
-        self.block_size = block_size
-        self.shapes = shapes
-        self.device = device
+        self.config, self.block_size, self.shapes, self.device = config, block_size, shapes, device
         self._decode_state = DecodeState(block_size, shapes)
         with on_device(device):
             # Committed arrays make jit run on their device; device_put of an array already there copies nothing.

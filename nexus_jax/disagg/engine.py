@@ -38,12 +38,12 @@ from nexus_jax.core.outputs import RequestOutput
 from nexus_jax.core.request import RequestGroup
 from nexus_jax.core.sampling_params import SamplingParams
 from nexus_jax.core.scheduler import SchedulerOutput
-from nexus_jax.disagg.handoff import HandoffTimer
 from nexus_jax.disagg.ladder import AGGREGATE
 from nexus_jax.disagg.partition import Decision, LoadState, PartitionController
 from nexus_jax.disagg.phase_scheduler import PhaseScheduler
 from nexus_jax.disagg.worker_loop import WorkerLoop, check_loop_params
 from runner.executor import Executor
+from runner.workers.handoff import HandoffTimer
 from runner.workers.messages import Execute
 from runner.workers.mps import MpsControl
 from runner.workers.pool import WorkerError, WorkerHandle, WorkerPool
@@ -147,7 +147,9 @@ class DisaggEngine(LLMEngine):
 
     def _sync_loop(self) -> list[RequestOutput]:
         try:
-            return self.loop.sync()
+            outputs = self.loop.sync()
+            self.loop.expect(self._join_coming())
+            return outputs
         except WorkerError as e:
             return self._recover(self.loop.worker, e)
 
@@ -228,9 +230,12 @@ class DisaggEngine(LLMEngine):
 
     def _defer_ahead(self, decode_at: str) -> bool:
         """Whether the step to queue behind decode_at's running one waits, for a prefill in flight to join it."""
-        join_coming = any(f.phase == "prefill" and any(c.samples for c in f.plan.prefills)
-                          for flights in self.flights.values() for f in flights)
-        return self.handoff.plan_at(self.flights[decode_at][0].device_start, join_coming) > 0.0
+        return self.handoff.plan_at(self.flights[decode_at][0].device_start, self._join_coming()) > 0.0
+
+    def _join_coming(self) -> bool:
+        """Whether a prefill in flight samples a prompt's first token: its request joins decode when it lands."""
+        return any(f.phase == "prefill" and any(c.samples for c in f.plan.prefills)
+                   for flights in self.flights.values() for f in flights)
 
     def _waiting_prompts(self) -> list[tuple[int, float]]:
         """(prompt tokens left, seconds waited) of each request before its first token, in prefill order: the

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Protocol, Sequence
 
-from nexus_jax.disagg.handoff import HANDOFF_LEAD
+from runner.workers.handoff import HANDOFF_LEAD
 
 
 class LatencyModel(Protocol):
@@ -79,7 +79,7 @@ class Candidate:
     t_prefill: float           # predicted seconds per prefill step
     ttfts: tuple[float, ...]   # predicted TTFT of each waiting prompt
     # A waiting prompt's gap between its first and second token: one mixed step when aggregated; under a split
-    # the handoff's, up to 2 + lead decode steps (nexus_jax.disagg.handoff), which alone failed the H200 split.
+    # the handoff's, up to 2 + lead decode steps (runner.workers.handoff), which alone failed the H200 split.
     first_gap: float = 0.0
 
     @property

@@ -31,7 +31,7 @@ from nexus_jax.core.outputs import RequestOutput
 from nexus_jax.core.request import Request, RequestGroup
 from nexus_jax.core.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from runner.sampling import SampleResult
-from runner.workers.messages import Admit, Extend, LoopFailed, LoopRow, Release, Released, Tokens
+from runner.workers.messages import Admit, Expect, Extend, LoopFailed, LoopRow, Release, Released, Tokens
 from runner.workers.pool import WorkerError
 
 RESERVE_STEPS = 32  # positions of blocks reserved ahead per row: how far the loop runs without the engine
@@ -64,6 +64,7 @@ class WorkerLoop:
         self.held: dict[str, _Held] = {}
         self.by_key: dict[Hashable, _Held] = {}
         self.last_event = time.monotonic()
+        self.expecting = False  # what the loop was last told of a prefill that will join (Expect)
         self.counts = {"admitted": 0, "messages": 0, "loop_steps": 0, "dropped_tokens": 0, "extends": 0,
                        "releases": 0, "preempted": 0}
 
@@ -81,6 +82,13 @@ class WorkerLoop:
         self._admit()
         self._extend()
         return outputs
+
+    def expect(self, joining: bool) -> None:
+        """Tells the loop whether a prefill that will join it is in flight, when that changed: the loop then
+        plans its queued step late, for the Admit to join it (runner.workers.handoff)."""
+        if joining != self.expecting:
+            self._post(Expect(joining))
+            self.expecting = joining
 
     def _post(self, message: Any) -> None:
         self.engine.pool.workers[self.worker].post(message)
@@ -170,6 +178,7 @@ class WorkerLoop:
                                 len(req.output_token_ids), 0 if wanted is None else max(wanted, 1)))
         if rows:
             self._post(Admit(rows))
+            self.expecting = False  # an Admit ends what the loop waited for
             self.counts["admitted"] += len(rows)
 
     @staticmethod

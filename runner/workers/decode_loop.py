@@ -10,6 +10,10 @@ With `depth` 2 (the GPU, whose steps write the shared pool in place) the next st
 current one is read back, its input tokens fed on the device from the current one's samples. With depth 1 (the
 CPU form, which copies each step's K/V into shared memory once it completed) steps run one at a time.
 
+While the engine says a prefill that will join is in flight (`Expect`), the step to queue behind the running one
+waits for that prefill's Admit or until the running step is about to end (runner.workers.handoff), so the new row
+joins the next step rather than the one after.
+
 Ordering: a step's `Tokens` go out only after `publish` made its K/V visible to the other workers, and a
 `Released` only after every step dispatched before the release completed, so the engine frees a released row's
 blocks only once nothing of this loop will write them.
@@ -26,7 +30,20 @@ from typing import Any, Callable, Hashable, Sequence
 from runner.executor import StepHandle, StepInput
 from runner.sampling import SampleResult, SamplingRow
 from runner.step_batch import SeqChunk
-from runner.workers.messages import Admit, Extend, LoopFailed, LoopMessage, Release, Released, Tokens
+from runner.workers.handoff import HandoffTimer
+from runner.workers.messages import (
+    Admit,
+    Expect,
+    Extend,
+    LoopFailed,
+    LoopMessage,
+    Release,
+    Released,
+    Tokens,
+)
+
+# How often a loop that waits for a join checks whether its running step already finished (seconds).
+JOIN_POLL = 0.001
 
 
 @dataclasses.dataclass
@@ -48,6 +65,7 @@ class _Flight:
     handle: StepHandle
     rows: list[_Row]
     chunks: list[SeqChunk]
+    start: float | None  # predicted start on the device (HandoffTimer)
 
 
 class DecodeLoop:
@@ -69,6 +87,8 @@ class DecodeLoop:
         self.acks: list[tuple[int, list[Hashable]]] = []  # (last step dispatched before the release, its rows)
         self.num_steps = 0
         self.failed = False
+        self.handoff = HandoffTimer()
+        self.joining = False  # a prefill that will be admitted is in flight (Expect)
 
     def post(self, message: LoopMessage) -> None:
         """Queues a message for the next step boundary (any thread)."""
@@ -88,6 +108,8 @@ class DecodeLoop:
         if self.failed:
             return True
         try:
+            if self.joining and len(self.flights) == 1 and not self._wait_for_join():
+                return False
             runnable = [r for r in self.rows.values() if r.position < r.limit]
             if runnable:
                 self._dispatch(runnable)
@@ -102,6 +124,24 @@ class DecodeLoop:
         while self.advance(block=True):
             pass
 
+    def _wait_for_join(self) -> bool:
+        """Holds the step to queue behind the running one until the expected rows are admitted or the running step
+        is about to end (HandoffTimer), applying what comes meanwhile. False once a None came (stop)."""
+        running = self.flights[0]
+        done = getattr(running.handle, "ready", None)  # ModelRunner's steps say when they finished
+        while self.joining:
+            at = self.handoff.plan_at(running.start, join_coming=True)
+            if at <= 0.0 or (done is not None and done()):  # the latter: planned late, the device idles
+                return True
+            try:
+                message = self.inbox.get(timeout=min(JOIN_POLL, max(0.0, at - self.handoff.clock())))
+            except queue.Empty:
+                continue
+            if not self._apply_one(message):
+                return False
+        self.handoff.forget()
+        return True
+
     def _apply(self, block: bool) -> bool:
         while True:
             try:
@@ -109,24 +149,33 @@ class DecodeLoop:
             except queue.Empty:
                 return True
             block = False
-            if message is None:
+            if not self._apply_one(message):
                 return False
-            if isinstance(message, Admit):
-                for r in message.rows:
-                    self.rows[r.seq_id] = _Row(r.seq_id, r.token, r.position, list(r.block_table), r.limit,
-                                               r.sampling, r.step, r.num_logprobs)
-            elif isinstance(message, Extend):
-                row = self.rows.get(message.seq_id)
-                if row is not None:  # else released meanwhile
-                    row.table, row.limit = list(message.block_table), message.limit
-            elif isinstance(message, Release):
-                for seq_id in message.seq_ids:
-                    self.rows.pop(seq_id, None)
-                self.acks.append((self.num_steps, list(message.seq_ids)))
-            else:
-                raise TypeError(f"the decode loop does not take a {type(message).__name__}")
-            if not self.flights:
-                self._ack(self.num_steps)
+
+    def _apply_one(self, message: LoopMessage | None) -> bool:
+        """Applies one message; False for None (the loop is to stop)."""
+        if message is None:
+            return False
+        if isinstance(message, Admit):
+            for r in message.rows:
+                self.rows[r.seq_id] = _Row(r.seq_id, r.token, r.position, list(r.block_table), r.limit,
+                                           r.sampling, r.step, r.num_logprobs)
+            self.joining = False  # what was expected has come
+        elif isinstance(message, Expect):
+            self.joining = message.joining
+        elif isinstance(message, Extend):
+            row = self.rows.get(message.seq_id)
+            if row is not None:  # else released meanwhile
+                row.table, row.limit = list(message.block_table), message.limit
+        elif isinstance(message, Release):
+            for seq_id in message.seq_ids:
+                self.rows.pop(seq_id, None)
+            self.acks.append((self.num_steps, list(message.seq_ids)))
+        else:
+            raise TypeError(f"the decode loop does not take a {type(message).__name__}")
+        if not self.flights:
+            self._ack(self.num_steps)
+        return True
 
     def _dispatch(self, rows: list[_Row]) -> None:
         last = self.flights[-1].number if self.flights else None
@@ -138,6 +187,7 @@ class DecodeLoop:
             chunks.append(SeqChunk([row.token or 0], row.position, row.table, row.seq_id))
             samplings.append(row.sampling.at_step(row.step))
         num_logprobs = max(r.num_logprobs for r in rows)
+        start = self.handoff.sent(queued=bool(self.flights))
         handle = self.executor.dispatch(StepInput(chunks, [], samplings, num_logprobs, feed=feed))
         self.num_steps += 1
         self.dispatched()
@@ -145,10 +195,13 @@ class DecodeLoop:
             row.token, row.source = None, (self.num_steps, i)
             row.position += 1
             row.step += 1
-        self.flights.append(_Flight(self.num_steps, handle, rows, chunks))
+        self.flights.append(_Flight(self.num_steps, handle, rows, chunks, start))
 
     def _land(self, flight: _Flight) -> None:
         out = flight.handle.result()
+        landed = self.handoff.landed(flight.start)
+        if self.flights:  # queued behind it: runs from now
+            self.flights[0].start = landed
         logprobs = None
         if isinstance(out, SampleResult):
             out, logprobs = out.tokens, (out.token_logprobs, out.top_ids, out.top_logprobs)

@@ -3,8 +3,8 @@
 The worker matches each message by its type and replies ("ok", value) or ("error", message); a message of any
 other type gets an error reply, and the worker keeps serving.
 
-The decode loop's messages (`Admit`, `Extend`, `Release`; see runner.workers.decode_loop) get no reply: the loop
-applies them at its next step boundary and reports what it does as events, ("event", Tokens | Released |
+The decode loop's messages (`Admit`, `Extend`, `Release`, `Expect`; see runner.workers.decode_loop) get no reply:
+the loop applies them at its next step boundary and reports what it does as events, ("event", Tokens | Released |
 LoopFailed), interleaved with the replies in the order they happened.
 """
 
@@ -71,6 +71,13 @@ class Release:
 
 
 @dataclasses.dataclass(frozen=True)
+class Expect:
+    """Whether a prefill that will join the batch (its chunk samples the prompt's first token) is in flight: while
+    one is, the loop plans its queued step late, so that the Admit that follows joins it (runner.workers.handoff)."""
+    joining: bool
+
+
+@dataclasses.dataclass(frozen=True)
 class Tokens:
     """Event: one decode step of the loop completed (its K/V in the shared pool): row seq_ids[i] sampled
     tokens[i]; `logprobs`, when a row asked for them: (token log-probs [n], top ids [n, k], top log-probs [n, k])."""
@@ -91,5 +98,5 @@ class LoopFailed:
     error: str
 
 
-Message = Execute | Info | Stop | Admit | Extend | Release
-LoopMessage = Admit | Extend | Release
+Message = Execute | Info | Stop | Admit | Extend | Release | Expect
+LoopMessage = Admit | Extend | Release | Expect

@@ -64,7 +64,7 @@ class WorkerHandle:
         self.outstanding += 1
 
     def post(self, message: Message) -> None:
-        """Sends a decode-loop message (runner.workers.messages.Admit, Extend, Release): no reply; what the loop
+        """Sends a decode-loop message (runner.workers.messages.Admit, Extend, Release, Expect): no reply; what the loop
         does comes back through events()."""
         try:
             self.conn.send(message)

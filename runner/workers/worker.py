@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 from runner.executor import StepInput
 from runner.step_batch import DEFAULT_SHAPES, SeqChunk, StepShapes
 from runner.workers.decode_loop import DecodeLoop, start_thread
-from runner.workers.messages import Admit, Execute, Extend, Info, Message, Release
+from runner.workers.messages import Admit, Execute, Expect, Extend, Info, Message, Release
 from runner.workers.serve import Event, Reply, WorkerLost, serve
 from runner.workers.timeline import Timeline
 
@@ -137,7 +137,7 @@ class _Worker:
         updated in place); its reply waits for its samples, so for its K/V, written by the same program.
         Everything else (the CPU form, which copies K/V into shared memory after each step) runs to the end here,
         in message order."""
-        if isinstance(message, (Admit, Extend, Release)):
+        if isinstance(message, (Admit, Extend, Release, Expect)):
             self._decode_loop().post(message)
             return None
         if isinstance(message, Execute) and self.loop is not None and self.loop.rows:

@@ -3,9 +3,9 @@ next decode step instead of one a whole step later (the split's TBT misses on th
 
 import pytest
 
-from nexus_jax.disagg.handoff import HandoffTimer
 from nexus_jax.testing.engines import expected
 from nexus_jax.testing.runs import greedy, run_all, staggered
+from runner.workers.handoff import HandoffTimer
 from tests.disagg.test_disagg_engine import make_engine
 
 
@@ -57,7 +57,17 @@ def test_a_step_that_lands_before_the_deadline_grows_the_lead():
     clock.t += 0.004  # landed early: the device would have idled until the deadline
     timer.landed(running)
     assert timer.counts["late"] == 1 and timer.lead > 0.3 and timer.deadline is None
-    assert timer.step_time < 0.010  # the short step counts in the average
+    assert timer.step_time < 0.010  # the short step counts in the median
+
+
+def test_a_step_that_compiled_does_not_hold_the_next_ones_back():
+    clock = Clock()
+    timer = timer_with_steps(clock, step=3.0)  # the first step compiled
+    for _ in range(2):
+        start = timer.sent(queued=False)
+        clock.t += 0.010
+        timer.landed(start)
+    assert timer.step_time == pytest.approx(0.010)
 
 
 def test_a_prefill_in_flight_joins_the_step_queued_behind_the_running_decode():
@@ -109,7 +119,7 @@ def test_outputs_are_unchanged_when_deferrals_happen():
     engine = make_engine(tbt=1e-9, seed=3)
     clock = Clock()
     engine.handoff.clock = clock
-    engine.handoff.step_time = 0.010
+    engine.handoff.durations.append(0.010)
     arrivals = staggered(3)
     done = run_all(engine, arrivals, before_step=lambda k: setattr(clock, "t", clock.t + 0.004))
     for reqs in arrivals.values():

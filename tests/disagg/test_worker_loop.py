@@ -15,6 +15,7 @@ from nexus_jax.testing.latency import force_split
 from nexus_jax.testing.mock_pool import MockPool
 from nexus_jax.testing.runs import run_all, staggered
 from runner.model.config import ModelConfig
+from runner.workers.messages import Admit, Expect
 
 LOOP = dict(disaggregation="on", decode_loop="worker", aggregate_when_safe=False)
 
@@ -211,3 +212,24 @@ def test_per_step_host_features_are_refused_with_their_name(params, named):
     with pytest.raises(ValueError, match=named):
         engine.add_request("x", {"prompt_token_ids": [1, 2]}, SamplingParams(max_tokens=4, **params))
     assert not engine.has_unfinished_requests()
+
+
+def test_the_loop_is_told_when_a_prefill_that_joins_it_is_in_flight():
+    engine = make_engine(seed=1)
+    posted = []
+    handle = loop_handle(engine)
+    post = handle.post
+    handle.post = lambda message: (posted.append(message), post(message))[1]
+    arrivals = staggered(1)
+    done = run_all(engine, arrivals)
+    for reqs in arrivals.values():
+        for rid, prompt, n in reqs:
+            assert done[rid].outputs[0].token_ids == expected(prompt, n), rid
+    expects = [m.joining for m in posted if isinstance(m, Expect)]
+    assert expects and expects[0] is True
+    # Told only of changes: after an Expect(True), the next word is an Admit (which ends it) or an Expect(False).
+    kinds = [type(m).__name__ if not isinstance(m, Expect) else f"Expect({m.joining})" for m in posted
+             if isinstance(m, (Admit, Expect))]
+    for a, b in zip(kinds, kinds[1:]):
+        assert not (a == "Expect(True)" and b == "Expect(True)"), kinds
+    assert_clean(engine)

@@ -4,6 +4,7 @@ a Released comes only once no step holding the rows is in flight, and serve() se
 
 import queue
 import threading
+import time
 from multiprocessing import Pipe
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from nexus_jax.testing.mock_executor import MockExecutor
 from runner.sampling import GREEDY_ROW
 from runner.workers.decode_loop import DecodeLoop
-from runner.workers.messages import Admit, Extend, LoopFailed, LoopRow, Release, Released, Stop, Tokens
+from runner.workers.messages import Admit, Expect, Extend, LoopFailed, LoopRow, Release, Released, Stop, Tokens
 from runner.workers.serve import Event, serve
 
 
@@ -100,3 +101,35 @@ def test_serve_sends_events_unasked_and_no_reply_to_loop_messages():
     ours.send(Stop())
     worker.join(5)
     assert len(posted) == 1
+
+
+def test_an_expected_join_holds_the_queued_step_until_its_admit():
+    """While a prefill that will join is in flight (Expect), the step to queue behind the running one waits for its
+    Admit, so the new row runs in the very next step (runner.workers.handoff)."""
+    loop, rec, _ = make_loop(2)
+    loop.post(Admit([row("a", 10, 0, [0, 1, 2], 12)]))
+    run(loop, 3)  # a runs, one step in flight
+    loop.handoff.durations.extend([5.0] * 3)  # steps of 5 s: the deadline is far, only the Admit ends the wait
+    loop.post(Expect(True))
+    threading.Timer(0.05, loop.post, [Admit([row("b", 50, 0, [3], 3)])]).start()
+    before = len(rec.dispatches)
+    run(loop, 1)
+    assert len(rec.dispatches) == before + 1
+    assert {c.seq_id for c in rec.dispatches[-1].decodes} == {"a", "b"}  # b joined the very next step
+    assert not loop.joining and loop.handoff.counts["deferred"] == 1
+    run(loop, 10)
+    assert rec.tokens("b") == [51, 52, 53]
+
+
+def test_an_expected_join_that_does_not_come_in_time_waits_only_until_the_deadline():
+    loop, rec, _ = make_loop(2)
+    loop.post(Admit([row("a", 10, 0, [0, 1, 2], 12)]))
+    run(loop, 3)
+    loop.handoff.durations.extend([0.1] * 3)  # plan 30 ms before a 100 ms step's predicted end
+    loop.post(Expect(True))
+    before = len(rec.dispatches)
+    start = time.monotonic()
+    run(loop, 1)
+    assert 0.02 < time.monotonic() - start < 0.5  # held ~70 ms, to the deadline
+    assert {c.seq_id for c in rec.dispatches[before].decodes} == {"a"}
+    assert loop.joining  # still expected: the next step waits for it too
