@@ -123,8 +123,8 @@ def best_baseline(docs: dict[str, dict], targets: dict[str, float]) -> str | Non
     return max(baselines, key=key) if baselines else None
 
 
-def _ms(d: dict, stat: str) -> str:
-    return f"{d[stat] * 1e3:.0f}" if d[stat] is not None else "-"
+def _ms(d: dict | None, stat: str) -> str:
+    return f"{d[stat] * 1e3:.0f}" if d and d[stat] is not None else "-"  # None: a run from before the metric
 
 
 def summarize(workload: str, docs: dict[str, dict], failed: tuple[str, ...] = ()) -> str:
@@ -132,14 +132,15 @@ def summarize(workload: str, docs: dict[str, dict], failed: tuple[str, ...] = ()
     run exited with an error and left no results."""
     w = WORKLOADS[workload]
     lines = [f"### {workload}: dataset {w.dataset}, SLO TTFT <= {w.ttft:g} s (P90), TBT <= {w.tbt * 1e3:g} ms (P99)",
-             "", "| mode | rate | achieved req/s | goodput | TTFT mean | P90 | P99 | TBT median | P99 | meets |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| mode | rate | achieved req/s | goodput | TTFT mean | P90 | P99 | TBT median | P99 | largest gap P90 "
+             "| first gap P90 | meets |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for mode, doc in docs.items():
         for run in sweep(doc):
             s = run["summary"]
             lines.append(f"| {mode} | {float(run['request_rate']):g} | {s['request_throughput']:.2f} | "
                          f"{s.get('goodput', 0.0):.2f} | {_ms(s['ttft'], 'mean')} | {_ms(s['ttft'], 'p90')} | "
                          f"{_ms(s['ttft'], 'p99')} | {_ms(s['itl'], 'median')} | {_ms(s['itl'], 'p99')} | "
+                         f"{_ms(s.get('max_gap'), 'p90')} | {_ms(s.get('first_gap'), 'p90')} | "
                          f"{'yes' if report.meets_targets(s, w.targets) else 'no'} |")
     base = best_baseline(docs, w.targets)
     base_rate = sustainable_rate(docs[base], w.targets) if base else None

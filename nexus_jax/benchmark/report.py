@@ -67,6 +67,10 @@ def summarize(run: RunResult, slos: dict[str, float] | None = None) -> dict[str,
     for name in ("ttft", "tpot", "e2e"):
         summary[name] = distribution(x[name] for x in lat if x[name] is not None)
     summary["itl"] = distribution(g for r in done for g in np.diff(r.token_times))
+    # What an SLO on TBT judges (each request's largest gap), and the gap from the first token to the second: a
+    # disaggregated engine's handoff from the prefill to the decode worker lands there.
+    summary["max_gap"] = distribution(x["itl"] for x in lat if x["itl"] is not None)
+    summary["first_gap"] = distribution(r.token_times[1] - r.token_times[0] for r in done if len(r.token_times) > 1)
     if slos:
         good = sum(meets_slos(r, slos) for r in done)
         summary["good_requests"] = good

@@ -134,6 +134,8 @@ def test_metrics_on_hand_made_timestamps():
     assert s["ttft"] == pytest.approx({"mean": 0.35, "median": 0.35, "p90": 0.47, "p99": 0.497})
     assert s["tpot"] == pytest.approx({"mean": 0.35, "median": 0.35, "p90": 0.47, "p99": 0.497})
     assert s["itl"] == pytest.approx({"mean": 0.275, "median": 0.25, "p90": 0.44, "p99": 0.494})
+    assert s["max_gap"] == pytest.approx({"mean": 0.4, "median": 0.4, "p90": 0.48, "p99": 0.498})  # 0.3 and 0.5
+    assert s["first_gap"] == pytest.approx({"mean": 0.3, "median": 0.3, "p90": 0.46, "p99": 0.496})  # 0.1, 0.5
     assert s["e2e"] == pytest.approx({"mean": 1.0, "median": 1.0, "p90": 1.16, "p99": 1.196})
     assert "goodput" not in s
 
