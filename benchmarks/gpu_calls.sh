@@ -15,6 +15,10 @@
 #   bash benchmarks/gpu_calls.sh arena     # decode GEMMs on JAX's memory, the arena in its owner, over IPC, a copy
 #   bash benchmarks/gpu_calls.sh cublas    # the split and the aggregated engine with XLA's Triton GEMMs off (cuBLAS),
 #                                          # against the aggregated engine as it is
+#   bash benchmarks/gpu_calls.sh oom       # the in-process engine at 0.9 compiled on first use, XLA preallocating or
+#                                          # not: what its step programs ask for (probe_first_step.py)
+#   bash benchmarks/gpu_calls.sh handoff   # the tight workload at 12 and 16 req/s, aggregated 512 vs static-50,
+#                                          # with the handoff fix (first gap and largest gap per run)
 # Everything goes under $OUT (JSON per run, the logs filtered of XLA's chatter). Predictions: benchmarks/RESULTS.md.
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -106,12 +110,24 @@ case "${1:-}" in
     done
     bench 200 agg09 agg --prefills 2 --gpu-memory-utilization 0.9
     ;;
+  oom)
+    for v in noprealloc:false prealloc:true; do
+      mkdir -p "$OUT/${v%%:*}"
+      XLA_PYTHON_CLIENT_PREALLOCATE=${v##*:} timeout 150 python3 benchmarks/probe_first_step.py \
+        --out "$OUT/${v%%:*}" > "$OUT/${v%%:*}/log.txt" 2>&1
+      grep '^{' "$OUT/${v%%:*}/log.txt" | cut -c1-600
+    done
+    ;;
+  handoff)
+    timeout 560 python3 benchmarks/bench_serve_modes.py run tight agg-512-arrival static-50 --rates 12 16 \
+      --out "$OUT/serve" 2>&1 | grep -E '^\| |sweep rate|Error'
+    ;;
   arena)
     timeout 150 python3 benchmarks/probe_arena_read.py --out "$OUT" 2>&1 | grep -Ev "$NOISE" | tail -6
     timeout 150 python3 benchmarks/probe_arena_read.py --mps 50 --out "$OUT" 2>&1 | grep -Ev "$NOISE" | tail -6
     ;;
   *)
-    echo "usage: OUT=dir bash benchmarks/gpu_calls.sh trace|loop|compile|copy|hlo|cublas|arena|sampler|pool|front|moe-tiles" >&2
+    echo "usage: OUT=dir bash benchmarks/gpu_calls.sh trace|loop|compile|copy|hlo|cublas|arena|sampler|pool|front|moe-tiles|oom|handoff" >&2
     exit 2
     ;;
 esac
