@@ -69,11 +69,13 @@ class HandoffTimer:
         running step's end can be predicted; the time is kept as `deadline` for the engine's wait."""
         step = self.step_time
         if not join_coming or running_start is None or step is None:
+            self.deadline = None  # the join came (or cannot be timed): nothing waits any more
             return 0.0
         at = running_start + step - max(self.min_lead, self.lead * step)
         if at <= self.clock():
             if self.deadline is not None:  # deferred, and planned in time
                 self.lead = max(0.1, self.lead - 0.01)
+            self.deadline = None
             return 0.0
         if self.deadline is None:
             self.counts["deferred"] += 1

@@ -127,3 +127,15 @@ def test_outputs_are_unchanged_when_deferrals_happen():
             assert done[rid].outputs[0].token_ids == expected(prompt, n), rid
     assert engine.handoff.counts["deferred"] > 0
     assert engine.block_manager.usage == 0.0
+
+
+def test_a_join_that_comes_ends_the_deferral_without_counting_it_late():
+    clock = Clock()
+    timer = timer_with_steps(clock)
+    running = clock()
+    timer.plan_at(running, join_coming=True)
+    clock.t += 0.002
+    assert timer.plan_at(running, join_coming=False) == 0.0  # the prefill landed: plan now
+    clock.t += 0.008
+    timer.landed(running)  # even if nothing was sent after all
+    assert timer.counts["late"] == 0 and timer.lead == pytest.approx(0.3)
