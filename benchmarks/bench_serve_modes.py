@@ -55,6 +55,10 @@ MODES: dict[str, tuple[str, ...]] = {
     **{f"agg-{b}-{order}": ("--max-num-batched-tokens", str(b), "--engine-arg", f"prefill_order={order}")
        for b in BUDGETS for order in ("arrival", "spf")},
     "static-50": (*SPLIT, "--engine-arg", "sm_ladder=50", "--engine-arg", "aggregate_when_safe=false"),
+    "static-30": (*SPLIT, "--engine-arg", "sm_ladder=30", "--engine-arg", "aggregate_when_safe=false"),
+    # the split with its first token sent at once (pace_first_token=false): pacing's ablation
+    "static-50-unpaced": (*SPLIT, "--engine-arg", "sm_ladder=50", "--engine-arg", "aggregate_when_safe=false",
+                          "--engine-arg", "pace_first_token=false"),
     # the same split with the decode worker running its own loop (decode_loop=worker): the loop's ablation
     "static-50-loop": (*SPLIT, "--engine-arg", "sm_ladder=50", "--engine-arg", "aggregate_when_safe=false",
                        "--engine-arg", "decode_loop=worker"),

@@ -99,11 +99,14 @@ def main() -> None:
               warmup=args.warmup, compilation_cache_dir=args.cache)
     runner = getattr(llm.llm_engine.executor, "runner", llm.llm_engine.executor)
     result: dict[str, Any] = {"args": vars(args), "free_gib_after_build": free_gib(),
+                              "allocator_after_build": {k: v / GIB for k, v in
+                                                        (jax.devices()[0].memory_stats() or {}).items()},
                               "pool": describe_array(getattr(runner, "kv_pool", None)),
                               "pool_gib": getattr(getattr(runner, "kv_pool", None), "nbytes", 0) / GIB}
     print(json.dumps(result), flush=True)
     try:
-        outs = llm.generate(["hello " * 300, "world " * 40], SamplingParams(max_tokens=4, ignore_eos=True))
+        outs = llm.generate([{"prompt_token_ids": [7] * 300}, {"prompt_token_ids": [9] * 40}],
+                            SamplingParams(max_tokens=4, ignore_eos=True))
         result["outputs"] = [o.outputs[0].finish_reason for o in outs]
     except Exception:  # noqa: BLE001
         result["error"] = traceback.format_exc()[-1500:]

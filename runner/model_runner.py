@@ -21,6 +21,7 @@ from runner import programs
 from runner.batch_state import DecodeState
 from runner.executor import StepInput, StepsExecutor
 from runner.host_blocks import HostBlocks, pad_blocks
+from runner.kv_budget import fit_num_blocks, kv_bytes_per_block
 from runner.model.config import ModelConfig
 from runner.model.llama import Transformer
 from runner.penalties import PenaltyRow
@@ -63,36 +64,6 @@ class PendingStep:
             tables[i] = (token_logprobs[at:at + n], ranks[at:at + n], top_ids[at:at + n, :k],
                          top_logprobs[at:at + n, :k])
         return out._replace(prompt_logprobs=tables)
-
-
-def fit_num_blocks(config: ModelConfig, block_size: int, dtype: Any, memory_utilization: float,
-                   cpu_tokens: int, device: jax.Device | None = None) -> int:
-    """KV blocks that fit in `memory_utilization` of `device`'s memory (default: the first device) once the
-    weights are resident.
-
-    A device that reports no memory limit (CPU) gets `cpu_tokens` worth of blocks.
-    """
-    per_block = ModelRunner.kv_bytes_per_block(config, block_size, dtype)
-    stats = (device or jax.devices()[0]).memory_stats() or {}
-    if "bytes_limit" not in stats:
-        return max(1, cpu_tokens // block_size)
-    total, used = stats["bytes_limit"], stats.get("bytes_in_use", 0)
-    # Keep headroom for the step's activations and logits: a tenth of what is left, at least 1 GiB.
-    headroom = max((total * memory_utilization - used) * 0.1, 1 << 30)
-    return kv_blocks_in_budget(total, used, memory_utilization, headroom, per_block)
-
-
-def kv_blocks_in_budget(total: float, used: float, utilization: float, reserve: float, bytes_per_block: int) -> int:
-    """KV blocks that fit in `utilization` of a device's `total` bytes beside the `used` bytes and a `reserve`
-    kept free; raises ValueError when not even one fits."""
-    budget = total * utilization - used - reserve
-    blocks = int(budget // bytes_per_block)
-    if blocks < 1:
-        gib = 2**30
-        raise ValueError(f"no device memory left for the KV pool: {utilization:g} of {total / gib:.1f} GiB, "
-                         f"{used / gib:.1f} GiB in use, {reserve / gib:.1f} GiB kept free for the steps; raise "
-                         f"gpu_memory_utilization or set num_kv_blocks")
-    return blocks
 
 
 def on_device(device: jax.Device | None) -> contextlib.AbstractContextManager:
@@ -148,6 +119,8 @@ class ModelRunner(StepsExecutor):
                                                                cpu_kv_tokens, device)
                 self.kv_pool = jnp.zeros(self.kv_pool_shape(config, self.num_blocks, block_size), self.dtype,
                                          device=device)
+                # An allocation that fails surfaces here, not as every step's error.
+                self.kv_pool.block_until_ready()
             # What a step that feeds on nothing reads. jit compiles apart for committed and uncommitted arguments,
             # so it must be placed as the samples a pipelined step feeds on (outputs of programs on the pool): a
             # worker's pool is committed, and an uncommitted one made its first pipelined step of each decode
@@ -161,7 +134,7 @@ class ModelRunner(StepsExecutor):
 
     @staticmethod
     def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: Any) -> int:
-        return 2 * config.num_layers * config.num_kv_heads * block_size * config.head_dim * jnp.dtype(dtype).itemsize
+        return kv_bytes_per_block(config, block_size, dtype)
 
     def dispatch(self, step: StepInput) -> "PendingStep":
         """Starts one step on the device and returns at once; `result()` waits for its samples. Feeds (see

@@ -118,6 +118,12 @@ class EngineConfig:
         "engine", DISAGGREGATION, "who runs decode steps in the disaggregated mode: the engine plans each one, or "
                                   "the decode worker loops on its own (fixed split on the widest sm_ladder rung)",
         choices=DECODE_LOOPS)
+    # The split's first gap (first token from the prefill worker, second from the decode worker) was its only TBT
+    # miss on the tight workload (RESULTS.md, 2026-12-07): up to a decode step of waiting for the step it joins,
+    # then that step. Sent when the step it joins starts, the first token costs TTFT under a step, the gap one step.
+    pace_first_token: bool = _option(
+        True, DISAGGREGATION, "streams of the disaggregated mode get their first token when their first decode "
+                              "step starts, so the gap to the second is one decode step")
     # Weights read over CUDA IPC from the holder's arena made 8B decode 1.6x slower on an H100 (RESULTS.md,
     # 2026-12-06: 12.9 ms shared, 8.1 ms on a copy): the decode-bound workers can hold a copy of their own.
     # "auto" by default: on copies the split's decode ran 1.79x faster (H200, 12.19 -> 6.82 ms), and two copies ran

@@ -20,7 +20,8 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
-from typing import Any, Callable
+import time
+from typing import Any, Callable, Iterable
 
 from nexus_jax.core.logprobs import position_logprobs
 from nexus_jax.core.outputs import CompletionOutput, FinishReason, PositionLogprobs, RequestOutput
@@ -118,6 +119,16 @@ class OutputProcessor:
         """Sequences a stop string ended since the last call, that the engine has not ended: (seq, string, when)."""
         return []
 
+    # Pacing (the split's first token, see DisaggEngine): only a processor that streams on a thread of its own
+    # withholds events; this one returns every output from flush, to a caller that does not stream.
+    paces = False
+
+    def hold(self, groups: Iterable[RequestGroup]) -> None:
+        """Withholds the next flush's events of `groups` (those not retired in it) until `release`."""
+
+    def release(self, group: RequestGroup, now: float) -> None:
+        """Sends `group`'s withheld events with the next flush, its tokens stamped `now` (when they go out)."""
+
     def has_pending(self) -> bool:
         return bool(self._views)
 
@@ -198,23 +209,52 @@ class ThreadedOutputProcessor(OutputProcessor):
         self._queue: queue.Queue = queue.Queue(maxsize)
         self._stopped: list[tuple[Request, str, float]] = []
         self._lock = threading.Lock()  # guards _stopped
+        self._holding: set[RequestGroup] = set()  # whose events the next flush withholds
+        self._held: dict[RequestGroup, list[tuple]] = {}  # withheld events, in order, until release
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="nexus-jax-outputs", daemon=True)
         self._thread.start()
 
+    paces = True
+
     def token(self, group: RequestGroup, seq: Request, token: int, logprobs: TokenLogprobs | None, now: float,
               result: StopResult) -> str | None:
+        self.release(group, now)  # a withheld token never goes out after a later one
         self._batch.append((self._token, group, seq, token, logprobs, now, result))
         return None
 
     def progress(self, group: RequestGroup) -> None:
+        self.release(group, time.monotonic())
         self._batch.append((self._progress, group, group.error))
 
     def retire(self, group: RequestGroup) -> None:
+        self.release(group, time.monotonic())
         self._batch.append((self._retire, group, [(s.finish_reason, s.stop_reason) for s in group.seqs],
                             group.error))
 
+    def hold(self, groups: Iterable[RequestGroup]) -> None:
+        self._holding.update(groups)
+
+    def release(self, group: RequestGroup, now: float) -> None:
+        for fn, *args in self._held.pop(group, ()):
+            if fn == self._token:  # (group, seq, token, logprobs, now, result): the token goes out now
+                args[4] = now
+            self._batch.append((fn, *args))
+
+    def _withhold(self) -> None:
+        holding, self._holding = self._holding, set()
+        retired = {event[1] for event in self._batch if event[0] == self._retire}
+        sent = []
+        for event in self._batch:
+            if event[1] in holding and event[1] not in retired:
+                self._held.setdefault(event[1], []).append(event)
+            else:
+                sent.append(event)
+        self._batch = sent
+
     def flush(self) -> list[RequestOutput]:
+        if self._holding:
+            self._withhold()
         if self._batch:
             batch, self._batch = self._batch, []
             self._put(batch)
@@ -231,6 +271,8 @@ class ThreadedOutputProcessor(OutputProcessor):
     def close(self) -> None:
         """Handles every event sent so far, then stops the thread (at once if it has failed)."""
         try:
+            for group in list(self._held):
+                self.release(group, time.monotonic())
             self.flush()
             self._put(None)
         except RuntimeError:  # the thread failed: the engine thread has raised (or will raise) its error

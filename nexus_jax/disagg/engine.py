@@ -39,6 +39,7 @@ from nexus_jax.core.request import RequestGroup
 from nexus_jax.core.sampling_params import SamplingParams
 from nexus_jax.core.scheduler import SchedulerOutput
 from nexus_jax.disagg.ladder import AGGREGATE
+from nexus_jax.disagg.pacing import FirstTokenPacer
 from nexus_jax.disagg.partition import Decision, LoadState, PartitionController
 from nexus_jax.disagg.phase_scheduler import PhaseScheduler
 from nexus_jax.disagg.worker_loop import WorkerLoop, check_loop_params
@@ -46,7 +47,7 @@ from runner.executor import Executor
 from runner.workers.handoff import HandoffTimer
 from runner.workers.messages import Execute
 from runner.workers.mps import MpsControl
-from runner.workers.pool import WorkerError, WorkerHandle, WorkerPool
+from runner.workers.pool import PoolView, WorkerError, WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +61,6 @@ class _Flight:
     phase: str           # "decode", "prefill" or "mixed"
     started: float
     device_start: float | None = None  # a decode step's predicted start on the device (see HandoffTimer)
-
-
-class PoolView:
-    """The executor facade LLMEngine's constructor reads (block geometry); steps go through the pool."""
-
-    def __init__(self, pool: WorkerPool, block_size: int):
-        self.pool = pool
-        self.block_size = block_size
-        self.num_blocks = pool.shared.kv_shape[2]
-        self.kernel_impl = pool.shared.kernel_impl
-        self.dtype = pool.shared.dtype
 
 
 class DisaggEngine(LLMEngine):
@@ -97,6 +87,8 @@ class DisaggEngine(LLMEngine):
         self.pipelined_steps = 0  # decode steps sent while the worker still ran the one before
         self.poll_interval = 0.005
         self.handoff = HandoffTimer()
+        # The decode worker's own loop reports no step starts: its first tokens go out as they come.
+        self.pacer = FirstTokenPacer(config.pace_first_token and config.decode_loop == "engine")
         self.faults = {"worker_replacements": 0, "pool_restarts": 0, "requeued_requests": 0}
         self.loop: WorkerLoop | None = None
         if config.decode_loop == "worker":
@@ -125,6 +117,8 @@ class DisaggEngine(LLMEngine):
     def step(self) -> list[RequestOutput]:
         outputs, self._pending = self._pending, []
         outputs += self._dispatch()
+        if self.pacer.expire(self.output, time.monotonic()):
+            outputs += self.output.flush()
         if self.loop is not None:
             outputs += self._sync_loop()
         executing = [name for name, flights in self.flights.items() if flights]
@@ -183,7 +177,7 @@ class DisaggEngine(LLMEngine):
         state = LoadState(decode_batch=len(running_decodes),
                           decode_sum_kv=sum(r.num_tokens for r in running_decodes),
                           prefill_chunks=[(c.num_tokens, c.start) for c in prefill.prefills] if has_prefill else [],
-                          kv_usage=self.block_manager.usage, waiting=self._waiting_prompts())
+                          kv_usage=self.block_manager.usage, waiting=sched.waiting_prompts(time.monotonic()))
         decision = self.controller.decide(state)
         self.last_decision = decision
         outputs: list[RequestOutput] = []
@@ -237,14 +231,6 @@ class DisaggEngine(LLMEngine):
         return any(f.phase == "prefill" and any(c.samples for c in f.plan.prefills)
                    for flights in self.flights.values() for f in flights)
 
-    def _waiting_prompts(self) -> list[tuple[int, float]]:
-        """(prompt tokens left, seconds waited) of each request before its first token, in prefill order: the
-        queue whose TTFT the controller predicts."""
-        sched, now = self.scheduler, time.monotonic()
-        before_first = [r for r in (*sched.running, *sched.waiting) if r.in_prefill and not r.output_token_ids]
-        return [(r.num_tokens - r.num_planned_computed, now - r.arrival_time)
-                for r in sorted(before_first, key=sched.admission_key)]
-
     def _free_worker(self, wanted: str, phase: str) -> str:
         """The wanted worker, or if it is executing (the other phase holds it), this phase's worker with the fewest
         SMs that the other phase leaves free."""
@@ -269,7 +255,7 @@ class DisaggEngine(LLMEngine):
         flights = self.flights.setdefault(name, [])
         start = self.handoff.sent(queued=bool(flights)) if phase == "decode" else None
         flights.append(_Flight(plan, phase, time.monotonic(), start))
-        return []
+        return self._paced_start(plan) if phase == "decode" and len(flights) == 1 else []
 
     def _unhold(self, *plans: SchedulerOutput | None) -> None:
         for plan in plans:
@@ -290,11 +276,23 @@ class DisaggEngine(LLMEngine):
             message = f"{type(e).__name__}: {e}"
             return self._end_flight(flight.plan, lambda: self._fail(flight.plan, message))
         self.phase_steps[flight.phase] += 1
+        outputs = []
         if flight.phase == "decode":
             landed = self.handoff.landed(flight.device_start)
             if self.flights[handle.name]:  # queued behind it: starts now
                 self.flights[handle.name][0].device_start = landed
-        return self._end_flight(flight.plan, lambda: self._fold(flight.plan, result, flight.started))
+                outputs = self._paced_start(self.flights[handle.name][0].plan)
+        elif flight.phase == "prefill":
+            firsts = {c.request.group_id for c in flight.plan.prefills if c.samples and not c.request.output_token_ids}
+            self.pacer.hold(self.output, filter(None, map(self.groups.get, firsts)), time.monotonic())
+        outputs += self._end_flight(flight.plan, lambda: self._fold(flight.plan, result, flight.started))
+        self.pacer.folded()
+        return outputs
+
+    def _paced_start(self, plan: SchedulerOutput) -> list[RequestOutput]:
+        """`plan`'s decode step starts on the device: the first tokens withheld for it go out."""
+        groups = {self.groups.get(c.request.group_id) for c in plan.decodes}
+        return self.output.flush() if self.pacer.start(self.output, groups, time.monotonic()) else []
 
     def _end_flight(self, plan: SchedulerOutput, fold, dispatched: bool = True) -> list[RequestOutput]:
         # Fold first (requests that finish defer their blocks while busy), then release the blocks.
@@ -385,7 +383,7 @@ class DisaggEngine(LLMEngine):
                 "controller": self.controller.stats(), "worker_startup_s": dict(self.pool.startup_seconds),
                 "private_weights": sorted(n for n, h in self.pool.workers.items()
                                           if self.pool.shared.private_weights and h.spec.copy_weights),
-                "faults": dict(self.faults), "handoff": self.handoff.stats(),
+                "faults": dict(self.faults), "handoff": self.handoff.stats(), "pacing": self.pacer.stats(),
                 "decode_loop": None if self.loop is None else self.loop.stats()}
 
     def close(self) -> None:

@@ -20,6 +20,13 @@ class PhaseScheduler(Scheduler):
         self.preempt_in_flight = False
         self._planning_prefill = False
 
+    def waiting_prompts(self, now: float) -> list[tuple[int, float]]:
+        """(prompt tokens left, seconds waited) of each request before its first token, in prefill order: the
+        queue whose TTFT the partition controller predicts."""
+        before_first = [r for r in (*self.running, *self.waiting) if r.in_prefill and not r.output_token_ids]
+        return [(r.num_tokens - r.num_planned_computed, now - r.arrival_time)
+                for r in sorted(before_first, key=self.admission_key)]
+
     def idle_requests(self) -> list[Request]:
         return [r for r in self.running if r.request_id not in self.busy]
 

@@ -227,3 +227,14 @@ class WorkerPool:
             if arena.kind == "shm":
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(f"/dev/shm/{arena.name}")
+
+
+class PoolView:
+    """The executor facade LLMEngine's constructor reads (block geometry); steps go through the pool."""
+
+    def __init__(self, pool: WorkerPool, block_size: int):
+        self.pool = pool
+        self.block_size = block_size
+        self.num_blocks = pool.shared.kv_shape[2]
+        self.kernel_impl = pool.shared.kernel_impl
+        self.dtype = pool.shared.dtype

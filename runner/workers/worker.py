@@ -258,8 +258,9 @@ def _load_into_arenas(spec: WorkerSpec, kind: str) -> tuple[SharedModel, list[An
     pool arena from the device memory then free (or from spec.num_blocks / cpu_kv_tokens)."""
     import jax
 
+    from runner.kv_budget import kv_blocks_in_budget
     from runner.model.loader import load_model
-    from runner.model_runner import ModelRunner, kv_blocks_in_budget
+    from runner.model_runner import ModelRunner
     from runner.workers.shared_arena import SharedArena, export_arrays
 
     loaded = load_model(spec.model, spec.dtype, cache_dir=spec.params_cache_dir, seed=spec.seed)
@@ -292,7 +293,7 @@ def _load_into_arenas(spec: WorkerSpec, kind: str) -> tuple[SharedModel, list[An
 def _private_weights(spec: WorkerSpec, total: int, used: int, weight_bytes: int, per_block: int) -> bool:
     """Whether the decode-bound workers get weight copies: always for "private" (an error if that leaves no KV
     pool), for "auto" while the pool keeps at least half the blocks it would have on shared weights."""
-    from runner.model_runner import kv_blocks_in_budget
+    from runner.kv_budget import kv_blocks_in_budget
 
     if spec.decode_weights == "shared" or spec.weight_copies == 0:
         return False

@@ -1,3 +1,5 @@
+import time
+
 """The disaggregated engine's logic over in-process mock workers (fast): phases planned apart, requests handed
 from prefill to decode by block table, split/aggregate decisions, aborts while a step executes.
 
@@ -5,6 +7,8 @@ The mock workers share one MockExecutor, which checks on every step that each ch
 the slots its block table names; so a block handed over too early, or freed and reused while a step still
 held it, raises instead of passing. Results are folded back in a random order to interleave the phases.
 """
+
+import time
 
 import pytest
 
@@ -264,9 +268,9 @@ def test_the_controller_sees_the_prompts_waiting_for_their_first_token():
     engine = make_engine(tbt=10.0)
     engine.add_request("long", {"prompt_token_ids": list(range(1, 41))}, SamplingParams(max_tokens=2))
     engine.add_request("short", {"prompt_token_ids": [1, 2, 3]}, SamplingParams(max_tokens=2))
-    waiting = engine._waiting_prompts()
+    waiting = engine.scheduler.waiting_prompts(time.monotonic())
     assert [n for n, _ in waiting] == [3, 40]   # prefill order: shortest prompt first
     assert all(0 <= waited < 60 for _, waited in waiting)
     done = run_all(engine)
     assert done["long"].outputs[0].token_ids == expected(list(range(1, 41)), 2)
-    assert engine._waiting_prompts() == []
+    assert engine.scheduler.waiting_prompts(time.monotonic()) == []
