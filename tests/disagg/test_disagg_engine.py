@@ -1,4 +1,3 @@
-
 """The disaggregated engine's logic over in-process mock workers (fast): phases planned apart, requests handed
 from prefill to decode by block table, split/aggregate decisions, aborts while a step executes.
 
