@@ -9,7 +9,7 @@ of the current requests would meet both SLOs.
 
 A request counts when it meets both: a running decode when the step meets TBT; a waiting prompt when its TTFT
 meets the TTFT SLO and both the candidate's step and its first gap meet TBT (it will decode at that pace, after a
-handoff to the decode worker under a split: `handoff_gap`). Pure functions over a latency
+handoff to the decode worker under a split: `handoff_gap`, one step when the first token is paced). Pure functions over a latency
 model, so the controller (partition.py) and its tests can call them with hand-computable fakes.
 """
 
@@ -79,7 +79,8 @@ class Candidate:
     t_prefill: float           # predicted seconds per prefill step
     ttfts: tuple[float, ...]   # predicted TTFT of each waiting prompt
     # A waiting prompt's gap between its first and second token: one mixed step when aggregated; under a split
-    # the handoff's, up to 2 + lead decode steps (runner.workers.handoff), which alone failed the H200 split.
+    # the handoff's, up to 2 + lead decode steps (runner.workers.handoff), which alone failed the H200 split, or
+    # one decode step when the first token goes out as that step starts (nexus_jax.disagg.pacing).
     first_gap: float = 0.0
 
     @property
@@ -107,9 +108,9 @@ class Candidate:
                 "goodput": self.goodput(slo), "risk": self.risk(slo)}
 
 
-def predict(model: LatencyModel, state: LoadState, decode_share: int | None) -> Candidate:
-    """The candidate's step times and TTFTs; decode_share None is the aggregated mixed step. Both phases must
-    have work (the controller handles a phase alone without candidates)."""
+def predict(model: LatencyModel, state: LoadState, decode_share: int | None, paced: bool = False) -> Candidate:
+    """The candidate's step times and TTFTs; decode_share None is the aggregated mixed step; paced: a split's first
+    tokens are paced. Both phases must have work (the controller handles a phase alone without candidates)."""
     chunks = state.prefill_chunks
     if decode_share is None:
         t_decode = t_prefill = model.predict_mixed(state.decode_batch, state.decode_sum_kv, chunks)
@@ -119,13 +120,14 @@ def predict(model: LatencyModel, state: LoadState, decode_share: int | None) -> 
     return Candidate("aggregate" if decode_share is None else "split", 100 if decode_share is None else decode_share,
                      state.decode_batch, t_decode, t_prefill,
                      tuple(queue_ttfts(state.waiting, sum(n for n, _ in chunks), t_prefill)),
-                     t_decode if decode_share is None else handoff_gap(t_decode))
+                     t_decode if decode_share is None else handoff_gap(t_decode, paced))
 
 
-def handoff_gap(t_decode: float) -> float:
-    """The longest first gap of a prompt that joins a split's decode worker: it lands just after the queued step
-    was planned, so it waits for the rest of the running step, the queued one and its own (HandoffTimer)."""
-    return (2 + HANDOFF_LEAD) * t_decode
+def handoff_gap(t_decode: float, paced: bool = False) -> float:
+    """The longest first gap of a prompt that joins a split's decode worker. Sent at once, it lands just after the
+    queued step was planned, so it waits for the rest of the running step, the queued one and its own
+    (HandoffTimer); paced, the first token goes out as its own step starts: one step."""
+    return t_decode if paced else (2 + HANDOFF_LEAD) * t_decode
 
 
 def queue_ttfts(waiting: Sequence[tuple[int, float]], step_tokens: int, step_seconds: float) -> list[float]:

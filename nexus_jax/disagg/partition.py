@@ -54,9 +54,11 @@ class Decision:
 
 class PartitionController:
     def __init__(self, cost_model: LatencyModel, ladder: SmLadder | Sequence[int] = (20, 30, 40, 60),
-                 slo: Slo = Slo(), *, hysteresis: float = 0.1, allow_aggregate: bool = True, log_size: int = 256):
+                 slo: Slo = Slo(), *, hysteresis: float = 0.1, allow_aggregate: bool = True, log_size: int = 256,
+                 paced_first_token: bool = False):
         """ladder: the warm workers' ladder, or its decode SM shares (percent); prefill gets 100 - share.
-        log_size: how many recent decisions the decision log keeps."""
+        log_size: how many recent decisions the decision log keeps. paced_first_token: the engine sends a split's
+        first token as the decode step of the second starts (its first gap is one step)."""
         self.ladder = ladder if isinstance(ladder, SmLadder) else SmLadder(ladder)
         if not 0 <= hysteresis < 1:
             raise ValueError(f"hysteresis must be within [0, 1), got {hysteresis}")
@@ -66,6 +68,7 @@ class PartitionController:
         self.slo = slo
         self.hysteresis = hysteresis
         self.allow_aggregate = allow_aggregate
+        self.paced_first_token = paced_first_token
         self.current: Decision | None = None
         self.decisions = 0
         self.switches = 0
@@ -136,7 +139,7 @@ class PartitionController:
 
     def _predict(self, state: LoadState, decode_share: int | None) -> Candidate:
         self.evaluations += 1
-        return predict(self.cost_model, state, decode_share)
+        return predict(self.cost_model, state, decode_share, self.paced_first_token)
 
     def _decision(self, c: Candidate, note: str) -> Decision:
         goodput, risk = c.goodput(self.slo), c.risk(self.slo)

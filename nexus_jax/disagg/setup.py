@@ -73,7 +73,8 @@ def worker_specs(config: EngineConfig, ladder: SmLadder, mps: MpsControl | None)
 def make_controller(config: EngineConfig, cost_model: LatencyModel, ladder: SmLadder) -> PartitionController:
     """The partition controller of `config`: its SLOs (both count in every decision) and whether it may aggregate."""
     return PartitionController(cost_model, ladder, Slo(ttft=config.slo_ttft, tbt=config.slo_tbt),
-                               allow_aggregate=config.aggregate_when_safe)
+                               allow_aggregate=config.aggregate_when_safe,
+                               paced_first_token=config.pace_first_token and config.decode_loop == "engine")
 
 
 def build_disaggregated(config: EngineConfig) -> DisaggEngine | None:

@@ -88,6 +88,12 @@ def test_a_first_gap_over_tbt_costs_the_waiting_prompts_of_a_split():
     assert split.risk(c.slo) == pytest.approx(0.046 / 0.04)
     assert c.decide(load()).mode == "aggregate"
     assert predict(c.cost_model, load(waiting=()), 50).risk(c.slo) == pytest.approx(0.5)  # nobody joins
+    # Paced, the first token goes out as the step of the second starts: one step (20 ms), and d50 serves all 9,
+    # a tie with the mixed step (which wins ties), and a win once the mixed step misses TBT.
+    paced = predict(c.cost_model, load(), 50, paced=True)
+    assert paced.first_gap == pytest.approx(0.020) and paced.goodput(c.slo) == 9
+    for mixed, mode in ((0.035, "aggregate"), (0.045, "split")):
+        assert PartitionController(Fake(mixed=mixed), (50,), c.slo, paced_first_token=True).decide(load()).mode == mode
 
 
 def test_co_run_contention_is_counted():
