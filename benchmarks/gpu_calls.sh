@@ -19,7 +19,7 @@
 #                                          # not: what its step programs ask for (probe_first_step.py)
 #   bash benchmarks/gpu_calls.sh handoff   # the tight workload at 12 and 16 req/s, aggregated 512 vs static-50,
 #                                          # with the handoff fix (first gap and largest gap per run)
-#   bash benchmarks/gpu_calls.sh pace      # tight at 12/16/20: aggregated 512, static-50 and static-30, paced
+#   bash benchmarks/gpu_calls.sh pace      # tight at 12/16/20: aggregated 512, static-50 and static-30, paced; oom
 #   bash benchmarks/gpu_calls.sh unpaced   # tight at 12/16: static-50 with and without pacing; then oom
 # Everything goes under $OUT (JSON per run, the logs filtered of XLA's chatter). Predictions: benchmarks/RESULTS.md.
 set -uo pipefail
@@ -124,9 +124,10 @@ case "${1:-}" in
     timeout 560 python3 benchmarks/bench_serve_modes.py run tight agg-512-arrival static-50 --rates 12 16 \
       --out "$OUT/serve" 2>&1 | grep -E '^\| |sweep rate|Error'
     ;;
-  pace)  # the split with its first token paced, at 50% and 30% decode SMs, against the aggregated engine
-    timeout 570 python3 benchmarks/bench_serve_modes.py run tight agg-512-arrival static-50 static-30 \
+  pace)  # the split with its first token paced, at 50% and 30% decode SMs, against the aggregated engine; then oom
+    timeout 510 python3 benchmarks/bench_serve_modes.py run tight agg-512-arrival static-50 static-30 \
       --rates 12 16 20 --out "$OUT/serve" 2>&1 | grep -E '^\| |sweep rate|Error'
+    bash "$0" oom
     ;;
   unpaced)  # pacing's ablation in one run, and the pool's size on a growing allocator (oom)
     timeout 330 python3 benchmarks/bench_serve_modes.py run tight static-50-unpaced static-50 --rates 12 16 \
