@@ -59,6 +59,7 @@ async def run_suite(backend: Backend, workload: list[BenchRequest] | list[Progra
 
     # A backend that can count its engine's compiled programs (in-process) says whether a run timed compilation.
     compiled = getattr(backend, "compiled_programs", None)
+    engine_stats = getattr(backend, "engine_stats", None)  # what the engine counted, after each run
 
     async def measure(rate: float, phase: str) -> dict[str, Any]:
         before = await compiled() if compiled else None
@@ -66,6 +67,8 @@ async def run_suite(backend: Backend, workload: list[BenchRequest] | list[Progra
         summary = report.summarize(result, settings.slos)
         new = None if compiled is None else await compiled() - before
         runs.append({"phase": phase, **report.run_to_json(result, summary), "compiled_while_measuring": new})
+        if engine_stats is not None:
+            runs[-1]["engine_stats"] = await engine_stats()
         if new:
             print(f"[bench serve] {phase} rate {rate}: {new} step programs compiled while measuring: its latencies "
                   f"include compilation (warm-up did not cover them)", file=sys.stderr, flush=True)

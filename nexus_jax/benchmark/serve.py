@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import math
 import time
 from typing import Any, Awaitable, Callable, Protocol
@@ -100,6 +101,12 @@ class InProcessBackend:
                              m.finished_time if m.finished_time is not None else time.monotonic(), ok, error,
                              request.source)
 
+    async def engine_stats(self) -> dict[str, Any]:
+        """The engine's counters so far (handoff, pacing, phase steps, faults...), JSON-ready; long lists (the
+        controller's decision log) left out."""
+        stats = await self.llm.run_on_engine(self.llm.engine.stats)
+        return json.loads(json.dumps(_compact(stats), default=str))
+
     def describe(self) -> dict[str, Any]:
         return {**self._description, "max_model_len": self.max_model_len, "vocab_size": self.vocab_size}
 
@@ -109,6 +116,12 @@ class InProcessBackend:
 
     def close(self) -> None:
         self.llm.shutdown()
+
+
+def _compact(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _compact(v) for k, v in value.items() if not (isinstance(v, (list, tuple)) and len(v) > 16)}
+    return value
 
 
 def arrival_offsets(n: int, rate: float, burstiness: float, rng: np.random.Generator) -> np.ndarray:

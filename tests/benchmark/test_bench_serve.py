@@ -276,6 +276,8 @@ def test_cli_serve_on_the_default_model_then_plot(tmp_path, capsys):
     (run,) = doc["runs"]
     assert run["summary"]["completed"] == 4 and run["summary"]["good_requests"] == 4
     assert isinstance(run["compiled_while_measuring"], int)  # the engine's compiled programs, counted around the run
+    # the engine's counters after the run: nothing left running, no step dropped
+    assert run["engine_stats"]["running"] == 0 and run["engine_stats"]["recoveries"]["dropped_steps"] == 0
     assert all(len(r["token_times"]) == 6 and r["prompt_len"] == 16 for r in run["records"])
     assert "| tiny | inf |" in (tmp_path / "tiny.md").read_text()
     assert matplotlib.image.imread(tmp_path / "tiny.png").shape[:2] == (800, 1100)
