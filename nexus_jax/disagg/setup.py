@@ -78,8 +78,22 @@ def make_controller(config: EngineConfig, cost_model: LatencyModel, ladder: SmLa
 
 
 def build_disaggregated(config: EngineConfig) -> DisaggEngine | None:
-    # If anything in this process starts a JAX GPU client later, it must not take 75% of the memory up front.
+    """The disaggregated engine of `config`, or None where "auto" falls back to the in-process engine."""
+    # If anything in this process starts a JAX GPU client beside the workers, it must not take 75% of the memory up
+    # front. The in-process engine that runs instead is the GPU's only user and preallocates as usual: growing,
+    # XLA's allocator left it a 2.3x smaller pool on an H100 and failed to allocate it on an H200 (RESULTS.md).
+    ours = "XLA_PYTHON_CLIENT_PREALLOCATE" not in os.environ
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    engine = None
+    try:
+        engine = _build_disaggregated(config)
+        return engine
+    finally:
+        if engine is None and ours:
+            os.environ.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
+
+
+def _build_disaggregated(config: EngineConfig) -> DisaggEngine | None:
     mps = try_start_mps()
     if mps is None and config.disaggregation == "auto":
         return None  # try_start_mps warned once
