@@ -54,8 +54,10 @@ def worker_specs(config: EngineConfig, ladder: SmLadder, mps: MpsControl | None)
                 memory_utilization=config.gpu_memory_utilization, cpu_kv_tokens=config.cpu_kv_cache_tokens,
                 kernel_impl=config.kernel_impl, shapes=shapes)
     # Decode reads every weight each step, from the arena over IPC 1.6x slower than from XLA's own memory
-    # (RESULTS.md): the workers that decode may copy them; prefill is compute-bound and keeps the shared ones.
-    copiers = {AGGREGATE, "decode"}
+    # (RESULTS.md): the workers that decode may copy them; prefill is compute-bound and keeps the shared ones. The
+    # aggregate worker runs nothing without aggregate_when_safe: a copy there would only take the decode workers'
+    # room (on an 80 GB H100 the static split's decode read shared weights for it, RESULTS.md 2026-12-07).
+    copiers = {AGGREGATE, "decode"} if config.aggregate_when_safe else {"decode"}
     specs = []
     for w in ladder.workers:
         env = tuple(ladder.env(w.name, mps).items())

@@ -23,6 +23,18 @@ def test_decode_bound_workers_copy_and_the_holder_reserves_a_copy_for_each():
     assert specs["holder"].reserve_bytes == 5 * WORKER_RESERVE_BYTES
 
 
+def test_without_aggregation_only_the_decode_workers_copy():
+    # The aggregate worker runs nothing then; one copy per decode worker, so a static split fits an 80 GB H100.
+    config = EngineConfig(disaggregation="on", sm_ladder=(50,), decode_weights="auto", aggregate_when_safe=False)
+    specs = {s.name: s for s in worker_specs(config, SmLadder(config.sm_ladder), None)}
+    assert {n for n, s in specs.items() if s.copy_weights} == {"decode-50"}
+    assert specs["holder"].weight_copies == 1
+    h100 = holder("auto", copies=1, reserve=specs["holder"].reserve_bytes)
+    assert _private_weights(h100, 80 * GIB, 16 * GIB, 16 * GIB, per_block=2 * 2**20) is True
+    assert _private_weights(holder("auto", copies=2, reserve=h100.reserve_bytes), 80 * GIB, 16 * GIB, 16 * GIB,
+                            per_block=2 * 2**20) is False  # with the aggregate worker's copy: no room
+
+
 @pytest.mark.parametrize("total_gib, policy, expected", [
     (141, "auto", True),     # H200, 8B: 126.9 - 16 - 9 = 101.9 GiB of pool; 3 copies leave 53.9, more than half
     (80, "auto", False),     # H100: 72 - 25 = 47; 3 copies leave ~0
