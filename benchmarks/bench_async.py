@@ -74,12 +74,13 @@ def workload(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, *, tr
 
 
 @contextlib.contextmanager
-def host_timeline(engine: LLMEngine):
+def host_timeline(engine: LLMEngine, extra: list[tuple[object, str]] = ()):
     """Wall time of each part of the loop per call, on the host: planning, the executor's dispatch (returns at once
-    unless something waits for the device), waiting for the samples (result), folding them in."""
+    unless something waits for the device), waiting for the samples (result), folding them in; and of the `extra`
+    (object, method name) pairs."""
     spans: dict[str, list[float]] = collections.defaultdict(list)
     patched = [(engine.scheduler, "schedule"), (engine.executor, "dispatch"), (engine, "_fold"),
-               (model_runner.PendingStep, "result")]
+               (model_runner.PendingStep, "result"), *extra]
     saved = [(obj, name, obj.__dict__.get(name)) for obj, name in patched]
 
     def wrap(obj, name):

@@ -7,23 +7,33 @@ the in-process engine (AsyncLLM) at light load (target: at most +1 ms).
 
 Presets carry no tokenizer; the grammar then works over the embedded model's 512-token tokenizer (ids above it are
 never allowed), so mask building costs less than with a real 128k vocabulary: give a checkpoint directory to
-measure that. The bitmask upload is the full model vocabulary either way. The overlapped loop runs a structured
-request only once its previous sample is on the host (nexus_jax.core.constraints), so with every request
-structured the loop is effectively synchronous: the ITL row shows what that costs.
+measure that. The bitmask upload is the full model vocabulary either way. A structured row's mask needs its previous
+sample on the host: the runner dispatches the forward pass, then asks for the masks (StepInput.late), which fold the
+step in flight first, so the host's fold, mask filling and sampler dispatch run beside the forward pass.
+
+`--trace DIR` also profiles a window of decode steps of each case: the GPU's busy time and idle gaps per step
+(a profiler trace, benchmarks/gpu_trace.py), its top kernels, and the host time of each part of the loop.
+
+TTFT over HTTP is measured with two clients: httpx (what the openai package uses) and a bare http.client reader,
+so the client's own parsing is not counted as the server's.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 
+from benchmarks import gpu_trace
+from benchmarks.bench_async import host_timeline
 from nexus_jax import EngineConfig, LLMEngine, SamplingParams
 from nexus_jax.core.constraints import ConstraintFactory
 from nexus_jax.core.tokenizer import Tokenizer
@@ -45,12 +55,16 @@ def with_tokenizer(engine: LLMEngine) -> LLMEngine:
     return engine
 
 
-def decode_itl(engine: LLMEngine, prompts: list[list[int]], output_len: int, structured: bool) -> dict[str, float]:
-    """Runs the batch to the end; ITL over every request's tokens after its first."""
+def add_batch(engine: LLMEngine, prompts: list[list[int]], output_len: int, structured: bool, tag: str = "") -> None:
     spec = {"structured_outputs": {"json": SCHEMA}} if structured else {}
     for i, prompt in enumerate(prompts):
-        engine.add_request(f"{'s' if structured else 'p'}{i}", {"prompt_token_ids": prompt},
+        engine.add_request(f"{tag}{'s' if structured else 'p'}{i}", {"prompt_token_ids": prompt},
                            SamplingParams(temperature=1.0, seed=i, max_tokens=output_len, ignore_eos=True, **spec))
+
+
+def decode_itl(engine: LLMEngine, prompts: list[list[int]], output_len: int, structured: bool) -> dict[str, float]:
+    """Runs the batch to the end; ITL over every request's tokens after its first."""
+    add_batch(engine, prompts, output_len, structured)
     outs = []
     start = time.perf_counter()
     while engine.has_unfinished_requests():
@@ -60,6 +74,25 @@ def decode_itl(engine: LLMEngine, prompts: list[list[int]], output_len: int, str
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     return {"itl_median_ms": 1e3 * statistics.median(itl), "itl_p90_ms": 1e3 * float(np.percentile(itl, 90)),
             "tokens": tokens, "tok_per_s": tokens / elapsed}
+
+
+def profile_decode(engine: LLMEngine, prompts: list[list[int]], output_len: int, structured: bool, trace: Path,
+                   steps: int = 24) -> dict[str, Any]:
+    """`steps` decode steps of the batch once every request has its first token, under a profiler trace and the
+    host timeline: GPU busy and idle per step, the top kernels, and each host part's time per step."""
+    add_batch(engine, prompts, output_len, structured, tag="trace-")
+    while any(r.in_prefill or not r.output_token_ids for r in engine.scheduler.running + engine.scheduler.waiting):
+        engine.step()
+    parts = [(engine, "step"), (engine, "_step_input"), (engine, "_late_limits"), (engine.constraints, "masks")]
+    with host_timeline(engine, parts) as spans, gpu_trace.capture(trace) as recorded:
+        for _ in range(steps):
+            engine.step()
+    while engine.has_unfinished_requests():
+        engine.step()
+    events = recorded.events()
+    return {"gpu": gpu_trace.idle_gaps(events, steps), "kernels": gpu_trace.kernel_totals(events, steps, top=10),
+            "host_ms_per_step": {k: 1e3 * sum(v) / steps for k, v in spans.items()},
+            "host_calls": {k: len(v) for k, v in spans.items()}}
 
 
 async def inprocess_ttft(engine: LLMEngine, prompts: list[list[int]]) -> list[float]:
@@ -78,9 +111,11 @@ async def inprocess_ttft(engine: LLMEngine, prompts: list[list[int]]) -> list[fl
     return times
 
 
-def http_ttft(engine: LLMEngine, prompts: list[list[int]]) -> list[float]:
-    times = []
+def http_ttft(engine: LLMEngine, prompts: list[list[int]]) -> dict[str, list[float]]:
+    """Per client (httpx, bare http.client), the time to the first SSE event with a choice of each prompt."""
+    times: dict[str, list[float]] = {"httpx": [], "bare": []}
     with http_serving(engine, model_name="bench") as server, httpx.Client(timeout=120) as client:
+        bare = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
         for prompt in prompts:
             body = {"model": "bench", "prompt": prompt, "max_tokens": 2, "ignore_eos": True, "stream": True}
             start = time.perf_counter()
@@ -89,8 +124,26 @@ def http_ttft(engine: LLMEngine, prompts: list[list[int]]) -> list[float]:
                 for line in r.iter_lines():  # read to the end: the next request starts on an idle engine
                     if first is None and line.startswith("data: {") and json.loads(line[6:])["choices"]:
                         first = time.perf_counter() - start
-                times.append(first)
+                times["httpx"].append(first)
+            time.sleep(0.05)
+            times["bare"].append(_bare_ttft(bare, json.dumps(body)))
+            time.sleep(0.05)
+        bare.close()
     return times
+
+
+def _bare_ttft(conn: http.client.HTTPConnection, body: str) -> float:
+    """Seconds to the first event with a choice, reading raw chunks (no SSE parser); reads the stream to its end."""
+    start = time.perf_counter()
+    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    response, seen, first = conn.getresponse(), b"", None
+    while chunk := response.read1(65536):
+        seen += chunk
+        if first is None and b'"choices":[{' in seen:
+            first = time.perf_counter() - start
+    if first is None:
+        raise RuntimeError(f"no choice in the stream: {seen[:200]!r}")
+    return first
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -108,7 +161,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     light = prompts(args.ttft_requests)
     asyncio.run(inprocess_ttft(engine, light[:2]))  # warm
     results["ttft_inprocess_ms"] = 1e3 * statistics.median(asyncio.run(inprocess_ttft(engine, light)))
-    results["ttft_http_ms"] = 1e3 * statistics.median(http_ttft(engine, light))
+    http_times = http_ttft(engine, light)
+    results["ttft_http_ms"] = 1e3 * statistics.median(http_times["httpx"])
+    results["ttft_http_bare_ms"] = 1e3 * statistics.median(http_times["bare"])
+    if args.trace:
+        results["profile"] = {name: profile_decode(engine, prompts(args.batch), args.output_len, structured,
+                                                   Path(args.trace) / name)
+                              for name, structured in (("plain", False), ("json_schema", True))}
     return results
 
 
@@ -116,6 +175,7 @@ def table(args: argparse.Namespace, r: dict[str, Any]) -> str:
     plain, structured = r["plain"], r["json_schema"]
     ratio = structured["itl_median_ms"] / plain["itl_median_ms"]
     added = r["ttft_http_ms"] - r["ttft_inprocess_ms"]
+    bare = r["ttft_http_bare_ms"] - r["ttft_inprocess_ms"]
     return "\n".join([
         f"model {args.model or 'embedded tiny'}, batch {args.batch}, {args.input_len} in -> {args.output_len} out",
         "| case | ITL median ms | ITL p90 ms | tok/s |", "|---|---|---|---|",
@@ -123,9 +183,29 @@ def table(args: argparse.Namespace, r: dict[str, Any]) -> str:
           for name, c in (("plain", plain), ("json_schema on every request", structured))),
         f"structured / plain ITL: {ratio:.3f} (target <= 1.10: {'met' if ratio <= 1.10 else 'missed'})",
         "| TTFT at light load | median ms |", "|---|---|",
-        f"| in-process (AsyncLLM) | {r['ttft_inprocess_ms']:.2f} |", f"| HTTP (/v1/completions, SSE) | "
-        f"{r['ttft_http_ms']:.2f} |",
-        f"HTTP adds {added:.2f} ms (target <= 1 ms: {'met' if added <= 1.0 else 'missed'})"])
+        f"| in-process (AsyncLLM) | {r['ttft_inprocess_ms']:.2f} |",
+        f"| HTTP (/v1/completions, SSE), httpx client | {r['ttft_http_ms']:.2f} |",
+        f"| HTTP, bare http.client reader | {r['ttft_http_bare_ms']:.2f} |",
+        f"HTTP adds {added:.2f} ms with httpx, {bare:.2f} ms with the bare reader (target <= 1 ms: "
+        f"{'met' if bare <= 1.0 else 'missed'} by the server, {'met' if added <= 1.0 else 'missed'} with httpx)",
+        *(profile_table(r["profile"]) if "profile" in r else [])])
+
+
+def profile_table(profile: dict[str, Any]) -> list[str]:
+    names = list(profile["json_schema"]["host_ms_per_step"])
+    lines = ["| decode window | GPU busy ms/step | GPU idle ms/step | step gap median us | "
+             + " | ".join(f"host {k}" for k in names) + " |", "|---|---|---|---|" + "---|" * len(names)]
+    for case, p in profile.items():
+        gpu = p["gpu"]
+        host = " | ".join(f"{p['host_ms_per_step'].get(k, 0.0):.2f}" for k in names)
+        device = ("n/a | n/a | n/a" if "error" in gpu else  # no GPU events (a CPU run)
+                  f"{gpu['window_ms'] * gpu['busy_fraction'] / gpu['steps']:.2f} | "
+                  f"{gpu['idle_per_step_us'] / 1e3:.2f} | {gpu['step_gap_median_us']:.0f}")
+        lines.append(f"| {case} | {device} | {host} |")
+    for case, p in profile.items():
+        lines.append(f"{case} top kernels: " + "; ".join(f"{k['kernel'][:60]} {k['ms_per_step']:.2f} ms"
+                                                         for k in p["kernels"][:6]))
+    return lines
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -138,6 +218,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85,
                     help="below vLLM's 0.9: bench_split_decode's engine ran out of memory in the sampler at 0.9")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--trace", default=None, help="directory for profiler traces of a decode window per case")
     ap.add_argument("--quick", action="store_true", help="a CPU smoke run on the embedded tiny model")
     args = ap.parse_args(argv)
     if args.quick:

@@ -21,6 +21,8 @@
 #                                          # with the handoff fix (first gap and largest gap per run)
 #   bash benchmarks/gpu_calls.sh pace      # tight at 12/16/20: aggregated 512, static-50 and static-30, paced; oom
 #   bash benchmarks/gpu_calls.sh unpaced   # tight at 12/16: static-50 with and without pacing; then oom
+#   bash benchmarks/gpu_calls.sh structured  # bench_structured with its decode-window profile; carry wheels/
+#   bash benchmarks/gpu_calls.sh split     # tight at 12/16/20: aggregated 512 vs static-50 (decode-only weight copies)
 # Everything goes under $OUT (JSON per run, the logs filtered of XLA's chatter). Predictions: benchmarks/RESULTS.md.
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -134,12 +136,22 @@ case "${1:-}" in
       --out "$OUT/serve" 2>&1 | grep -E '^\| |sweep rate|Error'
     bash "$0" oom
     ;;
+  structured)  # json_schema's ITL with the GPU trace and host timeline of a decode window; HTTP TTFT, two clients
+    bash benchmarks/device_wheels.sh install || exit 3
+    timeout 420 python3 benchmarks/bench_structured.py --json "$OUT/structured.json" --trace "$OUT/trace" 2>&1 \
+      | grep -Ev "$NOISE" | tail -20
+    rm -rf "$OUT/trace"  # summarized in the JSON; the traces are many large files
+    ;;
+  split)  # the static split, its decode workers on their own weight copies, against the aggregated engine
+    timeout 540 python3 benchmarks/bench_serve_modes.py run tight agg-512-arrival static-50 \
+      --rates 12 16 20 --out "$OUT/serve" 2>&1 | grep -E '^\| |sweep rate|Error'
+    ;;
   arena)
     timeout 150 python3 benchmarks/probe_arena_read.py --out "$OUT" 2>&1 | grep -Ev "$NOISE" | tail -6
     timeout 150 python3 benchmarks/probe_arena_read.py --mps 50 --out "$OUT" 2>&1 | grep -Ev "$NOISE" | tail -6
     ;;
   *)
-    echo "usage: OUT=dir bash benchmarks/gpu_calls.sh trace|loop|compile|copy|hlo|cublas|arena|sampler|pool|front|moe-tiles|oom|handoff|pace|unpaced" >&2
+    echo "usage: OUT=dir bash benchmarks/gpu_calls.sh trace|loop|compile|copy|hlo|cublas|arena|sampler|pool|front|moe-tiles|oom|handoff|pace|unpaced|structured|split" >&2
     exit 2
     ;;
 esac
