@@ -3,10 +3,15 @@
 from benchmarks import bench_structured
 
 
-def test_quick_mode_measures_every_row():
-    args = bench_structured.parse(["--quick"])
+def test_quick_mode_measures_every_row(tmp_path):
+    args = bench_structured.parse(["--quick", "--trace", str(tmp_path)])
     results = bench_structured.run(args)
     assert results["plain"]["tokens"] == 4 * 8 and results["json_schema"]["tokens"] > 0
-    assert results["ttft_inprocess_ms"] > 0 and results["ttft_http_ms"] > 0
+    assert results["ttft_inprocess_ms"] > 0 and results["ttft_http_ms"] > 0 and results["ttft_http_bare_ms"] > 0
+    for case in ("plain", "json_schema"):  # the profiled window timed the loop's parts (no GPU events on CPU)
+        host = results["profile"][case]["host_ms_per_step"]
+        assert host["step"] > 0 and host["dispatch"] > 0
+    assert results["profile"]["json_schema"]["host_calls"]["masks"] > 0  # the grammar rows asked for masks
+    assert results["profile"]["plain"]["host_calls"].get("_late_limits", 0) == 0
     text = bench_structured.table(args, results)
-    assert "structured / plain ITL" in text and "HTTP adds" in text
+    assert "structured / plain ITL" in text and "HTTP adds" in text and "decode window" in text
