@@ -97,13 +97,7 @@ class Generation:
     async def events(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Deltas of every prompt, merged as they arrive; raises APIError for input the engine refused (400) or an
         engine that stopped (503)."""
-        self._pumps = [asyncio.create_task(self._pump(p, s)) for p, s in enumerate(self._streams)]
-        remaining = len(self._pumps)
-        while remaining:
-            p, item = await self._queue.get()
-            if item is None:
-                remaining -= 1
-                continue
+        async for p, item in self._merged():
             if isinstance(item, BaseException):
                 raise self._error(item)
             for c in item.outputs:
@@ -122,6 +116,25 @@ class Generation:
         async for _ in self.events():
             pass
         return self
+
+    async def _merged(self) -> AsyncIterator[tuple[int, RequestOutput | BaseException]]:
+        """(prompt index, output or the error that ended its stream) as they come. One prompt is read directly:
+        a pump task and a queue would add two event-loop wake-ups to every token's way out."""
+        if len(self._streams) == 1:
+            try:
+                async for out in self._streams[0]:
+                    yield 0, out
+            except Exception as e:
+                yield 0, e
+            return
+        self._pumps = [asyncio.create_task(self._pump(p, s)) for p, s in enumerate(self._streams)]
+        remaining = len(self._pumps)
+        while remaining:
+            p, item = await self._queue.get()
+            if item is None:
+                remaining -= 1
+            else:
+                yield p, item
 
     async def _pump(self, p: int, stream: AsyncIterator[RequestOutput]) -> None:
         try:
