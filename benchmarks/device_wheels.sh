@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine has no package registry and lacks what the HTTP front, structured output and the gRPC extras
-# need (fastapi, uvicorn, httpx, xgrammar, grpcio-health-checking, ...; DESIGN.md section 6). Bring them as wheels:
+# need (fastapi, uvicorn, httpx, xgrammar, grpcio-health-checking, ...; DESIGN.md section 6). Bring them as wheels
+# (and a 128k tokenizer for bench_structured, wheels/tekken-tokenizer):
 #   bash benchmarks/device_wheels.sh fetch     # here: downloads the Python 3.12 wheels into wheels/ (~9 MB, ignored)
 #   bash benchmarks/device_wheels.sh install   # there (run's carry=["wheels"]): installs them where they only add
 # `install` puts them in a directory appended after site-packages (a .pth file), so every package the machine
@@ -13,6 +14,14 @@ case "${1:-}" in
   fetch)
     pip download --no-deps --python-version 3.12 --only-binary=:all: --platform manylinux2014_x86_64 \
       --platform manylinux_2_28_x86_64 --platform any -d wheels "${WHEELS[@]}"
+    # A real 128k vocabulary for bench_structured on presets (benchmarks/wide_tokenizer.py): Tekken, from the
+    # mistral-common wheel, which is downloaded aside and not installed there.
+    pip download --no-deps -d wheels/tekken mistral-common
+    python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], "wheels/tekken")' \
+      wheels/tekken/mistral_common-*.whl mistral_common/data/tekken_240911.json
+    PYTHONPATH=. python3 benchmarks/wide_tokenizer.py wheels/tekken/mistral_common/data/tekken_240911.json \
+      wheels/tekken-tokenizer
+    rm -rf wheels/tekken
     ;;
   install)
     extra=/tmp/nexus-extra

@@ -34,15 +34,19 @@ class GrammarCompiler:
         import xgrammar as xgr
 
         self._xgr = xgr
-        vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
-        encoded = [""] * vocab_size
+        vocab = {text: i for text, i in tokenizer.backend.get_vocab(with_added_tokens=True).items() if i < vocab_size}
+        # xgrammar sees only the ids the tokenizer (or a stop token) has: it counts every id without text as a
+        # special token and scans that list linearly on each accept_token (xgrammar 0.2.9), so a model whose
+        # logits are far wider than its tokenizer (a 512-token tokenizer on a 128k-logit preset) paid ~30 us per
+        # row per step. The ids above it are never allowed (fill_masks leaves their bits zero).
+        self.grammar_vocab_size = min(vocab_size, 1 + max([*vocab.values(), *stop_token_ids], default=0))
+        encoded = [""] * self.grammar_vocab_size
         for text, i in vocab.items():
-            if i < vocab_size:
-                encoded[i] = text
+            encoded[i] = text
         # The metadata transformers' tokenizers would give xgrammar (byte-level or not, prefix space), detected
         # from the tokenizer.json that nexus-jax loads without transformers.
         meta = xgr.TokenizerInfo._detect_metadata_from_hf(tokenizer.backend.to_str())
-        info = xgr.TokenizerInfo(encoded, meta["vocab_type"], vocab_size=vocab_size,
+        info = xgr.TokenizerInfo(encoded, meta["vocab_type"], vocab_size=self.grammar_vocab_size,
                                  stop_token_ids=list(stop_token_ids) or None,
                                  add_prefix_space=meta["add_prefix_space"])
         self.vocab_size = vocab_size
@@ -96,7 +100,15 @@ class GrammarCompiler:
 
     def fill_masks(self, matchers: Sequence[GrammarMatcher], table: np.ndarray) -> None:
         """Row i of `table` [len(matchers), ceil(vocab / 32)] i32 := the packed bitmask matchers[i] allows next."""
-        self._batch.batch_fill_next_token_bitmask([m.matcher for m in matchers], table)
+        handles = [m.matcher for m in matchers]
+        words = -(-self.grammar_vocab_size // 32)
+        if words == table.shape[1]:
+            self._batch.batch_fill_next_token_bitmask(handles, table)
+            return
+        narrow = np.empty((len(matchers), words), np.int32)
+        self._batch.batch_fill_next_token_bitmask(handles, narrow)
+        table[:, :words] = narrow
+        table[:, words:] = 0
 
 
 class GrammarMatcher:

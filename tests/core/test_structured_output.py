@@ -115,3 +115,26 @@ def test_without_xgrammar_a_structured_request_is_refused_with_the_reason(tokeni
     with pytest.raises(ValueError, match="structured_outputs needs the xgrammar package"):
         factory.prepare(SamplingParams(structured_outputs={"regex": "a+"}))
     assert factory.prepare(SamplingParams(allowed_token_ids=[3]))() is not None  # the rest works without it
+
+
+def test_logits_wider_than_the_tokenizer_give_the_same_masks_and_never_allow_the_extra_ids(tokenizer):
+    """A model whose logits outnumber its tokenizer's ids (a preset on the embedded tokenizer, Qwen's padded
+    vocabulary): xgrammar sees the tokenizer's ids and the stop tokens only, the rest of the mask is zero."""
+    import numpy as np
+
+    from nexus_jax.core.grammar import GrammarCompiler
+    from runner.sampling import mask_words
+
+    spec = StructuredOutputsParams(json=SCHEMA)
+    narrow, wide = GrammarCompiler(tokenizer, 512, (2,)), GrammarCompiler(tokenizer, 4096 + 7, (2, 700))
+    assert (narrow.grammar_vocab_size, wide.grammar_vocab_size) == (512, 701)  # a stop id past the tokenizer counts
+    matchers = [c.matcher(c.compile(spec)) for c in (narrow, wide)]
+    for token in tokenizer.encode('{"name": "', add_special_tokens=False) + [None]:
+        tables = [np.full((1, mask_words(c.vocab_size)), -1, np.int32) for c in (narrow, wide)]
+        for c, m, t in zip((narrow, wide), matchers, tables):
+            c.fill_masks([m], t)
+        bits = [np.unpackbits(t.view(np.uint8), bitorder="little") for t in tables]
+        assert bits[0].any() and (bits[1][:512] == bits[0]).all(), token
+        assert not bits[1][512:].any(), token  # 700 is a stop id, not allowed before the object closes
+        if token is not None:
+            assert all(m.accept(token) for m in matchers)
