@@ -27,12 +27,16 @@ import asyncio
 import http.client
 import json
 import statistics
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 import httpx
 import numpy as np
+import uvicorn
+from fastapi import FastAPI, Header
+from fastapi.responses import StreamingResponse
 
 from benchmarks import gpu_trace
 from benchmarks.bench_async import host_timeline
@@ -41,6 +45,8 @@ from nexus_jax.core.constraints import ConstraintFactory
 from nexus_jax.core.tokenizer import Tokenizer
 from nexus_jax.entrypoints.async_llm import AsyncLLM
 from nexus_jax.entrypoints.build import build_engine
+from nexus_jax.server.http.protocol import CompletionRequest
+from nexus_jax.server.http.server import bind
 from nexus_jax.testing.http import http_serving
 from runner.model.default_model import default_model_dir
 
@@ -138,6 +144,41 @@ def http_ttft(engine: LLMEngine, prompts: list[list[int]]) -> dict[str, list[flo
     return times
 
 
+def framework_floor(prompts: list[list[int]]) -> list[float]:
+    """The bare reader's time to the first event from FastAPI + uvicorn alone: an endpoint with /v1/completions'
+    body model and headers that streams one fixed event at once, served as HttpServer serves (its socket, uvicorn's
+    settings). What the HTTP front costs before any of nexus-jax's own work."""
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, x_program_id: str | None = Header(None),
+                          x_thread_id: str | None = Header(None)) -> StreamingResponse:
+        async def events() -> AsyncIterator[str]:
+            yield 'data: {"choices":[{"index":0,"text":"a"}]}\n\n'
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        conn = http.client.HTTPConnection("127.0.0.1", sock.getsockname()[1], timeout=60)
+        times = []
+        for prompt in prompts:
+            body = {"model": "bench", "prompt": prompt, "max_tokens": 2, "ignore_eos": True, "stream": True}
+            times.append(_bare_ttft(conn, json.dumps(body)))
+            time.sleep(0.05)
+        conn.close()
+        return times
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
 def _bare_ttft(conn: http.client.HTTPConnection, body: str) -> float:
     """Seconds to the first event with a choice, reading raw chunks (no SSE parser); reads the stream to its end."""
     start = time.perf_counter()
@@ -174,6 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     http_times = http_ttft(engine, light)
     results["ttft_http_ms"] = 1e3 * statistics.median(http_times["httpx"])
     results["ttft_http_bare_ms"] = 1e3 * statistics.median(http_times["bare"])
+    results["http_framework_floor_ms"] = 1e3 * statistics.median(framework_floor(light))
     if args.trace:
         results["profile"] = {name: profile_decode(engine, prompts(args.batch), args.output_len, structured,
                                                    Path(args.trace) / name)
@@ -200,6 +242,8 @@ def table(args: argparse.Namespace, r: dict[str, Any]) -> str:
         f"| HTTP, bare http.client reader | {r['ttft_http_bare_ms']:.2f} |",
         f"HTTP adds {added:.2f} ms with httpx, {bare:.2f} ms with the bare reader (target <= 1 ms: "
         f"{'met' if bare <= 1.0 else 'missed'} by the server, {'met' if added <= 1.0 else 'missed'} with httpx)",
+        f"FastAPI + uvicorn alone (the same body model, one fixed event; bare reader): "
+        f"{r['http_framework_floor_ms']:.2f} ms; the server's own work: {bare - r['http_framework_floor_ms']:.2f} ms",
         *(profile_table(r["profile"]) if "profile" in r else [])])
 
 
