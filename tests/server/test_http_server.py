@@ -53,6 +53,25 @@ def test_a_missing_or_wrong_token_is_401_but_probes_need_none(server):
     assert httpx.get(f"{base}/v1/models").status_code == 401
     assert httpx.get(f"{base}/health").status_code == 200
     assert b"nexus_num_requests_running" in httpx.get(f"{base}/metrics").content
+    for path in ("/v1/completions", "/v1/chat/completions"):  # the token is checked before the body is read
+        r = httpx.post(f"{base}{path}", content=b"{not json", headers={"Authorization": "Bearer nope"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_the_generation_routes_answer_in_the_api_schema_before_any_generation(http):
+    """They are plain ASGI in front of FastAPI (server/http/direct.py): same errors as the other routes."""
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        r = http.get(path)
+        assert r.status_code == 405 and r.headers["allow"] == "POST"
+        assert r.json()["error"]["type"] == "invalid_request_error"
+        for body in (b"", b"[1, 2]", b'{"prompt": "x", "messages": [], "max_tokens": "many"}'):
+            r = http.post(path, content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 400 and r.headers["content-type"] == "application/json", (path, body)
+            assert r.json()["error"]["type"] == "invalid_request_error" and r.json()["error"]["message"]
+        r = http.post(path, json={"model": MODEL, "prompt": [1], "messages": [], "max_tokens": "many"})
+        assert r.json()["error"]["param"] in {"max_tokens", "prompt", "messages"}
+    assert http.get("/v1/nothing-here").status_code == 404  # FastAPI's, in the same schema
+    assert http.get("/v1/nothing-here").json()["error"]["type"] == "not_found_error"
 
 
 def test_completion_text_usage_and_logprobs_with_token_text(client, tokenizer):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,9 +36,9 @@ def field_of(message: str, fields: set[str]) -> str | None:
     return head if head in fields else None
 
 
-def _validation_error(exc: RequestValidationError) -> APIError:
+def validation_error(errors: Sequence[dict[str, Any]]) -> APIError:
     """Pydantic's first complaint, as a 400 naming the field (its dotted path in the body)."""
-    first = exc.errors()[0]
+    first = errors[0]
     loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(loc) or None
     if first.get("type") == "extra_forbidden":
@@ -57,7 +57,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc).response()
+        return validation_error(exc.errors()).response()
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:

@@ -1,18 +1,19 @@
-"""The FastAPI app: /v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize (behind the bearer
-token when the server has one), /health and /metrics (open, as probes and scrapers carry no token)."""
+"""The app: /v1/completions, /v1/chat/completions (plain ASGI, nexus_jax.server.http.direct), /v1/models,
+/tokenize, /detokenize (FastAPI), all behind the bearer token when the server has one; /health and /metrics open,
+as probes and scrapers carry no token."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 from typing import Any, AsyncIterator
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from nexus_jax.core.sampling_params import SamplingParams
+from nexus_jax.server.http.direct import GenerationRoutes, authorized, unauthorized
 from nexus_jax.server.http.errors import APIError, bad_request, install_handlers
 from nexus_jax.server.http.generation import Admission, Generation, unless_disconnected
 from nexus_jax.server.http.prompts import chat_prompt, completion_prompts, encode_text, render_chat
@@ -49,7 +50,7 @@ class EventStream(StreamingResponse):
             await self.generation.close()
 
 
-def build_app(llm: Any, options: ServerOptions, metrics: EngineMetrics, admission: Admission) -> FastAPI:
+def build_app(llm: Any, options: ServerOptions, metrics: EngineMetrics, admission: Admission) -> ASGIApp:
     """The app over `llm` (an AsyncLLM or a ReplicatedAsyncLLM)."""
     app = FastAPI(title="nexus-jax", docs_url=None, redoc_url=None, openapi_url=None)
     install_handlers(app)
@@ -62,7 +63,7 @@ def build_app(llm: Any, options: ServerOptions, metrics: EngineMetrics, admissio
             raise APIError(404, f"the model {model!r} does not exist; this server serves {options.model_name!r}",
                            param="model", code="model_not_found")
 
-    async def respond(request: Request, body: SamplingFields, prompts: list[dict[str, Any]], params: SamplingParams,
+    async def respond(receive: Receive, body: SamplingFields, prompts: list[dict[str, Any]], params: SamplingParams,
                       *, chat: bool, top: int | None, program: str | None, thread: str | None) -> Response:
         gen = Generation(llm, admission, metrics, prompts, params, priority=body.priority,
                          program_id=body.program_id or program, thread_id=body.thread_id or thread or "",
@@ -72,7 +73,7 @@ def build_app(llm: Any, options: ServerOptions, metrics: EngineMetrics, admissio
         events = gen.events() if body.stream else None
         try:
             # Input the engine refuses shows up at the first output: a 400 before any header is sent.
-            first = await unless_disconnected(request.receive, anext(events) if events else gen.collect())
+            first = await unless_disconnected(receive, anext(events) if events else gen.collect())
         except BaseException:
             await gen.close()
             raise
@@ -82,21 +83,18 @@ def build_app(llm: Any, options: ServerOptions, metrics: EngineMetrics, admissio
             return JSONResponse(shaper.whole()) if first is not None else Response(status_code=499)
         return EventStream(_events(shaper, first, events), gen)
 
-    @app.post("/v1/completions", dependencies=guarded)
-    async def completions(body: CompletionRequest, request: Request, x_program_id: str | None = Header(None),
-                          x_thread_id: str | None = Header(None)) -> Response:
+    async def completions(body: CompletionRequest, receive: Receive, x_program_id: str | None,
+                          x_thread_id: str | None) -> Response:
         check_model(body.model)
         body.refuse_unsupported()
         params = body.sampling_params(body.max_tokens, body.logprobs, options.max_tokens_limit,
                                       COMPLETION_MAX_TOKENS)
         prompts = await completion_prompts(engine.tokenizer, body.prompt, limit)
-        return await respond(request, body, prompts, params, chat=False, top=body.logprobs, program=x_program_id,
+        return await respond(receive, body, prompts, params, chat=False, top=body.logprobs, program=x_program_id,
                              thread=x_thread_id)
 
-    @app.post("/v1/chat/completions", dependencies=guarded)
-    async def chat_completions(body: ChatCompletionRequest, request: Request,
-                               x_program_id: str | None = Header(None),
-                               x_thread_id: str | None = Header(None)) -> Response:
+    async def chat_completions(body: ChatCompletionRequest, receive: Receive, x_program_id: str | None,
+                               x_thread_id: str | None) -> Response:
         check_model(body.model)
         body.refuse_unsupported()
         top = (body.top_logprobs or 0) if body.logprobs else None
@@ -107,7 +105,7 @@ def build_app(llm: Any, options: ServerOptions, metrics: EngineMetrics, admissio
                                        "logprobs": "top_logprobs"})
         prompt = await chat_prompt(engine.tokenizer, body.messages, body.add_generation_prompt,
                                    body.chat_template_kwargs, limit)
-        return await respond(request, body, [prompt], params, chat=True, top=top, program=x_program_id,
+        return await respond(receive, body, [prompt], params, chat=True, top=top, program=x_program_id,
                              thread=x_thread_id)
 
     @app.get("/v1/models", dependencies=guarded)
@@ -148,7 +146,9 @@ def build_app(llm: Any, options: ServerOptions, metrics: EngineMetrics, admissio
     async def metrics_text() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    return app
+    return GenerationRoutes(app, {"/v1/completions": (CompletionRequest, completions),
+                                  "/v1/chat/completions": (ChatCompletionRequest, chat_completions)},
+                            options.auth_token)
 
 
 async def _events(shaper: Shaper, first: tuple[int, Any], events: AsyncIterator[tuple[int, Any]]
@@ -181,10 +181,7 @@ async def _events(shaper: Shaper, first: tuple[int, Any], events: AsyncIterator[
 
 def _bearer(token: str):
     """The dependency that refuses a call without `Authorization: Bearer <token>` (401)."""
-    expected = f"Bearer {token}".encode()
-
     async def check(authorization: str | None = Header(None)) -> None:
-        if authorization is None or not hmac.compare_digest(authorization.encode(), expected):
-            raise APIError(401, "missing or wrong bearer token (send Authorization: Bearer <token>)",
-                           code="invalid_api_key")
+        if not authorized(authorization, token):
+            raise unauthorized()
     return check
