@@ -258,7 +258,8 @@ def table(args: argparse.Namespace, r: dict[str, Any]) -> str:
         f"HTTP adds {added:.2f} ms with httpx, {bare:.2f} ms with the bare reader (target <= 1 ms: "
         f"{'met' if bare <= 1.0 else 'missed'} by the server, {'met' if added <= 1.0 else 'missed'} with httpx)",
         f"an endpoint that only parses the body and streams one fixed event (bare reader): as FastAPI "
-        f"{r['http_floor_ms']['fastapi']:.2f} ms, as plain ASGI answering in one body {r['http_floor_ms']['asgi']:.2f} ms; the server's "
+        f"{r['http_floor_ms']['fastapi']:.2f} ms, as plain ASGI answering in one body "
+        f"{r['http_floor_ms']['asgi']:.2f} ms; the server's "
         f"own work past the plain floor: {bare - r['http_floor_ms']['asgi']:.2f} ms",
         *(profile_table(r["profile"]) if "profile" in r else [])])
 
