@@ -161,7 +161,7 @@ def floor_apps() -> dict[str, Any]:
             yield "data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    async def plain(body: CompletionRequest, receive: Any, program: str | None, thread: str | None) -> Response:
+    async def plain(body: CompletionRequest, watch: Any, program: str | None, thread: str | None) -> Response:
         return Response(EVENT + "data: [DONE]\n\n", media_type="text/event-stream")
 
     return {"fastapi": fastapi_app,

@@ -19,11 +19,12 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from nexus_jax.server.http.errors import APIError, validation_error
+from nexus_jax.server.http.generation import ClientWatch
 
 log = logging.getLogger(__name__)
 
-# A route's handler: (validated body, the request's receive, x-program-id, x-thread-id) -> the response.
-Handler = Callable[[Any, Receive, "str | None", "str | None"], Awaitable[Response]]
+# A route's handler: (validated body, its client's watch, x-program-id, x-thread-id) -> the response.
+Handler = Callable[[Any, ClientWatch, "str | None", "str | None"], Awaitable[Response]]
 
 
 class _ClientGone(Exception):
@@ -51,8 +52,11 @@ class GenerationRoutes:
         if route is None:
             await self.fallback(scope, receive, send)
             return
+        watch: ClientWatch | None = None
         try:
-            response = await self._respond(scope, receive, *route)
+            body, program, thread = await self._parse(scope, receive, route[0])
+            watch = ClientWatch(receive)
+            response = await route[1](body, watch, program, thread)
         except APIError as e:
             response = e.response()
         except _ClientGone:
@@ -60,9 +64,15 @@ class GenerationRoutes:
         except Exception:  # a bug: answered in the API's schema, and logged with its trace
             log.exception("%s failed", scope["path"])
             response = APIError(500, "internal server error", type="internal_server_error").response()
-        await response(scope, receive, send)
+        try:
+            await response(scope, receive, send)
+        finally:
+            if watch is not None:
+                watch.close()
 
-    async def _respond(self, scope: Scope, receive: Receive, model: type[BaseModel], handler: Handler) -> Response:
+    async def _parse(self, scope: Scope, receive: Receive, model: type[BaseModel]) -> tuple[Any, str | None,
+                                                                                         str | None]:
+        """The validated body and the program and thread headers; APIError 405/401/400."""
         if scope["method"] != "POST":
             raise APIError(405, f"{scope['path']} takes POST", headers={"Allow": "POST"})
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
@@ -72,7 +82,7 @@ class GenerationRoutes:
             body = model.model_validate_json(await _read_body(receive))
         except ValidationError as e:
             raise validation_error(e.errors(include_url=False)) from None
-        return await handler(body, receive, headers.get("x-program-id"), headers.get("x-thread-id"))
+        return body, headers.get("x-program-id"), headers.get("x-thread-id")
 
 
 async def _read_body(receive: Receive) -> bytes:

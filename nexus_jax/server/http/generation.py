@@ -177,20 +177,27 @@ class Generation:
         self._held = 0
 
 
-async def unless_disconnected(receive: Callable[[], Awaitable[dict]], work: Awaitable[T]) -> T | None:
-    """`work`'s result, or None once the client disconnects (`work` then is cancelled): the caller's cleanup then
-    aborts the request. `receive`: the ASGI receive of a request whose body was read, which answers only on
-    disconnect."""
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_disconnect(receive))
-    try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-        if not task.done():
-            task.cancel()
-        await asyncio.gather(task, watch, return_exceptions=True)
-    return None if task.cancelled() else task.result()
+class ClientWatch:
+    """Watches a request's client once its body was read (its ASGI receive then answers only on disconnect). One
+    watcher task serves every wait of the request: one per wait cost ~0.1 ms of the first token's way out."""
+
+    def __init__(self, receive: Callable[[], Awaitable[dict]]):
+        self._gone = asyncio.ensure_future(_disconnect(receive))
+
+    async def unless_gone(self, work: Awaitable[T]) -> T | None:
+        """`work`'s result, or None once the client disconnects (`work` then is cancelled): the caller's cleanup
+        then aborts the request."""
+        task = asyncio.ensure_future(work)
+        try:
+            await asyncio.wait({task, self._gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        return None if task.cancelled() else task.result()
+
+    def close(self) -> None:
+        self._gone.cancel()
 
 
 async def _disconnect(receive: Callable[[], Awaitable[dict]]) -> None:

@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from nexus_jax.core.sampling_params import SamplingParams
 from nexus_jax.server.http.direct import GenerationRoutes, authorized, unauthorized
 from nexus_jax.server.http.errors import APIError, bad_request, install_handlers
-from nexus_jax.server.http.generation import Admission, Generation, unless_disconnected
+from nexus_jax.server.http.generation import Admission, ClientWatch, Generation
 from nexus_jax.server.http.prompts import chat_prompt, completion_prompts, encode_text, render_chat
 from nexus_jax.server.http.protocol import (
     ChatCompletionRequest,
@@ -36,13 +36,13 @@ class EventStream(StreamingResponse):
     """Server-sent events whose generation is closed however the response ends: at its end, when the client
     disconnects (even while no event is due), or when the server cancels it."""
 
-    def __init__(self, events: AsyncIterator[str], generation: Generation):
+    def __init__(self, events: AsyncIterator[str], generation: Generation, watch: ClientWatch):
         super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self.generation = generation
+        self.generation, self.watch = generation, watch
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await unless_disconnected(receive, self.stream_response(send))
+            await self.watch.unless_gone(self.stream_response(send))
         except OSError:  # the client went away mid-write
             pass
         finally:
@@ -63,7 +63,7 @@ def build_app(llm: Any, options: ServerOptions, metrics: EngineMetrics, admissio
             raise APIError(404, f"the model {model!r} does not exist; this server serves {options.model_name!r}",
                            param="model", code="model_not_found")
 
-    async def respond(receive: Receive, body: SamplingFields, prompts: list[dict[str, Any]], params: SamplingParams,
+    async def respond(watch: ClientWatch, body: SamplingFields, prompts: list[dict[str, Any]], params: SamplingParams,
                       *, chat: bool, top: int | None, program: str | None, thread: str | None) -> Response:
         gen = Generation(llm, admission, metrics, prompts, params, priority=body.priority,
                          program_id=body.program_id or program, thread_id=body.thread_id or thread or "",
@@ -73,7 +73,7 @@ def build_app(llm: Any, options: ServerOptions, metrics: EngineMetrics, admissio
         events = gen.events() if body.stream else None
         try:
             # Input the engine refuses shows up at the first output: a 400 before any header is sent.
-            first = await unless_disconnected(receive, anext(events) if events else gen.collect())
+            first = await watch.unless_gone(anext(events) if events else gen.collect())
         except BaseException:
             await gen.close()
             raise
@@ -81,19 +81,19 @@ def build_app(llm: Any, options: ServerOptions, metrics: EngineMetrics, admissio
             await gen.close()
             # 499: nobody reads it, the client disconnected (nginx's code)
             return JSONResponse(shaper.whole()) if first is not None else Response(status_code=499)
-        return EventStream(_events(shaper, first, events), gen)
+        return EventStream(_events(shaper, first, events), gen, watch)
 
-    async def completions(body: CompletionRequest, receive: Receive, x_program_id: str | None,
+    async def completions(body: CompletionRequest, watch: ClientWatch, x_program_id: str | None,
                           x_thread_id: str | None) -> Response:
         check_model(body.model)
         body.refuse_unsupported()
         params = body.sampling_params(body.max_tokens, body.logprobs, options.max_tokens_limit,
                                       COMPLETION_MAX_TOKENS)
         prompts = await completion_prompts(engine.tokenizer, body.prompt, limit)
-        return await respond(receive, body, prompts, params, chat=False, top=body.logprobs, program=x_program_id,
+        return await respond(watch, body, prompts, params, chat=False, top=body.logprobs, program=x_program_id,
                              thread=x_thread_id)
 
-    async def chat_completions(body: ChatCompletionRequest, receive: Receive, x_program_id: str | None,
+    async def chat_completions(body: ChatCompletionRequest, watch: ClientWatch, x_program_id: str | None,
                                x_thread_id: str | None) -> Response:
         check_model(body.model)
         body.refuse_unsupported()
@@ -105,7 +105,7 @@ def build_app(llm: Any, options: ServerOptions, metrics: EngineMetrics, admissio
                                        "logprobs": "top_logprobs"})
         prompt = await chat_prompt(engine.tokenizer, body.messages, body.add_generation_prompt,
                                    body.chat_template_kwargs, limit)
-        return await respond(receive, body, [prompt], params, chat=True, top=top, program=x_program_id,
+        return await respond(watch, body, [prompt], params, chat=True, top=top, program=x_program_id,
                              thread=x_thread_id)
 
     @app.get("/v1/models", dependencies=guarded)
