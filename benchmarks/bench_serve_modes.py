@@ -50,7 +50,10 @@ WORKLOADS = {
     "tight": Workload("chat-long", 2.0, 0.03, (2, 4, 6, 8, 10, 12, 16)),
 }
 BUDGETS = (256, 512, 1024, 2048, 8192)
-SPLIT = ("--max-num-batched-tokens", "2048", "--engine-arg", "disaggregation=auto")
+# "on", not "auto": a split whose workers fail to start must fail the mode, not run the aggregated engine under the
+# split's label (what "auto" did on an H100 on 2026-12-07, RESULTS.md). Without MPS (CPU) "on" runs the workers
+# unpartitioned.
+SPLIT = ("--max-num-batched-tokens", "2048", "--engine-arg", "disaggregation=on")
 MODES: dict[str, tuple[str, ...]] = {
     **{f"agg-{b}-{order}": ("--max-num-batched-tokens", str(b), "--engine-arg", f"prefill_order={order}")
        for b in BUDGETS for order in ("arrival", "spf")},
@@ -81,9 +84,8 @@ def command(workload: str, mode: str, scale: str, out: str, rates: tuple[float, 
     w, args = WORKLOADS[workload], [*MODES[mode], *(a for kv in engine_args for a in ("--engine-arg", kv))]
     data = ["--dataset", w.dataset]
     if scale == "tiny":
-        # Budgets scaled down with the model; disaggregation "on" runs the worker processes without MPS.
-        args = [{"256": "16", "512": "32", "1024": "48", "2048": "64", "8192": "128",
-                 "disaggregation=auto": "disaggregation=on"}.get(a, a) for a in args]
+        # Budgets scaled down with the model.
+        args = [{"256": "16", "512": "32", "1024": "48", "2048": "64", "8192": "128"}.get(a, a) for a in args]
         data = ["--dataset", "random", "--input-len", "48", "--output-len", "8"]
     return [sys.executable, "-m", "nexus_jax.cli.main", "bench", "serve", *SCALES[scale], *data, *args,
             "--engine-arg", "warmup=true", "--engine-arg", f"slo_ttft={w.ttft}", "--engine-arg", f"slo_tbt={w.tbt}",

@@ -58,7 +58,9 @@ def test_commands_carry_the_mode_and_the_workloads_slos():
     assert "--max-num-batched-tokens 256" in joined and "prefill_order=spf" in joined
     assert "--slo tbt=0.03" in joined and "slo_tbt=0.03" in joined and "--dataset chat-long" in joined
     assert "--num-prompts 200" in joined and cmd[-1] == "/o/tight"
-    assert "disaggregation=on" in " ".join(bsm.command("mix", "dynamic", "tiny", "/o"))
+    for scale in ("tiny", "8b"):  # a split that cannot start fails its mode instead of running aggregated
+        split = " ".join(bsm.command("mix", "dynamic", scale, "/o"))
+        assert "disaggregation=on" in split and "disaggregation=auto" not in split
     # static-50, static-30, static-50-unpaced, static-50-loop, dynamic, dynamic-arrival
     assert len(bsm.MODES) == 2 * len(bsm.BUDGETS) + 6
     assert "pace_first_token=false" in " ".join(bsm.command("tight", "static-50-unpaced", "8b", "/o"))
