@@ -21,7 +21,7 @@ from nexus_jax.disagg.partition import LatencyModel, PartitionController, Slo
 from runner.step_batch import StepShapes
 from runner.workers.mps import MpsControl, try_start_mps
 from runner.workers.pool import WorkerError, WorkerPool
-from runner.workers.worker import WorkerSpec
+from runner.workers.worker import WORKER_RESERVE_BYTES, WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +29,6 @@ log = logging.getLogger(__name__)
 # by a name the device kind contains (first match); unknown GPUs get the H100 SXM's.
 DATASHEETS = (("H200", 989e12, 4.8e12), ("H100", 989e12, 3.35e12), ("A100", 312e12, 2.0e12))
 
-
-# Device memory each step-running worker needs besides the shared weights and pool: its CUDA/MPS context, XLA's
-# workspace and the activations of the largest step. A first estimate; bench_disagg.py measures it.
-WORKER_RESERVE_BYTES = 3 << 30
 
 
 def worker_specs(config: EngineConfig, ladder: SmLadder, mps: MpsControl | None) -> list[WorkerSpec]:

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 from runner.compilation_cache import compilation_cache_env
 from runner.workers.messages import Info, Message, Stop
 from runner.workers.mps import SM_PERCENT_ENV
-from runner.workers.worker import FD_ENV, SharedModel, WorkerSpec
+from runner.workers.worker import FD_ENV, SharedModel, WorkerSpec, worker_memory_fraction
 
 log = logging.getLogger(__name__)
 _ROOT = str(Path(__file__).resolve().parents[2])  # so the worker imports this checkout's packages
@@ -168,12 +168,7 @@ class WorkerPool:
         return self._await_ready(handle, t0, timeout)
 
     def _launch(self, spec: WorkerSpec, shared: SharedModel | None):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CUDA_MPS_")}
-        env.update({"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "TF_CPP_MIN_LOG_LEVEL": "2",
-                    "PYTHONPATH": os.pathsep.join(filter(None, [_ROOT, env.get("PYTHONPATH")]))})
-        env.update(dict(spec.env))
-        if self._cache_dir:
-            env.update(compilation_cache_env(self._cache_dir))
+        env = worker_env(spec, shared, self._cache_dir)
         ours, theirs = socket.socketpair()
         env[FD_ENV] = str(theirs.fileno())
         process = subprocess.Popen([sys.executable, "-m", "runner.workers.worker"], env=env, pass_fds=[theirs.fileno()])
@@ -238,3 +233,18 @@ class PoolView:
         self.num_blocks = pool.shared.kv_shape[2]
         self.kernel_impl = pool.shared.kernel_impl
         self.dtype = pool.shared.dtype
+
+
+def worker_env(spec: WorkerSpec, shared: SharedModel | None, cache_dir: str | None) -> dict[str, str]:
+    """A worker process's environment: this one's without MPS settings, XLA growing its allocator on demand up to
+    the worker's share of the device (none for the holder, which sizes the shares), then the spec's own."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CUDA_MPS_")}
+    env.update({"XLA_PYTHON_CLIENT_PREALLOCATE": "false", "TF_CPP_MIN_LOG_LEVEL": "2",
+                "PYTHONPATH": os.pathsep.join(filter(None, [_ROOT, env.get("PYTHONPATH")]))})
+    fraction = None if shared is None else worker_memory_fraction(spec, shared)
+    if fraction is not None:
+        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{fraction:.4f}"
+    env.update(dict(spec.env))
+    if cache_dir:
+        env.update(compilation_cache_env(cache_dir))
+    return env

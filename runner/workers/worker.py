@@ -68,6 +68,24 @@ class SharedModel:
     dtype: str
     kernel_impl: str
     private_weights: bool = False  # the workers with copy_weights copy the weights (room was left for them)
+    device_bytes: int = 0          # the device's memory, as the holder sized the pool from it (0: CPU)
+
+
+# Device memory each step-running worker needs besides the shared weights and pool and its own weight copy: XLA's
+# workspace and the activations of the largest step (measured on an H200 for the 8B shape at budget 2048, peak in
+# use: prefill worker 1.14 GiB, decode worker 1.12 GiB over its 15.15 GiB copy, RESULTS.md 2026-12-06).
+WORKER_RESERVE_BYTES = 3 << 30
+
+
+def worker_memory_fraction(spec: WorkerSpec, shared: SharedModel) -> float | None:
+    """The share of the device a worker's XLA allocator may grow to: its reserve plus its copy of the weights, as
+    the holder left room for them. Unbounded (XLA's default is 0.75 of the device), the allocator grows by regions
+    of doubling size and may reserve up to twice what it holds: on an 80 GB H100 the decode worker's 16 GB copy
+    then left no memory to load its programs (RESULTS.md, 2026-12-07 14:35 UTC). None on CPU."""
+    if not shared.device_bytes:
+        return None
+    copy = shared.weights.nbytes if shared.private_weights and spec.copy_weights else 0
+    return min(1.0, (copy + WORKER_RESERVE_BYTES) / shared.device_bytes)
 
 
 def worker_main(conn: Any, spec: WorkerSpec, shared: SharedModel | None) -> None:
@@ -246,10 +264,10 @@ class _Worker:
 
 
 def _memory_stats(device: Any) -> dict[str, int] | None:
-    """XLA's allocator use on the device (what WORKER_RESERVE_BYTES must cover besides the arenas); None where
-    the platform keeps none (CPU)."""
+    """XLA's allocator use on the device (what WORKER_RESERVE_BYTES must cover besides the arenas; `pool_bytes`:
+    what it reserved); None where the platform keeps none (CPU)."""
     stats = device.memory_stats()
-    keys = ("bytes_in_use", "peak_bytes_in_use", "bytes_limit", "largest_alloc_size")
+    keys = ("bytes_in_use", "peak_bytes_in_use", "bytes_limit", "largest_alloc_size", "pool_bytes")
     return {k: int(stats[k]) for k in keys if k in stats} if stats else None
 
 
@@ -274,6 +292,7 @@ def _load_into_arenas(spec: WorkerSpec, kind: str) -> tuple[SharedModel, list[An
     per_block = ModelRunner.kv_bytes_per_block(config, spec.block_size, dtype)
     num_blocks, private = spec.num_blocks, spec.decode_weights == "private" and spec.weight_copies > 0
     weight_bytes = weights.handle.nbytes  # read here, not in the branch: CPU tests then run this line too
+    total = 0
     if kind == "cuda":
         import cupy as cp
         free, total = cp.cuda.runtime.memGetInfo()
@@ -286,7 +305,7 @@ def _load_into_arenas(spec: WorkerSpec, kind: str) -> tuple[SharedModel, list[An
         num_blocks = max(1, spec.cpu_kv_tokens // spec.block_size)
     kv_shape = ModelRunner.kv_pool_shape(config, num_blocks, spec.block_size)
     kv = SharedArena.create(num_blocks * per_block, kind)
-    shared = SharedModel(config, weights.handle, specs, kv.handle, kv_shape, dtype, kernel_impl, private)
+    shared = SharedModel(config, weights.handle, specs, kv.handle, kv_shape, dtype, kernel_impl, private, total)
     return shared, [weights, kv]
 
 
