@@ -71,21 +71,22 @@ class SharedModel:
     device_bytes: int = 0          # the device's memory, as the holder sized the pool from it (0: CPU)
 
 
-# Device memory each step-running worker needs besides the shared weights and pool and its own weight copy: XLA's
-# workspace and the activations of the largest step (measured on an H200 for the 8B shape at budget 2048, peak in
-# use: prefill worker 1.14 GiB, decode worker 1.12 GiB over its 15.15 GiB copy, RESULTS.md 2026-12-06).
+# Device memory the holder leaves each step-running worker besides the shared weights and pool and its own weight
+# copy: its CUDA/MPS context, XLA's workspace and the activations of the largest step (8B shape, budget 2048, peaks
+# in use: 1.9-2.8 GiB per worker on an H100; on an H200 prefill 1.14 GiB, decode 1.12 GiB over its copy).
 WORKER_RESERVE_BYTES = 3 << 30
 
 
 def worker_memory_fraction(spec: WorkerSpec, shared: SharedModel) -> float | None:
-    """The share of the device a worker's XLA allocator may grow to: its reserve plus its copy of the weights, as
-    the holder left room for them. Unbounded (XLA's default is 0.75 of the device), the allocator grows by regions
-    of doubling size and may reserve up to twice what it holds: on an 80 GB H100 the decode worker's 16 GB copy
-    then left no memory to load its programs (RESULTS.md, 2026-12-07 14:35 UTC). None on CPU."""
+    """The share of the device a worker's XLA allocator may grow to: its copy of the weights, if it has one, plus
+    twice its reserve. Unbounded (XLA's default is 0.75 of the device), the allocator grows by regions of doubling
+    size and may reserve up to twice what it holds: on an 80 GB H100 the decode worker's 16 GB copy then left no
+    memory to load its programs (RESULTS.md, 2026-12-07 14:35 UTC). The bound stops that overshoot; twice the
+    reserve keeps the headroom workers had over their measured peaks (1.1-2.8 GiB). None on CPU."""
     if not shared.device_bytes:
         return None
     copy = shared.weights.nbytes if shared.private_weights and spec.copy_weights else 0
-    return min(1.0, (copy + WORKER_RESERVE_BYTES) / shared.device_bytes)
+    return min(1.0, (copy + 2 * WORKER_RESERVE_BYTES) / shared.device_bytes)
 
 
 def worker_main(conn: Any, spec: WorkerSpec, shared: SharedModel | None) -> None:
