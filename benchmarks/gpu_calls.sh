@@ -23,6 +23,8 @@
 #   bash benchmarks/gpu_calls.sh unpaced   # tight at 12/16: static-50 with and without pacing; then oom
 #   bash benchmarks/gpu_calls.sh structured  # bench_structured with its decode-window profile; carry wheels/
 #   bash benchmarks/gpu_calls.sh split     # tight at 12/16/20: aggregated 512 vs static-50 (decode-only weight copies)
+#   bash benchmarks/gpu_calls.sh split-start  # the split's start at 0.9 on 80 GB (bounded worker allocators), then
+#                                             # tight at 16/20, aggregated 512 vs static-50
 # Everything goes under $OUT (JSON per run, the logs filtered of XLA's chatter). Predictions: benchmarks/RESULTS.md.
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -146,12 +148,18 @@ case "${1:-}" in
     timeout 540 python3 benchmarks/bench_serve_modes.py run tight agg-512-arrival static-50 \
       --rates 12 16 20 --out "$OUT/serve" 2>&1 | grep -E '^\| |sweep rate|Error'
     ;;
+  split-start)  # the split starts on an 80 GB H100 at 0.9 with each worker's allocator bounded; then the tight sweep
+    bench 200 start split --disaggregation on --batch 16 --context 512 --window 30 --prefills 2 --prefill-len 2048 \
+      --gpu-memory-utilization 0.9
+    timeout 330 python3 benchmarks/bench_serve_modes.py run tight agg-512-arrival static-50 --rates 16 20 \
+      --out "$OUT/serve" 2>&1 | grep -E '^\| |sweep rate|Error|failed'
+    ;;
   arena)
     timeout 150 python3 benchmarks/probe_arena_read.py --out "$OUT" 2>&1 | grep -Ev "$NOISE" | tail -6
     timeout 150 python3 benchmarks/probe_arena_read.py --mps 50 --out "$OUT" 2>&1 | grep -Ev "$NOISE" | tail -6
     ;;
   *)
-    echo "usage: OUT=dir bash benchmarks/gpu_calls.sh trace|loop|compile|copy|hlo|cublas|arena|sampler|pool|front|moe-tiles|oom|handoff|pace|unpaced|structured|split" >&2
+    echo "usage: OUT=dir bash benchmarks/gpu_calls.sh trace|loop|compile|copy|hlo|cublas|arena|sampler|pool|front|moe-tiles|oom|handoff|pace|unpaced|structured|split|split-start" >&2
     exit 2
     ;;
 esac
