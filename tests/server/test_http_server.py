@@ -260,3 +260,18 @@ def test_usage_reports_the_prompt_tokens_served_from_the_prefix_cache(client, se
     block = server.llm.engine.block_manager.block_size
     cached = again.usage.prompt_tokens_details.cached_tokens
     assert 0 < cached < len(prompt) and cached % block == 0
+
+
+def test_a_bug_in_a_generation_route_is_a_500_in_the_api_schema_and_the_server_keeps_serving(http, server,
+                                                                                              monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("tokenizer exploded")
+
+    monkeypatch.setattr(server.llm.engine.tokenizer, "encode", broken)
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "hello", "max_tokens": 2})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "internal_server_error"
+    assert "tokenizer exploded" not in r.text  # the trace goes to the log, not to the client
+    assert any("tokenizer exploded" in rec.getMessage() or (rec.exc_info and "exploded" in str(rec.exc_info[1]))
+               for rec in caplog.records)
+    monkeypatch.undo()
+    assert http.post("/v1/completions", json={"model": MODEL, "prompt": [1, 2], "max_tokens": 1}).status_code == 200
