@@ -58,6 +58,9 @@ MODES: dict[str, tuple[str, ...]] = {
     **{f"agg-{b}-{order}": ("--max-num-batched-tokens", str(b), "--engine-arg", f"prefill_order={order}")
        for b in BUDGETS for order in ("arrival", "spf")},
     "static-50": (*SPLIT, "--engine-arg", "sm_ladder=50", "--engine-arg", "aggregate_when_safe=false"),
+    # the split in arrival order: the ordering half of the FCFS/SPF x aggregated/split ablation
+    "static-50-arrival": (*SPLIT, "--engine-arg", "sm_ladder=50", "--engine-arg", "aggregate_when_safe=false",
+                          "--engine-arg", "prefill_order=arrival"),
     "static-30": (*SPLIT, "--engine-arg", "sm_ladder=30", "--engine-arg", "aggregate_when_safe=false"),
     # the split with its first token sent at once (pace_first_token=false): pacing's ablation
     "static-50-unpaced": (*SPLIT, "--engine-arg", "sm_ladder=50", "--engine-arg", "aggregate_when_safe=false",
