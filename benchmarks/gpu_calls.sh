@@ -155,9 +155,9 @@ case "${1:-}" in
     timeout 330 python3 benchmarks/bench_serve_modes.py run tight agg-512-arrival static-50 --rates 16 20 \
       --out "$OUT/serve" 2>&1 | grep -E '^\| |sweep rate|Error|failed'
     ;;
-  ablation)  # FCFS/SPF x aggregated/split on the tight workload at 16/20 req/s, SPF aged at AGING tokens/s
+  ablation)  # FCFS/SPF x aggregated/split on the tight workload at 16/20 req/s; SPF aged at AGING tokens/s if set
     timeout 560 python3 benchmarks/bench_serve_modes.py run tight agg-512-arrival agg-512-spf static-50 \
-      static-50-arrival --rates 16 20 --engine-arg "prefill_aging=${AGING:-4000}" --out "$OUT/serve" 2>&1 \
+      static-50-arrival --rates 16 20 ${AGING:+--engine-arg "prefill_aging=$AGING"} --out "$OUT/serve" 2>&1 \
       | grep -E '^\| |sweep rate|Error|failed'
     ;;
   arena)

@@ -110,8 +110,12 @@ class EngineConfig:
         2.0, DISAGGREGATION, "seconds: time to first token; the partition controller counts waiting prompts within it")
     slo_tbt: float = _option(
         0.05, DISAGGREGATION, "seconds: time between tokens; the partition controller counts decodes within it")
-    prefill_aging: float = _option(
-        15.0, SCHEDULING, "prefill_order spf: remaining prompt tokens - this * seconds waited")
+    # 15 tokens/s (the old default) let a 7K-token prompt starve for 10-14 s behind a stream of short ones on the
+    # tight workload (RESULTS.md, 2026-12-07): by default a prompt is overtaken by later arrivals for at most
+    # slo_ttft seconds, whatever its length.
+    prefill_aging: float | None = _option(
+        None, SCHEDULING, "prefill_order spf: remaining prompt tokens - this * seconds waited (tokens/s; "
+                          "default max_model_len / slo_ttft)")
     # "worker": the decode worker keeps its batch and runs steps back to back, the engine only admitting and
     # releasing rows (nexus_jax.disagg.worker_loop); "engine" until measured on a GPU.
     decode_loop: str = _option(
@@ -172,7 +176,7 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise ValueError(f"{name} must be positive finite seconds, got {value!r}")
-        if not self.prefill_aging >= 0:
+        if self.prefill_aging is not None and not self.prefill_aging >= 0:
             raise ValueError(f"prefill_aging must be >= 0, got {self.prefill_aging!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
@@ -202,6 +206,11 @@ class EngineConfig:
         if self.preemption_mode == "swap" and self.disaggregation != "off":
             raise ValueError("swap preemption is for the aggregated mode: use preemption_mode='recompute' with "
                              f"disaggregation={self.disaggregation!r}")
+
+    def spf_aging(self, max_model_len: int) -> float:
+        """Tokens of credit per second waited under shortest-prompt-first: `prefill_aging`, or by default the rate
+        at which the longest prompt catches up with a fresh empty one within `slo_ttft`."""
+        return self.prefill_aging if self.prefill_aging is not None else max_model_len / self.slo_ttft
 
     def _check_decode_loop(self) -> None:
         if self.decode_weights not in DECODE_WEIGHTS:

@@ -87,7 +87,7 @@ class LLMEngine:
                          max_num_batched_tokens=config.max_num_batched_tokens, policy=config.scheduling_policy,
                          num_scheduler_steps=config.num_scheduler_steps, max_prefill_seqs=config.max_prefill_seqs,
                          swap_space=swap_space, program_config=program_config(config), host_cache=host_cache,
-                         prefill_order=self.prefill_order(config), prefill_aging=config.prefill_aging)
+                         prefill_order=self.prefill_order(config), prefill_aging=config.spf_aging(self.max_model_len))
         scheduler.late_limits = getattr(executor, "takes_late_limits", False)
         return scheduler
 

@@ -101,7 +101,7 @@ class DisaggEngine(LLMEngine):
                               max_num_batched_tokens=config.max_num_batched_tokens, policy=config.scheduling_policy,
                               num_scheduler_steps=config.num_scheduler_steps, program_config=program_config(config),
                               max_prefill_seqs=config.max_prefill_seqs, prefill_order=self.prefill_order(config),
-                              prefill_aging=config.prefill_aging)
+                              prefill_aging=config.spf_aging(self.max_model_len))
 
     def has_unfinished_requests(self) -> bool:
         return (super().has_unfinished_requests() or any(self.flights.values())

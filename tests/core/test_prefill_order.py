@@ -41,3 +41,18 @@ def test_auto_resolves_per_mode_and_bad_values_raise():
         EngineConfig(prefill_order="shortest")
     with pytest.raises(ValueError, match="prefill_order"):
         Scheduler(BlockManager(8, 4), max_num_seqs=1, max_num_batched_tokens=4, prefill_order="lifo")
+
+
+def test_default_aging_lets_no_prompt_be_overtaken_for_longer_than_the_ttft_slo():
+    def first(long_waited: float) -> str:
+        engine = make_engine(prefill_order="spf", slo_ttft=0.5)
+        assert engine.scheduler.prefill_aging == engine.max_model_len / 0.5
+        now = time.monotonic()
+        engine.scheduler.add(request("long", engine.max_model_len - 8, now - long_waited))
+        engine.scheduler.add(request("short", 5, now))
+        return engine.scheduler.schedule().prefills[0].request.request_id
+    assert first(long_waited=0.4) == "short"
+    assert first(long_waited=0.5) == "long"  # a prompt of max_model_len waits at most slo_ttft behind later ones
+    assert make_engine(prefill_order="spf", prefill_aging=15.0).scheduler.prefill_aging == 15.0
+    with pytest.raises(ValueError, match="prefill_aging"):
+        EngineConfig(prefill_aging=-1.0)
