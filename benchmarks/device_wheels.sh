@@ -7,8 +7,9 @@
 # `install` puts them in a directory appended after site-packages (a .pth file), so every package the machine
 # already has (pydantic, numpy, torch, ...) keeps its own version and only the missing ones come from here.
 set -euo pipefail
-WHEELS=(fastapi starlette annotated-doc opentelemetry-api uvicorn click h11 httpx httpcore anyio idna certifi pydantic
-        pydantic-core typing-inspection annotated-types typing-extensions xgrammar apache-tvm-ffi prometheus-client
+WHEELS=(fastapi starlette annotated-doc opentelemetry-api uvicorn httptools uvloop click h11 httpx httpcore anyio idna
+        certifi pydantic pydantic-core typing-inspection annotated-types typing-extensions xgrammar apache-tvm-ffi
+        prometheus-client
         "grpcio-health-checking==1.84.*" "grpcio-reflection==1.84.*" importlib-metadata zipp)
 case "${1:-}" in
   fetch)
@@ -32,7 +33,7 @@ case "${1:-}" in
         "$extra" wheels/*.whl
     fi
     echo "$extra" > "$(python3 -c 'import site; print(site.getsitepackages()[0])')/nexus-extra.pth"
-    python3 -c 'import fastapi, uvicorn, httpx, xgrammar, grpc_health; print("device wheels: ok")'
+    python3 -c 'import fastapi, uvicorn, httptools, uvloop, httpx, xgrammar, grpc_health; print("device wheels: ok")'
     ;;
   *)
     echo "usage: bash benchmarks/device_wheels.sh fetch|install" >&2
