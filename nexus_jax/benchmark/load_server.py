@@ -9,6 +9,8 @@ import gc
 import multiprocessing
 from typing import Any
 
+from nexus_jax.server import event_loop
+
 
 def _internals(server) -> dict[str, int]:
     """Counts that a leak would leave behind, read inside the server process (private fields included: a stream
@@ -32,7 +34,7 @@ def _internals(server) -> dict[str, int]:
 
 
 def _serve_child(engine_config: dict[str, Any], options: dict[str, Any], conn) -> None:
-    asyncio.run(_child_main(engine_config, options, conn))
+    event_loop.run(_child_main(engine_config, options, conn))  # the serve command's loop
 
 
 async def _child_main(engine_config: dict[str, Any], options: dict[str, Any], conn) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from nexus_jax.entrypoints.engine_args import add_engine_args, engine_config_from_args
 from nexus_jax.programs.router import ROUTING_POLICIES, RouterConfig
-from nexus_jax.server import TOKEN_ENV
+from nexus_jax.server import TOKEN_ENV, event_loop
 
 DEFAULT_GRPC_PORT = 50051
 
@@ -154,7 +154,7 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         await stop()
         return 0
 
-    return asyncio.run(main())
+    return event_loop.run(main())
 
 
 def _client(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ from typing import Any, Iterator
 
 from nexus_jax.core.engine import LLMEngine
 from nexus_jax.entrypoints.async_llm import AsyncLLM
+from nexus_jax.server import event_loop
 from nexus_jax.server.http.server import HttpServer
 from nexus_jax.server.options import ServerOptions
 
@@ -19,7 +20,7 @@ from nexus_jax.server.options import ServerOptions
 def http_serving(engine: LLMEngine, start_timeout: float = 30.0, **options: Any) -> Iterator[HttpServer]:
     """An HttpServer on 127.0.0.1 (a free port: server.port) over `engine`; `options` are ServerOptions fields.
     The server and its engine thread stop on exit."""
-    loop = asyncio.new_event_loop()
+    loop = event_loop.loop_factory()()  # the serve command's loop
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     llm = AsyncLLM(engine)
