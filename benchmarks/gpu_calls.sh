@@ -23,8 +23,8 @@
 #   bash benchmarks/gpu_calls.sh unpaced   # tight at 12/16: static-50 with and without pacing; then oom
 #   bash benchmarks/gpu_calls.sh structured  # bench_structured with its decode-window profile; carry wheels/
 #   bash benchmarks/gpu_calls.sh split     # tight at 12/16/20: aggregated 512 vs static-50 (decode-only weight copies)
-#   bash benchmarks/gpu_calls.sh ablation  # tight at 16/20: aggregated 512 and static-50, each FCFS and aged SPF;
-#                                          # then the dynamic split
+#   bash benchmarks/gpu_calls.sh ablation  # tight at 16/20: aggregated 512 and static-50, each FCFS and aged SPF
+#   bash benchmarks/gpu_calls.sh dynamic   # tight at 16/20: aggregated 512, static-50 and dynamic (partial copies)
 #   bash benchmarks/gpu_calls.sh split-start  # the split's start at 0.9 on 80 GB (bounded worker allocators), then
 #                                             # tight at 16/20, aggregated 512 vs static-50
 # Everything goes under $OUT (JSON per run, the logs filtered of XLA's chatter). Predictions: benchmarks/RESULTS.md.
@@ -156,17 +156,21 @@ case "${1:-}" in
     timeout 330 python3 benchmarks/bench_serve_modes.py run tight agg-512-arrival static-50 --rates 16 20 \
       --out "$OUT/serve" 2>&1 | grep -E '^\| |sweep rate|Error|failed'
     ;;
-  ablation)  # FCFS/SPF x aggregated/split, then dynamic, on the tight workload at 16/20 req/s; SPF aged at AGING if set
+  ablation)  # FCFS/SPF x aggregated/split on the tight workload at 16/20 req/s; SPF aged at AGING if set
     timeout 560 python3 benchmarks/bench_serve_modes.py run tight agg-512-arrival agg-512-spf static-50 \
-      static-50-arrival dynamic --rates 16 20 ${AGING:+--engine-arg "prefill_aging=$AGING"} --out "$OUT/serve" 2>&1 \
+      static-50-arrival --rates 16 20 ${AGING:+--engine-arg "prefill_aging=$AGING"} --out "$OUT/serve" 2>&1 \
       | grep -E '^\| |sweep rate|Error|failed'
+    ;;
+  dynamic)  # the dynamic split with copies for the decode workers that fit (80 GB: decode-50), against static-50
+    timeout 560 python3 benchmarks/bench_serve_modes.py run tight agg-512-arrival static-50 dynamic --rates 16 20 \
+      --out "$OUT/serve" 2>&1 | grep -E '^\| |sweep rate|Error|failed'
     ;;
   arena)
     timeout 150 python3 benchmarks/probe_arena_read.py --out "$OUT" 2>&1 | grep -Ev "$NOISE" | tail -6
     timeout 150 python3 benchmarks/probe_arena_read.py --mps 50 --out "$OUT" 2>&1 | grep -Ev "$NOISE" | tail -6
     ;;
   *)
-    echo "usage: OUT=dir bash benchmarks/gpu_calls.sh trace|loop|compile|copy|hlo|cublas|arena|sampler|pool|front|moe-tiles|oom|handoff|pace|unpaced|structured|split|split-start|ablation" >&2
+    echo "usage: OUT=dir bash benchmarks/gpu_calls.sh trace|loop|compile|copy|hlo|cublas|arena|sampler|pool|front|moe-tiles|oom|handoff|pace|unpaced|structured|split|split-start|ablation|dynamic" >&2
     exit 2
     ;;
 esac
