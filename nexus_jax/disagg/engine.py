@@ -381,8 +381,7 @@ class DisaggEngine(LLMEngine):
                                                      "predicted_tbt": d.predicted_decode,
                                                      "predicted_ttft": d.predicted_ttft, "goodput": d.goodput},
                 "controller": self.controller.stats(), "worker_startup_s": dict(self.pool.startup_seconds),
-                "private_weights": sorted(n for n, h in self.pool.workers.items()
-                                          if self.pool.shared.private_weights and h.spec.copy_weights),
+                "private_weights": sorted(self.pool.shared.private_workers),
                 "faults": dict(self.faults), "handoff": self.handoff.stats(), "pacing": self.pacer.stats(),
                 "decode_loop": None if self.loop is None else self.loop.stats()}
 

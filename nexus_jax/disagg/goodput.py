@@ -9,8 +9,8 @@ of the current requests would meet both SLOs.
 
 A request counts when it meets both: a running decode when the step meets TBT; a waiting prompt when its TTFT
 meets the TTFT SLO and both the candidate's step and its first gap meet TBT (it will decode at that pace, after a
-handoff to the decode worker under a split: `handoff_gap`, one step when the first token is paced). Pure functions over a latency
-model, so the controller (partition.py) and its tests can call them with hand-computable fakes.
+handoff to the decode worker under a split: `handoff_gap`, one step when the first token is paced). Pure functions
+over a latency model, so the controller (partition.py) and its tests can call them with hand-computable fakes.
 """
 
 from __future__ import annotations
@@ -25,6 +25,32 @@ class LatencyModel(Protocol):
     def predict_decode(self, share: float, batch: int, sum_kv: int, corun: bool = False) -> float: ...
     def predict_prefill(self, share: float, chunks: Sequence[tuple[int, int]], corun: bool = False) -> float: ...
     def predict_mixed(self, decode_batch: int, sum_kv: int, chunks: Sequence[tuple[int, int]]) -> float: ...
+
+
+# Decode on weights mapped over CUDA IPC (a worker without its own copy) against XLA's own memory, where
+# `nexus-jax profile` measures: 1.59x on an H100 (12.9 vs 8.1 ms), 1.79x / 1.65x on an H200 alone / beside a
+# prefill (12.19 vs 6.82, 15.04 vs 9.12 ms); the dynamic split on shared weights ran TPOT 25-30 ms where the profile
+# predicted a decode under 30 ms (RESULTS.md, 2026-12-07).
+SHARED_WEIGHT_DECODE = 1.7
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedWeightDecode:
+    """`model` with its decode predictions at the SM shares in `shares` (workers that read the holder's weights)
+    scaled by `factor`. Mixed steps are left as predicted: their prefill GEMMs are compute-bound."""
+    model: LatencyModel
+    shares: frozenset[int]
+    factor: float = SHARED_WEIGHT_DECODE
+
+    def predict_decode(self, share: float, batch: int, sum_kv: int, corun: bool = False) -> float:
+        t = self.model.predict_decode(share, batch, sum_kv, corun)
+        return t * self.factor if round(share) in self.shares else t
+
+    def predict_prefill(self, share: float, chunks: Sequence[tuple[int, int]], corun: bool = False) -> float:
+        return self.model.predict_prefill(share, chunks, corun)
+
+    def predict_mixed(self, decode_batch: int, sum_kv: int, chunks: Sequence[tuple[int, int]]) -> float:
+        return self.model.predict_mixed(decode_batch, sum_kv, chunks)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,7 @@ from nexus_jax.core.config import EngineConfig
 from nexus_jax.core.loading import load_checked, model_facts
 from nexus_jax.disagg.cost_model import CostModel, profile_path
 from nexus_jax.disagg.engine import DisaggEngine
+from nexus_jax.disagg.goodput import SharedWeightDecode
 from nexus_jax.disagg.ladder import AGGREGATE, HOLDER, SmLadder
 from nexus_jax.disagg.partition import LatencyModel, PartitionController, Slo
 from runner.step_batch import StepShapes
@@ -53,7 +54,11 @@ def worker_specs(config: EngineConfig, ladder: SmLadder, mps: MpsControl | None)
     # (RESULTS.md): the workers that decode may copy them; prefill is compute-bound and keeps the shared ones. The
     # aggregate worker runs nothing without aggregate_when_safe: a copy there would only take the decode workers'
     # room (on an 80 GB H100 the static split's decode read shared weights for it, RESULTS.md 2026-12-07).
-    copiers = {AGGREGATE, "decode"} if config.aggregate_when_safe else {"decode"}
+    # Most useful first, for a holder with room for only some copies: the decode workers, widest share first (they
+    # decode beside a prefill), then the aggregate worker (mostly mixed steps, whose GEMMs are compute-bound).
+    roles = {AGGREGATE, "decode"} if config.aggregate_when_safe else {"decode"}
+    copiers = tuple(w.name for w in sorted((w for w in ladder.workers if w.role in roles),
+                                           key=lambda w: (w.role == AGGREGATE, -w.sm_percent)))
     specs = []
     for w in ladder.workers:
         env = tuple(ladder.env(w.name, mps).items())
@@ -61,10 +66,9 @@ def worker_specs(config: EngineConfig, ladder: SmLadder, mps: MpsControl | None)
             specs.append(WorkerSpec(w.name, env=(("XLA_PYTHON_CLIENT_ALLOCATOR", "platform"), *env),
                                     reserve_bytes=(len(ladder.workers) - 1) * WORKER_RESERVE_BYTES,
                                     decode_weights=config.decode_weights,
-                                    weight_copies=sum(v.role in copiers for v in ladder.workers), **base))
+                                    weight_copiers=copiers, **base))
         else:
-            specs.append(WorkerSpec(w.name, warmup=warmups[w.role], env=env, copy_weights=w.role in copiers,
-                                    **base))
+            specs.append(WorkerSpec(w.name, warmup=warmups[w.role], env=env, **base))
     return specs
 
 
@@ -113,15 +117,20 @@ def _build_disaggregated(config: EngineConfig) -> DisaggEngine | None:
             log.warning("disaggregated workers failed to start (%s); running aggregated", str(e).splitlines()[0])
             return None
         raise
-    if mps is not None and config.decode_weights == "auto" and not pool.shared.private_weights:
-        log.warning("decode_weights='auto': no room for weight copies of the aggregate and decode workers (the KV "
-                    "pool would lose more than half), so they read the holder's weights over CUDA IPC, which "
-                    "decoded 1.6x slower than on a copy (and than a latency profile assumes); raise "
-                    "gpu_memory_utilization, shorten sm_ladder, or set decode_weights='private'")
+    on_shared = [w for w in ladder.workers if w.role in (AGGREGATE, "decode") and
+                 w.name not in pool.shared.private_workers] if pool.shared.device_bytes else []
+    if mps is not None and config.decode_weights == "auto" and on_shared:
+        log.warning("decode_weights='auto': no room for weight copies of %s (the KV pool would lose more than half), "
+                    "so they read the holder's weights over CUDA IPC, which decoded 1.6-1.8x slower than on a copy; "
+                    "the partition controller counts that. Raise gpu_memory_utilization, shorten sm_ladder, or set "
+                    "decode_weights='private'", ", ".join(w.name for w in on_shared))
     try:
         loaded = load_checked(config, with_params=False)
         device = pool.workers[AGGREGATE].info()["device_kind"]
-        controller = make_controller(config, _cost_model(config, loaded.config, device, loaded.name), ladder)
+        cost = _cost_model(config, loaded.config, device, loaded.name)
+        if on_shared:  # a profile measures decode on a worker's own weights
+            cost = SharedWeightDecode(cost, frozenset(w.sm_percent for w in on_shared))
+        controller = make_controller(config, cost, ladder)
         facts = model_facts(config, loaded, pool.shared.kv_shape[2])
         return DisaggEngine(config, pool, controller, facts.tokenizer, max_model_len=facts.max_model_len,
                             vocab_size=facts.vocab_size, eos_token_ids=facts.eos_token_ids, mps=mps,

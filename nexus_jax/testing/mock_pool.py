@@ -113,7 +113,7 @@ class MockPool:
         names = [AGGREGATE] + [n for s in ladder for n in (decode_worker(s), prefill_worker(s))]
         self.workers = {n: MockHandle(n, self.mock) for n in names}
         self.shared = type("Shared", (), {"kv_shape": (1, 2, num_blocks), "kernel_impl": "mock", "dtype": "f32",
-                                           "private_weights": False})
+                                           "private_workers": (), "device_bytes": 0})
         self.startup_seconds: dict[str, float] = {}
         self.rng = random.Random(seed)
         self.holder_name = AGGREGATE  # stands in for the holder: alive while the mock lives

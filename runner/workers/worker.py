@@ -53,8 +53,7 @@ class WorkerSpec:
     env: tuple[tuple[str, str], ...] = ()  # extra environment of the process
     reserve_bytes: int = 0                # holder: device memory left to the workers when sizing the KV pool
     decode_weights: str = "shared"        # holder: shared, private or auto (EngineConfig.decode_weights)
-    weight_copies: int = 0                # holder: the workers that copy the weights if it decides "private"
-    copy_weights: bool = False            # a worker: computes on its own copy if the holder decided "private"
+    weight_copiers: tuple[str, ...] = ()  # holder: the workers that may copy the weights, most useful first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +66,7 @@ class SharedModel:
     kv_shape: tuple[int, ...]
     dtype: str
     kernel_impl: str
-    private_weights: bool = False  # the workers with copy_weights copy the weights (room was left for them)
+    private_workers: tuple[str, ...] = ()  # the workers that copy the weights (the holder left room for them)
     device_bytes: int = 0          # the device's memory, as the holder sized the pool from it (0: CPU)
 
 
@@ -85,7 +84,7 @@ def worker_memory_fraction(spec: WorkerSpec, shared: SharedModel) -> float | Non
     reserve keeps the headroom workers had over their measured peaks (1.1-2.8 GiB). None on CPU."""
     if not shared.device_bytes:
         return None
-    copy = shared.weights.nbytes if shared.private_weights and spec.copy_weights else 0
+    copy = shared.weights.nbytes if spec.name in shared.private_workers else 0
     return min(1.0, (copy + 2 * WORKER_RESERVE_BYTES) / shared.device_bytes)
 
 
@@ -133,7 +132,7 @@ class _Worker:
         self.arenas = [weights, self.kv_arena]
         graphdef, abstract_state = abstract_model(shared.config, shared.dtype, shared.kernel_impl)
         state = jax.tree.unflatten(jax.tree.structure(abstract_state), import_arrays(weights, shared.weight_specs))
-        self.private_weights = shared.private_weights and spec.copy_weights
+        self.private_weights = spec.name in shared.private_workers
         if self.private_weights:  # GEMMs on XLA's own memory, not the arena's IPC mapping (EngineConfig)
             state = jax.tree.map(lambda a: a.copy(), state)
         self.runner = ModelRunner(shared.config, None, block_size=spec.block_size, shapes=spec.shapes,
@@ -291,14 +290,15 @@ def _load_into_arenas(spec: WorkerSpec, kind: str) -> tuple[SharedModel, list[An
     dtype, kernel_impl, config = str(runner.dtype), runner.kernel_impl, loaded.config
     del leaves, runner
     per_block = ModelRunner.kv_bytes_per_block(config, spec.block_size, dtype)
-    num_blocks, private = spec.num_blocks, spec.decode_weights == "private" and spec.weight_copies > 0
+    num_blocks = spec.num_blocks
+    private = spec.weight_copiers if spec.decode_weights == "private" else ()
     weight_bytes = weights.handle.nbytes  # read here, not in the branch: CPU tests then run this line too
     total = 0
     if kind == "cuda":
         import cupy as cp
         free, total = cp.cuda.runtime.memGetInfo()
-        private = _private_weights(spec, total, total - free, weight_bytes, per_block)
-        copies = spec.weight_copies * weight_bytes if private else 0
+        private = _private_workers(spec, total, total - free, weight_bytes, per_block)
+        copies = len(private) * weight_bytes
         if num_blocks is None:
             num_blocks = kv_blocks_in_budget(total, total - free, spec.memory_utilization,
                                              spec.reserve_bytes + copies, per_block)
@@ -310,24 +310,29 @@ def _load_into_arenas(spec: WorkerSpec, kind: str) -> tuple[SharedModel, list[An
     return shared, [weights, kv]
 
 
-def _private_weights(spec: WorkerSpec, total: int, used: int, weight_bytes: int, per_block: int) -> bool:
-    """Whether the decode-bound workers get weight copies: always for "private" (an error if that leaves no KV
-    pool), for "auto" while the pool keeps at least half the blocks it would have on shared weights."""
+def _private_workers(spec: WorkerSpec, total: int, used: int, weight_bytes: int, per_block: int) -> tuple[str, ...]:
+    """The workers that get weight copies: with "private" every copier (an error if that leaves no KV pool); with
+    "auto" the most useful copiers for which the pool keeps at least half the blocks it would have on shared
+    weights (on an 80 GB H100, one copy of the 8B shape of three: the widest decode worker's)."""
     from runner.kv_budget import kv_blocks_in_budget
 
-    if spec.decode_weights == "shared" or spec.weight_copies == 0:
-        return False
-    copies = spec.weight_copies * weight_bytes
+    copiers = spec.weight_copiers
+    if spec.decode_weights == "shared" or not copiers:
+        return ()
     if spec.decode_weights == "private":
         try:
-            kv_blocks_in_budget(total, used, spec.memory_utilization, spec.reserve_bytes + copies, per_block)
+            kv_blocks_in_budget(total, used, spec.memory_utilization,
+                                spec.reserve_bytes + len(copiers) * weight_bytes, per_block)
         except ValueError as e:
-            raise ValueError(f"decode_weights='private': {spec.weight_copies} weight copies of "
+            raise ValueError(f"decode_weights='private': {len(copiers)} weight copies of "
                              f"{weight_bytes / 2**30:.1f} GiB do not fit: {e}; or use decode_weights='shared' "
                              "or 'auto'") from e
-        return True
+        return copiers
     budget = total * spec.memory_utilization - used - spec.reserve_bytes
-    return budget - copies >= budget / 2 and budget - copies >= per_block
+    n = len(copiers)
+    while n and not (budget - n * weight_bytes >= max(budget / 2, per_block)):
+        n -= 1
+    return copiers[:n]
 
 
 def abstract_model(config: Any, dtype: str, kernel_impl: str):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from nexus_jax.disagg.cost_model import CostModel
-from nexus_jax.disagg.goodput import predict, queue_ttfts
+from nexus_jax.disagg.goodput import SHARED_WEIGHT_DECODE, SharedWeightDecode, predict, queue_ttfts
 from nexus_jax.disagg.partition import Decision, LoadState, PartitionController, Slo
 from runner.model.config import ModelConfig
 
@@ -94,6 +94,20 @@ def test_a_first_gap_over_tbt_costs_the_waiting_prompts_of_a_split():
     assert paced.first_gap == pytest.approx(0.020) and paced.goodput(c.slo) == 9
     for mixed, mode in ((0.035, "aggregate"), (0.045, "split")):
         assert PartitionController(Fake(mixed=mixed), (50,), c.slo, paced_first_token=True).decide(load()).mode == mode
+
+
+def test_a_decode_worker_on_shared_weights_is_predicted_slower_and_not_chosen_when_that_breaks_tbt():
+    # Without its own copy of the weights a decode worker decodes 1.6-1.8x slower than the profile measured (where
+    # the holder has room for only some copies): here decode-70 has none, and at 1.7 x 15 ms = 25.5 ms it breaks a
+    # 25 ms TBT that it meets as profiled.
+    fake = Fake(mixed=0.06)
+    shared = SharedWeightDecode(fake, frozenset({70, 100}))
+    assert shared.predict_decode(70, 8, 0, corun=True) == pytest.approx(SHARED_WEIGHT_DECODE * 0.015)
+    assert shared.predict_decode(50, 8, 0, corun=True) == 0.02  # on its own copy: as profiled
+    assert shared.predict_prefill(30, [(512, 0)]) == 0.1 and shared.predict_mixed(8, 0, [(512, 0)]) == 0.06
+    assert PartitionController(fake, LADDER, Slo(ttft=2.0, tbt=0.025)).decide(load()).decode_share == 70
+    d = PartitionController(shared, LADDER, Slo(ttft=2.0, tbt=0.025)).decide(load())
+    assert (d.decode_share, d.predicted_decode) == (50, 0.02)
 
 
 def test_co_run_contention_is_counted():
