@@ -75,6 +75,10 @@ def summarize(run: RunResult, slos: dict[str, float] | None = None) -> dict[str,
         good = sum(meets_slos(r, slos) for r in done)
         summary["good_requests"] = good
         summary["goodput"] = good / duration
+        # Which SLO a completed request missed: a goodput that flips between runs usually sits on one limit's edge
+        # (the aggregated engine's largest gaps at 28-29.5 ms against a 30 ms TBT, RESULTS.md 2026-12-07).
+        summary["slo_misses"] = {k: int(sum(x[k] is not None and x[k] > limit for x in lat))
+                                 for k, limit in slos.items()}
     if isinstance(run, ProgramRunResult):
         summary["programs"] = summarize_programs(run)
     return summary
@@ -166,6 +170,8 @@ def markdown_table(docs: list[dict[str, Any]]) -> str:
         for run in doc["runs"]:
             s = run["summary"]
             goodput = f"{s['goodput']:.2f}" if "goodput" in s else "-"
+            if s.get("slo_misses"):
+                goodput += " (over: " + ", ".join(f"{k} {n}" for k, n in s["slo_misses"].items()) + ")"
             lines.append(f"| {doc.get('label', '')} | {run['request_rate']} | {run['max_concurrency'] or '-'} | "
                          f"{s['completed']} / {s['failed']} | {s['request_throughput']:.2f} | "
                          f"{s['input_throughput']:.0f} | {s['output_throughput']:.0f} | {goodput} | "

@@ -145,6 +145,11 @@ def test_metrics_on_hand_made_timestamps():
 def test_goodput_counts_requests_meeting_every_slo(slos, good):
     s = report.summarize(hand_made_run(), slos)
     assert s["good_requests"] == good and s["goodput"] == pytest.approx(good / 2.0)
+    # each SLO counts the completed requests over it (TTFTs 0.5 and 0.2, TPOTs 0.2 and 0.5, largest gaps 0.3, 0.5)
+    over = {"ttft": {0.3: 1, 0.6: 0}, "tpot": {0.3: 1, 0.6: 0}, "itl": {0.35: 1}, "e2e": {0.5: 2, 1.2: 0}}
+    assert s["slo_misses"] == {k: over[k][limit] for k, limit in slos.items()}
+    doc = {"label": "hand", "runs": [report.run_to_json(hand_made_run(), s)]}
+    assert "(over: " + ", ".join(f"{k} {over[k][v]}" for k, v in slos.items()) + ")" in report.markdown_table([doc])
 
 
 def test_limits_parse_and_targets_check():
