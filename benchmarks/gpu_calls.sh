@@ -25,6 +25,7 @@
 #   bash benchmarks/gpu_calls.sh split     # tight at 12/16/20: aggregated 512 vs static-50 (decode-only weight copies)
 #   bash benchmarks/gpu_calls.sh ablation  # tight at 16/20: aggregated 512 and static-50, each FCFS and aged SPF
 #   bash benchmarks/gpu_calls.sh dynamic   # tight at 16/20: aggregated 512, static-50 and dynamic (partial copies)
+#   bash benchmarks/gpu_calls.sh tight25   # TBT 25 ms at 12/16: aggregated 256 and 512 vs static-50
 #   bash benchmarks/gpu_calls.sh split-start  # the split's start at 0.9 on 80 GB (bounded worker allocators), then
 #                                             # tight at 16/20, aggregated 512 vs static-50
 # Everything goes under $OUT (JSON per run, the logs filtered of XLA's chatter). Predictions: benchmarks/RESULTS.md.
@@ -165,12 +166,16 @@ case "${1:-}" in
     timeout 560 python3 benchmarks/bench_serve_modes.py run tight agg-512-arrival static-50 dynamic --rates 16 20 \
       --out "$OUT/serve" 2>&1 | grep -E '^\| |sweep rate|Error|failed'
     ;;
+  tight25)  # TBT 25 ms: aggregated 256 and 512 (the tuned budget moves down) against static-50, at 12/16 req/s
+    timeout 560 python3 benchmarks/bench_serve_modes.py run tight25 agg-256-arrival agg-512-arrival static-50 \
+      --rates 12 16 --out "$OUT/serve" 2>&1 | grep -E '^\| |sweep rate|Error|failed'
+    ;;
   arena)
     timeout 150 python3 benchmarks/probe_arena_read.py --out "$OUT" 2>&1 | grep -Ev "$NOISE" | tail -6
     timeout 150 python3 benchmarks/probe_arena_read.py --mps 50 --out "$OUT" 2>&1 | grep -Ev "$NOISE" | tail -6
     ;;
   *)
-    echo "usage: OUT=dir bash benchmarks/gpu_calls.sh trace|loop|compile|copy|hlo|cublas|arena|sampler|pool|front|moe-tiles|oom|handoff|pace|unpaced|structured|split|split-start|ablation|dynamic" >&2
+    echo "usage: OUT=dir bash benchmarks/gpu_calls.sh trace|loop|compile|copy|hlo|cublas|arena|sampler|pool|front|moe-tiles|oom|handoff|pace|unpaced|structured|split|split-start|ablation|dynamic|tight25" >&2
     exit 2
     ;;
 esac

@@ -90,3 +90,18 @@ def test_a_failing_mode_does_not_stop_the_modes_after_it(tmp_path, monkeypatch):
     text = bsm.summarize("mix", DOCS, failed=("static-50",))
     assert "Failed (see their logs): static-50." in text
     assert "static-50" not in text.split("Not run: ")[1].rstrip(".").split(", ")
+
+
+def test_goodput_is_recounted_from_the_requests_at_other_tbt_slos():
+    def record(ttft: float, gap: float) -> dict:
+        return {"prompt_len": 8, "output_len": 3, "start": 0.0, "token_times": [ttft, ttft + gap, ttft + gap + 0.01],
+                "end": ttft + gap + 0.01, "success": True}
+    # largest gaps 22, 28 and 33 ms; the third request also misses the 2 s TTFT
+    timed = run(16, 1.5, 0.5, 0.03, 1.0)
+    timed["records"] = [record(0.1, 0.022), record(0.2, 0.028), record(2.5, 0.033)]
+    timed["summary"]["duration_s"] = 2.0
+    assert [bsm.goodput_at(timed, 2.0, t) for t in (0.02, 0.025, 0.03, 0.04)] == [0.0, 0.5, 1.0, 1.0]
+    assert bsm.goodput_at(run(16, 1.5, 0.5, 0.03, 1.0), 2.0, 0.03) is None  # a run saved without its records
+    text = bsm.summarize("tight", {"static-50": {"runs": [timed]}})
+    assert "| mode | rate | TBT 20 ms | TBT 25 ms | TBT 30 ms | TBT 35 ms | TBT 40 ms |" in text
+    assert "| static-50 | 16 | 0.00 | 0.50 | 1.00 | 1.00 | 1.00 |" in text
