@@ -6,6 +6,7 @@ the slots its block table names; so a block handed over too early, or freed and 
 held it, raises instead of passing. Results are folded back in a random order to interleave the phases.
 """
 
+import collections
 import time
 
 import pytest
@@ -88,6 +89,25 @@ def test_split_runs_decode_and_prefill_on_their_ladder_workers():
     pool = engine.pool
     assert pool.workers[decode_worker(30)].calls > 0
     assert pool.workers[prefill_worker(30)].calls > 0
+
+
+@pytest.mark.parametrize("private, alone_on", [((), "aggregate"), (("aggregate", "decode-50"), "aggregate"),
+                                               (("decode-50",), "decode-50")])
+def test_decode_alone_runs_on_all_sms_unless_only_a_decode_worker_has_its_own_weights(private, alone_on):
+    # On an 80 GB GPU only decode-50 gets a copy of the weights: decode alone then runs there, not on the aggregate
+    # worker's shared weights (1.6-1.8x slower to decode, RESULTS.md 2026-12-07).
+    engine = make_engine(tbt=1.0)  # every rung and the mixed step meet TBT: decode alone between prefills
+    engine.pool.shared.private_workers = private
+    assert engine._decode_alone() == alone_on
+    ran: dict[str, int] = collections.Counter()  # (worker, decode-only steps) as the workers receive them
+    for name, handle in engine.pool.workers.items():
+        def submit(message, name=name, submit=handle.submit):
+            ran[name] += bool(message.step.decodes) and not message.step.prefills
+            submit(message)
+        handle.submit = submit
+    run_all(engine, staggered(7))
+    # (a split's decode steps are decode-only too: they run on the rungs' decode workers either way)
+    assert ran[alone_on] > 0 and (ran["aggregate"] > 0) == (alone_on == "aggregate")
 
 
 def test_abort_while_a_step_executes_defers_freeing_its_blocks():
