@@ -190,7 +190,8 @@ class DisaggEngine(LLMEngine):
         alone = self.controller.allow_aggregate
         restarts = self.faults["pool_restarts"]
         if has_decode:
-            name = self.ladder.worker("decode", decision.decode_share) if split else self._decode_alone()
+            name = (self.ladder.worker("decode", decision.decode_share) if split else
+                    self.ladder.decode_alone(self.pool.shared.private_workers, alone))
             if ahead is None:
                 outputs += self._submit(self._free_worker(name, "decode"), decode, "decode")
             elif name == decode_at or not split:
@@ -210,17 +211,6 @@ class DisaggEngine(LLMEngine):
         elif prefill is not None:
             self._unhold(prefill)
         return outputs
-
-    def _decode_alone(self) -> str:
-        """Where a decode that starts alone runs: on all SMs (the aggregate worker) when aggregation is allowed,
-        unless that worker reads the holder's weights and a decode worker has its own copy (an 80 GB GPU): decode
-        loses ~10% on half the SMs but 1.6-1.8x on shared weights (RESULTS.md). Else the widest decode worker, with
-        its own copy if one has it."""
-        private = self.pool.shared.private_workers
-        if self.controller.allow_aggregate and (AGGREGATE in private or not private):
-            return AGGREGATE
-        workers = self.ladder.phase_workers("decode")
-        return next((n for n in reversed(workers) if n in private), workers[-1])
 
     def _dispatch_prefill(self) -> list[RequestOutput]:
         """With the decode loop on the worker, the engine plans prefills only, for its rung's prefill worker."""

@@ -58,6 +58,16 @@ class SmLadder:
             raise ValueError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
         return [w.name for w in sorted((w for w in self.workers if w.role == phase), key=lambda w: w.sm_percent)]
 
+    def decode_alone(self, private: Sequence[str], aggregate: bool) -> str:
+        """Where a decode that starts alone runs: on all SMs (the aggregate worker) when aggregation is allowed,
+        unless that worker reads the holder's weights while a decode worker has its own copy (`private` names the
+        workers with copies; 80 GB: decode-50): decode loses ~10% on half the SMs but 1.6-1.8x on shared weights
+        (RESULTS.md). Else the widest decode worker, with its own copy if one has it."""
+        if aggregate and (AGGREGATE in private or not private):
+            return AGGREGATE
+        workers = self.phase_workers("decode")
+        return next((n for n in reversed(workers) if n in private), workers[-1])
+
     def sm_percent(self, name: str) -> int:
         return self._by_name[name].sm_percent
 

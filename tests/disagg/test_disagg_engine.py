@@ -98,7 +98,7 @@ def test_decode_alone_runs_on_all_sms_unless_only_a_decode_worker_has_its_own_we
     # worker's shared weights (1.6-1.8x slower to decode, RESULTS.md 2026-12-07).
     engine = make_engine(tbt=1.0)  # every rung and the mixed step meet TBT: decode alone between prefills
     engine.pool.shared.private_workers = private
-    assert engine._decode_alone() == alone_on
+    assert engine.ladder.decode_alone(private, aggregate=True) == alone_on
     ran: dict[str, int] = collections.Counter()  # (worker, decode-only steps) as the workers receive them
     for name, handle in engine.pool.workers.items():
         def submit(message, name=name, submit=handle.submit):
