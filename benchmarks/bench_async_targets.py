@@ -6,7 +6,7 @@
 - cold-start: a fresh process builds an engine and serves one request (128 -> 16 tokens); seconds from the start of
   the process to the engine built and to the request's end. With compilation on first use (the default) and, with
   --with-warmup, every shape compiled at start (max_model_len 4096), each once with an empty compilation cache and
-  once with the cache the first run filled.
+  once with the cache the first run filled; the warm-cache runs' cProfile goes to cold-profile*.txt.
 `loops` runs these two on one engine (weights, pool, every shape compiled at start), each loop an LLMEngine over it:
 - batch: 64 requests of 2048 tokens decoding 128 more, both loops on one engine (bench_async.twin): ITL median
   against the device step of the same batch measured as a chain of steps fed on the device
@@ -19,9 +19,11 @@ Writes <subcommand>.json.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import dataclasses
 import json
 import os
+import pstats
 import subprocess
 import sys
 import tempfile
@@ -31,10 +33,16 @@ from pathlib import Path
 START = time.perf_counter()  # cold-start children count from here; imports follow
 
 
-def cold_start_child(preset: str, cache: str, warmup: bool) -> None:
+def cold_start_child(preset: str, cache: str, warmup: bool, profile: str | None) -> None:
     from nexus_jax import EngineConfig, SamplingParams
     from nexus_jax.entrypoints.build import build_engine
     imported = time.perf_counter() - START
+    import jax
+    jax.devices()  # the backend (CUDA context, allocator) starts here: its own phase of the cold start
+    backend = time.perf_counter() - START
+    profiler = cProfile.Profile() if profile else None
+    if profiler:
+        profiler.enable()
     engine = build_engine(EngineConfig(model=preset, compilation_cache_dir=cache, warmup=warmup,
                                        max_model_len=4096 if warmup else None))
     built = time.perf_counter() - START
@@ -42,17 +50,25 @@ def cold_start_child(preset: str, cache: str, warmup: bool) -> None:
                        SamplingParams(max_tokens=16, ignore_eos=True))
     while engine.has_unfinished_requests():  # a non-streamed request's output comes when it ends
         engine.step()
-    print(json.dumps({"imported_s": imported, "engine_built_s": built,
-                      "first_request_done_s": time.perf_counter() - START}), flush=True)
+    done = time.perf_counter() - START
+    if profiler:  # where the warm-cache seconds go, by function: the profile the 5 s target asks for
+        profiler.disable()
+        with open(profile, "w") as f:
+            pstats.Stats(profiler, stream=f).sort_stats("cumulative").print_stats(60)
+    print(json.dumps({"imported_s": imported, "backend_s": backend, "engine_built_s": built,
+                      "first_request_done_s": done}), flush=True)
 
 
 def cold_start(args) -> dict:
     results = {}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     for warmup in (False, True) if args.with_warmup else (False,):
         cache = tempfile.mkdtemp(prefix="nexus-cc-")
         for state in ("empty cache", "warm cache"):
             cmd = [sys.executable, __file__, "_cold-child", "--preset", args.preset, "--cache", cache]
             cmd += ["--warmup"] if warmup else []
+            if state == "warm cache":
+                cmd += ["--profile", str(Path(args.out) / f"cold-profile{'-warmup' if warmup else ''}.txt")]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
             name = f"{'warmup' if warmup else 'compile on first use'}, {state}"
@@ -160,9 +176,10 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=2048, help="max_num_batched_tokens of the offline run")
     ap.add_argument("--cache", help=argparse.SUPPRESS)
     ap.add_argument("--warmup", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--profile", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.what == "_cold-child":
-        cold_start_child(args.preset, args.cache, args.warmup)
+        cold_start_child(args.preset, args.cache, args.warmup, args.profile)
         return
     res = {"cold-start": cold_start, "loops": loops}[args.what](args)
     res["command"] = "PYTHONPATH=. python3 benchmarks/bench_async_targets.py " + " ".join(sys.argv[1:])
