@@ -26,6 +26,8 @@
 #   bash benchmarks/gpu_calls.sh ablation  # tight at 16/20: aggregated 512 and static-50, each FCFS and aged SPF
 #   bash benchmarks/gpu_calls.sh dynamic   # tight at 16/20: aggregated 512, static-50 and dynamic (partial copies)
 #   bash benchmarks/gpu_calls.sh tight25   # TBT 25 ms at 12/16: aggregated 256 and 512 vs static-50
+#   bash benchmarks/gpu_calls.sh front-cold  # HTTP TTFT (bench_structured, one pair), the cold start with its
+#                                            # profile, offline at 1024 seqs / 16384 tokens vs transformers; wheels/
 #   bash benchmarks/gpu_calls.sh split-start  # the split's start at 0.9 on 80 GB (bounded worker allocators), then
 #                                             # tight at 16/20, aggregated 512 vs static-50
 # Everything goes under $OUT (JSON per run, the logs filtered of XLA's chatter). Predictions: benchmarks/RESULTS.md.
@@ -166,6 +168,14 @@ case "${1:-}" in
     timeout 560 python3 benchmarks/bench_serve_modes.py run tight agg-512-arrival static-50 dynamic --rates 16 20 \
       --out "$OUT/serve" 2>&1 | grep -E '^\| |sweep rate|Error|failed'
     ;;
+  front-cold)  # issue 18's HTTP target, then issue 15's cold start and offline targets, in one call
+    bash benchmarks/device_wheels.sh install || exit 3
+    timeout 200 python3 benchmarks/bench_structured.py --repeats 1 --json "$OUT/structured.json" 2>&1 \
+      | grep -Ev "$NOISE" | tail -12
+    timeout 90 python3 benchmarks/bench_async_targets.py cold-start --out "$OUT/cold" 2>&1 | grep cache
+    timeout 280 python3 benchmarks/bench_throughput.py --max-num-seqs 1024 --max-num-batched-tokens 16384 \
+      --out "$OUT/offline" 2>&1 | grep -Ev "$NOISE" | tail -12
+    ;;
   tight25)  # TBT 25 ms: aggregated 256 and 512 (the tuned budget moves down) against static-50, at 12/16 req/s
     timeout 560 python3 benchmarks/bench_serve_modes.py run tight25 agg-256-arrival agg-512-arrival static-50 \
       --rates 12 16 --out "$OUT/serve" 2>&1 | grep -E '^\| |sweep rate|Error|failed'
@@ -175,7 +185,7 @@ case "${1:-}" in
     timeout 150 python3 benchmarks/probe_arena_read.py --mps 50 --out "$OUT" 2>&1 | grep -Ev "$NOISE" | tail -6
     ;;
   *)
-    echo "usage: OUT=dir bash benchmarks/gpu_calls.sh trace|loop|compile|copy|hlo|cublas|arena|sampler|pool|front|moe-tiles|oom|handoff|pace|unpaced|structured|split|split-start|ablation|dynamic|tight25" >&2
+    echo "usage: OUT=dir bash benchmarks/gpu_calls.sh trace|loop|compile|copy|hlo|cublas|arena|sampler|pool|front|moe-tiles|oom|handoff|pace|unpaced|structured|front-cold|split|split-start|ablation|dynamic|tight25" >&2
     exit 2
     ;;
 esac
