@@ -87,7 +87,7 @@ def test_missing_input_raises(tmp_path, tokenizer):
         run_batch(batch_engine(tokenizer), str(tmp_path / "nope.jsonl"), str(tmp_path / "o.jsonl"))
 
 
-def test_cli_on_the_default_model(tmp_path, capsys):
+def test_cli_on_the_default_model(tmp_path, capsys, monkeypatch):
     inp, out = tmp_path / "p.jsonl", tmp_path / "r.jsonl"
     write_lines(inp, [{"id": "a", "prompt": "The capital of France is", "temperature": 0.0},
                       {"id": "b", "prompt_token_ids": [5, 6, 7], "max_tokens": 3, "ignore_eos": True},
@@ -105,7 +105,10 @@ def test_cli_on_the_default_model(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "2 completed" in err and "1 errors" in err and "3/3 requests" in err and "tok/s" in err
 
-    # A host memory floor above what the machine has: the command refuses with a message, not a traceback.
+    # A host memory floor above what the machine has: the command refuses with a message, not a traceback. The
+    # command has no flag for run_batch's memory_wait_s, whose default would idle here 30 s before refusing; 1 s
+    # still polls the floor (every 0.5 s) before giving up.
+    monkeypatch.setitem(run_batch.__kwdefaults__, "memory_wait_s", 1.0)
     args = parser.parse_args(["batch", "--input", str(inp), "--output", str(tmp_path / "r2.jsonl"),
                               "--dtype", "float32", "--min-available-mb", "1e12"])
     assert args.func(args) == 1
