@@ -31,10 +31,25 @@ def tolerance(dtype):
     return {"rtol": 1e-5, "atol": 1e-5} if dtype == jnp.float32 else {"rtol": 2e-2, "atol": 2e-2}
 
 
+def jitted(fn, *args, **kwargs):
+    """fn(*args, **kwargs) compiled as one program, the array arguments traced and the rest (layer, scale, window,
+    impl, ...) static. Run eagerly, every jnp op of the reference path and of the kernels' wrappers compiles as a
+    program of its own for each new shape (some 750 in this file, about half of its time on CPU); the model calls
+    them under jit too."""
+    traced = [i for i, a in enumerate(args) if isinstance(a, jax.Array)]
+
+    def call(*arrays):
+        full = list(args)
+        for i, a in zip(traced, arrays):
+            full[i] = a
+        return fn(*full, **kwargs)
+    return jax.jit(call)(*[args[i] for i in traced])
+
+
 def naive_attention(q_row, pool, layer, table, num_kv, scale, group, window=0, softcap=0.0):
     """Attention of one query token [Hq, D] over the first num_kv tokens of a page table (the last `window` of
     them if window > 0, scores soft-capped at `softcap` if > 0), per token in f64."""
-    pool = np.asarray(pool, np.float64)
+    pool = np.asarray(pool, np.float64)  # a no-op for the f64 numpy pool naive_decode and naive_prefill pass
     block_size = pool.shape[4]
     out = np.zeros(q_row.shape)
     seen = range(max(0, num_kv - window) if window else 0, num_kv)
@@ -51,6 +66,7 @@ def naive_attention(q_row, pool, layer, table, num_kv, scale, group, window=0, s
 
 def naive_decode(q, pool, layer, tables, context_lens, scale, window=0, softcap=0.0):
     q, tables, context_lens = np.asarray(q, np.float64), np.asarray(tables), np.asarray(context_lens)
+    pool = np.asarray(pool, np.float64)  # once, not per query row
     group = q.shape[1] // pool.shape[3]
     out = np.zeros(q.shape)
     for b in range(q.shape[0]):
@@ -61,6 +77,9 @@ def naive_decode(q, pool, layer, tables, context_lens, scale, window=0, softcap=
 
 def naive_prefill(q, pool, layer, tables, q_start, q_lens, kv_lens, scale, window=0, softcap=0.0):
     q, tables = np.asarray(q, np.float64), np.asarray(tables)
+    # On the host once: indexing a jax array, or converting the pool, per query row costs a transfer each time
+    # (and a compiled program per new shape).
+    pool, q_start, q_lens, kv_lens = np.asarray(pool, np.float64), *map(np.asarray, (q_start, q_lens, kv_lens))
     group = q.shape[1] // pool.shape[3]
     out = np.zeros(q.shape)
     for s in range(tables.shape[0]):
@@ -105,7 +124,7 @@ def test_decode_reference_matches_naive(group, head_dim, block_size, window):
     rng = np.random.default_rng(group * 1000 + head_dim + block_size)
     q, pool, tables, lens = decode_case(rng, batch=6, group=group, kv_heads=2, head_dim=head_dim,
                                         block_size=block_size, max_blocks=5, dtype=jnp.float32)
-    out = pk.paged_decode_attention(q, pool, 2, tables, lens, scale=0.125, window=window, impl="xla")
+    out = jitted(pk.paged_decode_attention, q, pool, 2, tables, lens, scale=0.125, window=window, impl="xla")
     assert out.shape == q.shape and out.dtype == q.dtype
     want = naive_decode(q, pool, 2, tables, lens, 0.125, window)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
@@ -119,8 +138,8 @@ def test_prefill_reference_matches_naive(group, head_dim, block_size, window):
     case = prefill_case(rng, group=group, kv_heads=2, head_dim=head_dim, block_size=block_size,
                         dtype=jnp.float32, q_lens=[7, 20, 1, 0], prefixes=[0, 13, 30, 0], tail=3)
     q, pool, tables, q_start, q_lens, kv_lens = case
-    out = pk.paged_prefill_attention(q, pool, 1, tables, q_start, q_lens, kv_lens, scale=0.1, max_q_len=20,
-                                     window=window, impl="xla")
+    out = jitted(pk.paged_prefill_attention, q, pool, 1, tables, q_start, q_lens, kv_lens, scale=0.1,
+                 max_q_len=20, window=window, impl="xla")
     want = naive_prefill(q, pool, 1, tables, q_start, q_lens, kv_lens, 0.1, window)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
     assert not np.any(np.asarray(out[28:])), "rows owned by no sequence must be zeros"
@@ -132,7 +151,7 @@ def test_write_kv_reference_scatters_and_skips_padding():
     k = jnp.asarray(rng.standard_normal((5, 2, 16)), jnp.float32)
     v = jnp.asarray(rng.standard_normal((5, 2, 16)), jnp.float32)
     slots = jnp.asarray([13, -1, 0, 23, -5], jnp.int32)
-    out = np.asarray(pk.write_kv(pool, 2, k, v, slots, impl="xla"))
+    out = np.asarray(jitted(pk.write_kv, pool, 2, k, v, slots, impl="xla"))
     want = np.array(pool)
     for t, slot in enumerate(np.asarray(slots)):
         if slot >= 0:
@@ -161,8 +180,8 @@ def test_write_kv_pallas_matches_reference(dtype, block_size, head_dim):
     slots = jnp.asarray(slots, jnp.int32)
     k = jnp.asarray(rng.standard_normal((tokens, 2, head_dim)), jnp.float32)  # cast to the pool dtype inside
     v = jnp.asarray(rng.standard_normal((tokens, 2, head_dim)), jnp.float32)
-    got = np.asarray(pk.write_kv(pool, 1, k, v, slots, impl="interpret").astype(jnp.float32))
-    want = np.asarray(pk.write_kv(pool, 1, k, v, slots, impl="xla").astype(jnp.float32))
+    got = np.asarray(jitted(pk.write_kv, pool, 1, k, v, slots, impl="interpret").astype(jnp.float32))
+    want = np.asarray(jitted(pk.write_kv, pool, 1, k, v, slots, impl="xla").astype(jnp.float32))
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got[[0, 2]], np.asarray(pool.astype(jnp.float32))[[0, 2]])
 
@@ -173,8 +192,8 @@ def test_decode_pallas_matches_reference(dtype, group, head_dim, block_size):
     rng = np.random.default_rng(group + head_dim)
     q, pool, tables, lens = decode_case(rng, batch=5, group=group, kv_heads=2, head_dim=head_dim,
                                         block_size=block_size, max_blocks=4, dtype=dtype)
-    got = pk.paged_decode_attention(q, pool, 2, tables, lens, scale=0.1, impl="interpret")
-    want = pk.paged_decode_attention(q, pool, 2, tables, lens, scale=0.1, impl="xla")
+    got = jitted(pk.paged_decode_attention, q, pool, 2, tables, lens, scale=0.1, impl="interpret")
+    want = jitted(pk.paged_decode_attention, q, pool, 2, tables, lens, scale=0.1, impl="xla")
     assert got.dtype == q.dtype
     np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), **tolerance(dtype))
     assert not np.any(np.asarray(got[3].astype(jnp.float32)))
@@ -187,7 +206,7 @@ def test_decode_pallas_split_k_merges_partials():
     # 3 splits of 32 tokens: the shorter sequences leave whole splits empty, which must weigh nothing.
     got = decode_pallas(q, pool, jnp.asarray([1], jnp.int32), tables, lens, scale=0.1, interpret=True,
                         num_splits=3, block_tokens=16)
-    want = pk.paged_decode_attention(q, pool, 1, tables, lens, scale=0.1, impl="xla")
+    want = jitted(pk.paged_decode_attention, q, pool, 1, tables, lens, scale=0.1, impl="xla")
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -202,8 +221,9 @@ def test_prefill_pallas_matches_reference(dtype, group, head_dim, block_size, q_
                         q_lens=q_lens, prefixes=prefixes, tail=4)
     q, pool, tables, q_start, q_lens_a, kv_lens = case
     kwargs = dict(scale=0.1, max_q_len=max(q_lens))
-    got = pk.paged_prefill_attention(q, pool, 2, tables, q_start, q_lens_a, kv_lens, impl="interpret", **kwargs)
-    want = pk.paged_prefill_attention(q, pool, 2, tables, q_start, q_lens_a, kv_lens, impl="xla", **kwargs)
+    args = (q, pool, 2, tables, q_start, q_lens_a, kv_lens)
+    got = jitted(pk.paged_prefill_attention, *args, impl="interpret", **kwargs)
+    want = jitted(pk.paged_prefill_attention, *args, impl="xla", **kwargs)
     assert got.dtype == q.dtype
     np.testing.assert_allclose(got.astype(jnp.float32), want.astype(jnp.float32), **tolerance(dtype))
     assert not np.any(np.asarray(got[sum(q_lens):].astype(jnp.float32)))
@@ -217,9 +237,9 @@ def test_decode_pallas_sliding_window(window, num_splits):
                                         max_blocks=6, dtype=jnp.float32)
     got = decode_pallas(q, pool, jnp.asarray([1], jnp.int32), tables, lens, scale=0.1, window=window,
                         interpret=True, num_splits=num_splits, block_tokens=16)
-    want = pk.paged_decode_attention(q, pool, 1, tables, lens, scale=0.1, window=window, impl="xla")
+    want = jitted(pk.paged_decode_attention, q, pool, 1, tables, lens, scale=0.1, window=window, impl="xla")
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    full = pk.paged_decode_attention(q, pool, 1, tables, lens, scale=0.1, impl="xla")
+    full = jitted(pk.paged_decode_attention, q, pool, 1, tables, lens, scale=0.1, impl="xla")
     assert not np.allclose(got[:2], full[:2], atol=1e-3), "the window must change rows longer than it"
 
 
@@ -236,8 +256,8 @@ def test_prefill_pallas_sliding_window(window, blocks):
     tiles = {} if blocks is None else {"block_q": blocks, "block_kv": blocks}
     got = prefill_pallas(q, pool, i32([2]), tables, q_start, q_lens_a, kv_lens, scale=0.1, max_q_len=150,
                          window=window, interpret=True, **tiles)
-    want = pk.paged_prefill_attention(q, pool, 2, tables, q_start, q_lens_a, kv_lens, scale=0.1, max_q_len=150,
-                                      window=window, impl="xla")
+    want = jitted(pk.paged_prefill_attention, q, pool, 2, tables, q_start, q_lens_a, kv_lens, scale=0.1,
+                  max_q_len=150, window=window, impl="xla")
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert not np.any(np.asarray(got[sum(q_lens):]))
 
@@ -251,8 +271,8 @@ def test_softcap_reference_matches_naive(window):
     rng = np.random.default_rng(77 + window)
     q, pool, tables, lens = decode_case(rng, batch=5, group=2, kv_heads=2, head_dim=64, block_size=16,
                                         max_blocks=4, dtype=jnp.float32)
-    out = pk.paged_decode_attention(q, pool, 0, tables, lens, scale=SOFTCAP_SCALE, window=window,
-                                    logit_softcap=SOFTCAP, impl="xla")
+    out = jitted(pk.paged_decode_attention, q, pool, 0, tables, lens, scale=SOFTCAP_SCALE, window=window,
+                 logit_softcap=SOFTCAP, impl="xla")
     want = naive_decode(q, pool, 0, tables, lens, SOFTCAP_SCALE, window, SOFTCAP)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
     uncapped = naive_decode(q, pool, 0, tables, lens, SOFTCAP_SCALE, window)
@@ -260,8 +280,8 @@ def test_softcap_reference_matches_naive(window):
     case = prefill_case(rng, group=2, kv_heads=2, head_dim=64, block_size=8, dtype=jnp.float32,
                         q_lens=[7, 20, 0], prefixes=[0, 13, 0], tail=2)
     q, pool, tables, q_start, q_lens, kv_lens = case
-    out = pk.paged_prefill_attention(q, pool, 1, tables, q_start, q_lens, kv_lens, scale=SOFTCAP_SCALE, max_q_len=20,
-                                     window=window, logit_softcap=SOFTCAP, impl="xla")
+    out = jitted(pk.paged_prefill_attention, q, pool, 1, tables, q_start, q_lens, kv_lens, scale=SOFTCAP_SCALE,
+                 max_q_len=20, window=window, logit_softcap=SOFTCAP, impl="xla")
     want = naive_prefill(q, pool, 1, tables, q_start, q_lens, kv_lens, SOFTCAP_SCALE, window, SOFTCAP)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
@@ -273,8 +293,8 @@ def test_decode_pallas_softcap(window, num_splits):
                                         max_blocks=6, dtype=jnp.float32)
     got = decode_pallas(q, pool, jnp.asarray([1], jnp.int32), tables, lens, scale=SOFTCAP_SCALE, window=window,
                         logit_softcap=SOFTCAP, interpret=True, num_splits=num_splits, block_tokens=16)
-    want = pk.paged_decode_attention(q, pool, 1, tables, lens, scale=SOFTCAP_SCALE, window=window,
-                                     logit_softcap=SOFTCAP, impl="xla")
+    want = jitted(pk.paged_decode_attention, q, pool, 1, tables, lens, scale=SOFTCAP_SCALE, window=window,
+                  logit_softcap=SOFTCAP, impl="xla")
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -289,8 +309,8 @@ def test_prefill_pallas_softcap(window):
     i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
     got = prefill_pallas(q, pool, i32([2]), tables, q_start, q_lens_a, kv_lens, scale=SOFTCAP_SCALE, max_q_len=40,
                          window=window, logit_softcap=SOFTCAP, interpret=True, block_q=16, block_kv=16)
-    want = pk.paged_prefill_attention(q, pool, 2, tables, q_start, q_lens_a, kv_lens, scale=SOFTCAP_SCALE,
-                                      max_q_len=40, window=window, logit_softcap=SOFTCAP, impl="xla")
+    want = jitted(pk.paged_prefill_attention, q, pool, 2, tables, q_start, q_lens_a, kv_lens, scale=SOFTCAP_SCALE,
+                  max_q_len=40, window=window, logit_softcap=SOFTCAP, impl="xla")
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
