@@ -2,6 +2,7 @@
 simulator's prediction next to each, replicas behind each routing policy."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -13,16 +14,18 @@ SMALL = ["--engine-arg", "warmup=false", "--engine-arg", "max_num_seqs=8", "--en
          "--warmup", "1", "--dataset", "chatbot", "--programs", "2", "--points", "50:0"]
 
 
-def run(tmp_path, *args):
+def run(tmp_path, xla_cache_env, *args):
+    """The script's runs and table. Both tests' runs share the session's compilation cache: the second loads the
+    step programs the first compiled (same model, same engine arguments)."""
     out = tmp_path / "runs.json"
     done = subprocess.run([sys.executable, str(SCRIPT), *SMALL, *args, "--json", str(out)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env={**os.environ, **xla_cache_env})
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text()), done.stdout
 
 
-def test_every_policy_runs_the_same_programs_on_one_engine(tmp_path):
-    doc, table = run(tmp_path, "--policies", "fcfs", "atlas")
+def test_every_policy_runs_the_same_programs_on_one_engine(tmp_path, xla_cache_env):
+    doc, table = run(tmp_path, xla_cache_env, "--policies", "fcfs", "atlas")
     assert [r["policy"] for r in doc["runs"]] == ["fcfs", "atlas"]
     for r in doc["runs"]:
         assert r["applied"] == [r["policy"]]                 # the engine really switched
@@ -31,9 +34,9 @@ def test_every_policy_runs_the_same_programs_on_one_engine(tmp_path):
     assert "| 50:0 | atlas | locality | 2 / 0 |" in table
 
 
-def test_replicas_behind_each_routing_policy(tmp_path):
-    doc, _ = run(tmp_path, "--policies", "plas", "--replicas", "2", "--routings", "locality", "round_robin",
-                 "--no-sim")
+def test_replicas_behind_each_routing_policy(tmp_path, xla_cache_env):
+    doc, _ = run(tmp_path, xla_cache_env, "--policies", "plas", "--replicas", "2", "--routings", "locality",
+                 "round_robin", "--no-sim")
     assert [r["routing"] for r in doc["runs"]] == ["locality", "round_robin"]
     calls = sum(p.num_calls for p in make_programs("chatbot", 2, seed=0))
     for r in doc["runs"]:
