@@ -2,6 +2,7 @@
 request aborted (streaming or not), 503 while draining, and no second server on a taken port (HTTP or gRPC)."""
 
 import asyncio
+import os
 import signal
 import socket
 import subprocess
@@ -114,11 +115,12 @@ SERVE = ("import argparse, sys; from nexus_jax.cli.service import register; p = 
          "register(p.add_subparsers(dest='command', required=True)); a = p.parse_args(); sys.exit(a.func(a))")
 
 
-def test_serve_command_serves_grpc_and_http_on_one_engine_and_drains_on_sigterm():
+def test_serve_command_serves_grpc_and_http_on_one_engine_and_drains_on_sigterm(xla_cache_env):
     """`serve --port 0 --http-port 0` prints both addresses; the default model chats over HTTP with its template."""
+    # The session's compilation cache: test_server.py's `serve` runs the same default engine.
     proc = subprocess.Popen([sys.executable, "-c", SERVE, "serve", "--port", "0", "--http-port", "0", "--dtype",
                              "float32", "--api-key", "k"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True)
+                            text=True, env={**os.environ, **xla_cache_env})
     try:
         grpc_line, http_line = proc.stdout.readline(), proc.stdout.readline()
         assert "serving embedded-default on 127.0.0.1:" in grpc_line, grpc_line

@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import os
 import random
 import signal
 import subprocess
@@ -252,10 +253,12 @@ SERVE = ("import argparse, sys; from nexus_jax.cli.service import register; p = 
          "register(p.add_subparsers(dest='command', required=True)); a = p.parse_args(); sys.exit(a.func(a))")
 
 
-def test_serve_and_client_commands(capsys):
+def test_serve_and_client_commands(capsys, xla_cache_env):
     """`serve --port 0` prints its port, `client` streams from it, SIGTERM drains and exits cleanly."""
+    # The session's compilation cache: test_http_limits.py's `serve` runs the same default engine.
     proc = subprocess.Popen([sys.executable, "-c", SERVE, "serve", "--port", "0", "--dtype", "float32"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, **xla_cache_env})
     try:
         line = proc.stdout.readline()
         assert "serving embedded-default on 127.0.0.1:" in line, line
