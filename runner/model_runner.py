@@ -25,6 +25,7 @@ from runner.kv_budget import fit_num_blocks, kv_bytes_per_block
 from runner.model.config import ModelConfig
 from runner.model.llama import Transformer
 from runner.penalties import PenaltyRow
+from runner.program_store import ModelPrograms, ProgramStore, signature
 from runner.programs import FEED_ROWS, MIN_SWAP_BLOCKS
 from runner.sampling import MODES, SamplingRow, SamplingTensors
 from runner.step_batch import (
@@ -81,7 +82,8 @@ class ModelRunner(StepsExecutor):
                  block_size: int = 16, kernel_impl: str | None = None, release_params: bool = False,
                  memory_utilization: float = 0.9, cpu_kv_tokens: int = 65536,
                  shapes: StepShapes = DEFAULT_SHAPES, model: tuple[Any, Any] | None = None,
-                 kv_pool: jax.Array | None = None, device: jax.Device | None = None):
+                 kv_pool: jax.Array | None = None, device: jax.Device | None = None,
+                 program_store: ProgramStore | None = None):
         """num_blocks=None sizes the KV pool to the device memory left once the model is resident (see
         fit_num_blocks). release_params=True lets the model free the stacked weight arrays of `params` as it
         splits them per layer (the caller must not use `params` afterwards).
@@ -91,7 +93,8 @@ class ModelRunner(StepsExecutor):
 
         `device` (None: JAX's default device) is where the weights and the pool are committed, so every jitted
         step and swap runs there; their per-step inputs are numpy arrays, which jit copies straight to that
-        device. Params already there are not copied: load them under `on_device(device)`."""
+        device. Params already there are not copied: load them under `on_device(device)`. `program_store` keeps
+        the compiled forward programs across processes (runner.program_store); None leaves them to jit."""
         if (num_blocks is not None and num_blocks <= 0) or block_size <= 0:
             raise ValueError(f"num_blocks and block_size must be positive, got {num_blocks} and {block_size}")
         if (params is None) == (model is None):
@@ -110,6 +113,8 @@ class ModelRunner(StepsExecutor):
             self.dtype = jnp.dtype(jax.tree.leaves(self.state["embed"])[0].dtype)
             self.kernel_impl = nnx.merge(self.graphdef, self.state).kernel_impl
             self.model_def, self.weights = programs.ModelDef.split(self.graphdef, self.state)
+            model_key = f"{config!r}|{self.kernel_impl}|{signature(self.weights)[1]}|{device}"
+            self.programs = ModelPrograms(program_store, model_key, device)
             self._owns_pool = kv_pool is None
             if kv_pool is not None:
                 self.num_blocks = kv_pool.shape[2]
@@ -155,7 +160,8 @@ class ModelRunner(StepsExecutor):
         sampled_rows = batch.logits_indices.shape[0]
         if prompt is not None:  # the prompt rows' logits too, after the sampled ones
             batch = batch.replace(logits_indices=np.concatenate([batch.logits_indices, prompt[0]]))
-        logits, self.kv_pool = programs.forward(self.model_def, self.weights, self.kv_pool, batch, fed, feed_src)
+        logits, self.kv_pool = self.programs(programs.forward, self.model_def, self.weights, self.kv_pool, batch,
+                                             fed, feed_src)
         if prompt is not None:
             prompt = (programs.prompt_logprobs(logits[sampled_rows:], prompt[1], prompt[2]), prompt[3])
             logits = logits[:sampled_rows]
@@ -225,8 +231,8 @@ class ModelRunner(StepsExecutor):
         st = SamplingTensors.from_rows(padded)
         feed_src = np.full(batch.num_decode, -1, np.int32)
         fed = self._feed(step, feed_src, np.full(batch.num_decode, -1, np.int32), rows)
-        out, fed, self.kv_pool = programs.decode_steps(self.model_def, self.weights, self.kv_pool, batch, st,
-                                                       step.num_steps, fed, feed_src)
+        out, fed, self.kv_pool = self.programs(programs.decode_steps, self.model_def, self.weights, self.kv_pool,
+                                               batch, st, step.num_steps, fed, feed_src)
         self._last_samples = (fed, rows)
         return PendingStep(out, rows, 0, steps=step.num_steps)
 
@@ -246,8 +252,8 @@ class ModelRunner(StepsExecutor):
         """fp32 logits of each chunk's last token (decodes then prefills), writing the chunks' K/V."""
         batch, rows = self._decode_state.build(decodes, prefills)
         no_feed = np.full(batch.num_decode, -1, np.int32)
-        logits, self.kv_pool = programs.forward(self.model_def, self.weights, self.kv_pool, batch, self._no_feed,
-                                                no_feed)
+        logits, self.kv_pool = self.programs(programs.forward, self.model_def, self.weights, self.kv_pool, batch,
+                                             self._no_feed, no_feed)
         return np.asarray(logits)[rows]
 
     def recover(self) -> bool:
@@ -353,7 +359,8 @@ class ModelRunner(StepsExecutor):
         returns one logits output of each row count."""
         with concurrent.futures.ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
             # A jitted call after lower().compile() of the same arguments reuses the compiled executable.
-            compiled = list(pool.map(lambda job: job[0].lower(*job[1]).compile(), jobs))
+            compiled = list(pool.map(lambda job: job[0].lower(*job[1]).compile() if job[0] is programs.sample_step
+                                     else self.programs.executable(job[0], *job[1]), jobs))
         stats = (self.device or jax.devices()[0]).memory_stats() or {}
         if "bytes_limit" in stats:  # a device that keeps no allocator statistics (CPU) has nothing to run out of
             programs.check_scratch([(programs.describe(*job), programs.scratch_bytes(c))
@@ -364,7 +371,7 @@ class ModelRunner(StepsExecutor):
             if fn is programs.sample_step:
                 fn(*args)
                 continue
-            *out, self.kv_pool = fn(*args[:2], self.kv_pool, *args[3:])
+            *out, self.kv_pool = self.programs(fn, *args[:2], self.kv_pool, *args[3:])
             if fn is programs.forward:
                 logits.setdefault(out[0].shape[0], out[0])
         jax.block_until_ready(self.kv_pool)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from runner import program_store
 from runner.sampling import SamplingTensors, sample
 from runner.step_batch import StepBatch
 
@@ -141,14 +142,16 @@ def scatter_blocks(kv_pool, blocks, values):
 
 
 def compiled_programs() -> int:
-    """How many forward and sampler programs this process has compiled (a test that serving compiles none)."""
-    return forward._cache_size() + sample_step._cache_size()
+    """How many forward and sampler programs this process has compiled or loaded from a program store (a test
+    that serving compiles none)."""
+    return forward._cache_size() + sample_step._cache_size() + program_store.programs_made
 
 
 def pool_programs() -> int:
     """How many programs that donate the KV pool this process has compiled. Whether XLA updates the pool in
     place is fixed when a program is compiled, so a check of it is due only when this count grows."""
-    return forward._cache_size() + decode_steps._cache_size() + scatter_blocks._cache_size()
+    return (forward._cache_size() + decode_steps._cache_size() + scatter_blocks._cache_size()
+            + program_store.programs_made)
 
 
 def scratch_bytes(compiled: Any) -> int:

@@ -1,0 +1,147 @@
+"""The model's step programs kept on disk as executables, so that a restarted engine runs them without tracing.
+
+JAX's persistent compilation cache skips XLA's compilation but not the work before it: its key is the lowered
+module, so a warm restart still traces the model through every unrolled layer and lowers it, once per step shape.
+For a 32-layer model that is most of a warm restart's first request (4.5 of 5.3 s on the CI machine,
+benchmarks/RESULTS.md). This store is keyed by what determines a program before it is traced (the code that
+traces it, the JAX and XLA versions, the device, the model, the step's shapes) and holds the compiled executable
+(jax.experimental.serialize_executable), so a hit costs one file read and a load.
+
+A stale entry cannot be picked: any change to the code under runner/ or pallas_kernels/, to JAX, jaxlib, XLA_FLAGS
+or the device changes every key. An entry that fails to load is compiled again and rewritten.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import pickle
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+from jax.experimental import serialize_executable
+
+log = logging.getLogger(__name__)
+
+_SOURCES = ("runner", "pallas_kernels")  # the packages whose code shapes a traced program
+_JAX_OPTIONS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_numpy_rank_promotion")
+
+# Programs this process compiled or loaded through a store: each is a stall when it happens mid-serving.
+programs_made = 0
+_count_lock = threading.Lock()  # warm-up makes programs on several threads
+
+
+def source_digest(root: Path) -> str:
+    """A digest of the Python sources under root/runner and root/pallas_kernels: the code that traces the programs."""
+    digest = hashlib.sha256()
+    for package in _SOURCES:
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """A digest of the sources that trace the step programs and of the JAX, XLA and device they compile for."""
+    digest = hashlib.sha256(source_digest(Path(__file__).resolve().parent.parent).encode())
+    import jaxlib
+    device = jax.devices()[0]
+    facts = [jax.__version__, jaxlib.__version__, device.platform, device.device_kind,
+             getattr(device.client, "platform_version", ""), os.environ.get("XLA_FLAGS", "")]
+    facts += [f"{name}={getattr(jax.config, name, None)}" for name in _JAX_OPTIONS]
+    digest.update("\0".join(map(str, facts)).encode())
+    return digest.hexdigest()
+
+
+def signature(args: Any) -> tuple:
+    """What a compiled program fixes of its arguments: their tree (static fields included) and each leaf's shape
+    and dtype. Hashable, and its str is stable across processes."""
+    leaves, tree = jax.tree.flatten(args)
+    return tree, tuple((x.shape, x.dtype) for x in leaves)
+
+
+class ProgramStore:
+    """Serialized executables under `directory`, one file per (program, model, step shape)."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str, key: str) -> Path:
+        digest = hashlib.sha256(f"{code_fingerprint()}\0{name}\0{key}".encode()).hexdigest()[:40]
+        return self.directory / f"{name}-{digest}.xla"
+
+    def executable(self, name: str, key: str, lower: Callable[[], jax.stages.Lowered],
+                   device: jax.Device | None = None) -> jax.stages.Compiled:
+        """The program `key` names: loaded from the store, else lowered, compiled and stored. `device` is where it
+        runs (None: JAX's default device)."""
+        global programs_made
+        with _count_lock:
+            programs_made += 1
+        path = self.path(name, key)
+        if path.is_file():
+            try:
+                payload, in_tree, out_tree = pickle.loads(path.read_bytes())
+                return serialize_executable.deserialize_and_load(
+                    payload, in_tree, out_tree, execution_devices=None if device is None else [device])
+            except Exception as e:  # a torn or foreign file: compiled again below, and replaced
+                log.warning("program store: %s did not load (%s: %s); compiling it again", path.name,
+                            type(e).__name__, e)
+        compiled = lower().compile()
+        try:
+            self._write(path, pickle.dumps(serialize_executable.serialize(compiled)))
+        except Exception as e:  # a full disk or an executable the backend cannot serialize: served uncached
+            log.warning("program store: %s not stored (%s: %s)", path.name, type(e).__name__, e)
+        return compiled
+
+    def _write(self, path: Path, data: bytes) -> None:
+        # Written aside and renamed: a process reading the store never sees half a file.
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+
+class ModelPrograms:
+    """Calls the programs that trace the model (runner.programs.forward, decode_steps) for one runner: straight
+    through jit without a store; with one, through the executable it holds for the call's shapes, looked up once
+    per shape in this process. The runner's weights are fixed, so their shapes are in `model_key`, not in the
+    per-call lookup (flattening 200+ weight arrays per step would be host time the GPU waits on)."""
+
+    STATIC = {"forward": (0,), "decode_steps": (0, 5)}  # each program's static arguments (its jit's)
+
+    def __init__(self, store: ProgramStore | None, model_key: str, device: jax.Device | None):
+        self.store, self.model_key, self.device = store, model_key, device
+        self._loaded: dict[tuple, jax.stages.Compiled] = {}
+
+    def __call__(self, fn: Any, *args: Any) -> Any:
+        if self.store is None:
+            return fn(*args)
+        compiled, dynamic = self._lookup(fn, args)
+        return compiled(*dynamic)
+
+    def executable(self, fn: Any, *args: Any) -> jax.stages.Compiled:
+        """The compiled program a call with these arguments runs (warm-up compiles through this)."""
+        if self.store is None:
+            return fn.lower(*args).compile()
+        return self._lookup(fn, args)[0]
+
+    def _lookup(self, fn: Any, args: tuple) -> tuple[jax.stages.Compiled, tuple]:
+        static = self.STATIC[fn.__name__]
+        dynamic = tuple(a for i, a in enumerate(args) if i not in static)
+        # args[0] is the runner's ModelDef and dynamic[0] its weights, both in model_key.
+        key = (fn.__name__, tuple(args[i] for i in static[1:]), signature(dynamic[1:]))
+        compiled = self._loaded.get(key)
+        if compiled is None:
+            compiled = self._loaded[key] = self.store.executable(
+                fn.__name__, f"{self.model_key}|{key[1]}|{key[2]}", lambda: fn.lower(*args), self.device)
+        return compiled, dynamic

@@ -1,0 +1,104 @@
+"""The program store: a runner built after another one (as a restarted engine is) runs the forward programs the
+first stored, without tracing the model, with the same outputs; a damaged entry is compiled again; keys follow the
+code and the shapes."""
+
+import numpy as np
+import pytest
+
+from runner import program_store
+from runner.model.checkpoint import random_params
+from runner.model.config import ModelConfig
+from runner.model.llama import Transformer
+from runner.model_runner import ModelRunner
+from runner.program_store import ProgramStore
+from runner.step_batch import SeqChunk
+
+CONFIG = ModelConfig.preset("tiny")
+PARAMS = random_params(CONFIG, seed=3)
+
+
+@pytest.fixture
+def traces(monkeypatch):
+    """How many times the model is traced (its __call__ runs only while a program is traced)."""
+    count = [0]
+    call = Transformer.__call__
+
+    def counting(self, *args, **kwargs):
+        count[0] += 1
+        return call(self, *args, **kwargs)
+    monkeypatch.setattr(Transformer, "__call__", counting)
+    return count
+
+
+def runner(store):
+    return ModelRunner(CONFIG, PARAMS, num_blocks=16, block_size=16, program_store=store)
+
+
+def step(r):
+    """Logits of a 12-token prefill, then of its first decode (a second program shape)."""
+    prompt = list(range(5, 17))
+    first = r.logits([], [SeqChunk(prompt, 0, [0])])
+    token = int(np.argmax(first[0]))
+    return first, r.logits([SeqChunk([token], len(prompt), [0])], [])
+
+
+def test_a_later_runner_loads_the_stored_programs_without_tracing_the_model(tmp_path, traces):
+    store = ProgramStore(tmp_path)
+    plain = step(ModelRunner(CONFIG, PARAMS, num_blocks=16, block_size=16))
+    first = step(runner(store))
+    assert len(list(tmp_path.glob("forward-*.xla"))) == 2  # the prefill shape and the decode shape
+    traced = traces[0]
+    again = step(runner(store))
+    assert traces[0] == traced, "the second runner traced the model: it did not use the stored programs"
+    for a, b, c in zip(plain, first, again):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(b, c)
+
+
+def test_a_damaged_entry_is_compiled_again_and_replaced(tmp_path, traces, caplog):
+    store = ProgramStore(tmp_path)
+    expected = step(runner(store))
+    for path in tmp_path.glob("forward-*.xla"):
+        path.write_bytes(b"not an executable")
+    with caplog.at_level("WARNING", logger="runner.program_store"):
+        got = step(runner(store))
+    assert "did not load" in caplog.text and "compiling it again" in caplog.text
+    for a, b in zip(expected, got):
+        np.testing.assert_array_equal(a, b)
+    traced = traces[0]
+    step(runner(store))  # the rewritten entries load
+    assert traces[0] == traced
+
+
+def test_warm_up_through_the_store_compiles_once_and_loads_after(tmp_path, traces):
+    store = ProgramStore(tmp_path)
+    made = program_store.programs_made
+    n = runner(store).warmup(2, 16, 16, num_scheduler_steps=2)
+    assert program_store.programs_made - made > 0
+    assert any(tmp_path.glob("decode_steps-*.xla")) and any(tmp_path.glob("forward-*.xla"))
+    traced = traces[0]
+    assert runner(store).warmup(2, 16, 16, num_scheduler_steps=2) == n
+    assert traces[0] == traced, "a warm-up after the first traced the model"
+
+
+def test_keys_follow_the_code_and_the_shapes(tmp_path, monkeypatch):
+    store = ProgramStore(tmp_path)
+    here = store.path("forward", "model|shapes")
+    assert store.path("forward", "model|other shapes") != here
+    monkeypatch.setattr(program_store, "code_fingerprint", lambda: "changed code")
+    assert store.path("forward", "model|shapes") != here
+
+
+def test_the_source_digest_follows_the_code_that_traces_the_programs(tmp_path):
+    (tmp_path / "runner" / "model").mkdir(parents=True)
+    (tmp_path / "pallas_kernels").mkdir()
+    (tmp_path / "nexus_jax").mkdir()
+    (tmp_path / "runner" / "model" / "llama.py").write_text("x = 1\n")
+    (tmp_path / "pallas_kernels" / "k.py").write_text("y = 1\n")
+    before = program_store.source_digest(tmp_path)
+    (tmp_path / "nexus_jax" / "server.py").write_text("z = 1\n")  # serving code traces no program
+    assert program_store.source_digest(tmp_path) == before
+    for changed in ("runner/model/llama.py", "pallas_kernels/k.py"):
+        (tmp_path / changed).write_text("x = 2\n")
+        assert program_store.source_digest(tmp_path) != before
+        before = program_store.source_digest(tmp_path)
