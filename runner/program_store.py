@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+from jax._src import config as jax_config
 from jax.experimental import serialize_executable
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,9 @@ _JAX_OPTIONS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_numpy_ran
 # Programs this process compiled or loaded through a store: each is a stall when it happens mid-serving.
 programs_made = 0
 _count_lock = threading.Lock()  # warm-up makes programs on several threads
+# A stored program is compiled, not read from JAX's cache: XLA:CPU serializes an executable that its cache loaded
+# without its kernels, and a later process that loads it fails to run it ("Function ... not found").
+_cache_switch = getattr(jax_config, "enable_compilation_cache", None)  # thread-local, as warm-up's threads need
 
 
 def source_digest(root: Path) -> str:
@@ -65,6 +69,13 @@ def signature(args: Any) -> tuple:
     return tree, tuple((x.shape, x.dtype) for x in leaves)
 
 
+def beside_compilation_cache() -> ProgramStore | None:
+    """The store in this process's JAX compilation cache directory (its nexus-programs/), None without one: an
+    engine and its worker processes, which get the cache through their environment, share it that way."""
+    directory = jax.config.jax_compilation_cache_dir
+    return ProgramStore(os.path.join(directory, "nexus-programs")) if directory else None
+
+
 class ProgramStore:
     """Serialized executables under `directory`, one file per (program, model, step shape)."""
 
@@ -92,7 +103,10 @@ class ProgramStore:
             except Exception as e:  # a torn or foreign file: compiled again below, and replaced
                 log.warning("program store: %s did not load (%s: %s); compiling it again", path.name,
                             type(e).__name__, e)
-        compiled = lower().compile()
+        if _cache_switch is None:  # a JAX without the switch: served, not stored (see _cache_switch)
+            return lower().compile()
+        with _cache_switch(False):
+            compiled = lower().compile()
         try:
             self._write(path, pickle.dumps(serialize_executable.serialize(compiled)))
         except Exception as e:  # a full disk or an executable the backend cannot serialize: served uncached

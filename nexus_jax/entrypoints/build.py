@@ -5,7 +5,6 @@ aggregated engine where "auto" finds no MPS."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import TYPE_CHECKING
 
@@ -35,15 +34,12 @@ def _aggregated(config: EngineConfig) -> LLMEngine:
     # Imported here: the model's code is needed only where the engine runs it, not by every user of nexus_jax.
     from runner.compilation_cache import use_compilation_cache
     from runner.model_runner import ModelRunner, on_device
-    from runner.program_store import ProgramStore
+    from runner.program_store import beside_compilation_cache
     from runner.step_batch import StepShapes
 
-    store = None
     if config.compilation_cache_dir is not None:
         # Process-wide: an engine started after other compilations may not use it.
         use_compilation_cache(config.compilation_cache_dir)
-        # Beside it, the forward programs as executables: a restart skips tracing the model, not only compiling it.
-        store = ProgramStore(os.path.join(config.compilation_cache_dir, "nexus-programs"))
     device = None
     if config.device is not None:
         devices = jax.devices()
@@ -60,7 +56,7 @@ def _aggregated(config: EngineConfig) -> LLMEngine:
                          cpu_kv_tokens=config.cpu_kv_cache_tokens,
                          shapes=StepShapes(prefill_seqs=config.max_prefill_seqs,
                                            min_table_blocks=config.min_table_blocks), device=device,
-                         program_store=store)
+                         program_store=beside_compilation_cache())
     del params
     facts = model_facts(config, loaded, runner.num_blocks)
     if config.warmup:

@@ -64,7 +64,8 @@ class SafetensorsFile:
                 continue
             begin, end = entry["data_offsets"]
             if not 0 <= begin <= end <= size - data_start:
-                raise ValueError(f"{self.path}: tensor {name} has data offsets {entry['data_offsets']} outside the file")
+                raise ValueError(f"{self.path}: tensor {name} has data offsets {entry['data_offsets']} "
+                                 "outside the file")
             self.tensors[name] = TensorInfo(entry["dtype"], tuple(entry["shape"]), data_start + begin, data_start + end)
 
     def read(self, name: str) -> np.ndarray:

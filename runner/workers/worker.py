@@ -112,6 +112,7 @@ class _Worker:
         import jax
 
         from runner.model_runner import ModelRunner
+        from runner.program_store import beside_compilation_cache
         from runner.programs import pool_programs
         from runner.workers.shared_arena import SharedArena, import_arrays
 
@@ -136,7 +137,8 @@ class _Worker:
         if self.private_weights:  # GEMMs on XLA's own memory, not the arena's IPC mapping (EngineConfig)
             state = jax.tree.map(lambda a: a.copy(), state)
         self.runner = ModelRunner(shared.config, None, block_size=spec.block_size, shapes=spec.shapes,
-                                  model=(graphdef, state), kv_pool=self._pool_view())
+                                  model=(graphdef, state), kv_pool=self._pool_view(),
+                                  program_store=beside_compilation_cache())  # a restarted worker skips tracing
         self.pool_pointer = self.runner.kv_pool.unsafe_buffer_pointer()
         self.pool_programs, self.checked_programs = pool_programs, -1
         if spec.warmup:

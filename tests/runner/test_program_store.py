@@ -102,3 +102,34 @@ def test_the_source_digest_follows_the_code_that_traces_the_programs(tmp_path):
         (tmp_path / changed).write_text("x = 2\n")
         assert program_store.source_digest(tmp_path) != before
         before = program_store.source_digest(tmp_path)
+
+
+RUN = """
+import sys
+from runner.compilation_cache import use_compilation_cache
+use_compilation_cache(sys.argv[1])
+from runner.model.checkpoint import random_params
+from runner.model.config import ModelConfig
+from runner.model_runner import ModelRunner
+from runner.program_store import ProgramStore
+from runner.step_batch import SeqChunk
+config = ModelConfig.preset("tiny")
+store = ProgramStore(sys.argv[2]) if len(sys.argv) > 2 else None
+r = ModelRunner(config, random_params(config, seed=3), num_blocks=16, block_size=16, program_store=store)
+print(r.logits([], [SeqChunk(list(range(5, 17)), 0, [0])]).tobytes().hex())
+"""
+
+
+def test_a_program_first_stored_when_jax_cache_had_it_runs_in_a_later_process(tmp_path):
+    """The order a deployment meets: JAX's cache warm from an older version, the store empty. XLA:CPU serializes
+    an executable its cache loaded without its kernels ("Function ... not found" when a later process runs it)."""
+    import subprocess
+    import sys
+    cache, store = str(tmp_path / "jax"), str(tmp_path / "store")
+    outputs = []
+    for args in ([cache], [cache, store], [cache, store]):  # fills JAX's cache; fills the store; loads it
+        proc = subprocess.run([sys.executable, "-c", RUN, *args], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outputs.append(proc.stdout.split()[-1])
+    assert any((tmp_path / "store").glob("forward-*.xla"))
+    assert outputs[0] == outputs[1] == outputs[2]
