@@ -69,11 +69,22 @@ def signature(args: Any) -> tuple:
     return tree, tuple((x.shape, x.dtype) for x in leaves)
 
 
+def _jax_cache_dir() -> str | None:
+    return jax.config.jax_compilation_cache_dir
+
+
 def beside_compilation_cache() -> ProgramStore | None:
     """The store in this process's JAX compilation cache directory (its nexus-programs/), None without one: an
-    engine and its worker processes, which get the cache through their environment, share it that way."""
-    directory = jax.config.jax_compilation_cache_dir
-    return ProgramStore(os.path.join(directory, "nexus-programs")) if directory else None
+    engine and its worker processes, which get the cache through their environment, share it that way.
+
+    GPUs only. XLA:CPU splits a large module's code generation into parts, and its serialized executable lacks
+    all but one: a later process loads it and fails to run it ("Function bitcast_gather_fusion.5 not found", the
+    multi-process CPU tests; they pass with XLA_FLAGS=--xla_cpu_parallel_codegen_split_count=1). A GPU
+    executable is serialized whole, as JAX's own cache relies on."""
+    directory = _jax_cache_dir()
+    if not directory or jax.devices()[0].platform != "gpu":
+        return None
+    return ProgramStore(os.path.join(directory, "nexus-programs"))
 
 
 class ProgramStore:

@@ -133,3 +133,16 @@ def test_a_program_first_stored_when_jax_cache_had_it_runs_in_a_later_process(tm
         outputs.append(proc.stdout.split()[-1])
     assert any((tmp_path / "store").glob("forward-*.xla"))
     assert outputs[0] == outputs[1] == outputs[2]
+
+
+def test_engines_use_a_store_only_on_a_gpu(monkeypatch, tmp_path):
+    """On XLA:CPU a large program's serialized executable lacks parts of its code (beside_compilation_cache)."""
+    import types
+
+    import jax
+    assert program_store.beside_compilation_cache() is None  # no JAX cache in this process
+    monkeypatch.setattr(program_store, "_jax_cache_dir", lambda: str(tmp_path))
+    assert jax.devices()[0].platform == "cpu" and program_store.beside_compilation_cache() is None
+    monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace(platform="gpu")])
+    store = program_store.beside_compilation_cache()
+    assert store is not None and store.directory == tmp_path / "nexus-programs"
