@@ -6,7 +6,8 @@
 - cold-start: a fresh process builds an engine and serves one request (128 -> 16 tokens); seconds from the start of
   the process to the engine built and to the request's end. With compilation on first use (the default) and, with
   --with-warmup, every shape compiled at start (max_model_len 4096), each once with an empty compilation cache and
-  once with the cache the first run filled; the warm-cache runs' cProfile goes to cold-profile*.txt.
+  once with the cache the first run filled; the warm-cache runs' cProfile goes to cold-profile*.txt. A third,
+  untimed start names the programs the warm cache still misses.
 `loops` runs these two on one engine (weights, pool, every shape compiled at start), each loop an LLMEngine over it:
 - batch: 64 requests of 2048 tokens decoding 128 more, both loops on one engine (bench_async.twin): ITL median
   against the device step of the same batch measured as a chain of steps fed on the device
@@ -74,7 +75,23 @@ def cold_start(args) -> dict:
             name = f"{'warmup' if warmup else 'compile on first use'}, {state}"
             results[name] = json.loads(lines[-1]) if lines else {"error": proc.stderr[-3000:]}
             print(name, results[name], flush=True)
+        results[f"{'warmup' if warmup else 'compile on first use'}, misses"] = explained_misses(cmd, cache)
     return results
+
+
+def explained_misses(cmd: list[str], cache: str) -> dict:
+    """Which programs a third start, on the cache two starts filled, still compiles (JAX names each persistent
+    cache miss with its key), and every key the cache holds per program: a program stored under several keys has a
+    key that changes from one process to the next. Untimed: explaining misses slows tracing."""
+    env = dict(os.environ, JAX_EXPLAIN_CACHE_MISSES="1")
+    proc = subprocess.run([c for c in cmd if not c.startswith("--profile") and "cold-profile" not in c],
+                          capture_output=True, text=True, env=env)
+    misses = [ln.split("MISS for ", 1)[1][:200] for ln in proc.stderr.splitlines()
+              if "PERSISTENT COMPILATION CACHE MISS" in ln]
+    keys: dict[str, int] = {}
+    for entry in os.listdir(cache):
+        keys[entry.rsplit("-", 1)[0]] = keys.get(entry.rsplit("-", 1)[0], 0) + 1
+    return {"misses": misses, "programs_with_several_keys": {k: n for k, n in keys.items() if n > 1}}
 
 
 def loops(args) -> dict:

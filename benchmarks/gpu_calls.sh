@@ -28,6 +28,7 @@
 #   bash benchmarks/gpu_calls.sh tight25   # TBT 25 ms at 12/16: aggregated 256 and 512 vs static-50
 #   bash benchmarks/gpu_calls.sh front-cold  # HTTP TTFT (bench_structured, one pair), the cold start with its
 #                                            # profile, offline at 1024 seqs / 16384 tokens vs transformers; wheels/
+#   bash benchmarks/gpu_calls.sh cold      # the cold start, and the programs its warm cache still misses
 #   bash benchmarks/gpu_calls.sh split-start  # the split's start at 0.9 on 80 GB (bounded worker allocators), then
 #                                             # tight at 16/20, aggregated 512 vs static-50
 # Everything goes under $OUT (JSON per run, the logs filtered of XLA's chatter). Predictions: benchmarks/RESULTS.md.
@@ -152,6 +153,9 @@ case "${1:-}" in
   split)  # the static split, its decode workers on their own weight copies, against the aggregated engine
     timeout 540 python3 benchmarks/bench_serve_modes.py run tight agg-512-arrival static-50 \
       --rates 12 16 20 --out "$OUT/serve" 2>&1 | grep -E '^\| |sweep rate|Error'
+    ;;
+  cold)  # the cold start alone, with the programs a warm cache still misses named (issue 15)
+    timeout 150 python3 benchmarks/bench_async_targets.py cold-start --out "$OUT/cold" 2>&1 | grep -E 'cache|MISS'
     ;;
   split-start)  # the split starts on an 80 GB H100 at 0.9 with each worker's allocator bounded; then the tight sweep
     bench 200 start split --disaggregation on --batch 16 --context 512 --window 30 --prefills 2 --prefill-len 2048 \
