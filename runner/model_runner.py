@@ -168,7 +168,7 @@ class ModelRunner(StepsExecutor):
         banned, allowed = step.late() if step.late is not None else (step.banned, step.allowed)
         st = self._sampling(step, rows, num_rows, banned, allowed)
         num_logprobs = step.num_logprobs or (1 if prompt else 0)  # prompt log-probs travel in a SampleResult
-        out, fed = programs.sample_step(logits, st, num_logprobs, fed, pending_src)
+        out, fed = self.programs(programs.sample_step, logits, st, num_logprobs, fed, pending_src)
         self._last_samples = (fed, rows)
         return PendingStep(out, rows, num_logprobs, prompt)
 
@@ -359,8 +359,7 @@ class ModelRunner(StepsExecutor):
         returns one logits output of each row count."""
         with concurrent.futures.ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
             # A jitted call after lower().compile() of the same arguments reuses the compiled executable.
-            compiled = list(pool.map(lambda job: job[0].lower(*job[1]).compile() if job[0] is programs.sample_step
-                                     else self.programs.executable(job[0], *job[1]), jobs))
+            compiled = list(pool.map(lambda job: self.programs.executable(job[0], *job[1]), jobs))
         stats = (self.device or jax.devices()[0]).memory_stats() or {}
         if "bytes_limit" in stats:  # a device that keeps no allocator statistics (CPU) has nothing to run out of
             programs.check_scratch([(programs.describe(*job), programs.scratch_bytes(c))
@@ -369,7 +368,7 @@ class ModelRunner(StepsExecutor):
         logits = {}
         for fn, args in jobs:
             if fn is programs.sample_step:
-                fn(*args)
+                self.programs(fn, *args)
                 continue
             *out, self.kv_pool = self.programs(fn, *args[:2], self.kv_pool, *args[3:])
             if fn is programs.forward:

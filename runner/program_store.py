@@ -137,12 +137,16 @@ class ProgramStore:
 
 
 class ModelPrograms:
-    """Calls the programs that trace the model (runner.programs.forward, decode_steps) for one runner: straight
-    through jit without a store; with one, through the executable it holds for the call's shapes, looked up once
-    per shape in this process. The runner's weights are fixed, so their shapes are in `model_key`, not in the
-    per-call lookup (flattening 200+ weight arrays per step would be host time the GPU waits on)."""
+    """Calls a runner's step programs (runner.programs.forward, decode_steps, sample_step): straight through jit
+    without a store; with one, through the executable it holds for the call's shapes, looked up once per shape in
+    this process. The sampler is stored too: a warm restart that loaded the forward programs still spent 1.5 s
+    compiling its two samplers on an H100 (RESULTS.md, "front-cold"), and lowering them only to find JAX's cache
+    key is tracing the store skips. The runner's model and weights are fixed, so they are in `model_key`, not in
+    the per-call lookup (flattening 200+ weight arrays per step would be host time the GPU waits on)."""
 
-    STATIC = {"forward": (0,), "decode_steps": (0, 5)}  # each program's static arguments (its jit's)
+    # Each program's static arguments (its jit's) and how many of its leading arguments are the runner's model
+    # (ModelDef, weights).
+    PROGRAMS = {"forward": ((0,), 2), "decode_steps": ((0, 5), 2), "sample_step": ((2,), 0)}
 
     def __init__(self, store: ProgramStore | None, model_key: str, device: jax.Device | None):
         self.store, self.model_key, self.device = store, model_key, device
@@ -161,10 +165,10 @@ class ModelPrograms:
         return self._lookup(fn, args)[0]
 
     def _lookup(self, fn: Any, args: tuple) -> tuple[jax.stages.Compiled, tuple]:
-        static = self.STATIC[fn.__name__]
+        static, model = self.PROGRAMS[fn.__name__]
         dynamic = tuple(a for i, a in enumerate(args) if i not in static)
-        # args[0] is the runner's ModelDef and dynamic[0] its weights, both in model_key.
-        key = (fn.__name__, tuple(args[i] for i in static[1:]), signature(dynamic[1:]))
+        key = (fn.__name__, tuple(args[i] for i in static if i >= model),
+               signature(tuple(a for i, a in enumerate(args) if i >= model and i not in static)))
         compiled = self._loaded.get(key)
         if compiled is None:
             compiled = self._loaded[key] = self.store.executable(

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 
 from runner import program_store
+from runner.executor import StepInput
 from runner.model.checkpoint import random_params
 from runner.model.config import ModelConfig
 from runner.model.llama import Transformer
 from runner.model_runner import ModelRunner
 from runner.program_store import ProgramStore
+from runner.sampling import SamplingRow
 from runner.step_batch import SeqChunk
 
 CONFIG = ModelConfig.preset("tiny")
@@ -50,6 +52,30 @@ def test_a_later_runner_loads_the_stored_programs_without_tracing_the_model(tmp_
     traced = traces[0]
     again = step(runner(store))
     assert traces[0] == traced, "the second runner traced the model: it did not use the stored programs"
+    for a, b, c in zip(plain, first, again):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(b, c)
+
+
+def sampled(r):
+    """Tokens sampled by a prefill step of two prompts (greedy and seeded at temperature 1), then by their decode."""
+    rows = [SamplingRow.validated(temperature=0.0), SamplingRow.validated(temperature=1.0, seed=7)]
+    prefill = r.dispatch(StepInput([], [SeqChunk(list(range(5, 17)), 0, [0]), SeqChunk([3, 4, 5], 0, [1])],
+                                   rows)).result()
+    decode = r.dispatch(StepInput([SeqChunk([int(prefill[0])], 12, [0]), SeqChunk([int(prefill[1])], 3, [1])], [],
+                                  [row.at_step(1) for row in rows])).result()
+    return np.asarray(prefill), np.asarray(decode)
+
+
+def test_a_later_runner_loads_the_stored_samplers(tmp_path, monkeypatch):
+    store = ProgramStore(tmp_path)
+    plain = sampled(ModelRunner(CONFIG, PARAMS, num_blocks=16, block_size=16))
+    first = sampled(runner(store))
+    assert any(tmp_path.glob("sample_step-*.xla"))
+    writes = []
+    monkeypatch.setattr(ProgramStore, "_write", lambda self, path, data: writes.append(path.name))
+    again = sampled(runner(store))
+    assert writes == [], f"the second runner compiled {writes} instead of loading them"
     for a, b, c in zip(plain, first, again):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(b, c)
@@ -112,6 +138,7 @@ from runner.model.checkpoint import random_params
 from runner.model.config import ModelConfig
 from runner.model_runner import ModelRunner
 from runner.program_store import ProgramStore
+from runner.sampling import SamplingRow
 from runner.step_batch import SeqChunk
 config = ModelConfig.preset("tiny")
 store = ProgramStore(sys.argv[2]) if len(sys.argv) > 2 else None
