@@ -9,10 +9,16 @@ traces it, the JAX and XLA versions, the device, the model, the step's shapes) a
 
 A stale entry cannot be picked: any change to the code under runner/ or pallas_kernels/, to JAX, jaxlib, XLA_FLAGS
 or the device changes every key. An entry that fails to load is compiled again and rewritten.
+
+Loading is not free either (0.65 s for the 8B shape's two forward programs on an H100), so a runner starts loading
+its model's most recently used entries on background threads as soon as it knows its model, and its first steps
+take them from there.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import logging
@@ -94,23 +100,48 @@ class ProgramStore:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
 
-    def path(self, name: str, key: str) -> Path:
-        digest = hashlib.sha256(f"{code_fingerprint()}\0{name}\0{key}".encode()).hexdigest()[:40]
-        return self.directory / f"{name}-{digest}.xla"
+    def path(self, name: str, model: str, shapes: str) -> Path:
+        """The entry of program `name` for `model` at `shapes`. Its name leads with a digest of the code and the
+        model alone, so that the entries of one model are found without knowing their shapes (`recent`)."""
+        digest = hashlib.sha256(f"{code_fingerprint()}\0{name}\0{model}\0{shapes}".encode()).hexdigest()[:32]
+        return self.directory / f"{name}-{self._owner(model)}-{digest}.xla"
 
-    def executable(self, name: str, key: str, lower: Callable[[], jax.stages.Lowered],
-                   device: jax.Device | None = None) -> jax.stages.Compiled:
-        """The program `key` names: loaded from the store, else lowered, compiled and stored. `device` is where it
-        runs (None: JAX's default device)."""
+    @staticmethod
+    def _owner(model: str) -> str:
+        return hashlib.sha256(f"{code_fingerprint()}\0{model}".encode()).hexdigest()[:16]
+
+    def recent(self, model: str, limit: int) -> list[Path]:
+        """Up to `limit` entries of `model`, the most recently used first (using one refreshes its time)."""
+        found = []
+        for path in self.directory.glob(f"*-{self._owner(model)}-*.xla"):
+            try:
+                found.append((path.stat().st_mtime, path))
+            except FileNotFoundError:  # replaced meanwhile by another process
+                continue
+        return [path for _, path in sorted(found, reverse=True)[:limit]]
+
+    def load(self, path: Path, device: jax.Device | None = None) -> jax.stages.Compiled:
+        """The executable stored at `path` (raises when it is missing or does not load)."""
+        payload, in_tree, out_tree = pickle.loads(path.read_bytes())
+        return serialize_executable.deserialize_and_load(
+            payload, in_tree, out_tree, execution_devices=None if device is None else [device])
+
+    def executable(self, name: str, model: str, shapes: str, lower: Callable[[], jax.stages.Lowered],
+                   device: jax.Device | None = None, loading: concurrent.futures.Future | None = None
+                   ) -> jax.stages.Compiled:
+        """The program `name` of `model` at `shapes`: loaded from the store (or taken from `loading`, a load of its
+        entry already under way), else lowered, compiled and stored. `device` is where it runs (None: JAX's
+        default device)."""
         global programs_made
         with _count_lock:
             programs_made += 1
-        path = self.path(name, key)
-        if path.is_file():
+        path = self.path(name, model, shapes)
+        if loading is not None or path.is_file():
             try:
-                payload, in_tree, out_tree = pickle.loads(path.read_bytes())
-                return serialize_executable.deserialize_and_load(
-                    payload, in_tree, out_tree, execution_devices=None if device is None else [device])
+                compiled = loading.result() if loading is not None else self.load(path, device)
+                with contextlib.suppress(OSError):
+                    os.utime(path)  # used now: `recent` offers it first
+                return compiled
             except Exception as e:  # a torn or foreign file: compiled again below, and replaced
                 log.warning("program store: %s did not load (%s: %s); compiling it again", path.name,
                             type(e).__name__, e)
@@ -136,6 +167,11 @@ class ProgramStore:
             raise
 
 
+# Programs a runner starts loading at its start: a first request needs four (its prefill's and its decode's forward
+# and sampler); a few more cover the next steps' shapes.
+PREFETCH = 8
+
+
 class ModelPrograms:
     """Calls a runner's step programs (runner.programs.forward, decode_steps, sample_step): straight through jit
     without a store; with one, through the executable it holds for the call's shapes, looked up once per shape in
@@ -148,9 +184,20 @@ class ModelPrograms:
     # (ModelDef, weights).
     PROGRAMS = {"forward": ((0,), 2), "decode_steps": ((0, 5), 2), "sample_step": ((2,), 0)}
 
-    def __init__(self, store: ProgramStore | None, model_key: str, device: jax.Device | None):
+    def __init__(self, store: ProgramStore | None, model_key: str, device: jax.Device | None,
+                 prefetch: int = PREFETCH):
+        """With a store, starts loading the model's `prefetch` most recently used programs on background threads
+        (a load releases the GIL), so that a restart's first steps find them loaded or loading while it builds
+        the rest of the engine, not one after the other on its critical path."""
         self.store, self.model_key, self.device = store, model_key, device
         self._loaded: dict[tuple, jax.stages.Compiled] = {}
+        self._loading: dict[str, concurrent.futures.Future] = {}
+        if store is not None and prefetch > 0:
+            recent = store.recent(model_key, prefetch)
+            if recent:
+                pool = concurrent.futures.ThreadPoolExecutor(min(len(recent), 4), "program-prefetch")
+                self._loading = {path.name: pool.submit(store.load, path, device) for path in recent}
+                pool.shutdown(wait=False)
 
     def __call__(self, fn: Any, *args: Any) -> Any:
         if self.store is None:
@@ -171,6 +218,8 @@ class ModelPrograms:
                signature(tuple(a for i, a in enumerate(args) if i >= model and i not in static)))
         compiled = self._loaded.get(key)
         if compiled is None:
+            shapes = f"{key[1]}|{key[2]}"
+            loading = self._loading.pop(self.store.path(fn.__name__, self.model_key, shapes).name, None)
             compiled = self._loaded[key] = self.store.executable(
-                fn.__name__, f"{self.model_key}|{key[1]}|{key[2]}", lambda: fn.lower(*args), self.device)
+                fn.__name__, self.model_key, shapes, lambda: fn.lower(*args), self.device, loading)
         return compiled, dynamic

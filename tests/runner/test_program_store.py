@@ -2,6 +2,8 @@
 first stored, without tracing the model, with the same outputs; a damaged entry is compiled again; keys follow the
 code and the shapes."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -109,10 +111,39 @@ def test_warm_up_through_the_store_compiles_once_and_loads_after(tmp_path, trace
 
 def test_keys_follow_the_code_and_the_shapes(tmp_path, monkeypatch):
     store = ProgramStore(tmp_path)
-    here = store.path("forward", "model|shapes")
-    assert store.path("forward", "model|other shapes") != here
+    here = store.path("forward", "model", "shapes")
+    assert store.path("forward", "model", "other shapes") != here
+    assert store.path("forward", "other model", "shapes") != here
     monkeypatch.setattr(program_store, "code_fingerprint", lambda: "changed code")
-    assert store.path("forward", "model|shapes") != here
+    assert store.path("forward", "model", "shapes") != here
+
+
+def test_recent_lists_one_models_entries_most_recently_used_first(tmp_path):
+    store = ProgramStore(tmp_path)
+    paths = [store.path("forward", "model", f"shape {i}") for i in range(3)]
+    for i, path in enumerate(paths):
+        path.write_bytes(b"x")
+        os.utime(path, (1000 + i, 1000 + i))
+    store.path("forward", "other model", "shape 0").write_bytes(b"x")
+    assert store.recent("model", 8) == paths[::-1]
+    assert store.recent("model", 2) == paths[:0:-1]
+    os.utime(paths[0], (2000, 2000))  # used last
+    assert store.recent("model", 1) == paths[:1]
+
+
+def test_a_later_runner_starts_loading_its_recent_programs_before_its_first_step(tmp_path, monkeypatch):
+    store = ProgramStore(tmp_path)
+    expected = sampled(runner(store))
+    stored = {path.name for path in tmp_path.glob("*.xla")}
+    assert len(stored) >= 3  # the two forward shapes and at least one sampler
+    later = runner(store)
+    assert set(later.programs._loading) == stored, "the runner did not start loading its stored programs"
+    loads = []
+    monkeypatch.setattr(ProgramStore, "load", lambda self, path, device=None: loads.append(path.name))
+    got = sampled(later)
+    assert loads == [] and later.programs._loading == {}, "a step loaded a program again instead of the prefetch"
+    for a, b in zip(expected, got):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_the_source_digest_follows_the_code_that_traces_the_programs(tmp_path):
