@@ -94,10 +94,13 @@ def beside_compilation_cache() -> ProgramStore | None:
 
 
 class ProgramStore:
-    """Serialized executables under `directory`, one file per (program, model, step shape)."""
+    """Serialized executables under `directory`, one file per (program, model, step shape), at most `max_bytes` of
+    them: every change to the code makes new keys, so without a bound the entries of past versions would pile up
+    (an 8B warm-up stores dozens of programs); a write past the bound removes the least recently used entries."""
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, max_bytes: int = 16 << 30):
         self.directory = Path(directory)
+        self.max_bytes = max_bytes
         self.directory.mkdir(parents=True, exist_ok=True)
 
     def path(self, name: str, model: str, shapes: str) -> Path:
@@ -165,6 +168,24 @@ class ProgramStore:
         except BaseException:
             os.unlink(tmp)
             raise
+        self._prune(keep=path)
+
+    def _prune(self, keep: Path) -> None:
+        """Removes the least recently used entries until the store holds at most max_bytes (`keep` stays). An entry
+        removed while another process loads it is compiled again there (a failed load's path)."""
+        entries = []
+        for path in self.directory.glob("*.xla"):
+            with contextlib.suppress(FileNotFoundError):
+                st = path.stat()
+                entries.append((st.st_mtime, path, st.st_size))
+        total = sum(size for _, _, size in entries)
+        for _, path, size in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            if path != keep:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                total -= size
 
 
 # Programs a runner starts loading at its start: a first request needs four (its prefill's and its decode's forward

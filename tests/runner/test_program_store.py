@@ -131,6 +131,17 @@ def test_recent_lists_one_models_entries_most_recently_used_first(tmp_path):
     assert store.recent("model", 1) == paths[:1]
 
 
+def test_a_write_past_the_bound_removes_the_least_recently_used_entries(tmp_path):
+    big = ProgramStore(tmp_path)
+    step(runner(big))  # two forward programs
+    entries = sorted(tmp_path.glob("*.xla"), key=lambda p: p.stat().st_mtime)
+    sizes = [p.stat().st_size for p in entries]
+    os.utime(entries[0], (1000, 1000))  # the older one
+    bounded = ProgramStore(tmp_path, max_bytes=sum(sizes) + 1)
+    bounded._write(tmp_path / "forward-x-y.xla", b"z" * 2)  # one more entry pushes the store past its bound
+    assert not entries[0].exists() and entries[1].exists() and (tmp_path / "forward-x-y.xla").exists()
+
+
 def test_a_later_runner_starts_loading_its_recent_programs_before_its_first_step(tmp_path, monkeypatch):
     store = ProgramStore(tmp_path)
     expected = sampled(runner(store))
