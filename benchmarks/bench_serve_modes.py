@@ -71,6 +71,10 @@ MODES: dict[str, tuple[str, ...]] = {
     # the same split with the decode worker running its own loop (decode_loop=worker): the loop's ablation
     "static-50-loop": (*SPLIT, "--engine-arg", "sm_ladder=50", "--engine-arg", "aggregate_when_safe=false",
                        "--engine-arg", "decode_loop=worker"),
+    # the aggregated engine on the synchronous loop: the async loop's ablation (issue 15: its sustainable rate on the
+    # mix at budget 512 should be >= 1.6x this one's); not a baseline candidate (its name is not agg-)
+    "sync-512": ("--max-num-batched-tokens", "512", "--engine-arg", "prefill_order=arrival",
+                 "--engine-arg", "async_scheduling=false"),
     "dynamic": (*SPLIT, "--engine-arg", "sm_ladder=30,50"),
     "dynamic-arrival": (*SPLIT, "--engine-arg", "sm_ladder=30,50", "--engine-arg", "prefill_order=arrival"),
 }

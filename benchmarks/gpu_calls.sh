@@ -29,6 +29,8 @@
 #   bash benchmarks/gpu_calls.sh front-cold  # HTTP TTFT (bench_structured, one pair), the cold start with its
 #                                            # profile, offline at 1024 seqs / 16384 tokens vs transformers; wheels/
 #   bash benchmarks/gpu_calls.sh cold      # the cold start, and the programs its warm cache still misses
+#   bash benchmarks/gpu_calls.sh sync MODE  # the mix at 3-8 req/s, budget 512, async (agg-512-arrival) or sync
+#                                           # (sync-512) loop: issue 15's sustainable-rate ratio, one mode per call
 #   bash benchmarks/gpu_calls.sh split-start  # the split's start at 0.9 on 80 GB (bounded worker allocators), then
 #                                             # tight at 16/20, aggregated 512 vs static-50
 # Everything goes under $OUT (JSON per run, the logs filtered of XLA's chatter). Predictions: benchmarks/RESULTS.md.
@@ -156,6 +158,10 @@ case "${1:-}" in
     ;;
   cold)  # the cold start alone, with the programs a warm cache still misses named (issue 15)
     timeout 150 python3 benchmarks/bench_async_targets.py cold-start --out "$OUT/cold" 2>&1 | grep -E 'cache|MISS'
+    ;;
+  sync)  # the mix at budget 512: MODE (agg-512-arrival or sync-512, one per call, ~350 s each) at 3-8 req/s
+    timeout 560 python3 benchmarks/bench_serve_modes.py run mix "${2:?agg-512-arrival or sync-512}" --rates 3 4 5 6 7 8 \
+      --out "$OUT/serve" 2>&1 | grep -E '^\| |sweep rate|Error|failed'
     ;;
   split-start)  # the split starts on an 80 GB H100 at 0.9 with each worker's allocator bounded; then the tight sweep
     bench 200 start split --disaggregation on --batch 16 --context 512 --window 30 --prefills 2 --prefill-len 2048 \

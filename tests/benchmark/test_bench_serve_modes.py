@@ -61,10 +61,20 @@ def test_commands_carry_the_mode_and_the_workloads_slos():
     for scale in ("tiny", "8b"):  # a split that cannot start fails its mode instead of running aggregated
         split = " ".join(bsm.command("mix", "dynamic", scale, "/o"))
         assert "disaggregation=on" in split and "disaggregation=auto" not in split
-    # static-50, static-50-arrival, static-30, static-50-unpaced, static-50-loop, dynamic, dynamic-arrival
-    assert len(bsm.MODES) == 2 * len(bsm.BUDGETS) + 7
+    # static-50, static-50-arrival, static-30, static-50-unpaced, static-50-loop, sync-512, dynamic, dynamic-arrival
+    assert len(bsm.MODES) == 2 * len(bsm.BUDGETS) + 8
+    assert "async_scheduling=false" in " ".join(bsm.command("mix", "sync-512", "8b", "/o"))
     assert "prefill_order=arrival" in " ".join(bsm.command("tight", "static-50-arrival", "8b", "/o"))
     assert "pace_first_token=false" in " ".join(bsm.command("tight", "static-50-unpaced", "8b", "/o"))
+
+
+def test_the_synchronous_loop_is_an_ablation_not_a_baseline():
+    summary = {"request_throughput": 4.0, "goodput": 4.0, "failed": 0, "completed": 200, "ttft": {"p90": 0.1},
+               "itl": {"p99": 0.01}}
+    docs = {mode: {"runs": [{"phase": "sweep", "request_rate": 4, "summary": dict(summary)}]}
+            for mode in ("sync-512", "agg-512-arrival")}
+    docs["sync-512"]["runs"][0]["summary"]["goodput"] = 9.0  # even when it would win
+    assert bsm.best_baseline(docs, bsm.WORKLOADS["mix"].targets) == "agg-512-arrival"
 
 
 def test_engine_args_reach_every_mode_after_its_own():
