@@ -84,6 +84,39 @@ def transfer_probe(engine, blocks: int) -> dict:
     t = time.perf_counter()
     jax.block_until_ready(jax.device_put(pinned_parts, jax.sharding.SingleDeviceSharding(device)))
     out["h2d_pinned_per_block_arrays_ms"] = 1e3 * (time.perf_counter() - t)
+    out.update(in_program_moves(engine, parts, pinned_parts))
+    return out
+
+
+def in_program_moves(engine, parts: list, pinned_parts: list) -> dict:
+    """The same per-block moves made by one program each way, with XLA's host memory kinds: a split of the pool
+    whose outputs are placed in pinned host memory, and a stack whose inputs are read from there. Per move: ms until
+    the call returns (host time) and until the arrays are ready; or the error, where this JAX or GPU refuses
+    memory kinds in a program. What the host tier would gain by dropping its per-array transfers."""
+    import jax
+    import jax.numpy as jnp
+
+    device = jax.devices()[0]
+    host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+    n, pool = len(parts), engine.executor.kv_pool
+    idx = np.arange(n, dtype=np.int32)
+    moves = {
+        "d2h_one_program": (jax.jit(lambda kv, i: tuple(kv[:, :, i][:, :, j] for j in range(n)),
+                                    out_shardings=(host,) * n), (pool, idx)),
+        "h2d_one_program": (jax.jit(lambda *blocks: jnp.stack(blocks, axis=2), in_shardings=(host,) * n,
+                                    out_shardings=jax.sharding.SingleDeviceSharding(device)), tuple(pinned_parts)),
+    }
+    out: dict = {}
+    for name, (fn, args) in moves.items():
+        try:
+            jax.block_until_ready(fn(*args))  # compiles
+            t = time.perf_counter()
+            result = fn(*args)
+            returned = time.perf_counter() - t
+            jax.block_until_ready(result)
+            out[f"{name}_call_ms"], out[f"{name}_ms"] = 1e3 * returned, 1e3 * (time.perf_counter() - t)
+        except Exception as e:  # reported, not fatal: the probe's other figures stand
+            out[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     return out
 
 

@@ -31,6 +31,7 @@
 #   bash benchmarks/gpu_calls.sh cold      # the cold start, and the programs its warm cache still misses
 #   bash benchmarks/gpu_calls.sh sync MODE  # the mix at 3-8 req/s, budget 512, async (agg-512-arrival) or sync
 #                                           # (sync-512) loop: issue 15's sustainable-rate ratio, one mode per call
+#   bash benchmarks/gpu_calls.sh host      # the host tier's restore vs recompute; its transfers per array vs in one program
 #   bash benchmarks/gpu_calls.sh split-start  # the split's start at 0.9 on 80 GB (bounded worker allocators), then
 #                                             # tight at 16/20, aggregated 512 vs static-50
 # Everything goes under $OUT (JSON per run, the logs filtered of XLA's chatter). Predictions: benchmarks/RESULTS.md.
@@ -162,6 +163,10 @@ case "${1:-}" in
   sync)  # the mix at budget 512: MODE (agg-512-arrival or sync-512, one per call, ~350 s each) at 3-8 req/s
     timeout 560 python3 benchmarks/bench_serve_modes.py run mix "${2:?agg-512-arrival or sync-512}" --rates 3 4 5 6 7 8 \
       --out "$OUT/serve" 2>&1 | grep -E '^\| |sweep rate|Error|failed'
+    ;;
+  host)  # the host tier's restore against recompute, and its per-array transfers against one program each way
+    mkdir -p "$OUT/host"
+    timeout 300 python3 benchmarks/bench_host_tier.py --out "$OUT/host" 2>&1 | grep -Ev "$NOISE" | tail -2
     ;;
   split-start)  # the split starts on an 80 GB H100 at 0.9 with each worker's allocator bounded; then the tight sweep
     bench 200 start split --disaggregation on --batch 16 --context 512 --window 30 --prefills 2 --prefill-len 2048 \
