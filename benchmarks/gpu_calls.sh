@@ -32,6 +32,7 @@
 #   bash benchmarks/gpu_calls.sh sync MODE  # the mix at 3-8 req/s, budget 512, async (agg-512-arrival) or sync
 #                                           # (sync-512) loop: issue 15's sustainable-rate ratio, one mode per call
 #   bash benchmarks/gpu_calls.sh host      # the host tier's restore vs recompute; its transfers per array vs in one program
+#   bash benchmarks/gpu_calls.sh profile [POINTS]  # nexus-jax profile of the 8B shape (shares 30 50 70 100), resumable
 #   bash benchmarks/gpu_calls.sh split-start  # the split's start at 0.9 on 80 GB (bounded worker allocators), then
 #                                             # tight at 16/20, aggregated 512 vs static-50
 # Everything goes under $OUT (JSON per run, the logs filtered of XLA's chatter). Predictions: benchmarks/RESULTS.md.
@@ -167,6 +168,12 @@ case "${1:-}" in
   host)  # the host tier's restore against recompute, and its per-array transfers against one program each way
     mkdir -p "$OUT/host"
     timeout 300 python3 benchmarks/bench_host_tier.py --out "$OUT/host" 2>&1 | grep -Ev "$NOISE" | tail -2
+    ;;
+  profile)  # the latency profile of this GPU for the 8B shape (issue 16: the H200 has none), with its timing log;
+    # a second call continues a cut one: gpu_calls.sh profile benchmarks/results/<dir>/profiles/<gpu>__llama-3.1-8b.points.json
+    timeout 570 python3 -m nexus_jax.cli.main profile --model llama-3.1-8b --shares 30 50 70 100 --decode-steps 8 \
+      --out-dir "$OUT/profiles" --compile-cache /tmp/nexus-cc-profile ${2:+--resume "$2"} 2>&1 \
+      | grep -Ev "$NOISE" | tee "$OUT/profile.log" | tail -12
     ;;
   split-start)  # the split starts on an 80 GB H100 at 0.9 with each worker's allocator bounded; then the tight sweep
     bench 200 start split --disaggregation on --batch 16 --context 512 --window 30 --prefills 2 --prefill-len 2048 \
