@@ -41,8 +41,11 @@ _JAX_OPTIONS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_numpy_ran
 # Programs this process compiled or loaded through a store: each is a stall when it happens mid-serving.
 programs_made = 0
 _count_lock = threading.Lock()  # warm-up makes programs on several threads
-# A stored program is compiled, not read from JAX's cache: XLA:CPU serializes an executable that its cache loaded
-# without its kernels, and a later process that loads it fails to run it ("Function ... not found").
+# On XLA:CPU a stored program is compiled with JAX's cache off: an executable that went through that cache
+# serializes without its kernels, and a later process that loads it fails to run it ("Function ... not found").
+# Nowhere else: JAX reads the switch once per process, when its cache is first used, so around a process's first
+# compilation it turned the cache off for the whole process (every program not in the store then compiled at every
+# start); GPU executables serialize whole either way.
 _cache_switch = getattr(jax_config, "enable_compilation_cache", None)  # thread-local, as warm-up's threads need
 
 
@@ -148,10 +151,13 @@ class ProgramStore:
             except Exception as e:  # a torn or foreign file: compiled again below, and replaced
                 log.warning("program store: %s did not load (%s: %s); compiling it again", path.name,
                             type(e).__name__, e)
-        if _cache_switch is None:  # a JAX without the switch: served, not stored (see _cache_switch)
-            return lower().compile()
-        with _cache_switch(False):
+        if (device or jax.devices()[0]).platform != "cpu":
             compiled = lower().compile()
+        elif _cache_switch is None:  # a JAX without the switch: served, not stored (see _cache_switch)
+            return lower().compile()
+        else:
+            with _cache_switch(False):
+                compiled = lower().compile()
         try:
             self._write(path, pickle.dumps(serialize_executable.serialize(compiled)))
         except Exception as e:  # a full disk or an executable the backend cannot serialize: served uncached

@@ -215,3 +215,19 @@ def test_engines_use_a_store_only_on_a_gpu(monkeypatch, tmp_path):
     monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace(platform="gpu")])
     store = program_store.beside_compilation_cache()
     assert store is not None and store.directory == tmp_path / "nexus-programs"
+
+
+def test_only_cpu_compiles_turn_jax_cache_off(tmp_path, monkeypatch):
+    """JAX reads its cache switch once per process: a GPU engine whose first compilation was a store compile under
+    the switch ran with JAX's cache off for every other program."""
+    import contextlib
+    import types
+
+    import jax
+    switched = []
+    monkeypatch.setattr(program_store, "_cache_switch", lambda on: switched.append(on) or contextlib.nullcontext())
+    store, add = ProgramStore(tmp_path), jax.jit(lambda x: x + 1)
+    store.executable("add", "m", "gpu", lambda: add.lower(np.ones(3)), device=types.SimpleNamespace(platform="gpu"))
+    assert switched == []
+    store.executable("add", "m", "cpu", lambda: add.lower(np.ones(3)), device=jax.devices()[0])
+    assert switched == [False]
