@@ -81,17 +81,20 @@ def cold_start(args) -> dict:
 
 def explained_misses(cmd: list[str], cache: str) -> dict:
     """Which programs a third start, on the cache two starts filled, still compiles (JAX names each persistent
-    cache miss with its key), and every key the cache holds per program: a program stored under several keys has a
-    key that changes from one process to the next. Untimed: explaining misses slows tracing."""
+    cache miss with its key) and which it declines to write (and why), and every key the cache holds per program: a
+    program stored under several keys has a key that changes from one process to the next. Untimed: explaining
+    misses slows tracing."""
     env = dict(os.environ, JAX_EXPLAIN_CACHE_MISSES="1")
     proc = subprocess.run([c for c in cmd if not c.startswith("--profile") and "cold-profile" not in c],
                           capture_output=True, text=True, env=env)
     misses = [ln.split("MISS for ", 1)[1][:200] for ln in proc.stderr.splitlines()
               if "PERSISTENT COMPILATION CACHE MISS" in ln]
+    unwritten = [ln[ln.index("Not writing"):][:200] for ln in proc.stderr.splitlines() if "Not writing" in ln]
     keys: dict[str, int] = {}
     for entry in os.listdir(cache):
         keys[entry.rsplit("-", 1)[0]] = keys.get(entry.rsplit("-", 1)[0], 0) + 1
-    return {"misses": misses, "programs_with_several_keys": {k: n for k, n in keys.items() if n > 1}}
+    return {"misses": misses, "not_written": unwritten,
+            "programs_with_several_keys": {k: n for k, n in keys.items() if n > 1}}
 
 
 def loops(args) -> dict:
