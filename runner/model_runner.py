@@ -122,8 +122,7 @@ class ModelRunner(StepsExecutor):
             else:
                 self.num_blocks = num_blocks or fit_num_blocks(config, block_size, self.dtype, memory_utilization,
                                                                cpu_kv_tokens, device)
-                self.kv_pool = jnp.zeros(self.kv_pool_shape(config, self.num_blocks, block_size), self.dtype,
-                                         device=device)
+                self.kv_pool = self._zero_pool()
                 # An allocation that fails surfaces here, not as every step's error.
                 self.kv_pool.block_until_ready()
             # What a step that feeds on nothing reads. jit compiles apart for committed and uncommitted arguments,
@@ -269,9 +268,16 @@ class ModelRunner(StepsExecutor):
         if not self._owns_pool:
             raise RuntimeError("the KV pool shared with other processes is lost after a failed step")
         self.kv_pool = None  # its memory, if it still holds any, is free before the new pool is made
-        self.kv_pool = jnp.zeros(self.kv_pool_shape(self.config, self.num_blocks, self.block_size), self.dtype,
-                                 device=self.device)
+        self.kv_pool = self._zero_pool()
         return True
+
+    def _zero_pool(self) -> jax.Array:
+        # Committed to its device even where the runner was given none: swap and host-tier copy-ins are committed
+        # arrays, so a pool they are scattered into becomes committed, and jit compiles apart for committed and
+        # uncommitted arguments: each copy bucket compiled again mid-serving after its warm-up (seen on CPU,
+        # 2026-12-07), and, without a program store, every step shape.
+        return jnp.zeros(self.kv_pool_shape(self.config, self.num_blocks, self.block_size), self.dtype,
+                         device=self.device or jax.devices()[0])
 
     @property
     def block_bytes(self) -> int:

@@ -46,3 +46,21 @@ def test_host_block_outside_the_memory_is_refused(ids):
         host.store(pool(), [0], ids)
     with pytest.raises(ValueError, match="outside 0..3"):
         host.load(ids)
+
+
+def test_copies_into_the_pool_leave_its_programs_compiled():
+    """jit compiles apart for committed and uncommitted arguments, and copy-ins are committed arrays: a pool made
+    uncommitted became committed at its first copy-in, and every copy bucket compiled again mid-serving."""
+    from runner.model.checkpoint import random_params
+    from runner.model.config import ModelConfig
+    from runner.model_runner import ModelRunner
+
+    config = ModelConfig.preset("tiny")
+    runner = ModelRunner(config, random_params(config), num_blocks=16, block_size=16)  # no device given
+    runner.allocate_swap_space(8)
+    runner.swap_blocks([(0, 0)], [])
+    compiled = programs.split_blocks._cache_size()
+    runner.swap_blocks([], [(0, 1)])  # a copy-in
+    runner.swap_blocks([(1, 1)], [])  # the same bucket's copy-out again
+    assert programs.split_blocks._cache_size() == compiled, "the copy-in changed the pool's placement"
+    assert runner.kv_pool.committed
