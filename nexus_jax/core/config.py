@@ -59,7 +59,8 @@ class EngineConfig:
     kernel_impl: str | None = _option(None, MODEL_AND_CACHE, "attention kernels (default: chosen by the device)",
                                       choices=KERNEL_IMPLS)
     compilation_cache_dir: str | None = _option(
-        None, MODEL_AND_CACHE, "JAX's persistent compilation cache (shared by worker processes)")
+        None, MODEL_AND_CACHE, "JAX's persistent compilation cache (shared by worker processes); on GPUs its "
+        "nexus-programs/ also keeps the step programs as executables (at most 16 GiB), so a restart skips tracing")
     warmup: bool = _option(False, MODEL_AND_CACHE, "compile every step shape at start instead of on first use")
     min_table_blocks: int = _option(
         64, MODEL_AND_CACHE, "narrowest block-table width compiled (fewer widths, fewer programs)")
