@@ -28,7 +28,8 @@
 #   bash benchmarks/gpu_calls.sh tight25   # TBT 25 ms at 12/16: aggregated 256 and 512 vs static-50
 #   bash benchmarks/gpu_calls.sh front-cold  # HTTP TTFT (bench_structured, one pair), the cold start with its
 #                                            # profile, offline at 1024 seqs / 16384 tokens vs transformers; wheels/
-#   bash benchmarks/gpu_calls.sh cold      # the cold start, and the programs its warm cache still misses
+#   bash benchmarks/gpu_calls.sh cold      # the cold start, and the programs its warm cache still misses; the
+#                                          # HTTP round trip's floor (probe_http_floor.py; carry wheels/)
 #   bash benchmarks/gpu_calls.sh sync MODE  # the mix at 3-8 req/s, budget 512, async (agg-512-arrival) or sync
 #                                           # (sync-512) loop: issue 15's sustainable-rate ratio, one mode per call
 #   bash benchmarks/gpu_calls.sh host      # the host tier's restore vs recompute; its transfers per array vs in one program
@@ -158,8 +159,11 @@ case "${1:-}" in
     timeout 540 python3 benchmarks/bench_serve_modes.py run tight agg-512-arrival static-50 \
       --rates 12 16 20 --out "$OUT/serve" 2>&1 | grep -E '^\| |sweep rate|Error'
     ;;
-  cold)  # the cold start alone, with the programs a warm cache still misses named (issue 15)
+  cold)  # the cold start alone, with the programs a warm cache still misses named (issue 15); then the HTTP
+         # round trip's floor on this host, server stack against wake-ups (issue 18; carry wheels/)
     timeout 150 python3 benchmarks/bench_async_targets.py cold-start --out "$OUT/cold" 2>&1 | grep -E 'cache|MISS'
+    bash benchmarks/device_wheels.sh install > /dev/null && \
+      timeout 60 python3 benchmarks/probe_http_floor.py --json "$OUT/http_floor.json" 2>&1 | tail -3
     ;;
   sync)  # the mix at budget 512: MODE (agg-512-arrival or sync-512, one per call, ~350 s each) at 3-8 req/s
     timeout 560 python3 benchmarks/bench_serve_modes.py run mix "${2:?agg-512-arrival or sync-512}" --rates 3 4 5 6 7 8 \
