@@ -162,6 +162,12 @@ case "${1:-}" in
   cold)  # the cold start alone, with the programs a warm cache still misses named (issue 15); then the HTTP
          # round trip's floor on this host, server stack against wake-ups (issue 18; carry wheels/)
     timeout 150 python3 benchmarks/bench_async_targets.py cold-start --out "$OUT/cold" 2>&1 | grep -E 'cache|MISS'
+    for pre in true false; do  # is the first copy's second the allocator reserving its share of the GPU?
+      XLA_PYTHON_CLIENT_PREALLOCATE=$pre timeout 60 python3 -c 'import time, jax; t = time.perf_counter()
+jax.devices(); b = time.perf_counter(); jax.device_put(0).block_until_ready(); c = time.perf_counter()
+jax.device_put(1).block_until_ready(); print(f"preallocate '$pre': backend {b - t:.3f} s, first copy {c - b:.3f} s, "
+f"second {time.perf_counter() - c:.4f} s")'
+    done
     bash benchmarks/device_wheels.sh install > /dev/null && \
       timeout 60 python3 benchmarks/probe_http_floor.py --json "$OUT/http_floor.json" 2>&1 | tail -3
     ;;
