@@ -40,6 +40,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from benchmarks import gpu_trace
 from benchmarks.bench_async import host_timeline
+from benchmarks.probe_http_floor import bare_ttft
 from nexus_jax import EngineConfig, LLMEngine, SamplingParams
 from nexus_jax.core.constraints import ConstraintFactory
 from nexus_jax.core.tokenizer import Tokenizer
@@ -139,7 +140,7 @@ def http_ttft(engine: LLMEngine, prompts: list[list[int]]) -> dict[str, list[flo
                         first = time.perf_counter() - start
                 times["httpx"].append(first)
             time.sleep(0.05)
-            times["bare"].append(_bare_ttft(bare, json.dumps(body)))
+            times["bare"].append(bare_ttft(bare, json.dumps(body)))
             time.sleep(0.05)
         bare.close()
     return times
@@ -182,7 +183,7 @@ def framework_floor(app: Any, prompts: list[list[int]]) -> list[float]:
         times = []
         for prompt in prompts:
             body = {"model": "bench", "prompt": prompt, "max_tokens": 2, "ignore_eos": True, "stream": True}
-            times.append(_bare_ttft(conn, json.dumps(body)))
+            times.append(bare_ttft(conn, json.dumps(body)))
             time.sleep(0.05)
         conn.close()
         return times
@@ -190,21 +191,6 @@ def framework_floor(app: Any, prompts: list[list[int]]) -> list[float]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
-
-
-def _bare_ttft(conn: http.client.HTTPConnection, body: str) -> float:
-    """Seconds to the first event with a choice, reading raw chunks (no SSE parser); reads the stream to its end."""
-    start = time.perf_counter()
-    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
-    response, seen, first = conn.getresponse(), b"", None
-    while chunk := response.read1(65536):
-        seen += chunk
-        if first is None and b'"choices":[{' in seen:
-            first = time.perf_counter() - start
-    response.read()  # a body sized by Content-Length is not closed by read1 alone (the connection stays busy)
-    if first is None:
-        raise RuntimeError(f"no choice in the stream: {seen[:200]!r}")
-    return first
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import json
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -28,13 +30,11 @@ from typing import Callable
 EVENT = b'data: {"choices":[{"index":0,"text":"a"}]}\n\ndata: [DONE]\n\n'
 RESPONSE = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n" % len(EVENT)) + EVENT
 
-CLIENT = r"""
-import http.client, json, statistics, sys, time
-port, n, gap = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-body = json.dumps({"model": "m", "prompt": list(range(100, 228)), "max_tokens": 2, "stream": True})
-times = []
-for _ in range(n):
+BODY = json.dumps({"model": "m", "prompt": list(range(100, 228)), "max_tokens": 2, "ignore_eos": True, "stream": True})
+
+
+def bare_ttft(conn: http.client.HTTPConnection, body: str) -> float:
+    """Seconds to the first event with a choice, reading raw chunks (no SSE parser); reads the stream to its end."""
     start = time.perf_counter()
     conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
     response, seen, first = conn.getresponse(), b"", None
@@ -42,11 +42,21 @@ for _ in range(n):
         seen += chunk
         if first is None and b'"choices":[{' in seen:
             first = time.perf_counter() - start
-    response.read()
-    times.append(first)
-    time.sleep(gap)
-print(json.dumps({"median_ms": 1e3 * statistics.median(times), "p90_ms": 1e3 * sorted(times)[int(0.9 * n)]}))
-"""
+    response.read()  # a body sized by Content-Length is not closed by read1 alone (the connection stays busy)
+    if first is None:
+        raise RuntimeError(f"no choice in the stream: {seen[:200]!r}")
+    return first
+
+
+def client(port: int, requests: int, gap: float) -> dict[str, float]:
+    """This process as the client: `requests` requests `gap` seconds apart on one connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    times = []
+    for _ in range(requests):
+        times.append(bare_ttft(conn, BODY))
+        time.sleep(gap)
+    conn.close()
+    return {"median_ms": 1e3 * statistics.median(times), "p90_ms": 1e3 * sorted(times)[int(0.9 * requests)]}
 
 
 async def asgi_app(scope, receive, send) -> None:
@@ -129,14 +139,18 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--json", default=None)
+    p.add_argument("--client", nargs=2, type=float, metavar=("PORT", "GAP"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.client:  # the client process the probe starts
+        print(json.dumps(client(int(args.client[0]), args.requests, args.client[1])))
+        return {}
     results = {}
     for name, start in SERVERS.items():
         port = start()
         row = {}
         for label, gap in (("light load (20 ms apart)", 0.02), ("back to back", 0.0)):
-            out = subprocess.run([sys.executable, "-c", CLIENT, str(port), str(args.requests), str(gap)],
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, __file__, "--client", str(port), str(gap), "--requests",
+                                  str(args.requests)], capture_output=True, text=True, check=True)
             row[label] = json.loads(out.stdout)
         results[name] = row
         print(f"{name:42s} " + "  ".join(f"{k}: {v['median_ms']:.3f} ms (p90 {v['p90_ms']:.3f})"
