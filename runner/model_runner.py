@@ -329,29 +329,38 @@ class ModelRunner(StepsExecutor):
     def warmup(self, max_decode_rows: int, max_prefill_tokens: int, max_blocks: int, *, mixed: bool = True,
                num_scheduler_steps: int = 1, threads: int | None = None) -> int:
         """Compiles the step programs of every padded size up to the limits, so that serving never stalls on a
-        compilation; returns how many programs there are.
-
-        XLA compiles on `threads` host threads at once (default: up to 8; it releases the GIL), which is what
-        makes compiling an aggregated engine's mixed shapes ahead of time affordable: on the 8B shape each program
-        takes seconds. Each program then runs once on an all-padding batch (writes nothing), which also checks it.
-        """
+        compilation; returns how many programs there are (see compile_steps)."""
         shapes = self.shapes
         decode = shapes.decode_sizes(max_decode_rows)
         prefill = shapes.prefill_sizes(max_prefill_tokens)
         pairs = [(d, 0) for d in decode] + [(0, p) for p in prefill]
         if mixed:
             pairs += [(d, p) for d in decode for p in prefill]
+        sizes = [(nd, tp, width, 1) for width in shapes.table_widths(max_blocks) for nd, tp in pairs]
+        if num_scheduler_steps > 1:
+            sizes += [(nd, 0, width, num_scheduler_steps) for nd, tp, width, _ in sizes if nd and not tp]
+        return self.compile_steps(sizes, threads)
+
+    def compile_steps(self, sizes: Sequence[tuple[int, int, int, int]], threads: int | None = None) -> int:
+        """Compiles the programs of steps of these padded sizes (decode rows, prefill tokens, block-table width,
+        decode steps per dispatch: 1 is the forward pass, more the multi-step decode), and the sampler of each
+        logits row count in every mode; returns how many programs that is.
+
+        XLA compiles on `threads` host threads at once (default: up to 8; it releases the GIL), which is what
+        makes compiling an aggregated engine's mixed shapes ahead of time affordable: on the 8B shape each program
+        takes seconds. Each program then runs once on an all-padding batch (writes nothing), which also checks it.
+        """
         jobs = []  # (jitted function, its arguments): what serving will call, one per program
-        for width in shapes.table_widths(max_blocks):
-            for nd, tp in pairs:
-                batch = padding_batch(nd, tp, width, shapes)
-                no_feed = np.full(nd, -1, np.int32)
+        for nd, tp, width, steps in dict.fromkeys(sizes):
+            batch = padding_batch(nd, tp, width, self.shapes)
+            no_feed = np.full(nd, -1, np.int32)
+            if steps == 1:
                 jobs.append((programs.forward, (self.model_def, self.weights, self.kv_pool, batch, self._no_feed,
                                                 no_feed)))
-                if nd and not tp and num_scheduler_steps > 1:
-                    st = SamplingTensors.from_rows([None] * nd)
-                    jobs.append((programs.decode_steps, (self.model_def, self.weights, self.kv_pool, batch, st,
-                                                         num_scheduler_steps, self._no_feed, no_feed)))
+            else:
+                st = SamplingTensors.from_rows([None] * nd)
+                jobs.append((programs.decode_steps, (self.model_def, self.weights, self.kv_pool, batch, st, steps,
+                                                     self._no_feed, no_feed)))
         logits = self._compile_and_run(jobs, threads)
         # The sampler of each logits row count in every mode, on logits as the forward leaves them.
         samplers = [(programs.sample_step, (x, SamplingTensors.from_rows([None] * len(x)).replace(mode=mode), 0,

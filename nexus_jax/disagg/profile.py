@@ -68,8 +68,8 @@ class _Worker:
         self.share = share
         args = {"model": settings.model, "dtype": settings.dtype, "kv_gib": settings.kv_gib, "share": share,
                 "decode_steps": settings.decode_steps, "seed": settings.seed, "grid": dataclasses.asdict(grid)}
-        self.proc = subprocess.Popen([sys.executable, "-m", "runner.workers.profile_worker", json.dumps(args)], cwd=ROOT,
-                                     env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", "runner.workers.profile_worker", json.dumps(args)],
+                                     cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def send(self, **cmd: Any) -> None:
         self.proc.stdin.write(json.dumps(cmd) + "\n")
@@ -180,6 +180,8 @@ def _profile_in_process(settings: ProfileSettings, grid: Grid, t0: float) -> tup
     timer = StepTimer(settings.model, settings.dtype, grid, kv_gib=settings.kv_gib,
                       decode_steps=settings.decode_steps, seed=settings.seed)
     _progress(t0, f"in-process share 100 on {timer.device}")
+    timer.warmup()
+    _progress(t0, "grid compiled and run once")
     points = timer.measure("solo", 100) + timer.measure("mixed", 100)
     return points, {**timer.describe(), "mps": False}
 

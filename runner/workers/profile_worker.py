@@ -188,14 +188,22 @@ class StepTimer:
         return points
 
     def warmup(self) -> None:
-        """Runs each step shape of the grid once (compiling it), so that two processes compile in parallel."""
-        g = self.grid
-        for chunks in {tuple((n, 0) for n, _ in c) for c in g.prefill}:
-            self._run_prefill(chunks)()
-        for batch in {b for b, _, _ in g.decode}:
-            self._run_decode(next(s for s in g.decode if s[0] == batch))[0]()
+        """Compiles every step shape of the grid on host threads at once (runner.compile_steps) and runs each
+        once; in a profile under MPS the two workers of a pair do this at the same time."""
+        from runner.step_batch import build_step_batch
+
+        g, steps = self.grid, []
+        for chunks in g.prefill + g.corun_prefill + (g.loop_prefill,):
+            steps.append(([], self._prefill_chunks(chunks), 1))
+        for spec in g.decode + g.corun_decode + (g.loop_decode,):
+            steps.append((self._decode_chunks(spec)[0], [], self.decode_steps))
         for spec, chunks in g.mixed:
-            self._run_mixed(spec, chunks)[0]()
+            steps.append((self._decode_chunks(spec)[0], self._prefill_chunks(chunks), 1))
+        sizes = []
+        for decodes, prefills, n in steps:  # the padded sizes the runner gives these chunks
+            batch = build_step_batch(decodes, prefills, self.block_size, self.runner.shapes)
+            sizes.append((batch.num_decode, batch.num_prefill_tokens, batch.decode_block_tables.shape[1], n))
+        self.log(f"[profile] compiling {self.runner.compile_steps(sizes)} programs")
 
     def loop(self, kind: str, stop_file: str, started: Callable[[], None]) -> int:
         """Runs the grid's loop step of `kind` back to back until `stop_file` exists; returns the steps run."""

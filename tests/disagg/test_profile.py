@@ -1,5 +1,6 @@
 """`nexus-jax profile --quick` on the CPU (share 100, in-process) and the profiler's pieces."""
 
+import dataclasses
 import json
 import math
 
@@ -109,3 +110,25 @@ def test_worker_processes_measure_solo_and_corun(tmp_path, monkeypatch):
     assert CostModel.load(again["profile"]).decode == model.decode
     with pytest.raises(ValueError, match="model"):
         run_profile(ProfileSettings(model="llama-3.1-8b", quick=True, resume=result["points"]))
+
+
+@pytest.mark.parametrize("decode_steps", [1, 2])
+def test_warmup_compiles_every_program_the_measurements_run(decode_steps):
+    """The grid's programs compile at once, on threads, before any timing: a shape the warm-up derived wrongly would
+    compile inside a timed run (and its compilation would land in the warm-up sample, not in the table)."""
+    from runner import programs
+    from runner.workers.profile_worker import StepTimer
+
+    def made():
+        return sum(fn._cache_size() for fn in (programs.forward, programs.decode_steps, programs.sample_step))
+
+    quick = Grid.quick()  # and decodes with contexts past the smallest block-table width (64 blocks)
+    grid = dataclasses.replace(quick, decode=quick.decode + ((4, 1100, 1300),))
+    timer = StepTimer("tiny", "auto", grid, kv_gib=0.05, decode_steps=decode_steps)
+    before = made()
+    timer.warmup()
+    compiled = made()
+    assert compiled > before
+    for what in ("solo", "mixed", "corun_decode", "corun_prefill"):
+        timer.measure(what, 100)
+    assert made() == compiled
