@@ -26,7 +26,7 @@ from runner.model.config import ModelConfig
 from runner.model.llama import Transformer
 from runner.penalties import PenaltyRow
 from runner.program_store import ModelPrograms, ProgramStore, signature
-from runner.programs import FEED_ROWS, MIN_SWAP_BLOCKS
+from runner.programs import FEED_ROWS, MIN_DECODE_STEPS, MIN_SWAP_BLOCKS
 from runner.sampling import MODES, SamplingRow, SamplingTensors
 from runner.step_batch import (
     DEFAULT_SHAPES,
@@ -52,8 +52,8 @@ class PendingStep:
 
     def result(self) -> Any:
         out = jax.device_get(self.out)
-        if self.steps > 1:  # [num_steps, rows]
-            return out[:, self.rows]
+        if self.steps > 1:  # [max_steps, rows]: the first num_steps are this dispatch's
+            return out[:self.steps, self.rows]
         if not self.num_logprobs:
             return out[self.rows]
         out = jax.tree.map(lambda a: a[self.rows], out)
@@ -231,7 +231,8 @@ class ModelRunner(StepsExecutor):
         feed_src = np.full(batch.num_decode, -1, np.int32)
         fed = self._feed(step, feed_src, np.full(batch.num_decode, -1, np.int32), rows)
         out, fed, self.kv_pool = self.programs(programs.decode_steps, self.model_def, self.weights, self.kv_pool,
-                                               batch, st, step.num_steps, fed, feed_src)
+                                               batch, st, bucket(step.num_steps, MIN_DECODE_STEPS), np.int32(step.num_steps), fed,
+                                               feed_src)
         self._last_samples = (fed, rows)
         return PendingStep(out, rows, 0, steps=step.num_steps)
 
@@ -336,15 +337,18 @@ class ModelRunner(StepsExecutor):
         pairs = [(d, 0) for d in decode] + [(0, p) for p in prefill]
         if mixed:
             pairs += [(d, p) for d in decode for p in prefill]
-        sizes = [(nd, tp, width, 1) for width in shapes.table_widths(max_blocks) for nd, tp in pairs]
-        if num_scheduler_steps > 1:
-            sizes += [(nd, 0, width, num_scheduler_steps) for nd, tp, width, _ in sizes if nd and not tp]
+        steps = [(nd, tp, width) for width in shapes.table_widths(max_blocks) for nd, tp in pairs]
+        sizes = [(nd, tp, width, 1) for nd, tp, width in steps]
+        # A multi-step decode runs the program of its step count's bound (the shorter dispatches at the end of
+        # requests too): each bound up to num_scheduler_steps, one below 9 steps.
+        bounds = sorted({bucket(n, MIN_DECODE_STEPS) for n in range(2, num_scheduler_steps + 1)})
+        sizes += [(nd, 0, width, b) for b in bounds for nd, tp, width in steps if nd and not tp]
         return self.compile_steps(sizes, threads)
 
     def compile_steps(self, sizes: Sequence[tuple[int, int, int, int]], threads: int | None = None) -> int:
         """Compiles the programs of steps of these padded sizes (decode rows, prefill tokens, block-table width,
-        decode steps per dispatch: 1 is the forward pass, more the multi-step decode), and the sampler of each
-        logits row count in every mode; returns how many programs that is.
+        decode steps per dispatch: 1 is the forward pass, more the multi-step decode of that many steps or fewer),
+        and the sampler of each logits row count, in every sampling mode; returns how many programs that is.
 
         XLA compiles on `threads` host threads at once (default: up to 8; it releases the GIL), which is what
         makes compiling an aggregated engine's mixed shapes ahead of time affordable: on the 8B shape each program
@@ -357,10 +361,12 @@ class ModelRunner(StepsExecutor):
             if steps == 1:
                 jobs.append((programs.forward, (self.model_def, self.weights, self.kv_pool, batch, self._no_feed,
                                                 no_feed)))
-            else:
-                st = SamplingTensors.from_rows([None] * nd)
-                jobs.append((programs.decode_steps, (self.model_def, self.weights, self.kv_pool, batch, st, steps,
-                                                     self._no_feed, no_feed)))
+            else:  # in every sampling mode, as the samplers below
+                jobs += [(programs.decode_steps, (self.model_def, self.weights, self.kv_pool, batch,
+                                                  SamplingTensors.from_rows([None] * nd).replace(mode=mode),
+                                                  bucket(steps, MIN_DECODE_STEPS), np.int32(steps), self._no_feed,
+                                                  no_feed))
+                         for mode in MODES]
         logits = self._compile_and_run(jobs, threads)
         # The sampler of each logits row count in every mode, on logits as the forward leaves them.
         samplers = [(programs.sample_step, (x, SamplingTensors.from_rows([None] * len(x)).replace(mode=mode), 0,

@@ -57,6 +57,9 @@ class ModelDef:
 FEED_ROWS = 8192
 # Swap transfers move block counts padded to powers of two from this floor: a few programs serve every swap.
 MIN_SWAP_BLOCKS = 8
+# The multi-step decode's bound on its step count (a power of two, at least this): a scheduler's step counts up to it
+# share one program; only the loop's trip count differs.
+MIN_DECODE_STEPS = 8
 
 
 def _fed_tokens(batch: StepBatch, fed: jax.Array, feed_src: jax.Array) -> jax.Array:
@@ -98,12 +101,14 @@ def prompt_logprobs(logits: jax.Array, targets: jax.Array, num: int):
 
 @functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(2,))
 def decode_steps(model_def: ModelDef, weights: list[jax.Array], kv_pool, batch: StepBatch, sampling: SamplingTensors,
-                 num_steps: int, fed: jax.Array, feed_src: jax.Array):
-    """num_steps decode steps in one device program: each step's samples are the next step's input tokens, and
-    the first step's are fed as in `forward`. Returns the tokens [num_steps, rows], the last step's samples in a
-    FEED_ROWS buffer (what a next dispatch feeds on) and the pool.
+                 max_steps: int, num_steps: jax.Array, fed: jax.Array, feed_src: jax.Array):
+    """num_steps (<= max_steps) decode steps in one device program: each step's samples are the next step's input
+    tokens, and the first step's are fed as in `forward`. Returns the tokens [max_steps, rows] (rows past num_steps
+    are zeros), the last step's samples in a FEED_ROWS buffer (what a next dispatch feeds on) and the pool.
 
     The host pays its per-step costs (planning, batch building, dispatch, transfer) once per num_steps tokens.
+    The step count is an argument, not a shape: a scheduler shortens the last dispatch of requests near their
+    max_tokens to any count, and a static count compiled a program per count (seconds each on an 8B, in serving).
     The loop is a fori_loop, so the weights are loop invariants (read in place) and the pool is an in-place carry.
     """
     model = model_def.merge(weights)
@@ -120,7 +125,7 @@ def decode_steps(model_def: ModelDef, weights: list[jax.Array], kv_pool, batch: 
         new = sample(logits, sampling.replace(step=sampling.step + k))
         return kv, new, positions + 1, out.at[k].set(new)
 
-    out = jnp.zeros((num_steps, batch.num_decode), jnp.int32)
+    out = jnp.zeros((max_steps, batch.num_decode), jnp.int32)
     first = _fed_tokens(batch, fed, feed_src)
     kv_pool, last, _, out = jax.lax.fori_loop(0, num_steps, body, (kv_pool, first, batch.positions, out))
     return out, jnp.zeros(FEED_ROWS, jnp.int32).at[:last.shape[0]].set(last), kv_pool

@@ -277,11 +277,32 @@ def test_pool_programs_count_grows_only_with_a_new_program():
     from runner.programs import pool_programs
 
     def run(steps: int) -> None:
-        drive(real_engine(num_scheduler_steps=steps), {0: [("a", {"prompt_token_ids": list(range(5, 25))}, greedy(9))]})
+        drive(real_engine(num_scheduler_steps=steps), {0: [("a", {"prompt_token_ids": list(range(5, 25))}, greedy(12))]})
 
     run(1)
     compiled = pool_programs()
     run(1)
     assert pool_programs() == compiled  # the same shapes again: nothing to check
-    run(7)  # a 7-step decode program is new to this process
+    run(9)  # a multi-step decode program bounded at 16 steps is new to this process
     assert pool_programs() > compiled
+
+
+def test_a_warmed_up_look_ahead_compiles_nothing_while_serving():
+    # Requests near their max_tokens shorten a look-ahead of 4 steps per dispatch (to 2 or 3), and they sample in
+    # every mode. Each multi-step decode used to run a program of its own
+    # step count and sampling mode, compiled while serving (seconds each on an 8B), where the warm-up had compiled
+    # one count in one mode.
+    from runner import programs
+
+    engine = build_engine(EngineConfig(dtype="float32", max_num_batched_tokens=32, cpu_kv_cache_tokens=4096,
+                                       num_scheduler_steps=4, warmup=True, max_model_len=64, max_num_seqs=8))
+    real, counts = engine.executor.dispatch, []
+    engine.executor.dispatch = lambda step: counts.append(step.num_steps) or real(step)
+    made = [fn._cache_size() for fn in (programs.forward, programs.decode_steps, programs.sample_step)]
+    drive(engine, {0: [("greedy", {"prompt_token_ids": list(range(5, 25))}, greedy(9)),
+                       ("random", {"prompt_token_ids": list(range(9, 20))},
+                        SamplingParams(temperature=0.8, seed=3, max_tokens=10)),
+                       ("filtered", {"prompt_token_ids": list(range(30, 41))},
+                        SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_tokens=10))]})
+    assert 4 in counts and {2, 3} & set(counts), counts
+    assert [fn._cache_size() for fn in (programs.forward, programs.decode_steps, programs.sample_step)] == made
