@@ -231,8 +231,8 @@ class ModelRunner(StepsExecutor):
         feed_src = np.full(batch.num_decode, -1, np.int32)
         fed = self._feed(step, feed_src, np.full(batch.num_decode, -1, np.int32), rows)
         out, fed, self.kv_pool = self.programs(programs.decode_steps, self.model_def, self.weights, self.kv_pool,
-                                               batch, st, bucket(step.num_steps, MIN_DECODE_STEPS), np.int32(step.num_steps), fed,
-                                               feed_src)
+                                               batch, st, bucket(step.num_steps, MIN_DECODE_STEPS),
+                                               np.int32(step.num_steps), fed, feed_src)
         self._last_samples = (fed, rows)
         return PendingStep(out, rows, 0, steps=step.num_steps)
 
@@ -345,10 +345,12 @@ class ModelRunner(StepsExecutor):
         sizes += [(nd, 0, width, b) for b in bounds for nd, tp, width in steps if nd and not tp]
         return self.compile_steps(sizes, threads)
 
-    def compile_steps(self, sizes: Sequence[tuple[int, int, int, int]], threads: int | None = None) -> int:
+    def compile_steps(self, sizes: Sequence[tuple[int, int, int, int]], threads: int | None = None,
+                      modes: Sequence[str] = MODES) -> int:
         """Compiles the programs of steps of these padded sizes (decode rows, prefill tokens, block-table width,
         decode steps per dispatch: 1 is the forward pass, more the multi-step decode of that many steps or fewer),
-        and the sampler of each logits row count, in every sampling mode; returns how many programs that is.
+        and the sampler of each logits row count, in each sampling mode of `modes` (serving needs every one; a
+        profile only its greedy rows'); returns how many programs that is.
 
         XLA compiles on `threads` host threads at once (default: up to 8; it releases the GIL), which is what
         makes compiling an aggregated engine's mixed shapes ahead of time affordable: on the 8B shape each program
@@ -366,12 +368,12 @@ class ModelRunner(StepsExecutor):
                                                   SamplingTensors.from_rows([None] * nd).replace(mode=mode),
                                                   bucket(steps, MIN_DECODE_STEPS), np.int32(steps), self._no_feed,
                                                   no_feed))
-                         for mode in MODES]
+                         for mode in modes]
         logits = self._compile_and_run(jobs, threads)
         # The sampler of each logits row count in every mode, on logits as the forward leaves them.
         samplers = [(programs.sample_step, (x, SamplingTensors.from_rows([None] * len(x)).replace(mode=mode), 0,
                                             self._no_feed, np.full(len(x), -1, np.int32)))
-                    for x in logits.values() for mode in MODES]
+                    for x in logits.values() for mode in modes]
         self._compile_and_run(samplers, threads)
         return len(jobs) + len(samplers)
 
