@@ -19,12 +19,15 @@ import argparse
 import asyncio
 import http.client
 import json
+import os
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 EVENT = b'data: {"choices":[{"index":0,"text":"a"}]}\n\ndata: [DONE]\n\n'
@@ -48,15 +51,30 @@ def bare_ttft(conn: http.client.HTTPConnection, body: str) -> float:
     return first
 
 
-def client(port: int, requests: int, gap: float) -> dict[str, float]:
-    """This process as the client: `requests` requests `gap` seconds apart on one connection."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+def client(port: int, requests: int, gap: float, bodies: list[str] | None = None) -> dict:
+    """This process as the client: `requests` requests (or one per body of `bodies`) `gap` seconds apart on one
+    connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     times = []
-    for _ in range(requests):
-        times.append(bare_ttft(conn, BODY))
+    for body in bodies or [BODY] * requests:
+        times.append(bare_ttft(conn, body))
         time.sleep(gap)
     conn.close()
-    return {"median_ms": 1e3 * statistics.median(times), "p90_ms": 1e3 * sorted(times)[int(0.9 * requests)]}
+    return {"median_ms": 1e3 * statistics.median(times), "p90_ms": 1e3 * sorted(times)[int(0.9 * len(times))],
+            "times_ms": [1e3 * t for t in times]}
+
+
+def client_process(port: int, gap: float, bodies: list[str]) -> list[float]:
+    """Seconds to the first event of each body, sent by a client in a process of its own (as a real client is: a
+    client thread beside the server shares its GIL)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(bodies, f)
+    try:
+        out = subprocess.run([sys.executable, __file__, "--client", str(port), str(gap), "--bodies", f.name],
+                             capture_output=True, text=True, check=True)
+    finally:
+        os.unlink(f.name)
+    return [t / 1e3 for t in json.loads(out.stdout)["times_ms"]]
 
 
 async def asgi_app(scope, receive, send) -> None:
@@ -140,9 +158,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--json", default=None)
     p.add_argument("--client", nargs=2, type=float, metavar=("PORT", "GAP"), help=argparse.SUPPRESS)
+    p.add_argument("--bodies", default=None, help=argparse.SUPPRESS)  # the client's request bodies (a JSON list)
     args = p.parse_args(argv)
-    if args.client:  # the client process the probe starts
-        print(json.dumps(client(int(args.client[0]), args.requests, args.client[1])))
+    if args.client:  # a client process the probe (or bench_structured) starts
+        bodies = json.loads(Path(args.bodies).read_text()) if args.bodies else None
+        print(json.dumps(client(int(args.client[0]), args.requests, args.client[1], bodies)))
         return {}
     results = {}
     for name, start in SERVERS.items():

@@ -9,6 +9,7 @@ def test_quick_mode_measures_every_row(tmp_path):
     assert results["plain"]["tokens"] == 4 * 8 and results["json_schema"]["tokens"] > 0
     assert len(results["ratios"]) == 2 and all(x > 0 for x in results["ratios"])
     assert results["ttft_inprocess_ms"] > 0 and results["ttft_http_ms"] > 0 and results["ttft_http_bare_ms"] > 0
+    assert results["ttft_http_process_ms"] > 0  # the bare reader in a process of its own
     assert set(results["http_floor_ms"]) == {"fastapi", "asgi"} and min(results["http_floor_ms"].values()) > 0
     for case in ("plain", "json_schema"):  # the profiled window timed the loop's parts (no GPU events on CPU)
         host = results["profile"][case]["host_ms_per_step"]
