@@ -158,8 +158,8 @@ def write(path: str | None, doc: dict[str, Any]) -> None:
 
 
 def table(doc: dict[str, Any]) -> str:
-    lines = ["| rate/s : delay scale | policy | routing | done / failed | token latency ms (sim) | program latency s (sim) | "
-             "P90 program s | makespan s (sim) | preemptions | cached prompt tokens (sim) |",
+    lines = ["| rate/s : delay scale | policy | routing | done / failed | token latency ms (sim) | "
+             "program latency s (sim) | P90 program s | makespan s (sim) | preemptions | cached prompt tokens (sim) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["runs"]:
         s = r.get("simulated") or {}

@@ -1,7 +1,7 @@
 """Agentic program workloads in bench serve: programs of dependent calls arriving at a rate (programs/s).
 
-Programs come from `nexus_jax.benchmark.workloads` (chatbot, ReAct, tree search; docs/programs.md). Their arrival times are
-drawn here, like requests' (`serve.arrival_offsets`: gamma gaps, Poisson at burstiness 1), so that one set of
+Programs come from `nexus_jax.benchmark.workloads` (chatbot, ReAct, tree search; docs/programs.md). Their arrival
+times are drawn here, like requests' (`serve.arrival_offsets`: gamma gaps, Poisson at burstiness 1), so that one set of
 programs can be replayed at every rate of a sweep. A program runs its stages in order: a stage waits its delay
 (think or tool time, times `delay_scale`) after the previous stage finished, then sends its calls concurrently
 (one thread each) and waits for all of them. A failed call fails its program, which stops there.

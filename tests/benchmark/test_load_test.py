@@ -17,7 +17,8 @@ ENGINE_ARGS = ("max_num_seqs=16", "min_table_blocks=4", "max_num_batched_tokens=
 
 def test_load_test_every_stream_ends_and_the_server_drains(tmp_path, capsys, monkeypatch):
     seed = random.randrange(1000)
-    argv = ["bench", "load", "--streams", "160", "--waves", "2", "--warmup-waves", "0", "--max-in-flight", "96", "--retry-after-ms", "50",
+    argv = ["bench", "load", "--streams", "160", "--waves", "2", "--warmup-waves", "0", "--max-in-flight", "96",
+            "--retry-after-ms", "50",
             "--max-attempts", "2", "--max-tokens", "6", "--long-tokens", "48", "--prompt-len", "16",
             "--deadline-s", "0.2", "1.0", "--invalid", "0.06", "--stream-timeout-s", "90", "--drain-timeout-s", "20",
             "--seed", str(seed), "--out-dir", str(tmp_path), "--label", "ci"]

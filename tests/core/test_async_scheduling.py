@@ -22,8 +22,18 @@ from nexus_jax.core.engine import LLMEngine
 from nexus_jax.entrypoints.build import build_engine
 from nexus_jax.testing.engines import VOCAB, expected, make_engine
 from nexus_jax.testing.mock_executor import MockExecutor
-from nexus_jax.testing.runs import (Run, Workload, assert_same_outputs, both, drive, exact_fields, float_fields,
-                                    greedy, ids, staggered)
+from nexus_jax.testing.runs import (
+    Run,
+    Workload,
+    assert_same_outputs,
+    both,
+    drive,
+    exact_fields,
+    float_fields,
+    greedy,
+    ids,
+    staggered,
+)
 from runner.executor import StepInput
 from runner.sampling import SamplingRow
 from runner.step_batch import SeqChunk
@@ -277,7 +287,8 @@ def test_pool_programs_count_grows_only_with_a_new_program():
     from runner.programs import pool_programs
 
     def run(steps: int) -> None:
-        drive(real_engine(num_scheduler_steps=steps), {0: [("a", {"prompt_token_ids": list(range(5, 25))}, greedy(12))]})
+        prompt = {"prompt_token_ids": list(range(5, 25))}
+        drive(real_engine(num_scheduler_steps=steps), {0: [("a", prompt, greedy(12))]})
 
     run(1)
     compiled = pool_programs()

@@ -153,7 +153,8 @@ def test_identical_blocks_computed_twice_keep_the_first_mapping():
     rng = random.Random(7)
     bm = BlockManager(8, 4)
     prompt = random_tokens(rng, 8)
-    table_a, table_b = bm.allocate("a", 8), bm.allocate("b", 8)
+    table_a = bm.allocate("a", 8)
+    bm.allocate("b", 8)
     bm.commit("a", prompt, 8)
     bm.commit("b", prompt, 8)
     assert bm.match_prefix(prompt + [0]) == table_a

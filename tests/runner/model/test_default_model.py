@@ -47,7 +47,8 @@ def test_deterministic_across_builds_and_processes(model_dir, reference_hashes, 
     assert file_hashes(default_model_dir()) == reference_hashes
     # A fresh interpreter with another hash seed must produce the same bytes (no dict/set order leaks in).
     env = {**os.environ, "NEXUS_JAX_CACHE": str(tmp_path / "subprocess"), "PYTHONHASHSEED": "12345"}
-    out = subprocess.run([sys.executable, "-c", "from runner.model.default_model import default_model_dir as d; print(d())"],
+    code = "from runner.model.default_model import default_model_dir as d; print(d())"
+    out = subprocess.run([sys.executable, "-c", code],
                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=True)
     assert file_hashes(Path(out.stdout.strip())) == reference_hashes
 
