@@ -363,14 +363,14 @@ class ModelRunner(StepsExecutor):
             if steps == 1:
                 jobs.append((programs.forward, (self.model_def, self.weights, self.kv_pool, batch, self._no_feed,
                                                 no_feed)))
-            else:  # in every sampling mode, as the samplers below
+            else:  # in each sampling mode, as the samplers below
                 jobs += [(programs.decode_steps, (self.model_def, self.weights, self.kv_pool, batch,
                                                   SamplingTensors.from_rows([None] * nd).replace(mode=mode),
                                                   bucket(steps, MIN_DECODE_STEPS), np.int32(steps), self._no_feed,
                                                   no_feed))
                          for mode in modes]
         logits = self._compile_and_run(jobs, threads)
-        # The sampler of each logits row count in every mode, on logits as the forward leaves them.
+        # The sampler of each logits row count in each mode, on logits as the forward leaves them.
         samplers = [(programs.sample_step, (x, SamplingTensors.from_rows([None] * len(x)).replace(mode=mode), 0,
                                             self._no_feed, np.full(len(x), -1, np.int32)))
                     for x in logits.values() for mode in modes]
