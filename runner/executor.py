@@ -89,8 +89,9 @@ class Executor(Protocol):
     # Swap preemption (EngineConfig.preemption_mode "swap") and the prefix cache's host tier (host_cache_gib):
     block_bytes: int  # host bytes one KV block takes
 
-    def allocate_swap_space(self, num_blocks: int) -> None:
-        """Sets aside host memory for num_blocks KV blocks."""
+    def allocate_swap_space(self, num_blocks: int, run_from: int = 0, run: int = 1) -> None:
+        """Sets aside host memory for num_blocks KV blocks. From block `run_from` on they come in aligned runs of
+        `run` blocks (nexus_jax.core.host_runs): the blocks of a run written by one call are kept as one array."""
         ...
 
     def swap_blocks(self, swap_out: Sequence[tuple[int, int]], swap_in: Sequence[tuple[int, int]]) -> None:

@@ -20,7 +20,7 @@ from flax import nnx
 from runner import programs
 from runner.batch_state import DecodeState
 from runner.executor import StepInput, StepsExecutor
-from runner.host_blocks import HostBlocks, pad_blocks
+from runner.host_blocks import HostBlocks
 from runner.kv_budget import fit_num_blocks, kv_bytes_per_block
 from runner.model.config import ModelConfig
 from runner.model.llama import Transformer
@@ -284,10 +284,10 @@ class ModelRunner(StepsExecutor):
     def block_bytes(self) -> int:
         return self.kv_bytes_per_block(self.config, self.block_size, self.dtype)
 
-    def allocate_swap_space(self, num_blocks: int) -> None:
-        """Host memory for num_blocks KV blocks (swapped out, or the prefix cache's host tier), in pinned memory
-        taken as copy-outs fill it (runner.host_blocks)."""
-        self.host_blocks = HostBlocks(num_blocks, self._block_shape(), self.dtype, next(iter(self.kv_pool.devices())))
+    def allocate_swap_space(self, num_blocks: int, run_from: int = 0, run: int = 1) -> None:
+        """Host memory for num_blocks KV blocks, swapped out or the host tier's (runner.host_blocks)."""
+        self.host_blocks = HostBlocks(num_blocks, self._block_shape(), self.dtype, next(iter(self.kv_pool.devices())),
+                                      run_from, run)
 
     def _block_shape(self) -> tuple[int, ...]:
         """One block of the pool, the block axis dropped: [L, 2, Hkv, block_size, D]."""
@@ -309,11 +309,11 @@ class ModelRunner(StepsExecutor):
             raise RuntimeError("no swap space: call allocate_swap_space first")
         src, dst = np.asarray(swap_in, np.int32).reshape(-1, 2).T
         dev, host = np.asarray(swap_out, np.int32).reshape(-1, 2).T
-        values = self.host_blocks.load(src) if len(src) else None
+        copy_in = self.host_blocks.load(src, dst, self.num_blocks) if len(src) else None
         if len(dev):
             self.host_blocks.store(self.kv_pool, dev, host)
-        if values is not None:
-            self.kv_pool = programs.scatter_blocks(self.kv_pool, pad_blocks(dst, self.num_blocks), values)
+        if copy_in is not None:
+            self.kv_pool = self.host_blocks.write(self.kv_pool, copy_in)
 
     def warmup_swap(self, max_blocks: int) -> int:
         """Compiles the swap transfers of every block-count bucket up to max_blocks (without running them);
@@ -325,7 +325,7 @@ class ModelRunner(StepsExecutor):
             programs.split_blocks.lower(self.kv_pool, blocks).compile()
             programs.scatter_blocks.lower(self.kv_pool, blocks, values).compile()
             count, n = count + 2, n * 2
-        return count
+        return count + (self.host_blocks.warmup(self.kv_pool, max_blocks) if self.host_blocks is not None else 0)
 
     def warmup(self, max_decode_rows: int, max_prefill_tokens: int, max_blocks: int, *, mixed: bool = True,
                num_scheduler_steps: int = 1, threads: int | None = None) -> int:

@@ -139,6 +139,20 @@ def split_blocks(kv_pool, blocks):
     return tuple(gathered[:, :, i] for i in range(blocks.shape[0]))
 
 
+@jax.jit
+def split_runs(kv_pool, runs):
+    """The blocks of each row of `runs` [k, run] as one array per row: [L, 2, run, Hkv, block_size, D] each (a whole
+    host run, see nexus_jax.core.host_runs)."""
+    return tuple(kv_pool[:, :, runs[i]] for i in range(runs.shape[0]))
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def scatter_runs(kv_pool, runs, values):
+    """Writes run arrays into the pool: block j of values[i] to block runs[i, j]; entries naming block num_blocks
+    (padding, and the blocks of a run nobody asked for) are dropped."""
+    return kv_pool.at[:, :, runs.reshape(-1)].set(jnp.concatenate(values, axis=2), mode="drop")
+
+
 @functools.partial(jax.jit, donate_argnums=(0,))
 def scatter_blocks(kv_pool, blocks, values):
     """Writes one block array per entry of `blocks` into the pool. Padding entries name block num_blocks, past the

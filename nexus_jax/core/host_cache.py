@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Hashable, Sequence
 
+from nexus_jax.core.host_runs import HostRuns
 from nexus_jax.core.retention import EvictionOrder
 from nexus_jax.core.swap_space import SwapSpace
 
@@ -24,12 +25,13 @@ from nexus_jax.core.swap_space import SwapSpace
 class HostCache:
     """Host blocks `first_block .. first_block + num_blocks - 1` of the executor's host memory, by block key."""
 
-    def __init__(self, num_blocks: int, first_block: int = 0):
+    def __init__(self, num_blocks: int, first_block: int = 0, run: int = 1):
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks <= 0:
             raise ValueError(f"a host cache needs a positive number of host blocks, got {num_blocks!r}")
         self.num_blocks = num_blocks
-        self._free = list(range(first_block + num_blocks - 1, first_block - 1, -1))  # low ids first
+        self._runs = HostRuns(num_blocks, first_block, run)  # which host block a copy-out takes
         self._entries: dict[bytes, int] = {}  # key -> host block
+        self._key_at: dict[int, bytes] = {}  # host block -> key, of the entries
         self.order = EvictionOrder()  # of the keys, as the device pool's
         # Keys copied out by the plan being built: the executor reads copy-ins before it writes copy-outs, so these
         # are not matchable until that plan is dispatched.
@@ -42,7 +44,7 @@ class HostCache:
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self._runs.num_used
 
     def store(self, device_block: int, key: bytes, owner: Hashable = None) -> None:
         """Books the copy-out of an evicted device block (the block manager's hook); `owner` released it last."""
@@ -51,22 +53,38 @@ class HostCache:
             self.order.add(key, owner)
             return
         self.order.add(key, owner)
-        if self._free:
-            host = self._free.pop()
-        else:
+        host = self._runs.take()
+        while host is None:
             victim, _ = self.order.pop()
             if victim == key:  # it ranks below everything held (or every host block is being copied in)
                 self.num_dropped += 1
                 return
-            host = self._entries.pop(victim)
-            self.num_evictions += 1
             if victim in self._pending:  # its copy-out is not dispatched yet: cancelled, its host block reused
+                host = self._drop(victim)
                 self._pending.discard(victim)
                 self._out.remove(next(copy for copy in self._out if copy[1] == host))
+                break
+            run = self._runs.run_of(self._entries[victim])
+            # A whole run is one host array: its blocks leave together, and only then is any of them reusable.
+            victims = [self._key_at[b] for b in self._runs.blocks_of(run) if b in self._key_at] \
+                if self._runs.is_whole(run) else [victim]
+            for other in victims:
+                if other != victim:
+                    self.order.remove(other)
+                self._runs.release(self._drop(other))
+            host = self._runs.take()
         self._entries[key] = host
+        self._key_at[host] = key
         self._pending.add(key)
         self._out.append((device_block, host))
         self.num_stores += 1
+
+    def _drop(self, key: bytes) -> int:
+        """Evicts an entry (out of the order already); returns its host block."""
+        host = self._entries.pop(key)
+        del self._key_at[host]
+        self.num_evictions += 1
+        return host
 
     def readable(self, key: bytes) -> bool:
         """Whether a block of this key can be copied back by the plan being built."""
@@ -75,12 +93,16 @@ class HostCache:
     def take(self, keys: Sequence[bytes]) -> list[tuple[int, Hashable]]:
         """Removes matched entries before their device blocks are allocated (which may store, and so evict, here);
         returns their host blocks and owners, for `restore` or `put_back`."""
-        return [(self._entries.pop(key), self.order.remove(key)) for key in keys]
+        taken = [(self._entries.pop(key), self.order.remove(key)) for key in keys]
+        for host, _ in taken:
+            del self._key_at[host]
+        return taken
 
     def put_back(self, keys: Sequence[bytes], taken: Sequence[tuple[int, Hashable]]) -> None:
         """Returns taken entries whose request found no device room."""
         for key, (host, owner) in zip(keys, taken):
             self._entries[key] = host
+            self._key_at[host] = key
             self.order.add(key, owner)
 
     def restore(self, taken: Sequence[tuple[int, Hashable]], device_blocks: Sequence[int]) -> None:
@@ -94,7 +116,9 @@ class HostCache:
     def flush(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
         """The (copy-outs, copy-ins) of the plan just built, which the caller dispatches before its step."""
         copies = self._out, self._in
-        self._free.extend(reversed(self._released))
+        for host in self._released:
+            self._runs.release(host)
+        self._runs.seal()
         self._out, self._in, self._released = [], [], []
         self._pending.clear()
         return copies
@@ -102,8 +126,10 @@ class HostCache:
     def clear(self) -> None:
         """Forgets every entry (their K/V is lost or stale: a failed copy, a reset of the prefix cache)."""
         self.flush()
-        self._free.extend(self._entries.values())
+        for host in self._entries.values():
+            self._runs.release(host)
         self._entries.clear()
+        self._key_at.clear()
         self.order.clear()
 
     def stats(self) -> dict[str, int]:
@@ -112,18 +138,33 @@ class HostCache:
                 "num_host_cache_dropped": self.num_dropped, "host_cache_hit_blocks": self.num_hit_blocks}
 
 
+# The most bytes of one host run (nexus_jax.core.host_runs): 32 blocks of the 8B shape. Each array moved costs ~0.1 ms
+# beside its bytes (H100 host, RESULTS.md), under a tenth of a 64 MiB copy's time.
+RUN_BYTES = 64 * 2**20
+
+
 def host_memory(config: Any, executor: Any) -> tuple[SwapSpace | None, HostCache | None]:
     """Books the executor's host memory: swap_space_gib for swap preemption (in swap mode), then host_cache_gib
-    for the host tier (when positive), one host block array shared by both."""
+    for the host tier (when positive), one host block array shared by both; the host tier's blocks in runs."""
     swap_blocks = host_blocks = 0
     if config.preemption_mode == "swap":
         swap_blocks = _blocks("swap_space_gib", config.swap_space_gib, executor.block_bytes)
     if config.host_cache_gib > 0:
         host_blocks = _blocks("host_cache_gib", config.host_cache_gib, executor.block_bytes)
+    run = run_blocks(executor.block_bytes, executor.num_blocks)
     if swap_blocks + host_blocks:
-        executor.allocate_swap_space(swap_blocks + host_blocks)
+        executor.allocate_swap_space(swap_blocks + host_blocks, run_from=swap_blocks, run=run)
     return (SwapSpace(swap_blocks) if swap_blocks else None,
-            HostCache(host_blocks, first_block=swap_blocks) if host_blocks else None)
+            HostCache(host_blocks, first_block=swap_blocks, run=run) if host_blocks else None)
+
+
+def run_blocks(block_bytes: int, device_blocks: int) -> int:
+    """Blocks per host run: a power of two up to RUN_BYTES and to a quarter of the device pool (a plan evicts at
+    most the pool, so a larger run would never be written whole)."""
+    run = 1
+    while run < 32 and 2 * run * block_bytes <= RUN_BYTES and 2 * run <= device_blocks // 4:
+        run *= 2
+    return run
 
 
 def _blocks(name: str, gib: float, block_bytes: int) -> int:

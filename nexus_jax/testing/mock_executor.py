@@ -101,7 +101,7 @@ class MockExecutor(StepsExecutor):
         return SampleResult(tokens, np.full(len(tokens), np.log(0.5), np.float32), top.astype(np.int32),
                             top_lp.astype(np.float32))
 
-    def allocate_swap_space(self, num_blocks: int) -> None:
+    def allocate_swap_space(self, num_blocks: int, run_from: int = 0, run: int = 1) -> None:  # runs: one array
         self.host_kv = np.full((num_blocks, self.block_size), -1, np.int64)
         self.host_pos = np.full((num_blocks, self.block_size), -1, np.int64)
 

@@ -13,7 +13,7 @@ from prometheus_client import generate_latest
 
 from nexus_jax import EngineConfig, LLMEngine
 from nexus_jax.core.block_manager import BlockManager
-from nexus_jax.core.host_cache import HostCache
+from nexus_jax.core.host_cache import HostCache, run_blocks
 from nexus_jax.server.metrics import EngineMetrics
 from nexus_jax.testing import engines
 from nexus_jax.testing.engines import VOCAB, expected
@@ -169,6 +169,40 @@ def test_host_cache_bookkeeping():
     assert cache.num_used_blocks == 0 and cache.flush() == ([], [])
 
 
+def test_a_plan_fills_whole_runs_whose_blocks_leave_together():
+    cache = HostCache(10, first_block=2, run=4)  # runs 2-5 and 6-9; 10, 11 a tail, block by block
+    for i in range(6):
+        cache.store(i, b"a%d" % i)
+    assert cache.flush() == ([(i, 2 + i) for i in range(6)], [])  # run 0 whole; run 1 loose (2 of 4 written)
+    for i in range(4):
+        cache.store(10 + i, b"b%d" % i)
+    assert cache.flush()[0] == [(10, 10), (11, 11), (12, 8), (13, 9)]  # the tail, then run 1's rest
+    assert cache.num_used_blocks == 10
+    cache.store(20, b"c")  # full: the least recent entry, a0, is in a whole run, so a0..a3 all go
+    assert cache.stats()["num_host_cache_evictions"] == 4 and not cache.readable(b"a3")
+    assert cache.readable(b"a4") and cache.flush()[0] == [(20, 2)]
+    assert cache.num_used_blocks == 7
+
+
+def test_blocks_copied_back_from_a_whole_run_are_reused_only_with_the_rest_of_it():
+    cache = HostCache(8, run=4)
+    for i in range(8):
+        cache.store(i, b"k%d" % i)
+    cache.flush()
+    taken = cache.take([b"k0", b"k1"])
+    cache.restore(taken, [30, 31])
+    assert cache.flush() == ([], [(0, 30), (1, 31)]) and cache.num_used_blocks == 6
+    cache.store(9, b"n")  # blocks 0 and 1 are free, but run 0 is one array until k2, k3 leave too
+    assert cache.flush()[0] == [(9, 0)] and not cache.readable(b"k2") and cache.readable(b"k4")
+    assert cache.stats()["num_host_cache_evictions"] == 2
+
+
+@pytest.mark.parametrize("block_bytes, device_blocks, run", [
+    (2 * 2**20, 1024, 32), (2 * 2**20, 64, 16), (8 * 2**20, 1024, 8), (64, 16, 4), (64, 7, 1), (2**30, 4096, 1)])
+def test_runs_are_as_long_as_a_few_tens_of_mib_and_a_quarter_of_the_pool(block_bytes, device_blocks, run):
+    assert run_blocks(block_bytes, device_blocks) == run
+
+
 def test_the_host_match_continues_the_device_prefix_with_the_same_salt():
     bm = BlockManager(8, 4)
     bm.host = HostCache(4)
@@ -226,5 +260,8 @@ def test_the_model_runner_restores_a_flooded_context_with_outputs_unchanged(over
         results[host_gib] = {rid: out.outputs[0].token_ids for rid, out in done.items()}, done["a1"], engine
     (with_tier, a1, engine), (without, plain, _) = results[1e-2], results[0.0]
     assert with_tier == without
+    host = engine.executor.host_blocks  # runs of 4 blocks (a quarter of the pool) came back as one array each
+    assert host.run == 4 and host._runs
+    assert len(host._runs) * host.run + sum(b is not None for b in host._blocks) <= host.num_blocks
     assert a1.num_cached_tokens >= 32 and plain.num_cached_tokens == 0
     assert engine.stats()["prefix_cache_host_hit_tokens"] >= 32
