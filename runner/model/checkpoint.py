@@ -287,16 +287,29 @@ def load_params(model_dir: str | Path, config: ModelConfig | None = None, dtype:
     return params
 
 
-@functools.partial(jax.jit, static_argnames=("shape", "dtype", "is_norm"))
-def _random_leaf(key: jax.Array, shape: tuple[int, ...], dtype: Any, is_norm: bool) -> jax.Array:
-    x = 0.02 * jax.random.normal(key, shape, jnp.float32)
-    return (1.0 + x if is_norm else x).astype(dtype)
-
-
 def random_params(config: ModelConfig, dtype: Any = jnp.bfloat16, seed: int = 0) -> dict[str, Any]:
-    """Random params generated on the device (nothing model-sized on the host): N(0, 0.02) weights, norms near 1."""
+    """Random params generated on the device (nothing model-sized on the host): N(0, 0.02) weights, norms near 1.
+
+    One program makes every leaf, kept in the program store where there is one: generating them leaf by leaf
+    lowered a program per leaf shape at every start (0.77 s of an 8B warm start's 5.85 s on an H100,
+    benchmarks/RESULTS.md), where loading a stored program takes a file read."""
+    from runner.program_store import beside_compilation_cache
+
     leaves, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(config), is_leaf=_is_shape)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    out = [_random_leaf(key, shape, jnp.dtype(dtype), path[-1].key.endswith("norm"))
-           for key, (path, shape) in zip(keys, leaves)]
-    return jax.tree.unflatten(treedef, out)
+    dtype = jnp.dtype(dtype)
+
+    @jax.jit
+    def generate(seed: jax.Array) -> list[jax.Array]:
+        keys = jax.random.split(jax.random.key(seed), len(leaves))
+        out = []
+        for key, (path, shape) in zip(keys, leaves):
+            x = 0.02 * jax.random.normal(key, shape, jnp.float32)
+            out.append((1.0 + x if path[-1].key.endswith("norm") else x).astype(dtype))
+        return out
+
+    seed_arg = jnp.asarray(seed, jnp.int32)
+    store = beside_compilation_cache()
+    if store is None:
+        return jax.tree.unflatten(treedef, generate(seed_arg))
+    program = store.executable("random_params", f"{config}|{dtype}", "", lambda: generate.lower(seed_arg))
+    return jax.tree.unflatten(treedef, program(seed_arg))
