@@ -130,7 +130,8 @@ class HostBlocks:
         """Compiles the run copies of every run-count bucket up to max_blocks blocks; returns how many programs."""
         count, n = 0, 1
         full_runs = max(0, (self.num_blocks - self.run_from) // self.run) if self.run > 1 else 0
-        while n <= min(full_runs, max_blocks // self.run):
+        most = min(full_runs, max_blocks // self.run)  # whole runs one call moves
+        while most and n <= bucket(most):
             runs = np.zeros((n, self.run), np.int32)
             values = (jax.ShapeDtypeStruct(self._zero.shape[:2] + (self.run,) + self._zero.shape[2:],
                                            self._zero.dtype),) * n

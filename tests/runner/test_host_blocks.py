@@ -102,3 +102,23 @@ def test_copies_into_the_pool_leave_its_programs_compiled():
     runner.swap_blocks([(1, 1)], [])  # the same bucket's copy-out again
     assert programs.split_blocks._cache_size() == compiled, "the copy-in changed the pool's placement"
     assert runner.kv_pool.committed
+
+
+def test_the_runner_moves_whole_runs_and_warms_up_their_programs():
+    from runner.model.checkpoint import random_params
+    from runner.model.config import ModelConfig
+    from runner.model_runner import ModelRunner
+
+    config = ModelConfig.preset("tiny")
+    runner = ModelRunner(config, random_params(config), num_blocks=16, block_size=16)
+    runner.allocate_swap_space(13, run_from=4, run=4)  # swap space 0-3, runs 4-7 and 8-11, a tail block 12
+    # Copies of 8, 16 blocks; of 1 and 2 whole runs (and 3 would be padded to 4, but 2 is the most there are)
+    assert runner.warmup_swap(16) == 4 + 4
+    before = np.asarray(runner.kv_pool)
+    runner.swap_blocks([(i, 4 + i) for i in range(8)] + [(9, 12)], [])
+    assert set(runner.host_blocks._runs) == {0, 1}
+    np.testing.assert_array_equal(runner.host_kv[:, :, 4:13], before[:, :, [*range(8), 9]])
+    runner.swap_blocks([], [(5, 15), (10, 14), (12, 13)])  # one block of each run and the tail's
+    after = np.asarray(runner.kv_pool)
+    np.testing.assert_array_equal(after[:, :, [15, 14, 13]], before[:, :, [1, 6, 9]])
+    np.testing.assert_array_equal(after[:, :, :13], before[:, :, :13])  # the runs' other blocks went nowhere
