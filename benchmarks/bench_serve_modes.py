@@ -75,8 +75,10 @@ MODES: dict[str, tuple[str, ...]] = {
     # mix at budget 512 should be >= 1.6x this one's); not a baseline candidate (its name is not agg-)
     "sync-512": ("--max-num-batched-tokens", "512", "--engine-arg", "prefill_order=arrival",
                  "--engine-arg", "async_scheduling=false"),
-    "dynamic": (*SPLIT, "--engine-arg", "sm_ladder=30,50"),
-    "dynamic-arrival": (*SPLIT, "--engine-arg", "sm_ladder=30,50", "--engine-arg", "prefill_order=arrival"),
+    # mixed steps at the best baseline's budget (512 on both workloads so far), prefills split at 2048
+    "dynamic": (*SPLIT, "--engine-arg", "sm_ladder=30,50", "--engine-arg", "aggregate_budget=512"),
+    "dynamic-arrival": (*SPLIT, "--engine-arg", "sm_ladder=30,50", "--engine-arg", "aggregate_budget=512",
+                        "--engine-arg", "prefill_order=arrival"),
 }
 SCALES = {
     # 8B shape on the GPU; block tables one width wide (768 blocks of 16 = 12288 tokens fit in 1024 columns).

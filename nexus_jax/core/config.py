@@ -107,6 +107,12 @@ class EngineConfig:
     aggregate_when_safe: bool = _option(
         True, DISAGGREGATION, "one mixed step on all SMs unless a split is predicted to serve more requests "
                               "within both SLOs (DuetServe)")
+    # The dynamic split planned its mixed steps at the split's prefill budget (2048 tokens), so the controller
+    # judged the aggregate by a ~50 ms mixed step against a 30 ms TBT and chose it 3 times in 1654 (RESULTS.md,
+    # 2026-12-07), where chunked prefill tuned to 512 met TBT: the aggregate is now planned at its own budget.
+    aggregate_budget: int | None = _option(
+        None, DISAGGREGATION, "token budget of the disaggregated mode's mixed step, decodes included (chunked "
+                              "prefill's tuned max_num_batched_tokens; default max_num_batched_tokens)")
     slo_ttft: float = _option(
         2.0, DISAGGREGATION, "seconds: time to first token; the partition controller counts waiting prompts within it")
     slo_tbt: float = _option(
@@ -155,7 +161,7 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("max_model_len", "num_kv_blocks"):
+        for name in ("max_model_len", "num_kv_blocks", "aggregate_budget"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
@@ -173,6 +179,9 @@ class EngineConfig:
         if not ladder or any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= 99 for s in ladder):
             raise ValueError(f"sm_ladder must be decode SM percentages in 1..99, got {self.sm_ladder!r}")
         object.__setattr__(self, "sm_ladder", tuple(sorted(set(ladder))))
+        if self.aggregate_budget is not None and self.aggregate_budget > self.max_num_batched_tokens:
+            raise ValueError(f"aggregate_budget {self.aggregate_budget} exceeds max_num_batched_tokens "
+                             f"{self.max_num_batched_tokens}, the largest step the workers compile")
         for name in ("slo_ttft", "slo_tbt"):  # the partition controller divides by them and counts requests within
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):

@@ -3,8 +3,8 @@ its own share of the SMs, over one shared KV pool (Nexus, DuetServe).
 
 Each call of `step()` dispatches work to the idle phases and then folds back whatever finished first:
 - the partition controller sees the next prefill plan, the decode batch and the prompts waiting for their first
-  token, predicts each candidate's TTFT and TBT against both SLOs, and picks "aggregate" (one mixed
-  chunked-prefill step on all SMs, unless a split is predicted to beat it; only while nothing is executing),
+  token, predicts each candidate's TTFT and TBT against both SLOs, and picks "aggregate" (one mixed step of
+  aggregate_budget tokens on all SMs, unless a split is predicted to beat it; only while nothing is executing),
   "split" (a decode worker and a prefill worker from the ladder of warm SM shares), or one phase alone;
 - decode is pipelined (async_scheduling): the next decode step goes to the decode worker while its current one
   runs, its input tokens fed on the device from that step's samples, so the worker's device never waits for the
@@ -38,9 +38,10 @@ from nexus_jax.core.outputs import RequestOutput
 from nexus_jax.core.request import RequestGroup
 from nexus_jax.core.sampling_params import SamplingParams
 from nexus_jax.core.scheduler import SchedulerOutput
+from nexus_jax.disagg.goodput import LoadState, within_budget
 from nexus_jax.disagg.ladder import AGGREGATE
 from nexus_jax.disagg.pacing import FirstTokenPacer
-from nexus_jax.disagg.partition import Decision, LoadState, PartitionController
+from nexus_jax.disagg.partition import Decision, PartitionController
 from nexus_jax.disagg.phase_scheduler import PhaseScheduler
 from nexus_jax.disagg.worker_loop import WorkerLoop, check_loop_params
 from runner.executor import Executor
@@ -82,6 +83,7 @@ class DisaggEngine(LLMEngine):
         self.restart_pool = restart_pool
         self.flights: dict[str, list[_Flight]] = {}   # worker name -> the plans it is executing, oldest first
         self.pipelined = config.async_scheduling
+        self.aggregate_budget = config.aggregate_budget or config.max_num_batched_tokens
         self.last_decision: Decision | None = None
         self.phase_steps = {"decode": 0, "prefill": 0, "mixed": 0}
         self.pipelined_steps = 0  # decode steps sent while the worker still ran the one before
@@ -174,17 +176,24 @@ class DisaggEngine(LLMEngine):
             self._unhold(prefill, decode)
             return []
         running_decodes = [r for r in sched.running if not r.in_prefill]
+        chunks = [(c.num_tokens, c.start) for c in prefill.prefills] if has_prefill else []
+        room = self.aggregate_budget - (len(decode.decodes) if has_decode else 0)  # a mixed step's prompt tokens
         state = LoadState(decode_batch=len(running_decodes),
-                          decode_sum_kv=sum(r.num_tokens for r in running_decodes),
-                          prefill_chunks=[(c.num_tokens, c.start) for c in prefill.prefills] if has_prefill else [],
-                          kv_usage=self.block_manager.usage, waiting=sched.waiting_prompts(time.monotonic()))
+                          decode_sum_kv=sum(r.num_tokens for r in running_decodes), prefill_chunks=chunks,
+                          kv_usage=self.block_manager.usage, waiting=sched.waiting_prompts(time.monotonic()),
+                          aggregate_chunks=within_budget(chunks, room))
         decision = self.controller.decide(state)
         self.last_decision = decision
         outputs: list[RequestOutput] = []
         if decision.mode == AGGREGATE and decode_at is None and not busy_phases and has_prefill and has_decode:
-            mixed = SchedulerOutput(decode.decodes, prefill.prefills, decode.preempted + prefill.preempted)
-            outputs += self._submit(AGGREGATE, mixed, "mixed")
-            return outputs
+            preempted = decode.preempted + prefill.preempted
+            if sum(n for n, _ in chunks) > room:  # planned at the split's prefill budget: again at the mixed step's
+                self._unhold(prefill)
+                prefill = sched.schedule_prefill(max(room, 0))
+                preempted += prefill.preempted
+            if prefill.chunks:
+                return self._submit(AGGREGATE, SchedulerOutput(decode.decodes, prefill.prefills, preempted), "mixed")
+            has_prefill = False  # no prompt fits beside the decodes: they run alone
         split = decision.mode == "split"
         # A phase alone runs on all SMs; without aggregation it stays on the ladder's widest worker of its phase.
         alone = self.controller.allow_aggregate
@@ -232,8 +241,7 @@ class DisaggEngine(LLMEngine):
                    for flights in self.flights.values() for f in flights)
 
     def _free_worker(self, wanted: str, phase: str) -> str:
-        """The wanted worker, or if it is executing (the other phase holds it), this phase's worker with the fewest
-        SMs that the other phase leaves free."""
+        """The wanted worker or, while the other phase holds it, this phase's free worker with the fewest SMs."""
         if not self.flights.get(wanted):
             return wanted
         return next(n for n in self.ladder.phase_workers(phase) if not self.flights.get(n))

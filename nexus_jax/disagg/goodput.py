@@ -75,6 +75,8 @@ class LoadState:
     # Prompts still before their first token, in prefill order: (prompt tokens left, seconds waited so far).
     # None: just the next step's chunks, waited 0 s.
     waiting: list[tuple[int, float]] | None = None
+    # The chunks a mixed step would run, within the aggregate's own budget. None: the prefill step's.
+    aggregate_chunks: list[tuple[int, int]] | None = None
 
     def __post_init__(self) -> None:
         if self.decode_batch < 0 or self.decode_sum_kv < 0 or not 0 <= self.kv_usage <= 1:
@@ -82,6 +84,8 @@ class LoadState:
                              f"kv_usage {self.kv_usage} (need >= 0, >= 0, within [0, 1])")
         if self.waiting is None:
             self.waiting = [(n, 0.0) for n, _ in self.prefill_chunks]
+        if self.aggregate_chunks is None:
+            self.aggregate_chunks = list(self.prefill_chunks)
         if any(n < 0 or waited < 0 for n, waited in self.waiting):
             raise ValueError(f"waiting prompts need tokens >= 0 and seconds waited >= 0, got {self.waiting}")
 
@@ -139,6 +143,7 @@ def predict(model: LatencyModel, state: LoadState, decode_share: int | None, pac
     tokens are paced. Both phases must have work (the controller handles a phase alone without candidates)."""
     chunks = state.prefill_chunks
     if decode_share is None:
+        chunks = state.aggregate_chunks
         t_decode = t_prefill = model.predict_mixed(state.decode_batch, state.decode_sum_kv, chunks)
     else:
         t_decode = model.predict_decode(decode_share, state.decode_batch, state.decode_sum_kv, corun=True)
@@ -147,6 +152,18 @@ def predict(model: LatencyModel, state: LoadState, decode_share: int | None, pac
                      state.decode_batch, t_decode, t_prefill,
                      tuple(queue_ttfts(state.waiting, sum(n for n, _ in chunks), t_prefill)),
                      t_decode if decode_share is None else handoff_gap(t_decode, paced))
+
+
+def within_budget(chunks: Sequence[tuple[int, int]], tokens: int) -> list[tuple[int, int]]:
+    """The leading (new_tokens, prefix_len) chunks that fit `tokens`, the last one cut: a step planned at that
+    budget takes the same prompts in the same order."""
+    out = []
+    for n, prefix in chunks:
+        if tokens <= 0:
+            break
+        out.append((min(n, tokens), prefix))
+        tokens -= out[-1][0]
+    return out
 
 
 def handoff_gap(t_decode: float, paced: bool = False) -> float:

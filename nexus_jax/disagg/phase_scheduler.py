@@ -54,9 +54,10 @@ class PhaseScheduler(Scheduler):
         self._hold(out)
         return out
 
-    def schedule_prefill(self) -> SchedulerOutput:
-        """A prefill-only plan: prompt chunks of running requests first, then admissions, within the budget."""
-        budget = self.max_num_batched_tokens
+    def schedule_prefill(self, budget: int | None = None) -> SchedulerOutput:
+        """A prefill-only plan: prompt chunks of running requests first, then admissions, within `budget` tokens
+        (default max_num_batched_tokens)."""
+        budget = self.max_num_batched_tokens if budget is None else budget
         out = SchedulerOutput([], [], [])
         order = sorted([r for r in self.idle_requests() if r.in_prefill], key=self.admission_key)
         victims = sorted(self.idle_requests(), key=self.policy)

@@ -292,3 +292,35 @@ def test_the_controller_sees_the_prompts_waiting_for_their_first_token():
     done = run_all(engine)
     assert done["long"].outputs[0].token_ids == expected(list(range(1, 41)), 2)
     assert engine.scheduler.waiting_prompts(time.monotonic()) == []
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_mixed_step_is_planned_at_the_aggregate_budget(seed):
+    """The split plans prompts at max_num_batched_tokens (64); a mixed step takes at most aggregate_budget (12)
+    tokens, decodes included, like the chunked-prefill engine it is measured against (a prefill with no decodes
+    running has no TBT to keep: it runs at the full budget)."""
+    engine = make_engine(tbt=10.0, seed=seed, aggregate_budget=12)  # everything meets TBT: always aggregate
+    sizes = []
+    handle = engine.pool.workers[AGGREGATE]
+
+    def submit(message, submit=handle.submit):
+        if message.step.decodes and message.step.prefills:
+            sizes.append(len(message.step.decodes) + sum(len(c.token_ids) for c in message.step.prefills))
+        submit(message)
+    handle.submit = submit
+    arrivals = staggered(seed)
+    done = run_all(engine, arrivals)
+    for reqs in arrivals.values():
+        for rid, prompt, n in reqs:
+            assert done[rid].outputs[0].token_ids == expected(prompt, n), rid
+    assert sizes and max(sizes) <= 12
+    assert engine.block_manager.usage == 0.0 and not engine.scheduler.busy
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"aggregate_budget": 0}, "aggregate_budget must be a positive integer"),
+    ({"aggregate_budget": 4096, "max_num_batched_tokens": 2048}, "aggregate_budget 4096 exceeds max_num_batched"),
+])
+def test_a_bad_aggregate_budget_is_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**kwargs)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from nexus_jax.disagg.cost_model import CostModel
-from nexus_jax.disagg.goodput import SHARED_WEIGHT_DECODE, SharedWeightDecode, predict, queue_ttfts
+from nexus_jax.disagg.goodput import SHARED_WEIGHT_DECODE, SharedWeightDecode, predict, queue_ttfts, within_budget
 from nexus_jax.disagg.partition import Decision, LoadState, PartitionController, Slo
 from runner.model.config import ModelConfig
 
@@ -239,3 +239,32 @@ def test_the_engine_config_sets_both_slos():
     for bad in (0, -1.0, float("inf"), float("nan"), True, "2"):
         with pytest.raises(ValueError, match="slo_ttft"):
             EngineConfig(slo_ttft=bad)
+
+
+class PerToken(Fake):
+    """A mixed step of 8 ms plus 40 us per prompt token: 28 ms at 500 tokens, 90 ms at 2048."""
+
+    def predict_mixed(self, decode_batch, sum_kv, chunks):
+        return 0.008 + 4e-5 * sum(n for n, _ in chunks)
+
+
+def test_the_aggregate_is_judged_at_its_own_budget_not_the_split_prefill_plan():
+    chunks = [(1500, 0), (548, 0)]  # the split's prefill plan: 2048 tokens
+    waiting = [(1500, 0.0), (548, 0.0)]
+    c = PartitionController(PerToken(), LADDER, Slo(ttft=2.0, tbt=0.03))
+    # At the split's budget the mixed step takes 90 ms (> 30 ms TBT): a split wins.
+    assert c.decide(LoadState(8, 8 * 1024, chunks, 0.3, waiting)).mode == "split"
+    # At chunked prefill's budget (512 tokens, 8 of them decodes) it takes 28 ms: the aggregate meets both SLOs.
+    c = PartitionController(PerToken(), LADDER, Slo(ttft=2.0, tbt=0.03))
+    state = LoadState(8, 8 * 1024, chunks, 0.3, waiting, aggregate_chunks=within_budget(chunks, 504))
+    d = c.decide(state)
+    assert (d.mode, d.predicted_decode) == ("aggregate", pytest.approx(0.008 + 4e-5 * 504))
+    # its TTFTs drain the queue 504 tokens per mixed step: 2048 tokens in 4.06 steps
+    assert d.predicted_ttft == pytest.approx(2048 / 504 * (0.008 + 4e-5 * 504))
+
+
+def test_within_budget_keeps_the_plan_order_and_cuts_the_last_chunk():
+    assert within_budget([(300, 0), (300, 64), (50, 0)], 400) == [(300, 0), (100, 64)]
+    assert within_budget([(300, 0)], 300) == [(300, 0)]
+    assert within_budget([(300, 0)], 0) == within_budget([(300, 0)], -5) == []
+    assert LoadState(1, 10, [(7, 0)], 0.0).aggregate_chunks == [(7, 0)]  # by default, the prefill plan's
