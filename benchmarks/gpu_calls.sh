@@ -24,7 +24,8 @@
 #   bash benchmarks/gpu_calls.sh structured  # bench_structured with its decode-window profile; carry wheels/
 #   bash benchmarks/gpu_calls.sh split     # tight at 12/16/20: aggregated 512 vs static-50 (decode-only weight copies)
 #   bash benchmarks/gpu_calls.sh ablation  # tight at 16/20: aggregated 512 and static-50, each FCFS and aged SPF
-#   bash benchmarks/gpu_calls.sh dynamic   # tight at 16/20: aggregated 512, static-50 and dynamic (partial copies)
+#   bash benchmarks/gpu_calls.sh dynamic   # tight at 16/20: aggregated 512, static-50 and dynamic (partial copies);
+#                                          # MODES="agg-512-arrival dynamic" for fewer modes
 #   bash benchmarks/gpu_calls.sh tight25   # TBT 25 ms at 12/16: aggregated 256 and 512 vs static-50
 #   bash benchmarks/gpu_calls.sh front-cold  # HTTP TTFT (bench_structured, one pair), the cold start with its
 #                                            # profile, offline at 1024 seqs / 16384 tokens vs transformers; wheels/
@@ -197,7 +198,7 @@ f"second {time.perf_counter() - c:.4f} s")'
       | grep -E '^\| |sweep rate|Error|failed'
     ;;
   dynamic)  # the dynamic split with copies for the decode workers that fit (80 GB: decode-50), against static-50
-    timeout 560 python3 benchmarks/bench_serve_modes.py run tight agg-512-arrival static-50 dynamic --rates 16 20 \
+    timeout 560 python3 benchmarks/bench_serve_modes.py run tight ${MODES:-agg-512-arrival static-50 dynamic} --rates 16 20 \
       --out "$OUT/serve" 2>&1 | grep -E '^\| |sweep rate|Error|failed'
     ;;
   front-cold)  # issue 18's HTTP target, then issue 15's cold start and offline targets, in one call

@@ -7,17 +7,16 @@ Each call of `step()` dispatches work to the idle phases and then folds back wha
   aggregate_budget tokens on all SMs, unless a split is predicted to beat it; only while nothing is executing),
   "split" (a decode worker and a prefill worker from the ladder of warm SM shares), or one phase alone;
 - decode is pipelined (async_scheduling): the next decode step goes to the decode worker while its current one
-  runs, its input tokens fed on the device from that step's samples, so the worker's device never waits for the
-  engine's round trip; a stopped request costs at most that one extra step, whose token is dropped. With
-  num_scheduler_steps = k > 1 each decode plan runs k steps back to back (the look-ahead), so the engine's round
-  trip is paid once per k tokens, and a stop costs up to 2k - 1 steps of that row. Decode never waits for a prefill;
+  runs, fed on the device from that step's samples, so the device never waits for the engine's round trip; a
+  stopped request costs at most that extra step, its token dropped. With num_scheduler_steps = k > 1 a decode plan
+  runs k steps (the look-ahead): a round trip per k tokens, up to 2k - 1 steps after a stop. A split's decode never
+  waits for a prefill; a mixed step waits for the decode step in flight;
 - a request moves from prefill to decode by its block table only: the prefill worker replied after its step
   completed, so the K/V it wrote is in the shared pool before any decode worker reads it.
 
-With decode_loop "worker" the engine plans no decode step at all: the decode worker of the ladder's widest rung
-keeps its batch and runs steps back to back (runner.workers.decode_loop), the engine admitting, extending and
-releasing its rows and folding the tokens it streams back (nexus_jax.disagg.worker_loop); prefill runs on that
-rung's prefill worker, so the partition is fixed and nothing aggregates.
+With decode_loop "worker" the engine plans no decode step: the decode worker of the ladder's widest rung keeps its
+batch and runs steps back to back (runner.workers.decode_loop), the engine admitting and releasing rows and folding
+the tokens streamed back (nexus_jax.disagg.worker_loop); prefill runs on that rung's prefill worker: a fixed split.
 
 A worker that dies mid-step costs no request: the step's requests go back to waiting and are recomputed (their
 generated tokens kept), and a new process replaces the worker. If the holder died (the shared memory with it) or
@@ -128,8 +127,7 @@ class DisaggEngine(LLMEngine):
             executing.append(self.loop.worker)
         if not executing:
             return outputs
-        # A short wait, so that the caller can queue new arrivals (and this dispatch them to an idle phase)
-        # while a long step runs.
+        # A short wait: the caller queues new arrivals (dispatched to an idle phase) while a long step runs.
         ready = self.pool.wait([self.pool.workers[name] for name in executing],
                                timeout=self.handoff.wait_timeout(self.poll_interval))
         for handle in ready:
@@ -182,10 +180,13 @@ class DisaggEngine(LLMEngine):
                           decode_sum_kv=sum(r.num_tokens for r in running_decodes), prefill_chunks=chunks,
                           kv_usage=self.block_manager.usage, waiting=sched.waiting_prompts(time.monotonic()),
                           aggregate_chunks=within_budget(chunks, room))
-        decision = self.controller.decide(state)
-        self.last_decision = decision
+        self.last_decision = decision = self.controller.decide(state)
         outputs: list[RequestOutput] = []
-        if decision.mode == AGGREGATE and decode_at is None and not busy_phases and has_prefill and has_decode:
+        if decision.mode == AGGREGATE and has_prefill and (decode_at is not None or busy_phases):
+            # wait for the decode in flight: prompts beside it on all SMs made 50-70 ms gaps (RESULTS.md, 12-08)
+            self._unhold(prefill, decode)
+            return outputs
+        if decision.mode == AGGREGATE and has_prefill and has_decode:
             preempted = decode.preempted + prefill.preempted
             if sum(n for n, _ in chunks) > room:  # planned at the split's prefill budget: again at the mixed step's
                 self._unhold(prefill)
@@ -194,9 +195,8 @@ class DisaggEngine(LLMEngine):
             if prefill.chunks:
                 return self._submit(AGGREGATE, SchedulerOutput(decode.decodes, prefill.prefills, preempted), "mixed")
             has_prefill = False  # no prompt fits beside the decodes: they run alone
-        split = decision.mode == "split"
         # A phase alone runs on all SMs; without aggregation it stays on the ladder's widest worker of its phase.
-        alone = self.controller.allow_aggregate
+        split, alone = decision.mode == "split", self.controller.allow_aggregate
         restarts = self.faults["pool_restarts"]
         if has_decode:
             name = (self.ladder.worker("decode", decision.decode_share) if split else
