@@ -6,7 +6,8 @@ evicts a keyed block, its K/V is copied to a host block under the same key; when
 past the device pool into keys held here, those blocks get fresh device blocks and are copied back before the step
 that reads them. The host tier evicts in the pool's order (nexus_jax.core.retention: LRU, or by program under a
 program-aware policy); a full one drops what ranks lowest, the incoming block included, so it never refuses a
-block and never fails a request (a dropped block is recomputed).
+block and never fails a request (a dropped block is recomputed). Host blocks come in runs (nexus_jax.core.host_runs):
+the blocks a plan evicts fill whole runs, each kept and moved as one array, and leave together.
 
 Like SwapSpace, this class only books host blocks: the copies it lists go into the scheduler's plan (`swap_out`,
 `swap_in`) and the executor's `swap_blocks` moves the data, before the plan's step, in dispatch order. A copy-out
