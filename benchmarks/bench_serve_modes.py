@@ -251,7 +251,8 @@ def main() -> None:
     parts = []
     for workload in WORKLOADS:
         folder = Path(args.dir, workload)
-        docs = {f.stem: report.load_json(f) for f in sorted(folder.glob("*.json")) if f.stem in MODES}
+        files = {f.name.removesuffix(".gz").removesuffix(".json"): f for f in sorted(folder.glob("*.json*"))}
+        docs = {name: report.load_json(f) for name, f in files.items() if name in MODES}
         failed = tuple(sorted(f.stem for f in folder.glob("*.failed") if f.stem not in docs))
         if docs or failed:
             parts.append(summarize(workload, docs, failed))

@@ -34,6 +34,8 @@
 #   bash benchmarks/gpu_calls.sh sync MODE  # the mix at 3-8 req/s, budget 512, async (agg-512-arrival) or sync
 #                                           # (sync-512) loop: issue 15's sustainable-rate ratio, one mode per call
 #   bash benchmarks/gpu_calls.sh host      # the host tier's restore vs recompute; its transfers per array vs in one program
+#   bash benchmarks/gpu_calls.sh programs  # issue 20's program mix at one point: FCFS without the host tier, then
+#                                          # FCFS / PLAS / ATLAS with it (POINT=RATE:DELAY_SCALE)
 #   bash benchmarks/gpu_calls.sh profile [POINTS]  # nexus-jax profile of the 8B shape (shares 30 50 70 100), resumable
 #   bash benchmarks/gpu_calls.sh split-start  # the split's start at 0.9 on 80 GB (bounded worker allocators), then
 #                                             # tight at 16/20, aggregated 512 vs static-50
@@ -175,6 +177,15 @@ f"second {time.perf_counter() - c:.4f} s")'
   sync)  # the mix at budget 512: MODE (agg-512-arrival or sync-512, one per call, ~350 s each) at 3-8 req/s
     timeout 560 python3 benchmarks/bench_serve_modes.py run mix "${2:?agg-512-arrival or sync-512}" --rates 3 4 5 6 7 8 \
       --out "$OUT/serve" 2>&1 | grep -E '^\| |sweep rate|Error|failed'
+    ;;
+  programs)  # issue 20 item 4 at one point (POINT, RATE:DELAY_SCALE, default 3:1), 100 programs of the mix: (a) FCFS
+    # without the host tier, then FCFS, PLAS and ATLAS with a 32 GiB host tier (retention follows the policy)
+    timeout 200 python3 benchmarks/bench_programs_engine.py --model llama-3.1-8b --dataset programs-mix \
+      --programs 100 --points "${POINT:-3:1}" --policies fcfs --budget 150 --json "$OUT/programs-a.json" 2>&1 \
+      | grep -Ev "$NOISE" | tail -4
+    timeout 360 python3 benchmarks/bench_programs_engine.py --model llama-3.1-8b --dataset programs-mix \
+      --programs 100 --points "${POINT:-3:1}" --policies fcfs plas atlas --engine-arg host_cache_gib=32 \
+      --budget 300 --json "$OUT/programs-bc.json" 2>&1 | grep -Ev "$NOISE" | tail -6
     ;;
   host)  # the host tier's restore against recompute, and its per-array transfers against one program each way
     mkdir -p "$OUT/host"

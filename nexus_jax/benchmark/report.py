@@ -12,6 +12,7 @@ tokens the program generated, and program throughput = completed programs / dura
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import math
 from pathlib import Path
@@ -146,7 +147,8 @@ def load_json(path: str | Path) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"results file {path} does not exist")
-    doc = json.loads(file.read_text())
+    # Raw results kept in the repository are gzipped (they are most of its bytes, and the device tool carries it).
+    doc = json.loads(gzip.decompress(file.read_bytes()) if file.suffix == ".gz" else file.read_text())
     if not isinstance(doc, dict) or "runs" not in doc:
         raise ValueError(f"{path} is not a bench serve results file (no 'runs')")
     return doc

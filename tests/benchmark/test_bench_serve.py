@@ -303,3 +303,15 @@ def test_plot_survives_a_rate_run_twice(tmp_path):
     runs = [run("2.0", 0.1), run("4.0", 0.3), run("2.0", 0.2)]
     report.plot_runs([{"label": "repeat", "runs": runs}], tmp_path / "p.png")
     assert matplotlib.image.imread(tmp_path / "p.png").shape[:2] == (800, 1100)
+
+
+def test_results_load_gzipped_or_plain_and_other_json_is_refused(tmp_path):
+    import gzip
+
+    doc = {"runs": [{"request_rate": 1.0}], "label": "x"}
+    (tmp_path / "a.json").write_text(json.dumps(doc))
+    (tmp_path / "b.json.gz").write_bytes(gzip.compress(json.dumps(doc).encode()))
+    assert report.load_json(tmp_path / "a.json") == report.load_json(tmp_path / "b.json.gz") == doc
+    (tmp_path / "c.json.gz").write_bytes(gzip.compress(b'{"rows": []}'))
+    with pytest.raises(ValueError, match="not a bench serve results file"):
+        report.load_json(tmp_path / "c.json.gz")
