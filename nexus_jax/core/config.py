@@ -152,6 +152,9 @@ class EngineConfig:
         600.0, PROGRAMS, "seconds after which an idle program's record (and a server session never ended) is dropped")
     max_programs: int = _option(
         100_000, PROGRAMS, "process-table records; past it the longest-idle sessionless ones go")
+    program_retention_window: float = _option(
+        5.0, PROGRAMS, "seconds an idle program's cached context keeps its program-aware rank (mlfq/plas/atlas); "
+                       "after it the context is evicted first, as an ended session's")
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_NAMES:
@@ -186,6 +189,9 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise ValueError(f"{name} must be positive finite seconds, got {value!r}")
+        window = self.program_retention_window
+        if isinstance(window, bool) or not isinstance(window, (int, float)) or not window >= 0:
+            raise ValueError(f"program_retention_window must be >= 0 seconds, got {self.program_retention_window!r}")
         if self.prefill_aging is not None and not self.prefill_aging >= 0:
             raise ValueError(f"prefill_aging must be >= 0, got {self.prefill_aging!r}")
         if not isinstance(self.seed, int):

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 def program_config(config: EngineConfig) -> ProgramConfig:
     """The process table's settings among the engine's."""
     return ProgramConfig(beta=config.program_beta, idle_timeout=config.program_idle_timeout,
-                         max_programs=config.max_programs)
+                         max_programs=config.max_programs, retention_window=config.program_retention_window)
 
 
 @dataclasses.dataclass

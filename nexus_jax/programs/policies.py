@@ -107,9 +107,12 @@ class ProgramPolicy:
 
     def retention(self, program_id: Hashable) -> tuple:
         """Rank of the cached blocks a program's calls left (higher: kept longer). A program with no entry (its
-        session ended, it expired, a one-call request) ranks lowest; then more attained service ranks lower."""
+        session ended, it expired, a one-call request) ranks lowest, as does one with no call in flight for longer
+        than the retention window (done, though its session never ended); then more attained service ranks lower."""
         prog = self.table.programs.get(program_id) if program_id is not None else None
         if prog is None or prog.ended or prog.implicit:
+            return (0, 0.0)
+        if prog.active == 0 and self.clock() - prog.last_event() > self.config.retention_window:
             return (0, 0.0)
         return (1, -self.attained(prog))
 

@@ -24,10 +24,10 @@ def cached_blocks(engine, tokens):
     return len(engine.block_manager.match_prefix(tokens))
 
 
-def leave_contexts(engine, services):
+def leave_contexts(engine, services, first_seed=0):
     """Each program runs one call, in order, and is then given the attained service `services` names."""
     contexts = {}
-    for i, (pid, service) in enumerate(services.items()):
+    for i, (pid, service) in enumerate(services.items(), first_seed):
         contexts[pid] = context(i)
         engine.add_request(pid, {"prompt_token_ids": contexts[pid]}, greedy(1), program_id=pid)
         run_all(engine)
@@ -36,10 +36,15 @@ def leave_contexts(engine, services):
     return contexts
 
 
+# Programs keep their rank for the retention window after their last call (default 5 s): the tests that check the
+# order by service give them an hour, so that a slow machine cannot turn them into plain LRU.
+HOUR = {"program_retention_window": 3600.0}
+
+
 @pytest.mark.parametrize("overlap", [True, False], ids=["async", "sync"])
 @pytest.mark.parametrize("policy", ["plas", "atlas", "fcfs"])
 def test_eviction_takes_the_most_served_program_first_and_keeps_the_least_served(policy, overlap):
-    engine = engines.make_engine(16, BLOCK, scheduling_policy=policy, async_scheduling=overlap)
+    engine = engines.make_engine(16, BLOCK, scheduling_policy=policy, async_scheduling=overlap, **HOUR)
     contexts = leave_contexts(engine, {"light": 1.0, "heavy": 9.0, "middle": 5.0})
     if policy == "atlas":  # ATLAS ranks by critical-path service
         for pid, service in (("light", 1.0), ("heavy", 9.0), ("middle", 5.0)):
@@ -59,8 +64,23 @@ def test_eviction_takes_the_most_served_program_first_and_keeps_the_least_served
         assert left["light"] == 4 and left["heavy"] == 0 and left["middle"] < 4
 
 
+@pytest.mark.parametrize("window,first_out", [(10.0, "light"), (60.0, "heavy")])
+def test_a_program_idle_past_the_retention_window_loses_its_rank(window, first_out):
+    engine = engines.make_engine(16, BLOCK, scheduling_policy="plas", program_retention_window=window)
+    now = [100.0]
+    engine.scheduler.programs.clock = lambda: now[0]
+    contexts = leave_contexts(engine, {"light": 1.0})
+    now[0] = 120.0
+    contexts.update(leave_contexts(engine, {"heavy": 9.0, "middle": 5.0}, first_seed=1))
+    now[0] = 125.0  # light has been idle 25 s, the others 5 s
+    engine.add_request("flood", {"prompt_token_ids": context(50, 25)}, greedy(1))  # evicts 3 of 12 cached blocks
+    run_all(engine)
+    left = {pid: cached_blocks(engine, tokens) for pid, tokens in contexts.items()}
+    assert left == {"light": 4, "heavy": 4, "middle": 4, first_out: 1}
+
+
 def test_an_ended_session_gives_up_its_context_first():
-    engine = engines.make_engine(16, BLOCK, scheduling_policy="plas")
+    engine = engines.make_engine(16, BLOCK, scheduling_policy="plas", **HOUR)
     with engine.session("gone"):
         contexts = {"gone": context(9)}
         engine.add_request("g", {"prompt_token_ids": contexts["gone"]}, greedy(1), program_id="gone")
@@ -74,7 +94,7 @@ def test_an_ended_session_gives_up_its_context_first():
 
 
 def test_retained_contexts_go_to_the_host_tier_in_rank_order():
-    engine = engines.make_engine(16, BLOCK, scheduling_policy="plas", host_cache_gib=4 * MOCK_BLOCK_GIB)
+    engine = engines.make_engine(16, BLOCK, scheduling_policy="plas", host_cache_gib=4 * MOCK_BLOCK_GIB, **HOUR)
     contexts = leave_contexts(engine, {"light": 1.0, "heavy": 9.0, "middle": 5.0})
     engine.add_request("flood", {"prompt_token_ids": context(50, 49)}, greedy(1))  # 13 blocks: evicts 9
     run_all(engine)
