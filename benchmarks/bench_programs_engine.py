@@ -40,9 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nexus_jax.benchmark.programs_driver import PROGRAM_DATASETS, make_programs, run_programs, warmup_calls  # noqa: E402
 from nexus_jax.benchmark.report import summarize_programs  # noqa: E402
 from nexus_jax.benchmark.serve import InProcessBackend, arrival_offsets, run_requests  # noqa: E402
-from nexus_jax.benchmark.sim_config import h100_config  # noqa: E402
+from nexus_jax.benchmark.sim_config import h100_config, host_tokens  # noqa: E402
 from nexus_jax.benchmark.simulator import simulate  # noqa: E402
 from nexus_jax.core.config import EngineConfig  # noqa: E402
+from nexus_jax.core.engine import program_config  # noqa: E402
 from nexus_jax.entrypoints.engine_args import engine_arg  # noqa: E402
 from nexus_jax.entrypoints.replicas import ReplicatedAsyncLLM  # noqa: E402
 from nexus_jax.programs.router import ROUTING_POLICIES, RouterConfig  # noqa: E402
@@ -67,17 +68,21 @@ def predicted(programs: list, rate: float, scale: float, seed: int, policy: str,
     timed = [dataclasses.replace(p, arrival=float(t), stages=tuple(dataclasses.replace(s, delay=s.delay * scale)
                                                                   for s in p.stages))
              for p, t in zip(programs, offsets)]
+    pool = {"kv_capacity_tokens": config.num_kv_blocks * config.block_size} if config.num_kv_blocks else {}
     sim = simulate(timed, policy, h100_config(max_num_batched_tokens=config.max_num_batched_tokens,
                                               max_num_seqs=config.max_num_seqs,
                                               max_prefill_seqs=config.max_prefill_seqs,
-                                              num_replicas=replicas, routing=RouterConfig(routing)))
+                                              num_replicas=replicas, routing=RouterConfig(routing),
+                                              host_capacity_tokens=host_tokens(config.host_cache_gib), **pool),
+                   program_config=program_config(config))
     return {"token_latency_ms": sim.mean_token_latency * 1e3, "program_latency_s": sim.mean_program_latency,
-            "makespan_s": sim.makespan, "preemptions": sim.num_preemptions, "cached_tokens": sim.cached_tokens}
+            "makespan_s": sim.makespan, "preemptions": sim.num_preemptions, "cached_tokens": sim.cached_tokens,
+            "host_hit_tokens": sim.host_hit_tokens}
 
 
 def totals(llm: Any) -> list[dict[str, int]]:
-    return [{k: r.engine.stats()[k] for k in ("num_preemptions", "prefix_hit_tokens", "prefix_queries")}
-            for r in replicas_of(llm)]
+    keys = ("num_preemptions", "prefix_hit_tokens", "prefix_queries", "prefix_cache_host_hit_tokens")
+    return [{k: r.engine.stats()[k] for k in keys} for r in replicas_of(llm)]
 
 
 async def run_point(backend: InProcessBackend, programs: list, rate: float, scale: float, policy: str,
@@ -103,6 +108,7 @@ async def run_point(backend: InProcessBackend, programs: list, rate: float, scal
             "program_latency_p90_s": summary["program_latency"]["p90"],
             "preemptions": sum(d["num_preemptions"] for d in delta),
             "cached_tokens": sum(d["prefix_hit_tokens"] for d in delta),
+            "host_hit_tokens": sum(d["prefix_cache_host_hit_tokens"] for d in delta),
             "calls_per_replica": [d["prefix_queries"] for d in delta]}
 
 
@@ -159,8 +165,9 @@ def write(path: str | None, doc: dict[str, Any]) -> None:
 
 def table(doc: dict[str, Any]) -> str:
     lines = ["| rate/s : delay scale | policy | routing | done / failed | token latency ms (sim) | "
-             "program latency s (sim) | P90 program s | makespan s (sim) | preemptions | cached prompt tokens (sim) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "program latency s (sim) | P90 program s | makespan s (sim) | preemptions | cached prompt tokens (sim) | "
+             "of which from the host tier (sim) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["runs"]:
         s = r.get("simulated") or {}
 
@@ -170,7 +177,7 @@ def table(doc: dict[str, Any]) -> str:
                      f"{r['completed']} / {r['failed']} | "
                      f"{both('token_latency_ms', '.1f')} | {both('program_latency_s', '.2f')} | "
                      f"{r['program_latency_p90_s']:.2f} | {both('makespan_s', '.0f')} | {r['preemptions']} | "
-                     f"{both('cached_tokens', 'd')} |")
+                     f"{both('cached_tokens', 'd')} | {both('host_hit_tokens', 'd')} |")
     return "\n".join(lines)
 
 

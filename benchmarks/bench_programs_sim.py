@@ -10,6 +10,9 @@ defaults: PLAS and ATLAS on the mixed workload under a grid of ProgramConfig val
   queues, explicit quanta, beta), latencies relative to FCFS at two loads.
 routing: 4 replicas behind locality, round-robin and least-loaded routing: the same table and sustainable rates
   at 4x the one-replica rates (2x the programs).
+cache: issue 20's setups on one replica: (a) FCFS with no host tier, (b) FCFS + a 32 GiB host tier, (c) PLAS and
+  ATLAS with retention + the host tier; and the ablations: ATLAS with ranks kept until expiry (no retention
+  window), ATLAS with plain LRU, ATLAS with no host tier.
 Each replica is one engine as configured by default (256 sequences, 2048-token budget, 16 prompt chunks, prefix
 caching) with the measured KV pool (16791 blocks of 16 tokens) and the profiled step-time table.
 """
@@ -26,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nexus_jax.benchmark.sim_config import h100_config  # noqa: E402
+from nexus_jax.benchmark.sim_config import h100_config, host_tokens  # noqa: E402
 from nexus_jax.benchmark.simulator import simulate  # noqa: E402
 from nexus_jax.benchmark.workloads import generate  # noqa: E402
 from nexus_jax.programs.router import ROUTING_POLICIES, RouterConfig  # noqa: E402
@@ -56,6 +59,20 @@ VARIANTS = {
     "beta inf": {"beta": 1e12},
 }
 
+# The cache section's setups: name -> (policy, SimConfig overrides, ProgramConfig overrides).
+HOST = {"host_capacity_tokens": host_tokens(32)}
+SETUPS = {
+    "a: fcfs": ("fcfs", {}, {}),
+    "b: fcfs+host": ("fcfs", HOST, {}),
+    "c: plas+host": ("plas", HOST, {}),
+    "c: atlas+host": ("atlas", HOST, {}),
+    "atlas+host, no window": ("atlas", HOST, {"retention_window": float("inf")}),
+    "atlas+host, lru": ("atlas", {**HOST, "retention": False}, {}),
+    "atlas, no host": ("atlas", {}, {}),
+}
+CACHE_RATES = {"chatbot": (8, 16, 24, 32, 48), "react": (0.75, 1, 1.5, 2, 3, 4),
+               "tree": (3, 4, 5, 6, 8, 10), "mixed": (2, 2.5, 3, 4, 6, 8, 10)}
+
 
 @dataclasses.dataclass(frozen=True)
 class Job:
@@ -67,17 +84,19 @@ class Job:
     replicas: int = 1
     routing: str = "locality"
     variant: str = "default"
+    setup: str = ""     # one of SETUPS (its policy replaces `policy`)
 
 
 def run_job(job: Job) -> dict:
     start = time.perf_counter()
-    config = h100_config(num_replicas=job.replicas, routing=RouterConfig(job.routing))
-    res = simulate(generate(job.kind, job.num_programs, job.rate, job.seed), job.policy, config,
-                   ProgramConfig(**VARIANTS[job.variant]))
+    policy, sim, programs = SETUPS[job.setup] if job.setup else (job.policy, {}, VARIANTS[job.variant])
+    config = h100_config(num_replicas=job.replicas, routing=RouterConfig(job.routing), **sim)
+    res = simulate(generate(job.kind, job.num_programs, job.rate, job.seed), policy, config,
+                   ProgramConfig(**programs))
     return {**dataclasses.asdict(job), "token_latency": res.mean_token_latency,
             "program_latency": res.mean_program_latency, "preemptions": res.num_preemptions,
             "prefill_tokens": res.prefill_tokens, "cached_tokens": res.cached_tokens,
-            "seconds": time.perf_counter() - start}
+            "host_hit_tokens": res.host_hit_tokens, "seconds": time.perf_counter() - start}
 
 
 def run_all(jobs: list[Job], workers: int) -> dict[Job, dict]:
@@ -164,7 +183,21 @@ def section_routing(args, out: list[str]) -> list[dict]:
     return list(results.values())
 
 
-SECTIONS = {"policies": section_policies, "defaults": section_defaults, "routing": section_routing}
+def section_cache(args, out: list[str]) -> list[dict]:
+    setups = tuple(SETUPS)
+    jobs = [Job(k, r, "", s, args.programs, setup=v) for k in args.workloads for r in CACHE_RATES[k]
+            for v in setups for s in args.seeds]
+    results = run_all(jobs, args.jobs)
+    out.append(f"\n## Host tier and retention (issue 20), one H100 replica, {args.programs} programs per run: mean "
+               "token latency (ms) / mean program latency (s)")
+    for k in args.workloads:
+        latency_table(results, Job(k, 0, "", 0, args.programs, setup=setups[0]), CACHE_RATES[k], "setup", setups,
+                      args.seeds, out)
+    return list(results.values())
+
+
+SECTIONS = {"policies": section_policies, "defaults": section_defaults, "routing": section_routing,
+            "cache": section_cache}
 
 
 def main() -> None:

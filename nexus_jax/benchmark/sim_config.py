@@ -13,6 +13,9 @@ from nexus_jax.programs.router import RouterConfig
 
 H100_PROFILE = profile_path("NVIDIA H100 80GB HBM3", "llama-3.1-8b")
 H100_KV_TOKENS = 16791 * 16   # the 8B's KV pool on an H100 as measured (benchmarks/RESULTS.md)
+KV_BYTES_PER_TOKEN = 32 * 2 * 8 * 128 * 2  # the 8B's K and V, bf16: 128 KiB
+# A 4096-token context (512 MiB) came back from pinned host memory in 10.6 ms on an H100 (RESULTS.md, 2026-12-08).
+H100_RESTORE_PER_TOKEN = 10.6e-3 / 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,12 +60,25 @@ class SimConfig:
     cost: EstimatedCost | ProfiledCost = EstimatedCost()
     num_replicas: int = 1
     routing: RouterConfig = RouterConfig()
+    host_capacity_tokens: int = 0        # the host tier of the prefix cache (0: off), per replica
+    host_restore_per_token: float = H100_RESTORE_PER_TOKEN  # seconds a restored token adds to its step (the copy)
+    retention: bool = True               # mlfq/plas/atlas rank evictions by program, as the engine does
+    sessions: bool = False               # programs end their session with their last call (EndSession)
+    step_host_time: float = 0.0          # seconds of host work added to every step (the engine's, not overlapped)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_seqs", "kv_capacity_tokens",
                      "block_size", "num_replicas"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("host_capacity_tokens", "host_restore_per_token", "step_host_time"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+def host_tokens(gib: float) -> int:
+    """Tokens of the 8B's K/V that `gib` GiB of host memory hold (EngineConfig.host_cache_gib)."""
+    return int(gib * 2**30) // KV_BYTES_PER_TOKEN
 
 
 def h100_config(**overrides) -> SimConfig:

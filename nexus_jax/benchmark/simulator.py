@@ -9,26 +9,28 @@ engine of `ReplicatedAsyncLLM` has; calls are routed on arrival by `nexus_jax.pr
 
 Prefix caching, per replica: a program's calls read one growing context (`CallSpec.prefix` says how much of a
 prompt repeats it). A replica keeps, per program, the longest run of that context it has computed, in full
-blocks, as long as KV room lasts (least recently used first out; never while a running call reads it). A call
-admitted there prefills only what is not cached; a preempted call leaves its computed blocks cached, as the
-engine does. A prompt cut to fit the context starts a new context, which misses. Outputs of parallel calls all
-count as cached context (only the chosen branch's really is), which flatters routing policies that scatter a
-program.
+blocks, as long as KV room lasts (`sim_cache`: least recently used first out, or by program rank under the
+program-aware policies' retention; never while a running call reads it), then in a host tier if one is configured,
+from which a later call restores it at a copy cost per token. A call admitted there prefills only what is not
+cached; a preempted call leaves its computed blocks cached, as the engine does. A prompt cut to fit the context
+starts a new context, which misses. Outputs of parallel calls all count as cached context (only the chosen
+branch's really is), which flatters routing policies that scatter a program.
 
 The step time comes from a cost model: `EstimatedCost` (fitted by hand to the 8B shape) or `ProfiledCost` (a
-profiled table of `nexus_jax.disagg.cost_model`, e.g. the H100 one).
+profiled table of `nexus_jax.disagg.cost_model`, e.g. the H100 one), plus the configured host time per step and
+the copies of the contexts the step restores from the host tier.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import heapq
 import itertools
 
+from nexus_jax.benchmark.sim_cache import ReplicaKv
 from nexus_jax.benchmark.sim_config import SimConfig
 from nexus_jax.benchmark.workloads import CallSpec, ProgramSpec, generate
-from nexus_jax.programs.policies import ProgramPolicy, make_policy
+from nexus_jax.programs.policies import REQUEST_ORDERS, ProgramPolicy, make_policy
 from nexus_jax.programs.router import Router
 from nexus_jax.programs.table import Call, ProgramConfig
 
@@ -42,7 +44,8 @@ class SimResult:
     num_preemptions: int
     makespan: float
     prefill_tokens: int = 0                 # prompt tokens computed (recomputes included)
-    cached_tokens: int = 0                  # prompt tokens served by the prefix cache
+    cached_tokens: int = 0                  # prompt tokens served by the prefix cache (either tier)
+    host_hit_tokens: int = 0                # of which restored from the host tier
 
     @property
     def mean_program_latency(self) -> float:
@@ -81,21 +84,15 @@ class _Call:
         return self.spec.prompt_tokens + self.generated
 
 
-@dataclasses.dataclass(eq=False)
-class _Cached:
-    context: int
-    tokens: int
-    readers: int = 0       # running calls reading it: not evictable
-
-
 class _Replica:
-    def __init__(self, policy: ProgramPolicy):
+    def __init__(self, policy: ProgramPolicy, config: SimConfig):
         self.policy = policy
         self.waiting: list[_Call] = []
         self.running: list[_Call] = []
-        self.cache: collections.OrderedDict[str, _Cached] = collections.OrderedDict()  # LRU first
-        self.cached_tokens = 0
-        self.own_tokens = 0    # K/V of the running calls beyond what they read from the cache
+        # The engine ranks evictions by program under the program-aware policies (Scheduler.set_policy).
+        rank = policy.retention if config.retention and policy.name not in REQUEST_ORDERS else None
+        self.kv = ReplicaKv(config.kv_capacity_tokens, config.host_capacity_tokens, config.block_size, rank)
+        self.restoring = 0     # tokens the step being planned copies in from the host tier
         self.busy = False      # a step is executing or about to be planned
 
 
@@ -107,11 +104,11 @@ class Simulator:
         self.config = cfg = config or SimConfig()
         self.now = 0.0
         clock = lambda: self.now  # noqa: E731
-        self.replicas = [_Replica(make_policy(policy, program_config, clock)) for _ in range(cfg.num_replicas)]
+        self.replicas = [_Replica(make_policy(policy, program_config, clock), cfg) for _ in range(cfg.num_replicas)]
         self.router = Router(cfg.num_replicas, cfg.routing, clock)
         self.events: list[tuple[float, int, int, object]] = []
         self._seq = itertools.count()
-        self.num_preemptions = self.prefill_tokens = self.cached_tokens = self.num_steps = 0
+        self.num_preemptions = self.prefill_tokens = self.cached_tokens = self.host_hit_tokens = self.num_steps = 0
         self.latency: dict[str, float] = {}
         self.tokens: dict[str, int] = {}
 
@@ -130,7 +127,8 @@ class Simulator:
             else:
                 self._end_step(*item)
         return SimResult(self.replicas[0].policy.name, self.latency, self.tokens, self.num_steps,
-                         self.num_preemptions, self.now, self.prefill_tokens, self.cached_tokens)
+                         self.num_preemptions, self.now, self.prefill_tokens, self.cached_tokens,
+                         self.host_hit_tokens)
 
     def _push(self, at: float, kind: int, item: object) -> None:
         heapq.heappush(self.events, (at, kind, next(self._seq), item))
@@ -147,6 +145,9 @@ class Simulator:
     def _arrive(self, call: _Call) -> None:
         index = self.router.route(call.call_id, call.program.spec.program_id, call.spec.prompt_tokens)
         rep = self.replicas[index]
+        table, pid = rep.policy.table, call.program.spec.program_id
+        if self.config.sessions and pid not in table.programs:
+            table.start(pid, self.now)
         rep.policy.on_arrival(Call(call.call_id, call.program.spec.program_id, self.now, call.spec.prompt_tokens,
                                    call.spec.thread_id))
         rep.waiting.append(call)
@@ -165,7 +166,10 @@ class Simulator:
             raise RuntimeError("a replica with work planned an empty step")  # a bug, not a load condition
         chunks = [(n, c.computed) for c, n in plan if n > 1]
         decodes = [c for c, n in plan if n == 1]
-        dt = self.config.cost.step_time(chunks, len(decodes), sum(c.computed + 1 for c in decodes))
+        cfg = self.config
+        dt = (cfg.cost.step_time(chunks, len(decodes), sum(c.computed + 1 for c in decodes)) + cfg.step_host_time
+              + cfg.host_restore_per_token * rep.restoring)
+        rep.restoring = 0
         self.prefill_tokens += sum(n for n, _ in chunks)
         self.num_steps += 1
         self._push(self.now + dt, _END, (rep, plan, dt))
@@ -174,7 +178,7 @@ class Simulator:
         routed = len(self.replicas) > 1  # with one replica the router's load decides nothing
         for call, n in plan:
             call.computed += n
-            rep.own_tokens += n
+            rep.kv.own += n
             sampled = call.computed == call.num_tokens
             if sampled:
                 call.generated += 1
@@ -202,6 +206,9 @@ class Simulator:
             self.latency[prog.spec.program_id] = self.now - prog.spec.arrival
             self.tokens[prog.spec.program_id] = prog.tokens
             self.router.end_program(prog.spec.program_id)
+            for rep in self.replicas if self.config.sessions else ():
+                if prog.spec.program_id in rep.policy.table.programs:
+                    rep.policy.table.end(prog.spec.program_id)
 
     def _schedule(self, rep: _Replica) -> list[tuple[_Call, int]]:
         cfg = self.config
@@ -226,7 +233,7 @@ class Simulator:
             if not call.running or (call.num_tokens - call.computed > 1 and prefills >= cfg.max_prefill_seqs):
                 continue  # preempted for KV earlier in this loop, or no prompt slot left
             n = min(call.num_tokens - call.computed, budget)
-            while not self._room(rep, planned_tokens + n, None):
+            while not rep.kv.room(planned_tokens + n, None):
                 victims = [c for c in rep.running if id(c) not in planned and c is not call]
                 victim = victims[-1] if victims else call
                 self._preempt(rep, victim)
@@ -243,12 +250,18 @@ class Simulator:
         for call in [] if preempted else list(rep.waiting):
             if budget == 0 or len(rep.running) >= cfg.max_num_seqs or prefills >= cfg.max_prefill_seqs:
                 break
-            cached = self._lookup(rep, call)
+            pid = call.program.spec.program_id
+            on_device, on_host = rep.kv.lookup(pid, call.context, min(call.match, call.num_tokens - 1))
+            cached = on_device + on_host
             n = min(call.num_tokens - cached, budget)
-            if not self._room(rep, planned_tokens + n, call.program.spec.program_id if cached else None):
+            if not rep.kv.room(planned_tokens + n + on_host, pid if cached else None):
                 break  # later calls wait too, so the queue order is kept
+            if on_host:
+                rep.kv.restore(pid, on_host)
+                rep.restoring += on_host
+                self.host_hit_tokens += on_host
             if cached:
-                rep.cache[call.program.spec.program_id].readers += 1
+                rep.kv.read(pid)
             call.computed = call.hit = cached
             call.running = True
             self.cached_tokens += cached
@@ -262,48 +275,14 @@ class Simulator:
 
     # ---- KV and the prefix cache
 
-    def _lookup(self, rep: _Replica, call: _Call) -> int:
-        """Tokens of the call's prompt the replica has cached: whole blocks, the last prompt token left out."""
-        entry = rep.cache.get(call.program.spec.program_id)
-        if entry is None or entry.context != call.context:
-            return 0
-        size = self.config.block_size
-        return min(call.match, entry.tokens, call.num_tokens - 1) // size * size
-
-    def _room(self, rep: _Replica, n: int, keep: str | None) -> bool:
-        """Whether n more tokens fit, evicting unread cached contexts (least recently used first) to make room."""
-        over = rep.cached_tokens + rep.own_tokens + n - self.config.kv_capacity_tokens
-        if over <= 0:
-            return True
-        for pid, entry in list(rep.cache.items()):
-            if over <= 0:
-                break
-            if entry.readers == 0 and pid != keep:
-                del rep.cache[pid]
-                rep.cached_tokens -= entry.tokens
-                over -= entry.tokens
-        return over <= 0
-
     def _release(self, rep: _Replica, call: _Call) -> None:
         """The call leaves the running set: its computed full blocks stay cached as its program's context."""
         rep.running.remove(call)
         call.running = False
-        rep.own_tokens -= call.computed - call.hit
-        pid = call.program.spec.program_id
-        entry = rep.cache.get(pid)
-        if call.hit:
-            entry.readers -= 1
-        if not self.config.prefix_caching:
-            return
-        tokens = call.computed // self.config.block_size * self.config.block_size
-        if entry is None or entry.context != call.context:
-            if entry is not None:
-                rep.cached_tokens -= entry.tokens
-            entry = rep.cache[pid] = _Cached(call.context, 0)
-        rep.cache.move_to_end(pid)
-        grow = max(tokens - entry.tokens, 0)
-        entry.tokens += grow
-        rep.cached_tokens += grow
+        rep.kv.own -= call.computed - call.hit
+        if self.config.prefix_caching:
+            tokens = call.computed // self.config.block_size * self.config.block_size
+            rep.kv.release(call.program.spec.program_id, call.context, tokens, read=call.hit > 0)
 
     def _preempt(self, rep: _Replica, call: _Call) -> None:
         self._release(rep, call)

@@ -9,6 +9,7 @@ from nexus_jax.benchmark.sim_config import H100_KV_TOKENS, EstimatedCost, Profil
 from nexus_jax.benchmark.simulator import Simulator, simulate, sustainable_rate
 from nexus_jax.benchmark.workloads import CallSpec, ProgramSpec, Stage, generate
 from nexus_jax.programs.router import RouterConfig
+from nexus_jax.programs.table import ProgramConfig
 
 POLICIES = ("fcfs", "mlfq", "plas", "atlas")
 COST = EstimatedCost()
@@ -82,6 +83,31 @@ def test_cached_contexts_are_evicted_for_running_calls():
     assert tight.program_latency["q"] == pytest.approx(roomy.program_latency["q"])
 
 
+def test_an_evicted_context_comes_back_from_the_host_tier_at_its_copy_cost():
+    other = ProgramSpec("q", 0.5, (Stage(0.0, (CallSpec(150, 2),)),))
+    tier = dict(kv_capacity_tokens=200, host_restore_per_token=1e-4)
+    res = simulate([two_turns(102), other], "fcfs", SimConfig(host_capacity_tokens=96, **tier))
+    assert res.cached_tokens == res.host_hit_tokens == 96
+    first = step([(100, 0)]) + step((), 1, 101) + step((), 1, 102)
+    assert res.program_latency["p"] == pytest.approx(first + 1.0 + step([(34, 96)]) + 96e-4 + step((), 1, 131))
+    small = simulate([two_turns(102), other], "fcfs", SimConfig(host_capacity_tokens=95, **tier))
+    assert small.cached_tokens == small.host_hit_tokens == 0  # a context larger than the host tier is dropped
+
+
+def test_ranks_of_idle_programs_expire_after_the_retention_window():
+    # p (3 steps of service) leaves 96 cached tokens at ~0.02 s, q (5 steps) 144 at ~0.53 s; r's prompt at 0.7 s
+    # needs room for one of them. Within the window they rank by service, so q's goes; past it, by recency (p's).
+    def cached_after(window):
+        progs = [ProgramSpec("p", 0.0, (Stage(0.0, (CallSpec(100, 3),)),)),
+                 ProgramSpec("q", 0.5, (Stage(0.0, (CallSpec(150, 5),)),)),
+                 ProgramSpec("r", 0.7, (Stage(0.0, (CallSpec(100, 1),)),))]
+        sim = Simulator("plas", SimConfig(kv_capacity_tokens=320), ProgramConfig(retention_window=window))
+        sim.run(progs)
+        return set(sim.replicas[0].kv.device.entries)
+    assert cached_after(10.0) == {"p", "r"}
+    assert cached_after(0.0) == {"q", "r"}
+
+
 def test_replicas_run_in_parallel_and_routing_spreads_calls():
     calls = [ProgramSpec(f"p{i}", 0.0, (Stage(0.0, (CallSpec(100, 3),)),)) for i in range(2)]
     alone = step([(100, 0)]) + step((), 1, 101) + step((), 1, 102)
@@ -107,17 +133,22 @@ def test_every_program_finishes_with_all_its_tokens_under_kv_pressure(policy):
 def test_kv_accounting_holds_at_every_step(seed):
     class Checked(Simulator):
         def _plan_step(self, rep):
-            assert rep.own_tokens == sum(c.computed - c.hit for c in rep.running)
-            assert rep.cached_tokens == sum(e.tokens for e in rep.cache.values())
-            assert rep.own_tokens + rep.cached_tokens <= self.config.kv_capacity_tokens
-            for pid, entry in rep.cache.items():  # a context read by running calls is pinned
+            kv = rep.kv
+            assert kv.own == sum(c.computed - c.hit for c in rep.running)
+            for tier in (kv.device, kv.host):
+                assert tier.tokens == sum(e.tokens for e in tier.entries.values()) <= tier.capacity
+            assert kv.own + kv.cached_tokens <= self.config.kv_capacity_tokens
+            for pid, entry in kv.device.entries.items():  # a context read by running calls is pinned
                 assert entry.readers == sum(c.hit > 0 and c.program.spec.program_id == pid for c in rep.running)
-            assert all(c.program.spec.program_id in rep.cache for c in rep.running if c.hit)
+            assert all(c.program.spec.program_id in kv.device.entries for c in rep.running if c.hit)
+            assert not set(kv.device.entries) & set(kv.host.entries)  # a context lives in one tier
             super()._plan_step(rep)
     programs = generate("mixed", 40, 6.0, seed=seed)
-    config = SimConfig(max_num_seqs=12, kv_capacity_tokens=12_000, num_replicas=2, preempt=seed == 2)
+    config = SimConfig(max_num_seqs=12, kv_capacity_tokens=12_000, num_replicas=2, preempt=seed == 2,
+                       host_capacity_tokens=20_000 * (seed > 0))
     res = Checked("plas", config).run(programs)
     assert len(res.program_latency) == 40 and res.cached_tokens > 0 and res.num_preemptions > 0
+    assert (res.host_hit_tokens > 0) == (seed > 0)
 
 
 def test_priority_preemption_is_optional():
