@@ -108,47 +108,58 @@ def _grouped_pallas(lhs, rhs, group_sizes, *, out_dtype, interpret: bool, tiling
     block_inner = min(tiling.inner, max(_MIN_BLOCK, next_pow2(inner)))
     warps = tiling.warps or (4 if block_rows <= 64 else 8)
     group, first, end = tile_schedule(group_sizes, num_rows, block_rows)
-    kernel = functools.partial(_kernel, num_rows=num_rows, inner=inner, cols=cols, block_rows=block_rows,
-                               block_cols=block_cols, block_inner=block_inner)
-    return pl.pallas_call(
+    num_k, num_n = pl.cdiv(inner, block_inner), pl.cdiv(cols, block_cols)
+    out_rows = num_rows
+    if interpret:
+        # The interpreter reads a block as a dynamic slice, whose start it clamps into the array: a tile that ends
+        # past the rows (or a K or column block past the edge) would read shifted data. Zero padding keeps every
+        # block inside; on the GPU masked lanes are never touched, so nothing is padded there.
+        lhs = jnp.pad(lhs, ((0, block_rows), (0, num_k * block_inner - inner)))
+        rhs = jnp.pad(rhs, ((0, 0), (0, num_k * block_inner - inner), (0, num_n * block_cols - cols)))
+        out_rows = num_rows + block_rows
+    out_cols = num_n * block_cols if interpret else cols
+    kernel = functools.partial(_kernel, inner=inner, cols=cols, block_rows=block_rows, block_cols=block_cols,
+                               block_inner=block_inner)
+    out = pl.pallas_call(
         kernel,
-        grid=(group.shape[0], pl.cdiv(cols, block_cols)),
-        out_shape=jax.ShapeDtypeStruct((num_rows, cols), out_dtype),
+        grid=(group.shape[0], num_n),
+        out_shape=jax.ShapeDtypeStruct((out_rows, out_cols), out_dtype),
         input_output_aliases={5: 0},
         compiler_params=compiler_params(num_warps=warps, num_stages=tiling.stages),
         interpret=interpret,
         name="nexus_grouped_matmul",
-    )(group, first, end, lhs, rhs, jnp.zeros((num_rows, cols), out_dtype))
+    )(group, first, end, lhs, rhs, jnp.zeros((out_rows, out_cols), out_dtype))
+    return out[:num_rows, :cols] if interpret else out
 
 
-def _kernel(group_ref, first_ref, end_ref, lhs_ref, rhs_ref, _zeros_ref, out_ref, *, num_rows: int, inner: int,
-            cols: int, block_rows: int, block_cols: int, block_inner: int):
+def _kernel(group_ref, first_ref, end_ref, lhs_ref, rhs_ref, _zeros_ref, out_ref, *, inner: int, cols: int,
+            block_rows: int, block_cols: int, block_inner: int):
+    """Blocks are addressed as contiguous slices (pl.ds): Triton then vectorizes the loads and pipelines them
+    (cp.async). Per-lane index arrays clamped into bounds, as this kernel had, defeat its contiguity analysis. Only
+    the rows are masked always (tiles are ragged); K and columns only where they do not divide into blocks."""
     tile, col_block = pl.program_id(0), pl.program_id(1)  # read outside pl.when: interpret mode needs that
     group, first, end = group_ref[tile], first_ref[tile], end_ref[tile]
+    k_tail, col_tail = inner % block_inner != 0, cols % block_cols != 0
 
     @pl.when(first < end)
     def _():
-        rows = first + jnp.arange(block_rows)
-        row_ok = rows < end
-        rows = jnp.minimum(rows, num_rows - 1)  # masked lanes still form addresses: keep them inside lhs
-        col = col_block * block_cols + jnp.arange(block_cols)
-        col_ok = col < cols
-        col = jnp.minimum(col, cols - 1)
+        rows = pl.ds(first, block_rows)
+        row_ok = (first + jnp.arange(block_rows) < end)[:, None]
+        col0 = pl.multiple_of(col_block * block_cols, block_cols)
+        col_ok = (col0 + jnp.arange(block_cols) < cols)[None, :]
+        out_cols = pl.ds(col0, block_cols)
 
         def step(i, acc):
-            k = i * block_inner + jnp.arange(block_inner)
-            k_ok = k < inner
-            k = jnp.minimum(k, inner - 1)
-            x = plgpu.load(lhs_ref.at[rows[:, None], k[None, :]], mask=row_ok[:, None] & k_ok[None, :], other=0)
-            w = plgpu.load(rhs_ref.at[group, k[:, None], col[None, :]], mask=k_ok[:, None] & col_ok[None, :],
-                           other=0)
+            k0 = pl.multiple_of(i * block_inner, block_inner)
+            k_ok = k0 + jnp.arange(block_inner) < inner
+            x_mask = row_ok & k_ok[None, :] if k_tail else jnp.broadcast_to(row_ok, (block_rows, block_inner))
+            x = plgpu.load(lhs_ref.at[rows, pl.ds(k0, block_inner)], mask=x_mask, other=0)
+            w_mask = (k_ok[:, None] if k_tail else True) & (col_ok if col_tail else True)
+            w_ref = rhs_ref.at[group, pl.ds(k0, block_inner), out_cols]
+            w = plgpu.load(w_ref) if w_mask is True else plgpu.load(
+                w_ref, mask=jnp.broadcast_to(w_mask, (block_inner, block_cols)), other=0)
             return acc + plgpu.dot(x, w)
 
-        acc = lax.fori_loop(0, pl.cdiv(inner, block_inner), step,
-                            jnp.zeros((block_rows, block_cols), jnp.float32))
-        # Masked lanes point past the output: the GPU never touches them and interpret mode drops them, where a
-        # clamped address would let it write a stale value over a real element.
-        store_rows = jnp.where(row_ok, rows, num_rows)[:, None]
-        store_cols = jnp.where(col_ok, col, cols)[None, :]
-        plgpu.store(out_ref.at[store_rows, store_cols], acc.astype(out_ref.dtype),
-                    mask=row_ok[:, None] & col_ok[None, :])
+        acc = lax.fori_loop(0, pl.cdiv(inner, block_inner), step, jnp.zeros((block_rows, block_cols), jnp.float32))
+        out_mask = row_ok & col_ok if col_tail else jnp.broadcast_to(row_ok, (block_rows, block_cols))
+        plgpu.store(out_ref.at[rows, out_cols], acc.astype(out_ref.dtype), mask=out_mask)
