@@ -8,7 +8,7 @@ prefill of a 128-expert layer ran 7x slower than computing all experts densely (
 
 The rows are cut into tiles of `block_rows` that never straddle two groups: group g takes cdiv(size_g, block_rows)
 tiles, so at most cdiv(M, block_rows) + G tiles exist, a static bound that sizes the grid. A small jnp prologue
-maps each tile to (group, first row, end row); a program of the grid (tile, column block) then multiplies its rows
+maps each tile to (group, first row, end row); a program of the grid (column block, tile) then multiplies its rows
 by its group's matrix, reading that matrix's column block once per tile. Tiles past the last group's end do nothing,
 and so write nothing: the output starts as zeros (aliased in), so uncovered rows stay zero.
 """
@@ -122,7 +122,9 @@ def _grouped_pallas(lhs, rhs, group_sizes, *, out_dtype, interpret: bool, tiling
                                block_inner=block_inner)
     out = pl.pallas_call(
         kernel,
-        grid=(group.shape[0], num_n),
+        # Column blocks vary fastest: a tile's rows and its group's matrix stay in L2 across consecutive programs,
+        # where tile-major order read each tile of the (top-k expanded) rows from HBM once per column block.
+        grid=(num_n, group.shape[0]),
         out_shape=jax.ShapeDtypeStruct((out_rows, out_cols), out_dtype),
         input_output_aliases={5: 0},
         compiler_params=compiler_params(num_warps=warps, num_stages=tiling.stages),
@@ -137,7 +139,7 @@ def _kernel(group_ref, first_ref, end_ref, lhs_ref, rhs_ref, _zeros_ref, out_ref
     """Blocks are addressed as contiguous slices (pl.ds): Triton then vectorizes the loads and pipelines them
     (cp.async). Per-lane index arrays clamped into bounds, as this kernel had, defeat its contiguity analysis. Only
     the rows are masked always (tiles are ragged); K and columns only where they do not divide into blocks."""
-    tile, col_block = pl.program_id(0), pl.program_id(1)  # read outside pl.when: interpret mode needs that
+    col_block, tile = pl.program_id(0), pl.program_id(1)  # read outside pl.when: interpret mode needs that
     group, first, end = group_ref[tile], first_ref[tile], end_ref[tile]
     k_tail, col_tail = inner % block_inner != 0, cols % block_cols != 0
 
