@@ -6,8 +6,8 @@ moved whole. An entry that running calls read is pinned. Eviction follows the en
 (`nexus_jax.core.retention`): least recently released first, or, with a rank (program-aware retention under
 mlfq/plas/atlas), lowest rank first and least recent within a rank. Evicted from the device, an entry goes to the
 host tier when one is configured and it fits there (the host making room in the same order), else it is gone; a
-later call of its program restores it (one copy, which the simulator charges to the step that admits the call) and
-it leaves the host tier.
+later call of its program restores it (one copy, charged to the step that admits the call beyond what the step
+before it covers) and it leaves the host tier.
 """
 
 from __future__ import annotations

@@ -61,7 +61,8 @@ class SimConfig:
     num_replicas: int = 1
     routing: RouterConfig = RouterConfig()
     host_capacity_tokens: int = 0        # the host tier of the prefix cache (0: off), per replica
-    host_restore_per_token: float = H100_RESTORE_PER_TOKEN  # seconds a restored token adds to its step (the copy)
+    host_restore_per_token: float = H100_RESTORE_PER_TOKEN  # seconds of copy per restored token (overlapped
+    # with the step before, as the engine's overlapped loop issues it)
     retention: bool = True               # mlfq/plas/atlas rank evictions by program, as the engine does
     sessions: bool = False               # programs end their session with their last call (EndSession)
     step_host_time: float = 0.0          # seconds of host work added to every step (the engine's, not overlapped)

@@ -93,6 +93,7 @@ class _Replica:
         rank = policy.retention if config.retention and policy.name not in REQUEST_ORDERS else None
         self.kv = ReplicaKv(config.kv_capacity_tokens, config.host_capacity_tokens, config.block_size, rank)
         self.restoring = 0     # tokens the step being planned copies in from the host tier
+        self.last_end, self.last_dt = -1.0, 0.0  # the previous step's end and duration
         self.busy = False      # a step is executing or about to be planned
 
 
@@ -167,8 +168,11 @@ class Simulator:
         chunks = [(n, c.computed) for c, n in plan if n > 1]
         decodes = [c for c, n in plan if n == 1]
         cfg = self.config
+        # The overlapped loop plans (and starts the copies of) a step while the one before runs: a restore delays
+        # its step only by what the previous step did not cover, all of it after an idle replica.
+        covered = rep.last_dt if self.now == rep.last_end else 0.0
         dt = (cfg.cost.step_time(chunks, len(decodes), sum(c.computed + 1 for c in decodes)) + cfg.step_host_time
-              + cfg.host_restore_per_token * rep.restoring)
+              + max(cfg.host_restore_per_token * rep.restoring - covered, 0.0))
         rep.restoring = 0
         self.prefill_tokens += sum(n for n, _ in chunks)
         self.num_steps += 1
@@ -188,6 +192,7 @@ class Simulator:
             rep.policy.on_scheduled(call.call_id, dt, int(sampled))
             if call.generated == call.spec.output_tokens:
                 self._finish(rep, call)
+        rep.last_end, rep.last_dt = self.now, dt
         rep.busy = False
         self._wake(rep)
 

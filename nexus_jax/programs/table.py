@@ -21,7 +21,7 @@ class ProgramConfig:
     max_programs: int = 100_000              # entries kept; past it the longest-idle ones without a session go
     # Seconds a program with no call in flight keeps its cache rank (it thinks, or waits for a tool); after that,
     # as once its session ended, its cached context goes first. Ranks kept until expiry (infinity) made the
-    # simulator slower than plain LRU on every workload (up to 70%): finished programs that never end a session rank
+    # simulator slower than plain LRU on every workload (up to 2x): finished programs that never end a session rank
     # above the live ones with more service (docs/programs.md, 2026-12-08).
     retention_window: float = 5.0
 
