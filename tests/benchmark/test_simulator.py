@@ -94,6 +94,22 @@ def test_an_evicted_context_comes_back_from_the_host_tier_at_its_copy_cost():
     assert small.cached_tokens == small.host_hit_tokens == 0  # a context larger than the host tier is dropped
 
 
+def test_a_restore_hides_behind_the_step_before_it():
+    # p's context (96 tokens) goes to the host tier for q; p's second turn restores it at ~1.02 s. With z decoding
+    # then, the step before the restore covers a copy shorter than itself; after an idle replica it is all exposed.
+    def p_latency(per_token, busy):
+        progs = [two_turns(102), ProgramSpec("q", 0.5, (Stage(0.0, (CallSpec(300, 2),)),))]
+        if busy:
+            progs.append(ProgramSpec("z", 1.0, (Stage(0.0, (CallSpec(10, 100),)),)))
+        config = SimConfig(kv_capacity_tokens=390, host_capacity_tokens=96, host_restore_per_token=per_token)
+        res = simulate(progs, "fcfs", config)
+        assert res.host_hit_tokens == 96
+        return res.program_latency["p"]
+    copy = 96 * 1e-5  # 0.96 ms, under a decode step (~5 ms)
+    assert p_latency(1e-5, busy=True) == pytest.approx(p_latency(0.0, busy=True))
+    assert p_latency(1e-5, busy=False) == pytest.approx(p_latency(0.0, busy=False) + copy)
+
+
 def test_ranks_of_idle_programs_expire_after_the_retention_window():
     # p (3 steps of service) leaves 96 cached tokens at ~0.02 s, q (5 steps) 144 at ~0.53 s; r's prompt at 0.7 s
     # needs room for one of them. Within the window they rank by service, so q's goes; past it, by recency (p's).
