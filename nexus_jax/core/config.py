@@ -19,6 +19,7 @@ PREEMPTION_MODES = ("recompute", "swap")
 PREFILL_ORDER_CHOICES = ("auto", "arrival", "spf")
 DECODE_LOOPS = ("engine", "worker")
 DECODE_WEIGHTS = ("auto", "shared", "private")
+SPLIT_PREFILL_SMS = ("rest", "all")
 
 MODEL_AND_CACHE = "model and cache"
 SCHEDULING = "scheduling"
@@ -143,6 +144,13 @@ class EngineConfig:
         "auto", DISAGGREGATION, "weights of the disaggregated mode's decode-bound workers (aggregate, decode): "
                                 "shared (the holder's), private (a copy each, taken from the KV pool), auto "
                                 "(private while the KV pool keeps at least half its size)", choices=DECODE_WEIGHTS)
+    # Prefill on all SMs beside a 50% decode worker (by accident, 2026-12-08) gave 2.3-3.5x lower TTFT than the
+    # tuned aggregated engine and its highest throughput, at 69-71 ms decode gaps with 2048-token chunks: "all",
+    # with a smaller max_num_batched_tokens, is the experiment between that and the split (RESULTS.md). The
+    # controller still scores a split's prefill on the rest of the SMs.
+    split_prefill_sms: str = _option(
+        "rest", DISAGGREGATION, "SMs of a split's prefill: rest (the rung's prefill worker, 100 - the decode share) "
+                                "or all (the aggregate worker, beside the decode worker)", choices=SPLIT_PREFILL_SMS)
     cost_model_path: str | None = _option(
         None, DISAGGREGATION, "profiled latency table of `nexus-jax profile` (default: found by GPU name)")
 
@@ -232,6 +240,9 @@ class EngineConfig:
         if self.decode_weights not in DECODE_WEIGHTS:
             raise ValueError(f"decode_weights must be one of {', '.join(DECODE_WEIGHTS)}, "
                              f"got {self.decode_weights!r}")
+        if self.split_prefill_sms not in SPLIT_PREFILL_SMS:
+            raise ValueError(f"split_prefill_sms must be one of {', '.join(SPLIT_PREFILL_SMS)}, "
+                             f"got {self.split_prefill_sms!r}")
         if self.decode_loop not in DECODE_LOOPS:
             raise ValueError(f"decode_loop must be one of {', '.join(DECODE_LOOPS)}, got {self.decode_loop!r}")
         if self.decode_loop == "engine":

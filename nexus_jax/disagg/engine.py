@@ -91,11 +91,12 @@ class DisaggEngine(LLMEngine):
         # The decode worker's own loop reports no step starts: its first tokens go out as they come.
         self.pacer = FirstTokenPacer(config.pace_first_token and config.decode_loop == "engine")
         self.faults = {"worker_replacements": 0, "pool_restarts": 0, "requeued_requests": 0}
+        self.prefill_on_all = config.split_prefill_sms == "all"  # a split's prefill on the aggregate worker
         self.loop: WorkerLoop | None = None
         if config.decode_loop == "worker":
             share = max(self.ladder.shares)
             self.loop = WorkerLoop(self, self.ladder.worker("decode", share))
-            self.loop_prefill = self.ladder.worker("prefill", share)
+            self.loop_prefill = AGGREGATE if self.prefill_on_all else self.ladder.worker("prefill", share)
 
     def _make_scheduler(self, config: EngineConfig, executor: Executor) -> PhaseScheduler:
         return PhaseScheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
@@ -214,8 +215,9 @@ class DisaggEngine(LLMEngine):
         if self.faults["pool_restarts"] != restarts:  # the restart requeued the prefill plan's requests too
             self._unhold(prefill)
         elif has_prefill:
-            name = (self.ladder.worker("prefill", decision.decode_share) if split else
-                    AGGREGATE if alone else self.ladder.phase_workers("prefill")[-1])
+            name = (AGGREGATE if (self.prefill_on_all if split else alone) else
+                    self.ladder.worker("prefill", decision.decode_share) if split else
+                    self.ladder.phase_workers("prefill")[-1])
             outputs += self._submit(self._free_worker(name, "prefill"), prefill, "prefill")
         elif prefill is not None:
             self._unhold(prefill)
@@ -345,8 +347,7 @@ class DisaggEngine(LLMEngine):
         self._restart()
         return []
 
-    def _mps_lost(self) -> bool:
-        # Without its daemon every MPS client's CUDA context is broken, though the processes may live on.
+    def _mps_lost(self) -> bool:  # without its daemon every MPS client's CUDA context is broken
         return self.mps is not None and not self.mps.alive()
 
     def _restart(self) -> None:
@@ -384,10 +385,9 @@ class DisaggEngine(LLMEngine):
         return {**super().stats(), "mode": "disaggregated", "sm_isolation": self.sm_enforced,
                 "phase_steps": dict(self.phase_steps), "pipelined_steps": self.pipelined_steps,
                 "in_flight": sorted(n for n, flights in self.flights.items() if flights),
-                "partition": None if d is None else {"mode": d.mode, "decode_share": d.decode_share,
-                                                     "prefill_share": d.prefill_share, "objective": d.objective,
-                                                     "predicted_tbt": d.predicted_decode,
-                                                     "predicted_ttft": d.predicted_ttft, "goodput": d.goodput},
+                "partition": None if d is None else dict(
+                    mode=d.mode, decode_share=d.decode_share, prefill_share=d.prefill_share, objective=d.objective,
+                    predicted_tbt=d.predicted_decode, predicted_ttft=d.predicted_ttft, goodput=d.goodput),
                 "controller": self.controller.stats(), "worker_startup_s": dict(self.pool.startup_seconds),
                 "private_weights": sorted(self.pool.shared.private_workers),
                 "faults": dict(self.faults), "handoff": self.handoff.stats(), "pacing": self.pacer.stats(),

@@ -91,6 +91,25 @@ def test_split_runs_decode_and_prefill_on_their_ladder_workers():
     assert pool.workers[prefill_worker(30)].calls > 0
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_a_split_prefill_on_all_sms_runs_on_the_aggregate_worker_beside_decode(seed):
+    engine = make_engine(ladder=(50,), tbt=1e-9, seed=seed, split_prefill_sms="all", aggregate_when_safe=False)
+    prefills, both = collections.Counter(), collections.Counter()
+    for name, handle in engine.pool.workers.items():
+        def submit(message, name=name, submit=handle.submit):
+            prefills[name] += bool(message.step.prefills)
+            both[name] += bool(message.step.prefills) and bool(message.step.decodes)
+            submit(message)
+        handle.submit = submit
+    arrivals = staggered(seed)
+    done = run_all(engine, arrivals)
+    for reqs in arrivals.values():
+        for rid, prompt, n in reqs:
+            assert done[rid].outputs[0].token_ids == expected(prompt, n), rid
+    assert prefills[AGGREGATE] > 0 and prefills[prefill_worker(50)] == 0  # never a mixed step: prefills alone
+    assert sum(both.values()) == 0 and engine.pool.workers[decode_worker(50)].calls > 0
+
+
 @pytest.mark.parametrize("private, alone_on", [((), "aggregate"), (("aggregate", "decode-50"), "aggregate"),
                                                (("decode-50",), "decode-50")])
 def test_decode_alone_runs_on_all_sms_unless_only_a_decode_worker_has_its_own_weights(private, alone_on):
