@@ -35,7 +35,7 @@
 #   bash benchmarks/gpu_calls.sh sync MODE  # the mix at 3-8 req/s, budget 512, async (agg-512-arrival) or sync
 #                                           # (sync-512) loop: issue 15's sustainable-rate ratio, one mode per call
 #   bash benchmarks/gpu_calls.sh host      # the host tier's restore vs recompute; its transfers per array vs in one program
-#   SETUP=a bash benchmarks/gpu_calls.sh programs  # issue 20's program mix, 200 programs at 3/s on an eighth of
+#   SETUP=a bash benchmarks/gpu_calls.sh programs  # issue 20's program mix, 200 programs at 4/s on an eighth of
 #                                          # the pool, one setup per call: a (FCFS), b (FCFS + host tier), plas, atlas
 #   bash benchmarks/gpu_calls.sh profile [POINTS]  # nexus-jax profile of the 8B shape (shares 30 50 70 100), resumable
 #   bash benchmarks/gpu_calls.sh split-start  # the split's start at 0.9 on 80 GB (bounded worker allocators), then
@@ -179,17 +179,20 @@ f"second {time.perf_counter() - c:.4f} s")'
     timeout 560 python3 benchmarks/bench_serve_modes.py run mix "${2:?agg-512-arrival or sync-512}" --rates 3 4 5 6 7 8 \
       --out "$OUT/serve" 2>&1 | grep -E '^\| |sweep rate|Error|failed'
     ;;
-  programs)  # issue 20 item 4, one setup per call (SETUP: a, b, plas or atlas; ~5-8 min each): 200 programs of the
-    # mix at 3/s on a pool cut to an eighth of the H100's (2098 blocks), so that contexts outgrow it within one run
+  programs)  # issue 20 item 4, one setup per call (SETUP: a, b, plas or atlas; ~6-9 min each): 200 programs of the
+    # mix at 4/s on a pool cut to an eighth of the H100's (2098 blocks), so that contexts outgrow it within one run
     # (the simulator saw no difference at 100-300 programs on the full pool: docs/programs.md). a: FCFS, no host
-    # tier; b: FCFS + an 8 GiB host tier; plas, atlas: the same tier, retention by program
+    # tier; b: FCFS + an 8 GiB host tier; plas, atlas: the same tier, retention by program. The JSON is written
+    # when the run ends: a run cut by the timeout leaves none
     case "${SETUP:?a, b, plas or atlas}" in
       a) policy=fcfs; tier=0 ;; b) policy=fcfs; tier=8 ;; plas|atlas) policy=$SETUP; tier=8 ;;
       *) echo "SETUP must be a, b, plas or atlas" >&2; exit 2 ;;
     esac
     timeout 590 python3 benchmarks/bench_programs_engine.py --model llama-3.1-8b --dataset programs-mix \
-      --programs 200 --points 3:1 --policies "$policy" --engine-arg num_kv_blocks=2098 \
-      --engine-arg host_cache_gib="$tier" --json "$OUT/programs-$SETUP.json" 2>&1 | grep -Ev "$NOISE" | tail -4
+      --programs 200 --points 4:1 --policies "$policy" --engine-arg num_kv_blocks=2098 \
+      --engine-arg host_cache_gib="$tier" --engine-arg compilation_cache_dir=/tmp/nexus-cc-programs \
+      --engine-arg max_model_len=8192 --engine-arg min_table_blocks=512 --json "$OUT/programs-$SETUP.json" 2>&1 \
+      | grep -Ev "$NOISE" | tail -4
     ;;
   host)  # the host tier's restore against recompute, and its per-array transfers against one program each way
     mkdir -p "$OUT/host"
