@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nexus_jax.benchmark.sim_config import h100_config, host_tokens  # noqa: E402
+from nexus_jax.benchmark.sim_config import H200_KV_TOKENS, h100_config, host_tokens  # noqa: E402
 from nexus_jax.benchmark.simulator import simulate  # noqa: E402
 from nexus_jax.benchmark.workloads import generate  # noqa: E402
 from nexus_jax.programs.router import ROUTING_POLICIES, RouterConfig  # noqa: E402
@@ -71,7 +71,7 @@ SETUPS = {
     "atlas, no host": ("atlas", {}, {}),
 }
 CACHE_RATES = {"chatbot": (8, 16, 24, 32, 48), "react": (0.75, 1, 1.5, 2, 3, 4),
-               "tree": (3, 4, 5, 6, 8, 10), "mixed": (2, 2.5, 3, 4, 6, 8, 10)}
+               "tree": (3, 4, 5, 6, 8, 10), "mixed": (2, 2.5, 3, 4, 5, 6, 8, 10)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,12 +85,14 @@ class Job:
     routing: str = "locality"
     variant: str = "default"
     setup: str = ""     # one of SETUPS (its policy replaces `policy`)
+    pool: str = "h100"  # the KV pool: the H100's, or the H200's (the H100's step times either way)
 
 
 def run_job(job: Job) -> dict:
     start = time.perf_counter()
     policy, sim, programs = SETUPS[job.setup] if job.setup else (job.policy, {}, VARIANTS[job.variant])
-    config = h100_config(num_replicas=job.replicas, routing=RouterConfig(job.routing), **sim)
+    pool = {"kv_capacity_tokens": H200_KV_TOKENS} if job.pool == "h200" else {}
+    config = h100_config(num_replicas=job.replicas, routing=RouterConfig(job.routing), **pool, **sim)
     res = simulate(generate(job.kind, job.num_programs, job.rate, job.seed), policy, config,
                    ProgramConfig(**programs))
     return {**dataclasses.asdict(job), "token_latency": res.mean_token_latency,
@@ -185,14 +187,14 @@ def section_routing(args, out: list[str]) -> list[dict]:
 
 def section_cache(args, out: list[str]) -> list[dict]:
     setups = tuple(SETUPS)
-    jobs = [Job(k, r, "", s, args.programs, setup=v) for k in args.workloads for r in CACHE_RATES[k]
-            for v in setups for s in args.seeds]
+    jobs = [Job(k, r, "", s, args.programs, setup=v, pool=args.pool) for k in args.workloads
+            for r in CACHE_RATES[k] for v in setups for s in args.seeds]
     results = run_all(jobs, args.jobs)
-    out.append(f"\n## Host tier and retention (issue 20), one H100 replica, {args.programs} programs per run: mean "
-               "token latency (ms) / mean program latency (s)")
+    out.append(f"\n## Host tier and retention (issue 20), one replica, the {args.pool.upper()}'s KV pool, "
+               f"{args.programs} programs per run: mean token latency (ms) / mean program latency (s)")
     for k in args.workloads:
-        latency_table(results, Job(k, 0, "", 0, args.programs, setup=setups[0]), CACHE_RATES[k], "setup", setups,
-                      args.seeds, out)
+        latency_table(results, Job(k, 0, "", 0, args.programs, setup=setups[0], pool=args.pool), CACHE_RATES[k],
+                      "setup", setups, args.seeds, out)
     return list(results.values())
 
 
@@ -207,6 +209,8 @@ def main() -> None:
     ap.add_argument("--programs", type=int, default=1200, help="programs per run (x the replicas when routing)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--policy", choices=POLICIES, default="atlas", help="scheduling policy of the routing section")
+    ap.add_argument("--pool", choices=("h100", "h200"), default="h100",
+                    help="cache section: the 8B's KV pool of this GPU (step times stay the H100's)")
     ap.add_argument("--jobs", type=int, default=multiprocessing.cpu_count())
     ap.add_argument("--json", type=Path, help="write every run's numbers here")
     args = ap.parse_args()

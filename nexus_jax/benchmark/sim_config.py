@@ -13,6 +13,8 @@ from nexus_jax.programs.router import RouterConfig
 
 H100_PROFILE = profile_path("NVIDIA H100 80GB HBM3", "llama-3.1-8b")
 H100_KV_TOKENS = 16791 * 16   # the 8B's KV pool on an H100 as measured (benchmarks/RESULTS.md)
+# The H200's, scaled by the pool-sized buffers measured on each (71.29 and 34.46 GiB, RESULTS.md 2026-12-07).
+H200_KV_TOKENS = int(H100_KV_TOKENS * 71.29 / 34.46)
 KV_BYTES_PER_TOKEN = 32 * 2 * 8 * 128 * 2  # the 8B's K and V, bf16: 128 KiB
 # A 4096-token context (512 MiB) came back from pinned host memory in 10.6 ms on an H100 (RESULTS.md, 2026-12-08).
 H100_RESTORE_PER_TOKEN = 10.6e-3 / 4096
