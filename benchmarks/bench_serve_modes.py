@@ -75,11 +75,12 @@ MODES: dict[str, tuple[str, ...]] = {
     # mix at budget 512 should be >= 1.6x this one's); not a baseline candidate (its name is not agg-)
     "sync-512": ("--max-num-batched-tokens", "512", "--engine-arg", "prefill_order=arrival",
                  "--engine-arg", "async_scheduling=false"),
-    # prefill on all SMs beside the decode worker (split_prefill_sms=all), in chunks small enough for the decode
-    # steps beside them to keep their gaps: between the split and the unpartitioned run of 2026-12-08 (RESULTS.md)
-    **{f"overlap-50-{b}": ("--max-num-batched-tokens", str(b), "--engine-arg", "disaggregation=on",
-                           "--engine-arg", "sm_ladder=50", "--engine-arg", "aggregate_when_safe=false",
-                           "--engine-arg", "split_prefill_sms=all") for b in (512, 1024)},
+    # prefill on a share that overlaps the decode worker's 50% (80%, or all SMs: the aggregate worker), in chunks
+    # small enough for the decode steps beside them to keep their gaps: between the split and the unpartitioned
+    # run of 2026-12-08 (RESULTS.md)
+    **{f"overlap-50-p{p}-{b}": ("--max-num-batched-tokens", str(b), "--engine-arg", "disaggregation=on",
+                                "--engine-arg", "sm_ladder=50", "--engine-arg", "aggregate_when_safe=false",
+                                "--engine-arg", f"split_prefill_share={p}") for p in (80, 100) for b in (512, 1024)},
     # mixed steps at the best baseline's budget (512 on both workloads so far), prefills split at 2048
     "dynamic": (*SPLIT, "--engine-arg", "sm_ladder=30,50", "--engine-arg", "aggregate_budget=512"),
     "dynamic-arrival": (*SPLIT, "--engine-arg", "sm_ladder=30,50", "--engine-arg", "aggregate_budget=512",

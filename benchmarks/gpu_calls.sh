@@ -26,7 +26,8 @@
 #   bash benchmarks/gpu_calls.sh ablation  # tight at 16/20: aggregated 512 and static-50, each FCFS and aged SPF
 #   bash benchmarks/gpu_calls.sh dynamic   # tight at 16/20: aggregated 512, static-50 and dynamic (partial copies);
 #                                          # MODES="agg-512-arrival dynamic" for fewer modes, or
-#                                          # MODES="overlap-50-512 overlap-50-1024" (prefill on all SMs beside decode)
+#                                          # MODES="agg-512-arrival overlap-50-p100-512" (prefill on all or 80% of
+#                                          # the SMs beside decode: overlap-50-p{80,100}-{512,1024}), two per call
 #   bash benchmarks/gpu_calls.sh tight25   # TBT 25 ms at 12/16: aggregated 256 and 512 vs static-50
 #   bash benchmarks/gpu_calls.sh front-cold  # HTTP TTFT (bench_structured, one pair), the cold start with its
 #                                            # profile, offline at 1024 seqs / 16384 tokens vs transformers; wheels/

@@ -19,7 +19,6 @@ PREEMPTION_MODES = ("recompute", "swap")
 PREFILL_ORDER_CHOICES = ("auto", "arrival", "spf")
 DECODE_LOOPS = ("engine", "worker")
 DECODE_WEIGHTS = ("auto", "shared", "private")
-SPLIT_PREFILL_SMS = ("rest", "all")
 
 MODEL_AND_CACHE = "model and cache"
 SCHEDULING = "scheduling"
@@ -145,12 +144,12 @@ class EngineConfig:
                                 "shared (the holder's), private (a copy each, taken from the KV pool), auto "
                                 "(private while the KV pool keeps at least half its size)", choices=DECODE_WEIGHTS)
     # Prefill on all SMs beside a 50% decode worker (by accident, 2026-12-08) gave 2.3-3.5x lower TTFT than the
-    # tuned aggregated engine and its highest throughput, at 69-71 ms decode gaps with 2048-token chunks: "all",
-    # with a smaller max_num_batched_tokens, is the experiment between that and the split (RESULTS.md). The
-    # controller still scores a split's prefill on the rest of the SMs.
-    split_prefill_sms: str = _option(
-        "rest", DISAGGREGATION, "SMs of a split's prefill: rest (the rung's prefill worker, 100 - the decode share) "
-                                "or all (the aggregate worker, beside the decode worker)", choices=SPLIT_PREFILL_SMS)
+    # tuned aggregated engine and its highest throughput, at 69-71 ms decode gaps with 2048-token chunks: a prefill
+    # share that overlaps decode's (MPS caps each worker, it does not fence them), with a smaller
+    # max_num_batched_tokens, is the experiment between that and the split (RESULTS.md).
+    split_prefill_share: int | None = _option(
+        None, DISAGGREGATION, "SM share (%) of a split's prefill on every rung (default: 100 - the rung's decode "
+                              "share; 100: the aggregate worker, beside the decode worker)")
     cost_model_path: str | None = _option(
         None, DISAGGREGATION, "profiled latency table of `nexus-jax profile` (default: found by GPU name)")
 
@@ -240,9 +239,9 @@ class EngineConfig:
         if self.decode_weights not in DECODE_WEIGHTS:
             raise ValueError(f"decode_weights must be one of {', '.join(DECODE_WEIGHTS)}, "
                              f"got {self.decode_weights!r}")
-        if self.split_prefill_sms not in SPLIT_PREFILL_SMS:
-            raise ValueError(f"split_prefill_sms must be one of {', '.join(SPLIT_PREFILL_SMS)}, "
-                             f"got {self.split_prefill_sms!r}")
+        share = self.split_prefill_share
+        if share is not None and (isinstance(share, bool) or not isinstance(share, int) or not 1 <= share <= 100):
+            raise ValueError(f"split_prefill_share must be an integer percentage within 1..100 or None, got {share!r}")
         if self.decode_loop not in DECODE_LOOPS:
             raise ValueError(f"decode_loop must be one of {', '.join(DECODE_LOOPS)}, got {self.decode_loop!r}")
         if self.decode_loop == "engine":

@@ -91,12 +91,11 @@ class DisaggEngine(LLMEngine):
         # The decode worker's own loop reports no step starts: its first tokens go out as they come.
         self.pacer = FirstTokenPacer(config.pace_first_token and config.decode_loop == "engine")
         self.faults = {"worker_replacements": 0, "pool_restarts": 0, "requeued_requests": 0}
-        self.prefill_on_all = config.split_prefill_sms == "all"  # a split's prefill on the aggregate worker
         self.loop: WorkerLoop | None = None
         if config.decode_loop == "worker":
             share = max(self.ladder.shares)
             self.loop = WorkerLoop(self, self.ladder.worker("decode", share))
-            self.loop_prefill = AGGREGATE if self.prefill_on_all else self.ladder.worker("prefill", share)
+            self.loop_prefill = self.ladder.worker("prefill", share)
 
     def _make_scheduler(self, config: EngineConfig, executor: Executor) -> PhaseScheduler:
         return PhaseScheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
@@ -215,10 +214,10 @@ class DisaggEngine(LLMEngine):
         if self.faults["pool_restarts"] != restarts:  # the restart requeued the prefill plan's requests too
             self._unhold(prefill)
         elif has_prefill:
-            name = (AGGREGATE if (self.prefill_on_all if split else alone) else
-                    self.ladder.worker("prefill", decision.decode_share) if split else
-                    self.ladder.phase_workers("prefill")[-1])
-            outputs += self._submit(self._free_worker(name, "prefill"), prefill, "prefill")
+            name = self._free_worker(self.ladder.worker("prefill", decision.decode_share) if split else
+                                     AGGREGATE if alone else (self.ladder.phase_workers("prefill") or [AGGREGATE])[-1],
+                                     "prefill")
+            outputs += self._submit(name, prefill, "prefill") if name else self._unhold(prefill) or []
         elif prefill is not None:
             self._unhold(prefill)
         return outputs
@@ -242,11 +241,12 @@ class DisaggEngine(LLMEngine):
         return any(f.phase == "prefill" and any(c.samples for c in f.plan.prefills)
                    for flights in self.flights.values() for f in flights)
 
-    def _free_worker(self, wanted: str, phase: str) -> str:
-        """The wanted worker or, while the other phase holds it, this phase's free worker with the fewest SMs."""
+    def _free_worker(self, wanted: str, phase: str) -> str | None:
+        """The wanted worker or, while the other phase holds it, this phase's free worker with the fewest SMs (None:
+        none is free; a prefill on the aggregate worker has no other)."""
         if not self.flights.get(wanted):
             return wanted
-        return next(n for n in self.ladder.phase_workers(phase) if not self.flights.get(n))
+        return next((n for n in self.ladder.phase_workers(phase) if not self.flights.get(n)), None)
 
     def _submit(self, name: str, plan: SchedulerOutput, phase: str, ahead: _Flight | None = None
                 ) -> list[RequestOutput]:

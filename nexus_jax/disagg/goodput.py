@@ -112,10 +112,11 @@ class Candidate:
     # the handoff's, up to 2 + lead decode steps (runner.workers.handoff), which alone failed the H200 split, or
     # one decode step when the first token goes out as that step starts (nexus_jax.disagg.pacing).
     first_gap: float = 0.0
+    prefill_share: int = 100   # percent of the SMs (a split's: 100 - decode_share unless the ladder sets it)
 
     @property
     def label(self) -> str:
-        return f"split d{self.decode_share}/p{100 - self.decode_share}" if self.mode == "split" else self.mode
+        return f"split d{self.decode_share}/p{self.prefill_share}" if self.mode == "split" else self.mode
 
     @property
     def ttft(self) -> float:
@@ -138,20 +139,25 @@ class Candidate:
                 "goodput": self.goodput(slo), "risk": self.risk(slo)}
 
 
-def predict(model: LatencyModel, state: LoadState, decode_share: int | None, paced: bool = False) -> Candidate:
+def predict(model: LatencyModel, state: LoadState, decode_share: int | None, paced: bool = False,
+            prefill_share: int | None = None) -> Candidate:
     """The candidate's step times and TTFTs; decode_share None is the aggregated mixed step; paced: a split's first
-    tokens are paced. Both phases must have work (the controller handles a phase alone without candidates)."""
+    tokens are paced; prefill_share: a split's (default 100 - decode_share; shares that overlap are scored with the
+    profile's contention of the split, which measured shares that do not). Both phases must have work (the
+    controller handles a phase alone without candidates)."""
     chunks = state.prefill_chunks
     if decode_share is None:
         chunks = state.aggregate_chunks
         t_decode = t_prefill = model.predict_mixed(state.decode_batch, state.decode_sum_kv, chunks)
+        prefill_share = 100
     else:
+        prefill_share = prefill_share or 100 - decode_share
         t_decode = model.predict_decode(decode_share, state.decode_batch, state.decode_sum_kv, corun=True)
-        t_prefill = model.predict_prefill(100 - decode_share, chunks, corun=True)
+        t_prefill = model.predict_prefill(prefill_share, chunks, corun=True)
     return Candidate("aggregate" if decode_share is None else "split", 100 if decode_share is None else decode_share,
                      state.decode_batch, t_decode, t_prefill,
                      tuple(queue_ttfts(state.waiting, sum(n for n, _ in chunks), t_prefill)),
-                     t_decode if decode_share is None else handoff_gap(t_decode, paced))
+                     t_decode if decode_share is None else handoff_gap(t_decode, paced), prefill_share)
 
 
 def within_budget(chunks: Sequence[tuple[int, int]], tokens: int) -> list[tuple[int, int]]:

@@ -1,7 +1,9 @@
 """The SM ladder: the warm workers of the disaggregated engine, their names and their shares of the SMs.
 
 Each rung is a decode SM share (percent); its decode worker runs on that share and its prefill worker on the rest
-(100 - share), so the two run side by side. Besides the rungs, the holder (owns the shared weights and KV pool,
+(100 - share), so the two run side by side. With a prefill share of its own (`split_prefill_share`) every rung's
+prefill runs on that share instead, overlapping decode's SMs under MPS (one prefill worker for all rungs; 100: the
+aggregate worker). Besides the rungs, the holder (owns the shared weights and KV pool,
 runs no steps) and the aggregate worker (mixed steps, or one phase alone) run on all SMs. The partition controller
 picks rungs by share, the engine dispatches to workers by name, and the pool starts each worker with the MPS
 environment of its share: all three read this one mapping.
@@ -37,20 +39,33 @@ class LadderWorker:
 
 
 class SmLadder:
-    def __init__(self, decode_shares: Sequence[int]):
+    def __init__(self, decode_shares: Sequence[int], prefill_share: int | None = None):
+        """prefill_share: every rung's prefill share (percent; None: 100 - the rung's decode share)."""
         if not decode_shares or any(not isinstance(s, int) or not 1 <= s <= 99 for s in decode_shares):
             raise ValueError(f"ladder must be non-empty integer decode shares within 1..99, "
                              f"got {list(decode_shares)}")
+        if prefill_share is not None and (not isinstance(prefill_share, int) or not 1 <= prefill_share <= 100):
+            raise ValueError(f"prefill share must be an integer percentage within 1..100, got {prefill_share!r}")
         self.shares: list[int] = sorted(set(decode_shares))
+        self.prefill_share = prefill_share
         self.workers: list[LadderWorker] = [LadderWorker(HOLDER, HOLDER, 100), LadderWorker(AGGREGATE, AGGREGATE, 100)]
         for share in self.shares:
             self.workers.append(LadderWorker(decode_worker(share), "decode", share))
-            self.workers.append(LadderWorker(prefill_worker(share), "prefill", 100 - share))
+            p = self.prefill_share_of(share)
+            if p < 100 and all(w.name != f"prefill-{p}" for w in self.workers):  # 100: the aggregate worker
+                self.workers.append(LadderWorker(f"prefill-{p}", "prefill", p))
         self._by_name = {w.name: w for w in self.workers}
+
+    def prefill_share_of(self, decode_share: int) -> int:
+        """The prefill share (percent) of the rung with this decode share."""
+        return self.prefill_share or 100 - decode_share
 
     def worker(self, phase: str, decode_share: int) -> str:
         """The name of `phase`'s worker on the rung with this decode share."""
-        return decode_worker(decode_share) if phase == "decode" else prefill_worker(decode_share)
+        if phase == "decode":
+            return decode_worker(decode_share)
+        share = self.prefill_share_of(decode_share)
+        return AGGREGATE if share == 100 else f"prefill-{share}"
 
     def phase_workers(self, phase: str) -> list[str]:
         """`phase`'s workers from the fewest SMs to the most."""

@@ -56,7 +56,8 @@ class PartitionController:
     def __init__(self, cost_model: LatencyModel, ladder: SmLadder | Sequence[int] = (20, 30, 40, 60),
                  slo: Slo = Slo(), *, hysteresis: float = 0.1, allow_aggregate: bool = True, log_size: int = 256,
                  paced_first_token: bool = False):
-        """ladder: the warm workers' ladder, or its decode SM shares (percent); prefill gets 100 - share.
+        """ladder: the warm workers' ladder (its prefill share, if any, is scored), or its decode SM shares
+        (percent), prefill getting 100 - share.
         log_size: how many recent decisions the decision log keeps. paced_first_token: the engine sends a split's
         first token as the decode step of the second starts (its first gap is one step)."""
         self.ladder = ladder if isinstance(ladder, SmLadder) else SmLadder(ladder)
@@ -139,14 +140,15 @@ class PartitionController:
 
     def _predict(self, state: LoadState, decode_share: int | None) -> Candidate:
         self.evaluations += 1
-        return predict(self.cost_model, state, decode_share, self.paced_first_token)
+        prefill_share = None if decode_share is None else self.ladder.prefill_share_of(decode_share)
+        return predict(self.cost_model, state, decode_share, self.paced_first_token, prefill_share)
 
     def _decision(self, c: Candidate, note: str) -> Decision:
         goodput, risk = c.goodput(self.slo), c.risk(self.slo)
         reason = (f"{c.label}: goodput {goodput}, t_decode {c.tbt * 1e3:.1f}ms, ttft {c.ttft:.3f}s, "
                   f"risk {risk:.2f}; {note}")
-        return Decision(c.mode, c.decode_share, 100 if c.mode == "aggregate" else 100 - c.decode_share, "goodput",
-                        c.tbt, c.t_prefill, reason, c.ttft, goodput)
+        return Decision(c.mode, c.decode_share, c.prefill_share, "goodput", c.tbt, c.t_prefill, reason, c.ttft,
+                        goodput)
 
 
 def _beats(split: tuple[int, float], agg: tuple[int, float], num_requests: int) -> bool:

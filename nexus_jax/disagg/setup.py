@@ -102,7 +102,7 @@ def _build_disaggregated(config: EngineConfig) -> DisaggEngine | None:
     if mps is None:
         log.warning("disaggregation='on' without MPS: prefill and decode run in separate processes, but their SM "
                     "shares are not enforced (a test and debugging form)")
-    ladder = SmLadder(config.sm_ladder)
+    ladder = SmLadder(config.sm_ladder, config.split_prefill_share)
     cache_dir = config.compilation_cache_dir or str(Path.home() / ".cache" / "nexus_jax" / "xla")
 
     def start_pool(mps: MpsControl | None) -> WorkerPool:

@@ -14,7 +14,7 @@ import collections
 import random
 from typing import Any, Sequence
 
-from nexus_jax.disagg.ladder import AGGREGATE, decode_worker, prefill_worker
+from nexus_jax.disagg.ladder import AGGREGATE, HOLDER, SmLadder
 from nexus_jax.testing.engines import VOCAB
 from nexus_jax.testing.mock_executor import MockExecutor
 from runner.workers.decode_loop import DecodeLoop
@@ -106,11 +106,12 @@ class MockHandle:
 
 
 class MockPool:
-    """The aggregate worker and a decode and a prefill worker per SM share of `ladder`, over one MockExecutor."""
+    """The ladder's workers (the aggregate one standing in for the holder too), over one MockExecutor."""
 
-    def __init__(self, ladder: Sequence[int], num_blocks: int = 256, block_size: int = 4, seed: int = 0):
+    def __init__(self, ladder: Sequence[int] | SmLadder, num_blocks: int = 256, block_size: int = 4, seed: int = 0):
         self.mock = MockExecutor(VOCAB, num_blocks, block_size)
-        names = [AGGREGATE] + [n for s in ladder for n in (decode_worker(s), prefill_worker(s))]
+        ladder = ladder if isinstance(ladder, SmLadder) else SmLadder(ladder)
+        names = [w.name for w in ladder.workers if w.role != HOLDER]
         self.workers = {n: MockHandle(n, self.mock) for n in names}
         self.shared = type("Shared", (), {"kv_shape": (1, 2, num_blocks), "kernel_impl": "mock", "dtype": "f32",
                                            "private_workers": (), "device_bytes": 0})

@@ -62,10 +62,10 @@ def test_commands_carry_the_mode_and_the_workloads_slos():
         split = " ".join(bsm.command("mix", "dynamic", scale, "/o"))
         assert "disaggregation=on" in split and "disaggregation=auto" not in split
     # static-50, static-50-arrival, static-30, static-50-unpaced, static-50-loop, sync-512, dynamic, dynamic-arrival,
-    # overlap-50-512, overlap-50-1024
-    assert len(bsm.MODES) == 2 * len(bsm.BUDGETS) + 10
-    overlap = " ".join(bsm.command("tight", "overlap-50-1024", "8b", "/o"))
-    assert "split_prefill_sms=all" in overlap and "--max-num-batched-tokens 1024" in overlap
+    # overlap-50-p{80,100}-{512,1024}
+    assert len(bsm.MODES) == 2 * len(bsm.BUDGETS) + 12
+    overlap = " ".join(bsm.command("tight", "overlap-50-p80-1024", "8b", "/o"))
+    assert "split_prefill_share=80" in overlap and "--max-num-batched-tokens 1024" in overlap
     assert "async_scheduling=false" in " ".join(bsm.command("mix", "sync-512", "8b", "/o"))
     assert "prefill_order=arrival" in " ".join(bsm.command("tight", "static-50-arrival", "8b", "/o"))
     assert "pace_first_token=false" in " ".join(bsm.command("tight", "static-50-unpaced", "8b", "/o"))

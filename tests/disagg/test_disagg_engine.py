@@ -15,7 +15,7 @@ from nexus_jax import EngineConfig, SamplingParams
 from nexus_jax.core.block_manager import BlockManager
 from nexus_jax.disagg.cost_model import CostModel
 from nexus_jax.disagg.engine import DisaggEngine
-from nexus_jax.disagg.ladder import AGGREGATE, decode_worker, prefill_worker
+from nexus_jax.disagg.ladder import AGGREGATE, SmLadder, decode_worker, prefill_worker
 from nexus_jax.disagg.partition import PartitionController, Slo
 from nexus_jax.disagg.phase_scheduler import PhaseScheduler
 from nexus_jax.testing.engines import VOCAB, expected
@@ -29,10 +29,11 @@ def make_engine(ladder=(30, 50), tbt=0.05, seed=0, num_blocks=256, restart_pool=
     config = EngineConfig(block_size=4, sm_ladder=ladder, max_num_batched_tokens=64, **cfg)
     model = ModelConfig.preset("llama-3.1-8b")
     # a TTFT nothing misses: the predicted TTFT counts wall-clock waiting, which a loaded box would let decide
-    controller = PartitionController(CostModel.analytic(model, 989e12, 3.35e12), ladder,
+    workers = SmLadder(ladder, config.split_prefill_share)
+    controller = PartitionController(CostModel.analytic(model, 989e12, 3.35e12), workers,
                                      Slo(ttft=3600.0, tbt=tbt))
     force_split(controller, tbt < 1)  # nothing meets a 1 ns TBT, but the goodput controller would aggregate then
-    return DisaggEngine(config, MockPool(ladder, num_blocks, 4, seed), controller, None, max_model_len=512,
+    return DisaggEngine(config, MockPool(workers, num_blocks, 4, seed), controller, None, max_model_len=512,
                         vocab_size=VOCAB, restart_pool=restart_pool)
 
 
@@ -91,9 +92,13 @@ def test_split_runs_decode_and_prefill_on_their_ladder_workers():
     assert pool.workers[prefill_worker(30)].calls > 0
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_a_split_prefill_on_all_sms_runs_on_the_aggregate_worker_beside_decode(seed):
-    engine = make_engine(ladder=(50,), tbt=1e-9, seed=seed, split_prefill_sms="all", aggregate_when_safe=False)
+@pytest.mark.parametrize("share,prefill_on", [(100, AGGREGATE), (80, "prefill-80")])
+@pytest.mark.parametrize("seed", range(2))
+def test_a_split_prefill_runs_on_the_prefill_share_the_config_sets(seed, share, prefill_on):
+    # decode on 50% beside prefill on 80% or on all SMs (the aggregate worker): shares that overlap under MPS
+    engine = make_engine(tbt=1e-9, seed=seed, split_prefill_share=share, aggregate_when_safe=False)
+    assert sorted(w.name for w in engine.ladder.workers if w.role == "prefill") == ([] if share == 100 else
+                                                                                   [prefill_on])
     prefills, both = collections.Counter(), collections.Counter()
     for name, handle in engine.pool.workers.items():
         def submit(message, name=name, submit=handle.submit):
@@ -106,8 +111,11 @@ def test_a_split_prefill_on_all_sms_runs_on_the_aggregate_worker_beside_decode(s
     for reqs in arrivals.values():
         for rid, prompt, n in reqs:
             assert done[rid].outputs[0].token_ids == expected(prompt, n), rid
-    assert prefills[AGGREGATE] > 0 and prefills[prefill_worker(50)] == 0  # never a mixed step: prefills alone
-    assert sum(both.values()) == 0 and engine.pool.workers[decode_worker(50)].calls > 0
+    # (a prefill with no decode running goes to the aggregate worker: this controller may aggregate)
+    assert prefills[prefill_on] > 0 and sum(both.values()) == 0  # never a mixed step
+    assert engine.pool.workers[decode_worker(50)].calls > 0
+    splits = {e["choice"] for e in engine.controller.log if e["choice"].startswith("split")}
+    assert splits and all(label.endswith(f"/p{share}") for label in splits)
 
 
 @pytest.mark.parametrize("private, alone_on", [((), "aggregate"), (("aggregate", "decode-50"), "aggregate"),
@@ -343,10 +351,15 @@ def test_a_mixed_step_is_planned_at_the_aggregate_budget(seed):
 @pytest.mark.parametrize("kwargs, message", [
     ({"aggregate_budget": 0}, "aggregate_budget must be a positive integer"),
     ({"aggregate_budget": 4096, "max_num_batched_tokens": 2048}, "aggregate_budget 4096 exceeds max_num_batched"),
+    ({"split_prefill_share": 0}, "split_prefill_share must be an integer percentage within 1..100"),
+    ({"split_prefill_share": 101}, "split_prefill_share must be an integer percentage within 1..100"),
+    ({"split_prefill_share": "all"}, "split_prefill_share must be an integer percentage within 1..100"),
 ])
-def test_a_bad_aggregate_budget_is_named(kwargs, message):
+def test_a_bad_aggregate_budget_or_prefill_share_is_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         EngineConfig(**kwargs)
+    with pytest.raises(ValueError, match="prefill share must be an integer percentage"):
+        SmLadder((50,), 0)
 
 
 def test_prompts_wait_for_the_decode_in_flight_to_run_as_a_mixed_step():
