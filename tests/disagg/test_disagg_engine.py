@@ -48,17 +48,23 @@ def fail_once(handle):
     handle.result = broken
 
 
+def run_checked(engine, seed):
+    """Runs the staggered arrivals of `seed`; every request's tokens follow the mock model's rule."""
+    arrivals = staggered(seed)
+    done = run_all(engine, arrivals)
+    for reqs in arrivals.values():
+        for rid, prompt, n in reqs:
+            assert done[rid].outputs[0].token_ids == expected(prompt, n), rid
+    return done
+
+
 @pytest.mark.parametrize("steps", [1, 4])
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("tbt", [1e-9, 10.0])
 def test_outputs_follow_the_rule_under_split_and_aggregate(seed, tbt, steps):
     """steps 1: the pipelined decode loop; 4: multi-step decode plans, pipelined too (the look-ahead)."""
     engine = make_engine(tbt=tbt, seed=seed, num_scheduler_steps=steps)
-    arrivals = staggered(seed)
-    done = run_all(engine, arrivals)
-    for reqs in arrivals.values():
-        for rid, prompt, n in reqs:
-            assert done[rid].outputs[0].token_ids == expected(prompt, n), rid
+    run_checked(engine, seed)
     modes = engine.controller.stats()["modes"]
     if tbt < 1:  # the mixed step never fits: every step with both phases splits
         assert modes.get("split", 0) > 0 and engine.phase_steps["mixed"] == 0
@@ -106,11 +112,7 @@ def test_a_split_prefill_runs_on_the_prefill_share_the_config_sets(seed, share, 
             both[name] += bool(message.step.prefills) and bool(message.step.decodes)
             submit(message)
         handle.submit = submit
-    arrivals = staggered(seed)
-    done = run_all(engine, arrivals)
-    for reqs in arrivals.values():
-        for rid, prompt, n in reqs:
-            assert done[rid].outputs[0].token_ids == expected(prompt, n), rid
+    run_checked(engine, seed)
     # (a prefill with no decode running goes to the aggregate worker: this controller may aggregate)
     assert prefills[prefill_on] > 0 and sum(both.values()) == 0  # never a mixed step
     assert engine.pool.workers[decode_worker(50)].calls > 0
@@ -339,11 +341,7 @@ def test_a_mixed_step_is_planned_at_the_aggregate_budget(seed):
             f.phase == "decode" for flights in engine.flights.values() for f in flights))
         submit(message)
     handle.submit = submit
-    arrivals = staggered(seed)
-    done = run_all(engine, arrivals)
-    for reqs in arrivals.values():
-        for rid, prompt, n in reqs:
-            assert done[rid].outputs[0].token_ids == expected(prompt, n), rid
+    run_checked(engine, seed)
     assert sizes and max(sizes) <= 12 and not any(beside_decode)
     assert engine.block_manager.usage == 0.0 and not engine.scheduler.busy
 
