@@ -3,12 +3,15 @@ and against a per-row numpy oracle; plus the tile schedule it runs on. CPU only.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import export
 
-from pallas_kernels.grouped_matmul import Tiling, block_rows_for, grouped_matmul, tile_schedule
+from pallas_kernels.grouped_matmul import Tiling, _grouped_pallas, block_rows_for, grouped_matmul, tile_schedule
 
 
 def oracle(lhs, rhs, sizes):
@@ -108,3 +111,20 @@ def test_bad_tilings_are_refused():
         Tiling(rows=8)
     with pytest.raises(ValueError, match="stages >= 1 and warps"):
         Tiling(warps=3)
+
+
+@pytest.mark.parametrize("cols", [40, 512])  # a column tail (masked) and none
+def test_the_gpu_path_lowers_to_one_triton_kernel_with_column_blocks_fastest(cols):
+    """Lowered for CUDA without a GPU (jax.export): the kernel's GPU path, which interpret mode does not run, must
+    produce Triton IR; its grid runs the column blocks on the fastest axis."""
+    fn = jax.jit(lambda a, b, g: _grouped_pallas(a, b, g, out_dtype=jnp.bfloat16, interpret=False,
+                                                 tiling=Tiling()))
+    triton = "__gpu$xla.gpu.triton"
+    exported = export.export(fn, platforms=["cuda"], disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)])(
+        jax.ShapeDtypeStruct((256, 64), jnp.bfloat16), jax.ShapeDtypeStruct((4, 64, cols), jnp.bfloat16),
+        jax.ShapeDtypeStruct((4,), jnp.int32))
+    text = exported.mlir_module()
+    assert text.count(triton) == 1
+    grid = dict(re.findall(r"grid_([xyz]) = (\d+)", text))
+    tiles = 256 // block_rows_for(256, 4) + 4
+    assert (int(grid["x"]), int(grid["y"])) == (-(-cols // 256), tiles)
